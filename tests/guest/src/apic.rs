@@ -1,0 +1,97 @@
+//! The local APIC: enabled (x2APIC through MSRs when CPUID offers it, else
+//! xAPIC MMIO at 0xfee00000) so MSI-X messages are delivered, plus a periodic
+//! timer that wakes the idle loop.
+
+use crate::boot::{self, SPURIOUS_VECTOR};
+use crate::cpu::cpuid;
+use crate::mem::{mmio_read, mmio_write};
+
+/// Vector of the periodic LAPIC timer.
+pub const TIMER_VECTOR: u8 = 0x20;
+/// `IA32_APIC_BASE`.
+const MSR_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+/// xAPIC MMIO base (the architectural default; ferro-vmm keeps it).
+const XAPIC_BASE: u64 = 0xfee0_0000;
+
+/// Register offsets in xAPIC MMIO form; the x2APIC MSR is 0x800 + off/16.
+const REG_ID: u32 = 0x20;
+const REG_TPR: u32 = 0x80;
+const REG_SVR: u32 = 0xf0;
+const REG_LVT_TIMER: u32 = 0x320;
+const REG_TIMER_INIT: u32 = 0x380;
+const REG_TIMER_DIV: u32 = 0x3e0;
+
+/// LVT timer mode: periodic.
+const TIMER_PERIODIC: u32 = 1 << 17;
+/// Divide configuration: by 16.
+const TIMER_DIV_16: u32 = 0b0011;
+/// KVM's APIC bus runs at 1 GHz: 62.5 MHz after the divider, so 625000
+/// counts is 10 ms (100 Hz).
+const TIMER_COUNT_100HZ: u32 = 625_000;
+
+/// The enabled local APIC.
+pub struct LocalApic {
+    x2apic: bool,
+}
+
+impl LocalApic {
+    /// Software-enables the local APIC (x2APIC mode if available), accepts
+    /// all priorities, and tells the interrupt stubs how to EOI.
+    pub fn enable() -> Self {
+        let (_, _, ecx, _) = cpuid(1, 0);
+        let x2apic = ecx & (1 << 21) != 0;
+        let base = boot::rdmsr(MSR_APIC_BASE);
+        let mut want = base | APIC_BASE_ENABLE;
+        if x2apic {
+            want |= APIC_BASE_X2APIC;
+        }
+        if want != base {
+            boot::wrmsr(MSR_APIC_BASE, want);
+        }
+        boot::set_x2apic_eoi(x2apic);
+        let apic = LocalApic { x2apic };
+        apic.write(REG_TPR, 0);
+        apic.write(REG_SVR, 0x100 | SPURIOUS_VECTOR as u32);
+        apic
+    }
+
+    /// True in x2APIC mode.
+    pub fn is_x2apic(&self) -> bool {
+        self.x2apic
+    }
+
+    /// This CPU's APIC ID.
+    pub fn id(&self) -> u32 {
+        let raw = self.read(REG_ID);
+        if self.x2apic {
+            raw
+        } else {
+            raw >> 24
+        }
+    }
+
+    /// Starts the periodic 100 Hz timer on [`TIMER_VECTOR`].
+    pub fn start_timer(&self) {
+        self.write(REG_TIMER_DIV, TIMER_DIV_16);
+        self.write(REG_LVT_TIMER, TIMER_PERIODIC | TIMER_VECTOR as u32);
+        self.write(REG_TIMER_INIT, TIMER_COUNT_100HZ);
+    }
+
+    fn read(&self, reg: u32) -> u32 {
+        if self.x2apic {
+            boot::rdmsr(0x800 + reg / 16) as u32
+        } else {
+            mmio_read(XAPIC_BASE + reg as u64)
+        }
+    }
+
+    fn write(&self, reg: u32, value: u32) {
+        if self.x2apic {
+            boot::wrmsr(0x800 + reg / 16, value as u64);
+        } else {
+            mmio_write(XAPIC_BASE + reg as u64, value);
+        }
+    }
+}

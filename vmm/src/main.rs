@@ -1,0 +1,112 @@
+//! `ferro-vmm` binary: parse flags, build the configuration, run the VM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferro_vmm::config::{self, ConfigError, FileConfig, Overrides, VmConfig};
+use ferro_vmm::devices::ExitReason;
+use ferro_vmm::vm::Vm;
+
+/// Ferrocloud microVM monitor: runs one KVM virtual machine.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Number of vCPUs (1-32).
+    #[arg(long)]
+    vcpus: Option<u64>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Kernel: ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Disk: path=FILE[,ro=on][,id=SERIAL]; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// NIC: tap=NAME[,mac=AA:BB:CC:DD:EE:FF]; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+    /// Serial console sink: stdout, null or file:PATH.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Control socket path.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Run without seccomp filters (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+fn build_config(cli: Cli) -> Result<VmConfig, ConfigError> {
+    let file = match &cli.config {
+        Some(p) => config::read_file(p)?,
+        None => FileConfig::default(),
+    };
+    let flags = Overrides {
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        disks: cli.disk.iter().map(|s| config::parse_disk(s)).collect::<Result<_, _>>()?,
+        nets: cli.net.iter().map(|s| config::parse_net(s)).collect::<Result<_, _>>()?,
+        serial: cli.serial,
+        control_socket: cli.control_socket,
+        no_seccomp: cli.no_seccomp,
+    };
+    VmConfig::build(file, flags)
+}
+
+/// Print an error and its causes on one line.
+fn report(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    eprintln!("ferro-vmm: error: {msg}");
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cfg = match build_config(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(2);
+        }
+    };
+    let result = Vm::build(&cfg).and_then(Vm::run);
+    match result {
+        Ok(ExitReason::Error) => {
+            eprintln!("ferro-vmm: error: the VM stopped on a vCPU error (see log above)");
+            ExitCode::from(1)
+        }
+        Ok(reason) => {
+            tracing::info!(?reason, "VM ended");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::from(1)
+        }
+    }
+}
