@@ -94,6 +94,7 @@ const COMMON: &[i64] = &[
     libc::SYS_newfstatat,
     libc::SYS_poll,
     libc::SYS_ppoll,
+    libc::SYS_fcntl,
 ];
 
 /// What device workers and the vCPUs that start them also need.
@@ -130,7 +131,6 @@ const CONTROL: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_recvmsg,
     libc::SYS_sendmsg,
-    libc::SYS_fcntl,
 ];
 
 fn ioctl_rule(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {

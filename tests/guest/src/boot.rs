@@ -109,6 +109,21 @@ _start:
     mov $0x30, %ax
     ltr %ax
     mov %rsi, %rdi                  // boot_params: first argument at CPL3
+    // DEBUG: fill IDT vectors 0..31 with dbg stub
+    lea ferro_idt(%rip), %rbx
+    lea dbg_stub(%rip), %rax
+    mov $32, %ecx
+7:  mov %ax, (%rbx)
+    movw $0x10, 2(%rbx)
+    movw $0x8e00, 4(%rbx)
+    mov %rax, %rdx
+    shr $16, %rdx
+    mov %dx, 6(%rbx)
+    shr $16, %rdx
+    mov %edx, 8(%rbx)
+    add $16, %rbx
+    dec %ecx
+    jnz 7b
     pushq $0x23                     // SS: user data, RPL 3
     lea ferro_user_stack_top(%rip), %rax
     push %rax                       // RSP
@@ -118,6 +133,32 @@ _start:
     push %rax                       // RIP
     iretq
 
+dbg_stub:
+    mov $0x3f8, %dx
+    mov $'!', %al
+    out %al, %dx
+    mov (%rsp), %rbx
+    mov $16, %ecx
+6:  rol $4, %rbx
+    mov %bl, %al
+    and $0xf, %al
+    add $0x30, %al
+    out %al, %dx
+    dec %ecx
+    jnz 6b
+    mov $' ', %al
+    out %al, %dx
+    mov 8(%rsp), %rbx
+    mov $16, %ecx
+6:  rol $4, %rbx
+    mov %bl, %al
+    and $0xf, %al
+    add $0x30, %al
+    out %al, %dx
+    dec %ecx
+    jnz 6b
+5:  hlt
+    jmp 5b
 // CPL3 from here on.
 ferro_user_entry:
     mov %rdi, %r12

@@ -30,6 +30,9 @@ pub enum BusError {
     NotFound(u64),
 }
 
+/// A resolved access: range base, offset inside the range, device.
+type Resolved = (u64, u64, Arc<Mutex<dyn BusDevice>>);
+
 struct Entry {
     len: u64,
     device: Arc<Mutex<dyn BusDevice>>,
@@ -57,7 +60,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps_prev = self
             .ranges
             .range(..end)
@@ -89,7 +94,7 @@ impl Bus {
         Ok(())
     }
 
-    fn resolve(&self, addr: u64, size: usize) -> Option<(u64, u64, Arc<Mutex<dyn BusDevice>>)> {
+    fn resolve(&self, addr: u64, size: usize) -> Option<Resolved> {
         let (base, entry) = self.ranges.range(..=addr).next_back()?;
         let offset = addr - base;
         if offset.checked_add(size as u64)? > entry.len {
@@ -103,7 +108,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((base, offset, dev)) => {
-                dev.lock().expect("bus device poisoned").read(base, offset, data);
+                dev.lock()
+                    .expect("bus device poisoned")
+                    .read(base, offset, data);
                 true
             }
             None => false,
@@ -114,7 +121,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((base, offset, dev)) => {
-                dev.lock().expect("bus device poisoned").write(base, offset, data);
+                dev.lock()
+                    .expect("bus device poisoned")
+                    .write(base, offset, data);
                 true
             }
             None => false,

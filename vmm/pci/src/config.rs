@@ -17,7 +17,7 @@
 //! register index past the end) reads as all-ones and writes are dropped,
 //! which is what a guest sees for a master abort.
 
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// Size of the whole (extended) configuration space of one function.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -216,7 +216,8 @@ impl PciConfiguration {
             next_capability: FIRST_CAP_OFFSET,
         };
         config.registers[0] = u32::from(header.device_id) << 16 | u32::from(header.vendor_id);
-        config.registers[CLASS_REG] = (header.class_code & 0xff_ffff) << 8 | u32::from(header.revision_id);
+        config.registers[CLASS_REG] =
+            (header.class_code & 0xff_ffff) << 8 | u32::from(header.revision_id);
         config.registers[SUBSYSTEM_REG] =
             u32::from(header.subsystem_id) << 16 | u32::from(header.subsystem_vendor_id);
         config.registers[INTERRUPT_REG] = u32::from(header.interrupt_pin) << 8;
@@ -237,10 +238,17 @@ impl PciConfiguration {
     /// `reg_idx`, keeping read-only bits. Invalid accesses are ignored.
     pub fn write_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
         let Some((value, mask)) = write_partial(offset, data) else {
-            warn_limited!(reg_idx, offset, len = data.len(), "invalid PCI config write size");
+            warn_limited!(
+                reg_idx,
+                offset,
+                len = data.len(),
+                "invalid PCI config write size"
+            );
             return;
         };
-        let (Some(reg), Some(writable)) = (self.registers.get_mut(reg_idx), self.writable.get(reg_idx)) else {
+        let (Some(reg), Some(writable)) =
+            (self.registers.get_mut(reg_idx), self.writable.get(reg_idx))
+        else {
             warn_limited!(reg_idx, "PCI config write past the end");
             return;
         };
@@ -377,7 +385,11 @@ mod tests {
         assert_eq!(c.read_register(0), 0x1041_1af4);
         assert_eq!(c.read_register(2), 0x0200_0001);
         write32(&mut c, COMMAND_REG, 0xffff_ffff);
-        assert_eq!(c.read_register(COMMAND_REG), 0x0547, "status stays 0, reserved bits 0");
+        assert_eq!(
+            c.read_register(COMMAND_REG),
+            0x0547,
+            "status stays 0, reserved bits 0"
+        );
         c.write_register(COMMAND_REG, 0, &[0x02]);
         assert_eq!(c.command(), 0x0502, "byte write touches only the low byte");
         write32(&mut c, 0x200, 0xffff_ffff);
@@ -405,7 +417,12 @@ mod tests {
     #[test]
     fn bar32_sizing() {
         let mut c = PciConfiguration::new(&header());
-        let bar = PciBarRegion { index: 1, size: 0x4000, kind: PciBarKind::Memory32, prefetchable: false };
+        let bar = PciBarRegion {
+            index: 1,
+            size: 0x4000,
+            kind: PciBarKind::Memory32,
+            prefetchable: false,
+        };
         c.add_bar(bar).unwrap();
         write32(&mut c, 5, u32::MAX);
         assert_eq!(c.read_register(5), 0xffff_c000);
@@ -420,7 +437,12 @@ mod tests {
     #[test]
     fn bar64_sizing_and_flags() {
         let mut c = PciConfiguration::new(&header());
-        let bar = PciBarRegion { index: 0, size: 0x8000, kind: PciBarKind::Memory64, prefetchable: true };
+        let bar = PciBarRegion {
+            index: 0,
+            size: 0x8000,
+            kind: PciBarKind::Memory64,
+            prefetchable: true,
+        };
         c.add_bar(bar).unwrap();
         assert_eq!(c.read_register(4), 0b1100);
         write32(&mut c, 4, u32::MAX);
@@ -439,7 +461,12 @@ mod tests {
     #[test]
     fn bad_bars_rejected() {
         let mut c = PciConfiguration::new(&header());
-        let mut bar = PciBarRegion { index: 5, size: 0x1000, kind: PciBarKind::Memory64, prefetchable: false };
+        let mut bar = PciBarRegion {
+            index: 5,
+            size: 0x1000,
+            kind: PciBarKind::Memory64,
+            prefetchable: false,
+        };
         assert_eq!(c.add_bar(bar), Err(ConfigError::BarIndex(5)));
         bar.index = 0;
         bar.size = 0x1001;

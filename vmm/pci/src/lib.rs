@@ -30,5 +30,8 @@ pub use config::{PciBarKind, PciBarRegion, PciConfiguration, PciHeader};
 pub use device::PciDevice;
 pub use interrupt::{IoEventRegistrar, MsiMessage, MsiSink};
 pub use msix::MsixConfig;
-pub use root::{PciDeviceInfo, PciRoot, PciRootLayout, RootError, ECAM_SIZE, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE};
+pub use root::{
+    PciDeviceInfo, PciRoot, PciRootLayout, RootError, ECAM_SIZE, PCI_CONFIG_IO_PORT,
+    PCI_CONFIG_IO_SIZE,
+};
 pub use virtio_pci::{VirtioPciDevice, VirtioPciError};

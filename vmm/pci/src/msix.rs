@@ -16,7 +16,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::interrupt::{MsiMessage, MsiSink};
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// Bytes per MSI-X table entry.
 pub const MSIX_TABLE_ENTRY_SIZE: u64 = 16;
@@ -45,7 +45,13 @@ pub enum MsixError {
 /// Capability body (after id/next) for `num_vectors` vectors with the table
 /// at `table_offset` of BAR `table_bar` and the PBA at `pba_offset` of BAR
 /// `pba_bar`. Offsets must be 8-byte aligned.
-pub fn capability_body(num_vectors: u16, table_bar: u8, table_offset: u32, pba_bar: u8, pba_offset: u32) -> [u8; MSIX_CAP_BODY_LEN] {
+pub fn capability_body(
+    num_vectors: u16,
+    table_bar: u8,
+    table_offset: u32,
+    pba_bar: u8,
+    pba_offset: u32,
+) -> [u8; MSIX_CAP_BODY_LEN] {
     let mut body = [0u8; MSIX_CAP_BODY_LEN];
     body[0..2].copy_from_slice(&(num_vectors.saturating_sub(1) & 0x7ff).to_le_bytes());
     body[2..6].copy_from_slice(&(table_offset | u32::from(table_bar & 0x7)).to_le_bytes());
@@ -69,7 +75,12 @@ struct MsixEntry {
 impl Default for MsixEntry {
     /// Vectors come out of reset masked.
     fn default() -> Self {
-        Self { address_low: 0, address_high: 0, data: 0, control: VECTOR_CTL_MASKED }
+        Self {
+            address_low: 0,
+            address_high: 0,
+            data: 0,
+            control: VECTOR_CTL_MASKED,
+        }
     }
 }
 
@@ -79,7 +90,10 @@ impl MsixEntry {
     }
 
     fn message(&self) -> MsiMessage {
-        MsiMessage { address: u64::from(self.address_high) << 32 | u64::from(self.address_low), data: self.data }
+        MsiMessage {
+            address: u64::from(self.address_high) << 32 | u64::from(self.address_low),
+            data: self.data,
+        }
     }
 
     fn read_dword(&self, field: u64) -> u32 {
@@ -148,7 +162,10 @@ impl MsixConfig {
     /// Signal `vector`, or mark it pending if it cannot be delivered now.
     pub fn trigger(&mut self, vector: u16) -> io::Result<()> {
         let entry = *self.table.get(usize::from(vector)).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("no MSI-X vector {vector}"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no MSI-X vector {vector}"),
+            )
         })?;
         if self.enabled && !self.function_masked && !entry.masked() {
             self.sink.send(entry.message())
@@ -172,7 +189,9 @@ impl MsixConfig {
             return;
         };
         for (i, dword_offset) in dwords.enumerate() {
-            let Some(entry) = self.entry_at(dword_offset) else { return };
+            let Some(entry) = self.entry_at(dword_offset) else {
+                return;
+            };
             let value = entry.read_dword(dword_offset % MSIX_TABLE_ENTRY_SIZE / 4);
             data[i * 4..i * 4 + 4].copy_from_slice(&value.to_le_bytes());
         }
@@ -192,7 +211,10 @@ impl MsixConfig {
             };
             let mut bytes = [0u8; 4];
             bytes.copy_from_slice(&data[i * 4..i * 4 + 4]);
-            entry.write_dword(dword_offset % MSIX_TABLE_ENTRY_SIZE / 4, u32::from_le_bytes(bytes));
+            entry.write_dword(
+                dword_offset % MSIX_TABLE_ENTRY_SIZE / 4,
+                u32::from_le_bytes(bytes),
+            );
             self.deliver_if_pending(index as u16);
         }
     }
@@ -204,7 +226,9 @@ impl MsixConfig {
             warn_limited!(offset, len = data.len(), "invalid MSI-X PBA read");
             return;
         }
-        let Some(word) = self.pba.get((offset / 8) as usize) else { return };
+        let Some(word) = self.pba.get((offset / 8) as usize) else {
+            return;
+        };
         let bytes = word.to_le_bytes();
         let start = (offset % 8) as usize;
         data.copy_from_slice(&bytes[start..start + data.len()]);
@@ -217,7 +241,8 @@ impl MsixConfig {
     }
 
     fn entry_at(&self, offset: u64) -> Option<&MsixEntry> {
-        self.table.get(usize::try_from(offset / MSIX_TABLE_ENTRY_SIZE).ok()?)
+        self.table
+            .get(usize::try_from(offset / MSIX_TABLE_ENTRY_SIZE).ok()?)
     }
 
     fn set_pending(&mut self, vector: u16, pending: bool) {
@@ -232,7 +257,9 @@ impl MsixConfig {
     }
 
     fn deliver_if_pending(&mut self, vector: u16) {
-        let Some(entry) = self.table.get(usize::from(vector)).copied() else { return };
+        let Some(entry) = self.table.get(usize::from(vector)).copied() else {
+            return;
+        };
         if !self.is_pending(vector) || !self.enabled || self.function_masked || entry.masked() {
             return;
         }
@@ -337,7 +364,13 @@ pub(crate) mod tests {
         unmask(&mut msix, 1);
         msix.set_message_control(MSIX_ENABLE);
         msix.trigger(1).unwrap();
-        assert_eq!(sink.take(), vec![MsiMessage { address: 0xfee0_0000, data: 0x31 }]);
+        assert_eq!(
+            sink.take(),
+            vec![MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x31
+            }]
+        );
         assert!(msix.trigger(2).is_err());
     }
 
@@ -357,7 +390,13 @@ pub(crate) mod tests {
         msix.read_pba(12, &mut d);
         assert_eq!(d, [0; 4]);
         unmask(&mut msix, 65);
-        assert_eq!(sink.take(), vec![MsiMessage { address: 0xfee0_0000, data: 0x99 }]);
+        assert_eq!(
+            sink.take(),
+            vec![MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x99
+            }]
+        );
         assert!(!msix.is_pending(65));
         unmask(&mut msix, 65);
         assert!(sink.take().is_empty(), "delivered exactly once");

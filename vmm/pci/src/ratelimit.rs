@@ -1,8 +1,8 @@
 //! Rate-limited logging for events a guest can trigger at will.
 //!
 //! A hostile guest can hammer a register with invalid accesses; logging every
-//! one would let it fill the host's disks. Each call site of
-//! [`warn_limited!`](crate::warn_limited) owns a counter: the first
+//! one would let it fill the host's disks. Each call site of the crate's
+//! `warn_limited!` macro owns a [`LogCounter`]: the first
 //! [`BURST`] occurrences are logged, after that only the ones whose count is a
 //! power of two, so the log grows with the logarithm of the guest's effort
 //! while still showing that the event keeps happening.
@@ -32,7 +32,6 @@ impl LogCounter {
 
 /// `tracing::warn!` with a per-call-site limit (see the module docs).
 /// The event carries an `occurrence` field with the running count.
-#[macro_export]
 macro_rules! warn_limited {
     ($($arg:tt)+) => {{
         static COUNTER: $crate::ratelimit::LogCounter = $crate::ratelimit::LogCounter::new();
@@ -41,6 +40,7 @@ macro_rules! warn_limited {
         }
     }};
 }
+pub(crate) use warn_limited;
 
 #[cfg(test)]
 mod tests {

@@ -26,11 +26,11 @@ use std::ops::RangeInclusive;
 
 use crate::bus::BusDevice;
 use crate::config::{
-    read_partial, write_partial, PciBarKind, PciBarRegion, PciConfiguration, PciHeader, BAR0_REG,
-    COMMAND_MEMORY_SPACE, COMMAND_REG, NUM_BARS,
+    access_mask, read_partial, write_partial, PciBarKind, PciBarRegion, PciConfiguration,
+    PciHeader, BAR0_REG, COMMAND_MEMORY_SPACE, COMMAND_REG, NUM_BARS,
 };
 use crate::device::PciDevice;
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// First port of configuration mechanism #1.
 pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
@@ -86,8 +86,14 @@ pub struct PciRootLayout {
 
 impl PciRootLayout {
     fn validate(&self) -> Result<(), RootError> {
-        let window_end = self.mmio_base.checked_add(self.mmio_size).ok_or(RootError::Layout("window overflows"))?;
-        let ecam_end = self.ecam_base.checked_add(ECAM_SIZE).ok_or(RootError::Layout("ECAM overflows"))?;
+        let window_end = self
+            .mmio_base
+            .checked_add(self.mmio_size)
+            .ok_or(RootError::Layout("window overflows"))?;
+        let ecam_end = self
+            .ecam_base
+            .checked_add(ECAM_SIZE)
+            .ok_or(RootError::Layout("ECAM overflows"))?;
         if self.mmio_size == 0 {
             return Err(RootError::Layout("empty MMIO window"));
         }
@@ -183,8 +189,16 @@ impl PciRoot {
     pub fn new(layout: PciRootLayout) -> Result<Self, RootError> {
         layout.validate()?;
         let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
-        slots[0] = Some(Slot { device: Box::new(HostBridge::new()), bars: Vec::new() });
-        Ok(Self { layout, slots, config_address: 0, next_mmio: layout.mmio_base })
+        slots[0] = Some(Slot {
+            device: Box::new(HostBridge::new()),
+            bars: Vec::new(),
+        });
+        Ok(Self {
+            layout,
+            slots,
+            config_address: 0,
+            next_mmio: layout.mmio_base,
+        })
     }
 
     /// The ranges given at construction.
@@ -226,7 +240,11 @@ impl PciRoot {
     /// Put `device` in the first free slot, assign its BARs from the MMIO
     /// window and enable memory decoding. Returns the slot number.
     pub fn add_device(&mut self, mut device: Box<dyn PciDevice>) -> Result<u8, RootError> {
-        let slot = self.slots.iter().position(Option::is_none).ok_or(RootError::NoFreeSlot)?;
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(RootError::NoFreeSlot)?;
         let regions = device.bars();
         let (addresses, next_mmio) = self.allocate(&regions)?;
         for (region, address) in regions.iter().zip(&addresses) {
@@ -234,7 +252,13 @@ impl PciRoot {
         }
         let command = device.read_config_register(COMMAND_REG) as u16 | COMMAND_MEMORY_SPACE;
         device.write_config_register(COMMAND_REG, 0, &command.to_le_bytes());
-        let bars = regions.into_iter().map(|region| BarMapping { region, address: None }).collect();
+        let bars = regions
+            .into_iter()
+            .map(|region| BarMapping {
+                region,
+                address: None,
+            })
+            .collect();
         self.slots[slot] = Some(Slot { device, bars });
         self.next_mmio = next_mmio;
         self.refresh_bars(slot);
@@ -248,7 +272,9 @@ impl PciRoot {
         let mut addresses = Vec::with_capacity(regions.len());
         for region in regions {
             let full = RootError::WindowFull { size: region.size };
-            let address = cursor.checked_next_multiple_of(region.size).ok_or(full.clone())?;
+            let address = cursor
+                .checked_next_multiple_of(region.size)
+                .ok_or(full.clone())?;
             if !self.layout.window_contains(address, region.size) {
                 return Err(full);
             }
@@ -261,14 +287,18 @@ impl PciRoot {
     /// Re-decode the BARs of `slot` and tell the device about changes.
     fn refresh_bars(&mut self, slot: usize) {
         let layout = self.layout;
-        let Some(Some(entry)) = self.slots.get_mut(slot) else { return };
-        let decoding = entry.device.read_config_register(COMMAND_REG) as u16 & COMMAND_MEMORY_SPACE != 0;
+        let Some(Some(entry)) = self.slots.get_mut(slot) else {
+            return;
+        };
+        let decoding =
+            entry.device.read_config_register(COMMAND_REG) as u16 & COMMAND_MEMORY_SPACE != 0;
         for bar in entry.bars.iter_mut() {
             let regs = bar.region.registers();
             let low = entry.device.read_config_register(*regs.start());
             let high = entry.device.read_config_register(*regs.end());
             let address = bar.region.address_from(low, high);
-            let decoded = (decoding && layout.window_contains(address, bar.region.size)).then_some(address);
+            let decoded =
+                (decoding && layout.window_contains(address, bar.region.size)).then_some(address);
             if decoded != bar.address {
                 bar.address = decoded;
                 entry.device.bar_moved(bar.region.index, decoded);
@@ -292,7 +322,11 @@ impl PciRoot {
         if address & CONFIG_ADDRESS_ENABLE == 0 {
             return None;
         }
-        let (bus, dev, func) = ((address >> 16) & 0xff, (address >> 11) & 0x1f, (address >> 8) & 0x7);
+        let (bus, dev, func) = (
+            (address >> 16) & 0xff,
+            (address >> 11) & 0x1f,
+            (address >> 8) & 0x7,
+        );
         let reg = (address & 0xfc) as usize / 4;
         (bus == 0 && func == 0).then_some((dev as usize, reg, port_offset))
     }
@@ -308,21 +342,43 @@ impl PciRoot {
     }
 
     fn config_read(&mut self, target: Option<(usize, usize, u64)>, data: &mut [u8]) {
-        let value = target
-            .and_then(|(slot, reg, _)| Some(self.slots.get_mut(slot)?.as_mut()?.device.read_config_register(reg)));
-        match (value, target) {
-            (Some(value), Some((_, _, offset))) => read_partial(value, offset, data),
-            _ => data.fill(0xff),
+        data.fill(0xff);
+        let Some((slot, reg, offset)) = target else {
+            return;
+        };
+        if access_mask(offset, data.len()).is_none() {
+            warn_limited!(
+                slot,
+                reg,
+                offset,
+                len = data.len(),
+                "invalid PCI config read"
+            );
+            return;
+        }
+        if let Some(Some(entry)) = self.slots.get_mut(slot) {
+            let value = entry.device.read_config_register(reg);
+            read_partial(value, offset, data);
         }
     }
 
     fn config_write(&mut self, target: Option<(usize, usize, u64)>, data: &[u8]) {
-        let Some((slot, reg, offset)) = target else { return };
+        let Some((slot, reg, offset)) = target else {
+            return;
+        };
         if write_partial(offset, data).is_none() {
-            warn_limited!(slot, reg, offset, len = data.len(), "invalid PCI config write");
+            warn_limited!(
+                slot,
+                reg,
+                offset,
+                len = data.len(),
+                "invalid PCI config write"
+            );
             return;
         }
-        let Some(Some(entry)) = self.slots.get_mut(slot) else { return };
+        let Some(Some(entry)) = self.slots.get_mut(slot) else {
+            return;
+        };
         entry.device.write_config_register(reg, offset, data);
         if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
             self.refresh_bars(slot);
@@ -347,7 +403,11 @@ impl PciRoot {
         } else if offset >= DATA_PORT_OFFSET {
             self.config_write(self.io_target(offset - DATA_PORT_OFFSET), data);
         } else {
-            warn_limited!(offset, len = data.len(), "partial write to the PCI address port");
+            warn_limited!(
+                offset,
+                len = data.len(),
+                "partial write to the PCI address port"
+            );
         }
     }
 
@@ -367,7 +427,11 @@ impl PciRoot {
         })
     }
 
-    fn window_access(&mut self, offset: u64, len: usize) -> Option<(&mut dyn PciDevice, usize, u64)> {
+    fn window_access(
+        &mut self,
+        offset: u64,
+        len: usize,
+    ) -> Option<(&mut dyn PciDevice, usize, u64)> {
         let address = self.layout.mmio_base.checked_add(offset)?;
         let Some((slot, bar, bar_offset)) = self.bar_target(address, len) else {
             warn_limited!(address, len, "access to unclaimed PCI MMIO");
@@ -418,4 +482,4 @@ impl BusDevice for PciRoot {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -355,6 +355,11 @@ impl Virtqueue {
         self.num_free
     }
 
+    /// The descriptor id the next [`Self::add`] starts its chain with.
+    pub fn next_free(&self) -> Option<u16> {
+        (self.num_free > 0).then_some(self.free_head)
+    }
+
     /// Chains `bufs` into descriptors and makes the chain available; returns
     /// the head descriptor id. Call [`Self::notify`] to kick the device.
     pub fn add(&mut self, bufs: &[Buf]) -> Option<u16> {

@@ -9,7 +9,12 @@ pub(crate) const MMIO: u64 = 0xc000_0000;
 pub(crate) const MMIO_SIZE: u64 = 0x2000_0000;
 
 pub(crate) fn layout() -> PciRootLayout {
-    PciRootLayout { io_base: IO, ecam_base: ECAM, mmio_base: MMIO, mmio_size: MMIO_SIZE }
+    PciRootLayout {
+        io_base: IO,
+        ecam_base: ECAM,
+        mmio_base: MMIO,
+        mmio_size: MMIO_SIZE,
+    }
 }
 
 /// Config access through 0xCF8/0xCFC.
@@ -69,12 +74,28 @@ impl TestDevice {
             class_code: 0x01_80_00,
             ..Default::default()
         });
-        let bar0 = PciBarRegion { index: 0, size: 0x1000, kind: PciBarKind::Memory32, prefetchable: false };
-        let bar2 = PciBarRegion { index: 2, size: 0x4000, kind: PciBarKind::Memory64, prefetchable: false };
+        let bar0 = PciBarRegion {
+            index: 0,
+            size: 0x1000,
+            kind: PciBarKind::Memory32,
+            prefetchable: false,
+        };
+        let bar2 = PciBarRegion {
+            index: 2,
+            size: 0x4000,
+            kind: PciBarKind::Memory64,
+            prefetchable: false,
+        };
         config.add_bar(bar0).unwrap();
         config.add_bar(bar2).unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
-        (Box::new(Self { config, log: log.clone() }), log)
+        (
+            Box::new(Self {
+                config,
+                log: log.clone(),
+            }),
+            log,
+        )
     }
 }
 
@@ -93,7 +114,11 @@ impl PciDevice for TestDevice {
         data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
     }
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        self.log.lock().unwrap().writes.push((bar, offset, data.to_vec()));
+        self.log
+            .lock()
+            .unwrap()
+            .writes
+            .push((bar, offset, data.to_vec()));
     }
     fn bar_moved(&mut self, bar: usize, address: Option<u64>) {
         self.log.lock().unwrap().moves.push((bar, address));
@@ -142,7 +167,11 @@ fn host_bridge_through_ecam() {
     let mut root = PciRoot::new(layout()).unwrap();
     assert_eq!(ecam_read(&mut root, 0, 0, 4), 0x0008_1b36);
     assert_eq!(ecam_read(&mut root, 0, 2, 2), 0x0008);
-    assert_eq!(ecam_read(&mut root, 0, 0x100, 4), 0, "extended space of a present function");
+    assert_eq!(
+        ecam_read(&mut root, 0, 0x100, 4),
+        0,
+        "extended space of a present function"
+    );
     assert_eq!(ecam_read(&mut root, 31, 0, 4), u32::MAX);
     let mut data = [0u8; 4];
     root.read(ECAM, 1 << 12, &mut data);
@@ -157,15 +186,26 @@ fn bars_preassigned_aligned_and_decoded() {
     let (dev, log) = TestDevice::new();
     assert_eq!(root.add_device(dev).unwrap(), 1);
     let bar0 = u64::from(ecam_read(&mut root, 1, 0x10, 4));
-    let bar2 = u64::from(ecam_read(&mut root, 1, 0x18, 4) & !0xf) | u64::from(ecam_read(&mut root, 1, 0x1c, 4)) << 32;
+    let bar2 = u64::from(ecam_read(&mut root, 1, 0x18, 4) & !0xf)
+        | u64::from(ecam_read(&mut root, 1, 0x1c, 4)) << 32;
     assert_eq!(bar0, MMIO);
     assert_eq!(bar2 % 0x4000, 0);
     assert!(bar2 >= MMIO + 0x1000 && bar2 + 0x4000 <= MMIO + MMIO_SIZE);
-    assert_ne!(ecam_read(&mut root, 1, 4, 2) as u16 & COMMAND_MEMORY_SPACE, 0);
-    assert_eq!(log.lock().unwrap().moves, vec![(0, Some(bar0)), (2, Some(bar2))]);
+    assert_ne!(
+        ecam_read(&mut root, 1, 4, 2) as u16 & COMMAND_MEMORY_SPACE,
+        0
+    );
+    assert_eq!(
+        log.lock().unwrap().moves,
+        vec![(0, Some(bar0)), (2, Some(bar2))]
+    );
     assert_eq!(mmio_read(&mut root, bar2 + 0x10, 8), 2 << 32 | 0x10);
     assert_eq!(mmio_read(&mut root, bar0 + 0xffc, 4), 0xffc);
-    assert_eq!(mmio_read(&mut root, bar0 + 0xffc, 8), u64::MAX, "straddles the BAR end");
+    assert_eq!(
+        mmio_read(&mut root, bar0 + 0xffc, 8),
+        u64::MAX,
+        "straddles the BAR end"
+    );
     root.write(MMIO, bar2 - MMIO + 8, &[1, 2]);
     assert_eq!(log.lock().unwrap().writes, vec![(2, 8, vec![1, 2])]);
 }
@@ -177,13 +217,27 @@ fn bar_sizing_through_cf8() {
     let original = cf8_read(&mut root, 1, 0x18, 4);
     cf8_write(&mut root, 1, 0x18, u32::MAX, 4);
     cf8_write(&mut root, 1, 0x1c, u32::MAX, 4);
-    assert_eq!(cf8_read(&mut root, 1, 0x18, 4), 0xffff_c004, "64-bit type bits kept");
+    assert_eq!(
+        cf8_read(&mut root, 1, 0x18, 4),
+        0xffff_c004,
+        "64-bit type bits kept"
+    );
     assert_eq!(cf8_read(&mut root, 1, 0x1c, 4), u32::MAX);
     cf8_write(&mut root, 1, 0x10, u32::MAX, 4);
     assert_eq!(cf8_read(&mut root, 1, 0x10, 4), 0xffff_f000);
     cf8_write(&mut root, 1, 0x18, original, 4);
     cf8_write(&mut root, 1, 0x1c, 0, 4);
     assert_eq!(cf8_read(&mut root, 1, 0x18, 4), original);
+    // Byte-lane writes through 0xCFC..0xCFF: interrupt line (RW) and pin (RO).
+    cf8_write(&mut root, 1, 0x3c, 0x0b, 1);
+    cf8_write(&mut root, 1, 0x3d, 0x04, 1);
+    assert_eq!(cf8_read(&mut root, 1, 0x3c, 2), 0x000b);
+    cf8_write(&mut root, 1, 0x06, 0xffff, 2);
+    assert_eq!(
+        cf8_read(&mut root, 1, 0x04, 4),
+        0x0000_0002,
+        "status read-only, command kept"
+    );
 }
 
 #[test]
@@ -196,7 +250,11 @@ fn reprogrammed_bar_moves_dispatch() {
     let new = MMIO + 0x10_0000;
     ecam_write(&mut root, 1, 0x10, new as u32, 4);
     assert_eq!(mmio_read(&mut root, new + 4, 4), 4);
-    assert_eq!(mmio_read(&mut root, old + 4, 4), 0xffff_ffff, "old address unclaimed");
+    assert_eq!(
+        mmio_read(&mut root, old + 4, 4),
+        0xffff_ffff,
+        "old address unclaimed"
+    );
     // Sizing moves the BAR outside the window: no longer decoded.
     ecam_write(&mut root, 1, 0x10, u32::MAX, 4);
     assert_eq!(mmio_read(&mut root, new + 4, 4), 0xffff_ffff);
@@ -209,7 +267,15 @@ fn reprogrammed_bar_moves_dispatch() {
     let bar2 = root.slots[1].as_ref().unwrap().bars[1].address;
     assert_eq!(
         log.lock().unwrap().moves,
-        vec![(0, Some(new)), (0, None), (0, Some(new)), (0, None), (2, None), (0, Some(new)), (2, bar2)]
+        vec![
+            (0, Some(new)),
+            (0, None),
+            (0, Some(new)),
+            (0, None),
+            (2, None),
+            (0, Some(new)),
+            (2, bar2)
+        ]
     );
 }
 
@@ -223,8 +289,18 @@ fn acpi_view() {
     assert_eq!(
         root.devices(),
         vec![
-            PciDeviceInfo { slot: 0, vendor_id: 0x1b36, device_id: 0x0008, class_code: 0x06_00_00 },
-            PciDeviceInfo { slot: 1, vendor_id: 0x1234, device_id: 0x5678, class_code: 0x01_80_00 },
+            PciDeviceInfo {
+                slot: 0,
+                vendor_id: 0x1b36,
+                device_id: 0x0008,
+                class_code: 0x06_00_00
+            },
+            PciDeviceInfo {
+                slot: 1,
+                vendor_id: 0x1234,
+                device_id: 0x5678,
+                class_code: 0x01_80_00
+            },
         ]
     );
 }
@@ -235,21 +311,46 @@ fn slots_and_window_run_out() {
     for slot in 1..32 {
         assert_eq!(root.add_device(TestDevice::new().0).unwrap(), slot);
     }
-    assert_eq!(root.add_device(TestDevice::new().0), Err(RootError::NoFreeSlot));
+    assert_eq!(
+        root.add_device(TestDevice::new().0),
+        Err(RootError::NoFreeSlot)
+    );
 
-    let small = PciRootLayout { mmio_size: 0x8000, ..layout() };
+    let small = PciRootLayout {
+        mmio_size: 0x8000,
+        ..layout()
+    };
     let mut root = PciRoot::new(small).unwrap();
     root.add_device(TestDevice::new().0).unwrap();
-    assert_eq!(root.add_device(TestDevice::new().0), Err(RootError::WindowFull { size: 0x1000 }));
+    assert_eq!(
+        root.add_device(TestDevice::new().0),
+        Err(RootError::WindowFull { size: 0x1000 })
+    );
     assert!(root.slots[2].is_none(), "failed add leaves no trace");
 }
 
 #[test]
 fn layout_validation() {
-    assert!(PciRoot::new(PciRootLayout { mmio_size: 0, ..layout() }).is_err());
-    assert!(PciRoot::new(PciRootLayout { ecam_base: MMIO + 0x1000, ..layout() }).is_err());
-    assert!(PciRoot::new(PciRootLayout { mmio_base: u64::MAX, ..layout() }).is_err());
-    assert!(PciRoot::new(PciRootLayout { io_base: ECAM, ..layout() }).is_err());
+    assert!(PciRoot::new(PciRootLayout {
+        mmio_size: 0,
+        ..layout()
+    })
+    .is_err());
+    assert!(PciRoot::new(PciRootLayout {
+        ecam_base: MMIO + 0x1000,
+        ..layout()
+    })
+    .is_err());
+    assert!(PciRoot::new(PciRootLayout {
+        mmio_base: u64::MAX,
+        ..layout()
+    })
+    .is_err());
+    assert!(PciRoot::new(PciRootLayout {
+        io_base: ECAM,
+        ..layout()
+    })
+    .is_err());
 }
 
 /// A deterministic xorshift generator for garbage accesses.
@@ -270,7 +371,12 @@ fn garbage_accesses_never_panic() {
     let (dev, _) = TestDevice::new();
     root.add_device(dev).unwrap();
     let mut rng = Garbage(0x9e37_79b9_7f4a_7c15);
-    let ranges = [(IO, PCI_CONFIG_IO_SIZE), (ECAM, ECAM_SIZE), (MMIO, MMIO_SIZE), (0x1234, 16)];
+    let ranges = [
+        (IO, PCI_CONFIG_IO_SIZE),
+        (ECAM, ECAM_SIZE),
+        (MMIO, MMIO_SIZE),
+        (0x1234, 16),
+    ];
     for _ in 0..20_000 {
         let (base, len) = ranges[(rng.next() % 4) as usize];
         let offset = rng.next() % (len + 8);

@@ -15,11 +15,11 @@
 //! has side effects). Writes must use the field's width — 64-bit fields
 //! also as two 32-bit halves — anything else is dropped.
 
-use ferro_virtio::{Queue, QueueT, GuestMemoryMmap};
+use ferro_virtio::{GuestMemoryMmap, Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::VirtioPciDevice;
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// Length of the structure advertised in its capability.
 pub(super) const COMMON_CFG_SIZE: u32 = 0x38;
@@ -71,7 +71,14 @@ impl QueueConfig {
     }
 
     fn reset(&mut self) {
-        *self = Self { max_size: self.max_size, size: self.max_size, ready: false, desc: 0, driver: 0, device: 0 };
+        *self = Self {
+            max_size: self.max_size,
+            size: self.max_size,
+            ready: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        };
     }
 
     fn address_mut(&mut self, field: u64) -> &mut u64 {
@@ -86,9 +93,15 @@ impl QueueConfig {
     pub fn build(&self, event_idx: bool, mem: &GuestMemoryMmap) -> Option<Queue> {
         let mut queue = Queue::new(self.max_size).ok()?;
         queue.try_set_size(self.size).ok()?;
-        queue.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
-        queue.try_set_avail_ring_address(GuestAddress(self.driver)).ok()?;
-        queue.try_set_used_ring_address(GuestAddress(self.device)).ok()?;
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .ok()?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.driver))
+            .ok()?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.device))
+            .ok()?;
         queue.set_event_idx(event_idx);
         queue.set_ready(true);
         queue.is_valid(mem).then_some(queue)
@@ -151,9 +164,11 @@ fn put(image: &mut [u8], offset: u64, bytes: &[u8]) {
     image[start..start + bytes.len()].copy_from_slice(bytes);
 }
 
+/// `data` as a little-endian integer; only the first 8 bytes count.
 fn le_value(data: &[u8]) -> u64 {
     let mut bytes = [0u8; 8];
-    bytes[..data.len()].copy_from_slice(data);
+    let len = data.len().min(8);
+    bytes[..len].copy_from_slice(&data[..len]);
     u64::from_le_bytes(bytes)
 }
 
@@ -162,17 +177,46 @@ impl VirtioPciDevice {
     fn common_image(&self) -> [u8; COMMON_CFG_SIZE as usize] {
         let c = &self.common;
         let mut image = [0u8; COMMON_CFG_SIZE as usize];
-        let device_features = feature_window(self.device.device_features(), c.device_feature_select);
-        put(&mut image, DEVICE_FEATURE_SELECT, &c.device_feature_select.to_le_bytes());
+        let device_features =
+            feature_window(self.device.device_features(), c.device_feature_select);
+        put(
+            &mut image,
+            DEVICE_FEATURE_SELECT,
+            &c.device_feature_select.to_le_bytes(),
+        );
         put(&mut image, DEVICE_FEATURE, &device_features.to_le_bytes());
-        put(&mut image, DRIVER_FEATURE_SELECT, &c.driver_feature_select.to_le_bytes());
-        put(&mut image, DRIVER_FEATURE, &feature_window(c.driver_features, c.driver_feature_select).to_le_bytes());
-        put(&mut image, CONFIG_MSIX_VECTOR, &self.interrupt.config_vector().to_le_bytes());
-        put(&mut image, NUM_QUEUES, &(c.queues.len() as u16).to_le_bytes());
+        put(
+            &mut image,
+            DRIVER_FEATURE_SELECT,
+            &c.driver_feature_select.to_le_bytes(),
+        );
+        put(
+            &mut image,
+            DRIVER_FEATURE,
+            &feature_window(c.driver_features, c.driver_feature_select).to_le_bytes(),
+        );
+        put(
+            &mut image,
+            CONFIG_MSIX_VECTOR,
+            &self.interrupt.config_vector().to_le_bytes(),
+        );
+        put(
+            &mut image,
+            NUM_QUEUES,
+            &(c.queues.len() as u16).to_le_bytes(),
+        );
         put(&mut image, DEVICE_STATUS, &[c.status]);
-        put(&mut image, CONFIG_GENERATION, &[self.interrupt.config_generation()]);
+        put(
+            &mut image,
+            CONFIG_GENERATION,
+            &[self.interrupt.config_generation()],
+        );
         put(&mut image, QUEUE_SELECT, &c.queue_select.to_le_bytes());
-        put(&mut image, QUEUE_MSIX_VECTOR, &self.interrupt.queue_vector(c.queue_select).to_le_bytes());
+        put(
+            &mut image,
+            QUEUE_MSIX_VECTOR,
+            &self.interrupt.queue_vector(c.queue_select).to_le_bytes(),
+        );
         if let Some(q) = c.selected() {
             put(&mut image, QUEUE_SIZE, &q.size.to_le_bytes());
             put(&mut image, QUEUE_ENABLE, &u16::from(q.ready).to_le_bytes());
@@ -189,7 +233,12 @@ impl VirtioPciDevice {
         let start = offset as usize;
         match image.get(start..start + data.len()) {
             Some(bytes) if matches!(data.len(), 1 | 2 | 4 | 8) => data.copy_from_slice(bytes),
-            _ => warn_limited!(id = self.device.id(), offset, len = data.len(), "invalid common config read"),
+            _ => warn_limited!(
+                id = self.device.id(),
+                offset,
+                len = data.len(),
+                "invalid common config read"
+            ),
         }
     }
 
@@ -204,16 +253,28 @@ impl VirtioPciDevice {
             }
             (DEVICE_STATUS, 1) => self.set_status(value as u8),
             (QUEUE_SELECT, 2) => self.common.queue_select = value as u16,
-            (QUEUE_MSIX_VECTOR, 2) => self.interrupt.set_queue_vector(self.common.queue_select, value as u16),
+            (QUEUE_MSIX_VECTOR, 2) => self
+                .interrupt
+                .set_queue_vector(self.common.queue_select, value as u16),
             (QUEUE_SIZE, 2) | (QUEUE_ENABLE, 2) => self.write_queue_field(offset, value as u16),
-            (QUEUE_DESC..0x38, 4 | 8) if offset % data.len() as u64 == 0 => self.write_queue_address(offset, data),
-            _ => warn_limited!(id = self.device.id(), offset, len = data.len(), "invalid common config write"),
+            (QUEUE_DESC..0x38, 4 | 8) if offset % data.len() as u64 == 0 => {
+                self.write_queue_address(offset, data)
+            }
+            _ => warn_limited!(
+                id = self.device.id(),
+                offset,
+                len = data.len(),
+                "invalid common config write"
+            ),
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         if self.common.status & super::status::FEATURES_OK != 0 {
-            warn_limited!(id = self.device.id(), "driver features written after FEATURES_OK");
+            warn_limited!(
+                id = self.device.id(),
+                "driver features written after FEATURES_OK"
+            );
             return;
         }
         let features = &mut self.common.driver_features;
@@ -228,16 +289,22 @@ impl VirtioPciDevice {
     /// is not enabled yet and the device is not live.
     fn configurable_queue(&mut self) -> Option<&mut QueueConfig> {
         let live = self.common.status & super::status::DRIVER_OK != 0;
-        if live || !self.common.selected().is_some_and(|q| !q.ready) {
+        if live || self.common.selected().is_none_or(|q| q.ready) {
             let queue = self.common.queue_select;
-            warn_limited!(id = self.device.id(), queue, "write to a missing, enabled or live queue");
+            warn_limited!(
+                id = self.device.id(),
+                queue,
+                "write to a missing, enabled or live queue"
+            );
             return None;
         }
         self.common.selected_mut()
     }
 
     fn write_queue_field(&mut self, offset: u64, value: u16) {
-        let Some(q) = self.configurable_queue() else { return };
+        let Some(q) = self.configurable_queue() else {
+            return;
+        };
         match offset {
             QUEUE_SIZE if value.is_power_of_two() && value <= q.max_size => q.size = value,
             QUEUE_ENABLE if value == 1 => q.ready = true,
@@ -246,7 +313,9 @@ impl VirtioPciDevice {
     }
 
     fn write_queue_address(&mut self, offset: u64, data: &[u8]) {
-        let Some(q) = self.configurable_queue() else { return };
+        let Some(q) = self.configurable_queue() else {
+            return;
+        };
         let field = offset & !7;
         let address = q.address_mut(field);
         let value = le_value(data);

@@ -56,7 +56,9 @@ impl InterruptState {
 
     /// Vector of queue `index` ([`NO_VECTOR`] for a missing queue).
     pub fn queue_vector(&self, index: u16) -> u16 {
-        self.queue_vectors.get(usize::from(index)).map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
+        self.queue_vectors
+            .get(usize::from(index))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire))
     }
 
     /// Set the config vector; out-of-range vectors become [`NO_VECTOR`].
@@ -108,7 +110,10 @@ impl VirtioInterrupt for InterruptState {
         let vector = match kind {
             InterruptKind::Queue(index) => {
                 if usize::from(index) >= self.queue_vectors.len() {
-                    return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("no queue {index}")));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("no queue {index}"),
+                    ));
                 }
                 self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
                 self.queue_vector(index)

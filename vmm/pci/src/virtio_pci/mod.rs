@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use ferro_virtio::{device_type, GuestMemoryMmap, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use self::interrupt::{InterruptState, NO_VECTOR};
 use self::common_cfg::{CommonConfig, QueueConfig, COMMON_CFG_SIZE};
+pub use self::interrupt::{InterruptState, NO_VECTOR};
 use crate::config::{
     ConfigError, PciBarKind, PciBarRegion, PciConfiguration, PciHeader, CAP_ID_MSIX,
     CAP_ID_VENDOR_SPECIFIC,
@@ -44,7 +44,7 @@ use crate::config::{
 use crate::device::PciDevice;
 use crate::interrupt::{IoEventRegistrar, MsiSink};
 use crate::msix::{self, MsixConfig, MsixError, MSIX_CAP_WRITABLE};
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// Vendor id of every virtio PCI function.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -186,10 +186,19 @@ impl VirtioPciDevice {
         let msix = MsixConfig::new(queues.len() + 1, msi).map_err(VirtioPciError::Msix)?;
         let num_vectors = msix.num_vectors();
         let mut config = PciConfiguration::new(&header(device.device_type()));
-        let bar = PciBarRegion { index: VIRTIO_BAR, size: BAR_SIZE, kind: PciBarKind::Memory64, prefetchable: false };
+        let bar = PciBarRegion {
+            index: VIRTIO_BAR,
+            size: BAR_SIZE,
+            kind: PciBarKind::Memory64,
+            prefetchable: false,
+        };
         config.add_bar(bar).map_err(VirtioPciError::Config)?;
-        let caps = add_capabilities(&mut config, queues.len(), num_vectors).map_err(VirtioPciError::Config)?;
-        let interrupt = Arc::new(InterruptState::new(Arc::new(Mutex::new(msix)), queues.len()));
+        let caps = add_capabilities(&mut config, queues.len(), num_vectors)
+            .map_err(VirtioPciError::Config)?;
+        let interrupt = Arc::new(InterruptState::new(
+            Arc::new(Mutex::new(msix)),
+            queues.len(),
+        ));
         Ok(Self {
             device,
             config,
@@ -213,7 +222,9 @@ impl VirtioPciDevice {
     /// Guest physical address of queue `index`'s notify doorbell, if the BAR
     /// is decoded.
     pub fn notify_address(&self, index: u16) -> Option<u64> {
-        self.bar_address.map(|bar| bar + NOTIFY_CFG_OFFSET + u64::from(index) * u64::from(NOTIFY_OFF_MULTIPLIER))
+        self.bar_address.map(|bar| {
+            bar + NOTIFY_CFG_OFFSET + u64::from(index) * u64::from(NOTIFY_OFF_MULTIPLIER)
+        })
     }
 
     fn msix_cap_reg(&self) -> usize {
@@ -254,7 +265,10 @@ impl VirtioPciDevice {
             Some((bar, offset, len)) if reg_offset == 0 && data.len() >= len => {
                 self.bar_write(bar, offset, &data[..len])
             }
-            _ => warn_limited!(id = self.device.id(), "invalid VIRTIO_PCI_CAP_PCI_CFG write"),
+            _ => warn_limited!(
+                id = self.device.id(),
+                "invalid VIRTIO_PCI_CAP_PCI_CFG write"
+            ),
         }
     }
 
@@ -266,7 +280,11 @@ impl VirtioPciDevice {
                     warn_limited!(id = self.device.id(), index, error = %e, "cannot signal queue eventfd");
                 }
             }
-            _ => warn_limited!(id = self.device.id(), index, "notify for a queue that is not active"),
+            _ => warn_limited!(
+                id = self.device.id(),
+                index,
+                "notify for a queue that is not active"
+            ),
         }
     }
 
@@ -301,20 +319,33 @@ fn queue_configs(max_sizes: &[u16]) -> Result<Vec<QueueConfig>, VirtioPciError> 
     max_sizes
         .iter()
         .enumerate()
-        .map(|(index, &size)| QueueConfig::new(size).ok_or(VirtioPciError::QueueSize { index, size }))
+        .map(|(index, &size)| {
+            QueueConfig::new(size).ok_or(VirtioPciError::QueueSize { index, size })
+        })
         .collect()
 }
 
 /// `struct virtio_pci_cap` after cap_vndr/cap_next, followed by `extra`.
 fn virtio_cap(cfg_type: u8, offset: u64, length: u32, extra: &[u8]) -> Vec<u8> {
-    let mut body = vec![(VIRTIO_CAP_LEN + extra.len()) as u8, cfg_type, VIRTIO_BAR as u8, 0, 0, 0];
+    let mut body = vec![
+        (VIRTIO_CAP_LEN + extra.len()) as u8,
+        cfg_type,
+        VIRTIO_BAR as u8,
+        0,
+        0,
+        0,
+    ];
     body.extend_from_slice(&(offset as u32).to_le_bytes());
     body.extend_from_slice(&length.to_le_bytes());
     body.extend_from_slice(extra);
     body
 }
 
-fn add_capabilities(config: &mut PciConfiguration, num_queues: usize, num_vectors: u16) -> Result<CapOffsets, ConfigError> {
+fn add_capabilities(
+    config: &mut PciConfiguration,
+    num_queues: usize,
+    num_vectors: u16,
+) -> Result<CapOffsets, ConfigError> {
     let msix_body = msix::capability_body(
         num_vectors,
         VIRTIO_BAR as u8,
@@ -326,16 +357,34 @@ fn add_capabilities(config: &mut PciConfiguration, num_queues: usize, num_vector
     config.set_writable_mask(msix / 4, MSIX_CAP_WRITABLE);
     let notify_len = num_queues as u32 * NOTIFY_OFF_MULTIPLIER;
     let caps = [
-        virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_SIZE, &[]),
-        virtio_cap(VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_CFG_OFFSET, notify_len, &NOTIFY_OFF_MULTIPLIER.to_le_bytes()),
+        virtio_cap(
+            VIRTIO_PCI_CAP_COMMON_CFG,
+            COMMON_CFG_OFFSET,
+            COMMON_CFG_SIZE,
+            &[],
+        ),
+        virtio_cap(
+            VIRTIO_PCI_CAP_NOTIFY_CFG,
+            NOTIFY_CFG_OFFSET,
+            notify_len,
+            &NOTIFY_OFF_MULTIPLIER.to_le_bytes(),
+        ),
         virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_CFG_OFFSET, 1, &[]),
-        virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE, &[]),
+        virtio_cap(
+            VIRTIO_PCI_CAP_DEVICE_CFG,
+            DEVICE_CFG_OFFSET,
+            DEVICE_CFG_SIZE,
+            &[],
+        ),
     ];
     for body in caps {
         config.add_capability(CAP_ID_VENDOR_SPECIFIC, &body)?;
     }
     // The PCI_CFG capability: bar, offset and length are the driver's to set.
-    let pci_cfg = config.add_capability(CAP_ID_VENDOR_SPECIFIC, &virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, &[0; 4]))?;
+    let pci_cfg = config.add_capability(
+        CAP_ID_VENDOR_SPECIFIC,
+        &virtio_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, &[0; 4]),
+    )?;
     let reg = pci_cfg / 4;
     config.set_writable_mask(reg + 1, 0xff);
     config.set_writable_mask(reg + 2, u32::MAX);
@@ -368,8 +417,16 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let Some((region, inner)) = BarRegion::decode(offset, data.len()).filter(|_| bar == VIRTIO_BAR) else {
-            warn_limited!(id = self.device.id(), bar, offset, len = data.len(), "invalid virtio-pci BAR read");
+        let Some((region, inner)) =
+            BarRegion::decode(offset, data.len()).filter(|_| bar == VIRTIO_BAR)
+        else {
+            warn_limited!(
+                id = self.device.id(),
+                bar,
+                offset,
+                len = data.len(),
+                "invalid virtio-pci BAR read"
+            );
             return;
         };
         match region {
@@ -383,8 +440,16 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        let Some((region, inner)) = BarRegion::decode(offset, data.len()).filter(|_| bar == VIRTIO_BAR) else {
-            warn_limited!(id = self.device.id(), bar, offset, len = data.len(), "invalid virtio-pci BAR write");
+        let Some((region, inner)) =
+            BarRegion::decode(offset, data.len()).filter(|_| bar == VIRTIO_BAR)
+        else {
+            warn_limited!(
+                id = self.device.id(),
+                bar,
+                offset,
+                len = data.len(),
+                "invalid virtio-pci BAR write"
+            );
             return;
         };
         match region {
@@ -393,7 +458,11 @@ impl PciDevice for VirtioPciDevice {
             BarRegion::Notify => self.notify(inner),
             BarRegion::MsixTable => self.interrupt.msix().write_table(inner, data),
             BarRegion::Isr | BarRegion::MsixPba => {
-                warn_limited!(id = self.device.id(), offset, "write to a read-only virtio-pci structure")
+                warn_limited!(
+                    id = self.device.id(),
+                    offset,
+                    "write to a read-only virtio-pci structure"
+                )
             }
         }
     }

@@ -8,7 +8,7 @@
 //! - Any other write may only add bits. `FEATURES_OK` sticks only if the
 //!   driver accepted a subset of the offer that includes `VERSION_1`; the
 //!   device is then told the features.
-//! - `DRIVER_OK` (after `FEATURES_OK`) builds a [`Queue`] for each enabled
+//! - `DRIVER_OK` (after `FEATURES_OK`) builds a [`Queue`](ferro_virtio::Queue) for each enabled
 //!   queue, validates it against guest memory and activates the device. If
 //!   that fails the device reports `DEVICE_NEEDS_RESET`.
 
@@ -18,7 +18,7 @@ use ferro_virtio::{ActivateError, ActivatedQueue, VIRTIO_F_VERSION_1, VIRTIO_RIN
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{VirtioPciDevice, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER};
-use crate::warn_limited;
+use crate::ratelimit::warn_limited;
 
 /// The driver found the device.
 pub const ACKNOWLEDGE: u8 = 1;
@@ -55,7 +55,12 @@ impl VirtioPciDevice {
         let sticky = self.common.status & DEVICE_NEEDS_RESET;
         let old = self.common.status & !DEVICE_NEEDS_RESET;
         if value & old != old {
-            warn_limited!(id = self.device.id(), old, value, "driver cleared device status bits");
+            warn_limited!(
+                id = self.device.id(),
+                old,
+                value,
+                "driver cleared device status bits"
+            );
             return;
         }
         let added = value & !old;
@@ -76,7 +81,12 @@ impl VirtioPciDevice {
         let unoffered = accepted & !offered;
         let version_1 = accepted & (1 << VIRTIO_F_VERSION_1) != 0;
         if unoffered != 0 || !version_1 {
-            warn_limited!(id = self.device.id(), accepted, offered, "refusing FEATURES_OK");
+            warn_limited!(
+                id = self.device.id(),
+                accepted,
+                offered,
+                "refusing FEATURES_OK"
+            );
             return false;
         }
         self.device.ack_features(accepted);
@@ -95,7 +105,11 @@ impl VirtioPciDevice {
         match self.activate() {
             Ok(()) => status,
             Err(e) => {
-                tracing::error!(id = self.device.id(), error = &e as &dyn std::error::Error, "cannot activate virtio device");
+                tracing::error!(
+                    id = self.device.id(),
+                    error = &e as &dyn std::error::Error,
+                    "cannot activate virtio device"
+                );
                 status | DEVICE_NEEDS_RESET
             }
         }
@@ -105,15 +119,29 @@ impl VirtioPciDevice {
         let event_idx = self.common.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::new();
         let mut fds: Vec<Option<EventFd>> = (0..self.common.queues.len()).map(|_| None).collect();
-        for (index, config) in self.common.queues.iter().enumerate().filter(|(_, q)| q.ready) {
+        for (index, config) in self
+            .common
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready)
+        {
             let index = index as u16;
-            let queue = config.build(event_idx, &self.mem).ok_or(ActivationError::InvalidQueue(index))?;
+            let queue = config
+                .build(event_idx, &self.mem)
+                .ok_or(ActivationError::InvalidQueue(index))?;
             let notify = EventFd::new(EFD_NONBLOCK).map_err(ActivationError::EventFd)?;
             fds[usize::from(index)] = Some(notify.try_clone().map_err(ActivationError::EventFd)?);
-            queues.push(ActivatedQueue { index, queue, notify });
+            queues.push(ActivatedQueue {
+                index,
+                queue,
+                notify,
+            });
         }
         let interrupt = self.interrupt.clone();
-        self.device.activate(self.mem.clone(), interrupt, queues).map_err(ActivationError::Device)?;
+        self.device
+            .activate(self.mem.clone(), interrupt, queues)
+            .map_err(ActivationError::Device)?;
         self.notify_fds = fds;
         self.activated = true;
         self.register_ioeventfds();
@@ -138,7 +166,9 @@ impl VirtioPciDevice {
         self.notify_fds
             .iter()
             .enumerate()
-            .filter_map(move |(i, fd)| Some((base + NOTIFY_CFG_OFFSET + i as u64 * stride, fd.as_ref()?)))
+            .filter_map(move |(i, fd)| {
+                Some((base + NOTIFY_CFG_OFFSET + i as u64 * stride, fd.as_ref()?))
+            })
     }
 
     /// Register each active queue's eventfd at its notify address, if the
@@ -154,7 +184,9 @@ impl VirtioPciDevice {
     }
 
     pub(super) fn unregister_ioeventfds(&mut self) {
-        let Some(base) = self.ioevent_base.take() else { return };
+        let Some(base) = self.ioevent_base.take() else {
+            return;
+        };
         for (address, fd) in self.notify_addresses(base) {
             if let Err(e) = self.ioevents.unregister(address, fd) {
                 tracing::warn!(id = self.device.id(), address, error = %e, "cannot unregister ioeventfd");

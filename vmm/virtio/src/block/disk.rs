@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::request::SECTOR_SIZE;
@@ -77,6 +77,12 @@ impl Disk {
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.capacity
+    }
+
+    /// The open image file (tests inspect its open flags).
+    #[cfg(test)]
+    pub(crate) fn file_for_tests(&self) -> &File {
+        &self.file
     }
 
     /// Whether the image was opened read-only.

@@ -162,3 +162,6 @@ impl VirtioDevice for Block {
         &self.id
     }
 }
+
+#[cfg(test)]
+mod tests;

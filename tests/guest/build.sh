@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Build the project's test guest (a no_std kernel for the host target) and
+# print the path of its ELF.
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo build --release --quiet
+echo "$(pwd)/target/release/ferro-test-guest"
