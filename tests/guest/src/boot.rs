@@ -1,46 +1,52 @@
 //! Entry from the Linux 64-bit boot protocol and everything that runs at CPL0.
 //!
-//! On the nested KVM this guest is made for, guest kernel mode (CPL0) runs
-//! through KVM's instruction emulator: slowly (~1.6 M instructions/s) and with
-//! no SSE, `cmpxchg16b`, `xrstor` or `int3`. So CPL0 code here is a handful of
-//! hand-written, integer-only instructions and no Rust:
+//! On the nested KVM this guest is made for (`kvm_pvm`), guest kernel mode
+//! (CPL0) runs through KVM's instruction emulator: slowly (~1.6 M
+//! instructions/s) and with no SSE, `cmpxchg16b`, `xrstor` or `int3`. So CPL0
+//! code here is a handful of hand-written, integer-only instructions and no
+//! Rust:
 //!
 //! * `_start`: load our GDT (with a 64-bit TSS whose `rsp0` is the interrupt
-//!   stack), IDT and identity page tables (all user-accessible), enable SSE
-//!   for user mode (`CR4.OSFXSR|OSXMMEXCPT`, `CR0.MP`, clear `CR0.EM|TS`) and
-//!   `iretq` to CPL3 with `IOPL=3` (so port I/O, `cli` and `sti` work there).
-//!   Everything the tables need is assembled in `.data`, including the TSS
-//!   descriptor (computed by `link.ld`), so this is ~25 instructions.
+//!   stack and whose I/O permission bitmap allows every port), IDT and
+//!   identity page tables (all user-accessible), enable SSE for user mode
+//!   (`CR4.OSFXSR|OSXMMEXCPT`, `CR0.MP`, clear `CR0.EM|TS`) and `iretq` to
+//!   CPL3. The tables are assembled in `.data`, including the TSS descriptor
+//!   (computed by `link.ld`), so this is ~25 instructions.
 //! * interrupt stubs (one 16-byte stub per vector): count the vector in
 //!   [`ferro_irq_counts`], write the local APIC EOI, `iretq`.
 //! * exception stubs: record vector, error code, `rip`, `cr2` and `iretq` to
-//!   [`crate::fault::fault_entry`] at CPL3, which prints them and resets.
-//! * `int 0x80`: the few privileged operations Rust code asks for
-//!   ([`halt`], [`rdmsr`], [`wrmsr`]).
+//!   `ferro_fault_entry` (fault.rs) at CPL3, which prints them and resets.
+//! * the syscall gate (`ud2` at a known address, see `ferro_sys_gate`): the
+//!   few privileged operations Rust code asks for
+//!   ([`halt`], [`rdmsr`], [`wrmsr`], [`enable_interrupts`],
+//!   [`disable_interrupts`]).
+//!
+//! Port I/O at CPL3 goes through the TSS I/O bitmap: `kvm_pvm` does not honour
+//! `RFLAGS.IOPL=3` (an `out` at CPL3 raises #GP), nor `int 0x80` from CPL3
+//! (#UD), hence the bitmap and `syscall`. `cli`/`sti` are privileged at CPL3
+//! too, so they are syscalls.
 //!
 //! The first user-mode instructions (`ferro_user_entry`) print the `hello`
-//! line (the boot-time mark), zero `.bss` and call [`crate::ferro_main`].
+//! line (the boot-time mark), zero `.bss` and call `ferro_main`.
 
 use core::arch::{asm, global_asm};
 
 /// Selector of the CPL0 code segment (same as the boot protocol's).
 pub const KERNEL_CS: u16 = 0x10;
-/// Selector of the CPL3 code segment (RPL 3).
-pub const USER_CS: u16 = 0x2b;
-/// Selector of the CPL3 data/stack segment (RPL 3).
-pub const USER_SS: u16 = 0x23;
 
-/// Vector of the `int 0x80` software interrupt used for privileged requests.
-pub const SYSCALL_VECTOR: u8 = 0x80;
 /// Spurious-interrupt vector programmed into the local APIC (no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
-/// `int 0x80` function: `sti; hlt` until the next interrupt.
+/// `syscall` function: `sti; hlt` until the next interrupt.
 const SYS_HALT: u64 = 0;
-/// `int 0x80` function: `rdmsr`.
+/// `syscall` function: `rdmsr`.
 const SYS_RDMSR: u64 = 1;
-/// `int 0x80` function: `wrmsr`.
+/// `syscall` function: `wrmsr`.
 const SYS_WRMSR: u64 = 2;
+/// `syscall` function: return to CPL3 with interrupts enabled.
+const SYS_STI: u64 = 3;
+/// `syscall` function: return to CPL3 with interrupts disabled.
+const SYS_CLI: u64 = 4;
 
 /// One interrupt count per vector, incremented by the CPL0 stubs.
 #[no_mangle]
@@ -109,56 +115,15 @@ _start:
     mov $0x30, %ax
     ltr %ax
     mov %rsi, %rdi                  // boot_params: first argument at CPL3
-    // DEBUG: fill IDT vectors 0..31 with dbg stub
-    lea ferro_idt(%rip), %rbx
-    lea dbg_stub(%rip), %rax
-    mov $32, %ecx
-7:  mov %ax, (%rbx)
-    movw $0x10, 2(%rbx)
-    movw $0x8e00, 4(%rbx)
-    mov %rax, %rdx
-    shr $16, %rdx
-    mov %dx, 6(%rbx)
-    shr $16, %rdx
-    mov %edx, 8(%rbx)
-    add $16, %rbx
-    dec %ecx
-    jnz 7b
     pushq $0x23                     // SS: user data, RPL 3
     lea ferro_user_stack_top(%rip), %rax
     push %rax                       // RSP
-    pushq $0x3002                   // RFLAGS: IOPL=3, IF=0
+    pushq $0x0002                   // RFLAGS: IF=0 (ports: TSS I/O bitmap)
     pushq $0x2b                     // CS: user code, RPL 3
     lea ferro_user_entry(%rip), %rax
     push %rax                       // RIP
     iretq
 
-dbg_stub:
-    mov $0x3f8, %dx
-    mov $'!', %al
-    out %al, %dx
-    mov (%rsp), %rbx
-    mov $16, %ecx
-6:  rol $4, %rbx
-    mov %bl, %al
-    and $0xf, %al
-    add $0x30, %al
-    out %al, %dx
-    dec %ecx
-    jnz 6b
-    mov $' ', %al
-    out %al, %dx
-    mov 8(%rsp), %rbx
-    mov $16, %ecx
-6:  rol $4, %rbx
-    mov %bl, %al
-    and $0xf, %al
-    add $0x30, %al
-    out %al, %dx
-    dec %ecx
-    jnz 6b
-5:  hlt
-    jmp 5b
 // CPL3 from here on.
 ferro_user_entry:
     mov %rdi, %r12
@@ -191,7 +156,9 @@ ferro_isr_stubs:
     .set vec, 0
     .rept 256
     .balign 16
-    .if vec < 32
+    .if vec == 6
+      jmp ferro_ud_entry            // #UD: maybe the syscall gate
+    .elseif vec < 32
       .if vec == 8 || (vec >= 10 && vec <= 14) || vec == 17 || vec == 21 || vec == 29 || vec == 30
         pushq $vec                  // the CPU pushed an error code
       .else
@@ -199,8 +166,6 @@ ferro_isr_stubs:
         pushq $vec
       .endif
       jmp ferro_exception_common
-    .elseif vec == 0x80
-      jmp ferro_syscall
     .elseif vec == 0xff
       incq ferro_irq_counts+8*vec(%rip)
       iretq                         // spurious: no EOI
@@ -243,7 +208,7 @@ ferro_exception_common:
     lea ferro_fault_entry(%rip), %rax
     mov %rax, (%rsp)
     movq $0x2b, 8(%rsp)
-    movq $0x3002, 16(%rsp)
+    movq $0x0002, 16(%rsp)
     lea ferro_fault_stack_top(%rip), %rax
     sub $8, %rax                    // as if called: rsp % 16 == 8
     mov %rax, 24(%rsp)
@@ -255,29 +220,57 @@ ferro_exception_common:
     hlt
     jmp 8b
 
-// int 0x80: %rax = function, %rdi/%rsi = arguments, result in %rax.
-ferro_syscall:
-    cmp $0, %rax
+// Syscall gate. CPL3 calls ferro_sys_gate with %rax = function and
+// %rdi/%rsi = arguments; its `ud2` raises #UD, which kvm_pvm delivers to
+// CPL0 like any exception (it does not give CPL0 to `syscall`, and turns
+// `int 0x80` into #UD). The #UD stub recognises the gate's address, runs
+// the function and returns past the `ud2`; result in %rax.
+    .global ferro_sys_gate
+ferro_sys_gate:
+ferro_sys_ud2:
+    ud2
+    ret
+
+// #UD: stack = rip, cs, rflags, rsp, ss.
+ferro_ud_entry:
+    push %rcx
+    lea ferro_sys_ud2(%rip), %rcx
+    cmp %rcx, 8(%rsp)
+    pop %rcx
     je 1f
-    cmp $1, %rax
+    pushq $0                        // not the gate: a real #UD
+    pushq $6
+    jmp ferro_exception_common
+1:  addq $2, (%rsp)                 // resume after the ud2
+    cmp $0, %rax
     je 2f
-    cmp $2, %rax
+    cmp $1, %rax
     je 3f
+    cmp $2, %rax
+    je 4f
+    cmp $3, %rax
+    je 5f
+    cmp $4, %rax
+    je 6f
     mov $-1, %rax
     iretq
-1:  sti                             // SYS_HALT
+2:  sti                             // SYS_HALT: wait for an interrupt
     hlt
     iretq
-2:  mov %edi, %ecx                  // SYS_RDMSR
+3:  mov %edi, %ecx                  // SYS_RDMSR
     rdmsr
     shl $32, %rdx
     or %rdx, %rax
     iretq
-3:  mov %edi, %ecx                  // SYS_WRMSR
+4:  mov %edi, %ecx                  // SYS_WRMSR
     mov %esi, %eax
     mov %rsi, %rdx
     shr $32, %rdx
     wrmsr
+    iretq
+5:  orq $0x200, 16(%rsp)            // SYS_STI: return with IF=1
+    iretq
+6:  andq $~0x200, 16(%rsp)          // SYS_CLI: return with IF=0
     iretq
 
 // ---------------------------------------------------------------- tables
@@ -336,7 +329,9 @@ ferro_tss:
     .fill 7, 8, 0                   // ist1..ist7
     .quad 0
     .word 0
-    .word 104                       // no I/O bitmap: IOPL governs port I/O
+    .word 104                       // I/O permission bitmap follows
+    .fill 8192, 1, 0                // every port allowed at CPL3
+    .byte 0xff
 
 // ---------------------------------------------------------------- stacks
     .section .stacks, "aw", @nobits
@@ -352,19 +347,16 @@ ferro_user_stack_top:
     options(att_syntax)
 );
 
-/// Fills the IDT: exceptions and device vectors as CPL0-only interrupt gates,
-/// `int 0x80` as a gate user mode may invoke.
+/// Fills the IDT: every vector is a CPL0-only interrupt gate.
 pub fn init_idt() {
-    // SAFETY: only the address of the stub array is taken.
-    let base = unsafe { core::ptr::addr_of!(ferro_isr_stubs) } as u64;
+    let base = core::ptr::addr_of!(ferro_isr_stubs) as u64;
     for vector in 0..256usize {
         let handler = base + 16 * vector as u64;
-        let dpl = if vector == SYSCALL_VECTOR as usize { 3 } else { 0 };
         let gate = Gate {
             offset_lo: handler as u16,
             selector: KERNEL_CS,
             ist: 0,
-            type_attr: 0x8e | (dpl << 5),
+            type_attr: 0x8e,
             offset_mid: (handler >> 16) as u16,
             offset_hi: (handler >> 32) as u32,
             reserved: 0,
@@ -388,37 +380,47 @@ pub fn set_x2apic_eoi(x2apic: bool) {
     unsafe { core::ptr::addr_of_mut!(ferro_x2apic).write_volatile(x2apic as u8) };
 }
 
-/// Enables interrupts (legal at CPL3 because IOPL=3).
+// The gate is reached with `call`, so none of these asm blocks says
+// `nostack`: the compiler then keeps the red zone free.
+
+/// Enables interrupts at CPL3 (the stub returns with `RFLAGS.IF` set).
 pub fn enable_interrupts() {
-    // SAFETY: the IDT and the APIC are set up before anyone calls this.
-    unsafe { asm!("sti", options(nomem, nostack)) };
+    // SAFETY: the IDT and the APIC are set up before anyone calls this; the
+    // gate clobbers only %rax.
+    unsafe { asm!("call ferro_sys_gate", inout("rax") SYS_STI => _) };
 }
 
-/// Waits for the next interrupt: `sti; hlt` at CPL0 through `int 0x80`.
+/// Disables interrupts at CPL3.
+pub fn disable_interrupts() {
+    // SAFETY: as for `enable_interrupts`.
+    unsafe { asm!("call ferro_sys_gate", inout("rax") SYS_CLI => _) };
+}
+
+/// Waits for the next interrupt: `sti; hlt` at CPL0.
 pub fn halt() {
-    // SAFETY: the syscall stub only executes `sti; hlt; iretq`; the
-    // interrupt that wakes it may touch memory (counters), hence no `nomem`.
-    unsafe { asm!("int 0x80", inout("rax") SYS_HALT => _, options(nostack)) };
+    // SAFETY: the gate only executes `sti; hlt; iretq`; the interrupt
+    // that wakes it touches memory (counters), hence no `nomem`.
+    unsafe { asm!("call ferro_sys_gate", inout("rax") SYS_HALT => _) };
 }
 
-/// Reads a model-specific register (CPL0 through `int 0x80`).
+/// Reads a model-specific register (CPL0 through the gate).
 pub fn rdmsr(msr: u32) -> u64 {
     let value: u64;
     // SAFETY: the stub executes `rdmsr` for the MSR in %edi; it clobbers
-    // %rcx and %rdx. An unknown MSR raises #GP, which is reported as a fault.
+    // %rcx and %rdx. An unknown MSR raises #GP, reported as a fault.
     unsafe {
-        asm!("int 0x80", inout("rax") SYS_RDMSR => value, in("rdi") msr as u64,
-             out("rcx") _, out("rdx") _, options(nostack));
+        asm!("call ferro_sys_gate", inout("rax") SYS_RDMSR => value, in("rdi") msr as u64,
+             out("rcx") _, out("rdx") _);
     }
     value
 }
 
-/// Writes a model-specific register (CPL0 through `int 0x80`).
+/// Writes a model-specific register (CPL0 through the gate).
 pub fn wrmsr(msr: u32, value: u64) {
     // SAFETY: the stub executes `wrmsr` for the MSR in %edi with %rsi as the
     // value; it clobbers %rax, %rcx and %rdx.
     unsafe {
-        asm!("int 0x80", inout("rax") SYS_WRMSR => _, in("rdi") msr as u64, in("rsi") value,
-             out("rcx") _, out("rdx") _, options(nostack));
+        asm!("call ferro_sys_gate", inout("rax") SYS_WRMSR => _, in("rdi") msr as u64, in("rsi") value,
+             out("rcx") _, out("rdx") _);
     }
 }

@@ -33,8 +33,7 @@ pub fn inl(port: u16) -> u32 {
 
 /// `cpuid` leaf/subleaf: (eax, ebx, ecx, edx).
 pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
-    // SAFETY: cpuid is unprivileged and has no side effects.
-    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 

@@ -268,8 +268,7 @@ fn fnv1a64(data: &[u8]) -> u64 {
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     // Interrupts off: nothing else runs once we are here.
-    // SAFETY: `cli` is allowed at CPL3 with IOPL=3.
-    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    boot::disable_interrupts();
     match info.location() {
         Some(l) => say!("panic: {} ({}:{})", info.message(), l.file(), l.line()),
         None => say!("panic: {}", info.message()),

@@ -120,8 +120,7 @@ static DMA_NEXT: AtomicUsize = AtomicUsize::new(0);
 /// Allocates `size` zeroed bytes of DMA memory aligned to `align` (a power of
 /// two); returns the physical (= virtual) address. Never freed.
 pub fn dma_alloc(size: usize, align: usize) -> u64 {
-    // SAFETY: only the pool's address is taken.
-    let base = unsafe { core::ptr::addr_of_mut!(DMA_POOL) } as usize;
+    let base = core::ptr::addr_of_mut!(DMA_POOL) as usize;
     let mut cur = DMA_NEXT.load(Ordering::Relaxed);
     loop {
         let start = (base + cur + align - 1) & !(align - 1);
