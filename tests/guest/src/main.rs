@@ -119,10 +119,11 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
             }
         });
     }
-    let first = found[0].expect("no PCI devices");
+    if let Some(first) = found[0] {
     let legacy = pci::legacy_read32(first.bus, first.dev, first.func, 0);
     if legacy != first.read32(0) {
         panic!("PCI 0xcf8 read {legacy:#x} disagrees with ECAM {:#x}", first.read32(0));
+    }
     }
 
     // Virtio devices, in PCI order.
@@ -178,6 +179,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
         core::hint::spin_loop();
     }
     say!("irq count={}", msix_irqs());
+    say!("dbg timer={} spurious={}", boot::irq_count(0x20), boot::irq_count(0xff));
 
     let mut stack = None;
     if let (Some(cidr), Some(net)) = (ip, nic) {

@@ -7,8 +7,8 @@
 //! descriptor count and [`Desc::in_memory`] checks each buffer against guest
 //! RAM before a device touches it.
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use crate::ratelimit::LogRateLimiter;
 use crate::GuestMemoryMmap;

@@ -9,8 +9,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::Bytes;
 use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::Bytes;
 
 use crate::chain::{drain_queue, walk_chain, Desc, QueueError};
 use crate::ratelimit::LogRateLimiter;
@@ -65,7 +65,9 @@ impl RngHandler {
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
         match self.fill_chain(mem, chain) {
             Ok(written) => {
-                self.metrics.bytes.fetch_add(written as u64, Ordering::Relaxed);
+                self.metrics
+                    .bytes
+                    .fetch_add(written as u64, Ordering::Relaxed);
                 // Bounded by MAX_BYTES_PER_REQUEST.
                 written as u32
             }
@@ -94,7 +96,8 @@ impl RngHandler {
             }
             let buf = &mut self.buf[..n];
             getrandom(buf).map_err(RngError::Entropy)?;
-            mem.write_slice(buf, desc.addr).map_err(|_| RngError::BadDescriptor(*desc))?;
+            mem.write_slice(buf, desc.addr)
+                .map_err(|_| RngError::BadDescriptor(*desc))?;
             written += n;
         }
         Ok(written)

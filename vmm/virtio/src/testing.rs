@@ -42,10 +42,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Address, Bytes, GuestAddress};
 use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::block::{BlockHandler, BlockMetrics, Disk};
 use crate::worker::QueueProcessor;
@@ -175,7 +175,10 @@ impl DriverQueue {
     pub fn device_queue(&self) -> Queue {
         let mut q = Queue::new(self.size).expect("queue size must be a power of two");
         q.set_size(self.size);
-        q.set_desc_table_address(Some(self.desc_table.0 as u32), Some((self.desc_table.0 >> 32) as u32));
+        q.set_desc_table_address(
+            Some(self.desc_table.0 as u32),
+            Some((self.desc_table.0 >> 32) as u32),
+        );
         q.set_avail_ring_address(Some(self.avail.0 as u32), Some((self.avail.0 >> 32) as u32));
         q.set_used_ring_address(Some(self.used.0 as u32), Some((self.used.0 >> 32) as u32));
         q.set_ready(true);
@@ -199,10 +202,14 @@ impl DriverQueue {
             raw[8..12].copy_from_slice(&buf.len.to_le_bytes());
             raw[12..14].copy_from_slice(&flags.to_le_bytes());
             raw[14..16].copy_from_slice(&self.next_desc.to_le_bytes());
-            mem.write_slice(&raw, addr).expect("descriptor table in memory");
+            mem.write_slice(&raw, addr)
+                .expect("descriptor table in memory");
         }
-        let slot = self.avail.unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
-        mem.write_obj(head.to_le(), slot).expect("avail ring in memory");
+        let slot = self
+            .avail
+            .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
+        mem.write_obj(head.to_le(), slot)
+            .expect("avail ring in memory");
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_obj(self.avail_idx.to_le(), self.avail.unchecked_add(2))
             .expect("avail ring in memory");
@@ -215,7 +222,9 @@ impl DriverQueue {
         if u16::from_le(idx) == self.used_seen {
             return None;
         }
-        let elem = self.used.unchecked_add(4 + 8 * u64::from(self.used_seen % self.size));
+        let elem = self
+            .used
+            .unchecked_add(4 + 8 * u64::from(self.used_seen % self.size));
         let id: u32 = mem.read_obj(elem).ok()?;
         let len: u32 = mem.read_obj(elem.unchecked_add(4)).ok()?;
         self.used_seen = self.used_seen.wrapping_add(1);
@@ -279,17 +288,34 @@ impl BlockHarness {
     }
 
     fn push(&mut self, kind: u32, slot: usize, sector: u64, len: u32) -> u16 {
-        assert!(slot < self.depth && len as usize <= self.max_io, "slot or len out of range");
+        assert!(
+            slot < self.depth && len as usize <= self.max_io,
+            "slot or len out of range"
+        );
         let header = HEADERS.unchecked_add(32 * slot as u64);
         let status = header.unchecked_add(16);
         self.mem.write_obj(kind.to_le(), header).unwrap();
         self.mem.write_obj(0u32, header.unchecked_add(4)).unwrap();
-        self.mem.write_obj(sector.to_le(), header.unchecked_add(8)).unwrap();
+        self.mem
+            .write_obj(sector.to_le(), header.unchecked_add(8))
+            .unwrap();
         self.mem.write_obj(0xffu8, status).unwrap();
         let bufs = [
-            Buf { addr: header, len: 16, writable: false },
-            Buf { addr: self.slot_addr(slot), len, writable: kind == VIRTIO_BLK_T_IN },
-            Buf { addr: status, len: 1, writable: true },
+            Buf {
+                addr: header,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: self.slot_addr(slot),
+                len,
+                writable: kind == VIRTIO_BLK_T_IN,
+            },
+            Buf {
+                addr: status,
+                len: 1,
+                writable: true,
+            },
         ];
         let head = self.driver.add_chain(&self.mem, &bufs);
         self.pending.push((head, slot));
@@ -315,7 +341,11 @@ impl BlockHarness {
     /// Runs the handler over everything queued; returns the completions as
     /// `(head, used_len, status)`.
     pub fn run(&mut self) -> Vec<(u16, u32, u8)> {
-        if self.handler.process_queue(&self.mem, &mut self.queue).unwrap_or(false) {
+        if self
+            .handler
+            .process_queue(&self.mem, &mut self.queue)
+            .unwrap_or(false)
+        {
             self.notified += 1;
         }
         let mut done = Vec::new();

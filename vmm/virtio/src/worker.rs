@@ -297,7 +297,10 @@ impl<P: QueueProcessor> QueueWorker<P> {
     }
 
     fn run(&mut self) {
-        match self.processor.process_queue(&self.mem, &mut self.queue.queue) {
+        match self
+            .processor
+            .process_queue(&self.mem, &mut self.queue.queue)
+        {
             Ok(true) => signal(&*self.interrupt, self.queue.index, &self.limiter),
             Ok(false) => {}
             Err(e) => crate::warn_ratelimited!(self.limiter, error = %e, "queue processing failed"),

@@ -4,11 +4,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::Bytes;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::Bytes;
 
 use super::disk::Disk;
 use super::request::{ParseError, Request, RequestType, SECTOR_SIZE};

@@ -12,11 +12,11 @@
 //!   in total, and `sector * 512 + len` neither overflows nor passes the end
 //!   of the disk.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::chain::{walk_chain, ChainError, Desc};
 use crate::GuestMemoryMmap;

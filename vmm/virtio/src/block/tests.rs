@@ -3,7 +3,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -12,6 +11,7 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::testing::{guest_memory, TempImage};
@@ -39,14 +39,25 @@ impl Fixture {
         let image = TempImage::new("blk", &pattern(SECTORS as usize * 512)).unwrap();
         let disk = Disk::open(image.path(), read_only).unwrap();
         let metrics = Arc::new(BlockMetrics::default());
-        let handler = BlockHandler::new(Arc::new(disk), "serial-0123456789abcdefXYZ", metrics.clone());
-        Fixture { mem: guest_memory(0x10_0000), image, handler, metrics }
+        let handler = BlockHandler::new(
+            Arc::new(disk),
+            "serial-0123456789abcdefXYZ",
+            metrics.clone(),
+        );
+        Fixture {
+            mem: guest_memory(0x10_0000),
+            image,
+            handler,
+            metrics,
+        }
     }
 
     fn header(&self, kind: u32, sector: u64) {
         self.mem.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
         self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-        self.mem.write_obj(sector.to_le(), GuestAddress(HDR + 8)).unwrap();
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(HDR + 8))
+            .unwrap();
         self.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
     }
 
@@ -58,7 +69,11 @@ impl Fixture {
             .enumerate()
             .map(|(i, &(addr, len, flags))| {
                 let next = i + 1 < descs.len();
-                let flags = if next { flags | VRING_DESC_F_NEXT as u16 } else { flags };
+                let flags = if next {
+                    flags | VRING_DESC_F_NEXT as u16
+                } else {
+                    flags
+                };
                 Descriptor::new(addr, len, flags, (i + 1) as u16).into()
             })
             .collect();
@@ -106,7 +121,12 @@ fn read_copies_sectors_into_guest() {
 fn read_scatters_over_several_buffers() {
     let mut f = Fixture::new(false);
     f.header(VIRTIO_BLK_T_IN, 0);
-    let (_, len, _) = f.run(&[(HDR, 16, 0), (DATA, 512, W), (0x5000, 1024, W), (STATUS, 1, W)]);
+    let (_, len, _) = f.run(&[
+        (HDR, 16, 0),
+        (DATA, 512, W),
+        (0x5000, 1024, W),
+        (STATUS, 1, W),
+    ]);
     assert_eq!(len, 1536 + 1);
     assert_eq!(f.guest(DATA, 512), f.file()[..512]);
     assert_eq!(f.guest(0x5000, 1024), f.file()[512..1536]);
@@ -122,7 +142,11 @@ fn write_reaches_the_file() {
     assert_eq!(f.status(), VIRTIO_BLK_S_OK as u8);
     let file = f.file();
     assert_eq!(file[1024..1536], [0x5a; 512]);
-    assert_eq!(file[..1024], pattern(1024)[..], "neighbouring sectors untouched");
+    assert_eq!(
+        file[..1024],
+        pattern(1024)[..],
+        "neighbouring sectors untouched"
+    );
     assert_eq!(f.metrics.write_bytes.load(Ordering::Relaxed), 512);
 }
 
@@ -180,18 +204,31 @@ fn write_on_read_only_disk_fails() {
 #[test]
 fn read_only_disk_opened_read_only_and_advertised() {
     let image = TempImage::new("ro", &[0; 4096]).unwrap();
-    let config = BlockConfig { id: "ro0".into(), path: image.path().into(), read_only: true };
+    let config = BlockConfig {
+        id: "ro0".into(),
+        path: image.path().into(),
+        read_only: true,
+    };
     let block = Block::new(config, WorkerOptions::default()).unwrap();
     assert_ne!(block.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
     // SAFETY: F_GETFL on an fd owned by the disk, which outlives the call.
-    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(block.disk.file_for_tests()), libc::F_GETFL) };
+    let flags = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(block.disk.file_for_tests()),
+            libc::F_GETFL,
+        )
+    };
     assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
 }
 
 #[test]
 fn config_space_reports_capacity_seg_max_blk_size() {
     let image = TempImage::new("cfg", &[0; 8 * 512 + 100]).unwrap();
-    let config = BlockConfig { id: "b".into(), path: image.path().into(), read_only: false };
+    let config = BlockConfig {
+        id: "b".into(),
+        path: image.path().into(),
+        read_only: false,
+    };
     let block = Block::new(config, WorkerOptions::default()).unwrap();
     let mut buf = [0u8; 8];
     block.read_config(0, &mut buf);
@@ -222,7 +259,10 @@ fn data_outside_guest_memory_is_rejected() {
     assert_rejected_with_ioerr(&mut f, &[(HDR, 16, 0), (0xf_ff00, 512, W), (STATUS, 1, W)]);
     f.header(VIRTIO_BLK_T_IN, 0);
     f.metrics.errors.store(0, Ordering::Relaxed);
-    assert_rejected_with_ioerr(&mut f, &[(HDR, 16, 0), (u64::MAX - 100, 512, W), (STATUS, 1, W)]);
+    assert_rejected_with_ioerr(
+        &mut f,
+        &[(HDR, 16, 0), (u64::MAX - 100, 512, W), (STATUS, 1, W)],
+    );
 }
 
 #[test]
@@ -238,7 +278,11 @@ fn wrong_direction_is_rejected() {
     f.header(VIRTIO_BLK_T_IN, 0);
     f.mem.write_slice(&[0x11; 512], GuestAddress(DATA)).unwrap();
     assert_rejected_with_ioerr(&mut f, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
-    assert_eq!(f.guest(DATA, 512), [0x11; 512], "read-only buffer not written");
+    assert_eq!(
+        f.guest(DATA, 512),
+        [0x11; 512],
+        "read-only buffer not written"
+    );
     f.header(VIRTIO_BLK_T_OUT, 0);
     f.metrics.errors.store(0, Ordering::Relaxed);
     assert_rejected_with_ioerr(&mut f, &[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]);
@@ -296,7 +340,11 @@ fn oversized_request_is_rejected() {
     let before = f.guest(0, 0x1000);
     let (_, len, _) = f.run(&descs);
     assert_eq!((len, f.status()), (1, VIRTIO_BLK_S_IOERR as u8));
-    assert_eq!(f.guest(0, 0x1000)[..0x800], before[..0x800], "nothing read into the buffers");
+    assert_eq!(
+        f.guest(0, 0x1000)[..0x800],
+        before[..0x800],
+        "nothing read into the buffers"
+    );
     let parsed = Request::parse_descs(&crate::testing::descs(&descs), &f.mem, SECTORS);
     assert_eq!(parsed, Err(ParseError::TooLarge(5 << 20)));
 }
@@ -335,7 +383,13 @@ fn looping_chain_is_returned() {
     f.header(VIRTIO_BLK_T_IN, 0);
     let raw: Vec<RawDescriptor> = vec![
         Descriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1).into(),
-        Descriptor::new(STATUS, 1, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 0).into(),
+        Descriptor::new(
+            STATUS,
+            1,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            0,
+        )
+        .into(),
     ];
     let vq = MockSplitQueue::create(&f.mem, GuestAddress(0x8_0000), 16);
     vq.add_desc_chains(&raw, 0).unwrap();
@@ -372,10 +426,20 @@ fn several_chains_in_one_pass() {
     f.header(VIRTIO_BLK_T_IN, 0);
     let raw: Vec<RawDescriptor> = [
         (HDR, 16, VRING_DESC_F_NEXT as u16, 1),
-        (DATA, 512, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, 2),
+        (
+            DATA,
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            2,
+        ),
         (STATUS, 1, W, 0),
         (HDR, 16, VRING_DESC_F_NEXT as u16, 4),
-        (0x5000, 512, (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16, 5),
+        (
+            0x5000,
+            512,
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+            5,
+        ),
         (STATUS + 1, 1, W, 0),
     ]
     .iter()
@@ -406,7 +470,9 @@ fn event_idx_suppresses_notification() {
     // used_event (after the avail ring) = 5: the driver wants an interrupt
     // only once the used index passes 5.
     let used_event = vq.avail_addr().0 + 4 + 2 * 16;
-    f.mem.write_obj(5u16.to_le(), GuestAddress(used_event)).unwrap();
+    f.mem
+        .write_obj(5u16.to_le(), GuestAddress(used_event))
+        .unwrap();
     assert!(!f.handler.process_queue(&f.mem, &mut queue).unwrap());
     assert_eq!(vq.used().idx().load(), 1);
 }
@@ -415,14 +481,30 @@ fn event_idx_suppresses_notification() {
 fn parser_reports_each_error() {
     let f = Fixture::new(false);
     f.header(VIRTIO_BLK_T_IN, 0);
-    let parse = |d: &[(u64, u32, u16)]| Request::parse_descs(&crate::testing::descs(d), &f.mem, SECTORS);
+    let parse =
+        |d: &[(u64, u32, u16)]| Request::parse_descs(&crate::testing::descs(d), &f.mem, SECTORS);
     assert_eq!(parse(&[(STATUS, 1, W)]), Err(ParseError::MissingStatus));
-    assert!(matches!(parse(&[(HDR, 16, 0), (STATUS, 2, W)]), Err(ParseError::BadStatus(_))));
-    assert!(matches!(parse(&[(HDR, 15, 0), (STATUS, 1, W)]), Err(ParseError::BadHeader(_))));
-    assert!(matches!(parse(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]), Err(ParseError::WrongDirection(_))));
-    assert!(matches!(parse(&[(HDR, 16, 0), (0x10_0000, 512, W), (STATUS, 1, W)]), Err(ParseError::OutOfMemory(_))));
+    assert!(matches!(
+        parse(&[(HDR, 16, 0), (STATUS, 2, W)]),
+        Err(ParseError::BadStatus(_))
+    ));
+    assert!(matches!(
+        parse(&[(HDR, 15, 0), (STATUS, 1, W)]),
+        Err(ParseError::BadHeader(_))
+    ));
+    assert!(matches!(
+        parse(&[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]),
+        Err(ParseError::WrongDirection(_))
+    ));
+    assert!(matches!(
+        parse(&[(HDR, 16, 0), (0x10_0000, 512, W), (STATUS, 1, W)]),
+        Err(ParseError::OutOfMemory(_))
+    ));
     let ok = parse(&[(HDR, 16, 0), (DATA, 512, W), (STATUS, 1, W)]).unwrap();
-    assert_eq!((ok.kind, ok.sector, ok.data_len, ok.status), (RequestType::In, 0, 512, GuestAddress(STATUS)));
+    assert_eq!(
+        (ok.kind, ok.sector, ok.data_len, ok.status),
+        (RequestType::In, 0, 512, GuestAddress(STATUS))
+    );
 }
 
 #[test]
@@ -431,30 +513,59 @@ fn device_activates_processes_and_resets() {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     let image = TempImage::new("dev", &pattern(8 * 512)).unwrap();
-    let config = BlockConfig { id: "blk0".into(), path: image.path().into(), read_only: false };
+    let config = BlockConfig {
+        id: "blk0".into(),
+        path: image.path().into(),
+        read_only: false,
+    };
     let mut block = Block::new(config, WorkerOptions::default()).unwrap();
     block.ack_features(block.device_features());
     let mem = guest_memory(0x10_0000);
     let mut driver = DriverQueue::new(GuestAddress(0x8_0000), 256);
     let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-    let queue = ActivatedQueue { index: 0, queue: driver.device_queue(), notify: notify.try_clone().unwrap() };
+    let queue = ActivatedQueue {
+        index: 0,
+        queue: driver.device_queue(),
+        notify: notify.try_clone().unwrap(),
+    };
     let irq = Arc::new(CountingInterrupt::default());
-    block.activate(mem.clone(), irq.clone(), vec![queue]).unwrap();
+    block
+        .activate(mem.clone(), irq.clone(), vec![queue])
+        .unwrap();
 
-    mem.write_obj(VIRTIO_BLK_T_IN.to_le(), GuestAddress(HDR)).unwrap();
+    mem.write_obj(VIRTIO_BLK_T_IN.to_le(), GuestAddress(HDR))
+        .unwrap();
     mem.write_obj(1u64.to_le(), GuestAddress(HDR + 8)).unwrap();
-    driver.add_chain(&mem, &[
-        Buf { addr: GuestAddress(HDR), len: 16, writable: false },
-        Buf { addr: GuestAddress(DATA), len: 512, writable: true },
-        Buf { addr: GuestAddress(STATUS), len: 1, writable: true },
-    ]);
+    driver.add_chain(
+        &mem,
+        &[
+            Buf {
+                addr: GuestAddress(HDR),
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: GuestAddress(DATA),
+                len: 512,
+                writable: true,
+            },
+            Buf {
+                addr: GuestAddress(STATUS),
+                len: 1,
+                writable: true,
+            },
+        ],
+    );
     notify.write(1).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let used = loop {
         if let Some(used) = driver.pop_used(&mem) {
             break used;
         }
-        assert!(std::time::Instant::now() < deadline, "worker never completed the request");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never completed the request"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     };
     assert_eq!(used, (0, 513));

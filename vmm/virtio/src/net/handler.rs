@@ -16,8 +16,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::chain::{add_used, drain_queue, walk_chain, Desc, QueueError};
 use crate::ratelimit::LogRateLimiter;
@@ -166,7 +166,9 @@ impl<B: NetBackend> NetHandler<B> {
             Ok(()) => {
                 self.rx_pending = None;
                 self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.metrics.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.metrics
+                    .rx_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
                 // `len` is at most MAX_BUFFER_LEN.
                 add_used(queue, mem, &self.limiter, head, len as u32);
                 true
@@ -268,7 +270,9 @@ impl<B: NetBackend> NetHandler<B> {
         match self.backend.write_frame(&self.tx_buf[..len]) {
             Ok(_) => {
                 self.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
-                self.metrics.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.metrics
+                    .tx_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
             }
             Err(e) => {
                 self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);

@@ -24,12 +24,14 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use vmm_sys_util::epoll::EventSet;
 
-pub use handler::{NetBackend, NetHandler, NetMetrics, MAX_BUFFER_LEN, MAX_FRAME_LEN, VNET_HDR_LEN};
+pub use handler::{
+    NetBackend, NetHandler, NetMetrics, MAX_BUFFER_LEN, MAX_FRAME_LEN, VNET_HDR_LEN,
+};
 pub use tap::{Tap, TapError};
 
 use crate::ratelimit::LogRateLimiter;
@@ -94,8 +96,16 @@ impl<B: NetBackend + AsRawFd> NetWorker<B> {
     /// (edge-triggered: the handler reads until `EAGAIN` or remembers).
     pub fn sources(&self) -> [Source; 3] {
         [
-            Source { fd: self.rx.notify.as_raw_fd(), token: RX_TOKEN, events: EventSet::IN },
-            Source { fd: self.tx.notify.as_raw_fd(), token: TX_TOKEN, events: EventSet::IN },
+            Source {
+                fd: self.rx.notify.as_raw_fd(),
+                token: RX_TOKEN,
+                events: EventSet::IN,
+            },
+            Source {
+                fd: self.tx.notify.as_raw_fd(),
+                token: TX_TOKEN,
+                events: EventSet::IN,
+            },
             Source {
                 fd: self.handler.backend().as_raw_fd(),
                 token: BACKEND_TOKEN,
@@ -118,7 +128,9 @@ impl<B: NetBackend + AsRawFd> NetWorker<B> {
         match result {
             Ok(true) => signal(&*self.interrupt, index, &self.limiter),
             Ok(false) => {}
-            Err(e) => crate::warn_ratelimited!(self.limiter, queue = index, error = %e, "net queue processing failed"),
+            Err(e) => {
+                crate::warn_ratelimited!(self.limiter, queue = index, error = %e, "net queue processing failed")
+            }
         }
     }
 }

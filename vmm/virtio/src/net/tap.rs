@@ -147,7 +147,8 @@ impl Tap {
 
 fn ifreq_for(name: &str) -> Result<IfReqFlags, TapError> {
     let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN || bytes.iter().any(|&b| b == 0 || b == b'/') {
+    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN || bytes.iter().any(|&b| b == 0 || b == b'/')
+    {
         return Err(TapError::InvalidName(name.to_string()));
     }
     let mut ifreq = IfReqFlags {
