@@ -168,7 +168,7 @@ impl DriverQueue {
     /// Bytes of guest memory the rings of a queue of `size` use.
     pub fn footprint(size: u16) -> u64 {
         let size = u64::from(size);
-        16 * size + (6 + 2 * size + 3) / 4 * 4 + 6 + 8 * size
+        16 * size + (6 + 2 * size).div_ceil(4) * 4 + 6 + 8 * size
     }
 
     /// The device-side queue, ready, for the same rings.

@@ -194,7 +194,7 @@ fn check_data(kind: RequestType, data: &[Desc], mem: &GuestMemoryMmap) -> Result
             return Err(ParseError::TooLarge(total));
         }
     }
-    if matches!(kind, RequestType::In | RequestType::Out) && total % SECTOR_SIZE != 0 {
+    if matches!(kind, RequestType::In | RequestType::Out) && total & (SECTOR_SIZE - 1) != 0 {
         return Err(ParseError::Unaligned(total));
     }
     Ok(total)
