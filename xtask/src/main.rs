@@ -1,1 +1,31 @@
-fn main() {}
+//! `cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]`
+//!
+//! Benchmarks print one line per measure, each next to a baseline measured
+//! in the same run, and write JSON to `target/bench/<area>.json`.
+
+mod bench_vmm;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("vmm") => match bench_vmm::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench vmm: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            other => {
+                eprintln!("xtask: unknown bench area {other:?} (known: vmm)");
+                ExitCode::from(2)
+            }
+        },
+        _ => {
+            eprintln!("usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]");
+            ExitCode::from(2)
+        }
+    }
+}

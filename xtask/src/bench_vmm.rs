@@ -1,0 +1,312 @@
+//! VMM benchmarks: boot time, memory overhead, virtio-blk device model
+//! throughput against the host doing the same I/O on the same file.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferro_virtio::testing::BlockHarness;
+use serde_json::{json, Value};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn stats(mut v: Vec<f64>) -> Value {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    json!({"median": percentile(&v, 0.5), "p90": percentile(&v, 0.9), "min": v[0], "runs": v.len()})
+}
+
+/// Time from spawn to the first console line, to `needle`, and to exit.
+fn time_boot(mut cmd: Command, needle: &str) -> Result<(f64, f64, f64)> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut first = None;
+    let mut ready = None;
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| e.to_string())?;
+        let t = start.elapsed().as_secs_f64() * 1e3;
+        first.get_or_insert(t);
+        if line.contains(needle) {
+            ready = Some(t);
+        }
+    }
+    child.wait().map_err(|e| e.to_string())?;
+    let exit = start.elapsed().as_secs_f64() * 1e3;
+    Ok((
+        first.ok_or("no console output")?,
+        ready.ok_or(format!("no `{needle}` line"))?,
+        exit,
+    ))
+}
+
+fn ferro_cmd(vmm: &Path, guest: &Path, extra: &str) -> Command {
+    let mut c = Command::new(vmm);
+    c.args(["--vcpus", "2", "--memory", "128", "--serial", "stdout", "--kernel"])
+        .arg(guest)
+        .args(["--cmdline", &format!("console=ttyS0 {extra}")]);
+    c
+}
+
+fn bench_boot(vmm: &Path, guest: &Path, runs: usize, peer: Option<&Path>) -> Result<Value> {
+    let (mut first, mut ready, mut exit) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let (f, r, e) = time_boot(ferro_cmd(vmm, guest, "ferro.exit=reboot"), "devices ready")?;
+        first.push(f);
+        ready.push(r);
+        exit.push(e);
+    }
+    let mut out = json!({
+        "first_line_ms": stats(first.clone()),
+        "devices_ready_ms": stats(ready.clone()),
+        "exit_ms": stats(exit),
+    });
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        percentile(&v, 0.5)
+    };
+    println!(
+        "boot: first guest line median {:.1} ms p90 {:.1} ms; devices ready median {:.1} ms p90 {:.1} ms ({runs} runs)",
+        out["first_line_ms"]["median"].as_f64().unwrap(),
+        out["first_line_ms"]["p90"].as_f64().unwrap(),
+        out["devices_ready_ms"]["median"].as_f64().unwrap(),
+        out["devices_ready_ms"]["p90"].as_f64().unwrap(),
+    );
+    if let Some(fc) = peer {
+        let dir = std::env::temp_dir().join(format!("ferro-bench-fc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let cfg = dir.join("vm.json");
+        let body = json!({
+            "boot-source": {"kernel_image_path": guest, "boot_args": "console=ttyS0 ferro.exit=reboot"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 128},
+            "drives": [], "network-interfaces": []
+        });
+        std::fs::write(&cfg, body.to_string()).map_err(|e| e.to_string())?;
+        let mut peer_first = vec![];
+        for _ in 0..runs {
+            let mut c = Command::new(fc);
+            c.args(["--no-api", "--config-file"]).arg(&cfg);
+            let (f, _, _) = time_boot(c, "ferro-guest: hello")?;
+            peer_first.push(f);
+        }
+        let ratio = med(&first) / med(&peer_first);
+        println!(
+            "boot: firecracker first guest line median {:.1} ms; ferro/firecracker = {ratio:.2}",
+            med(&peer_first)
+        );
+        out["peer_firecracker_first_line_ms"] = stats(peer_first);
+        out["ratio_vs_firecracker"] = json!(ratio);
+    }
+    Ok(out)
+}
+
+fn control(sock: &Path, req: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("control socket: {e}")),
+        }
+    };
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+    Ok(line)
+}
+
+/// RSS of the process beyond the guest memory it has touched.
+fn bench_memory(vmm: &Path, guest: &Path) -> Result<Value> {
+    let dir = std::env::temp_dir().join(format!("ferro-bench-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let sock = dir.join("ctl.sock");
+    let console = dir.join("console.log");
+    let mut child = Command::new(vmm)
+        .args(["--vcpus", "2", "--memory", "256", "--kernel"])
+        .arg(guest)
+        .args(["--cmdline", "console=ttyS0 ferro.exit=idle", "--serial"])
+        .arg(format!("file:{}", console.display()))
+        .arg("--control-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&console).unwrap_or_default().contains("selftest done") {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("guest did not finish its self-test".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id())).map_err(|e| e.to_string())?;
+    let (mut total_kb, mut guest_kb, mut in_guest) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next()) {
+            (Some("Size:"), Some(v)) => in_guest = v.parse::<u64>().unwrap_or(0) == 256 * 1024,
+            (Some("Rss:"), Some(v)) => {
+                let kb: u64 = v.parse().unwrap_or(0);
+                total_kb += kb;
+                if in_guest {
+                    guest_kb += kb;
+                }
+            }
+            _ => {}
+        }
+    }
+    control(&sock, r#"{"op":"stop"}"#)?;
+    let _ = child.wait();
+    let overhead = (total_kb - guest_kb) as f64 / 1024.0;
+    println!(
+        "memory: VMM RSS {:.1} MiB, guest memory touched {:.1} MiB, overhead {overhead:.2} MiB (target <= 5 MiB, 256 MiB guest)",
+        total_kb as f64 / 1024.0,
+        guest_kb as f64 / 1024.0
+    );
+    Ok(json!({"rss_mib": total_kb as f64 / 1024.0, "guest_touched_mib": guest_kb as f64 / 1024.0, "overhead_mib": overhead}))
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+const DEPTH: usize = 32;
+const FILE_SIZE: u64 = 256 << 20;
+
+/// Requests per second of the device model and of the host on the same I/O.
+fn blk_case(path: &Path, write: bool, size: u32, sequential: bool, secs: f64) -> Result<(f64, f64)> {
+    let mut h = BlockHarness::new(path, false, DEPTH, size as usize).map_err(|e| e.to_string())?;
+    let file = File::options().read(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let blocks = FILE_SIZE / u64::from(size);
+    let offset = |rng: &mut Rng, i: u64| {
+        if sequential {
+            (i % blocks) * u64::from(size)
+        } else {
+            (rng.next() % blocks) * u64::from(size)
+        }
+    };
+    // Device model.
+    let (mut rng, mut done, start) = (Rng(0x9e37_79b9), 0u64, Instant::now());
+    while start.elapsed().as_secs_f64() < secs {
+        for slot in 0..DEPTH {
+            let off = offset(&mut rng, done + slot as u64);
+            if write {
+                h.push_write(slot, off / 512, size);
+            } else {
+                h.push_read(slot, off / 512, size);
+            }
+        }
+        let c = h.run();
+        if c.iter().any(|(_, _, st)| *st != 0) {
+            return Err("device model returned an error status".into());
+        }
+        done += c.len() as u64;
+    }
+    let dev = done as f64 / start.elapsed().as_secs_f64();
+    // Host: the same offsets, same sizes, same file, one thread.
+    let mut buf = vec![0x5au8; size as usize];
+    let (mut rng, mut done, start) = (Rng(0x9e37_79b9), 0u64, Instant::now());
+    while start.elapsed().as_secs_f64() < secs {
+        for slot in 0..DEPTH {
+            let off = offset(&mut rng, done + slot as u64);
+            if write {
+                file.write_all_at(&buf, off).map_err(|e| e.to_string())?;
+            } else {
+                file.read_exact_at(&mut buf, off).map_err(|e| e.to_string())?;
+            }
+        }
+        done += DEPTH as u64;
+    }
+    let host = done as f64 / start.elapsed().as_secs_f64();
+    Ok((dev, host))
+}
+
+fn bench_blk() -> Result<Value> {
+    let path = std::env::temp_dir().join(format!("ferro-bench-blk-{}.img", std::process::id()));
+    {
+        let f = File::create(&path).map_err(|e| e.to_string())?;
+        let chunk = vec![0xa5u8; 1 << 20];
+        for i in 0..(FILE_SIZE >> 20) {
+            f.write_all_at(&chunk, i << 20).map_err(|e| e.to_string())?;
+        }
+    }
+    let mut out = json!({});
+    for (name, write, size, seq) in [
+        ("randread_4k", false, 4096u32, false),
+        ("randwrite_4k", true, 4096, false),
+        ("seqread_1m", false, 1 << 20, true),
+    ] {
+        let (dev, host) = blk_case(&path, write, size, seq, 2.0)?;
+        let mib = |r: f64| r * f64::from(size) / (1 << 20) as f64;
+        let ratio = dev / host;
+        println!(
+            "virtio-blk {name} qd{DEPTH}: device {dev:.0} req/s ({:.0} MiB/s), host {host:.0} req/s ({:.0} MiB/s), ratio {ratio:.2} (target >= 0.80)",
+            mib(dev),
+            mib(host)
+        );
+        out[name] = json!({"device_rps": dev, "device_mibps": mib(dev), "host_rps": host, "host_mibps": mib(host), "ratio": ratio});
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(out)
+}
+
+/// Entry point for `cargo xtask bench vmm`.
+pub fn run(args: &[String]) -> Result<()> {
+    let mut runs = 10;
+    let mut peer = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).ok_or("--runs needs a number")?,
+            "--peer-firecracker" => peer = Some(PathBuf::from(it.next().ok_or("--peer-firecracker needs a path")?)),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let root = root();
+    sh(Command::new("cargo").args(["build", "--release", "-p", "ferro-vmm"]).current_dir(&root))?;
+    let vmm = root.join("target/release/ferro-vmm");
+    let guest = PathBuf::from(sh(Command::new("bash").arg(root.join("tests/guest/build.sh")))?.lines().last().unwrap_or_default());
+    let report = json!({
+        "boot": bench_boot(&vmm, &guest, runs, peer.as_deref())?,
+        "memory": bench_memory(&vmm, &guest)?,
+        "virtio_blk": bench_blk()?,
+        "virtio_net": "not measured yet: no frames/s harness (see issue note)",
+    });
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let file = out.join("vmm.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| e.to_string())?;
+    println!("results written to {}", file.display());
+    Ok(())
+}
