@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -e target/guest-kernel/vmlinuz ] || bash deploy/install-deps.sh
 bash tests/guest/build.sh
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast

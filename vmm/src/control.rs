@@ -90,6 +90,7 @@ pub struct VmStatus {
     exit: ExitSignal,
     vcpu_threads: Vec<libc::pthread_t>,
     stopped: AtomicBool,
+    answering: AtomicBool,
 }
 
 struct Pthread(libc::pthread_t);
@@ -118,6 +119,7 @@ impl VmStatus {
             exit,
             vcpu_threads,
             stopped: AtomicBool::new(false),
+            answering: AtomicBool::new(false),
         }
     }
 
@@ -131,6 +133,16 @@ impl VmStatus {
             VmState::Running
         } else {
             VmState::Booting
+        }
+    }
+
+    /// Wait (bounded) until no control answer is being written, so that the
+    /// request that ended the VM still gets its answer before the process
+    /// exits.
+    pub fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.answering.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -269,13 +281,16 @@ impl ControlServer {
             if line.trim().is_empty() {
                 continue;
             }
+            self.status.answering.store(true, Ordering::SeqCst);
             let resp = match parse_request(line.trim()) {
                 Ok(req) => self.status.handle(req),
                 Err(resp) => resp,
             };
             let mut out = serde_json::to_vec(&resp).expect("response serializes");
             out.push(b'\n');
-            if writer.write_all(&out).is_err() {
+            let written = writer.write_all(&out);
+            self.status.answering.store(false, Ordering::SeqCst);
+            if written.is_err() {
                 return;
             }
         }

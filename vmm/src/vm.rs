@@ -305,6 +305,7 @@ impl Vm {
         }
         let reason = self.exit.reason().unwrap_or(ExitReason::Error);
         status.set_stopped();
+        status.drain(std::time::Duration::from_secs(2));
         control.set(RunState::Exiting);
         status.kick_all();
         drop(self.vm_fd);

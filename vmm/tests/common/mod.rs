@@ -199,7 +199,7 @@ impl Vmm {
     }
 
     /// Send one control request and return the answer as JSON.
-    pub fn control(&self, request: &str) -> serde_json::Value {
+    pub fn control(&mut self, request: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut stream = loop {
             match UnixStream::connect(&self.control) {
@@ -215,6 +215,14 @@ impl Vmm {
         stream.write_all(b"\n").unwrap();
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).unwrap();
+        if line.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+            panic!(
+                "control socket closed without an answer to {request}; exit {:?}; stderr:\n{}",
+                self.child.try_wait(),
+                self.stderr()
+            );
+        }
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer `{line}`: {e}"))
     }
 }
