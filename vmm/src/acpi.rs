@@ -4,10 +4,10 @@
 
 use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable};
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
-use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
@@ -112,7 +112,13 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 fn io_port(port: u16) -> GAS {
-    GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
+    GAS::new(
+        GasSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {

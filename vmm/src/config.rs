@@ -171,8 +171,8 @@ pub struct VmConfig {
 /// Read a TOML config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let name = path.display().to_string();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::File(name.clone(), e.to_string()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::File(name.clone(), e.to_string()))?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse(name, e.message().to_string()))
 }
 
@@ -192,7 +192,10 @@ fn split_spec<'a>(
                 .split_once('=')
                 .ok_or_else(|| bad(format!("`{kv}` is not key=value")))?;
             if !keys.contains(&k) {
-                return Err(bad(format!("unknown key `{k}` (known: {})", keys.join(", "))));
+                return Err(bad(format!(
+                    "unknown key `{k}` (known: {})",
+                    keys.join(", ")
+                )));
             }
             Ok((k, v))
         })
@@ -344,7 +347,8 @@ impl VmConfig {
             };
             nets.push((n.tap, mac));
         }
-        let serial = SerialSink::parse(flags.serial.or(file.serial).as_deref().unwrap_or("stdout"))?;
+        let serial =
+            SerialSink::parse(flags.serial.or(file.serial).as_deref().unwrap_or("stdout"))?;
         Ok(Self {
             vcpus: vcpus as u8,
             memory_mib,
@@ -378,13 +382,19 @@ mod tests {
     fn ranges_are_checked() {
         let mut f = flags();
         f.vcpus = Some(0);
-        assert_eq!(VmConfig::build(FileConfig::default(), f).unwrap_err(), ConfigError::Vcpus(0));
+        assert_eq!(
+            VmConfig::build(FileConfig::default(), f).unwrap_err(),
+            ConfigError::Vcpus(0)
+        );
         let mut f = flags();
         f.vcpus = Some(33);
         assert!(VmConfig::build(FileConfig::default(), f).is_err());
         let mut f = flags();
         f.memory_mib = Some(8);
-        assert_eq!(VmConfig::build(FileConfig::default(), f).unwrap_err(), ConfigError::Memory(8));
+        assert_eq!(
+            VmConfig::build(FileConfig::default(), f).unwrap_err(),
+            ConfigError::Memory(8)
+        );
         assert_eq!(
             VmConfig::build(FileConfig::default(), Overrides::default()).unwrap_err(),
             ConfigError::NoKernel
@@ -395,8 +405,14 @@ mod tests {
     fn disk_and_net_specs() {
         let d = parse_disk("path=/a.img,ro=on,id=data").unwrap();
         assert_eq!((d.readonly, d.id.as_deref()), (true, Some("data")));
-        assert!(parse_disk("ro=on").unwrap_err().to_string().contains("missing path"));
-        assert!(parse_disk("path=/a,bogus=1").unwrap_err().to_string().contains("unknown key"));
+        assert!(parse_disk("ro=on")
+            .unwrap_err()
+            .to_string()
+            .contains("missing path"));
+        assert!(parse_disk("path=/a,bogus=1")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key"));
         assert!(parse_disk("path=/a,ro=maybe").is_err());
         let n = parse_net("tap=tap0,mac=02:00:00:00:00:01").unwrap();
         assert_eq!(n.tap, "tap0");
@@ -410,7 +426,10 @@ mod tests {
     #[test]
     fn ids_filled_and_unique() {
         let mut f = flags();
-        f.disks = vec![parse_disk("path=/a").unwrap(), parse_disk("path=/b").unwrap()];
+        f.disks = vec![
+            parse_disk("path=/a").unwrap(),
+            parse_disk("path=/b").unwrap(),
+        ];
         let c = VmConfig::build(FileConfig::default(), f).unwrap();
         assert_eq!(c.disks[1].id.as_deref(), Some("disk1"));
         let mut f = flags();

@@ -274,7 +274,9 @@ impl ControlServer {
     }
 
     fn serve_one(&self, stream: UnixStream) {
-        let Ok(mut writer) = stream.try_clone() else { return };
+        let Ok(mut writer) = stream.try_clone() else {
+            return;
+        };
         let reader = BufReader::new(stream.take_while_limited());
         for line in reader.lines() {
             let Ok(line) = line else { return };
@@ -314,15 +316,24 @@ mod tests {
 
     #[test]
     fn requests_parse() {
-        assert_eq!(parse_request(r#"{"op":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(
+            parse_request(r#"{"op":"status"}"#).unwrap(),
+            Request::Status
+        );
         assert_eq!(
             parse_request(r#"{"op":"shutdown","timeout_ms":5}"#).unwrap(),
-            Request::Shutdown { timeout_ms: Some(5) }
+            Request::Shutdown {
+                timeout_ms: Some(5)
+            }
         );
         let e = parse_request(r#"{"op":"explode"}"#).unwrap_err();
         assert!(!e.ok && e.error.unwrap().contains("explode"));
         assert!(parse_request("not json").is_err());
-        assert!(parse_request(&"x".repeat(5000)).unwrap_err().error.unwrap().contains("longer"));
+        assert!(parse_request(&"x".repeat(5000))
+            .unwrap_err()
+            .error
+            .unwrap()
+            .contains("longer"));
     }
 
     #[test]
@@ -331,14 +342,22 @@ mod tests {
         let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let kbd = Arc::new(Mutex::new(I8042::new(exit.clone(), irq)));
         let first = Arc::new(AtomicBool::new(false));
-        let s = VmStatus::new(Arc::new(VcpuControl::default()), first.clone(), kbd, exit.clone(), vec![]);
+        let s = VmStatus::new(
+            Arc::new(VcpuControl::default()),
+            first.clone(),
+            kbd,
+            exit.clone(),
+            vec![],
+        );
         assert_eq!(s.state(), VmState::Booting);
         first.store(true, Ordering::Relaxed);
         assert_eq!(s.handle(Request::Status).state, Some(VmState::Running));
         assert!(!s.handle(Request::Resume).ok, "resume while running");
         assert_eq!(s.handle(Request::Pause).state, Some(VmState::Paused));
         assert_eq!(s.handle(Request::Resume).state, Some(VmState::Running));
-        let r = s.handle(Request::Shutdown { timeout_ms: Some(20) });
+        let r = s.handle(Request::Shutdown {
+            timeout_ms: Some(20),
+        });
         assert_eq!(r.graceful, Some(false), "nobody handled Ctrl-Alt-Del");
         assert_eq!(exit.reason(), Some(ExitReason::Stopped));
         assert_eq!(s.state(), VmState::Stopped);

@@ -58,8 +58,16 @@ fn build_config(cli: Cli) -> Result<VmConfig, ConfigError> {
         kernel: cli.kernel,
         initrd: cli.initrd,
         cmdline: cli.cmdline,
-        disks: cli.disk.iter().map(|s| config::parse_disk(s)).collect::<Result<_, _>>()?,
-        nets: cli.net.iter().map(|s| config::parse_net(s)).collect::<Result<_, _>>()?,
+        disks: cli
+            .disk
+            .iter()
+            .map(|s| config::parse_disk(s))
+            .collect::<Result<_, _>>()?,
+        nets: cli
+            .net
+            .iter()
+            .map(|s| config::parse_net(s))
+            .collect::<Result<_, _>>()?,
         serial: cli.serial,
         control_socket: cli.control_socket,
         no_seccomp: cli.no_seccomp,

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 
 use ferro_pci::{
-    Bus, IoEventRegistrar, MsiMessage, MsiSink, PciRoot, PciRootLayout, VirtioPciDevice,
-    ECAM_SIZE, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE,
+    Bus, IoEventRegistrar, MsiMessage, MsiSink, PciRoot, PciRootLayout, VirtioPciDevice, ECAM_SIZE,
+    PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_SIZE,
 };
 use ferro_virtio::block::{Block, BlockConfig};
 use ferro_virtio::net::{Net, NetConfig};

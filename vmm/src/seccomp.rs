@@ -292,13 +292,24 @@ mod tests {
 
     #[test]
     fn filters_compile_for_every_thread() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Control] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Device,
+            ThreadKind::Control,
+        ] {
             let prog = compile(kind).unwrap();
             assert!(!prog.is_empty());
         }
-        assert!(!rules(ThreadKind::Main).unwrap().contains_key(&libc::SYS_ioctl));
-        assert!(!rules(ThreadKind::Vcpu).unwrap().contains_key(&libc::SYS_execve));
-        assert!(!rules(ThreadKind::Device).unwrap().contains_key(&libc::SYS_openat));
+        assert!(!rules(ThreadKind::Main)
+            .unwrap()
+            .contains_key(&libc::SYS_ioctl));
+        assert!(!rules(ThreadKind::Vcpu)
+            .unwrap()
+            .contains_key(&libc::SYS_execve));
+        assert!(!rules(ThreadKind::Device)
+            .unwrap()
+            .contains_key(&libc::SYS_openat));
     }
 
     #[test]

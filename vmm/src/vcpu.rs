@@ -251,7 +251,10 @@ mod tests {
     fn port_and_mmio_dispatch() {
         let (h, rec) = handler();
         let mut b = [0u8; 1];
-        assert_eq!(h.handle(0, VcpuExit::IoIn(0x3f9, &mut b)), VcpuAction::Continue);
+        assert_eq!(
+            h.handle(0, VcpuExit::IoIn(0x3f9, &mut b)),
+            VcpuAction::Continue
+        );
         assert_eq!(b, [2]);
         h.handle(0, VcpuExit::IoOut(0x3f8, b"x"));
         h.handle(0, VcpuExit::MmioWrite(0xd000_0010, &[1, 2, 3, 4]));
@@ -275,7 +278,10 @@ mod tests {
     #[test]
     fn shutdown_and_errors_stop() {
         let (h, _) = handler();
-        assert_eq!(h.handle(0, VcpuExit::Shutdown), VcpuAction::Stop(ExitReason::Reset));
+        assert_eq!(
+            h.handle(0, VcpuExit::Shutdown),
+            VcpuAction::Stop(ExitReason::Reset)
+        );
         assert_eq!(
             h.handle(1, VcpuExit::InternalError),
             VcpuAction::Stop(ExitReason::Error)

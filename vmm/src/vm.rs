@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ferro_pci::Bus;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -103,7 +105,9 @@ fn open_kvm() -> Result<(Kvm, VmFd)> {
             return Err(VmError::KvmCap(name));
         }
     }
-    let vm = kvm.create_vm().map_err(|e| VmError::Kvm("create a VM", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| VmError::Kvm("create a VM", e))?;
     vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
         .map_err(|e| VmError::Kvm("set the TSS address", e))?;
     vm.create_irq_chip()
@@ -160,7 +164,13 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd> {
     Ok(evt)
 }
 
-fn create_vcpus(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap, cfg: &VmConfig, entry: GuestAddress) -> Result<Vec<VcpuFd>> {
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+    entry: GuestAddress,
+) -> Result<Vec<VcpuFd>> {
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::Kvm("read supported CPUID", e))?;
@@ -208,7 +218,11 @@ impl Vm {
             irqfd(&vm_fd, layout::COM1_IRQ)?,
             console_sink(&cfg.serial, first_output.clone())?,
         );
-        pio.insert(u64::from(layout::COM1_PORT), 8, Arc::new(Mutex::new(serial)))?;
+        pio.insert(
+            u64::from(layout::COM1_PORT),
+            8,
+            Arc::new(Mutex::new(serial)),
+        )?;
         let kbd = Arc::new(Mutex::new(I8042::new(
             exit.clone(),
             irqfd(&vm_fd, layout::I8042_IRQ)?,
@@ -256,11 +270,13 @@ impl Vm {
     /// it. Returns why the VM ended.
     pub fn run(self) -> Result<ExitReason> {
         let control = Arc::new(VcpuControl::default());
-        vcpu::register_kick_handler().map_err(|e| VmError::Os("the vCPU kick signal handler", e))?;
+        vcpu::register_kick_handler()
+            .map_err(|e| VmError::Os("the vCPU kick signal handler", e))?;
         let filters = seccomp::Filters::build(self.seccomp)?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (i, fd) in self.vcpus.into_iter().enumerate() {
-            let (handler, control, exit) = (self.handler.clone(), control.clone(), self.exit.clone());
+            let (handler, control, exit) =
+                (self.handler.clone(), control.clone(), self.exit.clone());
             let filter = filters.for_thread(ThreadKind::Vcpu);
             let t = std::thread::Builder::new()
                 .name(format!("fc_vcpu{i}"))
@@ -280,10 +296,13 @@ impl Vm {
             self.first_output.clone(),
             self.i8042.clone(),
             self.exit.clone(),
-            threads.iter().map(|t| {
-                use std::os::unix::thread::JoinHandleExt;
-                t.as_pthread_t()
-            }).collect(),
+            threads
+                .iter()
+                .map(|t| {
+                    use std::os::unix::thread::JoinHandleExt;
+                    t.as_pthread_t()
+                })
+                .collect(),
         ));
         if let Some(path) = &self.control_path {
             let server = ControlServer::bind(path, status.clone())

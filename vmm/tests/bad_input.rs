@@ -23,17 +23,27 @@ fn assert_error(args: &[&str], needle: &str) {
     assert_ne!(code, 0, "{args:?} must fail");
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(lines.len(), 1, "want one error line, got: {err}");
-    assert!(lines[0].contains(needle), "error `{}` should mention `{needle}`", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "error `{}` should mention `{needle}`",
+        lines[0]
+    );
 }
 
 #[test]
 fn missing_and_garbage_kernels() {
     require_kvm_root();
-    assert_error(&["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux");
+    assert_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "/nonexistent/vmlinux",
+    );
     let dir = scratch("bad-kernel");
     let garbage = dir.join("garbage");
     std::fs::write(&garbage, vec![0x5au8; 64 * 1024]).unwrap();
-    assert_error(&["--kernel", garbage.to_str().unwrap()], "not a loadable ELF vmlinux or bzImage");
+    assert_error(
+        &["--kernel", garbage.to_str().unwrap()],
+        "not a loadable ELF vmlinux or bzImage",
+    );
     assert_error(&[], "no kernel given");
 }
 
@@ -45,7 +55,10 @@ fn bad_sizes_and_specs() {
     assert_error(&["--kernel", k, "--vcpus", "0"], "vcpus must be between");
     assert_error(&["--kernel", k, "--vcpus", "64"], "vcpus must be between");
     assert_error(&["--kernel", k, "--disk", "ro=on"], "missing path");
-    assert_error(&["--kernel", k, "--net", "tap=t0,mac=zz"], "invalid MAC address");
+    assert_error(
+        &["--kernel", k, "--net", "tap=t0,mac=zz"],
+        "invalid MAC address",
+    );
 }
 
 #[test]
@@ -53,13 +66,27 @@ fn missing_tap_and_unreadable_disk() {
     require_kvm_root();
     let elf = guest_elf();
     let k = elf.to_str().unwrap();
-    assert_error(&["--kernel", k, "--disk", "path=/nonexistent/disk.img"], "cannot open disk /nonexistent/disk.img");
+    assert_error(
+        &["--kernel", k, "--disk", "path=/nonexistent/disk.img"],
+        "cannot open disk /nonexistent/disk.img",
+    );
     // A TAP name that cannot exist in a fresh namespace where we may not create it:
     // the VMM opens TAPs it is given, it does not invent them.
     let ns = format!("fvb{}", std::process::id());
     let _ = Command::new("ip").args(["netns", "add", &ns]).output();
     let out = Command::new("ip")
-        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_ferro-vmm"), "--kernel", k, "--serial", "null", "--net", "tap=nosuchtap0"])
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            env!("CARGO_BIN_EXE_ferro-vmm"),
+            "--kernel",
+            k,
+            "--serial",
+            "null",
+            "--net",
+            "tap=nosuchtap0",
+        ])
         .output()
         .unwrap();
     let _ = Command::new("ip").args(["netns", "del", &ns]).output();

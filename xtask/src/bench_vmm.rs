@@ -15,13 +15,19 @@ use serde_json::{json, Value};
 type Result<T> = std::result::Result<T, String>;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -66,9 +72,11 @@ fn time_boot(mut cmd: Command, needle: &str) -> Result<(f64, f64, f64)> {
 
 fn ferro_cmd(vmm: &Path, guest: &Path, extra: &str) -> Command {
     let mut c = Command::new(vmm);
-    c.args(["--vcpus", "2", "--memory", "128", "--serial", "stdout", "--kernel"])
-        .arg(guest)
-        .args(["--cmdline", &format!("console=ttyS0 {extra}")]);
+    c.args([
+        "--vcpus", "2", "--memory", "128", "--serial", "stdout", "--kernel",
+    ])
+    .arg(guest)
+    .args(["--cmdline", &format!("console=ttyS0 {extra}")]);
     c
 }
 
@@ -136,7 +144,9 @@ fn control(sock: &Path, req: &str) -> Result<String> {
     };
     writeln!(s, "{req}").map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
     Ok(line)
 }
 
@@ -157,14 +167,18 @@ fn bench_memory(vmm: &Path, guest: &Path) -> Result<Value> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&console).unwrap_or_default().contains("selftest done") {
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("selftest done")
+    {
         if Instant::now() > deadline {
             let _ = child.kill();
             return Err("guest did not finish its self-test".into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id())).map_err(|e| e.to_string())?;
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id()))
+        .map_err(|e| e.to_string())?;
     let (mut total_kb, mut guest_kb, mut in_guest) = (0u64, 0u64, false);
     for line in smaps.lines() {
         let mut it = line.split_whitespace();
@@ -188,7 +202,9 @@ fn bench_memory(vmm: &Path, guest: &Path) -> Result<Value> {
         total_kb as f64 / 1024.0,
         guest_kb as f64 / 1024.0
     );
-    Ok(json!({"rss_mib": total_kb as f64 / 1024.0, "guest_touched_mib": guest_kb as f64 / 1024.0, "overhead_mib": overhead}))
+    Ok(
+        json!({"rss_mib": total_kb as f64 / 1024.0, "guest_touched_mib": guest_kb as f64 / 1024.0, "overhead_mib": overhead}),
+    )
 }
 
 struct Rng(u64);
@@ -205,9 +221,19 @@ const DEPTH: usize = 32;
 const FILE_SIZE: u64 = 256 << 20;
 
 /// Requests per second of the device model and of the host on the same I/O.
-fn blk_case(path: &Path, write: bool, size: u32, sequential: bool, secs: f64) -> Result<(f64, f64)> {
+fn blk_case(
+    path: &Path,
+    write: bool,
+    size: u32,
+    sequential: bool,
+    secs: f64,
+) -> Result<(f64, f64)> {
     let mut h = BlockHarness::new(path, false, DEPTH, size as usize).map_err(|e| e.to_string())?;
-    let file = File::options().read(true).write(true).open(path).map_err(|e| e.to_string())?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
     let blocks = FILE_SIZE / u64::from(size);
     let offset = |rng: &mut Rng, i: u64| {
         if sequential {
@@ -243,7 +269,8 @@ fn blk_case(path: &Path, write: bool, size: u32, sequential: bool, secs: f64) ->
             if write {
                 file.write_all_at(&buf, off).map_err(|e| e.to_string())?;
             } else {
-                file.read_exact_at(&mut buf, off).map_err(|e| e.to_string())?;
+                file.read_exact_at(&mut buf, off)
+                    .map_err(|e| e.to_string())?;
             }
         }
         done += DEPTH as u64;
@@ -288,15 +315,31 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--runs" => runs = it.next().and_then(|v| v.parse().ok()).ok_or("--runs needs a number")?,
-            "--peer-firecracker" => peer = Some(PathBuf::from(it.next().ok_or("--peer-firecracker needs a path")?)),
+            "--runs" => {
+                runs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--runs needs a number")?
+            }
+            "--peer-firecracker" => {
+                peer = Some(PathBuf::from(
+                    it.next().ok_or("--peer-firecracker needs a path")?,
+                ))
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     let root = root();
-    sh(Command::new("cargo").args(["build", "--release", "-p", "ferro-vmm"]).current_dir(&root))?;
+    sh(Command::new("cargo")
+        .args(["build", "--release", "-p", "ferro-vmm"])
+        .current_dir(&root))?;
     let vmm = root.join("target/release/ferro-vmm");
-    let guest = PathBuf::from(sh(Command::new("bash").arg(root.join("tests/guest/build.sh")))?.lines().last().unwrap_or_default());
+    let guest = PathBuf::from(
+        sh(Command::new("bash").arg(root.join("tests/guest/build.sh")))?
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    );
     let report = json!({
         "boot": bench_boot(&vmm, &guest, runs, peer.as_deref())?,
         "memory": bench_memory(&vmm, &guest)?,
@@ -306,7 +349,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     let file = out.join("vmm.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap()).map_err(|e| e.to_string())?;
+    std::fs::write(&file, serde_json::to_string_pretty(&report).unwrap())
+        .map_err(|e| e.to_string())?;
     println!("results written to {}", file.display());
     Ok(())
 }

@@ -117,8 +117,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry> {
         source,
     };
     if magic == *b"\x7fELF" {
-        let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(format_err)?;
+        let res =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(format_err)?;
         Ok(KernelEntry {
             entry: res.kernel_load,
             end: res.kernel_end,
@@ -185,11 +185,7 @@ pub fn build_cmdline(user: &str) -> Result<Cmdline> {
 /// The e820 map: low RAM, the reserved BIOS/ACPI area, RAM, the ECAM hole
 /// (reserved so that Linux trusts MCFG) and RAM above 4 GiB.
 pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
-    let entry = |addr, size, r#type| boot_e820_entry {
-        addr,
-        size,
-        r#type,
-    };
+    let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
         entry(0, EBDA_START, E820_RAM),
         entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),

@@ -108,7 +108,10 @@ pub fn setup_boot_memory(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result
     ];
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + (i as u64) * 8))
-            .map_err(|source| RegsError::Memory { what: "GDT", source })?;
+            .map_err(|source| RegsError::Memory {
+                what: "GDT",
+                source,
+            })?;
     }
     let code = segment_from_gdt(gdt[2], BOOT_CS);
     let data = segment_from_gdt(gdt[3], BOOT_DS);
@@ -270,7 +273,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode() {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), BOOT_CS);
-        assert_eq!((code.l, code.db, code.present, code.s, code.type_), (1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (code.l, code.db, code.present, code.s, code.type_),
+            (1, 0, 1, 1, 0xb)
+        );
         assert_eq!(code.limit, 0xffff_ffff);
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), BOOT_DS);
         assert_eq!((data.l, data.db, data.type_), (0, 1, 3));
@@ -291,13 +297,18 @@ mod tests {
         // The entry mapping the LAPIC page (0xfee0_0000) is identity.
         let pd = 3u64;
         let idx = (APIC_START >> 21) & 511;
-        let pde: u64 = mem.read_obj(GuestAddress(PDE_START + pd * 0x1000 + idx * 8)).unwrap();
+        let pde: u64 = mem
+            .read_obj(GuestAddress(PDE_START + pd * 0x1000 + idx * 8))
+            .unwrap();
         assert_eq!(pde & !0xfff, APIC_START & !0x1f_ffff);
         assert_eq!(pde & 0x83, 0x83);
     }
 
     #[test]
     fn lint_modes() {
-        assert_eq!(set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI), 0x0001_0400);
+        assert_eq!(
+            set_apic_delivery_mode(0x0001_0700, APIC_MODE_NMI),
+            0x0001_0400
+        );
     }
 }

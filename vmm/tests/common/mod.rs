@@ -31,7 +31,10 @@ pub fn require_kvm_root() {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Build (once) and return the test guest's ELF.
@@ -47,7 +50,13 @@ pub fn guest_elf() -> PathBuf {
             "building the test guest failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap());
+        let path = PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap(),
+        );
         assert!(path.exists(), "test guest not found at {}", path.display());
         path
     })
@@ -154,7 +163,9 @@ impl Vmm {
         let deadline = Instant::now() + timeout;
         loop {
             let text = self.console_text();
-            if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+            // Only whole lines: the console is written byte by byte.
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = complete.lines().find(|l| l.contains(needle)) {
                 return l.to_string();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -258,8 +269,12 @@ impl TapNs {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
-        sh(&["ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
-        sh(&["ip", "netns", "exec", ns, "ip", "addr", "add", host_cidr, "dev", tap]);
+        sh(&[
+            "ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr",
+        ]);
+        sh(&[
+            "ip", "netns", "exec", ns, "ip", "addr", "add", host_cidr, "dev", tap,
+        ]);
         sh(&["ip", "netns", "exec", ns, "ip", "link", "set", tap, "up"]);
         Self {
             ns: ns.to_string(),
@@ -270,7 +285,19 @@ impl TapNs {
     /// Run `ping` inside the namespace; returns its output and success.
     pub fn ping(&self, addr: &str, count: u32) -> (bool, String) {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "ping", "-c", &count.to_string(), "-W", "2", "-i", "0.2", addr])
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "ping",
+                "-c",
+                &count.to_string(),
+                "-W",
+                "2",
+                "-i",
+                "0.2",
+                addr,
+            ])
             .output()
             .expect("cannot run ping (install iputils-ping)");
         (
