@@ -14,7 +14,9 @@ ip addr replace 169.254.77.1/30 dev ferro-up0
 ip link set ferro-up0 up
 trap 'ip link del ferro-up0 2>/dev/null || true; rm -rf "$work"' EXIT
 echo "== booting $guest under ferro-vmm (console follows)"
+status=0
 target/release/ferro-vmm --vcpus 2 --memory 128 --kernel "$guest" \
   --cmdline "console=ttyS0 ferro.ip=169.254.77.2/30 ferro.write=data ferro.exit=reboot" \
-  --disk "path=$work/data.img,id=data" --net tap=ferro-up0 --serial stdout
-echo "== ferro-vmm exited with status $? (0: the guest rebooted)"
+  --disk "path=$work/data.img,id=data" --net tap=ferro-up0 --serial stdout || status=$?
+echo "== ferro-vmm exited with status $status (0: the guest rebooted)"
+exit "$status"

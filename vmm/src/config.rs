@@ -13,8 +13,9 @@ pub const MAX_VCPUS: u8 = 32;
 pub const MIN_MEMORY_MIB: u64 = 32;
 /// Largest guest this VMM accepts.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Most disks or NICs (PCI bus 0 has 31 slots; keep room).
-pub const MAX_DEVICES: usize = 24;
+/// Most disks and NICs together: PCI bus 0 has 31 device slots after the
+/// host bridge, and virtio-rng takes one.
+pub const MAX_DEVICES: usize = 30;
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -50,7 +51,7 @@ pub enum ConfigError {
     #[error("invalid MAC address `{0}` (want six hex bytes separated by colons, unicast)")]
     Mac(String),
     /// Too many devices.
-    #[error("at most {MAX_DEVICES} disks and {MAX_DEVICES} NICs, got {0}")]
+    #[error("at most {MAX_DEVICES} disks and NICs together, got {0}")]
     TooManyDevices(usize),
     /// Two disks share an id.
     #[error("disk id `{0}` is used twice")]
@@ -323,8 +324,8 @@ impl VmConfig {
         disks.extend(flags.disks);
         let mut nets_in = file.nets;
         nets_in.extend(flags.nets);
-        if disks.len().max(nets_in.len()) > MAX_DEVICES {
-            return Err(ConfigError::TooManyDevices(disks.len().max(nets_in.len())));
+        if disks.len() + nets_in.len() > MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(disks.len() + nets_in.len()));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in disks.iter_mut().enumerate() {

@@ -57,7 +57,8 @@ const BACKEND_TOKEN: u64 = 2;
 pub struct NetConfig {
     /// Device id for logs.
     pub id: String,
-    /// TAP interface to open (created if missing and permitted).
+    /// TAP interface to attach to. `Tap::open` would create a missing one
+    /// when permitted; ferro-vmm refuses missing TAPs before calling it.
     pub tap_name: String,
     /// MAC address reported to the guest.
     pub mac: [u8; 6],
