@@ -3,7 +3,7 @@
 //! timer that wakes the idle loop.
 
 use crate::boot::{self, SPURIOUS_VECTOR};
-use crate::cpu::cpuid;
+use crate::cpu::{cpuid, outb};
 use crate::mem::{mmio_read, mmio_write};
 
 /// Vector of the periodic LAPIC timer.
@@ -31,6 +31,30 @@ const TIMER_DIV_16: u32 = 0b0011;
 /// counts is 10 ms (100 Hz).
 const TIMER_COUNT_100HZ: u32 = 625_000;
 
+/// Vector base the legacy 8259 PICs are moved to before being masked, so a
+/// stray or spurious PIC interrupt can never look like an exception.
+const PIC_VECTOR_BASE: u8 = 0xe0;
+
+/// Reprograms the two legacy 8259 PICs away from the exception vectors (their
+/// reset base is 0, so e.g. the i8042's IRQ 1 would arrive as vector 1 through
+/// LINT0/ExtINT) and masks every line: devices interrupt through MSI-X only.
+pub fn disable_legacy_pic() {
+    const PIC1_CMD: u16 = 0x20;
+    const PIC1_DATA: u16 = 0x21;
+    const PIC2_CMD: u16 = 0xa0;
+    const PIC2_DATA: u16 = 0xa1;
+    outb(PIC1_CMD, 0x11); // ICW1: init, ICW4 follows
+    outb(PIC2_CMD, 0x11);
+    outb(PIC1_DATA, PIC_VECTOR_BASE); // ICW2: vector base
+    outb(PIC2_DATA, PIC_VECTOR_BASE + 8);
+    outb(PIC1_DATA, 0x04); // ICW3: slave on IRQ 2
+    outb(PIC2_DATA, 0x02);
+    outb(PIC1_DATA, 0x01); // ICW4: 8086 mode
+    outb(PIC2_DATA, 0x01);
+    outb(PIC1_DATA, 0xff); // mask everything
+    outb(PIC2_DATA, 0xff);
+}
+
 /// The enabled local APIC.
 pub struct LocalApic {
     x2apic: bool,
@@ -55,11 +79,6 @@ impl LocalApic {
         apic.write(REG_TPR, 0);
         apic.write(REG_SVR, 0x100 | SPURIOUS_VECTOR as u32);
         apic
-    }
-
-    /// True in x2APIC mode.
-    pub fn is_x2apic(&self) -> bool {
-        self.x2apic
     }
 
     /// This CPU's APIC ID.

@@ -94,7 +94,9 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     let ip = cmdline_value(cmdline, "ferro.ip").map(|s| Ipv4Cidr::parse(s).expect("bad ferro.ip= (want A.B.C.D/N)"));
     let write_list = cmdline_value(cmdline, "ferro.write").unwrap_or("");
 
-    // Interrupts: local APIC on, 100 Hz timer, IF=1 from here on.
+    // Interrupts: legacy PICs off, local APIC on, 100 Hz timer, IF=1 from
+    // here on.
+    apic::disable_legacy_pic();
     let lapic = apic::LocalApic::enable();
     if lapic.id() != 0 {
         panic!("boot CPU has APIC ID {} (MSI-X messages target 0)", lapic.id());
@@ -119,11 +121,10 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
             }
         });
     }
-    if let Some(first) = found[0] {
+    let first = found[0].expect("no PCI devices");
     let legacy = pci::legacy_read32(first.bus, first.dev, first.func, 0);
     if legacy != first.read32(0) {
         panic!("PCI 0xcf8 read {legacy:#x} disagrees with ECAM {:#x}", first.read32(0));
-    }
     }
 
     // Virtio devices, in PCI order.
@@ -179,7 +180,6 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
         core::hint::spin_loop();
     }
     say!("irq count={}", msix_irqs());
-    say!("dbg timer={} spurious={}", boot::irq_count(0x20), boot::irq_count(0xff));
 
     let mut stack = None;
     if let (Some(cidr), Some(net)) = (ip, nic) {
@@ -203,9 +203,17 @@ fn msix_irqs() -> u64 {
 
 /// Serves the network and waits for interrupts until Ctrl-Alt-Del.
 fn idle(mut stack: Option<NetStack>) -> ! {
-    // Halting needs a wake-up source: if the timer never ticked during the
-    // self-test, interrupts are not being delivered, so poll instead.
-    let can_halt = boot::irq_count(apic::TIMER_VECTOR) > 0;
+    // Halting needs a wake-up source: if the 100 Hz timer does not tick
+    // within 100 ms, interrupts are not being delivered, so poll instead.
+    let ticks = boot::irq_count(apic::TIMER_VECTOR);
+    let deadline = virtio::Deadline::after_ms(100);
+    while boot::irq_count(apic::TIMER_VECTOR) == ticks && !deadline.passed() {
+        core::hint::spin_loop();
+    }
+    let can_halt = boot::irq_count(apic::TIMER_VECTOR) != ticks;
+    if !can_halt {
+        say!("warning: no timer interrupts, idling by polling");
+    }
     let mut keyboard = CtrlAltDel::default();
     loop {
         if let Some(s) = stack.as_mut() {
@@ -277,3 +285,10 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     }
     cpu::reset()
 }
+
+/// The prebuilt `core` of the host target names the unwinding personality
+/// routine; with `panic = "abort"` nothing ever unwinds, so it is never
+/// called (release builds drop the reference through LTO, debug builds link
+/// against this).
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

@@ -226,7 +226,7 @@ impl VirtioPci {
         let size = device_max.min(max_size);
         // Split queues want a power of two for the driver's arithmetic.
         let size = 1 << (15 - size.leading_zeros());
-        let vq = Virtqueue::new(size, index, 0);
+        let mut vq = Virtqueue::new(size, index);
         mmio_write(self.common + common::QUEUE_SIZE, size);
         mmio_write(self.common + common::QUEUE_DESC, vq.desc as u64);
         mmio_write(self.common + common::QUEUE_DRIVER, vq.avail);
@@ -252,7 +252,6 @@ impl VirtioPci {
         }
 
         let notify_off: u16 = mmio_read(self.common + common::QUEUE_NOTIFY_OFF);
-        let mut vq = vq;
         vq.notify_addr = self.notify + notify_off as u64 * self.notify_multiplier as u64;
         mmio_write(self.common + common::QUEUE_ENABLE, 1u16);
         Ok(vq)
@@ -333,7 +332,9 @@ pub struct Virtqueue {
 }
 
 impl Virtqueue {
-    fn new(size: u16, index: u16, notify_addr: u64) -> Self {
+    /// Allocates the rings of a queue of `size` (a power of two) entries;
+    /// the transport fills in the doorbell address.
+    fn new(size: u16, index: u16) -> Self {
         let n = size as usize;
         let desc = dma_alloc(16 * n, 4096) as *mut Desc;
         let avail = dma_alloc(6 + 2 * n, 4096);
@@ -342,7 +343,7 @@ impl Virtqueue {
             // SAFETY: `desc` points to `size` freshly allocated descriptors.
             unsafe { desc.add(i as usize).write_volatile(Desc { addr: 0, len: 0, flags: 0, next: i + 1 }) };
         }
-        Virtqueue { size, index, desc, avail, used, free_head: 0, num_free: size, avail_idx: 0, last_used: 0, notify_addr }
+        Virtqueue { size, index, desc, avail, used, free_head: 0, num_free: size, avail_idx: 0, last_used: 0, notify_addr: 0 }
     }
 
     /// Queue size.

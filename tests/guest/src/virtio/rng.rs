@@ -6,7 +6,8 @@ use crate::pci::PciFunction;
 
 /// A virtio entropy source.
 pub struct Rng {
-    dev: VirtioPci,
+    /// The transport: owned for as long as the queue is in use.
+    _dev: VirtioPci,
     vq: Virtqueue,
     buf: u64,
 }
@@ -21,12 +22,7 @@ impl Rng {
         dev.init(0)?;
         let vq = dev.setup_queue(0, 8)?;
         dev.driver_ok();
-        Ok(Rng { dev, vq, buf: dma_alloc(BUF_LEN, 64) })
-    }
-
-    /// MSI-X vectors of the function.
-    pub fn msix_vectors(&self) -> u16 {
-        self.dev.msix_vectors()
+        Ok(Rng { _dev: dev, vq, buf: dma_alloc(BUF_LEN, 64) })
     }
 
     /// Fills `out` with entropy; returns how many bytes the device supplied.
