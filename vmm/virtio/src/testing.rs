@@ -346,6 +346,13 @@ impl BlockHarness {
     /// Runs the handler over everything queued; returns the completions as
     /// `(head, used_len, status)`.
     pub fn run(&mut self) -> Vec<(u16, u32, u8)> {
+        self.process();
+        self.completions()
+    }
+
+    /// The device's part of [`run`](Self::run): the handler processes
+    /// everything queued (benchmarks time only this).
+    pub fn process(&mut self) {
         if self
             .handler
             .process_queue(&self.mem, &mut self.queue)
@@ -353,6 +360,11 @@ impl BlockHarness {
         {
             self.notified += 1;
         }
+    }
+
+    /// The driver's part of [`run`](Self::run): collect completions as
+    /// `(head, used_len, status)`.
+    pub fn completions(&mut self) -> Vec<(u16, u32, u8)> {
         let mut done = Vec::new();
         while let Some((head, len)) = self.driver.pop_used(&self.mem) {
             let slot = self
@@ -446,7 +458,17 @@ impl<B: crate::net::NetBackend> NetHarness<B> {
 
     /// Processes the tx queue; returns the chains completed.
     pub fn run_tx(&mut self) -> usize {
+        self.process_tx();
+        self.tx_completions()
+    }
+
+    /// The device's part of [`run_tx`](Self::run_tx).
+    pub fn process_tx(&mut self) {
         let _ = self.handler.process_tx(&self.mem, &mut self.tx);
+    }
+
+    /// The driver's part of [`run_tx`](Self::run_tx): completed chains.
+    pub fn tx_completions(&mut self) -> usize {
         std::iter::from_fn(|| self.tx_driver.pop_used(&self.mem)).count()
     }
 
@@ -468,8 +490,19 @@ impl<B: crate::net::NetBackend> NetHarness<B> {
 
     /// Moves frames from the backend into posted buffers; returns them.
     pub fn run_rx(&mut self) -> Vec<Vec<u8>> {
+        self.process_rx();
+        self.rx_frames()
+    }
+
+    /// The device's part of [`run_rx`](Self::run_rx): move frames from the
+    /// backend into posted buffers.
+    pub fn process_rx(&mut self) {
         self.handler.set_backend_readable();
         let _ = self.handler.process_rx(&self.mem, &mut self.rx);
+    }
+
+    /// The driver's part of [`run_rx`](Self::run_rx): the received frames.
+    pub fn rx_frames(&mut self) -> Vec<Vec<u8>> {
         let mut frames = Vec::new();
         while let Some((head, len)) = self.rx_driver.pop_used(&self.mem) {
             let Some(i) = self.rx_posted.iter().position(|(h, _)| *h == head) else {
