@@ -23,7 +23,6 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod pci;
-pub mod ratelimit;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

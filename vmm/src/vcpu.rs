@@ -11,7 +11,8 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{ExitReason, ExitSignal};
-use crate::ratelimit::RateLimited;
+use ferro_virtio::ratelimit::LogRateLimiter;
+use ferro_virtio::warn_ratelimited;
 
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,7 +28,7 @@ pub enum VcpuAction {
 pub struct ExitHandler {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    unhandled: RateLimited,
+    unhandled: LogRateLimiter,
 }
 
 impl ExitHandler {
@@ -36,7 +37,7 @@ impl ExitHandler {
         Self {
             pio,
             mmio,
-            unhandled: RateLimited::new(10),
+            unhandled: LogRateLimiter::default(),
         }
     }
 
@@ -56,16 +57,24 @@ impl ExitHandler {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if !self.mmio.read(addr, data) {
             data.fill(0xff);
-            self.unhandled
-                .warn(|| format!("guest read unmapped MMIO {addr:#x}/{}", data.len()));
+            warn_ratelimited!(
+                self.unhandled,
+                addr,
+                len = data.len(),
+                "guest read unmapped MMIO"
+            );
         }
     }
 
     /// An MMIO write outside RAM and the in-kernel devices.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         if !self.mmio.write(addr, data) {
-            self.unhandled
-                .warn(|| format!("guest wrote unmapped MMIO {addr:#x}/{}", data.len()));
+            warn_ratelimited!(
+                self.unhandled,
+                addr,
+                len = data.len(),
+                "guest wrote unmapped MMIO"
+            );
         }
     }
 

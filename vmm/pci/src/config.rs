@@ -17,7 +17,7 @@
 //! register index past the end) reads as all-ones and writes are dropped,
 //! which is what a guest sees for a master abort.
 
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// Size of the whole (extended) configuration space of one function.
 pub const CONFIG_SPACE_SIZE: usize = 4096;

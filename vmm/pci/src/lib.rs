@@ -11,7 +11,8 @@
 //!   MMIO window.
 //! - [`virtio_pci`]: [`VirtioPciDevice`], the virtio 1.x modern PCI
 //!   transport with MSI-X for any [`ferro_virtio::VirtioDevice`].
-//! - [`ratelimit`]: rate-limited logging of guest-triggered events.
+//!
+//! Guest-triggered warnings go through `ferro_virtio::warn_limited!`.
 //!
 //! Nothing here depends on KVM: interrupts and doorbells go through the
 //! [`MsiSink`] and [`IoEventRegistrar`] traits.
@@ -21,7 +22,6 @@ pub mod config;
 pub mod device;
 pub mod interrupt;
 pub mod msix;
-pub mod ratelimit;
 pub mod root;
 pub mod virtio_pci;
 

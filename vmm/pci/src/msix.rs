@@ -16,7 +16,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::interrupt::{MsiMessage, MsiSink};
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// Bytes per MSI-X table entry.
 pub const MSIX_TABLE_ENTRY_SIZE: u64 = 16;

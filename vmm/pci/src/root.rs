@@ -30,7 +30,7 @@ use crate::config::{
     PciHeader, BAR0_REG, COMMAND_MEMORY_SPACE, COMMAND_REG, NUM_BARS,
 };
 use crate::device::PciDevice;
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// First port of configuration mechanism #1.
 pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;

@@ -6,6 +6,11 @@
 //! that allows a burst and then a steady rate, and reports how many lines it
 //! suppressed in between.
 //!
+//! Where a limiter object has no natural owner (register accesses spread
+//! over many call sites), [`warn_limited!`](crate::warn_limited) keeps a
+//! static [`LogCounter`] per call site instead: the first [`BURST`]
+//! occurrences are logged, then only those whose count is a power of two.
+//!
 //! ```
 //! use ferro_virtio::ratelimit::LogRateLimiter;
 //! use ferro_virtio::warn_ratelimited;
@@ -14,6 +19,7 @@
 //! warn_ratelimited!(limiter, "malformed request from the guest");
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -99,9 +105,49 @@ macro_rules! warn_ratelimited {
     };
 }
 
+/// Occurrences [`warn_limited!`](crate::warn_limited) logs before thinning.
+pub const BURST: u64 = 10;
+
+/// Per-call-site occurrence counter behind [`warn_limited!`](crate::warn_limited).
+#[derive(Debug, Default)]
+pub struct LogCounter(AtomicU64);
+
+impl LogCounter {
+    /// A counter that has seen nothing yet.
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// Count one occurrence; returns its 1-based number when it should be
+    /// logged, `None` when it should be suppressed.
+    pub fn tick(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        (n <= BURST || n.is_power_of_two()).then_some(n)
+    }
+}
+
+/// `tracing::warn!` limited per call site (see the module docs); the event
+/// carries an `occurrence` field with the running count.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static COUNTER: $crate::ratelimit::LogCounter = $crate::ratelimit::LogCounter::new();
+        if let Some(occurrence) = COUNTER.tick() {
+            ::tracing::warn!(occurrence, $($arg)+);
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_logs_burst_then_powers_of_two() {
+        let c = LogCounter::new();
+        let logged: Vec<u64> = (0..100).filter_map(|_| c.tick()).collect();
+        assert_eq!(logged, vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 32, 64]);
+    }
 
     #[test]
     fn allows_burst_then_limits() {

@@ -19,7 +19,7 @@ use ferro_virtio::{GuestMemoryMmap, Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::VirtioPciDevice;
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// Length of the structure advertised in its capability.
 pub(super) const COMMON_CFG_SIZE: u32 = 0x38;

@@ -44,7 +44,7 @@ use crate::config::{
 use crate::device::PciDevice;
 use crate::interrupt::{IoEventRegistrar, MsiSink};
 use crate::msix::{self, MsixConfig, MsixError, MSIX_CAP_WRITABLE};
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// Vendor id of every virtio PCI function.
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;

@@ -18,7 +18,7 @@ use ferro_virtio::{ActivateError, ActivatedQueue, VIRTIO_F_VERSION_1, VIRTIO_RIN
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{VirtioPciDevice, NOTIFY_CFG_OFFSET, NOTIFY_OFF_MULTIPLIER};
-use crate::ratelimit::warn_limited;
+use ferro_virtio::warn_limited;
 
 /// The driver found the device.
 pub const ACKNOWLEDGE: u8 = 1;
