@@ -14,7 +14,7 @@ use vm_memory::Bytes;
 
 use crate::chain::{drain_queue, walk_chain, Desc, QueueError};
 use crate::ratelimit::LogRateLimiter;
-use crate::worker::{QueueProcessor, QueueWorker, Worker, WorkerOptions};
+use crate::worker::{DeviceWorker, QueueProcessor, QueueWorker, WorkerOptions};
 use crate::{
     device_type, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -153,7 +153,7 @@ pub struct Rng {
     acked_features: u64,
     options: WorkerOptions,
     metrics: Arc<RngMetrics>,
-    worker: Option<Worker<QueueWorker<RngHandler>>>,
+    worker: DeviceWorker<QueueWorker<RngHandler>>,
 }
 
 impl Rng {
@@ -164,7 +164,7 @@ impl Rng {
             acked_features: 0,
             options,
             metrics: Arc::default(),
-            worker: None,
+            worker: DeviceWorker::default(),
         }
     }
 
@@ -206,19 +206,13 @@ impl VirtioDevice for Rng {
         crate::prepare_queues(&mut queues, 1, &mem, self.acked_features)?;
         let queue = queues.remove(0);
         let handler = RngHandler::new(self.metrics.clone());
-        let glue = QueueWorker::new(mem, queue, interrupt, handler);
-        let source = glue.source();
         let name = format!("virtio-rng-{}", self.id);
-        let worker = Worker::spawn(&name, glue, &[source], &self.options)
-            .map_err(|e| ActivateError::Worker(e.into()))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker
+            .start_queue(&name, mem, queue, interrupt, handler, &self.options)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
         true
     }

@@ -270,6 +270,65 @@ pub struct QueueWorker<P: QueueProcessor> {
     limiter: LogRateLimiter,
 }
 
+/// The worker slot every device keeps: empty until activation, running
+/// after, emptied again by reset. Thread naming and error mapping live here
+/// once instead of in each device.
+pub struct DeviceWorker<H: EventHandler> {
+    worker: Option<Worker<H>>,
+}
+
+impl<H: EventHandler> Default for DeviceWorker<H> {
+    fn default() -> Self {
+        DeviceWorker { worker: None }
+    }
+}
+
+impl<H: EventHandler> DeviceWorker<H> {
+    /// Start (or restart) the worker thread `name` over `sources`.
+    pub fn start(
+        &mut self,
+        name: &str,
+        handler: H,
+        sources: &[Source],
+        options: &WorkerOptions,
+    ) -> Result<(), crate::ActivateError> {
+        self.stop();
+        let worker = Worker::spawn(name, handler, sources, options)
+            .map_err(|e| crate::ActivateError::Worker(e.into()))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    /// Stop and join the worker, if one runs.
+    pub fn stop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+
+    /// Whether a worker thread runs.
+    pub fn is_running(&self) -> bool {
+        self.worker.is_some()
+    }
+}
+
+impl<P: QueueProcessor> DeviceWorker<QueueWorker<P>> {
+    /// Start the worker of a single-queue device running `processor`.
+    pub fn start_queue(
+        &mut self,
+        name: &str,
+        mem: GuestMemoryMmap,
+        queue: ActivatedQueue,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        processor: P,
+        options: &WorkerOptions,
+    ) -> Result<(), crate::ActivateError> {
+        let glue = QueueWorker::new(mem, queue, interrupt, processor);
+        let source = glue.source();
+        self.start(name, glue, &[source], options)
+    }
+}
+
 impl<P: QueueProcessor> QueueWorker<P> {
     /// Glue `processor` to `queue`.
     pub fn new(

@@ -24,7 +24,7 @@ pub use disk::{Disk, DiskError};
 pub use handler::{BlockHandler, BlockMetrics};
 pub use request::{ParseError, Request, RequestType, MAX_REQUEST_BYTES, SECTOR_SIZE};
 
-use crate::worker::{QueueWorker, Worker, WorkerOptions};
+use crate::worker::{DeviceWorker, QueueWorker, WorkerOptions};
 use crate::{
     device_type, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -62,7 +62,7 @@ pub struct Block {
     acked_features: u64,
     options: WorkerOptions,
     metrics: Arc<BlockMetrics>,
-    worker: Option<Worker<QueueWorker<BlockHandler>>>,
+    worker: DeviceWorker<QueueWorker<BlockHandler>>,
 }
 
 impl Block {
@@ -76,7 +76,7 @@ impl Block {
             acked_features: 0,
             options,
             metrics: Arc::default(),
-            worker: None,
+            worker: DeviceWorker::default(),
         })
     }
 
@@ -141,19 +141,13 @@ impl VirtioDevice for Block {
         crate::prepare_queues(&mut queues, 1, &mem, self.acked_features)?;
         let queue = queues.remove(0);
         let handler = BlockHandler::new(self.disk.clone(), &self.id, self.metrics.clone());
-        let glue = QueueWorker::new(mem, queue, interrupt, handler);
-        let source = glue.source();
         let name = format!("virtio-blk-{}", self.id);
-        let worker = Worker::spawn(&name, glue, &[source], &self.options)
-            .map_err(|e| ActivateError::Worker(e.into()))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker
+            .start_queue(&name, mem, queue, interrupt, handler, &self.options)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
         true
     }

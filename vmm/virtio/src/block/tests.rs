@@ -577,5 +577,5 @@ fn device_activates_processes_and_resets() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert!(block.reset());
-    assert!(block.worker.is_none());
+    assert!(!block.worker.is_running());
 }

@@ -35,7 +35,7 @@ pub use handler::{
 pub use tap::{Tap, TapError};
 
 use crate::ratelimit::LogRateLimiter;
-use crate::worker::{drain_eventfd, signal, EventHandler, Source, Worker, WorkerOptions};
+use crate::worker::{drain_eventfd, signal, DeviceWorker, EventHandler, Source, WorkerOptions};
 use crate::{
     device_type, ActivateError, ActivatedQueue, GuestMemoryMmap, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -170,7 +170,7 @@ pub struct Net {
     acked_features: u64,
     options: WorkerOptions,
     metrics: Arc<NetMetrics>,
-    worker: Option<Worker<NetWorker<Arc<Tap>>>>,
+    worker: DeviceWorker<NetWorker<Arc<Tap>>>,
 }
 
 impl Net {
@@ -192,7 +192,7 @@ impl Net {
             acked_features: 0,
             options,
             metrics: Arc::default(),
-            worker: None,
+            worker: DeviceWorker::default(),
         }
     }
 
@@ -281,16 +281,11 @@ impl VirtioDevice for Net {
         let glue = NetWorker::new(mem, rx, tx, interrupt, handler);
         let sources = glue.sources();
         let name = format!("virtio-net-{}", self.id);
-        let worker = Worker::spawn(&name, glue, &sources, &self.options)
-            .map_err(|e| ActivateError::Worker(e.into()))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.worker.start(&name, glue, &sources, &self.options)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked_features = 0;
         true
     }
