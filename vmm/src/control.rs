@@ -9,7 +9,7 @@
 //! | `{"op":"pause"}` | `{"ok":true,"state":"paused"}` once every vCPU is parked |
 //! | `{"op":"resume"}` | `{"ok":true,"state":"running"}` |
 //! | `{"op":"shutdown","timeout_ms":N}` | Ctrl-Alt-Del to the guest; after N ms (default 10000) without a reset, a hard stop. `{"ok":true,"graceful":bool}` |
-//! | `{"op":"stop"}` | `{"ok":true}`; the process then exits with status 0 |
+//! | `{"op":"stop"}` | `{"ok":true,"state":"stopped"}`; the process then exits with status 0 |
 //!
 //! Anything else gets `{"ok":false,"error":"..."}` naming what was wrong.
 
