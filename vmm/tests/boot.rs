@@ -29,6 +29,12 @@ fn test_guest_boots_reads_acpi_and_pci_then_reboots() {
     let acpi = vmm.wait_line("ferro-guest: acpi", Duration::from_secs(20));
     assert!(acpi.contains("cpus=2"), "MADT must list both vCPUs: {acpi}");
     assert!(acpi.contains("ecam=0xe0000000"), "{acpi}");
+    let smp = vmm.wait_line("ferro-guest: smp", Duration::from_secs(20));
+    assert!(
+        smp.contains("smp cpus_online=2 "),
+        "the second vCPU must come up (INIT/STARTUP): {smp}"
+    );
+    assert!(smp.ends_with("apic_ids=0,1"), "{smp}");
     vmm.wait_line(
         "ferro-guest: pci 00:00.0 1b36:0008",
         Duration::from_secs(20),

@@ -1,8 +1,10 @@
 //! `cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]`
+//! `cargo xtask bench agent [--runs N]`
 //!
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
 
+mod bench_agent;
 mod bench_vmm;
 
 use std::process::ExitCode;
@@ -11,6 +13,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") => match args.get(1).map(String::as_str) {
+            Some("agent") => match bench_agent::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench agent: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Some("vmm") => match bench_vmm::run(&args[2..]) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -19,12 +28,12 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!("xtask: unknown bench area {other:?} (known: vmm)");
+                eprintln!("xtask: unknown bench area {other:?} (known: vmm, agent)");
                 ExitCode::from(2)
             }
         },
         _ => {
-            eprintln!("usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]");
+            eprintln!("usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH] | bench agent [--runs N]");
             ExitCode::from(2)
         }
     }

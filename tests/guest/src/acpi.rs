@@ -8,10 +8,29 @@ use crate::mem::{read_phys, read_phys_bytes};
 pub struct AcpiInfo {
     /// Enabled local APIC and x2APIC entries in the MADT.
     pub cpus: u32,
+    /// Their APIC IDs, in MADT order (the first [`APIC_IDS_MAX`]).
+    pub apic_ids: [u32; APIC_IDS_MAX],
     /// Local APIC address from the MADT header.
     pub lapic_addr: u32,
     /// First ECAM window of PCI segment 0.
     pub ecam: Option<Ecam>,
+}
+
+/// Most APIC IDs kept from the MADT (ferro-vmm allows 32 vCPUs).
+pub const APIC_IDS_MAX: usize = 32;
+
+impl AcpiInfo {
+    /// The APIC IDs of the enabled CPUs, in MADT order.
+    pub fn apic_ids(&self) -> &[u32] {
+        &self.apic_ids[..(self.cpus as usize).min(APIC_IDS_MAX)]
+    }
+
+    fn add_cpu(&mut self, apic_id: u32) {
+        if let Some(slot) = self.apic_ids.get_mut(self.cpus as usize) {
+            *slot = apic_id;
+        }
+        self.cpus += 1;
+    }
 }
 
 /// One MCFG allocation.
@@ -88,7 +107,9 @@ pub fn parse(rsdp: u64) -> Result<AcpiInfo, &'static str> {
     Ok(info)
 }
 
-/// MADT: local APIC address at +36, flags at +40, entries from +44.
+/// MADT: local APIC address at +36, flags at +40, entries from +44. Local
+/// APIC entries (type 0) hold the APIC ID at +3 and flags at +4, local
+/// x2APIC entries (type 9) the ID at +4 and flags at +8.
 fn parse_madt(table: u64, len: u64, info: &mut AcpiInfo) {
     info.lapic_addr = read_phys(table + 36);
     let mut off = 44;
@@ -100,8 +121,8 @@ fn parse_madt(table: u64, len: u64, info: &mut AcpiInfo) {
         }
         let usable = |flags: u32| flags & 1 != 0; // enabled
         match kind {
-            0 if usable(read_phys(table + off + 4)) => info.cpus += 1,
-            9 if usable(read_phys(table + off + 8)) => info.cpus += 1,
+            0 if usable(read_phys(table + off + 4)) => info.add_cpu(read_phys::<u8>(table + off + 3) as u32),
+            9 if usable(read_phys(table + off + 8)) => info.add_cpu(read_phys(table + off + 4)),
             _ => {}
         }
         off += elen as u64;

@@ -19,9 +19,14 @@ const XAPIC_BASE: u64 = 0xfee0_0000;
 const REG_ID: u32 = 0x20;
 const REG_TPR: u32 = 0x80;
 const REG_SVR: u32 = 0xf0;
+const REG_ICR_LOW: u32 = 0x300;
+const REG_ICR_HIGH: u32 = 0x310;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INIT: u32 = 0x380;
 const REG_TIMER_DIV: u32 = 0x3e0;
+
+/// ICR delivery status: the xAPIC has not sent the IPI yet.
+const ICR_SEND_PENDING: u32 = 1 << 12;
 
 /// LVT timer mode: periodic.
 const TIMER_PERIODIC: u32 = 1 << 17;
@@ -64,6 +69,14 @@ impl LocalApic {
     /// Software-enables the local APIC (x2APIC mode if available), accepts
     /// all priorities, and tells the interrupt stubs how to EOI.
     pub fn enable() -> Self {
+        let apic = Self::enable_ap();
+        boot::set_x2apic_eoi(apic.x2apic);
+        apic
+    }
+
+    /// [`LocalApic::enable`] for an AP: the same mode as the BSP (same
+    /// CPUID), and the interrupt stubs already know how to EOI.
+    pub fn enable_ap() -> Self {
         let (_, _, ecx, _) = cpuid(1, 0);
         let x2apic = ecx & (1 << 21) != 0;
         let base = boot::rdmsr(MSR_APIC_BASE);
@@ -74,7 +87,6 @@ impl LocalApic {
         if want != base {
             boot::wrmsr(MSR_APIC_BASE, want);
         }
-        boot::set_x2apic_eoi(x2apic);
         let apic = LocalApic { x2apic };
         apic.write(REG_TPR, 0);
         apic.write(REG_SVR, 0x100 | SPURIOUS_VECTOR as u32);
@@ -88,6 +100,20 @@ impl LocalApic {
             raw
         } else {
             raw >> 24
+        }
+    }
+
+    /// Sends an IPI: `icr_low` (vector, delivery mode, level) to the local
+    /// APIC with ID `dest` (physical destination mode, no shorthand).
+    pub fn send_ipi(&self, dest: u32, icr_low: u32) {
+        if self.x2apic {
+            boot::wrmsr(0x800 + REG_ICR_LOW / 16, (dest as u64) << 32 | icr_low as u64);
+        } else {
+            mmio_write(XAPIC_BASE + REG_ICR_HIGH as u64, dest << 24);
+            mmio_write(XAPIC_BASE + REG_ICR_LOW as u64, icr_low);
+            while mmio_read::<u32>(XAPIC_BASE + REG_ICR_LOW as u64) & ICR_SEND_PENDING != 0 {
+                core::hint::spin_loop();
+            }
         }
     }
 

@@ -16,6 +16,11 @@
 //!   [`ferro_irq_counts`], write the local APIC EOI, `iretq`.
 //! * exception stubs: record vector, error code, `rip`, `cr2` and `iretq` to
 //!   `ferro_fault_entry` (fault.rs) at CPL3, which prints them and resets.
+//! * AP startup (see smp.rs): a 4-instruction real-mode trampoline (copied
+//!   below 1 MiB) that loads our GDT and enters 32-bit protected mode, then
+//!   `ferro_ap_entry32`/`ferro_ap_entry64`: long mode on our page tables,
+//!   our IDT, the AP's own TSS and stacks, `iretq` to `ferro_ap_main` at
+//!   CPL3. ~30 instructions in all.
 //! * the syscall gate (`ud2` at a known address, see `ferro_sys_gate`): the
 //!   few privileged operations Rust code asks for
 //!   ([`halt`], [`rdmsr`], [`wrmsr`], [`enable_interrupts`],
@@ -273,6 +278,64 @@ ferro_ud_entry:
 6:  andq $~0x200, 16(%rsp)          // SYS_CLI: return with IF=0
     iretq
 
+// ---------------------------------------------------------------- AP startup
+// The real-mode trampoline, copied by smp.rs to a page below 1 MiB: a
+// STARTUP IPI with vector V starts an AP there with CS = V << 8, IP = 0.
+// It loads our GDT (the 6-byte GDTR below; its 0x08 is flat 32-bit code),
+// sets CR0.PE (clearing CD/NW left by INIT) and jumps to 32-bit code in the
+// image. Only these 4 instructions have to be below 1 MiB; with the 32- and
+// 64-bit parts an AP runs 29 emulated instructions to reach CPL3.
+    .section .rodata.ferro_ap_tramp, "a"
+    .global ferro_ap_tramp
+    .global ferro_ap_tramp_end
+    .code16
+ferro_ap_tramp:
+    lgdtl %cs:(ferro_ap_tramp_gdtr - ferro_ap_tramp)
+    mov $0x33, %eax                 // PE | MP | ET | NE
+    mov %eax, %cr0
+    ljmpl $0x08, $ferro_ap_entry32
+    .balign 4
+ferro_ap_tramp_gdtr:
+    .word ferro_gdt_end - ferro_gdt - 1
+    .long ferro_gdt
+ferro_ap_tramp_end:
+
+// 32-bit protected mode, flat, paging off, interrupts off since INIT: long
+// mode on the BSP's page tables, with the BSP's CR4 bits (SSE for CPL3).
+    .section .text.ferro_ap, "ax"
+    .code32
+ferro_ap_entry32:
+    mov $0x18, %eax
+    mov %eax, %ds
+    mov %eax, %ss
+    mov $0x620, %eax                // PAE | OSFXSR | OSXMMEXCPT
+    mov %eax, %cr4
+    mov $ferro_pml4, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx           // IA32_EFER
+    rdmsr
+    or $0x100, %eax                 // LME
+    wrmsr
+    mov $0x80000033, %eax           // PG | PE | MP | ET | NE
+    mov %eax, %cr0
+    ljmp $0x10, $ferro_ap_entry64
+    .code64
+// 64-bit, CPL0: our IDT, this AP's TSS and stacks (ferro_ap_boot, written by
+// the BSP before the STARTUP IPI; one AP starts at a time), then CPL3 at
+// ferro_ap_main(slot) like the BSP.
+ferro_ap_entry64:
+    lidt ferro_idt_ptr(%rip)
+    mov ferro_ap_boot(%rip), %rsp       // kernel stack (also the TSS's rsp0)
+    ltr ferro_ap_boot+24(%rip)
+    mov ferro_ap_boot+16(%rip), %rdi    // slot
+    pushq $0x23                     // SS: user data, RPL 3
+    pushq ferro_ap_boot+8(%rip)     // RSP: the AP's user stack
+    pushq $0x0002                   // RFLAGS: IF=0
+    pushq $0x2b                     // CS: user code, RPL 3
+    lea ferro_ap_main(%rip), %rax
+    push %rax                       // RIP
+    iretq
+
 // ---------------------------------------------------------------- tables
     .section .data.pagetables, "aw"
     .balign 4096
@@ -302,13 +365,16 @@ ferro_pd:
     .balign 16
 ferro_gdt:
     .quad 0
-    .quad 0
+    .quad 0x00cf9a000000ffff        // 0x08 kernel code, 32-bit (AP startup)
     .quad 0x00af9a000000ffff        // 0x10 kernel code, 64-bit
     .quad 0x00cf92000000ffff        // 0x18 kernel data
     .quad 0x00cff2000000ffff        // 0x20 user data, DPL 3
     .quad 0x00affa000000ffff        // 0x28 user code, 64-bit, DPL 3
     .quad __tss_desc_lo             // 0x30 TSS (see link.ld)
     .quad __tss_desc_hi
+    .global ferro_gdt_ap_tss
+ferro_gdt_ap_tss:
+    .fill 2 * {max_aps}, 8, 0           // 0x40.. one TSS per AP, filled by smp.rs
 ferro_gdt_end:
     .balign 8
     .word 0, 0, 0
@@ -320,6 +386,13 @@ ferro_idt_ptr:
     .word 256 * 16 - 1
     .quad ferro_idt
 
+// The APs' TSSes ({ap_tss_stride} bytes apart, filled by smp.rs) lie just
+// below the BSP's so that their I/O map base (a 16-bit offset) can point at
+// the BSP's bitmap: every CPU shares the one "all ports allowed" bitmap.
+    .balign 16
+    .global ferro_ap_tss
+ferro_ap_tss:
+    .fill {max_aps} * {ap_tss_stride}, 1, 0
     .balign 16
     .global ferro_tss
 ferro_tss:
@@ -342,8 +415,17 @@ ferro_kernel_stack_top:
 ferro_fault_stack_top:
     .space 131072
 ferro_user_stack_top:
+// Per AP: {ap_kernel_stack} bytes of CPL0 stack, then its CPL3 stack, {ap_stack} in all.
+    .balign 4096
+    .global ferro_ap_stacks
+ferro_ap_stacks:
+    .space {max_aps} * {ap_stack}
     .text
 "#,
+    max_aps = const crate::smp::MAX_APS,
+    ap_tss_stride = const crate::smp::AP_TSS_STRIDE,
+    ap_stack = const crate::smp::AP_STACK,
+    ap_kernel_stack = const crate::smp::AP_KERNEL_STACK,
     options(att_syntax)
 );
 

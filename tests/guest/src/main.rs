@@ -20,6 +20,7 @@ mod mem;
 mod netstack;
 mod pci;
 mod serial;
+mod smp;
 mod virtio;
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +30,9 @@ use netstack::{Ipv4Cidr, NetStack};
 use virtio::blk::{Blk, IO_LEN};
 use virtio::net::Net;
 use virtio::rng::Rng;
+
+/// How long the BSP waits for the APs to come up (after the INIT delay).
+const AP_TIMEOUT_MS: u64 = 2000;
 
 /// Most disks the self-test drives.
 const MAX_DISKS: usize = 8;
@@ -109,6 +113,10 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     let ecam = acpi.ecam.expect("no MCFG (ECAM) table");
     say!("acpi cpus={} ecam={:#x} buses={}-{}", acpi.cpus, ecam.base, ecam.first_bus, ecam.last_bus);
 
+    // SMP: INIT every AP now and start them after the PCI and virtio
+    // probes, which overlap the 10 ms INIT-to-STARTUP delay.
+    let aps = smp::Startup::begin(&lapic, lapic.id(), acpi.apic_ids());
+
     // PCI: enumerate through ECAM, cross-check the first function via 0xcf8.
     let mut found = [None; 64];
     let mut n = 0;
@@ -160,6 +168,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
             _ => {}
         }
     }
+    say!("smp {}", aps.finish(&lapic, AP_TIMEOUT_MS));
     say!("devices ready");
 
     // Disk I/O.
