@@ -52,9 +52,6 @@ pub enum PciSetupError {
     /// The virtio-pci transport rejected a device.
     #[error("cannot create the virtio-pci transport for {0}")]
     Transport(String, #[source] ferro_pci::VirtioPciError),
-    /// The device seccomp filter could not be built.
-    #[error(transparent)]
-    Seccomp(#[from] seccomp::SeccompError),
     /// The root complex could not be placed on a bus.
     #[error("PCI address conflict")]
     Bus(#[from] ferro_pci::BusError),
@@ -101,18 +98,21 @@ pub struct PciSetup {
     pub root: Arc<Mutex<PciRoot>>,
 }
 
-fn worker_options(seccomp_on: bool) -> Result<WorkerOptions, PciSetupError> {
-    if !seccomp_on {
-        return Ok(WorkerOptions::default());
+fn worker_options(filters: &seccomp::Filters) -> WorkerOptions {
+    if !filters.enabled() {
+        return WorkerOptions::default();
     }
-    let filter = seccomp::Filters::build(true)?.for_thread(ThreadKind::Device);
-    Ok(WorkerOptions::with_thread_init(Arc::new(move || {
+    let filter = filters.for_thread(ThreadKind::Device);
+    WorkerOptions::with_thread_init(Arc::new(move || {
         seccomp::apply(&filter).map_err(std::io::Error::other)
-    })))
+    }))
 }
 
-fn virtio_devices(cfg: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, PciSetupError> {
-    let opts = worker_options(cfg.seccomp)?;
+fn virtio_devices(
+    cfg: &VmConfig,
+    filters: &seccomp::Filters,
+) -> Result<Vec<Box<dyn VirtioDevice>>, PciSetupError> {
+    let opts = worker_options(filters);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &cfg.disks {
         let block = Block::new(
@@ -156,6 +156,7 @@ pub fn setup(
     cfg: &VmConfig,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
+    filters: &seccomp::Filters,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<PciSetup, PciSetupError> {
@@ -167,7 +168,7 @@ pub fn setup(
     })?;
     let msi: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm.clone()));
     let ioevents: Arc<dyn IoEventRegistrar> = Arc::new(KvmIoEvents(vm.clone()));
-    for device in virtio_devices(cfg)? {
+    for device in virtio_devices(cfg, filters)? {
         let id = device.id().to_string();
         let transport = VirtioPciDevice::new(device, mem.clone(), msi.clone(), ioevents.clone())
             .map_err(|e| PciSetupError::Transport(id.clone(), e))?;

@@ -88,7 +88,7 @@ pub struct Vm {
     i8042: Arc<Mutex<I8042>>,
     first_output: Arc<AtomicBool>,
     control_path: Option<std::path::PathBuf>,
-    seccomp: bool,
+    filters: seccomp::Filters,
     _pci: PciSetup,
 }
 
@@ -233,7 +233,8 @@ impl Vm {
         for (port, len) in AcpiPm::RANGES {
             pio.insert(u64::from(port), u64::from(len), pm.clone())?;
         }
-        let pci = pci::setup(cfg, &vm_fd, &mem, &mut pio, &mut mmio)?;
+        let filters = seccomp::Filters::build(cfg.seccomp)?;
+        let pci = pci::setup(cfg, &vm_fd, &mem, &filters, &mut pio, &mut mmio)?;
 
         let rsdp = acpi::write_tables(
             &mem,
@@ -261,7 +262,7 @@ impl Vm {
             i8042: kbd,
             first_output,
             control_path: cfg.control_socket.clone(),
-            seccomp: cfg.seccomp,
+            filters,
             _pci: pci,
         })
     }
@@ -272,7 +273,7 @@ impl Vm {
         let control = Arc::new(VcpuControl::default());
         vcpu::register_kick_handler()
             .map_err(|e| VmError::Os("the vCPU kick signal handler", e))?;
-        let filters = seccomp::Filters::build(self.seccomp)?;
+        let filters = &self.filters;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (i, fd) in self.vcpus.into_iter().enumerate() {
             let (handler, control, exit) =
