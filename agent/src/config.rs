@@ -1,0 +1,257 @@
+//! The agent's TOML configuration (see `deploy/agent.example.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::machine::{Backoff, RestartPolicy};
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The agent's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's id, as the controller knows it.
+    pub host_id: String,
+    /// The availability zone the host is in.
+    pub availability_zone: String,
+    /// gRPC listen address, e.g. `127.0.0.1:7420`.
+    pub listen: SocketAddr,
+    /// Where specs, observed state, disks, consoles and images live.
+    pub state_dir: PathBuf,
+    /// vCPUs offered to instances.
+    pub vcpus: u32,
+    /// Guest memory offered to instances, in MiB (capped at host RAM minus
+    /// `reserved_memory_mib`).
+    pub memory_mib: u64,
+    /// Host memory kept for the host itself, in MiB.
+    #[serde(default = "default_reserved")]
+    pub reserved_memory_mib: u64,
+    /// The `ferro-vmm` binary.
+    pub vmm_path: PathBuf,
+    /// Host bridge the TAPs are attached to (until netd exists); none when
+    /// absent.
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// Prefix of the TAP names this agent creates (1 to 6 characters).
+    #[serde(default = "default_tap_prefix")]
+    pub tap_prefix: String,
+    /// cgroup parent under which the per-instance cgroups are created.
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+    /// cgroup filesystem root.
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// A console log is trimmed to about this many bytes.
+    #[serde(default = "default_console_limit")]
+    pub console_limit_bytes: u64,
+    /// Base kernel command line; an instance's extras are appended.
+    #[serde(default = "default_cmdline")]
+    pub kernel_cmdline: String,
+    /// Memory allowed to a VMM process beyond its guest memory, in MiB.
+    #[serde(default = "default_overhead")]
+    pub vmm_overhead_mib: u64,
+    /// Default graceful-stop timeout, in ms.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_ms: u32,
+    /// Restart policy defaults.
+    #[serde(default)]
+    pub restart: RestartConfig,
+    /// `FERRO_LOG` given to the VMMs (their only environment variable
+    /// besides `PATH`).
+    #[serde(default = "default_vmm_log")]
+    pub vmm_log: String,
+}
+
+/// Restart policy defaults.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartConfig {
+    /// Policy of instances that do not name one.
+    #[serde(default = "default_policy")]
+    pub policy: RestartPolicy,
+    /// First back-off delay, in ms; doubled per restart.
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base_ms: u64,
+    /// Largest back-off delay, in ms.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// A VMM that ran this long resets the back-off, in ms.
+    #[serde(default = "default_stable")]
+    pub stable_after_ms: u64,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        Self {
+            policy: default_policy(),
+            backoff_base_ms: default_backoff_base(),
+            backoff_max_ms: default_backoff_max(),
+            stable_after_ms: default_stable(),
+        }
+    }
+}
+
+impl RestartConfig {
+    /// The back-off parameters.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base_ms: self.backoff_base_ms,
+            max_ms: self.backoff_max_ms,
+            stable_ms: self.stable_after_ms,
+        }
+    }
+}
+
+fn default_reserved() -> u64 {
+    1024
+}
+fn default_tap_prefix() -> String {
+    "fc".into()
+}
+fn default_cgroup_parent() -> String {
+    "ferro".into()
+}
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+fn default_console_limit() -> u64 {
+    1 << 20
+}
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1".into()
+}
+fn default_overhead() -> u64 {
+    64
+}
+fn default_stop_timeout() -> u32 {
+    10_000
+}
+fn default_policy() -> RestartPolicy {
+    RestartPolicy::OnFailure
+}
+fn default_backoff_base() -> u64 {
+    1000
+}
+fn default_backoff_max() -> u64 {
+    60_000
+}
+fn default_stable() -> u64 {
+    60_000
+}
+fn default_vmm_log() -> String {
+    "warn".into()
+}
+
+impl AgentConfig {
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.host_id.is_empty() {
+            return bad("host_id is empty");
+        }
+        if self.vcpus == 0 || self.memory_mib == 0 {
+            return bad("vcpus and memory_mib must be positive");
+        }
+        let p = &self.tap_prefix;
+        if p.is_empty() || p.len() > 6 || !p.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return bad("tap_prefix must be 1 to 6 ASCII letters or digits");
+        }
+        if !self.state_dir.is_absolute() {
+            return bad("state_dir must be an absolute path");
+        }
+        if self.restart.backoff_base_ms == 0 {
+            return bad("restart.backoff_base_ms must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        host_id = "h1"
+        availability_zone = "az1"
+        listen = "127.0.0.1:7420"
+        state_dir = "/var/lib/ferro-agent"
+        vcpus = 8
+        memory_mib = 4096
+        vmm_path = "/usr/bin/ferro-vmm"
+    "#;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = AgentConfig::parse(MINIMAL).unwrap();
+        assert_eq!(c.tap_prefix, "fc");
+        assert_eq!(c.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(c.bridge, None);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = AgentConfig::parse(&format!("{MINIMAL}\nbogus = 1")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+        let e = AgentConfig::parse(&MINIMAL.replace("vcpus = 8", "vcpus = 0")).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)));
+        let text = format!("{MINIMAL}\ntap_prefix = \"toolong7\"");
+        assert!(AgentConfig::parse(&text).is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.example.toml");
+        AgentConfig::load(&path).unwrap();
+    }
+}

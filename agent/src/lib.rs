@@ -1,0 +1,106 @@
+//! `ferro-agent`: the per-host daemon that runs, watches and keeps
+//! instances (ferro-vmm microVMs) behind the `ferro.agent.v1` gRPC API.
+//!
+//! Layers, from the edge inwards:
+//! - [`service`]: the gRPC service; converts ([`convert`]) and delegates.
+//! - [`manager`]: the registry of instances, capacity accounting, create
+//!   and recovery after an agent restart.
+//! - [`supervisor`]: one task per instance carrying out what its state
+//!   machine decides.
+//! - [`machine`]: the sans-IO lifecycle (intent vs observed), unit-tested.
+//! - Host-facing helpers: [`process`] (spawn, pidfds, re-attach),
+//!   [`control`] (the VMM control socket), [`resources`] (cgroups, TAPs,
+//!   disks through `ferro-hostops`), [`console`] (bounded console logs),
+//!   [`persist`] (atomic JSON state), [`host`] (host facts), [`events`]
+//!   (the `WatchEvents` stream), [`config`] and [`spec`].
+//!
+//! VMMs run in their own sessions, so stopping or killing the agent never
+//! stops an instance; a restarted agent re-attaches to them.
+
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod convert;
+pub mod events;
+pub mod host;
+pub mod machine;
+pub mod manager;
+pub mod persist;
+pub mod process;
+pub mod resources;
+pub mod service;
+pub mod spec;
+pub mod supervisor;
+
+use ferro_proto::agent::v1::agent_server::AgentServer;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::AgentConfig;
+
+/// Errors that end the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The manager could not start.
+    #[error("cannot start the instance manager")]
+    Manager(#[from] manager::ManagerError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {0}")]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signal(#[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An error and its sources, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Run the agent until SIGTERM or SIGINT. Instances keep running after it
+/// returns. Prints `ferro-agent: listening on ADDR` once it serves.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let span = tracing::info_span!("agent", host_id = %cfg.host_id);
+    let _g = span.enter();
+    let listen = cfg.listen;
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let manager = manager::Manager::open(cfg).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| AgentError::Listen(listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| AgentError::Listen(listen, e))?;
+    tracing::info!(%addr, "serving");
+    println!("ferro-agent: listening on {addr}");
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down; instances keep running");
+    };
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(service::AgentService::new(manager)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

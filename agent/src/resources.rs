@@ -1,0 +1,223 @@
+//! What an instance owns on the host — its directory and disk files, its
+//! cgroup, its TAPs — created all-or-nothing at create and removed at
+//! delete, and the VMM command line that uses them.
+//!
+//! All of this is blocking `ferro-hostops` work: callers run it on the
+//! blocking thread pool.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use ferro_hostops::cgroup::{CgroupError, CgroupManager, Limits};
+use ferro_hostops::images::{ImageError, ImageStore};
+use ferro_hostops::tap::{self, TapError};
+
+use crate::config::AgentConfig;
+use crate::persist::InstancePaths;
+use crate::process::VmmCommand;
+use crate::spec::InstanceSpec;
+
+/// Errors preparing or removing an instance's resources.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// Directory or file error.
+    #[error("cannot create {path}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Image store error (disk copies).
+    #[error("disk preparation failed")]
+    Image(#[from] ImageError),
+    /// cgroup error.
+    #[error("cgroup operation failed")]
+    Cgroup(#[from] CgroupError),
+    /// TAP or bridge error.
+    #[error("TAP operation failed")]
+    Tap(#[from] TapError),
+    /// A TAP with the derived name exists already (another instance).
+    #[error("TAP {0} already exists")]
+    TapTaken(String),
+}
+
+/// The host-side pieces the agent needs for resources.
+pub struct Host<'a> {
+    /// Configuration.
+    pub cfg: &'a AgentConfig,
+    /// cgroups.
+    pub cgroups: &'a CgroupManager,
+    /// Images.
+    pub images: &'a ImageStore,
+}
+
+/// The TAP names of an instance.
+pub fn taps(cfg: &AgentConfig, spec: &InstanceSpec) -> Vec<String> {
+    (0..spec.nics.len())
+        .map(|i| spec.tap_name(&cfg.tap_prefix, i))
+        .collect()
+}
+
+impl Host<'_> {
+    /// Create everything `spec` owns. On failure, remove what was created.
+    pub fn prepare(&self, spec: &InstanceSpec, paths: &InstancePaths) -> Result<(), ResourceError> {
+        let mut created_taps = Vec::new();
+        let result = self.try_prepare(spec, paths, &mut created_taps);
+        if result.is_err() {
+            // Only what this call created: a TAP of the same name that
+            // existed before belongs to someone else.
+            for name in created_taps {
+                let _ = tap::delete_tap(&name);
+            }
+            self.remove_cgroup(&spec.id);
+            let _ = std::fs::remove_dir_all(&paths.dir);
+        }
+        result
+    }
+
+    fn try_prepare(
+        &self,
+        spec: &InstanceSpec,
+        paths: &InstancePaths,
+        created_taps: &mut Vec<String>,
+    ) -> Result<(), ResourceError> {
+        let mkdir = |p: &Path| {
+            std::fs::create_dir_all(p).map_err(|source| ResourceError::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        mkdir(&paths.dir)?;
+        mkdir(paths.socket.parent().unwrap_or(Path::new("/")))?;
+        let image = self.images.get(&spec.image_id)?;
+        if image.rootdisk.is_some() {
+            self.images
+                .clone_disk(&spec.image_id, &paths.disk("root"))?;
+        }
+        for d in &spec.disks {
+            self.images
+                .create_blank_disk(&paths.disk(&d.id), d.size_bytes)?;
+        }
+        if !spec.user_data.is_empty() {
+            let mut data = spec.user_data.clone();
+            data.resize(data.len().div_ceil(512) * 512, 0);
+            let p = paths.disk("user-data");
+            std::fs::write(&p, data).map_err(|source| ResourceError::Io { path: p, source })?;
+        }
+        self.cgroups.create(&spec.id, &self.limits(spec))?;
+        for name in taps(self.cfg, spec) {
+            if tap::tap_exists(&name) {
+                return Err(ResourceError::TapTaken(name));
+            }
+            tap::create_tap(&name)?;
+            created_taps.push(name.clone());
+            if let Some(bridge) = &self.cfg.bridge {
+                tap::attach_to_bridge(&name, bridge)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove everything `spec` owns (best effort, logged). The VMM must be
+    /// gone already; its cgroup may take a moment to empty.
+    pub fn teardown(&self, spec: &InstanceSpec, paths: &InstancePaths) {
+        for name in taps(self.cfg, spec) {
+            if tap::tap_exists(&name) {
+                if let Err(e) = tap::delete_tap(&name) {
+                    tracing::warn!(tap = name, error = %crate::chain(&e), "cannot delete TAP");
+                }
+            }
+        }
+        self.remove_cgroup(&spec.id);
+        let _ = std::fs::remove_file(&paths.socket);
+        if let Err(e) = std::fs::remove_dir_all(&paths.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %paths.dir.display(), error = %e, "cannot remove instance directory");
+            }
+        }
+    }
+
+    fn limits(&self, spec: &InstanceSpec) -> Limits {
+        Limits {
+            vcpus: spec.vcpus,
+            memory_bytes: (spec.memory_mib + self.cfg.vmm_overhead_mib) << 20,
+        }
+    }
+
+    /// Remove cgroup `id`, retrying for up to 2 s while it empties.
+    pub fn remove_cgroup(&self, id: &str) {
+        for attempt in 0.. {
+            match self.cgroups.remove(id) {
+                Ok(()) => return,
+                Err(CgroupError::Busy { .. }) if attempt < 200 => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    tracing::warn!(instance_id = id, error = %crate::chain(&e), "cannot remove cgroup");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The ferro-vmm command of `spec`.
+    pub fn vmm_command(
+        &self,
+        spec: &InstanceSpec,
+        paths: &InstancePaths,
+    ) -> Result<VmmCommand, ResourceError> {
+        let image = self.images.get(&spec.image_id)?;
+        let mut args: Vec<OsString> = Vec::new();
+        let mut arg = |k: &str, v: OsString| {
+            args.push(k.into());
+            args.push(v);
+        };
+        arg("--kernel", image.kernel.into_os_string());
+        if let Some(initrd) = image.initrd {
+            arg("--initrd", initrd.into_os_string());
+        }
+        let mut cmdline = self.cfg.kernel_cmdline.clone();
+        if !spec.cmdline_extra.is_empty() {
+            cmdline = format!("{cmdline} {}", spec.cmdline_extra);
+        }
+        arg("--cmdline", cmdline.into());
+        arg("--vcpus", spec.vcpus.to_string().into());
+        arg("--memory", spec.memory_mib.to_string().into());
+        let disk = |serial: &str, ro: bool| {
+            let mut s = OsString::from("path=");
+            s.push(paths.disk(serial));
+            s.push(format!(",id={serial}{}", if ro { ",ro=on" } else { "" }));
+            s
+        };
+        if image.rootdisk.is_some() {
+            arg("--disk", disk("root", false));
+        }
+        for d in &spec.disks {
+            arg("--disk", disk(&d.id, false));
+        }
+        if !spec.user_data.is_empty() {
+            arg("--disk", disk("user-data", true));
+        }
+        for (i, name) in taps(self.cfg, spec).iter().enumerate() {
+            arg("--net", format!("tap={name},mac={}", spec.mac(i)).into());
+        }
+        let mut serial = OsString::from("file:");
+        serial.push(paths.console());
+        arg("--serial", serial);
+        arg("--control-socket", paths.socket.clone().into_os_string());
+        // Idempotent: recreates the cgroup if it vanished.
+        let cgroup_procs = self
+            .cgroups
+            .create(&spec.id, &self.limits(spec))?
+            .procs_files_cstr();
+        Ok(VmmCommand {
+            binary: self.cfg.vmm_path.clone(),
+            args,
+            stderr_log: paths.vmm_log(),
+            cgroup_procs,
+            log_filter: self.cfg.vmm_log.clone(),
+        })
+    }
+}

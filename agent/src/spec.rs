@@ -1,0 +1,272 @@
+//! An instance's spec, validated, as the agent persists it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::RestartPolicy;
+
+/// Largest vCPU count ferro-vmm accepts.
+pub const MAX_VCPUS: u32 = 32;
+/// Smallest guest memory ferro-vmm accepts, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Largest user-data, in bytes.
+pub const MAX_USER_DATA: usize = 16 * 1024;
+/// Largest extra disk, in bytes.
+pub const MAX_DISK_BYTES: u64 = 1 << 40;
+/// ferro-vmm's limit on disks plus NICs (PCI slots left).
+pub const MAX_DEVICES: usize = 30;
+
+/// Why a spec is refused (`INVALID_ARGUMENT`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// Bad instance id.
+    #[error("instance id must be 1 to 64 of [A-Za-z0-9_.-] and not start with '.': {0:?}")]
+    Id(String),
+    /// vCPUs out of range.
+    #[error("vcpus must be 1 to {MAX_VCPUS}, got {0}")]
+    Vcpus(u32),
+    /// Memory too small.
+    #[error("memory_mib must be at least {MIN_MEMORY_MIB}, got {0}")]
+    Memory(u64),
+    /// No image named.
+    #[error("image_id is empty")]
+    NoImage,
+    /// Bad disk.
+    #[error("disk {index}: {problem}")]
+    Disk {
+        /// Position in the spec.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Bad MAC.
+    #[error("nic {index}: invalid MAC {mac:?} (want a unicast aa:bb:cc:dd:ee:ff)")]
+    Mac {
+        /// Position in the spec.
+        index: usize,
+        /// The value given.
+        mac: String,
+    },
+    /// Too many devices.
+    #[error("at most {MAX_DEVICES} disks and NICs in total")]
+    TooManyDevices,
+    /// User data too large.
+    #[error("user_data is {0} bytes, more than {MAX_USER_DATA}")]
+    UserData(usize),
+    /// Command line extras that would break the VMM's command line.
+    #[error("cmdline_extra must be printable ASCII without newlines")]
+    Cmdline,
+}
+
+/// A blank extra disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Serial the guest sees.
+    pub id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+/// A NIC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// MAC, lowercase with colons.
+    pub mac: String,
+}
+
+/// An instance's immutable spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Unique id on this host.
+    pub id: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Registered image.
+    pub image_id: String,
+    /// Extra blank disks.
+    pub disks: Vec<DiskSpec>,
+    /// NICs.
+    pub nics: Vec<NicSpec>,
+    /// Data given to the guest as a read-only disk.
+    pub user_data: Vec<u8>,
+    /// Appended to the base kernel command line.
+    pub cmdline_extra: String,
+    /// Restart policy (defaults already applied).
+    pub restart_policy: RestartPolicy,
+}
+
+/// Whether `id` is a valid instance or image id.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn valid_serial(s: &str) -> bool {
+    (1..=20).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        && s != "root"
+        && s != "user-data"
+}
+
+/// Parse a MAC and check it is unicast.
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && out[0] & 1 == 0).then_some(out)
+}
+
+impl InstanceSpec {
+    /// Check every field; the first problem wins.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !valid_id(&self.id) {
+            return Err(SpecError::Id(self.id.clone()));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(SpecError::Vcpus(self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(SpecError::Memory(self.memory_mib));
+        }
+        if self.image_id.is_empty() {
+            return Err(SpecError::NoImage);
+        }
+        self.validate_disks()?;
+        for (index, nic) in self.nics.iter().enumerate() {
+            if !nic.mac.is_empty() && parse_mac(&nic.mac).is_none() {
+                let mac = nic.mac.clone();
+                return Err(SpecError::Mac { index, mac });
+            }
+        }
+        if self.disks.len() + self.nics.len() + 2 > MAX_DEVICES {
+            return Err(SpecError::TooManyDevices);
+        }
+        if self.user_data.len() > MAX_USER_DATA {
+            return Err(SpecError::UserData(self.user_data.len()));
+        }
+        if !self
+            .cmdline_extra
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b))
+        {
+            return Err(SpecError::Cmdline);
+        }
+        Ok(())
+    }
+
+    fn validate_disks(&self) -> Result<(), SpecError> {
+        for (index, d) in self.disks.iter().enumerate() {
+            let problem = if !valid_serial(&d.id) {
+                "id must be 1 to 20 of [A-Za-z0-9_-], not \"root\" or \"user-data\""
+            } else if d.size_bytes == 0 || d.size_bytes % 512 != 0 || d.size_bytes > MAX_DISK_BYTES
+            {
+                "size_bytes must be a positive multiple of 512, at most 1 TiB"
+            } else if self.disks[..index].iter().any(|o| o.id == d.id) {
+                "duplicate id"
+            } else {
+                continue;
+            };
+            return Err(SpecError::Disk {
+                index,
+                problem: problem.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The MAC of NIC `index`: the given one, or one derived from the id.
+    pub fn mac(&self, index: usize) -> String {
+        let given = &self.nics[index].mac;
+        if !given.is_empty() {
+            return given.to_ascii_lowercase();
+        }
+        let h = fnv32(&self.id).to_be_bytes();
+        format!(
+            "0a:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            h[0], h[1], h[2], h[3], index as u8
+        )
+    }
+
+    /// The TAP name of NIC `index` with this agent's `prefix` (≤ 6 bytes):
+    /// prefix, 8 hex digits of the id's hash, the index as one base-36
+    /// digit — at most 15 bytes.
+    pub fn tap_name(&self, prefix: &str, index: usize) -> String {
+        let digit = char::from_digit(index as u32 % 36, 36).unwrap_or('0');
+        format!("{prefix}{:08x}{digit}", fnv32(&self.id))
+    }
+}
+
+/// FNV-1a 32 of a string: short, stable names derived from ids.
+fn fnv32(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            id: "vm-1".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            image_id: "guest".into(),
+            disks: vec![],
+            nics: vec![NicSpec { mac: String::new() }],
+            user_data: vec![],
+            cmdline_extra: "ferro.exit=idle".into(),
+            restart_policy: RestartPolicy::Never,
+        }
+    }
+
+    #[test]
+    fn good_spec_passes() {
+        spec().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut s = spec();
+        s.vcpus = 0;
+        assert_eq!(s.validate(), Err(SpecError::Vcpus(0)));
+        let mut s = spec();
+        s.id = "../x".into();
+        assert!(matches!(s.validate(), Err(SpecError::Id(_))));
+        let mut s = spec();
+        s.memory_mib = 1;
+        assert_eq!(s.validate(), Err(SpecError::Memory(1)));
+        let mut s = spec();
+        s.nics[0].mac = "01:00:00:00:00:01".into();
+        assert!(matches!(s.validate(), Err(SpecError::Mac { .. })));
+        let mut s = spec();
+        s.disks = vec![DiskSpec {
+            id: "root".into(),
+            size_bytes: 512,
+        }];
+        assert!(matches!(s.validate(), Err(SpecError::Disk { .. })));
+        let mut s = spec();
+        s.cmdline_extra = "a\nb".into();
+        assert_eq!(s.validate(), Err(SpecError::Cmdline));
+    }
+
+    #[test]
+    fn derived_names_fit() {
+        let s = spec();
+        let tap = s.tap_name("fc1234", 23);
+        assert!(tap.len() <= 15, "{tap}");
+        assert!(parse_mac(&s.mac(0)).is_some());
+    }
+}

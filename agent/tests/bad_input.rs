@@ -1,0 +1,192 @@
+//! Bad requests get a clear gRPC status, and a failed create leaves
+//! nothing behind.
+
+mod common;
+
+use common::*;
+use ferro_proto::agent::v1 as pb;
+use tonic::Code;
+
+async fn create_err(
+    c: &mut pb::agent_client::AgentClient<tonic::transport::Channel>,
+    spec: pb::InstanceSpec,
+) -> tonic::Status {
+    c.create_instance(pb::CreateInstanceRequest { spec: Some(spec) })
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_status_codes() {
+    let agent = Agent::start("bad", "tb01", "");
+    let mut c = agent.client().await;
+    agent.register_guest(&mut c).await;
+
+    let mut s = guest_spec("zero");
+    s.vcpus = 0;
+    let e = create_err(&mut c, s).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("vcpus"), "{}", e.message());
+
+    let mut s = guest_spec("huge");
+    s.memory_mib = 1 << 20;
+    let e = create_err(&mut c, s).await;
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("MiB"), "{}", e.message());
+
+    let mut s = guest_spec("noimg");
+    s.image_id = "nope".into();
+    let e = create_err(&mut c, s).await;
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("nope"), "{}", e.message());
+
+    let mut s = guest_spec("badmac");
+    s.nics = vec![pb::NicSpec { mac: "zz".into() }];
+    assert_eq!(create_err(&mut c, s).await.code(), Code::InvalidArgument);
+    assert_eq!(
+        create_err(&mut c, guest_spec("../etc")).await.code(),
+        Code::InvalidArgument
+    );
+    let e = c
+        .create_instance(pb::CreateInstanceRequest { spec: None })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    c.create_instance(pb::CreateInstanceRequest {
+        spec: Some(guest_spec("dup")),
+    })
+    .await
+    .unwrap();
+    let e = create_err(&mut c, guest_spec("dup")).await;
+    assert_eq!(e.code(), Code::AlreadyExists);
+
+    // Wrong state.
+    let e = c
+        .stop_instance(pb::StopInstanceRequest {
+            id: "dup".into(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    let e = c
+        .reboot_instance(pb::RebootInstanceRequest {
+            id: "dup".into(),
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    c.start_instance(pb::StartInstanceRequest { id: "dup".into() })
+        .await
+        .unwrap();
+    let e = c
+        .start_instance(pb::StartInstanceRequest { id: "dup".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("Running"), "{}", e.message());
+
+    let e = c
+        .get_instance(pb::GetInstanceRequest { id: "ghost".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .delete_instance(pb::DeleteInstanceRequest { id: "ghost".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Images.
+    let e = c
+        .register_image(pb::RegisterImageRequest {
+            id: "guest".into(),
+            kernel_path: guest_elf().display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = c
+        .register_image(pb::RegisterImageRequest {
+            id: "x".into(),
+            kernel_path: "/nonexistent/vmlinux".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let images = c
+        .list_images(pb::ListImagesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].kernel_sha256.len(), 64);
+
+    c.delete_instance(pb::DeleteInstanceRequest { id: "dup".into() })
+        .await
+        .unwrap();
+    agent.assert_nothing_left();
+}
+
+/// The TAP name the agent derives (prefix + FNV-1a 32 of the id + index).
+fn tap_name(prefix: &str, id: &str, index: usize) -> String {
+    let h = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{prefix}{h:08x}{index:x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_failed_create_leaves_nothing_behind() {
+    let agent = Agent::start("rollbk", "tb02", "");
+    let mut c = agent.client().await;
+    agent.register_guest(&mut c).await;
+    // Occupy the name of the second NIC's TAP: the create fails after its
+    // disk, cgroup and first TAP exist.
+    let taken = tap_name("tb02", "vm", 1);
+    sh(&["ip", "tuntap", "add", "dev", &taken, "mode", "tap"]);
+    let mut s = guest_spec("vm");
+    s.nics = vec![pb::NicSpec::default(), pb::NicSpec::default()];
+    s.disks = vec![pb::DiskSpec {
+        id: "data".into(),
+        size_bytes: 1 << 20,
+    }];
+    let e = create_err(&mut c, s).await;
+    assert!(e.message().contains(&taken), "{}", e.message());
+    assert_eq!(
+        agent.taps(),
+        vec![taken.clone()],
+        "only the foreign TAP remains"
+    );
+    sh(&["ip", "link", "del", &taken]);
+    let h = c
+        .host_info(pb::HostInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((h.instances, h.vcpus_allocated), (0, 0));
+    agent.assert_nothing_left();
+    // The id is free again.
+    launch(&mut c, guest_spec("vm")).await;
+    c.delete_instance(pb::DeleteInstanceRequest { id: "vm".into() })
+        .await
+        .unwrap();
+    agent.assert_nothing_left();
+}
+
+fn sh(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
