@@ -4,12 +4,11 @@
 //!
 //! These tests need KVM and root. They never skip: a missing precondition
 //! fails the test with a message naming it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ferro_proto::agent::v1 as pb;
@@ -18,62 +17,11 @@ use tonic::transport::Channel;
 
 pub use pb::InstanceState as S;
 
-/// Fail unless this process can use KVM, as root.
-pub fn require_kvm_root() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "precondition missing: /dev/kvm does not exist (KVM is required for this test)"
-    );
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "precondition missing: this test must run as root");
-}
-
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Build (once) and return the test guest's ELF.
-pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(root().join("tests/guest/build.sh"))
-            .output()
-            .expect("cannot run tests/guest/build.sh");
-        assert!(
-            out.status.success(),
-            "building the test guest failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let path = PathBuf::from(stdout.trim().lines().last().unwrap());
-        assert!(path.exists(), "test guest not found at {}", path.display());
-        path
-    })
-    .clone()
-}
+pub use ferro_testkit::{guest_elf, require_kvm_root};
 
 /// Build (once) and return the ferro-vmm binary of this workspace.
 pub fn vmm_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "ferro-vmm", "--bin", "ferro-vmm"])
-            .current_dir(root())
-            .status()
-            .expect("cannot run cargo build -p ferro-vmm");
-        assert!(st.success(), "building ferro-vmm failed");
-        let p = root().join("target/debug/ferro-vmm");
-        assert!(p.exists(), "ferro-vmm not found at {}", p.display());
-        p
-    })
-    .clone()
+    ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm")
 }
 
 /// A `ferro-agent` process under test, isolated by `name`.

@@ -4,83 +4,17 @@
 //!
 //! These tests need KVM and root. They never skip: a missing precondition
 //! fails the test with a message naming it.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Fail unless this process can use KVM, as root.
-pub fn require_kvm_root() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "precondition missing: /dev/kvm does not exist (KVM is required for this test)"
-    );
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "precondition missing: this test must run as root");
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .expect("precondition missing: cannot open /dev/kvm read-write");
-}
-
-/// The workspace root.
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Build (once) and return the test guest's ELF.
-pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(root().join("tests/guest/build.sh"))
-            .output()
-            .expect("cannot run tests/guest/build.sh");
-        assert!(
-            out.status.success(),
-            "building the test guest failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .lines()
-                .last()
-                .unwrap(),
-        );
-        assert!(path.exists(), "test guest not found at {}", path.display());
-        path
-    })
-    .clone()
-}
-
-/// Debian's stock kernel (ELF), unpacked by `deploy/install-deps.sh`.
-pub fn stock_vmlinux() -> PathBuf {
-    let p = root().join("target/guest-kernel/vmlinux");
-    assert!(
-        p.exists(),
-        "precondition missing: {} (run deploy/install-deps.sh)",
-        p.display()
-    );
-    p
-}
-
-/// A scratch directory unique to one test.
-pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferro-test-{}-{}", name, std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+pub use ferro_testkit::{
+    fnv64, guest_elf, guest_write_pattern, require_kvm_root, scratch, stock_vmlinux,
+};
 
 /// A running `ferro-vmm` process whose console goes to a file.
 pub struct Vmm {
@@ -311,21 +245,4 @@ impl Drop for TapNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
-}
-
-/// FNV-1a 64 of `data`, as the test guest prints it.
-pub fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The 4096 bytes the test guest writes at sector 0.
-pub fn guest_write_pattern() -> Vec<u8> {
-    let mut v: Vec<u8> = (0..4096).map(|i| (i as u8) ^ 0x5a).collect();
-    v[..16].copy_from_slice(&b"FERRO-GUEST-WROTE"[..16]);
-    v
 }

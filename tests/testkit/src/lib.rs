@@ -1,0 +1,138 @@
+//! Fixtures shared by the integration tests of every Ferrocloud crate.
+//!
+//! Tests that need KVM, root or the stock kernel never skip: a missing
+//! precondition fails the test with a message naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// Fail unless this process can use KVM, as root.
+pub fn require_kvm_root() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "precondition missing: /dev/kvm does not exist (KVM is required for this test)"
+    );
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "precondition missing: this test must run as root");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .expect("precondition missing: cannot open /dev/kvm read-write");
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("tests/testkit sits two levels below the workspace root")
+        .to_path_buf()
+}
+
+/// The profile directory the running test binary was built into
+/// (`<target>/debug`), wherever the target directory is.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot locate the test binary");
+    // <target>/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Build (once per test process) and return binary `bin` of `package`.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    let path = profile_dir().join(bin);
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", package, "--bin", bin])
+            .current_dir(workspace_root())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo build -p {package}: {e}"));
+        assert!(status.success(), "building {bin} failed");
+        built.push(bin.to_string());
+    }
+    assert!(path.exists(), "{bin} not found at {}", path.display());
+    path
+}
+
+/// Build (once) and return the project's test guest ELF.
+pub fn guest_elf() -> PathBuf {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("tests/guest/build.sh"))
+            .output()
+            .expect("cannot run tests/guest/build.sh");
+        assert!(
+            out.status.success(),
+            "building the test guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = PathBuf::from(stdout.trim().lines().last().unwrap_or_default());
+        assert!(path.exists(), "test guest not found at {}", path.display());
+        path
+    })
+    .clone()
+}
+
+/// Debian's stock kernel (ELF), unpacked by `deploy/install-deps.sh`.
+pub fn stock_vmlinux() -> PathBuf {
+    let p = workspace_root().join("target/guest-kernel/vmlinux");
+    assert!(
+        p.exists(),
+        "precondition missing: {} (run deploy/install-deps.sh)",
+        p.display()
+    );
+    p
+}
+
+/// A fresh scratch directory unique to one test of this process.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferro-test-{}-{}", name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("cannot create a scratch directory");
+    d
+}
+
+/// FNV-1a 64 of `data`, as the test guest prints it.
+pub fn fnv64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The 4096 bytes the test guest writes at sector 0 (docs/test-guest.md).
+pub fn guest_write_pattern() -> Vec<u8> {
+    let mut v: Vec<u8> = (0..4096).map(|i| (i as u8) ^ 0x5a).collect();
+    v[..16].copy_from_slice(&b"FERRO-GUEST-WROTE"[..16]);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_and_pattern_match_the_guest_contract() {
+        assert_eq!(fnv64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let p = guest_write_pattern();
+        assert_eq!(&p[..16], b"FERRO-GUEST-WROT");
+        assert_eq!(p[16], 16 ^ 0x5a);
+    }
+
+    #[test]
+    fn workspace_root_has_the_manifest() {
+        assert!(workspace_root().join("Cargo.toml").exists());
+        assert!(workspace_root().join("tests/guest/build.sh").exists());
+    }
+}
