@@ -7,6 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ferro/agent/v1/instance.proto",
         "proto/ferro/agent/v1/image.proto",
         "proto/ferro/agent/v1/host.proto",
+        "proto/ferro/raft/v1/raft.proto",
+        "proto/ferro/compute/v1/compute.proto",
+        "proto/ferro/compute/v1/common.proto",
+        "proto/ferro/compute/v1/cluster.proto",
+        "proto/ferro/compute/v1/instance.proto",
+        "proto/ferro/compute/v1/host.proto",
+        "proto/ferro/compute/v1/image.proto",
+        "proto/ferro/compute/v1/keypair.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

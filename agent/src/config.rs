@@ -87,6 +87,22 @@ pub struct AgentConfig {
     /// besides `PATH`).
     #[serde(default = "default_vmm_log")]
     pub vmm_log: String,
+    /// The controller to heartbeat to, e.g. `http://10.0.0.1:7400`; no
+    /// heartbeats when absent.
+    #[serde(default)]
+    pub controller: Option<String>,
+    /// The API key the heartbeats carry (required with `controller`).
+    #[serde(default)]
+    pub controller_api_key: Option<String>,
+    /// How often to heartbeat, in ms (the controller may ask for another
+    /// interval).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    /// The URL the controller reaches this agent at; defaults to
+    /// `http://<listen>` (an unspecified IP is replaced by the controller
+    /// with the heartbeat's source address).
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 /// Restart policy defaults.
@@ -168,6 +184,9 @@ fn default_stable() -> u64 {
 fn default_vmm_log() -> String {
     "warn".into()
 }
+fn default_heartbeat() -> u64 {
+    1000
+}
 
 impl AgentConfig {
     /// Read and validate `path`.
@@ -210,6 +229,12 @@ impl AgentConfig {
         if !self.state_dir.is_absolute() {
             return bad("state_dir must be an absolute path");
         }
+        if self.controller.is_some() && self.controller_api_key.is_none() {
+            return bad("controller_api_key is required with controller");
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return bad("heartbeat_interval_ms must be positive");
+        }
         if self.restart.backoff_base_ms == 0 {
             return bad("restart.backoff_base_ms must be positive");
         }
@@ -247,6 +272,17 @@ mod tests {
         assert!(matches!(e, ConfigError::Invalid(_)));
         let text = format!("{MINIMAL}\ntap_prefix = \"toolong7\"");
         assert!(AgentConfig::parse(&text).is_err());
+    }
+
+    #[test]
+    fn controller_needs_a_key() {
+        let text = format!("{MINIMAL}\ncontroller = \"http://127.0.0.1:7400\"");
+        assert!(matches!(
+            AgentConfig::parse(&text),
+            Err(ConfigError::Invalid(_))
+        ));
+        let c = AgentConfig::parse(&format!("{text}\ncontroller_api_key = \"fk_x\"")).unwrap();
+        assert_eq!(c.heartbeat_interval_ms, 1000);
     }
 
     #[test]

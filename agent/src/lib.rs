@@ -13,6 +13,7 @@
 //!   disks through `ferro-hostops`), [`console`] (bounded console logs),
 //!   [`persist`] (atomic JSON state), [`host`] (host facts), [`events`]
 //!   (the `WatchEvents` stream), [`config`] and [`spec`].
+//! - [`heartbeat`]: reports to the controller when one is configured.
 //!
 //! VMMs run in their own sessions, so stopping or killing the agent never
 //! stops an instance; a restarted agent re-attaches to them.
@@ -22,6 +23,7 @@ pub mod console;
 pub mod control;
 pub mod convert;
 pub mod events;
+pub mod heartbeat;
 pub mod host;
 pub mod machine;
 pub mod manager;
@@ -98,9 +100,35 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
         tracing::info!("shutting down; instances keep running");
     };
-    tonic::transport::Server::builder()
+    let heartbeats = start_heartbeats(&manager, addr);
+    let served = tonic::transport::Server::builder()
         .add_service(AgentServer::new(service::AgentService::new(manager)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
+    served?;
     Ok(())
+}
+
+/// Start the heartbeat task when a controller is configured.
+fn start_heartbeats(
+    manager: &manager::Manager,
+    addr: std::net::SocketAddr,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let cfg = &manager.inner().cfg;
+    let controller = cfg.controller.clone()?;
+    let hb = heartbeat::Heartbeat {
+        controller,
+        api_key: cfg.controller_api_key.clone().unwrap_or_default(),
+        address: cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        interval: std::time::Duration::from_millis(cfg.heartbeat_interval_ms),
+    };
+    tracing::info!(controller = %hb.controller, "heartbeating");
+    let svc = service::AgentService::new(manager.clone());
+    Some(tokio::spawn(heartbeat::run(svc, hb)))
 }

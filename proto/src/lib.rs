@@ -13,3 +13,23 @@ pub mod agent {
         tonic::include_proto!("ferro.agent.v1");
     }
 }
+
+/// The controller's public API (`ferro.compute.v1`): instances, images, key
+/// pairs, placement groups, hosts, cluster membership and agent heartbeats.
+pub mod compute {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("ferro.compute.v1");
+    }
+}
+
+/// Replication traffic between controller nodes (`ferro.raft.v1`), used by
+/// `ferro-raft`.
+pub mod raft {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("ferro.raft.v1");
+    }
+}

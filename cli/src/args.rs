@@ -1,0 +1,296 @@
+//! The command tree (`ferro <area> <verb>`), parsed by clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Ferrocloud's command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "ferro", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Controller endpoint (http://host:port); overrides FERRO_ENDPOINT and
+    /// the config file.
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Configuration file (default ~/.config/ferro/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// The areas.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Virtual machines.
+    #[command(subcommand)]
+    Instances(Instances),
+    /// Hosts known to the controller.
+    #[command(subcommand)]
+    Hosts(ListOnly),
+    /// Kernel images.
+    #[command(subcommand)]
+    Images(Images),
+    /// Key pairs.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Controller cluster membership.
+    #[command(subcommand)]
+    Cluster(Cluster),
+    /// Availability zones.
+    #[command(subcommand)]
+    Azs(ListOnly),
+    /// Instance types.
+    #[command(subcommand)]
+    Types(ListOnly),
+    /// The all-in-one cloud on this machine: a controller, an agent and a
+    /// test instance.
+    Up(Up),
+}
+
+/// Areas that only list.
+#[derive(Debug, Subcommand)]
+pub enum ListOnly {
+    /// List them.
+    List,
+}
+
+/// `--wait` and its timeout.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Wait {
+    /// Wait until the instances reach the target state.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait at most.
+    #[arg(long, default_value_t = 180, value_name = "SECS")]
+    pub timeout: u64,
+}
+
+/// Instance commands.
+#[derive(Debug, Subcommand)]
+pub enum Instances {
+    /// Launch instances.
+    Run(Run),
+    /// List instances.
+    List(ListInstances),
+    /// Show instances in detail.
+    Describe {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Start stopped instances.
+    Start {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        /// Waiting.
+        wait: Wait,
+    },
+    /// Stop running instances.
+    Stop {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Stop hard at once instead of asking the guest to shut down.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        /// Waiting.
+        wait: Wait,
+    },
+    /// Reboot running instances.
+    Reboot {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        /// Waiting.
+        wait: Wait,
+    },
+    /// Terminate instances (deletes them from their hosts).
+    Terminate {
+        /// Instance ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        /// Waiting.
+        wait: Wait,
+    },
+    /// Print an instance's serial console output.
+    Console {
+        /// Instance id.
+        id: String,
+    },
+}
+
+/// `ferro instances run`.
+#[derive(Debug, Args)]
+pub struct Run {
+    /// Image id or name.
+    #[arg(long)]
+    pub image: String,
+    /// Instance type, e.g. f1.small (see `ferro types list`).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub instance_type: String,
+    /// How many, 1 to 100.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    /// Availability zone; the scheduler picks when not given.
+    #[arg(long)]
+    pub az: Option<String>,
+    /// Key pair name.
+    #[arg(long)]
+    pub key_name: Option<String>,
+    /// File whose contents become the user-data disk (at most 16 KiB).
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// Placement group name.
+    #[arg(long)]
+    pub placement_group: Option<String>,
+    /// Spread over hosts instead of bin-packing.
+    #[arg(long)]
+    pub spread: bool,
+    /// Tag KEY=VALUE; repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Idempotency token; one is made up when not given, so retries at a
+    /// new leader never launch twice.
+    #[arg(long)]
+    pub client_token: Option<String>,
+    #[command(flatten)]
+    /// Waiting for `running`.
+    pub wait: Wait,
+}
+
+/// `ferro instances list` filters.
+#[derive(Debug, Args)]
+pub struct ListInstances {
+    /// Only instances in this state (pending, running, stopped, …); repeatable.
+    #[arg(long = "state")]
+    pub states: Vec<String>,
+    /// Only instances in this zone; repeatable.
+    #[arg(long = "az")]
+    pub azs: Vec<String>,
+    /// Only instances on this host; repeatable.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// Only instances with this tag (KEY or KEY=VALUE); repeatable.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+/// Image commands.
+#[derive(Debug, Subcommand)]
+pub enum Images {
+    /// Register an image whose files exist on every host.
+    Register {
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        /// Absolute path of the ELF vmlinux or bzImage.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Absolute path of an initrd.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Absolute path of a raw root disk.
+        #[arg(long)]
+        rootdisk: Option<PathBuf>,
+        /// Kernel command line extras for every instance of the image.
+        #[arg(long, default_value = "")]
+        cmdline_extra: String,
+        /// Tag KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List images.
+    List,
+    /// Deregister an image (id or name).
+    Deregister {
+        /// Image id or name.
+        image: String,
+    },
+}
+
+/// Key pair commands.
+#[derive(Debug, Subcommand)]
+pub enum Keys {
+    /// Create a key pair; prints the private key once.
+    Create {
+        /// Unique name.
+        name: String,
+    },
+    /// Import an OpenSSH public key.
+    Import {
+        /// Unique name.
+        name: String,
+        /// File holding the public key line.
+        #[arg(long, value_name = "FILE")]
+        public_key_file: PathBuf,
+    },
+    /// List key pairs.
+    List,
+    /// Delete a key pair.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// Cluster commands.
+#[derive(Debug, Subcommand)]
+pub enum Cluster {
+    /// Members and leader.
+    Status,
+    /// Add a controller node as a voter.
+    AddNode {
+        /// Its node id.
+        #[arg(long)]
+        node_id: u64,
+        /// Its gRPC address, host:port.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a controller node.
+    RemoveNode {
+        /// Its node id.
+        node_id: u64,
+    },
+}
+
+/// `ferro up`.
+#[derive(Debug, Clone, Args)]
+pub struct Up {
+    /// Where the controller and the agent keep their state and configs.
+    #[arg(long, default_value = "/var/lib/ferro", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Kernel of the test image; default: build the test guest
+    /// (`bash tests/guest/build.sh`, from the repository).
+    #[arg(long, value_name = "PATH")]
+    pub image_kernel: Option<PathBuf>,
+    /// Do everything, print the console, clean up and exit (for CI).
+    #[arg(long)]
+    pub demo: bool,
+    /// On Ctrl-C, leave the instance running (VMMs outlive their agent)
+    /// instead of terminating it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Seconds to wait for each step (daemons healthy, instance running).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub timeout: u64,
+}

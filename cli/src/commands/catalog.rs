@@ -1,0 +1,283 @@
+//! Hosts, images, key pairs, zones, instance types and the cluster.
+
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::cluster_client::ClusterClient;
+use ferro_proto::compute::v1::compute_client::ComputeClient;
+use serde_json::json;
+
+use super::{done, parse_tags, CommandError};
+use crate::args::{self, Format};
+use crate::client::{Client, ClientError};
+use crate::output::{self, print};
+use crate::table::Table;
+
+/// `ferro hosts …`.
+pub async fn hosts(client: &mut Client, format: Format) -> Result<(), CommandError> {
+    let mut req = pb::DescribeHostsRequest::default();
+    let mut all = Vec::new();
+    loop {
+        let resp = client
+            .call(|ch| {
+                let req = req.clone();
+                async move { ComputeClient::new(ch).describe_hosts(req).await }
+            })
+            .await?;
+        all.extend(resp.hosts);
+        if resp.next_token.is_empty() {
+            break;
+        }
+        req.next_token = resp.next_token;
+    }
+    let (t, j) = output::hosts(&all);
+    print(format, &t, &j);
+    Ok(())
+}
+
+/// `images register` as a request.
+pub fn register_request(
+    name: &str,
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    rootdisk: Option<&std::path::Path>,
+    cmdline_extra: &str,
+    tags: Vec<pb::Tag>,
+) -> pb::RegisterImageRequest {
+    let path = |p: Option<&std::path::Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
+    pb::RegisterImageRequest {
+        name: name.into(),
+        kernel_path: kernel.display().to_string(),
+        initrd_path: path(initrd),
+        rootdisk_path: path(rootdisk),
+        cmdline_extra: cmdline_extra.into(),
+        tags,
+    }
+}
+
+/// Registers an image.
+pub async fn register_image(
+    client: &mut Client,
+    req: pb::RegisterImageRequest,
+) -> Result<pb::Image, ClientError> {
+    client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).register_image(req).await }
+        })
+        .await
+}
+
+fn absolute(p: std::path::PathBuf) -> std::path::PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// `ferro images …`.
+pub async fn images(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Images,
+) -> Result<(), CommandError> {
+    match cmd {
+        args::Images::Register {
+            name,
+            kernel,
+            initrd,
+            rootdisk,
+            cmdline_extra,
+            tags,
+        } => {
+            let initrd = initrd.map(absolute);
+            let rootdisk = rootdisk.map(absolute);
+            let req = register_request(
+                &name,
+                &absolute(kernel),
+                initrd.as_deref(),
+                rootdisk.as_deref(),
+                &cmdline_extra,
+                parse_tags(&tags)?,
+            );
+            let img = register_image(client, req).await?;
+            let (t, _) = output::images(std::slice::from_ref(&img));
+            print(format, &t, &output::image_json(&img));
+        }
+        args::Images::List => {
+            let resp = client
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_images(pb::DescribeImagesRequest::default())
+                        .await
+                })
+                .await?;
+            let (t, j) = output::images(&resp.images);
+            print(format, &t, &j);
+        }
+        args::Images::Deregister { image } => {
+            let req = pb::DeregisterImageRequest {
+                image_id: image.clone(),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).deregister_image(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deregistered {image}"),
+                json!({"image_id": image}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ferro keys …`.
+pub async fn keys(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Keys,
+) -> Result<(), CommandError> {
+    match cmd {
+        args::Keys::Create { name } => {
+            let req = pb::CreateKeyPairRequest {
+                key_name: name,
+                tags: Vec::new(),
+            };
+            let resp = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).create_key_pair(req).await }
+                })
+                .await?;
+            let kp = resp.key_pair.unwrap_or_default();
+            match format {
+                Format::Json => {
+                    let mut j = output::key_json(&kp);
+                    j["private_key"] = resp.private_key.into();
+                    print(format, &Table::default(), &j);
+                }
+                Format::Table => {
+                    print!("{}", output::keys(std::slice::from_ref(&kp)).0);
+                    println!("private key (shown only now): {}", resp.private_key);
+                }
+            }
+        }
+        args::Keys::Import {
+            name,
+            public_key_file,
+        } => {
+            let text = std::fs::read_to_string(&public_key_file)
+                .map_err(|e| CommandError::ReadFile(public_key_file.clone(), e))?;
+            let req = pb::ImportKeyPairRequest {
+                key_name: name,
+                public_key: text.trim().to_string(),
+                tags: Vec::new(),
+            };
+            let kp = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).import_key_pair(req).await }
+                })
+                .await?;
+            let (t, _) = output::keys(std::slice::from_ref(&kp));
+            print(format, &t, &output::key_json(&kp));
+        }
+        args::Keys::List => {
+            let resp = client
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_key_pairs(pb::DescribeKeyPairsRequest::default())
+                        .await
+                })
+                .await?;
+            let (t, j) = output::keys(&resp.key_pairs);
+            print(format, &t, &j);
+        }
+        args::Keys::Delete { name } => {
+            let req = pb::DeleteKeyPairRequest {
+                key_name: name.clone(),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).delete_key_pair(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deleted key pair {name}"),
+                json!({"key_name": name}),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ferro cluster …`.
+pub async fn cluster(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Cluster,
+) -> Result<(), CommandError> {
+    let resp = match cmd {
+        args::Cluster::Status => {
+            client
+                .call(|ch| async move {
+                    ClusterClient::new(ch)
+                        .cluster_status(pb::ClusterStatusRequest {})
+                        .await
+                })
+                .await?
+        }
+        args::Cluster::AddNode { node_id, address } => {
+            let req = pb::AddNodeRequest {
+                member: Some(pb::ClusterMember { node_id, address }),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ClusterClient::new(ch).add_node(req).await }
+                })
+                .await?
+        }
+        args::Cluster::RemoveNode { node_id } => {
+            client
+                .call(|ch| async move {
+                    ClusterClient::new(ch)
+                        .remove_node(pb::RemoveNodeRequest { node_id })
+                        .await
+                })
+                .await?
+        }
+    };
+    let (t, j) = output::cluster(&resp);
+    print(format, &t, &j);
+    Ok(())
+}
+
+/// `ferro azs …`.
+pub async fn azs(client: &mut Client, format: Format) -> Result<(), CommandError> {
+    let resp = client
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_availability_zones(pb::DescribeAvailabilityZonesRequest {})
+                .await
+        })
+        .await?;
+    let (t, j) = output::azs(&resp.availability_zones);
+    print(format, &t, &j);
+    Ok(())
+}
+
+/// `ferro types …`.
+pub async fn types(client: &mut Client, format: Format) -> Result<(), CommandError> {
+    let resp = client
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_instance_types(pb::DescribeInstanceTypesRequest::default())
+                .await
+        })
+        .await?;
+    let (t, j) = output::types(&resp.instance_types);
+    print(format, &t, &j);
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! `ferro instances …`: launch, list, describe, change state (and wait
+//! for the target state), console.
+
+use std::io::Write;
+use std::time::Duration;
+
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::compute_client::ComputeClient;
+use serde_json::json;
+
+use super::{client_token, parse_tag, parse_tags, CommandError};
+use crate::args::{self, Format, Wait};
+use crate::client::{Client, ClientError};
+use crate::output::{self, print, state_name};
+use crate::spinner::{wait_for, Poll, Spinner};
+use crate::table::Table;
+
+/// How often `--wait` polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Runs an `instances` subcommand.
+pub async fn run(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Instances,
+) -> Result<(), CommandError> {
+    use args::Instances as I;
+    match cmd {
+        I::Run(r) => run_instances(client, format, r).await,
+        I::List(f) => list_instances(client, format, f).await,
+        I::Describe { ids } => describe(client, format, ids).await,
+        I::Start { ids, wait } => change(client, format, Verb::Start, ids, wait).await,
+        I::Stop { ids, force, wait } => {
+            change(client, format, Verb::Stop { force }, ids, wait).await
+        }
+        I::Reboot { ids, wait } => change(client, format, Verb::Reboot, ids, wait).await,
+        I::Terminate { ids, wait } => change(client, format, Verb::Terminate, ids, wait).await,
+        I::Console { id } => console(client, &id).await,
+    }
+}
+
+async fn run_instances(
+    client: &mut Client,
+    format: Format,
+    r: args::Run,
+) -> Result<(), CommandError> {
+    let user_data = match &r.user_data {
+        Some(p) => std::fs::read(p).map_err(|e| CommandError::ReadFile(p.clone(), e))?,
+        None => Vec::new(),
+    };
+    let req = pb::RunInstancesRequest {
+        count: r.count,
+        instance_type: r.instance_type,
+        image_id: r.image,
+        availability_zone: r.az.unwrap_or_default(),
+        key_name: r.key_name.unwrap_or_default(),
+        user_data,
+        placement_group: r.placement_group.unwrap_or_default(),
+        tags: parse_tags(&r.tags)?,
+        client_token: r.client_token.unwrap_or_else(client_token),
+        strategy: if r.spread {
+            pb::PlacementStrategy::Spread as i32
+        } else {
+            pb::PlacementStrategy::Unspecified as i32
+        },
+    };
+    let resp = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).run_instances(req).await }
+        })
+        .await?;
+    let ids: Vec<String> = resp
+        .instances
+        .iter()
+        .map(|i| i.instance_id.clone())
+        .collect();
+    let list = if r.wait.wait {
+        wait_state(client, &ids, pb::InstanceState::Running, r.wait).await?
+    } else {
+        resp.instances
+    };
+    let json = json!({
+        "reservation_id": resp.reservation_id,
+        "instances": list.iter().map(output::instance_json).collect::<Vec<_>>(),
+    });
+    print(format, &output::instances_table(&list), &json);
+    Ok(())
+}
+
+/// Every instance matching `req`, following `next_token`.
+pub async fn describe_all(
+    client: &mut Client,
+    mut req: pb::DescribeInstancesRequest,
+) -> Result<Vec<pb::Instance>, ClientError> {
+    let mut all = Vec::new();
+    loop {
+        let resp = client
+            .call(|ch| {
+                let req = req.clone();
+                async move { ComputeClient::new(ch).describe_instances(req).await }
+            })
+            .await?;
+        all.extend(resp.instances);
+        if resp.next_token.is_empty() {
+            return Ok(all);
+        }
+        req.next_token = resp.next_token;
+    }
+}
+
+async fn list_instances(
+    client: &mut Client,
+    format: Format,
+    f: args::ListInstances,
+) -> Result<(), CommandError> {
+    let states = f
+        .states
+        .iter()
+        .map(|s| {
+            output::parse_state(s)
+                .map(|st| st as i32)
+                .ok_or_else(|| CommandError::Usage(format!("--state {s}: unknown state")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tags = f
+        .tags
+        .iter()
+        .map(|t| {
+            parse_tag(t, true).map(|t| pb::TagFilter {
+                key: t.key,
+                value: t.value,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = pb::DescribeInstancesRequest {
+        states,
+        availability_zones: f.azs,
+        host_ids: f.hosts,
+        tags,
+        ..Default::default()
+    };
+    let list = describe_all(client, req).await?;
+    let json = list.iter().map(output::instance_json).collect();
+    print(
+        format,
+        &output::instances_table(&list),
+        &serde_json::Value::Array(json),
+    );
+    Ok(())
+}
+
+async fn describe(
+    client: &mut Client,
+    format: Format,
+    ids: Vec<String>,
+) -> Result<(), CommandError> {
+    let req = pb::DescribeInstancesRequest {
+        instance_ids: ids,
+        ..Default::default()
+    };
+    let list = describe_all(client, req).await?;
+    match format {
+        Format::Json => {
+            let json = list.iter().map(output::instance_json).collect();
+            print(format, &Table::default(), &serde_json::Value::Array(json));
+        }
+        Format::Table => {
+            let text: Vec<String> = list
+                .iter()
+                .map(|i| output::instance_detail(i).render())
+                .collect();
+            print!("{}", text.join("\n"));
+        }
+    }
+    Ok(())
+}
+
+/// A state change verb.
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Start,
+    Stop { force: bool },
+    Reboot,
+    Terminate,
+}
+
+impl Verb {
+    fn target(self) -> pb::InstanceState {
+        match self {
+            Verb::Start | Verb::Reboot => pb::InstanceState::Running,
+            Verb::Stop { .. } => pb::InstanceState::Stopped,
+            Verb::Terminate => pb::InstanceState::Terminated,
+        }
+    }
+}
+
+/// Calls Start/Stop/Reboot/TerminateInstances once for `ids`.
+async fn call_verb(
+    client: &mut Client,
+    verb: Verb,
+    ids: &[String],
+) -> Result<pb::InstanceStateChangesResponse, ClientError> {
+    let instance_ids = ids.to_vec();
+    client
+        .call(|ch| {
+            let instance_ids = instance_ids.clone();
+            async move {
+                let mut c = ComputeClient::new(ch);
+                match verb {
+                    Verb::Start => {
+                        c.start_instances(pb::StartInstancesRequest { instance_ids })
+                            .await
+                    }
+                    Verb::Stop { force } => {
+                        c.stop_instances(pb::StopInstancesRequest {
+                            instance_ids,
+                            force,
+                        })
+                        .await
+                    }
+                    Verb::Reboot => {
+                        c.reboot_instances(pb::RebootInstancesRequest { instance_ids })
+                            .await
+                    }
+                    Verb::Terminate => {
+                        c.terminate_instances(pb::TerminateInstancesRequest { instance_ids })
+                            .await
+                    }
+                }
+            }
+        })
+        .await
+}
+
+async fn change(
+    client: &mut Client,
+    format: Format,
+    verb: Verb,
+    ids: Vec<String>,
+    wait: Wait,
+) -> Result<(), CommandError> {
+    let resp = call_verb(client, verb, &ids).await?;
+    if wait.wait {
+        let list = wait_state(client, &ids, verb.target(), wait).await?;
+        let json = list.iter().map(output::instance_json).collect();
+        print(
+            format,
+            &output::instances_table(&list),
+            &serde_json::Value::Array(json),
+        );
+    } else {
+        let (t, j) = output::changes(&resp.changes);
+        print(format, &t, &j);
+    }
+    Ok(())
+}
+
+/// Terminates `ids` and waits until they are terminated.
+pub async fn terminate_and_wait(
+    client: &mut Client,
+    ids: &[String],
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    call_verb(client, Verb::Terminate, ids).await?;
+    let wait = Wait {
+        wait: true,
+        timeout: timeout.as_secs(),
+    };
+    wait_state(client, ids, pb::InstanceState::Terminated, wait).await?;
+    Ok(())
+}
+
+/// Polls until every instance in `ids` is in `target`, with a spinner.
+/// An instance that becomes `failed` (when the target is not
+/// `terminated`) ends the wait with its reason.
+pub async fn wait_state(
+    client: &mut Client,
+    ids: &[String],
+    target: pb::InstanceState,
+    wait: Wait,
+) -> Result<Vec<pb::Instance>, CommandError> {
+    let what = format!("{} to be {}", ids.join(", "), state_name(target as i32));
+    let mut spinner = Spinner::stderr();
+    let client = &*client;
+    wait_for(
+        &mut spinner,
+        &what,
+        Duration::from_secs(wait.timeout),
+        POLL_INTERVAL,
+        || {
+            let mut c = client.clone();
+            let req = pb::DescribeInstancesRequest {
+                instance_ids: ids.to_vec(),
+                ..Default::default()
+            };
+            async move { judge(describe_all(&mut c, req).await?, target) }
+        },
+    )
+    .await
+}
+
+/// Whether `list` has reached `target`, failed, or is still on its way.
+fn judge(
+    list: Vec<pb::Instance>,
+    target: pb::InstanceState,
+) -> Result<Poll<Vec<pb::Instance>>, CommandError> {
+    let failed = pb::InstanceState::Failed as i32;
+    if target != pb::InstanceState::Failed && target != pb::InstanceState::Terminated {
+        if let Some(i) = list.iter().find(|i| i.state == failed) {
+            return Err(CommandError::Failed {
+                id: i.instance_id.clone(),
+                reason: i.state_reason.clone(),
+            });
+        }
+    }
+    let pending: Vec<String> = list
+        .iter()
+        .filter(|i| i.state != target as i32)
+        .map(|i| format!("{}: {}", i.instance_id, state_name(i.state)))
+        .collect();
+    if pending.is_empty() {
+        Ok(Poll::Ready(list))
+    } else {
+        Ok(Poll::Pending(pending.join(", ")))
+    }
+}
+
+/// The raw console output of an instance.
+pub async fn console_bytes(client: &mut Client, id: &str) -> Result<Vec<u8>, ClientError> {
+    let req = pb::GetConsoleOutputRequest {
+        instance_id: id.into(),
+        max_bytes: 0,
+    };
+    let resp = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).get_console_output(req).await }
+        })
+        .await?;
+    Ok(resp.output)
+}
+
+async fn console(client: &mut Client, id: &str) -> Result<(), CommandError> {
+    let out = console_bytes(client, id).await?;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(&out);
+    let _ = stdout.flush();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, state: pb::InstanceState) -> pb::Instance {
+        pb::Instance {
+            instance_id: id.into(),
+            state: state as i32,
+            state_reason: "vmm exited with status 1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn judge_waits_for_all_and_stops_on_failure() {
+        use pb::InstanceState as S;
+        let r = judge(
+            vec![inst("i-1", S::Running), inst("i-2", S::Pending)],
+            S::Running,
+        )
+        .unwrap();
+        assert!(matches!(r, Poll::Pending(ref s) if s == "i-2: pending"));
+        let r = judge(vec![inst("i-1", S::Running)], S::Running).unwrap();
+        assert!(matches!(r, Poll::Ready(ref l) if l.len() == 1));
+        let e = judge(vec![inst("i-1", S::Failed)], S::Running).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "instance i-1 failed: vmm exited with status 1"
+        );
+        // Failed instances may still be terminated.
+        let r = judge(vec![inst("i-1", S::Failed)], S::Terminated).unwrap();
+        assert!(matches!(r, Poll::Pending(_)));
+    }
+}

@@ -1,0 +1,406 @@
+//! Printing results: an aligned [`Table`] for people or JSON for scripts,
+//! and the JSON/row views of the API's messages.
+
+use ferro_proto::compute::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::args::Format;
+use crate::table::Table;
+
+/// Prints `table` or `json` to stdout per `format`.
+pub fn print(format: Format, table: &Table, json: &Value) {
+    match format {
+        Format::Table => print!("{table}"),
+        Format::Json => println!("{}", serde_json::to_string_pretty(json).unwrap_or_default()),
+    }
+}
+
+/// `INSTANCE_STATE_SHUTTING_DOWN` → `shutting-down`, given the prefix.
+pub fn enum_name(full: &str, prefix: &str) -> String {
+    full.strip_prefix(prefix)
+        .unwrap_or(full)
+        .to_ascii_lowercase()
+        .replace('_', "-")
+}
+
+/// The user-facing name of an instance state.
+pub fn state_name(state: i32) -> String {
+    pb::InstanceState::try_from(state).map_or_else(
+        |_| format!("state-{state}"),
+        |s| enum_name(s.as_str_name(), "INSTANCE_STATE_"),
+    )
+}
+
+/// Parses a state name as [`state_name`] prints it.
+pub fn parse_state(name: &str) -> Option<pb::InstanceState> {
+    let full = format!(
+        "INSTANCE_STATE_{}",
+        name.to_ascii_uppercase().replace('-', "_")
+    );
+    pb::InstanceState::from_str_name(&full)
+}
+
+fn desired_name(v: i32) -> String {
+    pb::DesiredState::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |s| enum_name(s.as_str_name(), "DESIRED_STATE_"),
+    )
+}
+
+fn observed_name(v: i32) -> String {
+    pb::ObservedState::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |s| enum_name(s.as_str_name(), "OBSERVED_STATE_"),
+    )
+}
+
+fn health_name(v: i32) -> String {
+    pb::HostHealth::try_from(v).map_or_else(
+        |_| v.to_string(),
+        |s| enum_name(s.as_str_name(), "HOST_HEALTH_"),
+    )
+}
+
+/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC); `-` for 0.
+pub fn time(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day) (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+fn tags_json(tags: &[pb::Tag]) -> Value {
+    Value::Object(
+        tags.iter()
+            .map(|t| (t.key.clone(), Value::String(t.value.clone())))
+            .collect(),
+    )
+}
+
+fn tags_text(tags: &[pb::Tag]) -> String {
+    let v: Vec<String> = tags
+        .iter()
+        .map(|t| format!("{}={}", t.key, t.value))
+        .collect();
+    v.join(",")
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.into()
+    }
+}
+
+/// An instance as JSON.
+pub fn instance_json(i: &pb::Instance) -> Value {
+    json!({
+        "instance_id": i.instance_id,
+        "state": state_name(i.state),
+        "desired_state": desired_name(i.desired_state),
+        "observed_state": observed_name(i.observed_state),
+        "state_reason": i.state_reason,
+        "instance_type": i.instance_type,
+        "vcpus": i.vcpus,
+        "memory_mib": i.memory_mib,
+        "image_id": i.image_id,
+        "availability_zone": i.availability_zone,
+        "host_id": i.host_id,
+        "key_name": i.key_name,
+        "placement_group": i.placement_group,
+        "launch_time_ms": i.launch_time_ms,
+        "reservation_id": i.reservation_id,
+        "client_token": i.client_token,
+        "user_data_bytes": i.user_data_bytes,
+        "tags": tags_json(&i.tags),
+    })
+}
+
+/// Instances as a table, one row each.
+pub fn instances_table(list: &[pb::Instance]) -> Table {
+    let mut t = Table::new([
+        "INSTANCE", "STATE", "TYPE", "IMAGE", "AZ", "HOST", "LAUNCHED",
+    ]);
+    for i in list {
+        t.row([
+            i.instance_id.clone(),
+            state_name(i.state),
+            i.instance_type.clone(),
+            i.image_id.clone(),
+            dash(&i.availability_zone),
+            dash(&i.host_id),
+            time(i.launch_time_ms),
+        ]);
+    }
+    t
+}
+
+/// One instance in detail: a two-column FIELD/VALUE table.
+pub fn instance_detail(i: &pb::Instance) -> Table {
+    let mut t = Table::new(["FIELD", "VALUE"]);
+    let rows = [
+        ("instance", i.instance_id.clone()),
+        ("state", state_name(i.state)),
+        ("desired", desired_name(i.desired_state)),
+        ("observed", observed_name(i.observed_state)),
+        ("reason", dash(&i.state_reason)),
+        (
+            "type",
+            format!(
+                "{} ({} vCPU, {} MiB)",
+                i.instance_type, i.vcpus, i.memory_mib
+            ),
+        ),
+        ("image", i.image_id.clone()),
+        ("az", dash(&i.availability_zone)),
+        ("host", dash(&i.host_id)),
+        ("key", dash(&i.key_name)),
+        ("placement group", dash(&i.placement_group)),
+        ("launched", time(i.launch_time_ms)),
+        ("reservation", dash(&i.reservation_id)),
+        ("tags", dash(&tags_text(&i.tags))),
+    ];
+    for (k, v) in rows {
+        t.row([k.to_string(), v]);
+    }
+    t
+}
+
+/// State changes (start/stop/reboot/terminate answers).
+pub fn changes(list: &[pb::InstanceStateChange]) -> (Table, Value) {
+    let mut t = Table::new(["INSTANCE", "PREVIOUS", "CURRENT"]);
+    let mut j = Vec::new();
+    for c in list {
+        let (p, n) = (state_name(c.previous_state), state_name(c.current_state));
+        t.row([c.instance_id.clone(), p.clone(), n.clone()]);
+        j.push(json!({"instance_id": c.instance_id, "previous_state": p, "current_state": n}));
+    }
+    (t, Value::Array(j))
+}
+
+/// Hosts.
+pub fn hosts(list: &[pb::Host]) -> (Table, Value) {
+    let mut t = Table::new([
+        "HOST",
+        "AZ",
+        "HEALTH",
+        "VCPUS",
+        "MEMORY MIB",
+        "INSTANCES",
+        "ADDRESS",
+        "LAST SEEN",
+    ]);
+    let mut j = Vec::new();
+    for h in list {
+        let health = health_name(h.health);
+        t.row([
+            h.host_id.clone(),
+            h.availability_zone.clone(),
+            health.clone(),
+            format!("{}/{}", h.vcpus_allocated, h.vcpus_total),
+            format!("{}/{}", h.memory_allocated_mib, h.memory_total_mib),
+            h.instances.to_string(),
+            h.address.clone(),
+            time(h.last_seen_ms),
+        ]);
+        j.push(json!({
+            "host_id": h.host_id, "availability_zone": h.availability_zone,
+            "address": h.address, "health": health, "last_seen_ms": h.last_seen_ms,
+            "vcpus_total": h.vcpus_total, "memory_total_mib": h.memory_total_mib,
+            "vcpus_allocated": h.vcpus_allocated, "memory_allocated_mib": h.memory_allocated_mib,
+            "instances": h.instances, "cpu_model": h.cpu_model,
+            "agent_version": h.agent_version, "kvm_present": h.kvm_present,
+            "tags": tags_json(&h.tags),
+        }));
+    }
+    (t, Value::Array(j))
+}
+
+/// An image as JSON.
+pub fn image_json(i: &pb::Image) -> Value {
+    json!({
+        "image_id": i.image_id, "name": i.name, "kernel_path": i.kernel_path,
+        "initrd_path": i.initrd_path, "rootdisk_path": i.rootdisk_path,
+        "cmdline_extra": i.cmdline_extra, "created_at_ms": i.created_at_ms,
+        "registered_hosts": i.registered_hosts, "tags": tags_json(&i.tags),
+    })
+}
+
+/// Images.
+pub fn images(list: &[pb::Image]) -> (Table, Value) {
+    let mut t = Table::new([
+        "IMAGE",
+        "NAME",
+        "KERNEL",
+        "CMDLINE EXTRA",
+        "HOSTS",
+        "CREATED",
+    ]);
+    for i in list {
+        t.row([
+            i.image_id.clone(),
+            i.name.clone(),
+            i.kernel_path.clone(),
+            dash(&i.cmdline_extra),
+            i.registered_hosts.to_string(),
+            time(i.created_at_ms),
+        ]);
+    }
+    (t, Value::Array(list.iter().map(image_json).collect()))
+}
+
+/// A key pair as JSON.
+pub fn key_json(k: &pb::KeyPair) -> Value {
+    json!({
+        "key_name": k.key_name, "key_pair_id": k.key_pair_id, "fingerprint": k.fingerprint,
+        "public_key": k.public_key, "created_at_ms": k.created_at_ms, "tags": tags_json(&k.tags),
+    })
+}
+
+/// Key pairs.
+pub fn keys(list: &[pb::KeyPair]) -> (Table, Value) {
+    let mut t = Table::new(["NAME", "ID", "FINGERPRINT", "CREATED"]);
+    for k in list {
+        t.row([
+            k.key_name.clone(),
+            k.key_pair_id.clone(),
+            k.fingerprint.clone(),
+            time(k.created_at_ms),
+        ]);
+    }
+    (t, Value::Array(list.iter().map(key_json).collect()))
+}
+
+/// Availability zones.
+pub fn azs(list: &[pb::AvailabilityZone]) -> (Table, Value) {
+    let mut t = Table::new(["AZ", "REGION", "STATE", "HOSTS", "HEALTHY"]);
+    let mut j = Vec::new();
+    for z in list {
+        t.row([
+            z.name.clone(),
+            z.region.clone(),
+            z.state.clone(),
+            z.hosts.to_string(),
+            z.healthy_hosts.to_string(),
+        ]);
+        j.push(json!({"name": z.name, "region": z.region, "state": z.state,
+            "hosts": z.hosts, "healthy_hosts": z.healthy_hosts}));
+    }
+    (t, Value::Array(j))
+}
+
+/// Instance types.
+pub fn types(list: &[pb::InstanceType]) -> (Table, Value) {
+    let mut t = Table::new(["TYPE", "VCPUS", "MEMORY MIB"]);
+    let mut j = Vec::new();
+    for ty in list {
+        t.row([
+            ty.name.clone(),
+            ty.vcpus.to_string(),
+            ty.memory_mib.to_string(),
+        ]);
+        j.push(json!({"name": ty.name, "vcpus": ty.vcpus, "memory_mib": ty.memory_mib}));
+    }
+    (t, Value::Array(j))
+}
+
+/// Cluster status.
+pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
+    let leader = s.leader.as_ref().map(|l| l.node_id);
+    let mut t = Table::new(["NODE", "ADDRESS", "ROLE"]);
+    for m in &s.members {
+        let mut role = if Some(m.node_id) == leader {
+            "leader"
+        } else {
+            "follower"
+        }
+        .to_string();
+        if m.node_id == s.node_id {
+            role.push_str(" (answered)");
+        }
+        t.row([m.node_id.to_string(), m.address.clone(), role]);
+    }
+    let member = |m: &pb::ClusterMember| json!({"node_id": m.node_id, "address": m.address});
+    let j = json!({
+        "node_id": s.node_id,
+        "replicated": s.replicated,
+        "leader": s.leader.as_ref().map(member),
+        "members": s.members.iter().map(member).collect::<Vec<_>>(),
+    });
+    (t, j)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        assert_eq!(
+            state_name(pb::InstanceState::ShuttingDown as i32),
+            "shutting-down"
+        );
+        assert_eq!(state_name(pb::InstanceState::Running as i32), "running");
+        assert_eq!(
+            parse_state("shutting-down"),
+            Some(pb::InstanceState::ShuttingDown)
+        );
+        assert_eq!(parse_state("Running"), Some(pb::InstanceState::Running));
+        assert_eq!(parse_state("bogus"), None);
+        assert_eq!(state_name(99), "state-99");
+    }
+
+    #[test]
+    fn times_are_utc() {
+        assert_eq!(time(0), "-");
+        assert_eq!(time(1_000), "1970-01-01T00:00:01Z");
+        assert_eq!(time(1_795_000_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(time(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn instance_table_and_json() {
+        let i = pb::Instance {
+            instance_id: "i-0000000000000001".into(),
+            instance_type: "f1.small".into(),
+            image_id: "img-1".into(),
+            state: pb::InstanceState::Pending as i32,
+            tags: vec![pb::Tag {
+                key: "env".into(),
+                value: "ci".into(),
+            }],
+            ..Default::default()
+        };
+        let t = instances_table(std::slice::from_ref(&i)).render();
+        assert_eq!(
+            t,
+            "INSTANCE            STATE    TYPE      IMAGE  AZ  HOST  LAUNCHED\n\
+             i-0000000000000001  pending  f1.small  img-1  -   -     -\n"
+        );
+        let j = instance_json(&i);
+        assert_eq!(j["state"], "pending");
+        assert_eq!(j["tags"]["env"], "ci");
+    }
+}

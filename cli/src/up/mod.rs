@@ -1,0 +1,535 @@
+//! `ferro up`: the all-in-one cloud on this machine.
+//!
+//! Starts a single-node `ferro-controller` and one `ferro-agent` as child
+//! processes (binaries next to `ferro`), with the configs it writes under
+//! the data directory ([`files`]); waits until both are healthy; registers
+//! the test guest as an image whose command line has `ferro.exit=idle`;
+//! launches an instance, waits for `running`, describes it and prints its
+//! console. Then it stays in the foreground until Ctrl-C (or SIGTERM),
+//! terminates what it launched (unless `--keep`) and stops both daemons.
+//! With `--demo` it does not wait for Ctrl-C.
+
+pub mod agent;
+pub mod files;
+pub mod host;
+pub mod supervise;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::compute_client::ComputeClient;
+
+use crate::args::Up;
+use crate::client::{Client, ClientError};
+use crate::commands::{self, CommandError};
+use crate::config::Config;
+use crate::spinner::Spinner;
+use files::Layout;
+use host::{guest_kernel, preflight, Binaries};
+use supervise::{Daemon, SuperviseError};
+
+/// The name the test guest is registered under.
+pub const IMAGE_NAME: &str = "ferro-test-guest";
+/// Kernel command line extras of the test image: stay up after the self-test.
+pub const IMAGE_CMDLINE: &str = "ferro.exit=idle";
+/// The guest's console line that ends its self-test.
+pub const SELFTEST_DONE: &str = "ferro-guest: selftest done";
+/// How long a daemon gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// Why `ferro up` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// Not root or no usable /dev/kvm.
+    #[error("ferro up needs {0}")]
+    Preflight(String),
+    /// A binary is not next to `ferro`.
+    #[error("{} not found (build it: cargo build -p {package})", .0.display(), package = .1)]
+    MissingBinary(PathBuf, &'static str),
+    /// The test guest could not be found or built.
+    #[error("cannot get the test guest kernel: {0}")]
+    Guest(String),
+    /// The data directory.
+    #[error(transparent)]
+    Files(#[from] files::FilesError),
+    /// A daemon.
+    #[error(transparent)]
+    Daemon(#[from] SuperviseError),
+    /// A call to the controller.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// Something did not happen in time.
+    #[error("timed out after {}s waiting for {what}", .0.as_secs(), what = .1)]
+    Timeout(Duration, String),
+    /// Signal handlers.
+    #[error("cannot install signal handlers")]
+    Signal(#[source] std::io::Error),
+    /// The agent's console could not be read.
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+    /// Ctrl-C or SIGTERM before the all-in-one was up.
+    #[error("interrupted")]
+    Interrupted,
+    /// The guest never finished its self-test.
+    #[error("the guest's console never showed `{SELFTEST_DONE}`; it was:\n{0}")]
+    Selftest(String),
+}
+
+impl From<ClientError> for UpError {
+    fn from(e: ClientError) -> Self {
+        UpError::Command(e.into())
+    }
+}
+
+/// The running daemons, stopped in order (agent, then controller).
+#[derive(Debug, Default)]
+struct Daemons {
+    controller: Option<Daemon>,
+    agent: Option<Daemon>,
+}
+
+impl Daemons {
+    fn check(&mut self) -> Result<(), SuperviseError> {
+        for d in [&mut self.controller, &mut self.agent]
+            .into_iter()
+            .flatten()
+        {
+            d.check()?;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), SuperviseError> {
+        for d in [self.agent.take(), self.controller.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut d = d;
+            note(&format!("stopping {}", d.name()));
+            d.stop(STOP_GRACE)?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress for people, on stderr.
+fn note(msg: &str) {
+    eprintln!("== {msg}");
+}
+
+/// Runs `ferro up`.
+pub async fn run(up: Up) -> Result<(), UpError> {
+    preflight()?;
+    let bins = Binaries::find()?;
+    let kernel = guest_kernel(up.image_kernel.as_deref())?;
+    let layout = Layout::new(&up.data_dir)?;
+    layout.create_dirs()?;
+    // From here on Ctrl-C must not kill `ferro` before it has stopped its
+    // children.
+    let mut signals = Signals::install()?;
+    let mut daemons = Daemons::default();
+    let result = tokio::select! {
+        r = bring_up(&up, &bins, &kernel, &layout, &mut daemons) => r,
+        () = signals.recv() => Err(UpError::Interrupted),
+    };
+    let result = match result {
+        Ok(mut launched) => {
+            let ctx = Context {
+                up: &up,
+                layout: &layout,
+            };
+            finish(ctx, &mut launched, &mut daemons, &mut signals).await
+        }
+        Err(e) => Err(e),
+    };
+    let stopped = daemons.stop();
+    if !up.keep || up.demo {
+        // The agent leaves its (now empty) cgroup parent behind.
+        for d in files::cgroup_dirs(&layout.cgroup_parent) {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result?;
+    stopped?;
+    note("done");
+    Ok(())
+}
+
+/// What was launched (to terminate on the way out).
+#[derive(Debug)]
+struct Launched {
+    client: Client,
+    instances: Vec<String>,
+    agent_endpoint: String,
+    key: String,
+}
+
+async fn bring_up(
+    up: &Up,
+    bins: &Binaries,
+    kernel: &Path,
+    layout: &Layout,
+    daemons: &mut Daemons,
+) -> Result<Launched, UpError> {
+    let timeout = Duration::from_secs(up.timeout);
+    files::write_private(&layout.controller_config(), &files::controller_toml(layout))?;
+
+    note(&format!(
+        "starting ferro-controller on {} (log {})",
+        layout.endpoint(),
+        layout.log("controller").display()
+    ));
+    daemons.controller = Some(spawn(
+        "ferro-controller",
+        &bins.controller,
+        &layout.controller_config(),
+        &layout.log("controller"),
+    )?);
+    // The controller writes the admin key when it bootstraps the cluster
+    // (on the first run with this data directory).
+    let key_file = layout.admin_key();
+    wait_healthy(daemons, timeout, "the controller's admin key", || {
+        let exists = key_file.is_file();
+        async move {
+            exists
+                .then_some(())
+                .ok_or_else(|| "no admin.key yet".to_string())
+        }
+    })
+    .await?;
+    let key = std::fs::read_to_string(&key_file)
+        .map_err(|e| files::FilesError::Read(key_file.clone(), e))?
+        .trim()
+        .to_string();
+    files::write_private(&layout.client_config(), &files::client_toml(layout, &key))?;
+    let cfg = Config {
+        endpoint: layout.endpoint(),
+        api_key: Some(key.clone()),
+    };
+    let mut client = Client::new(&cfg).map_err(CommandError::from)?;
+    wait_healthy(daemons, timeout, "the controller to answer", || {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_availability_zones(pb::DescribeAvailabilityZonesRequest {})
+                        .await
+                })
+                .await;
+            r.map(|_| ()).map_err(|e| e.to_string())
+        }
+    })
+    .await?;
+
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, 2048, &key);
+    files::write_private(&layout.agent_config(), &agent_cfg)?;
+    note(&format!(
+        "starting ferro-agent on {} (log {})",
+        layout.agent_addr,
+        layout.log("agent").display()
+    ));
+    daemons.agent = Some(spawn(
+        "ferro-agent",
+        &bins.agent,
+        &layout.agent_config(),
+        &layout.log("agent"),
+    )?);
+    let agent_endpoint = format!("http://{}", layout.agent_addr);
+    wait_healthy(daemons, timeout, "the agent's host to be healthy", || {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_hosts(pb::DescribeHostsRequest::default())
+                        .await
+                })
+                .await;
+            let healthy = pb::HostHealth::Healthy as i32;
+            match r {
+                Ok(h) if h.hosts.iter().any(|h| h.health == healthy) => Ok(()),
+                Ok(h) => Err(format!("{} hosts, none healthy", h.hosts.len())),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await?;
+
+    let image = ensure_image(&mut client, kernel).await?;
+    note(&format!(
+        "image {} ({}) registered: {}",
+        image.name, image.image_id, image.kernel_path
+    ));
+    let itype = smallest_type(&mut client).await?;
+    let req = pb::RunInstancesRequest {
+        count: 1,
+        instance_type: itype.clone(),
+        image_id: image.image_id.clone(),
+        client_token: commands::client_token(),
+        tags: vec![pb::Tag {
+            key: "launched-by".into(),
+            value: "ferro-up".into(),
+        }],
+        ..Default::default()
+    };
+    let resp = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).run_instances(req).await }
+        })
+        .await?;
+    let launched = Launched {
+        instances: resp
+            .instances
+            .iter()
+            .map(|i| i.instance_id.clone())
+            .collect(),
+        client,
+        agent_endpoint,
+        key,
+    };
+    note(&format!(
+        "launched {} ({itype})",
+        launched.instances.join(", ")
+    ));
+    Ok(launched)
+}
+
+/// Waits for running, shows the instance and its console, then (unless
+/// `--demo`) waits for Ctrl-C; terminates unless `--keep`.
+async fn finish(
+    ctx: Context<'_>,
+    launched: &mut Launched,
+    daemons: &mut Daemons,
+    signals: &mut Signals,
+) -> Result<(), UpError> {
+    let Context { up, layout } = ctx;
+    let key = launched.key.clone();
+    let mut outcome = tokio::select! {
+        r = show(up, launched, daemons) => r,
+        () = signals.recv() => Err(UpError::Interrupted),
+    };
+    if outcome.is_ok() && !up.demo {
+        eprintln!(
+            "\nThe cloud is up. In another shell:\n  ferro --config {} instances list\n\
+             (endpoint {}, admin key {key}). Ctrl-C stops it{}.",
+            layout.client_config().display(),
+            layout.endpoint(),
+            if up.keep {
+                "; the instance keeps running"
+            } else {
+                " and terminates the instance"
+            },
+        );
+        outcome = wait_for_signal(daemons, signals).await;
+    }
+    let keep = up.keep && !up.demo && outcome.is_ok();
+    let terminated = if keep {
+        Ok(())
+    } else {
+        tokio::select! {
+            r = terminate(up, launched) => r,
+            () = signals.recv() => Err(UpError::Interrupted),
+        }
+    };
+    outcome.and(terminated)
+}
+
+/// What `finish` needs to know.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    up: &'a Up,
+    layout: &'a Layout,
+}
+
+/// SIGINT and SIGTERM, caught for the whole run.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, UpError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).map_err(UpError::Signal)?,
+            term: signal(SignalKind::terminate()).map_err(UpError::Signal)?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+async fn show(up: &Up, launched: &mut Launched, daemons: &mut Daemons) -> Result<(), UpError> {
+    let timeout = Duration::from_secs(up.timeout);
+    let client = &mut launched.client;
+    let ids = launched.instances.clone();
+    let wait = crate::args::Wait {
+        wait: true,
+        timeout: up.timeout,
+    };
+    let waited = commands::wait_state(client, &ids, pb::InstanceState::Running, wait);
+    tokio::select! {
+        r = waited => { r?; }
+        e = watch_daemons(daemons) => return Err(e.into()),
+    }
+    let req = pb::DescribeInstancesRequest {
+        instance_ids: ids.clone(),
+        ..Default::default()
+    };
+    let list = commands::describe_all(client, req).await?;
+    for i in &list {
+        print!("{}", crate::output::instance_detail(i));
+    }
+    let id = ids.first().cloned().unwrap_or_default();
+    let console = wait_console(client, &launched.agent_endpoint, &id, timeout).await?;
+    println!("== console of {id}:");
+    print!("{console}");
+    if !console.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
+
+/// Polls the console until the self-test is done.
+/// Reads it from the controller, or from the agent when the controller
+/// does not offer GetConsoleOutput.
+async fn wait_console(
+    client: &mut Client,
+    agent: &str,
+    id: &str,
+    timeout: Duration,
+) -> Result<String, UpError> {
+    let deadline = Instant::now() + timeout;
+    let mut spinner = Spinner::stderr();
+    loop {
+        let out = match commands::console_bytes(client, id).await {
+            Err(e) if e.status().map(|s| s.code()) == Some(tonic::Code::Unimplemented) => {
+                agent::console(agent, id).await?
+            }
+            r => r?,
+        };
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if text.contains(SELFTEST_DONE) {
+            return Ok(text);
+        }
+        if Instant::now() >= deadline {
+            return Err(UpError::Selftest(text));
+        }
+        spinner.tick(&format!("waiting for the guest's self-test on {id}"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn terminate(up: &Up, launched: &mut Launched) -> Result<(), UpError> {
+    let client = &mut launched.client;
+    if launched.instances.is_empty() {
+        return Ok(());
+    }
+    note(&format!("terminating {}", launched.instances.join(", ")));
+    commands::terminate_and_wait(client, &launched.instances, Duration::from_secs(up.timeout))
+        .await?;
+    launched.instances.clear();
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM, or a daemon dying (an error).
+async fn wait_for_signal(daemons: &mut Daemons, signals: &mut Signals) -> Result<(), UpError> {
+    tokio::select! {
+        () = signals.recv() => {}
+        e = watch_daemons(daemons) => return Err(e.into()),
+    }
+    eprintln!();
+    note("shutting down");
+    Ok(())
+}
+
+/// Resolves only when a daemon has exited.
+async fn watch_daemons(daemons: &mut Daemons) -> SuperviseError {
+    loop {
+        if let Err(e) = daemons.check() {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls `probe` until it succeeds, a daemon dies or `timeout`; its
+/// error is the status shown when time runs out.
+async fn wait_healthy<F, Fut>(
+    daemons: &mut Daemons,
+    timeout: Duration,
+    what: &str,
+    mut probe: F,
+) -> Result<(), UpError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut spinner = Spinner::stderr();
+    loop {
+        daemons.check()?;
+        let last = match probe().await {
+            Ok(()) => return Ok(()),
+            Err(last) => last,
+        };
+        if Instant::now() >= deadline {
+            return Err(UpError::Timeout(timeout, format!("{what} (last: {last})")));
+        }
+        spinner.tick(&format!("waiting for {what}"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Registers the test guest, or finds it registered by an earlier run.
+async fn ensure_image(client: &mut Client, kernel: &Path) -> Result<pb::Image, UpError> {
+    let req = commands::register_request(IMAGE_NAME, kernel, None, None, IMAGE_CMDLINE, Vec::new());
+    match commands::register_image(client, req).await {
+        Ok(img) => Ok(img),
+        Err(e) if e.status().map(|s| s.code()) == Some(tonic::Code::AlreadyExists) => {
+            let req = pb::DescribeImagesRequest {
+                image_ids: vec![IMAGE_NAME.into()],
+            };
+            let resp = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).describe_images(req).await }
+                })
+                .await?;
+            resp.images.into_iter().next().ok_or_else(|| e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The instance type with the least memory (then vCPUs).
+async fn smallest_type(client: &mut Client) -> Result<String, UpError> {
+    let resp = client
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_instance_types(pb::DescribeInstanceTypesRequest::default())
+                .await
+        })
+        .await?;
+    resp.instance_types
+        .iter()
+        .min_by_key(|t| (t.memory_mib, t.vcpus))
+        .map(|t| t.name.clone())
+        .ok_or_else(|| CommandError::Usage("the controller offers no instance types".into()).into())
+}
+
+fn spawn(name: &str, bin: &Path, config: &Path, log: &Path) -> Result<Daemon, SuperviseError> {
+    let args = ["--config".to_string(), config.display().to_string()];
+    let level = std::env::var("FERRO_LOG").unwrap_or_else(|_| "info".into());
+    Daemon::spawn(name, bin, &args, &[("FERRO_LOG", &level)], log)
+}

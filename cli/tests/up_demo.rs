@@ -1,0 +1,180 @@
+//! End to end: `ferro up --demo` with real `ferro-controller`,
+//! `ferro-agent` and `ferro-vmm` processes booting the project's test
+//! guest, then nothing of it left on the host.
+//!
+//! Needs KVM and root. It never skips: a missing precondition fails the
+//! test with a message naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferro_cli::up::files::{cgroup_dirs, host_names};
+
+fn require_kvm_root() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "precondition missing: /dev/kvm does not exist (KVM is required for this test)"
+    );
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "precondition missing: this test must run as root");
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds the daemons next to the `ferro` binary under test.
+fn build_daemons() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "ferro-controller",
+            "-p",
+            "ferro-agent",
+            "-p",
+            "ferro-vmm",
+            "--bins",
+        ])
+        .current_dir(root())
+        .status()
+        .expect("cannot run cargo build");
+    assert!(
+        st.success(),
+        "building ferro-controller, ferro-agent and ferro-vmm failed"
+    );
+    let dir = Path::new(env!("CARGO_BIN_EXE_ferro")).parent().unwrap();
+    for b in ["ferro-controller", "ferro-agent", "ferro-vmm"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{b} not found next to ferro in {}",
+            dir.display()
+        );
+    }
+}
+
+fn guest_elf() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(root().join("tests/guest/build.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run tests/guest/build.sh");
+    assert!(out.status.success(), "tests/guest/build.sh failed");
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+}
+
+/// Processes whose command line mentions both `what` and `dir`.
+fn processes(what: &str, dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.parse::<u32>().is_err() {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(what) && cmd.contains(&needle) {
+            out.push(format!("{name}: {cmd}"));
+        }
+    }
+    out
+}
+
+fn taps(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn up_demo_boots_the_guest_and_leaves_nothing() {
+    require_kvm_root();
+    build_daemons();
+    let guest = guest_elf();
+    // Short: the agent's state directory (<data>/agent) must fit 32 bytes.
+    let data = PathBuf::from(format!("/tmp/fup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+        .args(["up", "--demo", "--timeout", "120"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--image-kernel")
+        .arg(&guest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run ferro up");
+    let deadline = Instant::now() + Duration::from_secs(420);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logs = |name: &str| {
+        std::fs::read_to_string(data.join(format!("logs/{name}.log"))).unwrap_or_default()
+    };
+    assert!(
+        out.status.success(),
+        "ferro up --demo failed ({}).\nstdout:\n{stdout}\nstderr:\n{stderr}\ncontroller log:\n{}\nagent log:\n{}",
+        out.status,
+        logs("controller"),
+        logs("agent"),
+    );
+    assert!(
+        stdout.contains("ferro-guest: selftest done"),
+        "console not shown:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("running"),
+        "instance not described as running:\n{stdout}"
+    );
+
+    let (prefix, parent) = host_names(&data);
+    assert_eq!(
+        processes("ferro-vmm", &data),
+        Vec::<String>::new(),
+        "VMM processes left"
+    );
+    assert_eq!(
+        processes("ferro-agent", &data),
+        Vec::<String>::new(),
+        "agent left"
+    );
+    assert_eq!(
+        processes("ferro-controller", &data),
+        Vec::<String>::new(),
+        "controller left"
+    );
+    assert_eq!(taps(&prefix), Vec::<String>::new(), "TAPs left");
+    let cgroups: Vec<PathBuf> = cgroup_dirs(&parent)
+        .into_iter()
+        .filter(|d| d.exists())
+        .collect();
+    assert_eq!(cgroups, Vec::<PathBuf>::new(), "cgroups left");
+    let _ = std::fs::remove_dir_all(&data);
+}

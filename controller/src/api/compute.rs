@@ -1,0 +1,542 @@
+//! The `Compute` service: authenticate, convert, delegate.
+
+use std::sync::Arc;
+
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::compute_server::Compute;
+use ferro_raft::Replicator;
+use tonic::{Request, Response, Status};
+
+use super::convert::*;
+use super::{caller, status};
+use crate::controller::{new_api_key, new_id, random_bytes, Controller, InstanceFilter};
+use crate::model::*;
+use crate::state::{hex, sha256_hex, ClusterState, Command, Output, StateError};
+
+type Res<T> = Result<Response<T>, Status>;
+
+/// The `ferro.compute.v1.Compute` service.
+pub struct ComputeService<R> {
+    ctl: Arc<Controller<R>>,
+}
+
+impl<R: Replicator<ClusterState>> ComputeService<R> {
+    /// A service over `ctl`.
+    pub fn new(ctl: Arc<Controller<R>>) -> Self {
+        Self { ctl }
+    }
+
+    async fn auth<T>(&self, req: &Request<T>, admin: bool) -> Result<ApiKey, Status> {
+        self.ctl
+            .authorize(caller(req)?, admin)
+            .await
+            .map_err(status)
+    }
+
+    async fn write(&self, c: Command) -> Result<Output, Status> {
+        self.ctl.write(c).await.map_err(status)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ClusterState) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.ctl
+            .read(f)
+            .await
+            .map_err(status)?
+            .map_err(|e| status(e.into()))
+    }
+}
+
+fn bad(e: StateError) -> Status {
+    status(e.into())
+}
+
+/// Look up `names` in `map` (all of it when empty); NOT_FOUND names `field`.
+fn select<T: Clone>(
+    map: &std::collections::BTreeMap<String, T>,
+    names: &[String],
+    field: &str,
+) -> Result<Vec<T>, StateError> {
+    if names.is_empty() {
+        return Ok(map.values().cloned().collect());
+    }
+    names
+        .iter()
+        .map(|n| {
+            map.get(n)
+                .cloned()
+                .ok_or_else(|| StateError::NotFound(format!("{field}: no {n:?}")))
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
+    async fn run_instances(
+        &self,
+        req: Request<pb::RunInstancesRequest>,
+    ) -> Res<pb::RunInstancesResponse> {
+        self.auth(&req, false).await?;
+        let spec = run_spec(req.into_inner()).map_err(bad)?;
+        let (reservation_id, instances) = self.ctl.run_instances(spec).await.map_err(status)?;
+        Ok(Response::new(pb::RunInstancesResponse {
+            reservation_id,
+            instances: instances.iter().map(instance_out).collect(),
+        }))
+    }
+
+    async fn describe_instances(
+        &self,
+        req: Request<pb::DescribeInstancesRequest>,
+    ) -> Res<pb::DescribeInstancesResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let f = InstanceFilter {
+            ids: r.instance_ids,
+            states: r
+                .states
+                .into_iter()
+                .map(state_in)
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            azs: r.availability_zones,
+            hosts: r.host_ids,
+            tags: r.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+            max_results: r.max_results,
+            next_token: r.next_token,
+        };
+        let (list, next_token) = self.ctl.describe_instances(f).await.map_err(status)?;
+        Ok(Response::new(pb::DescribeInstancesResponse {
+            instances: list.iter().map(instance_out).collect(),
+            next_token,
+        }))
+    }
+
+    async fn start_instances(
+        &self,
+        req: Request<pb::StartInstancesRequest>,
+    ) -> Res<pb::InstanceStateChangesResponse> {
+        self.auth(&req, false).await?;
+        let ids = req.into_inner().instance_ids;
+        let c = self
+            .ctl
+            .set_desired(ids, DesiredState::Running)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(changes_out(c)))
+    }
+
+    async fn stop_instances(
+        &self,
+        req: Request<pb::StopInstancesRequest>,
+    ) -> Res<pb::InstanceStateChangesResponse> {
+        self.auth(&req, false).await?;
+        let ids = req.into_inner().instance_ids;
+        let c = self
+            .ctl
+            .set_desired(ids, DesiredState::Stopped)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(changes_out(c)))
+    }
+
+    async fn reboot_instances(
+        &self,
+        req: Request<pb::RebootInstancesRequest>,
+    ) -> Res<pb::InstanceStateChangesResponse> {
+        self.auth(&req, false).await?;
+        let c = self
+            .ctl
+            .reboot(req.into_inner().instance_ids)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(changes_out(c)))
+    }
+
+    async fn terminate_instances(
+        &self,
+        req: Request<pb::TerminateInstancesRequest>,
+    ) -> Res<pb::InstanceStateChangesResponse> {
+        self.auth(&req, false).await?;
+        let ids = req.into_inner().instance_ids;
+        let c = self
+            .ctl
+            .set_desired(ids, DesiredState::Terminated)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(changes_out(c)))
+    }
+
+    async fn get_console_output(
+        &self,
+        req: Request<pb::GetConsoleOutputRequest>,
+    ) -> Res<pb::GetConsoleOutputResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let id = r.instance_id.clone();
+        let address = self
+            .read(move |s| {
+                let i = s.instances.get(&id).ok_or_else(|| {
+                    StateError::NotFound(format!("instance_id: no instance {id:?}"))
+                })?;
+                Ok(s.hosts
+                    .get(&i.host_id)
+                    .map(|h| h.address.clone())
+                    .unwrap_or_default())
+            })
+            .await?;
+        let ep = tonic::transport::Endpoint::from_shared(address)
+            .map_err(|e| Status::unavailable(format!("host address: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(2));
+        let mut c = ferro_proto::agent::v1::agent_client::AgentClient::new(ep.connect_lazy());
+        let out = c
+            .get_console_output(ferro_proto::agent::v1::GetConsoleOutputRequest {
+                id: r.instance_id.clone(),
+                max_bytes: r.max_bytes,
+            })
+            .await?
+            .into_inner();
+        Ok(Response::new(pb::GetConsoleOutputResponse {
+            instance_id: r.instance_id,
+            output: out.data,
+            truncated: out.truncated,
+        }))
+    }
+
+    async fn describe_hosts(
+        &self,
+        req: Request<pb::DescribeHostsRequest>,
+    ) -> Res<pb::DescribeHostsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let live = self.ctl.liveness();
+        let limit = match r.max_results {
+            0 => 100,
+            n if n > 1000 => return Err(Status::invalid_argument("max_results: at most 1000")),
+            n => n as usize,
+        };
+        let (hosts, next_token) = self
+            .read(move |s| {
+                let mut hosts = select(&s.hosts, &r.host_ids, "host_ids")?;
+                hosts.retain(|h| {
+                    (r.availability_zones.is_empty() || r.availability_zones.contains(&h.az))
+                        && (r.next_token.is_empty() || h.id > r.next_token)
+                });
+                let more = hosts.len() > limit;
+                hosts.truncate(limit);
+                let next = if more {
+                    hosts.last().map(|h| h.id.clone()).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                Ok((hosts, next))
+            })
+            .await?;
+        Ok(Response::new(pb::DescribeHostsResponse {
+            hosts: hosts
+                .iter()
+                .map(|h| host_out(h, live.get(&h.id).map(|s| s.last_ms)))
+                .collect(),
+            next_token,
+        }))
+    }
+
+    async fn describe_availability_zones(
+        &self,
+        req: Request<pb::DescribeAvailabilityZonesRequest>,
+    ) -> Res<pb::DescribeAvailabilityZonesResponse> {
+        self.auth(&req, false).await?;
+        let zones = self
+            .read(|s| {
+                Ok(s.azs
+                    .keys()
+                    .map(|az| {
+                        let hosts = s.hosts.values().filter(|h| &h.az == az);
+                        let total = hosts.clone().count() as u32;
+                        let healthy =
+                            hosts.filter(|h| h.health == HostHealth::Healthy).count() as u32;
+                        pb::AvailabilityZone {
+                            name: az.clone(),
+                            region: s.region.clone(),
+                            state: if healthy > 0 { "available" } else { "impaired" }.into(),
+                            hosts: total,
+                            healthy_hosts: healthy,
+                        }
+                    })
+                    .collect())
+            })
+            .await?;
+        Ok(Response::new(pb::DescribeAvailabilityZonesResponse {
+            availability_zones: zones,
+        }))
+    }
+
+    async fn describe_instance_types(
+        &self,
+        req: Request<pb::DescribeInstanceTypesRequest>,
+    ) -> Res<pb::DescribeInstanceTypesResponse> {
+        self.auth(&req, false).await?;
+        let names = req.into_inner().names;
+        let mut types = self
+            .read(move |s| select(&s.instance_types, &names, "names"))
+            .await?;
+        types.sort_by_key(|t| (t.vcpus, t.memory_mib));
+        Ok(Response::new(pb::DescribeInstanceTypesResponse {
+            instance_types: types
+                .into_iter()
+                .map(|t| pb::InstanceType {
+                    name: t.name,
+                    vcpus: t.vcpus,
+                    memory_mib: t.memory_mib,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn register_image(&self, req: Request<pb::RegisterImageRequest>) -> Res<pb::Image> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let image = Image {
+            id: new_id("img-"),
+            name: r.name,
+            kernel_path: r.kernel_path,
+            initrd_path: r.initrd_path,
+            rootdisk_path: r.rootdisk_path,
+            cmdline_extra: r.cmdline_extra,
+            created_at_ms: crate::now_ms(),
+            tags: tags_in(r.tags).map_err(bad)?,
+        };
+        match self.write(Command::RegisterImage { image }).await? {
+            Output::Image(i) => Ok(Response::new(image_out(&i, 0))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_images(
+        &self,
+        req: Request<pb::DescribeImagesRequest>,
+    ) -> Res<pb::DescribeImagesResponse> {
+        self.auth(&req, false).await?;
+        let ids = req.into_inner().image_ids;
+        let live = self.ctl.liveness();
+        let images = self
+            .read(move |s| {
+                if ids.is_empty() {
+                    return Ok(s.images.values().cloned().collect::<Vec<_>>());
+                }
+                ids.iter()
+                    .map(|i| {
+                        s.find_image(i).cloned().ok_or_else(|| {
+                            StateError::NotFound(format!("image_ids: no image {i:?}"))
+                        })
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok(Response::new(pb::DescribeImagesResponse {
+            images: images
+                .iter()
+                .map(|i| {
+                    let n = live.values().filter(|s| s.images.contains(&i.id)).count();
+                    image_out(i, n as u32)
+                })
+                .collect(),
+        }))
+    }
+
+    async fn deregister_image(
+        &self,
+        req: Request<pb::DeregisterImageRequest>,
+    ) -> Res<pb::DeregisterImageResponse> {
+        self.auth(&req, false).await?;
+        let image = req.into_inner().image_id;
+        self.write(Command::DeregisterImage { image }).await?;
+        Ok(Response::new(pb::DeregisterImageResponse {}))
+    }
+
+    async fn create_key_pair(
+        &self,
+        req: Request<pb::CreateKeyPairRequest>,
+    ) -> Res<pb::CreateKeyPairResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let secret = random_bytes::<32>();
+        let public = <sha2::Sha256 as sha2::Digest>::digest(secret);
+        let key_pair = KeyPair {
+            id: new_id("key-"),
+            name: r.key_name,
+            public_key: format!("ferro-sha256 {}", hex(&public)),
+            fingerprint: fingerprint(&public),
+            created_at_ms: crate::now_ms(),
+            tags: tags_in(r.tags).map_err(bad)?,
+        };
+        match self.write(Command::AddKeyPair { key_pair }).await? {
+            Output::KeyPair(k) => Ok(Response::new(pb::CreateKeyPairResponse {
+                key_pair: Some(key_pair_out(&k)),
+                private_key: hex(&secret),
+            })),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn import_key_pair(&self, req: Request<pb::ImportKeyPairRequest>) -> Res<pb::KeyPair> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let blob = parse_public_key(&r.public_key).map_err(bad)?;
+        let key_pair = KeyPair {
+            id: new_id("key-"),
+            name: r.key_name,
+            public_key: r.public_key.trim().to_string(),
+            fingerprint: fingerprint(&blob),
+            created_at_ms: crate::now_ms(),
+            tags: tags_in(r.tags).map_err(bad)?,
+        };
+        match self.write(Command::AddKeyPair { key_pair }).await? {
+            Output::KeyPair(k) => Ok(Response::new(key_pair_out(&k))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_key_pairs(
+        &self,
+        req: Request<pb::DescribeKeyPairsRequest>,
+    ) -> Res<pb::DescribeKeyPairsResponse> {
+        self.auth(&req, false).await?;
+        let names = req.into_inner().key_names;
+        let keys = self
+            .read(move |s| select(&s.key_pairs, &names, "key_names"))
+            .await?;
+        Ok(Response::new(pb::DescribeKeyPairsResponse {
+            key_pairs: keys.iter().map(key_pair_out).collect(),
+        }))
+    }
+
+    async fn delete_key_pair(
+        &self,
+        req: Request<pb::DeleteKeyPairRequest>,
+    ) -> Res<pb::DeleteKeyPairResponse> {
+        self.auth(&req, false).await?;
+        let name = req.into_inner().key_name;
+        self.write(Command::DeleteKeyPair { name }).await?;
+        Ok(Response::new(pb::DeleteKeyPairResponse {}))
+    }
+
+    async fn create_placement_group(
+        &self,
+        req: Request<pb::CreatePlacementGroupRequest>,
+    ) -> Res<pb::PlacementGroup> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let strategy = GroupStrategy::parse(&r.strategy).ok_or_else(|| {
+            Status::invalid_argument("strategy: must be \"spread\" or \"cluster\"")
+        })?;
+        let group = PlacementGroup {
+            id: new_id("pg-"),
+            name: r.name,
+            strategy,
+            members: Default::default(),
+            created_at_ms: crate::now_ms(),
+            tags: tags_in(r.tags).map_err(bad)?,
+        };
+        match self.write(Command::CreatePlacementGroup { group }).await? {
+            Output::Group(g) => Ok(Response::new(group_out(&g))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_placement_groups(
+        &self,
+        req: Request<pb::DescribePlacementGroupsRequest>,
+    ) -> Res<pb::DescribePlacementGroupsResponse> {
+        self.auth(&req, false).await?;
+        let names = req.into_inner().names;
+        let groups = self
+            .read(move |s| select(&s.groups, &names, "names"))
+            .await?;
+        Ok(Response::new(pb::DescribePlacementGroupsResponse {
+            placement_groups: groups.iter().map(group_out).collect(),
+        }))
+    }
+
+    async fn delete_placement_group(
+        &self,
+        req: Request<pb::DeletePlacementGroupRequest>,
+    ) -> Res<pb::DeletePlacementGroupResponse> {
+        self.auth(&req, false).await?;
+        let name = req.into_inner().name;
+        self.write(Command::DeletePlacementGroup { name }).await?;
+        Ok(Response::new(pb::DeletePlacementGroupResponse {}))
+    }
+
+    async fn create_tags(
+        &self,
+        req: Request<pb::CreateTagsRequest>,
+    ) -> Res<pb::CreateTagsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let tags = tags_in(r.tags).map_err(bad)?;
+        self.write(Command::CreateTags {
+            resource_ids: r.resource_ids,
+            tags,
+        })
+        .await?;
+        Ok(Response::new(pb::CreateTagsResponse {}))
+    }
+
+    async fn delete_tags(
+        &self,
+        req: Request<pb::DeleteTagsRequest>,
+    ) -> Res<pb::DeleteTagsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let tags = r.tags.into_iter().map(|t| (t.key, t.value)).collect();
+        self.write(Command::DeleteTags {
+            resource_ids: r.resource_ids,
+            tags,
+        })
+        .await?;
+        Ok(Response::new(pb::DeleteTagsResponse {}))
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<pb::CreateApiKeyRequest>,
+    ) -> Res<pb::CreateApiKeyResponse> {
+        self.auth(&req, true).await?;
+        let r = req.into_inner();
+        let (secret, key) = new_api_key(&r.name, r.admin, crate::now_ms());
+        debug_assert_eq!(key.secret_sha256, sha256_hex(secret.as_bytes()));
+        match self.write(Command::CreateApiKey { key }).await? {
+            Output::ApiKey(k) => Ok(Response::new(pb::CreateApiKeyResponse {
+                key: Some(api_key_out(&k)),
+                secret,
+            })),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_api_keys(
+        &self,
+        req: Request<pb::DescribeApiKeysRequest>,
+    ) -> Res<pb::DescribeApiKeysResponse> {
+        self.auth(&req, true).await?;
+        let keys = self
+            .read(|s| Ok(s.api_keys.values().cloned().collect::<Vec<_>>()))
+            .await?;
+        Ok(Response::new(pb::DescribeApiKeysResponse {
+            keys: keys.iter().map(api_key_out).collect(),
+        }))
+    }
+
+    async fn delete_api_key(
+        &self,
+        req: Request<pb::DeleteApiKeyRequest>,
+    ) -> Res<pb::DeleteApiKeyResponse> {
+        self.auth(&req, true).await?;
+        let id = req.into_inner().id;
+        self.write(Command::DeleteApiKey { id }).await?;
+        Ok(Response::new(pb::DeleteApiKeyResponse {}))
+    }
+}

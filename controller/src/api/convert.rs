@@ -1,0 +1,316 @@
+//! Conversions between the model and `ferro.compute.v1` messages.
+
+use ferro_proto::compute::v1 as pb;
+
+use crate::model::*;
+use crate::state::{HostReport, RunSpec, StateChange, StateError};
+
+/// Tags from the wire; a duplicate key is INVALID_ARGUMENT.
+pub fn tags_in(tags: Vec<pb::Tag>) -> Result<Tags, StateError> {
+    let mut out = Tags::new();
+    for t in tags {
+        if out.insert(t.key.clone(), t.value).is_some() {
+            return Err(StateError::InvalidArgument(format!(
+                "tags.key: {:?} is given twice",
+                t.key
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Tags to the wire.
+pub fn tags_out(tags: &Tags) -> Vec<pb::Tag> {
+    tags.iter()
+        .map(|(k, v)| pb::Tag {
+            key: k.clone(),
+            value: v.clone(),
+        })
+        .collect()
+}
+
+/// A RunInstances request.
+pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
+    Ok(RunSpec {
+        count: r.count,
+        instance_type: r.instance_type,
+        image: r.image_id,
+        az: r.availability_zone,
+        key_name: r.key_name,
+        user_data: r.user_data,
+        placement_group: r.placement_group,
+        tags: tags_in(r.tags)?,
+        client_token: r.client_token,
+        spread: r.strategy == pb::PlacementStrategy::Spread as i32,
+    })
+}
+
+/// Public state to the wire.
+pub fn state_out(s: PublicState) -> pb::InstanceState {
+    use pb::InstanceState as P;
+    match s {
+        PublicState::Pending => P::Pending,
+        PublicState::Running => P::Running,
+        PublicState::Stopping => P::Stopping,
+        PublicState::Stopped => P::Stopped,
+        PublicState::ShuttingDown => P::ShuttingDown,
+        PublicState::Terminated => P::Terminated,
+        PublicState::Unknown => P::Unknown,
+        PublicState::Failed => P::Failed,
+        PublicState::Rebooting => P::Rebooting,
+    }
+}
+
+/// Public state from the wire (a state filter).
+pub fn state_in(s: i32) -> Result<PublicState, StateError> {
+    use pb::InstanceState as P;
+    Ok(match P::try_from(s) {
+        Ok(P::Pending) => PublicState::Pending,
+        Ok(P::Running) => PublicState::Running,
+        Ok(P::Stopping) => PublicState::Stopping,
+        Ok(P::Stopped) => PublicState::Stopped,
+        Ok(P::ShuttingDown) => PublicState::ShuttingDown,
+        Ok(P::Terminated) => PublicState::Terminated,
+        Ok(P::Unknown) => PublicState::Unknown,
+        Ok(P::Failed) => PublicState::Failed,
+        Ok(P::Rebooting) => PublicState::Rebooting,
+        _ => {
+            return Err(StateError::InvalidArgument(format!(
+                "states: {s} is not an instance state"
+            )))
+        }
+    })
+}
+
+fn desired_out(d: DesiredState) -> pb::DesiredState {
+    match d {
+        DesiredState::Running => pb::DesiredState::Running,
+        DesiredState::Stopped => pb::DesiredState::Stopped,
+        DesiredState::Terminated => pb::DesiredState::Terminated,
+    }
+}
+
+fn observed_out(o: ObservedState) -> pb::ObservedState {
+    use pb::ObservedState as P;
+    match o {
+        ObservedState::Absent => P::Absent,
+        ObservedState::Created => P::Created,
+        ObservedState::Starting => P::Starting,
+        ObservedState::Running => P::Running,
+        ObservedState::Stopping => P::Stopping,
+        ObservedState::Stopped => P::Stopped,
+        ObservedState::Rebooting => P::Rebooting,
+        ObservedState::Failed => P::Failed,
+        ObservedState::Deleting => P::Deleting,
+        ObservedState::Unknown => P::Unknown,
+    }
+}
+
+/// An instance to the wire (user data only as its size).
+pub fn instance_out(i: &Instance) -> pb::Instance {
+    pb::Instance {
+        instance_id: i.id.clone(),
+        instance_type: i.instance_type.clone(),
+        image_id: i.image_id.clone(),
+        availability_zone: i.az.clone(),
+        host_id: i.host_id.clone(),
+        key_name: i.key_name.clone(),
+        placement_group: i.placement_group.clone(),
+        state: state_out(i.public_state()) as i32,
+        desired_state: desired_out(i.desired) as i32,
+        observed_state: observed_out(i.observed) as i32,
+        state_reason: i.observed_reason.clone(),
+        vcpus: i.vcpus,
+        memory_mib: i.memory_mib,
+        launch_time_ms: i.launched_at_ms,
+        tags: tags_out(&i.tags),
+        client_token: i.client_token.clone(),
+        reservation_id: i.reservation_id.clone(),
+        user_data_bytes: i.user_data.len() as u32,
+    }
+}
+
+/// State changes to the wire.
+pub fn changes_out(c: Vec<StateChange>) -> pb::InstanceStateChangesResponse {
+    pb::InstanceStateChangesResponse {
+        changes: c
+            .into_iter()
+            .map(|c| pb::InstanceStateChange {
+                instance_id: c.id,
+                previous_state: state_out(c.previous) as i32,
+                current_state: state_out(c.current) as i32,
+            })
+            .collect(),
+    }
+}
+
+/// A host to the wire; `last_seen_ms` from the leader's liveness when newer.
+pub fn host_out(h: &Host, last_seen_ms: Option<u64>) -> pb::Host {
+    pb::Host {
+        host_id: h.id.clone(),
+        availability_zone: h.az.clone(),
+        address: h.address.clone(),
+        health: match h.health {
+            HostHealth::Healthy => pb::HostHealth::Healthy,
+            HostHealth::Unreachable => pb::HostHealth::Unreachable,
+        } as i32,
+        last_seen_ms: last_seen_ms.unwrap_or(0).max(h.last_seen_ms),
+        vcpus_total: h.vcpus_total,
+        memory_total_mib: h.memory_total_mib,
+        vcpus_allocated: h.vcpus_allocated,
+        memory_allocated_mib: h.memory_allocated_mib,
+        instances: h.instances,
+        cpu_model: h.cpu_model.clone(),
+        agent_version: h.agent_version.clone(),
+        kvm_present: h.kvm_present,
+        tags: tags_out(&h.tags),
+    }
+}
+
+/// An image to the wire.
+pub fn image_out(i: &Image, registered_hosts: u32) -> pb::Image {
+    pb::Image {
+        image_id: i.id.clone(),
+        name: i.name.clone(),
+        kernel_path: i.kernel_path.clone(),
+        initrd_path: i.initrd_path.clone(),
+        rootdisk_path: i.rootdisk_path.clone(),
+        cmdline_extra: i.cmdline_extra.clone(),
+        created_at_ms: i.created_at_ms,
+        tags: tags_out(&i.tags),
+        registered_hosts,
+    }
+}
+
+/// A key pair to the wire.
+pub fn key_pair_out(k: &KeyPair) -> pb::KeyPair {
+    pb::KeyPair {
+        key_name: k.name.clone(),
+        key_pair_id: k.id.clone(),
+        fingerprint: k.fingerprint.clone(),
+        public_key: k.public_key.clone(),
+        created_at_ms: k.created_at_ms,
+        tags: tags_out(&k.tags),
+    }
+}
+
+/// A placement group to the wire.
+pub fn group_out(g: &PlacementGroup) -> pb::PlacementGroup {
+    pb::PlacementGroup {
+        name: g.name.clone(),
+        group_id: g.id.clone(),
+        strategy: g.strategy.as_str().into(),
+        tags: tags_out(&g.tags),
+        created_at_ms: g.created_at_ms,
+    }
+}
+
+/// An API key to the wire (never its hash).
+pub fn api_key_out(k: &ApiKey) -> pb::ApiKey {
+    pb::ApiKey {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        admin: k.admin,
+        created_at_ms: k.created_at_ms,
+    }
+}
+
+/// A heartbeat's host description; `peer_ip` replaces an unspecified IP in
+/// the agent's address.
+pub fn host_report(
+    r: &pb::HeartbeatRequest,
+    peer_ip: Option<std::net::IpAddr>,
+) -> Result<HostReport, StateError> {
+    let h = r
+        .host
+        .as_ref()
+        .ok_or_else(|| StateError::InvalidArgument("host: required".into()))?;
+    let mut address = r.address.clone();
+    if let Some(ip) = peer_ip {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        address = address.replace("0.0.0.0", &ip).replace("[::]", &ip);
+    }
+    if !(address.starts_with("http://") || address.starts_with("https://")) {
+        return Err(StateError::InvalidArgument(
+            "address: must be an http:// or https:// URL".into(),
+        ));
+    }
+    Ok(HostReport {
+        id: h.host_id.clone(),
+        az: h.availability_zone.clone(),
+        address,
+        vcpus_total: h.vcpus_total,
+        memory_total_mib: h.memory_total_mib,
+        cpu_model: h.cpu_model.clone(),
+        agent_version: h.agent_version.clone(),
+        kvm_present: h.kvm_present,
+    })
+}
+
+/// `SHA256:<unpadded base64>` of `blob`, as `ssh-keygen -l` prints it.
+pub fn fingerprint(blob: &[u8]) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(blob))
+    )
+}
+
+/// The key blob of an OpenSSH public key line.
+pub fn parse_public_key(line: &str) -> Result<Vec<u8>, StateError> {
+    use base64::Engine;
+    let bad = || {
+        StateError::InvalidArgument(
+            "public_key: expected an OpenSSH public key line (\"ssh-ed25519 AAAA...\")".into(),
+        )
+    };
+    let mut parts = line.split_whitespace();
+    let kind = parts.next().ok_or_else(bad)?;
+    if !kind.starts_with("ssh-") && !kind.starts_with("ecdsa-") {
+        return Err(bad());
+    }
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(parts.next().ok_or_else(bad)?)
+        .map_err(|_| bad())?;
+    Ok(blob)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_tag_keys_are_refused() {
+        let t = |k: &str| pb::Tag {
+            key: k.into(),
+            value: "v".into(),
+        };
+        assert!(tags_in(vec![t("a"), t("b")]).is_ok());
+        let e = tags_in(vec![t("a"), t("a")]).unwrap_err();
+        assert!(e.to_string().starts_with("tags.key"));
+    }
+
+    #[test]
+    fn public_keys_parse_and_fingerprint() {
+        let line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk2zGHkV1c3g2c5G0uYkT7b5x0b1m7zv4W6xrJtq1Yc me@host";
+        let blob = parse_public_key(line).unwrap();
+        assert!(fingerprint(&blob).starts_with("SHA256:"));
+        assert!(parse_public_key("garbage").is_err());
+        assert!(parse_public_key("ssh-rsa !!!").is_err());
+    }
+
+    #[test]
+    fn heartbeat_address_takes_the_peer_ip() {
+        let r = pb::HeartbeatRequest {
+            host: Some(Default::default()),
+            address: "http://0.0.0.0:7420".into(),
+            ..Default::default()
+        };
+        let h = host_report(&r, Some("10.1.2.3".parse().unwrap())).unwrap();
+        assert_eq!(h.address, "http://10.1.2.3:7420");
+    }
+}

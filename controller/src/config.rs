@@ -1,0 +1,155 @@
+//! The controller's TOML configuration (see `deploy/controller.example.toml`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A controller node's configuration. Unknown keys are errors.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// This node's id in the cluster (never reused).
+    pub node_id: u64,
+    /// gRPC listen address (API, agents' heartbeats and Raft).
+    pub listen: SocketAddr,
+    /// The `host:port` other nodes and clients reach this node at; defaults
+    /// to `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the Raft log and state live.
+    pub data_dir: PathBuf,
+    /// The region's name.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Zones created at bootstrap (hosts may add more by heartbeating).
+    #[serde(default)]
+    pub availability_zones: Vec<String>,
+    /// The initial members as `"id=host:port"`, this node included; empty
+    /// for a single-node cluster. The node with the lowest id initializes.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A host missing heartbeats this long is unreachable.
+    #[serde(default = "default_hb_timeout")]
+    pub heartbeat_timeout_ms: u64,
+    /// The interval agents heartbeat at.
+    #[serde(default = "default_hb_interval")]
+    pub heartbeat_interval_ms: u32,
+    /// The reconcile loop's period.
+    #[serde(default = "default_reconcile")]
+    pub reconcile_interval_ms: u64,
+}
+
+fn default_region() -> String {
+    "local".into()
+}
+fn default_hb_timeout() -> u64 {
+    10_000
+}
+fn default_hb_interval() -> u32 {
+    1_000
+}
+fn default_reconcile() -> u64 {
+    200
+}
+
+impl ControllerConfig {
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse and validate TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::new(), e))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_timeout_ms <= u64::from(self.heartbeat_interval_ms) {
+            return Err(ConfigError::Invalid(
+                "heartbeat_timeout_ms must exceed heartbeat_interval_ms".into(),
+            ));
+        }
+        self.members()?;
+        Ok(())
+    }
+
+    /// The advertised address.
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The initial members (this node alone when `peers` is empty).
+    pub fn members(&self) -> Result<Vec<ferro_raft::Member>, ConfigError> {
+        if self.peers.is_empty() {
+            return Ok(vec![ferro_raft::Member {
+                id: self.node_id,
+                addr: self.advertise(),
+            }]);
+        }
+        self.peers
+            .iter()
+            .map(|p| {
+                let (id, addr) = p.split_once('=').ok_or_else(|| {
+                    ConfigError::Invalid(format!("peers: {p:?} is not \"id=host:port\""))
+                })?;
+                let id = id
+                    .parse()
+                    .map_err(|_| ConfigError::Invalid(format!("peers: bad node id in {p:?}")))?;
+                Ok(ferro_raft::Member {
+                    id,
+                    addr: addr.into(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "node_id = 1\nlisten = \"127.0.0.1:7400\"\ndata_dir = \"/tmp/x\"\n";
+
+    #[test]
+    fn minimal_config_is_a_single_node() {
+        let c = ControllerConfig::parse(MIN).unwrap();
+        assert_eq!(c.members().unwrap().len(), 1);
+        assert_eq!(c.region, "local");
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(ControllerConfig::parse(&format!("{MIN}bogus = 1")).is_err());
+        assert!(ControllerConfig::parse(&format!("{MIN}peers = [\"x\"]")).is_err());
+        let t = format!("{MIN}heartbeat_timeout_ms = 10\nheartbeat_interval_ms = 100");
+        assert!(ControllerConfig::parse(&t).is_err());
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/controller.example.toml");
+        ControllerConfig::load(&p).unwrap();
+    }
+}

@@ -1,0 +1,392 @@
+//! The operations the API offers, over any [`Replicator`].
+//!
+//! Writes become [`Command`]s carrying fresh ids, times and random bytes
+//! (made here, never inside `apply`). Reads run on the leader. Agents'
+//! heartbeats update the leader-local [`Liveness`] on every beat and are
+//! written to the replicated state only when something changed, so an idle
+//! cluster of 1,000 hosts does not write 1,000 log entries per interval.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use ferro_raft::{Member, ReplicationError, Replicator};
+
+use crate::model::*;
+use crate::state::{
+    sha256_hex, ClusterState, Command, HostReport, Observation, Output, RunSpec, StateChange,
+    StateError,
+};
+
+/// Errors of controller operations; the API maps each to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// Refused by the state machine.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Replication failed or this node is not the leader.
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    /// No or an unknown API key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A host's agent failed.
+    #[error("{0}")]
+    Agent(String),
+    /// The answer of `apply` was not the expected kind.
+    #[error("unexpected state machine output")]
+    Unexpected,
+}
+
+type Result<T> = std::result::Result<T, ControllerError>;
+
+/// What the leader last heard from a host (not replicated: a new leader
+/// rebuilds it from the next heartbeats).
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// Unix ms of the last heartbeat.
+    pub last_ms: u64,
+    /// Images in the agent's store.
+    pub images: BTreeSet<String>,
+}
+
+/// Host liveness as this node saw it.
+pub type Liveness = HashMap<String, Seen>;
+
+/// Filters and paging of DescribeInstances.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceFilter {
+    /// Only these ids (all must exist).
+    pub ids: Vec<String>,
+    /// Only these public states.
+    pub states: Vec<PublicState>,
+    /// Only these zones.
+    pub azs: Vec<String>,
+    /// Only these hosts.
+    pub hosts: Vec<String>,
+    /// Every (key, value) must match; an empty value matches any.
+    pub tags: Vec<(String, String)>,
+    /// Page size (0: 100; at most 1000).
+    pub max_results: u32,
+    /// Start after this instance id.
+    pub next_token: String,
+}
+
+/// A page of results and the token of the next one (empty at the end).
+pub type Page<T> = (Vec<T>, String);
+
+/// Settings of a controller node.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A host missing heartbeats this long is unreachable.
+    pub heartbeat_timeout_ms: u64,
+    /// The interval agents are told to heartbeat at.
+    pub heartbeat_interval_ms: u32,
+    /// Whether the replicator really replicates (shown by ClusterStatus).
+    pub replicated: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            replicated: false,
+        }
+    }
+}
+
+/// Fresh random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // getrandom only fails when the OS has no entropy source at all, which
+    // a Linux host with a running controller always has.
+    getrandom::getrandom(&mut b).expect("the OS random source failed");
+    b
+}
+
+/// `prefix` followed by 16 random lowercase hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", crate::state::hex(&random_bytes::<8>()))
+}
+
+/// A new API key secret (`fk_` and 64 hex digits) and its record.
+pub fn new_api_key(name: &str, admin: bool, now_ms: u64) -> (String, ApiKey) {
+    let secret = format!("fk_{}", crate::state::hex(&random_bytes::<32>()));
+    let key = ApiKey {
+        id: new_id("ak-"),
+        name: name.into(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        admin,
+        created_at_ms: now_ms,
+    };
+    (secret, key)
+}
+
+/// The controller's operations over a replicator.
+pub struct Controller<R> {
+    repl: R,
+    settings: Settings,
+    liveness: Mutex<Liveness>,
+}
+
+impl<R: Replicator<ClusterState>> Controller<R> {
+    /// A controller over `repl`.
+    pub fn new(repl: R, settings: Settings) -> Arc<Self> {
+        Arc::new(Self {
+            repl,
+            settings,
+            liveness: Mutex::new(Liveness::new()),
+        })
+    }
+
+    /// The replicator.
+    pub fn replicator(&self) -> &R {
+        &self.repl
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// A copy of the leader-local liveness.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Note that `host_id`'s agent now has `image_id`.
+    pub fn note_image(&self, host_id: &str, image_id: &str) {
+        if let Ok(mut l) = self.liveness.lock() {
+            if let Some(seen) = l.get_mut(host_id) {
+                seen.images.insert(image_id.into());
+            }
+        }
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.repl
+            .leader()
+            .is_some_and(|m| m.id == self.repl.node_id())
+    }
+
+    /// Write `command`, turning a state machine refusal into an error.
+    pub async fn write(&self, command: Command) -> Result<Output> {
+        Ok(self.repl.write(command).await??)
+    }
+
+    /// Run `f` over the state on the leader.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ClusterState) -> T + Send + 'static,
+    ) -> Result<T> {
+        Ok(self.repl.read(f).await?)
+    }
+
+    /// Bootstrap a new cluster; returns the admin secret, or `None` when it
+    /// was bootstrapped before.
+    pub async fn bootstrap(&self, region: &str, azs: Vec<String>) -> Result<Option<String>> {
+        let (secret, key) = new_api_key("admin", true, crate::now_ms());
+        let r = self
+            .write(Command::Bootstrap {
+                region: region.into(),
+                azs,
+                instance_types: default_instance_types(),
+                admin_key: key,
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(Some(secret)),
+            Err(ControllerError::State(StateError::FailedPrecondition(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The key whose secret hashes to `hash`, if it may do this.
+    pub async fn authorize(&self, hash: String, admin: bool) -> Result<ApiKey> {
+        let key = self
+            .read(move |s| s.api_key_by_hash(&hash).cloned())
+            .await?;
+        let key = key.ok_or_else(|| ControllerError::Unauthenticated("unknown API key".into()))?;
+        if admin && !key.admin {
+            return Err(StateError::PermissionDenied("an admin API key is required".into()).into());
+        }
+        Ok(key)
+    }
+
+    /// Launch instances.
+    pub async fn run_instances(&self, spec: RunSpec) -> Result<(String, Vec<Instance>)> {
+        let n = spec.count.min(100) as usize;
+        let cmd = Command::RunInstances {
+            instance_ids: (0..n).map(|_| new_id("i-")).collect(),
+            reservation_id: new_id("r-"),
+            now_ms: crate::now_ms(),
+            spec,
+        };
+        match self.write(cmd).await? {
+            Output::Launched {
+                reservation_id,
+                instances,
+            } => Ok((reservation_id, instances)),
+            _ => Err(ControllerError::Unexpected),
+        }
+    }
+
+    /// Change intent.
+    pub async fn set_desired(
+        &self,
+        ids: Vec<String>,
+        desired: DesiredState,
+    ) -> Result<Vec<StateChange>> {
+        changes(self.write(Command::SetDesired { ids, desired }).await?)
+    }
+
+    /// Request reboots.
+    pub async fn reboot(&self, ids: Vec<String>) -> Result<Vec<StateChange>> {
+        changes(self.write(Command::Reboot { ids }).await?)
+    }
+
+    /// DescribeInstances.
+    pub async fn describe_instances(&self, f: InstanceFilter) -> Result<Page<Instance>> {
+        Ok(self.read(move |s| describe_instances(s, &f)).await??)
+    }
+
+    /// Record a heartbeat; writes to the replicated state only on change.
+    pub async fn heartbeat(
+        &self,
+        report: HostReport,
+        observed: Vec<Observation>,
+        images: BTreeSet<String>,
+    ) -> Result<()> {
+        let now = crate::now_ms();
+        if let Ok(mut l) = self.liveness.lock() {
+            l.insert(
+                report.id.clone(),
+                Seen {
+                    last_ms: now,
+                    images,
+                },
+            );
+        }
+        let (r, o) = (report.clone(), observed.clone());
+        let changed = self.read(move |s| heartbeat_changes(s, &r, &o)).await?;
+        if changed {
+            self.write(Command::Heartbeat {
+                host: report,
+                observed,
+                complete: true,
+                now_ms: now,
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Record what an agent answered for one instance.
+    pub async fn observe(&self, host_id: &str, o: Observation) -> Result<()> {
+        self.write(Command::Observe {
+            host_id: host_id.into(),
+            observed: vec![o],
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The cluster members, this node and the leader.
+    pub fn cluster_status(&self) -> (Vec<Member>, u64, Option<Member>) {
+        (self.repl.members(), self.repl.node_id(), self.repl.leader())
+    }
+}
+
+fn changes(o: Output) -> Result<Vec<StateChange>> {
+    match o {
+        Output::Changes(c) => Ok(c),
+        _ => Err(ControllerError::Unexpected),
+    }
+}
+
+/// Whether a heartbeat says anything the replicated state does not know.
+pub fn heartbeat_changes(s: &ClusterState, r: &HostReport, observed: &[Observation]) -> bool {
+    let Some(h) = s.hosts.get(&r.id) else {
+        return true;
+    };
+    if h.health != HostHealth::Healthy
+        || h.az != r.az
+        || h.address != r.address
+        || h.vcpus_total != r.vcpus_total
+        || h.memory_total_mib != r.memory_total_mib
+        || h.agent_version != r.agent_version
+    {
+        return true;
+    }
+    let mut listed = BTreeSet::new();
+    for o in observed {
+        if let Some(i) = s.instances.get(&o.instance_id) {
+            if i.host_id == r.id {
+                listed.insert(o.instance_id.as_str());
+                if i.observed != o.state {
+                    return true;
+                }
+            }
+        }
+    }
+    // An instance placed here that the host no longer lists.
+    s.instances.values().any(|i| {
+        i.host_id == r.id && i.observed != ObservedState::Absent && !listed.contains(i.id.as_str())
+    })
+}
+
+fn tag_match(tags: &Tags, want: &[(String, String)]) -> bool {
+    want.iter()
+        .all(|(k, v)| tags.get(k).is_some_and(|have| v.is_empty() || have == v))
+}
+
+/// DescribeInstances over a state: filter, order by id, page.
+pub fn describe_instances(
+    s: &ClusterState,
+    f: &InstanceFilter,
+) -> std::result::Result<Page<Instance>, StateError> {
+    for id in &f.ids {
+        if !s.instances.contains_key(id) {
+            return Err(StateError::NotFound(format!(
+                "instance_ids: no instance {id:?}"
+            )));
+        }
+    }
+    if f.max_results > 1000 {
+        return Err(StateError::InvalidArgument(
+            "max_results: at most 1000".into(),
+        ));
+    }
+    let limit = if f.max_results == 0 {
+        100
+    } else {
+        f.max_results as usize
+    };
+    let start = std::ops::Bound::Excluded(f.next_token.clone());
+    let range = if f.next_token.is_empty() {
+        s.instances.range::<String, _>(..)
+    } else {
+        s.instances.range((start, std::ops::Bound::Unbounded))
+    };
+    let mut out = Vec::new();
+    for i in range.map(|(_, i)| i) {
+        let ok = (f.ids.is_empty() || f.ids.contains(&i.id))
+            && (f.states.is_empty() || f.states.contains(&i.public_state()))
+            && (f.azs.is_empty() || f.azs.contains(&i.az))
+            && (f.hosts.is_empty() || f.hosts.contains(&i.host_id))
+            && tag_match(&i.tags, &f.tags);
+        if !ok {
+            continue;
+        }
+        if out.len() == limit {
+            let next = out
+                .last()
+                .map(|i: &Instance| i.id.clone())
+                .unwrap_or_default();
+            return Ok((out, next));
+        }
+        out.push(i.clone());
+    }
+    Ok((out, String::new()))
+}

@@ -1,0 +1,289 @@
+//! Carries out the reconciler's [`Action`]s over the agents' gRPC API, and
+//! runs the reconcile loop on the leader.
+//!
+//! Each action runs in its own task, at most one per instance (or image and
+//! host) at a time. Answers that mean "already done" (ALREADY_EXISTS on
+//! create, FAILED_PRECONDITION on start or stop, NOT_FOUND on delete) count
+//! as success: the next heartbeat shows the truth either way.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferro_proto::agent::v1 as pb;
+use ferro_proto::agent::v1::agent_client::AgentClient;
+use ferro_raft::Replicator;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+use tracing::Instrument;
+
+use crate::controller::{Controller, ControllerError};
+use crate::model::ObservedState;
+use crate::reconciler::{plan, Action, Inputs};
+use crate::state::{ClusterState, Command, Observation};
+
+/// How long one agent call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The agent's observed state as the controller models it.
+pub fn observed_from_agent(s: i32) -> ObservedState {
+    use pb::InstanceState as S;
+    match S::try_from(s).unwrap_or(S::Unspecified) {
+        S::Created => ObservedState::Created,
+        S::Starting => ObservedState::Starting,
+        S::Running => ObservedState::Running,
+        S::Stopping => ObservedState::Stopping,
+        S::Stopped => ObservedState::Stopped,
+        S::Rebooting => ObservedState::Rebooting,
+        S::Failed => ObservedState::Failed,
+        S::Deleting => ObservedState::Deleting,
+        S::Deleted => ObservedState::Absent,
+        S::Unspecified => ObservedState::Unknown,
+    }
+}
+
+/// An agent instance as an observation.
+pub fn observation(i: &pb::Instance) -> Observation {
+    Observation {
+        instance_id: i.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+        state: observed_from_agent(i.state),
+        reason: i.reason.clone(),
+    }
+}
+
+/// Runs actions against agents.
+pub struct Executor<R> {
+    ctl: Arc<Controller<R>>,
+    busy: Mutex<HashSet<String>>,
+    clients: Mutex<HashMap<String, AgentClient<Channel>>>,
+}
+
+impl<R: Replicator<ClusterState>> Executor<R> {
+    /// An executor for `ctl`.
+    pub fn new(ctl: Arc<Controller<R>>) -> Arc<Self> {
+        Arc::new(Self {
+            ctl,
+            busy: Mutex::new(HashSet::new()),
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn client(&self, address: &str) -> Result<AgentClient<Channel>, ControllerError> {
+        let mut clients = self
+            .clients
+            .lock()
+            .map_err(|_| ControllerError::Unexpected)?;
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(address.to_string())
+            .map_err(|e| ControllerError::Agent(format!("bad agent address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CALL_TIMEOUT);
+        let c = AgentClient::new(ep.connect_lazy());
+        clients.insert(address.into(), c.clone());
+        Ok(c)
+    }
+
+    /// Run the reconcile loop every `period` while this node leads; never
+    /// returns.
+    pub async fn run(self: Arc<Self>, period: Duration) {
+        let mut leader_since = None;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.ctl.is_leader() {
+                leader_since = None;
+                continue;
+            }
+            let since = *leader_since.get_or_insert_with(crate::now_ms);
+            if let Err(e) = self.clone().tick(since).await {
+                tracing::debug!(error = %crate::chain(&e), "reconcile pass failed");
+            }
+        }
+    }
+
+    /// One reconcile pass: plan, then start every action.
+    pub async fn tick(self: Arc<Self>, leader_since_ms: u64) -> Result<usize, ControllerError> {
+        let inputs = Inputs {
+            liveness: self.ctl.liveness(),
+            busy: self.busy.lock().map(|b| b.clone()).unwrap_or_default(),
+            now_ms: crate::now_ms(),
+            leader_since_ms,
+            timeout_ms: self.ctl.settings().heartbeat_timeout_ms,
+        };
+        let actions = self.ctl.read(move |s| plan(s, &inputs)).await?;
+        let n = actions.len();
+        for a in actions {
+            let key = a.key();
+            if let Ok(mut b) = self.busy.lock() {
+                if !b.insert(key.clone()) {
+                    continue;
+                }
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.execute(a).await {
+                    tracing::warn!(key = %key, error = %crate::chain(&e), "reconcile action failed");
+                }
+                if let Ok(mut b) = me.busy.lock() {
+                    b.remove(&key);
+                }
+            });
+        }
+        Ok(n)
+    }
+
+    /// Carry out one action.
+    pub async fn execute(&self, a: Action) -> Result<(), ControllerError> {
+        match a {
+            Action::MarkUnreachable(host_ids) => {
+                self.ctl
+                    .write(Command::MarkUnreachable { host_ids })
+                    .await?;
+            }
+            Action::RegisterImage {
+                host_id,
+                address,
+                image,
+            } => {
+                let span = tracing::info_span!("register_image", %host_id, image_id = %image.id);
+                let mut c = self.client(&address)?;
+                let r = c
+                    .register_image(pb::RegisterImageRequest {
+                        id: image.id.clone(),
+                        kernel_path: image.kernel_path,
+                        initrd_path: image.initrd_path,
+                        rootdisk_path: image.rootdisk_path,
+                    })
+                    .instrument(span)
+                    .await;
+                benign(r, &[Code::AlreadyExists])?;
+                self.ctl.note_image(&host_id, &image.id);
+            }
+            Action::Create {
+                address,
+                instance,
+                cmdline_extra,
+                start,
+            } => {
+                let span = tracing::info_span!("create", instance_id = %instance.id, host_id = %instance.host_id);
+                let mut c = self.client(&address)?;
+                let spec = pb::InstanceSpec {
+                    id: instance.id.clone(),
+                    vcpus: instance.vcpus,
+                    memory_mib: instance.memory_mib,
+                    image_id: instance.image_id.clone(),
+                    user_data: instance.user_data.clone(),
+                    cmdline_extra,
+                    ..Default::default()
+                };
+                let r = c
+                    .create_instance(pb::CreateInstanceRequest { spec: Some(spec) })
+                    .instrument(span.clone())
+                    .await;
+                if let Some(i) = benign(r, &[Code::AlreadyExists])? {
+                    self.ctl.observe(&instance.host_id, observation(&i)).await?;
+                }
+                if start {
+                    let r = c
+                        .start_instance(pb::StartInstanceRequest {
+                            id: instance.id.clone(),
+                        })
+                        .instrument(span)
+                        .await;
+                    if let Some(i) = benign(r, &[Code::FailedPrecondition])? {
+                        self.ctl.observe(&instance.host_id, observation(&i)).await?;
+                    }
+                }
+            }
+            Action::Start {
+                address,
+                host_id,
+                id,
+            } => {
+                let span = tracing::info_span!("start", instance_id = %id, %host_id);
+                let r = self
+                    .client(&address)?
+                    .start_instance(pb::StartInstanceRequest { id })
+                    .instrument(span)
+                    .await;
+                if let Some(i) = benign(r, &[Code::FailedPrecondition])? {
+                    self.ctl.observe(&host_id, observation(&i)).await?;
+                }
+            }
+            Action::Stop {
+                address,
+                host_id,
+                id,
+            } => {
+                let span = tracing::info_span!("stop", instance_id = %id, %host_id);
+                let r = self
+                    .client(&address)?
+                    .stop_instance(pb::StopInstanceRequest { id, timeout_ms: 0 })
+                    .instrument(span)
+                    .await;
+                if let Some(i) = benign(r, &[Code::FailedPrecondition])? {
+                    self.ctl.observe(&host_id, observation(&i)).await?;
+                }
+            }
+            Action::Reboot {
+                address,
+                host_id,
+                id,
+                generation,
+            } => {
+                let span = tracing::info_span!("reboot", instance_id = %id, %host_id);
+                let r = self
+                    .client(&address)?
+                    .reboot_instance(pb::RebootInstanceRequest {
+                        id: id.clone(),
+                        timeout_ms: 0,
+                    })
+                    .instrument(span)
+                    .await;
+                benign(r, &[Code::FailedPrecondition])?;
+                self.ctl
+                    .write(Command::AckReboot { id, generation })
+                    .await?;
+            }
+            Action::Delete {
+                address,
+                host_id,
+                id,
+            } => {
+                let span = tracing::info_span!("delete", instance_id = %id, %host_id);
+                let r = self
+                    .client(&address)?
+                    .delete_instance(pb::DeleteInstanceRequest { id: id.clone() })
+                    .instrument(span)
+                    .await;
+                benign(r, &[Code::NotFound])?;
+                let o = Observation {
+                    instance_id: id,
+                    state: ObservedState::Absent,
+                    reason: "deleted".into(),
+                };
+                self.ctl.observe(&host_id, o).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer, `None` for an error in `ok_codes`, or the error.
+fn benign<T>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    ok_codes: &[Code],
+) -> Result<Option<T>, ControllerError> {
+    match r {
+        Ok(r) => Ok(Some(r.into_inner())),
+        Err(s) if ok_codes.contains(&s.code()) => Ok(None),
+        Err(s) => Err(ControllerError::Agent(format!(
+            "agent answered {:?}: {}",
+            s.code(),
+            s.message()
+        ))),
+    }
+}

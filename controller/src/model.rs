@@ -1,0 +1,397 @@
+//! The cluster's data model: the records the replicated state holds.
+//!
+//! Every record is plain data (serde), kept in ordered maps so iteration
+//! order, and therefore every decision made over it, is the same on every
+//! node. Intent (what users asked for) and observation (what hosts report)
+//! are separate fields (STYLE 9).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Tags: key → value, on every kind of resource.
+pub type Tags = BTreeMap<String, String>;
+
+/// The most tags a resource may carry.
+pub const MAX_TAGS: usize = 50;
+
+/// An availability zone of the cluster's region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AvailabilityZone {
+    /// Its name, e.g. `az-1`.
+    pub name: String,
+}
+
+/// Whether a host heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostHealth {
+    /// Heartbeating.
+    Healthy,
+    /// Missed heartbeats for longer than the timeout.
+    Unreachable,
+}
+
+/// A host, registered by its agent's first heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    /// The agent's `host_id`.
+    pub id: String,
+    /// Its availability zone.
+    pub az: String,
+    /// The agent's gRPC endpoint, `http://ip:port`.
+    pub address: String,
+    /// vCPUs the agent offers.
+    pub vcpus_total: u32,
+    /// Guest memory the agent offers, MiB.
+    pub memory_total_mib: u64,
+    /// vCPUs held by instances placed here (not finally terminated).
+    pub vcpus_allocated: u32,
+    /// Memory held by instances placed here, MiB.
+    pub memory_allocated_mib: u64,
+    /// Instances placed here and holding capacity.
+    pub instances: u32,
+    /// Health, from heartbeats.
+    pub health: HostHealth,
+    /// Unix ms of the heartbeat that last changed this record.
+    pub last_seen_ms: u64,
+    /// `/proc/cpuinfo` model name.
+    pub cpu_model: String,
+    /// The agent's version.
+    pub agent_version: String,
+    /// `/dev/kvm` exists.
+    pub kvm_present: bool,
+    /// Tags.
+    pub tags: Tags,
+}
+
+impl Host {
+    /// vCPUs not yet placed.
+    pub fn free_vcpus(&self) -> u32 {
+        self.vcpus_total.saturating_sub(self.vcpus_allocated)
+    }
+    /// Memory not yet placed, MiB.
+    pub fn free_memory_mib(&self) -> u64 {
+        self.memory_total_mib
+            .saturating_sub(self.memory_allocated_mib)
+    }
+}
+
+/// An instance type: a named size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceType {
+    /// e.g. `f1.small`.
+    pub name: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+}
+
+/// The instance types a new cluster starts with (t-shirt sizes).
+pub fn default_instance_types() -> Vec<InstanceType> {
+    [
+        ("f1.nano", 1, 128),
+        ("f1.micro", 1, 256),
+        ("f1.small", 1, 512),
+        ("f1.medium", 2, 1024),
+        ("f1.large", 2, 2048),
+        ("f1.xlarge", 4, 4096),
+        ("f1.2xlarge", 8, 8192),
+    ]
+    .into_iter()
+    .map(|(n, v, m)| InstanceType {
+        name: n.into(),
+        vcpus: v,
+        memory_mib: m,
+    })
+    .collect()
+}
+
+/// An image, registered centrally and pushed to every host's agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `img-<16 hex>`; also its id in the agents' stores.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Kernel path on every host.
+    pub kernel_path: String,
+    /// Initrd path, empty for none.
+    pub initrd_path: String,
+    /// Root disk path, empty for none.
+    pub rootdisk_path: String,
+    /// Kernel command line extras for its instances.
+    pub cmdline_extra: String,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Tags.
+    pub tags: Tags,
+}
+
+/// A key pair's public half.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPair {
+    /// `key-<16 hex>`.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// The public key line.
+    pub public_key: String,
+    /// `SHA256:<base64>`.
+    pub fingerprint: String,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Tags.
+    pub tags: Tags,
+}
+
+/// How a placement group places its members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupStrategy {
+    /// Never two members on one host.
+    Spread,
+    /// Members on as few hosts as possible, in one zone.
+    Cluster,
+}
+
+impl GroupStrategy {
+    /// Parse `spread` or `cluster`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "spread" => Some(Self::Spread),
+            "cluster" => Some(Self::Cluster),
+            _ => None,
+        }
+    }
+    /// `spread` or `cluster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Spread => "spread",
+            Self::Cluster => "cluster",
+        }
+    }
+}
+
+/// A placement group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementGroup {
+    /// `pg-<16 hex>`.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Its strategy.
+    pub strategy: GroupStrategy,
+    /// Members holding capacity (not finally terminated).
+    pub members: BTreeSet<String>,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Tags.
+    pub tags: Tags,
+}
+
+/// What a user wants an instance to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DesiredState {
+    /// Running.
+    Running,
+    /// Stopped (defined on its host, not running).
+    Stopped,
+    /// Deleted from its host.
+    Terminated,
+}
+
+/// What the instance's host last reported about it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObservedState {
+    /// Not on its host.
+    Absent,
+    /// Defined, never started.
+    Created,
+    /// VMM spawned.
+    Starting,
+    /// Running.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Stopped.
+    Stopped,
+    /// Being rebooted.
+    Rebooting,
+    /// VMM failed.
+    Failed,
+    /// Being deleted.
+    Deleting,
+    /// Its host is unreachable.
+    Unknown,
+}
+
+/// The state users see, derived from desired and observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PublicState {
+    /// Being created or started.
+    Pending,
+    /// Running.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Stopped.
+    Stopped,
+    /// Being terminated.
+    ShuttingDown,
+    /// Gone from its host. Final.
+    Terminated,
+    /// Host unreachable.
+    Unknown,
+    /// VMM failed.
+    Failed,
+    /// Rebooting.
+    Rebooting,
+}
+
+/// An instance: intent, placement and observation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `i-<16 hex>`.
+    pub id: String,
+    /// `r-<16 hex>`: the RunInstances call that launched it.
+    pub reservation_id: String,
+    /// Instance type name.
+    pub instance_type: String,
+    /// vCPUs (from the type at launch).
+    pub vcpus: u32,
+    /// Memory, MiB (from the type at launch).
+    pub memory_mib: u64,
+    /// Image id.
+    pub image_id: String,
+    /// Zone.
+    pub az: String,
+    /// Host it is bound to, for life: never rescheduled.
+    pub host_id: String,
+    /// Key pair name, empty for none.
+    pub key_name: String,
+    /// Placement group name, empty for none.
+    pub placement_group: String,
+    /// User data for the guest.
+    pub user_data: Vec<u8>,
+    /// Tags.
+    pub tags: Tags,
+    /// Client token of the launch, empty for none.
+    pub client_token: String,
+    /// Intent.
+    pub desired: DesiredState,
+    /// Observation.
+    pub observed: ObservedState,
+    /// The host's reason for the last observed change.
+    pub observed_reason: String,
+    /// Reboots requested; the reconciler reboots while this exceeds
+    /// `reboots_done`.
+    pub reboots_requested: u64,
+    /// Reboots carried out.
+    pub reboots_done: u64,
+    /// Whether its vCPUs and memory are counted on its host.
+    pub holds_capacity: bool,
+    /// Unix ms.
+    pub launched_at_ms: u64,
+}
+
+impl Instance {
+    /// Whether it is gone for good: terminated and deleted from its host.
+    pub fn is_final(&self) -> bool {
+        self.desired == DesiredState::Terminated && self.observed == ObservedState::Absent
+    }
+
+    /// The state users see.
+    pub fn public_state(&self) -> PublicState {
+        use DesiredState as D;
+        use ObservedState as O;
+        match (self.desired, self.observed) {
+            (_, O::Unknown) => PublicState::Unknown,
+            (D::Terminated, O::Absent) => PublicState::Terminated,
+            (D::Terminated, _) => PublicState::ShuttingDown,
+            (D::Stopped, O::Absent | O::Created | O::Stopped | O::Failed) => PublicState::Stopped,
+            (D::Stopped, _) => PublicState::Stopping,
+            (D::Running, O::Running) if self.reboots_requested > self.reboots_done => {
+                PublicState::Rebooting
+            }
+            (D::Running, O::Running) => PublicState::Running,
+            (D::Running, O::Rebooting) => PublicState::Rebooting,
+            (D::Running, O::Failed) => PublicState::Failed,
+            (D::Running, O::Stopping) => PublicState::Stopping,
+            (D::Running, _) => PublicState::Pending,
+        }
+    }
+}
+
+/// An API key: only the sha256 of its secret is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// `key-<16 hex>`.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Lowercase hex sha256 of the bearer secret.
+    pub secret_sha256: String,
+    /// May manage keys and the cluster.
+    pub admin: bool,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(desired: DesiredState, observed: ObservedState) -> Instance {
+        Instance {
+            id: "i-1".into(),
+            reservation_id: "r-1".into(),
+            instance_type: "f1.nano".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            image_id: "img-1".into(),
+            az: "az-1".into(),
+            host_id: "h1".into(),
+            key_name: String::new(),
+            placement_group: String::new(),
+            user_data: vec![],
+            tags: Tags::new(),
+            client_token: String::new(),
+            desired,
+            observed,
+            observed_reason: String::new(),
+            reboots_requested: 0,
+            reboots_done: 0,
+            holds_capacity: true,
+            launched_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn public_state_combines_intent_and_observation() {
+        use DesiredState as D;
+        use ObservedState as O;
+        use PublicState as P;
+        let cases = [
+            (D::Running, O::Absent, P::Pending),
+            (D::Running, O::Running, P::Running),
+            (D::Running, O::Unknown, P::Unknown),
+            (D::Stopped, O::Running, P::Stopping),
+            (D::Stopped, O::Stopped, P::Stopped),
+            (D::Terminated, O::Running, P::ShuttingDown),
+            (D::Terminated, O::Absent, P::Terminated),
+            (D::Running, O::Failed, P::Failed),
+        ];
+        for (d, o, p) in cases {
+            assert_eq!(inst(d, o).public_state(), p, "{d:?}/{o:?}");
+        }
+        let mut i = inst(D::Running, O::Running);
+        i.reboots_requested = 1;
+        assert_eq!(i.public_state(), P::Rebooting);
+    }
+
+    #[test]
+    fn seeded_types_are_sorted_by_size() {
+        let t = default_instance_types();
+        assert!(t.windows(2).all(|w| w[0].memory_mib < w[1].memory_mib));
+    }
+}

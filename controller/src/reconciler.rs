@@ -1,0 +1,377 @@
+//! The reconciler's decisions, sans-IO (STYLE 9, 10).
+//!
+//! [`plan`] takes a snapshot of the replicated state, the leader's view of
+//! host liveness, the set of operations already in flight and the time, and
+//! returns [`Action`]s. It is level-triggered: it looks only at where each
+//! instance is versus where it should be, so running it again after a lost
+//! answer or a leader change repeats nothing harmful (agent calls are
+//! idempotent or refused harmlessly). The [`executor`](crate::executor)
+//! carries the actions out.
+//!
+//! An instance never moves: it is bound to its host for life. While its
+//! host is unreachable nothing is done to it, so it cannot run twice.
+
+use std::collections::HashSet;
+
+use crate::controller::Liveness;
+use crate::model::*;
+use crate::state::ClusterState;
+
+/// What to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Register `image` with the agent at `address`.
+    RegisterImage {
+        /// Host id.
+        host_id: String,
+        /// Agent endpoint.
+        address: String,
+        /// The image.
+        image: Image,
+    },
+    /// Create the instance on its host (then start it when wanted).
+    Create {
+        /// Agent endpoint.
+        address: String,
+        /// The instance.
+        instance: Instance,
+        /// Image kernel command line extras.
+        cmdline_extra: String,
+        /// Start it once created.
+        start: bool,
+    },
+    /// Start it.
+    Start {
+        /// Agent endpoint.
+        address: String,
+        /// Host id.
+        host_id: String,
+        /// Instance id.
+        id: String,
+    },
+    /// Stop it.
+    Stop {
+        /// Agent endpoint.
+        address: String,
+        /// Host id.
+        host_id: String,
+        /// Instance id.
+        id: String,
+    },
+    /// Reboot it, then acknowledge reboot `generation`.
+    Reboot {
+        /// Agent endpoint.
+        address: String,
+        /// Host id.
+        host_id: String,
+        /// Instance id.
+        id: String,
+        /// `reboots_requested`.
+        generation: u64,
+    },
+    /// Delete it from its host.
+    Delete {
+        /// Agent endpoint.
+        address: String,
+        /// Host id.
+        host_id: String,
+        /// Instance id.
+        id: String,
+    },
+    /// These hosts missed their heartbeats.
+    MarkUnreachable(Vec<String>),
+}
+
+impl Action {
+    /// The key under which it is in flight: one operation per instance (or
+    /// per image and host) at a time.
+    pub fn key(&self) -> String {
+        match self {
+            Action::RegisterImage { host_id, image, .. } => format!("{host_id}/{}", image.id),
+            Action::Create { instance, .. } => instance.id.clone(),
+            Action::Start { id, .. }
+            | Action::Stop { id, .. }
+            | Action::Reboot { id, .. }
+            | Action::Delete { id, .. } => id.clone(),
+            Action::MarkUnreachable(_) => "unreachable".into(),
+        }
+    }
+}
+
+/// Inputs of [`plan`] besides the state.
+#[derive(Clone, Debug)]
+pub struct Inputs {
+    /// Leader-local liveness.
+    pub liveness: Liveness,
+    /// Keys of actions in flight.
+    pub busy: HashSet<String>,
+    /// Unix ms now.
+    pub now_ms: u64,
+    /// Unix ms at which this node became leader (hosts get a full timeout
+    /// from then before they are declared unreachable).
+    pub leader_since_ms: u64,
+    /// Heartbeat timeout.
+    pub timeout_ms: u64,
+}
+
+/// Decide what to do.
+pub fn plan(s: &ClusterState, inp: &Inputs) -> Vec<Action> {
+    let mut out = Vec::new();
+    let mut lost = Vec::new();
+    for h in s.hosts.values() {
+        if h.health != HostHealth::Healthy {
+            continue;
+        }
+        let last = inp.liveness.get(&h.id).map_or(inp.leader_since_ms, |seen| {
+            seen.last_ms.max(inp.leader_since_ms)
+        });
+        if inp.now_ms.saturating_sub(last) > inp.timeout_ms {
+            lost.push(h.id.clone());
+        }
+    }
+    let healthy = |id: &str| {
+        s.hosts
+            .get(id)
+            .is_some_and(|h| h.health == HostHealth::Healthy && !lost.iter().any(|l| l == id))
+    };
+    for h in s.hosts.values().filter(|h| healthy(&h.id)) {
+        let Some(seen) = inp.liveness.get(&h.id) else {
+            continue;
+        };
+        for img in s.images.values().filter(|i| !seen.images.contains(&i.id)) {
+            let a = Action::RegisterImage {
+                host_id: h.id.clone(),
+                address: h.address.clone(),
+                image: img.clone(),
+            };
+            if !inp.busy.contains(&a.key()) {
+                out.push(a);
+            }
+        }
+    }
+    for i in s.instances.values() {
+        if i.is_final() || inp.busy.contains(&i.id) || !healthy(&i.host_id) {
+            continue;
+        }
+        let host = &s.hosts[&i.host_id];
+        if let Some(a) = instance_action(s, i, host, inp) {
+            out.push(a);
+        }
+    }
+    if !lost.is_empty() {
+        out.push(Action::MarkUnreachable(lost));
+    }
+    out
+}
+
+fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Option<Action> {
+    use DesiredState as D;
+    use ObservedState as O;
+    let address = h.address.clone();
+    let host_id = h.id.clone();
+    let id = i.id.clone();
+    match (i.desired, i.observed) {
+        (_, O::Unknown) => None,
+        (D::Terminated, O::Absent | O::Deleting) => None,
+        (D::Terminated, _) => Some(Action::Delete {
+            address,
+            host_id,
+            id,
+        }),
+        (D::Running, O::Absent) => {
+            let image_ready = inp
+                .liveness
+                .get(&h.id)
+                .is_some_and(|seen| seen.images.contains(&i.image_id));
+            let image = s.images.get(&i.image_id)?;
+            image_ready.then(|| Action::Create {
+                address,
+                instance: i.clone(),
+                cmdline_extra: image.cmdline_extra.clone(),
+                start: true,
+            })
+        }
+        (D::Running, O::Created | O::Stopped) => Some(Action::Start {
+            address,
+            host_id,
+            id,
+        }),
+        (D::Running, O::Running) if i.reboots_requested > i.reboots_done => Some(Action::Reboot {
+            address,
+            host_id,
+            id,
+            generation: i.reboots_requested,
+        }),
+        (D::Stopped, O::Running | O::Starting | O::Rebooting) => Some(Action::Stop {
+            address,
+            host_id,
+            id,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::Seen;
+    use crate::state::tests::{add_host, add_image, bootstrapped, run};
+    use crate::state::{Command, Observation, RunSpec};
+    use ferro_raft::StateMachine;
+
+    fn inputs(s: &ClusterState, now: u64) -> Inputs {
+        let images: std::collections::BTreeSet<String> = s.images.keys().cloned().collect();
+        Inputs {
+            liveness: s
+                .hosts
+                .keys()
+                .map(|h| {
+                    (
+                        h.clone(),
+                        Seen {
+                            last_ms: now,
+                            images: images.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            busy: HashSet::new(),
+            now_ms: now,
+            leader_since_ms: 0,
+            timeout_ms: 1000,
+        }
+    }
+
+    fn one_instance() -> (ClusterState, String) {
+        let mut s = bootstrapped();
+        add_host(&mut s, "h1", "az-1", 8, 8192);
+        add_image(&mut s);
+        let mut seq = 0;
+        let spec = RunSpec {
+            instance_type: "f1.nano".into(),
+            image: "guest".into(),
+            ..RunSpec::default()
+        };
+        run(&mut s, 1, &mut seq, spec).unwrap();
+        let id = s.instances.keys().next().unwrap().clone();
+        (s, id)
+    }
+
+    fn observe(s: &mut ClusterState, id: &str, state: ObservedState) {
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![Observation {
+                instance_id: id.into(),
+                state,
+                reason: String::new(),
+            }],
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn new_instance_is_created_and_started() {
+        let (s, id) = one_instance();
+        let a = plan(&s, &inputs(&s, 100));
+        assert!(
+            matches!(&a[..], [Action::Create { instance, start: true, .. }] if instance.id == id)
+        );
+    }
+
+    #[test]
+    fn image_is_registered_before_create() {
+        let (s, _) = one_instance();
+        let mut inp = inputs(&s, 100);
+        inp.liveness.get_mut("h1").unwrap().images.clear();
+        let a = plan(&s, &inp);
+        assert!(matches!(&a[..], [Action::RegisterImage { .. }]), "{a:?}");
+    }
+
+    #[test]
+    fn converged_instance_needs_nothing() {
+        let (mut s, id) = one_instance();
+        observe(&mut s, &id, ObservedState::Running);
+        assert!(plan(&s, &inputs(&s, 100)).is_empty());
+    }
+
+    #[test]
+    fn stop_terminate_and_reboot() {
+        let (mut s, id) = one_instance();
+        observe(&mut s, &id, ObservedState::Running);
+        s.apply(Command::Reboot {
+            ids: vec![id.clone()],
+        })
+        .unwrap();
+        assert!(matches!(
+            plan(&s, &inputs(&s, 1))[..],
+            [Action::Reboot { generation: 1, .. }]
+        ));
+        s.apply(Command::AckReboot {
+            id: id.clone(),
+            generation: 1,
+        })
+        .unwrap();
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Stopped,
+        })
+        .unwrap();
+        assert!(matches!(
+            plan(&s, &inputs(&s, 1))[..],
+            [Action::Stop { .. }]
+        ));
+        observe(&mut s, &id, ObservedState::Stopped);
+        assert!(plan(&s, &inputs(&s, 1)).is_empty());
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        assert!(matches!(
+            plan(&s, &inputs(&s, 1))[..],
+            [Action::Delete { .. }]
+        ));
+    }
+
+    #[test]
+    fn busy_instances_are_left_alone() {
+        let (s, id) = one_instance();
+        let mut inp = inputs(&s, 100);
+        inp.busy.insert(id);
+        assert!(plan(&s, &inp).is_empty());
+    }
+
+    #[test]
+    fn silent_host_becomes_unreachable_and_its_instances_wait() {
+        let (mut s, id) = one_instance();
+        observe(&mut s, &id, ObservedState::Running);
+        let mut inp = inputs(&s, 100);
+        inp.now_ms = 5000;
+        let a = plan(&s, &inp);
+        assert_eq!(a, vec![Action::MarkUnreachable(vec!["h1".into()])]);
+        s.apply(Command::MarkUnreachable {
+            host_ids: vec!["h1".into()],
+        })
+        .unwrap();
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        // Nothing is done while the host is away, and nothing is moved.
+        assert!(plan(&s, &inp).is_empty());
+        assert_eq!(s.instances[&id].host_id, "h1");
+    }
+
+    #[test]
+    fn a_new_leader_gives_hosts_a_full_timeout() {
+        let (s, _) = one_instance();
+        let mut inp = inputs(&s, 100);
+        inp.liveness.clear();
+        inp.leader_since_ms = 4500;
+        inp.now_ms = 5000;
+        assert!(plan(&s, &inp)
+            .iter()
+            .all(|a| !matches!(a, Action::MarkUnreachable(_))));
+    }
+}

@@ -1,0 +1,165 @@
+//! The controller process: one gRPC server carrying the compute API, the
+//! agents' heartbeats and Raft, plus the reconcile loop on the leader.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferro_proto::compute::v1::cluster_server::ClusterServer;
+use ferro_proto::compute::v1::compute_server::ComputeServer;
+use ferro_proto::compute::v1::hosts_server::HostsServer;
+use ferro_raft::{RaftConfig, RaftReplicator, Replicator};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::api::{authenticate, ClusterService, ComputeService, HostsService};
+use crate::config::ControllerConfig;
+use crate::controller::{Controller, ControllerError, Settings};
+use crate::executor::Executor;
+use crate::state::ClusterState;
+
+/// Errors that end the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The Raft node could not open.
+    #[error("cannot open the raft node")]
+    Open(#[from] ferro_raft::OpenError),
+    /// Raft failed.
+    #[error("replication failed")]
+    Replication(#[from] ferro_raft::ReplicationError),
+    /// Bootstrap failed.
+    #[error("cannot bootstrap the cluster")]
+    Bootstrap(#[from] ControllerError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {0}")]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signal(#[source] std::io::Error),
+    /// The admin key file could not be written.
+    #[error("cannot write {0}")]
+    KeyFile(std::path::PathBuf, #[source] std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// The three public services over `ctl`, behind the bearer-key interceptor.
+#[allow(clippy::type_complexity)]
+pub fn services<R: Replicator<ClusterState>>(
+    ctl: &Arc<Controller<R>>,
+) -> (
+    InterceptedService<
+        ComputeServer<ComputeService<R>>,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+    InterceptedService<
+        ClusterServer<ClusterService<R>>,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+    InterceptedService<
+        HostsServer<HostsService<R>>,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+) {
+    let auth: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> = authenticate;
+    (
+        ComputeServer::with_interceptor(ComputeService::new(ctl.clone()), auth),
+        ClusterServer::with_interceptor(ClusterService::new(ctl.clone()), auth),
+        HostsServer::with_interceptor(HostsService::new(ctl.clone()), auth),
+    )
+}
+
+/// Run a controller node until SIGTERM or SIGINT. Prints
+/// `ferro-controller: listening on ADDR` once it serves and, on the node
+/// that bootstraps a new cluster, the admin API key once
+/// (`ferro-controller: admin API key: fk_...`, also written to
+/// `<data_dir>/admin.key`, mode 0600).
+pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
+    let span = tracing::info_span!("controller", node_id = cfg.node_id);
+    let _g = span.enter();
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    let members = cfg.members()?;
+    let raft_cfg = RaftConfig::new(cfg.node_id, cfg.advertise(), cfg.data_dir.join("raft"));
+    let repl = RaftReplicator::<ClusterState>::open(raft_cfg).await?;
+    let raft_service = repl.grpc_service();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Listen(cfg.listen, e))?;
+    let ctl = Controller::new(
+        repl,
+        Settings {
+            heartbeat_timeout_ms: cfg.heartbeat_timeout_ms,
+            heartbeat_interval_ms: cfg.heartbeat_interval_ms,
+            replicated: true,
+        },
+    );
+    let (compute, cluster, hosts) = services(&ctl);
+    let incoming = TcpListenerStream::new(listener);
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(raft_service)
+            .add_service(compute)
+            .add_service(cluster)
+            .add_service(hosts)
+            .serve_with_incoming_shutdown(incoming, shutdown),
+    );
+    tracing::info!(%addr, "serving");
+    println!("ferro-controller: listening on {addr}");
+    let lowest = members.iter().map(|m| m.id).min() == Some(cfg.node_id);
+    if lowest {
+        ctl.replicator().initialize(members).await?;
+    }
+    ctl.replicator()
+        .wait_for_leader(Duration::from_secs(30))
+        .await?;
+    if ctl.is_leader() {
+        let azs = if cfg.availability_zones.is_empty() {
+            vec!["az-1".to_string()]
+        } else {
+            cfg.availability_zones.clone()
+        };
+        if let Some(secret) = ctl.bootstrap(&cfg.region, azs).await? {
+            write_key_file(&cfg.data_dir.join("admin.key"), &secret)?;
+            println!("ferro-controller: admin API key: {secret}");
+        }
+    }
+    let exec = Executor::new(ctl.clone());
+    let reconciler = tokio::spawn(exec.run(Duration::from_millis(cfg.reconcile_interval_ms)));
+    let r = server.await;
+    reconciler.abort();
+    ctl.replicator().shutdown().await;
+    match r {
+        Ok(r) => Ok(r?),
+        Err(_) => Ok(()),
+    }
+}
+
+fn write_key_file(path: &std::path::Path, secret: &str) -> Result<(), ServerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e| ServerError::KeyFile(path.into(), e);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    writeln!(f, "{secret}").map_err(err)
+}

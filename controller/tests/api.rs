@@ -1,0 +1,442 @@
+//! The compute API in-process over `MemReplicator`, with fake agents:
+//! authentication, errors, idempotency, pagination and the reconcile loop.
+
+mod common;
+
+use common::*;
+use ferro_proto::compute::v1 as pb;
+use tonic::Code;
+
+fn run_req(count: u32) -> pb::RunInstancesRequest {
+    pb::RunInstancesRequest {
+        count,
+        instance_type: "f1.nano".into(),
+        image_id: "guest".into(),
+        ..Default::default()
+    }
+}
+
+async fn register(c: &mut Client) -> pb::Image {
+    c.register_image(pb::RegisterImageRequest {
+        name: "guest".into(),
+        kernel_path: "/boot/vmlinux".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn describe(c: &mut Client, ids: Vec<String>) -> Vec<pb::Instance> {
+    c.describe_instances(pb::DescribeInstancesRequest {
+        instance_ids: ids,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .instances
+}
+
+#[tokio::test]
+async fn calls_without_a_valid_key_are_unauthenticated() {
+    let t = controller(false, 10_000).await;
+    let mut bad = client(t.addr, "fk_nope").await;
+    let e = bad
+        .describe_instance_types(pb::DescribeInstanceTypesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut raw = ferro_proto::compute::v1::compute_client::ComputeClient::connect(format!(
+        "http://{}",
+        t.addr
+    ))
+    .await
+    .unwrap();
+    let e = raw
+        .describe_instance_types(pb::DescribeInstanceTypesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut ok = client(t.addr, &t.admin_key).await;
+    let types = ok
+        .describe_instance_types(pb::DescribeInstanceTypesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .instance_types;
+    assert!(types.iter().any(|t| t.name == "f1.small"));
+}
+
+#[tokio::test]
+async fn non_admin_keys_cannot_manage_keys() {
+    let t = controller(false, 10_000).await;
+    let mut admin = client(t.addr, &t.admin_key).await;
+    let created = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "dev".into(),
+            admin: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut dev = client(t.addr, &created.secret).await;
+    dev.describe_images(pb::DescribeImagesRequest::default())
+        .await
+        .unwrap();
+    let e = dev
+        .describe_api_keys(pb::DescribeApiKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "dev".into(),
+            admin: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn errors_carry_codes_and_name_the_field() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let cases = [
+        (
+            pb::RunInstancesRequest {
+                count: 0,
+                ..run_req(1)
+            },
+            Code::InvalidArgument,
+            "count",
+        ),
+        (
+            pb::RunInstancesRequest {
+                instance_type: "x".into(),
+                ..run_req(1)
+            },
+            Code::NotFound,
+            "instance_type",
+        ),
+        (
+            pb::RunInstancesRequest {
+                image_id: "x".into(),
+                ..run_req(1)
+            },
+            Code::NotFound,
+            "image_id",
+        ),
+        // No host has heartbeated: no capacity.
+        (run_req(1), Code::ResourceExhausted, "instance_type"),
+    ];
+    for (req, code, field) in cases {
+        let e = c.run_instances(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    let e = c
+        .register_image(pb::RegisterImageRequest {
+            name: "guest".into(),
+            kernel_path: "/k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    let e = c
+        .terminate_instances(pb::TerminateInstancesRequest {
+            instance_ids: vec!["i-0000000000000000".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().starts_with("instance_ids"));
+    let e = c
+        .import_key_pair(pb::ImportKeyPairRequest {
+            key_name: "k".into(),
+            public_key: "not a key".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("public_key"));
+}
+
+#[tokio::test]
+async fn key_pairs_round_trip() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    let made = c
+        .create_key_pair(pb::CreateKeyPairRequest {
+            key_name: "mine".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(made.private_key.len(), 64);
+    let kp = made.key_pair.unwrap();
+    assert!(kp.fingerprint.starts_with("SHA256:"));
+    let imported = c
+        .import_key_pair(pb::ImportKeyPairRequest {
+            key_name: "laptop".into(),
+            public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGk2zGHkV1c3g2c5G0uYkT7b5x0b1m7zv4W6xrJtq1Yc me".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(imported.fingerprint, kp.fingerprint);
+    let all = c
+        .describe_key_pairs(pb::DescribeKeyPairsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .key_pairs;
+    assert_eq!(all.len(), 2);
+    c.delete_key_pair(pb::DeleteKeyPairRequest {
+        key_name: "mine".into(),
+    })
+    .await
+    .unwrap();
+    let e = c
+        .delete_key_pair(pb::DeleteKeyPairRequest {
+            key_name: "mine".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn run_is_idempotent_with_a_client_token_and_describe_pages() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 64, 65536);
+    let mut hc = hosts_client(t.addr).await;
+    beat(&mut hc, &t.admin_key, agent.heartbeat("http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let req = pb::RunInstancesRequest {
+        client_token: "tok-1".into(),
+        tags: vec![pb::Tag {
+            key: "team".into(),
+            value: "a".into(),
+        }],
+        ..run_req(5)
+    };
+    let a = c.run_instances(req.clone()).await.unwrap().into_inner();
+    let b = c.run_instances(req.clone()).await.unwrap().into_inner();
+    assert_eq!(a.reservation_id, b.reservation_id);
+    let ids = |r: &pb::RunInstancesResponse| -> Vec<String> {
+        r.instances.iter().map(|i| i.instance_id.clone()).collect()
+    };
+    assert_eq!(ids(&a), ids(&b));
+    let e = c
+        .run_instances(pb::RunInstancesRequest { count: 4, ..req })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    c.run_instances(run_req(3)).await.unwrap();
+    // 8 instances, pages of 3.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .describe_instances(pb::DescribeInstancesRequest {
+                max_results: 3,
+                next_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.instances.len() <= 3);
+        seen.extend(page.instances.into_iter().map(|i| i.instance_id));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen.len(), 8);
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "ordered by id, no repeats"
+    );
+    let tagged = c
+        .describe_instances(pb::DescribeInstancesRequest {
+            tags: vec![pb::TagFilter {
+                key: "team".into(),
+                value: "a".into(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(tagged.len(), 5);
+    let pending = c
+        .describe_instances(pb::DescribeInstancesRequest {
+            states: vec![pb::InstanceState::Pending as i32],
+            availability_zones: vec!["az-1".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(pending.len(), 8);
+}
+
+#[tokio::test]
+async fn reconciler_drives_the_agent_through_the_lifecycle() {
+    let t = controller(true, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 8, 8192);
+    let url = agent.serve().await;
+    heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
+    eventually("the host to register", || {
+        let mut c = c.clone();
+        async move {
+            !c.describe_hosts(pb::DescribeHostsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .hosts
+                .is_empty()
+        }
+    })
+    .await;
+    let r = c.run_instances(run_req(2)).await.unwrap().into_inner();
+    let ids: Vec<String> = r.instances.iter().map(|i| i.instance_id.clone()).collect();
+    let (c0, ids0) = (c.clone(), ids.clone());
+    let state_is = move |want: pb::InstanceState| {
+        let (c, ids) = (c0.clone(), ids0.clone());
+        move || {
+            let (mut c, ids) = (c.clone(), ids.clone());
+            async move {
+                describe(&mut c, ids)
+                    .await
+                    .iter()
+                    .all(|i| i.state == want as i32)
+            }
+        }
+    };
+    eventually("running", state_is(pb::InstanceState::Running)).await;
+    assert_eq!(agent.state.lock().unwrap().instances.len(), 2);
+    c.stop_instances(pb::StopInstancesRequest {
+        instance_ids: ids.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    eventually("stopped", state_is(pb::InstanceState::Stopped)).await;
+    c.start_instances(pb::StartInstancesRequest {
+        instance_ids: ids.clone(),
+    })
+    .await
+    .unwrap();
+    eventually("running again", state_is(pb::InstanceState::Running)).await;
+    c.reboot_instances(pb::RebootInstancesRequest {
+        instance_ids: ids[..1].to_vec(),
+    })
+    .await
+    .unwrap();
+    eventually("rebooted", || {
+        let agent = agent.clone();
+        let id = ids[0].clone();
+        async move {
+            agent
+                .state
+                .lock()
+                .unwrap()
+                .calls
+                .contains(&format!("reboot {id}"))
+        }
+    })
+    .await;
+    let out = c
+        .get_console_output(pb::GetConsoleOutputRequest {
+            instance_id: ids[0].clone(),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(String::from_utf8_lossy(&out.output).contains(&ids[0]));
+    c.terminate_instances(pb::TerminateInstancesRequest {
+        instance_ids: ids.clone(),
+    })
+    .await
+    .unwrap();
+    eventually("terminated", state_is(pb::InstanceState::Terminated)).await;
+    assert!(
+        agent.state.lock().unwrap().instances.is_empty(),
+        "nothing left on the host"
+    );
+    let hosts = c
+        .describe_hosts(pb::DescribeHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts[0].vcpus_allocated, 0);
+    // Each instance was created exactly once.
+    let calls = agent.state.lock().unwrap().calls.clone();
+    for id in &ids {
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| **c == format!("create {id}"))
+                .count(),
+            1,
+            "{calls:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn silent_host_goes_unreachable_and_its_instance_never_moves() {
+    let t = controller(true, 300).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let a = FakeAgent::new("h1", "az-1", 8, 8192);
+    let b = FakeAgent::new("h2", "az-1", 8, 8192);
+    let (ua, ub) = (a.serve().await, b.serve().await);
+    let mut hc = hosts_client(t.addr).await;
+    // Only h1 heartbeats at first, so the instance lands there.
+    beat(&mut hc, &t.admin_key, a.heartbeat(&ua)).await.unwrap();
+    let r = c.run_instances(run_req(1)).await.unwrap().into_inner();
+    let id = r.instances[0].instance_id.clone();
+    assert_eq!(r.instances[0].host_id, "h1");
+    heartbeat_forever(t.addr, t.admin_key.clone(), b.clone(), ub);
+    // h1 stays silent: unreachable, the instance unknown.
+    eventually("unknown", || {
+        let (mut c, id) = (c.clone(), id.clone());
+        async move { describe(&mut c, vec![id]).await[0].state == pb::InstanceState::Unknown as i32 }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        b.state.lock().unwrap().instances.is_empty(),
+        "never started elsewhere"
+    );
+    // h1 comes back: the instance is created there, once.
+    heartbeat_forever(t.addr, t.admin_key.clone(), a.clone(), ua);
+    eventually("running on h1", || {
+        let (mut c, id) = (c.clone(), id.clone());
+        async move {
+            let i = &describe(&mut c, vec![id]).await[0];
+            i.state == pb::InstanceState::Running as i32 && i.host_id == "h1"
+        }
+    })
+    .await;
+    assert!(b.state.lock().unwrap().instances.is_empty());
+}
