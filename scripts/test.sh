@@ -6,4 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -e target/guest-kernel/vmlinuz ] || bash deploy/install-deps.sh
 bash tests/guest/build.sh
+# `cargo test --workspace` builds every binary the integration tests run
+# before the first test starts; tests use those instead of building their own
+# (see ferro_testkit::workspace_bin).
+export FERRO_TEST_PREBUILT=1
 cargo test --workspace --all-targets --no-fail-fast

@@ -11,69 +11,22 @@ use std::time::{Duration, Instant};
 
 use ferro_cli::up::files::{cgroup_dirs, host_names};
 
-fn require_kvm_root() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "precondition missing: /dev/kvm does not exist (KVM is required for this test)"
-    );
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "precondition missing: this test must run as root");
-}
-
-/// The workspace root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds the daemons next to the `ferro` binary under test.
+/// The daemons `ferro up` starts, next to the `ferro` binary under test.
 fn build_daemons() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "ferro-controller",
-            "-p",
-            "ferro-agent",
-            "-p",
-            "ferro-vmm",
-            "--bins",
-        ])
-        .current_dir(root())
-        .status()
-        .expect("cannot run cargo build");
-    assert!(
-        st.success(),
-        "building ferro-controller, ferro-agent and ferro-vmm failed"
-    );
     let dir = Path::new(env!("CARGO_BIN_EXE_ferro")).parent().unwrap();
-    for b in ["ferro-controller", "ferro-agent", "ferro-vmm"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{b} not found next to ferro in {}",
+    for (package, bin) in [
+        ("ferro-controller", "ferro-controller"),
+        ("ferro-agent", "ferro-agent"),
+        ("ferro-vmm", "ferro-vmm"),
+    ] {
+        let path = ferro_testkit::workspace_bin(package, bin);
+        assert_eq!(
+            path.parent(),
+            Some(dir),
+            "{bin} was built outside the directory of ferro ({})",
             dir.display()
         );
     }
-}
-
-fn guest_elf() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(root().join("tests/guest/build.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cannot run tests/guest/build.sh");
-    assert!(out.status.success(), "tests/guest/build.sh failed");
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap(),
-    )
 }
 
 /// Processes whose command line mentions both `what` and `dir`.
@@ -107,9 +60,9 @@ fn taps(prefix: &str) -> Vec<String> {
 
 #[test]
 fn up_demo_boots_the_guest_and_leaves_nothing() {
-    require_kvm_root();
+    ferro_testkit::require_kvm_root();
     build_daemons();
-    let guest = guest_elf();
+    let guest = ferro_testkit::guest_elf();
     // Short: the agent's state directory (<data>/agent) must fit 32 bytes.
     let data = PathBuf::from(format!("/tmp/fup-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);

@@ -43,12 +43,30 @@ pub fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Build (once per test process) and return binary `bin` of `package`.
+/// Return binary `bin` of workspace package `package`, built for this test
+/// run.
+///
+/// `cargo test --workspace` (what `scripts/test.sh` runs) already builds the
+/// binaries of every package with integration tests, with the workspace's
+/// unified features, before any test starts; `scripts/test.sh` says so by
+/// setting `FERRO_TEST_PREBUILT=1`, and the binary is used as is. Building
+/// again from inside a test would compile a second copy of every dependency
+/// (RocksDB included) under a different feature set. Without that variable
+/// (a single test run by hand), the binary is built once per test process.
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let path = profile_dir().join(bin);
+    if std::env::var_os("FERRO_TEST_PREBUILT").is_some() {
+        assert!(
+            path.is_file(),
+            "{bin} not found at {} although FERRO_TEST_PREBUILT is set: \
+             run the tests with `cargo test --workspace` so that it is built",
+            path.display()
+        );
+        return path;
+    }
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    let path = profile_dir().join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
