@@ -2,7 +2,7 @@
 # Install (idempotently) the host packages Ferrocloud's build and tests need,
 # and unpack Debian's stock cloud kernel for the Linux early-boot check.
 set -euo pipefail
-pkgs=(iproute2 iputils-ping protobuf-compiler lz4 zstd xz-utils)
+pkgs=(iproute2 iputils-ping nftables openssh-client openssl protobuf-compiler lz4 zstd xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

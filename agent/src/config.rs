@@ -87,13 +87,19 @@ pub struct AgentConfig {
     /// besides `PATH`).
     #[serde(default = "default_vmm_log")]
     pub vmm_log: String,
-    /// The controller to heartbeat to, e.g. `http://10.0.0.1:7400`; no
-    /// heartbeats when absent.
+    /// The controller to heartbeat to, e.g. `http://10.0.0.1:7400`, or
+    /// every node of an HA controller cluster separated by commas (a
+    /// follower names the leader; a dead node is skipped); no heartbeats
+    /// when absent.
     #[serde(default)]
     pub controller: Option<String>,
     /// The API key the heartbeats carry (required with `controller`).
     #[serde(default)]
     pub controller_api_key: Option<String>,
+    /// The CA (PEM) that signed the controllers' certificates, for
+    /// `https://` controller URLs; the system's roots when absent.
+    #[serde(default)]
+    pub controller_ca_file: Option<PathBuf>,
     /// How often to heartbeat, in ms (the controller may ask for another
     /// interval).
     #[serde(default = "default_heartbeat")]
@@ -229,8 +235,30 @@ impl AgentConfig {
         if !self.state_dir.is_absolute() {
             return bad("state_dir must be an absolute path");
         }
-        if self.controller.is_some() && self.controller_api_key.is_none() {
-            return bad("controller_api_key is required with controller");
+        if let Some(c) = &self.controller {
+            let urls = crate::heartbeat::parse_controllers(c);
+            if urls.is_empty() {
+                return bad("controller must name at least one URL");
+            }
+            if let Some(u) = urls
+                .iter()
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "controller: {u:?} is not an http:// or https:// URL"
+                )));
+            }
+            if self.controller_api_key.is_none() {
+                return bad("controller_api_key is required with controller");
+            }
+        }
+        if let Some(p) = &self.controller_ca_file {
+            if let Err(e) = std::fs::read_to_string(p) {
+                return Err(ConfigError::Invalid(format!(
+                    "controller_ca_file: cannot read {}: {e}",
+                    p.display()
+                )));
+            }
         }
         if self.heartbeat_interval_ms == 0 {
             return bad("heartbeat_interval_ms must be positive");

@@ -17,14 +17,93 @@ use crate::service::AgentService;
 
 /// What the heartbeat loop needs.
 pub struct Heartbeat {
-    /// Controller URL.
-    pub controller: String,
+    /// Controller URLs (every node of the controller cluster, or any of
+    /// them: followers name the leader).
+    pub controllers: Vec<String>,
     /// Bearer key.
     pub api_key: String,
     /// This agent's URL for the controller.
     pub address: String,
     /// Initial interval.
     pub interval: Duration,
+    /// The CA (PEM) for `https://` controllers; the system's roots when
+    /// `None`.
+    pub ca_pem: Option<String>,
+}
+
+/// The controller URLs of a `controller` setting: one URL or several
+/// separated by commas.
+pub fn parse_controllers(setting: &str) -> Vec<String> {
+    setting
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Where the next heartbeat goes: the leader a follower named, else the
+/// next configured controller after a failure, else the same one.
+#[derive(Debug)]
+pub struct Target {
+    controllers: Vec<String>,
+    next: usize,
+    current: String,
+}
+
+impl Target {
+    /// Start at the first of `controllers` (which must not be empty).
+    pub fn new(controllers: Vec<String>) -> Self {
+        let current = controllers.first().cloned().unwrap_or_default();
+        Self {
+            controllers,
+            next: 1,
+            current,
+        }
+    }
+
+    /// The URL to heartbeat to.
+    pub fn current(&self) -> &str {
+        &self.current
+    }
+
+    /// After a failed beat: follow the named leader, or move to the next
+    /// configured controller. Returns whether the target changed.
+    pub fn failed(&mut self, e: &tonic::Status) -> bool {
+        let before = self.current.clone();
+        if let Some(leader) = leader_of(e) {
+            self.current = leader;
+        } else if !self.controllers.is_empty() {
+            self.current = self.controllers[self.next % self.controllers.len()].clone();
+            self.next = (self.next + 1) % self.controllers.len();
+        }
+        self.current != before
+    }
+}
+
+fn client_for(url: &str, ca_pem: Option<&str>) -> Option<HostsClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).and_then(|e| {
+        if !url.starts_with("https://") {
+            return Ok(e);
+        }
+        let tls = tonic::transport::ClientTlsConfig::new();
+        let tls = match ca_pem {
+            Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        e.tls_config(tls)
+    });
+    match endpoint {
+        Ok(e) => Some(HostsClient::new(
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(5))
+                .connect_lazy(),
+        )),
+        Err(e) => {
+            tracing::error!(controller = %url, "bad controller URL: {e}");
+            None
+        }
+    }
 }
 
 /// Build one heartbeat from the service's own answers.
@@ -46,17 +125,11 @@ pub async fn report(svc: &AgentService, address: &str) -> Result<HeartbeatReques
 
 /// Heartbeat forever.
 pub async fn run(svc: AgentService, hb: Heartbeat) {
-    let endpoint = match tonic::transport::Endpoint::from_shared(hb.controller.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5)),
-        Err(e) => {
-            tracing::error!(controller = %hb.controller, "bad controller URL: {e}");
-            return;
-        }
+    let mut target = Target::new(hb.controllers.clone());
+    let ca = hb.ca_pem.as_deref();
+    let Some(mut client) = client_for(target.current(), ca) else {
+        return;
     };
-    let mut client = HostsClient::new(endpoint.connect_lazy());
-    let mut target = hb.controller.clone();
     let auth: Result<tonic::metadata::MetadataValue<_>, _> =
         format!("Bearer {}", hb.api_key).parse();
     let Ok(auth) = auth else {
@@ -77,16 +150,13 @@ pub async fn run(svc: AgentService, hb: Heartbeat) {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(code = ?e.code(), controller = %target, "heartbeat failed: {}", e.message());
-                        // A follower names the leader: heartbeat there next.
-                        if let Some(leader) = leader_of(&e) {
-                            if let Ok(ep) = tonic::transport::Endpoint::from_shared(leader.clone())
-                            {
-                                let ep = ep
-                                    .connect_timeout(Duration::from_secs(2))
-                                    .timeout(Duration::from_secs(5));
-                                client = HostsClient::new(ep.connect_lazy());
-                                target = leader;
+                        tracing::warn!(code = ?e.code(), controller = %target.current(), "heartbeat failed: {}", e.message());
+                        if target.failed(&e) {
+                            if let Some(c) = client_for(target.current(), ca) {
+                                client = c;
+                                // A follower named the leader, or another
+                                // controller may answer: try it at once.
+                                continue;
                             }
                         }
                     }
@@ -119,5 +189,35 @@ mod tests {
         assert_eq!(leader_of(&st).as_deref(), Some("http://10.0.0.2:7400"));
         assert_eq!(leader_of(&tonic::Status::unavailable("x")), None);
         assert_eq!(leader_of(&tonic::Status::internal("x")), None);
+    }
+
+    #[test]
+    fn settings_list_several_controllers() {
+        assert_eq!(
+            parse_controllers(" http://a:1 , http://b:1,,"),
+            vec!["http://a:1", "http://b:1"]
+        );
+        assert!(parse_controllers(" , ").is_empty());
+    }
+
+    #[test]
+    fn a_failure_moves_to_the_named_leader_or_the_next_controller() {
+        let mut t = Target::new(vec!["http://a:1".into(), "http://b:1".into()]);
+        assert_eq!(t.current(), "http://a:1");
+        // A dead controller: the next one.
+        assert!(t.failed(&tonic::Status::unavailable("connection refused")));
+        assert_eq!(t.current(), "http://b:1");
+        assert!(t.failed(&tonic::Status::unavailable("connection refused")));
+        assert_eq!(t.current(), "http://a:1");
+        // A follower names the leader, even one not configured.
+        let mut st = tonic::Status::unavailable("not the leader");
+        st.metadata_mut()
+            .insert("x-ferro-leader", "10.0.0.9:7400".parse().unwrap());
+        assert!(t.failed(&st));
+        assert_eq!(t.current(), "http://10.0.0.9:7400");
+        // A single controller stays put.
+        let mut one = Target::new(vec!["http://a:1".into()]);
+        assert!(!one.failed(&tonic::Status::internal("x")));
+        assert_eq!(one.current(), "http://a:1");
     }
 }

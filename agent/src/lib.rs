@@ -118,17 +118,22 @@ fn start_heartbeats(
     addr: std::net::SocketAddr,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let cfg = &manager.inner().cfg;
-    let controller = cfg.controller.clone()?;
+    let controllers = heartbeat::parse_controllers(cfg.controller.as_deref()?);
     let hb = heartbeat::Heartbeat {
-        controller,
+        controllers,
         api_key: cfg.controller_api_key.clone().unwrap_or_default(),
         address: cfg
             .advertise
             .clone()
             .unwrap_or_else(|| format!("http://{addr}")),
         interval: std::time::Duration::from_millis(cfg.heartbeat_interval_ms),
+        // Checked readable when the configuration was loaded.
+        ca_pem: cfg
+            .controller_ca_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok()),
     };
-    tracing::info!(controller = %hb.controller, "heartbeating");
+    tracing::info!(controllers = ?hb.controllers, "heartbeating");
     let svc = service::AgentService::new(manager.clone());
     Some(tokio::spawn(heartbeat::run(svc, hb)))
 }

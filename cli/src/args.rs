@@ -230,10 +230,15 @@ pub enum Images {
 /// Key pair commands.
 #[derive(Debug, Subcommand)]
 pub enum Keys {
-    /// Create a key pair; prints the private key once.
+    /// Create an Ed25519 key pair; the private key (OpenSSH format) is
+    /// shown only now: printed, or written to `--private-key-file`.
     Create {
         /// Unique name.
         name: String,
+        /// Write the private key to this new file (mode 0600) instead of
+        /// printing it.
+        #[arg(long)]
+        private_key_file: Option<std::path::PathBuf>,
     },
     /// Import an OpenSSH public key.
     Import {

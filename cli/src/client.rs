@@ -10,7 +10,7 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Config;
-use crate::leader::{next_hop, Hop};
+use crate::leader::{Failover, Hop};
 
 /// How long to wait for a TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,6 +26,9 @@ pub enum ClientError {
     /// The API key cannot be sent as metadata.
     #[error("the API key is not valid in a header")]
     ApiKey,
+    /// The CA file could not be read.
+    #[error("ca_file: cannot read {}", .0.display())]
+    CaFile(std::path::PathBuf, #[source] std::io::Error),
     /// The server (or the transport) answered with an error.
     #[error("{}", status_message(.0, .1))]
     Status(tonic::Status, String),
@@ -99,7 +102,11 @@ pub type AuthChannel = InterceptedService<Channel, Auth>;
 /// A connection to the controller that follows the leader.
 #[derive(Debug, Clone)]
 pub struct Client {
+    /// Every configured controller endpoint.
+    endpoints: Vec<String>,
     endpoint: String,
+    /// The CA (PEM) for `https://` endpoints; the system's roots if none.
+    ca_pem: Option<String>,
     auth: Auth,
     channel: Option<Channel>,
 }
@@ -108,7 +115,13 @@ impl Client {
     /// A lazily connecting client for `cfg`.
     pub fn new(cfg: &Config) -> Result<Self, ClientError> {
         Ok(Self {
+            endpoints: cfg.endpoints.clone(),
             endpoint: cfg.endpoint.clone(),
+            ca_pem: cfg
+                .ca_file
+                .as_ref()
+                .map(|p| std::fs::read_to_string(p).map_err(|e| ClientError::CaFile(p.clone(), e)))
+                .transpose()?,
             auth: Auth::new(cfg.api_key.as_deref())?,
             channel: None,
         })
@@ -121,10 +134,19 @@ impl Client {
 
     fn channel(&mut self) -> Result<AuthChannel, ClientError> {
         if self.channel.is_none() {
-            let ep = Endpoint::from_shared(self.endpoint.clone())
-                .map_err(|e| ClientError::Endpoint(self.endpoint.clone(), e))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(CALL_TIMEOUT);
+            let mut ep = Endpoint::from_shared(self.endpoint.clone())
+                .map_err(|e| ClientError::Endpoint(self.endpoint.clone(), e))?;
+            if self.endpoint.starts_with("https://") {
+                let tls = tonic::transport::ClientTlsConfig::new();
+                let tls = match &self.ca_pem {
+                    Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                    None => tls.with_native_roots(),
+                };
+                ep = ep
+                    .tls_config(tls)
+                    .map_err(|e| ClientError::Endpoint(self.endpoint.clone(), e))?;
+            }
+            let ep = ep.connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT);
             self.channel = Some(ep.connect_lazy());
         }
         let ch = self.channel.clone().expect("channel was just set");
@@ -133,27 +155,36 @@ impl Client {
 
     /// Runs `call` (which builds a generated client on the channel and
     /// makes one request), retrying at the leader when a follower names
-    /// one. `call` may run several times, so requests must be idempotent
-    /// or carry a client token.
+    /// one, and at the other configured endpoints when a node does not
+    /// answer or an election is under way ([`crate::leader::Failover`]).
+    /// `call` may run several times, so requests must be idempotent or
+    /// carry a client token.
     pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(AuthChannel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut tried = Vec::new();
+        let mut failover = Failover::new(self.endpoints.clone());
         loop {
             let status = match call(self.channel()?).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
             };
-            tried.push(self.endpoint.clone());
-            match next_hop(&status, &self.endpoint, &tried) {
-                Hop::Follow(leader) => {
-                    self.endpoint = leader;
-                    self.channel = None;
+            match failover.next(&status, &self.endpoint) {
+                Hop::Follow(next) => self.switch(next),
+                Hop::Retry(next, pause) => {
+                    tokio::time::sleep(pause).await;
+                    self.switch(next);
                 }
                 Hop::Fail => return Err(ClientError::Status(status, self.endpoint.clone())),
             }
+        }
+    }
+
+    fn switch(&mut self, endpoint: String) {
+        if endpoint != self.endpoint {
+            self.endpoint = endpoint;
+            self.channel = None;
         }
     }
 }

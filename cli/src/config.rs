@@ -2,9 +2,12 @@
 //!
 //! Sources, later ones winning: built-in defaults, the TOML file
 //! (`$XDG_CONFIG_HOME/ferro/config.toml`, else `~/.config/ferro/config.toml`,
-//! or `--config FILE`), the environment (`FERRO_ENDPOINT`, `FERRO_API_KEY`)
-//! and the `--endpoint` flag. The file knows `endpoint` and `api_key`;
-//! unknown keys are errors. A missing default file is not an error.
+//! or `--config FILE`), the environment (`FERRO_ENDPOINT`, `FERRO_API_KEY`,
+//! `FERRO_CA_FILE`) and the `--endpoint` flag. The file knows `endpoint`
+//! (one URL, or the nodes of an HA cluster separated by commas), `api_key`
+//! and `ca_file` (the CA of `https://` controllers; the system's roots
+//! when absent); unknown keys are errors. A missing default file is not an
+//! error.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +20,8 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7400";
 pub const ENV_ENDPOINT: &str = "FERRO_ENDPOINT";
 /// Environment variable overriding `api_key`.
 pub const ENV_API_KEY: &str = "FERRO_API_KEY";
+/// Environment variable overriding `ca_file`.
+pub const ENV_CA_FILE: &str = "FERRO_CA_FILE";
 
 /// A configuration that cannot be used. Each message names the file (or
 /// variable) and the field.
@@ -64,15 +69,23 @@ pub struct FileConfig {
     pub endpoint: Option<String>,
     /// The API key sent as a bearer token.
     pub api_key: Option<String>,
+    /// The CA (PEM file) of `https://` controllers.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Controller endpoint, normalised to `http(s)://host:port`.
+    /// The first controller endpoint, normalised to `http(s)://host:port`.
     pub endpoint: String,
+    /// Every configured controller endpoint (the setting may list the
+    /// nodes of an HA cluster separated by commas), `endpoint` first.
+    pub endpoints: Vec<String>,
     /// API key, if any.
     pub api_key: Option<String>,
+    /// The CA (PEM file) to verify `https://` controllers with; the
+    /// system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The default configuration file for this user.
@@ -146,6 +159,8 @@ pub struct Sources {
     pub env_endpoint: Option<String>,
     /// `FERRO_API_KEY`.
     pub env_api_key: Option<String>,
+    /// `FERRO_CA_FILE`.
+    pub env_ca_file: Option<String>,
     /// `--endpoint`.
     pub flag_endpoint: Option<String>,
 }
@@ -167,6 +182,7 @@ impl Sources {
             file: Some((path, file)),
             env_endpoint: env(ENV_ENDPOINT),
             env_api_key: env(ENV_API_KEY),
+            env_ca_file: env(ENV_CA_FILE),
             flag_endpoint,
         })
     }
@@ -179,10 +195,11 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
         .file
         .as_ref()
         .map_or_else(String::new, |(p, _)| p.display().to_string());
-    let (file_endpoint, file_key) = src
+    let (file_endpoint, file_key, file_ca) = src
         .file
-        .map(|(_, f)| (f.endpoint, f.api_key))
+        .map(|(_, f)| (f.endpoint, f.api_key, f.ca_file))
         .unwrap_or_default();
+    let ca_file = src.env_ca_file.map(PathBuf::from).or(file_ca);
     let (endpoint, endpoint_src) = if let Some(e) = src.flag_endpoint {
         (e, "--endpoint".to_string())
     } else if let Some(e) = src.env_endpoint {
@@ -192,11 +209,25 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
     } else {
         (DEFAULT_ENDPOINT.to_string(), "default".to_string())
     };
-    let endpoint = normalize_endpoint(&endpoint).map_err(|message| ConfigError::Invalid {
-        source_name: endpoint_src,
-        field: "endpoint",
-        message,
-    })?;
+    let endpoints = endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(normalize_endpoint)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("names no endpoint".to_string())
+            } else {
+                Ok(v)
+            }
+        })
+        .map_err(|message| ConfigError::Invalid {
+            source_name: endpoint_src,
+            field: "endpoint",
+            message,
+        })?;
+    let endpoint = endpoints[0].clone();
     let (api_key, key_src) = match (src.env_api_key, file_key) {
         (Some(k), _) => (Some(k), ENV_API_KEY.to_string()),
         (None, k) => (k, file_name),
@@ -208,7 +239,12 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
             message,
         })?;
     }
-    Ok(Config { endpoint, api_key })
+    Ok(Config {
+        endpoint,
+        endpoints,
+        api_key,
+        ca_file,
+    })
 }
 
 /// `host:port` or `http(s)://host:port[/]` → `http(s)://host:port`.
@@ -288,6 +324,7 @@ mod tests {
         let src = with_file(FileConfig {
             endpoint: Some("ftp://x:1".into()),
             api_key: None,
+            ca_file: None,
         });
         let msg = resolve(src).unwrap_err().to_string();
         assert_eq!(
@@ -301,12 +338,14 @@ mod tests {
         let mut src = with_file(FileConfig {
             endpoint: Some("http://file:1".into()),
             api_key: Some("filekey".into()),
+            ca_file: Some("/file-ca.pem".into()),
         });
         src.env_endpoint = Some("env:2".into());
         src.env_api_key = Some("envkey".into());
         let c = resolve(src).unwrap();
         assert_eq!(c.endpoint, "http://env:2");
         assert_eq!(c.api_key.as_deref(), Some("envkey"));
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/file-ca.pem")));
     }
 
     #[test]
@@ -334,6 +373,31 @@ mod tests {
         };
         let msg = resolve(src).unwrap_err().to_string();
         assert!(msg.starts_with("FERRO_API_KEY: api_key: "), "{msg}");
+    }
+
+    #[test]
+    fn several_endpoints_for_an_ha_cluster() {
+        let src = Sources {
+            env_endpoint: Some("c1:7400, http://c2:7400/,c3:7400".into()),
+            ..Default::default()
+        };
+        let c = resolve(src).unwrap();
+        assert_eq!(c.endpoint, "http://c1:7400");
+        assert_eq!(
+            c.endpoints,
+            vec!["http://c1:7400", "http://c2:7400", "http://c3:7400"]
+        );
+        let src = Sources {
+            env_endpoint: Some("c1:7400,ftp://x:1".into()),
+            ..Default::default()
+        };
+        let e = resolve(src).unwrap_err().to_string();
+        assert!(e.contains("endpoint") && e.contains("ftp"), "{e}");
+        let src = Sources {
+            env_endpoint: Some(" , ".into()),
+            ..Default::default()
+        };
+        assert!(resolve(src).is_err());
     }
 
     #[test]

@@ -13,13 +13,99 @@ pub const LEADER_METADATA: &str = "x-ferro-leader";
 /// At most this many redirects per call.
 pub const MAX_HOPS: usize = 5;
 
+/// Metadata key marking an `UNAVAILABLE` answer as worth retrying
+/// (no quorum or an election under way; the write, if any, did not or may
+/// not have committed, so only idempotent calls or calls with a client
+/// token are retried).
+pub const RETRY_METADATA: &str = "x-ferro-retry";
+
+/// At most this many retries per call after failures that are not
+/// redirects (unreachable node, election under way).
+pub const MAX_RETRIES: usize = 40;
+
+/// The pause before a retry once every endpoint has failed in turn.
+pub const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// What to do after a failed call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hop {
-    /// Retry at this endpoint.
+    /// Retry at this endpoint now.
     Follow(String),
+    /// Retry at this endpoint after the pause.
+    Retry(String, std::time::Duration),
     /// Give the error to the user.
     Fail,
+}
+
+/// Whether `status` means "try again, maybe elsewhere": the transport
+/// failed (no answer from that node) or the node marked it retryable.
+pub fn retryable(status: &tonic::Status) -> bool {
+    let transport = std::error::Error::source(status).is_some()
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        );
+    let marked = status.code() == tonic::Code::Unavailable
+        && status.metadata().get(RETRY_METADATA).is_some();
+    transport || marked
+}
+
+/// The endpoints of one call and what was tried: decides each next hop.
+#[derive(Debug, Clone)]
+pub struct Failover {
+    endpoints: Vec<String>,
+    tried: Vec<String>,
+    hops: usize,
+    retries: usize,
+    failed_in_a_row: usize,
+}
+
+impl Failover {
+    /// A call over the configured `endpoints` (at least one).
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            tried: Vec::new(),
+            hops: 0,
+            retries: 0,
+            failed_in_a_row: 0,
+        }
+    }
+
+    /// After `status` from `current`: follow a named leader, move to the
+    /// next configured endpoint (pausing once all failed in turn), or fail.
+    pub fn next(&mut self, status: &tonic::Status, current: &str) -> Hop {
+        self.tried.push(current.to_string());
+        if let Some(leader) = leader_hint(status) {
+            let loops = leader == current || self.tried.iter().rev().take(2).any(|t| *t == leader);
+            if !loops && self.hops < MAX_HOPS {
+                self.hops += 1;
+                self.failed_in_a_row = 0;
+                return Hop::Follow(leader);
+            }
+        }
+        if !retryable(status) || self.retries >= MAX_RETRIES {
+            return Hop::Fail;
+        }
+        self.retries += 1;
+        self.failed_in_a_row += 1;
+        let at = self.endpoints.iter().position(|e| e == current);
+        let next = match at {
+            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()].clone(),
+            None => self
+                .endpoints
+                .first()
+                .cloned()
+                .unwrap_or_else(|| current.to_string()),
+        };
+        let pause = if self.failed_in_a_row >= self.endpoints.len().max(1) {
+            self.failed_in_a_row = 0;
+            RETRY_PAUSE
+        } else {
+            std::time::Duration::ZERO
+        };
+        Hop::Retry(next, pause)
+    }
 }
 
 /// The leader named by an `UNAVAILABLE` status, normalised to
@@ -46,17 +132,6 @@ pub fn leader_in_message(msg: &str) -> Option<String> {
         .map(|t| t.trim_matches(|c: char| "\"'()<>`.".contains(c)))
         .filter(|t| t.contains(':'))
         .find_map(|t| normalize_endpoint(t).ok())
-}
-
-/// Whether to follow `status` from `current`, given the endpoints already
-/// tried for this call.
-pub fn next_hop(status: &tonic::Status, current: &str, tried: &[String]) -> Hop {
-    match leader_hint(status) {
-        Some(leader) if leader != current && !tried.contains(&leader) && tried.len() < MAX_HOPS => {
-            Hop::Follow(leader)
-        }
-        _ => Hop::Fail,
-    }
 }
 
 #[cfg(test)]
@@ -101,33 +176,83 @@ mod tests {
         assert_eq!(leader_in_message("tcp connect error 127.0.0.1:7400"), None);
     }
 
+    fn failover(eps: &[&str]) -> Failover {
+        Failover::new(eps.iter().map(|e| e.to_string()).collect())
+    }
+
     #[test]
     fn only_unavailable_is_followed() {
         let mut s = Status::new(Code::FailedPrecondition, "leader is 127.0.0.2:7400");
         s.metadata_mut()
             .insert(LEADER_METADATA, "127.0.0.2:7400".parse().unwrap());
         assert_eq!(leader_hint(&s), None);
-        assert_eq!(next_hop(&s, "http://a:1", &[]), Hop::Fail);
+        assert_eq!(failover(&["http://a:1"]).next(&s, "http://a:1"), Hop::Fail);
     }
 
     #[test]
-    fn follows_once_per_endpoint_and_stops_at_the_limit() {
+    fn follows_the_leader_and_stops_at_loops_and_the_limit() {
         let s = unavailable_with_meta("not the leader", "b:1");
-        assert_eq!(
-            next_hop(&s, "http://a:1", &["http://a:1".into()]),
-            Hop::Follow("http://b:1".into())
-        );
-        // Pointing at itself or at a node already tried: a loop, give up.
-        assert_eq!(next_hop(&s, "http://b:1", &[]), Hop::Fail);
-        let tried = vec!["http://a:1".to_string(), "http://b:1".to_string()];
-        assert_eq!(next_hop(&s, "http://c:1", &tried), Hop::Fail);
-        let many: Vec<String> = (0..MAX_HOPS).map(|i| format!("http://n{i}:1")).collect();
-        assert_eq!(next_hop(&s, "http://c:1", &many), Hop::Fail);
+        let mut f = failover(&["http://a:1"]);
+        assert_eq!(f.next(&s, "http://a:1"), Hop::Follow("http://b:1".into()));
+        // Pointing at itself: a loop, give up.
+        assert_eq!(f.next(&s, "http://b:1"), Hop::Fail);
+        let mut f = failover(&["http://a:1"]);
+        for i in 0..MAX_HOPS {
+            let s = unavailable_with_meta("not the leader", &format!("n{}:1", i + 1));
+            assert!(matches!(
+                f.next(&s, &format!("http://n{i}:1")),
+                Hop::Follow(_)
+            ));
+        }
+        let s = unavailable_with_meta("not the leader", "z:1");
+        assert_eq!(f.next(&s, "http://y:1"), Hop::Fail);
     }
 
     #[test]
-    fn unavailable_without_a_leader_fails() {
-        let s = Status::unavailable("no leader elected yet");
-        assert_eq!(next_hop(&s, "http://a:1", &[]), Hop::Fail);
+    fn unavailable_without_a_leader_or_mark_fails() {
+        let s = Status::unavailable("agent h1 cannot be reached");
+        assert_eq!(
+            failover(&["http://a:1", "http://b:1"]).next(&s, "http://a:1"),
+            Hop::Fail
+        );
+    }
+
+    #[test]
+    fn elections_and_dead_nodes_move_round_the_endpoints_then_pause() {
+        let mut s = Status::unavailable("no quorum");
+        s.metadata_mut()
+            .insert(RETRY_METADATA, "1".parse().unwrap());
+        assert!(retryable(&s));
+        let mut f = failover(&["http://a:1", "http://b:1", "http://c:1"]);
+        assert_eq!(
+            f.next(&s, "http://a:1"),
+            Hop::Retry("http://b:1".into(), std::time::Duration::ZERO)
+        );
+        assert_eq!(
+            f.next(&s, "http://b:1"),
+            Hop::Retry("http://c:1".into(), std::time::Duration::ZERO)
+        );
+        // All three failed in turn: pause before starting over.
+        assert_eq!(
+            f.next(&s, "http://c:1"),
+            Hop::Retry("http://a:1".into(), RETRY_PAUSE)
+        );
+        let mut n = 3;
+        while let Hop::Retry(..) = f.next(&s, "http://a:1") {
+            n += 1;
+        }
+        assert_eq!(n, MAX_RETRIES);
+    }
+
+    #[test]
+    fn a_followed_leader_that_dies_sends_the_call_back_to_the_list() {
+        let mut s = Status::unavailable("no quorum");
+        s.metadata_mut()
+            .insert(RETRY_METADATA, "1".parse().unwrap());
+        let mut f = failover(&["http://a:1", "http://b:1"]);
+        assert_eq!(
+            f.next(&s, "http://z:1"),
+            Hop::Retry("http://a:1".into(), std::time::Duration::ZERO)
+        );
     }
 }

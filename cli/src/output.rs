@@ -326,10 +326,11 @@ pub fn types(list: &[pb::InstanceType]) -> (Table, Value) {
     (t, Value::Array(j))
 }
 
-/// Cluster status.
+/// Cluster status. The answering node also shows its own replication
+/// progress (term, last applied entry, snapshots installed).
 pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
     let leader = s.leader.as_ref().map(|l| l.node_id);
-    let mut t = Table::new(["NODE", "ADDRESS", "ROLE"]);
+    let mut t = Table::new(["NODE", "ADDRESS", "ROLE", "TERM", "APPLIED", "SNAPSHOTS"]);
     for m in &s.members {
         let mut role = if Some(m.node_id) == leader {
             "leader"
@@ -337,17 +338,45 @@ pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
             "follower"
         }
         .to_string();
+        let mut progress = ["-".to_string(), "-".to_string(), "-".to_string()];
         if m.node_id == s.node_id {
             role.push_str(" (answered)");
+            if let Some(n) = &s.node {
+                progress = [
+                    n.term.to_string(),
+                    n.last_applied_index.to_string(),
+                    n.snapshots_installed.to_string(),
+                ];
+            }
         }
-        t.row([m.node_id.to_string(), m.address.clone(), role]);
+        let [term, applied, snaps] = progress;
+        t.row([
+            m.node_id.to_string(),
+            m.address.clone(),
+            role,
+            term,
+            applied,
+            snaps,
+        ]);
     }
     let member = |m: &pb::ClusterMember| json!({"node_id": m.node_id, "address": m.address});
+    let node = s.node.as_ref().map(|n| {
+        json!({
+            "role": n.role,
+            "term": n.term,
+            "last_log_index": n.last_log_index,
+            "last_applied_index": n.last_applied_index,
+            "log_purged_index": n.log_purged_index,
+            "snapshots_built": n.snapshots_built,
+            "snapshots_installed": n.snapshots_installed,
+        })
+    });
     let j = json!({
         "node_id": s.node_id,
         "replicated": s.replicated,
         "leader": s.leader.as_ref().map(member),
         "members": s.members.iter().map(member).collect::<Vec<_>>(),
+        "node": node,
     });
     (t, j)
 }

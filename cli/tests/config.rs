@@ -37,6 +37,7 @@ fn file_then_environment_precedence() {
         file: Some((path.into(), f)),
         env_endpoint: Some("http://env:1".into()),
         env_api_key: Some("fk_env".into()),
+        env_ca_file: None,
         flag_endpoint: None,
     })
     .unwrap();
@@ -62,6 +63,7 @@ fn errors_name_the_file_and_the_field() {
     let f = FileConfig {
         endpoint: Some("http://nohost".into()),
         api_key: None,
+        ca_file: None,
     };
     let e = resolve(Sources {
         file: Some((path.into(), f)),

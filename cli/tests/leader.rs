@@ -36,6 +36,7 @@ impl Node {
                     address: "leader:1".into(),
                 }),
                 replicated: true,
+                node: None,
             })),
             Some(addr) if self.in_metadata => {
                 let mut s = Status::unavailable("not the leader");

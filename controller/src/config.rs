@@ -52,6 +52,22 @@ pub struct ControllerConfig {
     /// The reconcile loop's period.
     #[serde(default = "default_reconcile")]
     pub reconcile_interval_ms: u64,
+    /// Snapshot the state (and compact the Raft log behind it) every this
+    /// many applied entries.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Serve TLS with this certificate chain (PEM); with `tls_key_file`.
+    /// Clients and agents then use `https://` URLs.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the controllers' certificates: this node
+    /// verifies its peers against it. Required with TLS and several
+    /// nodes.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 fn default_region() -> String {
@@ -65,6 +81,9 @@ fn default_hb_interval() -> u32 {
 }
 fn default_reconcile() -> u64 {
     200
+}
+fn default_snapshot_every() -> u64 {
+    5_000
 }
 
 impl ControllerConfig {
@@ -87,6 +106,34 @@ impl ControllerConfig {
         if self.heartbeat_timeout_ms <= u64::from(self.heartbeat_interval_ms) {
             return Err(ConfigError::Invalid(
                 "heartbeat_timeout_ms must exceed heartbeat_interval_ms".into(),
+            ));
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "tls_key_file is required with tls_cert_file".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "tls_cert_file is required with tls_key_file".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.tls_cert_file.is_none() && self.tls_ca_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_ca_file needs tls_cert_file and tls_key_file (peers speak TLS only when this node serves it)".into(),
+            ));
+        }
+        if self.tls_cert_file.is_some() && self.tls_ca_file.is_none() && self.peers.len() > 1 {
+            return Err(ConfigError::Invalid(
+                "tls_ca_file is required with TLS and several peers (to verify them)".into(),
+            ));
+        }
+        if self.snapshot_every == 0 {
+            return Err(ConfigError::Invalid(
+                "snapshot_every must be at least 1".into(),
             ));
         }
         self.members()?;
@@ -145,6 +192,29 @@ mod tests {
         assert!(ControllerConfig::parse(&format!("{MIN}peers = [\"x\"]")).is_err());
         let t = format!("{MIN}heartbeat_timeout_ms = 10\nheartbeat_interval_ms = 100");
         assert!(ControllerConfig::parse(&t).is_err());
+    }
+
+    #[test]
+    fn tls_settings_come_together() {
+        let tls = "tls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\n";
+        assert!(ControllerConfig::parse(&format!("{MIN}{tls}")).is_ok());
+        let e = ControllerConfig::parse(&format!("{MIN}tls_cert_file = \"/c.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls_key_file"), "{e}");
+        let e = ControllerConfig::parse(&format!("{MIN}tls_ca_file = \"/ca.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls_ca_file"), "{e}");
+        let peers = "peers = [\"1=a:1\", \"2=b:1\", \"3=c:1\"]\n";
+        let e = ControllerConfig::parse(&format!("{MIN}{tls}{peers}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls_ca_file"), "{e}");
+        assert!(
+            ControllerConfig::parse(&format!("{MIN}{tls}{peers}tls_ca_file = \"/ca.pem\"\n"))
+                .is_ok()
+        );
     }
 
     #[test]

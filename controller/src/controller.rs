@@ -214,6 +214,20 @@ impl<R: Replicator<ClusterState>> Controller<R> {
         Ok(key)
     }
 
+    /// Like [`Self::authorize`], against this node's own replica (a
+    /// follower's may lag the leader's by a few entries). Only for
+    /// node-local, read-only answers such as ClusterStatus.
+    pub fn authorize_local(&self, hash: String, admin: bool) -> Result<ApiKey> {
+        let key = self
+            .repl
+            .read_local(move |s| s.api_key_by_hash(&hash).cloned())?;
+        let key = key.ok_or_else(|| ControllerError::Unauthenticated("unknown API key".into()))?;
+        if admin && !key.admin {
+            return Err(StateError::PermissionDenied("an admin API key is required".into()).into());
+        }
+        Ok(key)
+    }
+
     /// Launch instances.
     pub async fn run_instances(&self, spec: RunSpec) -> Result<(String, Vec<Instance>)> {
         let n = spec.count.min(100) as usize;

@@ -11,6 +11,7 @@
 //!   `ferro_raft::Replicator`, plus the leader's view of host liveness.
 //! - [`api`]: the `ferro.compute.v1` gRPC services (thin: convert and
 //!   delegate) and bearer-key authentication.
+//! - [`sshkey`]: Ed25519 key pairs in OpenSSH formats for CreateKeyPair.
 //! - [`config`] and [`server`]: the TOML configuration and the process.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod reconciler;
 pub mod scheduler;
 pub mod server;
+pub mod sshkey;
 pub mod state;
 
 /// An error and its sources, `: `-separated.

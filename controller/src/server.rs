@@ -36,6 +36,9 @@ pub enum ServerError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signal(#[source] std::io::Error),
+    /// A TLS file could not be read.
+    #[error("cannot read {0}")]
+    TlsFile(std::path::PathBuf, #[source] std::io::Error),
     /// The admin key file could not be written.
     #[error("cannot write {0}")]
     KeyFile(std::path::PathBuf, #[source] std::io::Error),
@@ -84,7 +87,22 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     let members = cfg.members()?;
-    let raft_cfg = RaftConfig::new(cfg.node_id, cfg.advertise(), cfg.data_dir.join("raft"));
+    let mut raft_cfg = RaftConfig::new(cfg.node_id, cfg.advertise(), cfg.data_dir.join("raft"));
+    raft_cfg.snapshot_every = cfg.snapshot_every;
+    // Peers see this node's Raft traffic come from the address it listens
+    // on (when it listens on one).
+    raft_cfg.source_ip = Some(cfg.listen.ip()).filter(|ip| !ip.is_unspecified());
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read_to_string(p).map_err(|e| ServerError::TlsFile(p.clone(), e))
+    };
+    let identity = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(c), Some(k)) => Some(tonic::transport::Identity::from_pem(read(c)?, read(k)?)),
+        _ => None,
+    };
+    raft_cfg.peer_tls_ca_pem = cfg.tls_ca_file.as_ref().map(read).transpose()?;
+    // Keep fewer entries than one snapshot interval behind it, so a node
+    // that was away for longer catches up from the snapshot.
+    raft_cfg.keep_logs_after_snapshot = raft_cfg.keep_logs_after_snapshot.min(cfg.snapshot_every);
     let repl = RaftReplicator::<ClusterState>::open(raft_cfg).await?;
     let raft_service = repl.grpc_service();
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -110,8 +128,14 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
         }
         tracing::info!("shutting down");
     };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = identity {
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        tracing::info!("serving TLS");
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .tcp_nodelay(true)
             .add_service(raft_service)
             .add_service(compute)

@@ -137,7 +137,10 @@ pub async fn keys(
     cmd: args::Keys,
 ) -> Result<(), CommandError> {
     match cmd {
-        args::Keys::Create { name } => {
+        args::Keys::Create {
+            name,
+            private_key_file,
+        } => {
             let req = pb::CreateKeyPairRequest {
                 key_name: name,
                 tags: Vec::new(),
@@ -149,15 +152,25 @@ pub async fn keys(
                 })
                 .await?;
             let kp = resp.key_pair.unwrap_or_default();
+            if let Some(path) = &private_key_file {
+                write_private_key(path, &resp.private_key)?;
+            }
+            let shown = private_key_file.is_none().then_some(resp.private_key);
             match format {
                 Format::Json => {
                     let mut j = output::key_json(&kp);
-                    j["private_key"] = resp.private_key.into();
+                    if let Some(k) = shown {
+                        j["private_key"] = k.into();
+                    }
                     print(format, &Table::default(), &j);
                 }
                 Format::Table => {
                     print!("{}", output::keys(std::slice::from_ref(&kp)).0);
-                    println!("private key (shown only now): {}", resp.private_key);
+                    match (shown, &private_key_file) {
+                        (Some(k), _) => print!("private key (shown only now):\n{k}"),
+                        (None, Some(p)) => println!("private key written to {}", p.display()),
+                        (None, None) => {}
+                    }
                 }
             }
         }
@@ -280,4 +293,18 @@ pub async fn types(client: &mut Client, format: Format) -> Result<(), CommandErr
     let (t, j) = output::types(&resp.instance_types);
     print(format, &t, &j);
     Ok(())
+}
+
+/// Writes a private key to a new file only its owner can read.
+fn write_private_key(path: &std::path::Path, pem: &str) -> Result<(), CommandError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e| CommandError::WriteFile(path.to_path_buf(), e);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(pem.as_bytes()).map_err(err)
 }

@@ -43,6 +43,9 @@ pub enum CommandError {
     /// A local file could not be read.
     #[error("cannot read {}", .0.display())]
     ReadFile(std::path::PathBuf, #[source] std::io::Error),
+    /// A file could not be written.
+    #[error("cannot write {}", .0.display())]
+    WriteFile(std::path::PathBuf, #[source] std::io::Error),
 }
 
 /// Runs a controller subcommand (everything but `up`).

@@ -205,7 +205,9 @@ async fn bring_up(
     files::write_private(&layout.client_config(), &files::client_toml(layout, &key))?;
     let cfg = Config {
         endpoint: layout.endpoint(),
+        endpoints: vec![layout.endpoint()],
         api_key: Some(key.clone()),
+        ca_file: None,
     };
     let mut client = Client::new(&cfg).map_err(CommandError::from)?;
     wait_healthy(daemons, timeout, "the controller to answer", || {

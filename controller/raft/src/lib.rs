@@ -114,6 +114,13 @@ pub trait Replicator<S: StateMachine>: Send + Sync + 'static {
         R: Send + 'static,
         F: FnOnce(&S) -> R + Send + 'static;
 
+    /// Run `f` over this node's local state without checking leadership:
+    /// possibly stale, but served by any node (followers included).
+    fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, ReplicationError>;
+
+    /// This node's replication counters and role.
+    fn stats(&self) -> RaftStats;
+
     /// The leader this node knows of.
     fn leader(&self) -> Option<Member>;
 
@@ -174,6 +181,21 @@ impl<S: StateMachine> Replicator<S> for MemReplicator<S> {
             .read()
             .map_err(|_| ReplicationError::Storage("state machine poisoned".into()))?;
         Ok(f(&state))
+    }
+
+    fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, ReplicationError> {
+        let state = self
+            .state
+            .read()
+            .map_err(|_| ReplicationError::Storage("state machine poisoned".into()))?;
+        Ok(f(&state))
+    }
+
+    fn stats(&self) -> RaftStats {
+        RaftStats {
+            role: "leader".into(),
+            ..RaftStats::default()
+        }
     }
 
     fn leader(&self) -> Option<Member> {

@@ -59,14 +59,27 @@ enum TransportError {
 /// Makes a connection per peer (openraft calls it per replication stream).
 pub(crate) struct NetworkFactory {
     pub(crate) control: Arc<NetControl>,
+    /// The local address outgoing connections are made from, if pinned.
+    pub(crate) source_ip: Option<std::net::IpAddr>,
+    /// TLS towards peers, when the cluster uses it.
+    pub(crate) tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl<S: StateMachine> RaftNetworkFactory<TypeConfig<S>> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
-        let channel = Endpoint::from_shared(format!("http://{}", node.addr))
-            .map(|e| e.tcp_nodelay(true).connect_lazy())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let channel = Endpoint::from_shared(format!("{scheme}://{}", node.addr))
+            .and_then(|e| match &self.tls {
+                Some(tls) => e.tls_config(tls.clone()),
+                None => Ok(e),
+            })
+            .map(|e| {
+                e.tcp_nodelay(true)
+                    .local_address(self.source_ip)
+                    .connect_lazy()
+            })
             .map_err(|e| format!("bad peer address {}: {e}", node.addr));
         PeerConnection {
             target,

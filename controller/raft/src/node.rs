@@ -52,6 +52,15 @@ pub struct RaftConfig {
     /// Concurrent writes are batched into log entries; at most this many
     /// batches are in flight at once (default 8).
     pub max_batches_in_flight: usize,
+    /// Make connections to peers from this local address (default: the
+    /// kernel's choice). A node listening on one address of a multi-homed
+    /// host sends from it too, so peers and firewalls see one address per
+    /// node.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// Connect to peers over TLS, verifying their certificates against
+    /// this CA (PEM). Peers' addresses must match their certificates
+    /// (an IP address SAN for `ip:port` members). `None`: plaintext.
+    pub peer_tls_ca_pem: Option<String>,
 }
 
 impl RaftConfig {
@@ -70,6 +79,8 @@ impl RaftConfig {
             request_timeout: Duration::from_secs(5),
             quorum_loss_timeout: Duration::from_secs(1),
             max_batches_in_flight: 8,
+            source_ip: None,
+            peer_tls_ca_pem: None,
         }
     }
 
@@ -125,6 +136,9 @@ pub struct RaftStats {
     pub purged: Option<u64>,
     /// Current term.
     pub term: u64,
+    /// What this node is now: `leader`, `follower`, `candidate`,
+    /// `learner` or `shutdown`.
+    pub role: String,
 }
 
 /// A running standalone Raft gRPC server (see [`RaftReplicator::serve`]).
@@ -175,6 +189,11 @@ impl<S: StateMachine> RaftReplicator<S> {
         let control = Arc::new(NetControl::default());
         let network = NetworkFactory {
             control: control.clone(),
+            source_ip: config.source_ip,
+            tls: config.peer_tls_ca_pem.as_ref().map(|ca| {
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            }),
         };
         let raft = Raft::new(config.node_id, raft_config, network, log, sm)
             .await
@@ -254,13 +273,6 @@ impl<S: StateMachine> RaftReplicator<S> {
         ServerHandle { stop, task }
     }
 
-    /// Runs `f` over this node's local state without checking leadership:
-    /// possibly stale, but served by any node (followers included).
-    pub fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, ReplicationError> {
-        let sm = self.state.read().map_err(|_| poisoned())?;
-        Ok(f(&sm.state))
-    }
-
     /// Waits until some node is known as leader, up to `timeout`.
     pub async fn wait_for_leader(&self, timeout: Duration) -> Result<Member, ReplicationError> {
         let mut rx = self.raft.metrics();
@@ -276,20 +288,6 @@ impl<S: StateMachine> RaftReplicator<S> {
         })
         .await;
         found.map_err(|_| ReplicationError::Unavailable("no leader elected in time".into()))
-    }
-
-    /// Counters of this node.
-    pub fn stats(&self) -> RaftStats {
-        let m = self.raft.metrics().borrow().clone();
-        RaftStats {
-            snapshots_built: self.counters.snapshots_built.load(Ordering::Relaxed),
-            snapshots_installed: self.counters.snapshots_installed.load(Ordering::Relaxed),
-            wal_syncs: self.counters.wal_syncs.load(Ordering::Relaxed),
-            last_applied: m.last_applied.map(|l| l.index),
-            last_log_index: m.last_log_index,
-            purged: m.purged.map(|l| l.index),
-            term: m.current_term,
-        }
     }
 
     /// Fault injection for tests: a partitioned node drops all Raft traffic,
@@ -399,7 +397,10 @@ fn map_read_error(e: RaftError<NodeId, CheckIsLeaderError<NodeId, BasicNode>>) -
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => forward(f),
         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-            ReplicationError::Unavailable(q.to_string())
+            ReplicationError::Unavailable(format!(
+                "this leader cannot reach a majority of the cluster (answered: nodes {:?})",
+                q.got
+            ))
         }
         RaftError::Fatal(e) => fatal(e),
     }
@@ -449,6 +450,32 @@ impl<S: StateMachine> Replicator<S> for RaftReplicator<S> {
             Ok(f(&sm.state))
         })
         .await
+    }
+
+    fn read_local<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, ReplicationError> {
+        let sm = self.state.read().map_err(|_| poisoned())?;
+        Ok(f(&sm.state))
+    }
+
+    fn stats(&self) -> RaftStats {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        RaftStats {
+            snapshots_built: self.counters.snapshots_built.load(Ordering::Relaxed),
+            snapshots_installed: self.counters.snapshots_installed.load(Ordering::Relaxed),
+            wal_syncs: self.counters.wal_syncs.load(Ordering::Relaxed),
+            last_applied: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            purged: m.purged.map(|l| l.index),
+            term: m.current_term,
+            role: role.into(),
+        }
     }
 
     fn leader(&self) -> Option<Member> {

@@ -9,9 +9,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert::*;
 use super::{caller, status};
-use crate::controller::{new_api_key, new_id, random_bytes, Controller, InstanceFilter};
+use crate::controller::{new_api_key, new_id, Controller, InstanceFilter};
 use crate::model::*;
-use crate::state::{hex, sha256_hex, ClusterState, Command, Output, StateError};
+use crate::state::{sha256_hex, ClusterState, Command, Output, StateError};
 
 type Res<T> = Result<Response<T>, Status>;
 
@@ -362,20 +362,19 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::CreateKeyPairResponse> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
-        let secret = random_bytes::<32>();
-        let public = <sha2::Sha256 as sha2::Digest>::digest(secret);
+        let generated = crate::sshkey::generate(&r.key_name);
         let key_pair = KeyPair {
             id: new_id("key-"),
             name: r.key_name,
-            public_key: format!("ferro-sha256 {}", hex(&public)),
-            fingerprint: fingerprint(&public),
+            public_key: generated.public_line,
+            fingerprint: fingerprint(&generated.public_blob),
             created_at_ms: crate::now_ms(),
             tags: tags_in(r.tags).map_err(bad)?,
         };
         match self.write(Command::AddKeyPair { key_pair }).await? {
             Output::KeyPair(k) => Ok(Response::new(pb::CreateKeyPairResponse {
                 key_pair: Some(key_pair_out(&k)),
-                private_key: hex(&secret),
+                private_key: generated.private_pem,
             })),
             _ => Err(Status::internal("unexpected output")),
         }

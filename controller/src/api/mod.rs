@@ -24,6 +24,10 @@ pub use hosts::HostsService;
 /// Metadata key naming the leader in UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-ferro-leader";
 
+/// Metadata key marking an UNAVAILABLE answer as retryable (no quorum, an
+/// election under way).
+pub const RETRY_METADATA: &str = "x-ferro-retry";
+
 /// The sha256 of the caller's bearer key, attached by [`authenticate`].
 #[derive(Clone, Debug)]
 pub struct CallerKey(pub String);
@@ -75,13 +79,22 @@ pub fn status(e: ControllerError) -> Status {
             }
             .to_string();
             let mut st = Status::unavailable(msg);
+            st.metadata_mut()
+                .insert(RETRY_METADATA, MetadataValue::from_static("1"));
             if let Some(addr) = leader.and_then(|m| MetadataValue::try_from(m.addr).ok()) {
                 st.metadata_mut().insert(LEADER_METADATA, addr);
             }
             st
         }
         ControllerError::Replication(R::Membership(m)) => Status::failed_precondition(m),
-        ControllerError::Replication(e) => Status::unavailable(e.to_string()),
+        ControllerError::Replication(e) => {
+            // No quorum or an election under way: clients may retry, here
+            // or at another node.
+            let mut st = Status::unavailable(e.to_string());
+            st.metadata_mut()
+                .insert(RETRY_METADATA, MetadataValue::from_static("1"));
+            st
+        }
         ControllerError::Unauthenticated(m) => Status::unauthenticated(m),
         ControllerError::Agent(m) => Status::unavailable(m),
         ControllerError::Unexpected => Status::internal("unexpected state machine output"),

@@ -72,6 +72,13 @@ pub async fn controller(reconcile: bool, timeout_ms: u64) -> TestController {
 #[derive(Clone)]
 pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 
+impl Bearer {
+    /// `authorization: Bearer <key>`.
+    pub fn new(key: &str) -> Self {
+        Self(format!("Bearer {key}").parse().unwrap())
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
         r.metadata_mut().insert("authorization", self.0.clone());
@@ -304,7 +311,12 @@ impl FakeAgent {
 
     /// Serve it on a free port; returns its URL.
     pub async fn serve(&self) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.serve_on("127.0.0.1:0").await
+    }
+
+    /// Serve it on `addr` (port 0: a free one); returns its URL.
+    pub async fn serve_on(&self, addr: &str) -> String {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(
             tonic::transport::Server::builder()

@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// Fail unless this process runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "precondition missing: this test must run as root");
+}
+
 /// Fail unless this process can use KVM, as root.
 pub fn require_kvm_root() {
     assert!(

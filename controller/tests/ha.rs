@@ -1,0 +1,522 @@
+//! High availability with three real `ferro-controller` processes on
+//! 127.0.0.x (each node sends its Raft traffic from its own address):
+//!
+//! - `kill -9` of the leader in the middle of a stream of RunInstances
+//!   carrying client tokens: the client (ferro-cli's, given all three
+//!   endpoints) retries at the others, a new leader is elected, no instance
+//!   is created twice and none that was acknowledged is lost;
+//! - the killed node, restarted after the log moved on and was compacted,
+//!   catches up by installing a snapshot;
+//! - a partitioned leader (its traffic to and from the other nodes dropped
+//!   by nftables) stops accepting writes, the majority elects a new leader
+//!   and goes on, and the refused write never appears after the partition
+//!   heals.
+//!
+//! Needs root (nftables) and the `nft` tool; it never skips: a missing
+//! precondition fails the test with a message naming it.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::FakeAgent;
+use ferro_cli::client::Client;
+use ferro_cli::config::Config;
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::cluster_client::ClusterClient;
+use ferro_proto::compute::v1::compute_client::ComputeClient;
+use tonic::transport::Channel;
+
+/// The nodes' addresses; the test's own traffic comes from 127.0.0.1.
+const IPS: [&str; 3] = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+
+fn require_root_and_nft() {
+    ferro_testkit::require_root();
+    let nft = Command::new("nft").arg("--version").output();
+    assert!(
+        nft.is_ok_and(|o| o.status.success()),
+        "precondition missing: the `nft` tool (Debian package nftables) is required"
+    );
+}
+
+/// A free TCP port on `ip`.
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .expect("cannot bind a loopback address")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The three controller processes and everything they leave behind.
+struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    addrs: Vec<String>,
+    children: Vec<Option<Child>>,
+    table: String,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let bin = ferro_testkit::workspace_bin("ferro-controller", "ferro-controller");
+        let dir = ferro_testkit::scratch("controller-ha");
+        let addrs: Vec<String> = IPS
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port(ip)))
+            .collect();
+        let peers: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("\"{}={a}\"", i + 1))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let data = dir.join(format!("n{}", i + 1));
+            std::fs::create_dir_all(&data).unwrap();
+            let cfg = format!(
+                "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n\
+                 peers = [{peers}]\navailability_zones = [\"az-1\"]\n\
+                 heartbeat_timeout_ms = 5000\nheartbeat_interval_ms = 200\n\
+                 snapshot_every = 20\n",
+                id = i + 1,
+                data = data.display(),
+                peers = peers.join(", "),
+            );
+            std::fs::write(dir.join(format!("n{}.toml", i + 1)), cfg).unwrap();
+        }
+        let mut c = Self {
+            dir,
+            bin,
+            addrs,
+            children: vec![None, None, None],
+            table: format!("ferro_ha_{}", std::process::id()),
+        };
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(self.dir.join(format!("n{}.toml", i + 1)))
+            .env("FERRO_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ferro-controller");
+        self.children[i] = Some(child);
+    }
+
+    /// SIGKILL node `i` and reap it.
+    fn kill9(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("node is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("http://{}", self.addrs[i])
+    }
+
+    fn logs(&self) -> String {
+        (1..=3)
+            .map(|i| {
+                let text =
+                    std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {i} ---\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+
+    /// Drop every packet between node `i` and the other two (both ways).
+    fn partition(&self, i: usize) {
+        let me = IPS[i];
+        let others: Vec<&str> = IPS.iter().copied().filter(|ip| *ip != me).collect();
+        let others = others.join(", ");
+        let script = format!(
+            "table inet {t} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+             ip saddr {me} ip daddr {{ {others} }} drop\n  ip saddr {{ {others} }} ip daddr {me} drop\n }}\n}}\n",
+            t = self.table
+        );
+        nft_script(&script);
+    }
+
+    fn heal(&self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.heal();
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nft_script(script: &str) {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cannot run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft refused:\n{script}");
+}
+
+fn bearer(key: &str) -> common::Bearer {
+    common::Bearer::new(key)
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, common::Bearer>;
+
+/// A client of exactly one node: no redirects, no retries.
+fn node_compute(url: &str, key: &str) -> ComputeClient<Authed> {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(15))
+        .connect_lazy();
+    ComputeClient::with_interceptor(ch, bearer(key))
+}
+
+fn node_cluster(url: &str, key: &str) -> ClusterClient<Authed> {
+    let ch = Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(3))
+        .connect_lazy();
+    ClusterClient::with_interceptor(ch, bearer(key))
+}
+
+/// What node `url` says of itself, if it answers.
+async fn status_of(url: &str, key: &str) -> Option<pb::ClusterStatusResponse> {
+    node_cluster(url, key)
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Poll `f` every 100 ms until it gives a value or `secs` pass.
+async fn wait_for<T, F, Fut>(what: &str, secs: u64, cluster: &Cluster, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader as the nodes in `among` see it: a node that says it leads.
+async fn leader_among(c: &Cluster, key: &str, among: &[usize]) -> Option<usize> {
+    for &i in among {
+        if let Some(s) = status_of(&c.url(i), key).await {
+            if s.node.as_ref().is_some_and(|n| n.role == "leader") {
+                return Some(i);
+            }
+        }
+    }
+    None
+}
+
+fn run_request(token: &str) -> pb::RunInstancesRequest {
+    pb::RunInstancesRequest {
+        count: 1,
+        instance_type: "f1.nano".into(),
+        image_id: "guest".into(),
+        client_token: token.into(),
+        ..Default::default()
+    }
+}
+
+/// RunInstances through the HA client (redirects and retries included).
+async fn run(client: &mut Client, token: &str) -> String {
+    let req = run_request(token);
+    let resp = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).run_instances(req).await }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunInstances {token}: {e}"));
+    assert_eq!(resp.instances.len(), 1, "{token}");
+    resp.instances[0].instance_id.clone()
+}
+
+/// Every instance, token → ids.
+async fn all_instances(client: &mut Client) -> BTreeMap<String, Vec<String>> {
+    let mut by_token: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let req = pb::DescribeInstancesRequest {
+            max_results: 1000,
+            next_token: token.clone(),
+            ..Default::default()
+        };
+        let page = client
+            .call(|ch| {
+                let req = req.clone();
+                async move { ComputeClient::new(ch).describe_instances(req).await }
+            })
+            .await
+            .unwrap();
+        for i in page.instances {
+            by_token
+                .entry(i.client_token.clone())
+                .or_default()
+                .push(i.instance_id);
+        }
+        if page.next_token.is_empty() {
+            return by_token;
+        }
+        token = page.next_token;
+    }
+}
+
+fn ha_client(c: &Cluster, key: &str, nodes: &[usize]) -> Client {
+    let endpoints: Vec<String> = nodes.iter().map(|&i| c.url(i)).collect();
+    Client::new(&Config {
+        endpoint: endpoints[0].clone(),
+        endpoints,
+        api_key: Some(key.into()),
+        ca_file: None,
+    })
+    .unwrap()
+}
+
+fn admin_key(dir: &Path) -> Option<String> {
+    (1..=3).find_map(|i| {
+        std::fs::read_to_string(dir.join(format!("n{i}/admin.key")))
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_crash_restart_and_partition() {
+    require_root_and_nft();
+    let mut c = Cluster::start();
+
+    // The cluster elects a leader, which bootstraps and writes the admin key.
+    let dir = c.dir.clone();
+    let key = wait_for("the admin key", 60, &c, || {
+        let k = admin_key(&dir);
+        async move { k }
+    })
+    .await;
+    let all = [0usize, 1, 2];
+    let first = wait_for("a leader", 30, &c, || leader_among(&c, &key, &all)).await;
+
+    // A fake host, heartbeating to every node (followers refuse, the leader
+    // takes it), so that a new leader knows it at once.
+    let agent = FakeAgent::new("h1", "az-1", 4096, 4 << 20);
+    let agent_url = agent.serve_on("127.0.0.1:0").await;
+    {
+        let (agent, key, urls) = (agent.clone(), key.clone(), c.addrs.clone());
+        tokio::spawn(async move {
+            let clients: Vec<_> = urls
+                .iter()
+                .map(|a| {
+                    let ch = Channel::from_shared(format!("http://{a}"))
+                        .unwrap()
+                        .connect_timeout(Duration::from_millis(500))
+                        .timeout(Duration::from_secs(2))
+                        .connect_lazy();
+                    ferro_proto::compute::v1::hosts_client::HostsClient::new(ch)
+                })
+                .collect();
+            loop {
+                for hc in &clients {
+                    let mut hc = hc.clone();
+                    let _ = common::beat(&mut hc, &key, agent.heartbeat(&agent_url)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    let mut client = ha_client(&c, &key, &all);
+    let req = pb::RegisterImageRequest {
+        name: "guest".into(),
+        kernel_path: "/k".into(),
+        ..Default::default()
+    };
+    client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).register_image(req).await }
+        })
+        .await
+        .unwrap();
+
+    // A stream of RunInstances from its own task; the leader is killed as
+    // soon as 10 are acknowledged, while the 11th is on its way.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let stream = {
+        let mut client = ha_client(&c, &key, &all);
+        tokio::spawn(async move {
+            let mut acked = BTreeMap::new();
+            for n in 0..40 {
+                let token = format!("ha-{n:03}");
+                let t = Instant::now();
+                let id = run(&mut client, &token).await;
+                if t.elapsed() > Duration::from_millis(200) {
+                    eprintln!("{token} took {:?} (failover)", t.elapsed());
+                }
+                acked.insert(token, id);
+                let _ = tx.send(());
+            }
+            acked
+        })
+    };
+    for _ in 0..10 {
+        rx.recv().await.expect("the stream ended early");
+    }
+    c.kill9(first);
+    eprintln!("killed the leader, node {}", first + 1);
+    let mut acked: BTreeMap<String, String> = stream.await.expect("the stream failed");
+    let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != first).collect();
+    let second = wait_for("a new leader", 30, &c, || {
+        leader_among(&c, &key, &survivors)
+    })
+    .await;
+    assert_ne!(second, first, "the killed node cannot lead");
+    eprintln!("new leader: node {}", second + 1);
+
+    // Nothing twice, nothing acknowledged lost; a retried token answers
+    // with the same instance.
+    let seen = all_instances(&mut client).await;
+    assert_eq!(seen.len(), 40, "distinct client tokens: {:?}", seen.keys());
+    for (token, id) in &acked {
+        assert_eq!(
+            seen.get(token),
+            Some(&vec![id.clone()]),
+            "instance of {token}"
+        );
+    }
+    assert_eq!(run(&mut client, "ha-005").await, acked["ha-005"]);
+
+    // The log moves on (and is compacted every 20 entries) while the node
+    // is down; restarted, it catches up from a snapshot.
+    for n in 40..100 {
+        let token = format!("ha-{n:03}");
+        let id = run(&mut client, &token).await;
+        acked.insert(token, id);
+    }
+    let target = status_of(&c.url(second), &key)
+        .await
+        .and_then(|s| s.node)
+        .expect("the leader answers")
+        .last_applied_index;
+    c.spawn(first);
+    let caught_up = wait_for("the restarted node to catch up", 60, &c, || {
+        let url = c.url(first);
+        let key = key.clone();
+        async move {
+            let n = status_of(&url, &key).await?.node?;
+            (n.last_applied_index >= target && n.role == "follower").then_some(n)
+        }
+    })
+    .await;
+    eprintln!(
+        "restarted node {} caught up: applied {} (leader had {target}), snapshots installed {}",
+        first + 1,
+        caught_up.last_applied_index,
+        caught_up.snapshots_installed
+    );
+    assert!(
+        caught_up.snapshots_installed >= 1,
+        "the restarted node caught up without a snapshot: {caught_up:?}"
+    );
+
+    // Partition the current leader: it refuses writes, the other two elect
+    // a new leader and accept them.
+    let cut = wait_for("a leader", 30, &c, || leader_among(&c, &key, &all)).await;
+    c.partition(cut);
+    let t = Instant::now();
+    let refused = node_compute(&c.url(cut), &key)
+        .run_instances(run_request("during-partition"))
+        .await;
+    let err = refused.expect_err("a partitioned leader acknowledged a write");
+    eprintln!(
+        "partitioned leader node {} refused a write after {:?}: {}",
+        cut + 1,
+        t.elapsed(),
+        err.message()
+    );
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let majority: Vec<usize> = all.iter().copied().filter(|&i| i != cut).collect();
+    let third = wait_for("a leader of the majority", 30, &c, || {
+        leader_among(&c, &key, &majority)
+    })
+    .await;
+    assert_ne!(third, cut);
+    let mut majority_client = ha_client(&c, &key, &majority);
+    let id = run(&mut majority_client, "after-partition").await;
+    // The cut-off node still refuses (fast now: it knows it lost its quorum).
+    let again = node_compute(&c.url(cut), &key)
+        .run_instances(run_request("during-partition-2"))
+        .await;
+    let again = again.expect_err("a partitioned node acknowledged a write");
+    eprintln!("and again: {}", again.message());
+
+    // Healed, the old leader follows; what it refused never appears.
+    c.heal();
+    wait_for("the old leader to follow", 30, &c, || {
+        let url = c.url(cut);
+        let key = key.clone();
+        async move {
+            let n = status_of(&url, &key).await?.node?;
+            (n.role == "follower").then_some(())
+        }
+    })
+    .await;
+    let seen = all_instances(&mut client).await;
+    assert_eq!(seen.get("after-partition"), Some(&vec![id]));
+    assert!(!seen.contains_key("during-partition"), "{:?}", seen.keys());
+    assert!(
+        !seen.contains_key("during-partition-2"),
+        "{:?}",
+        seen.keys()
+    );
+    let tokens: BTreeSet<&String> = seen.keys().collect();
+    assert_eq!(tokens.len(), 101, "100 streamed + 1 after the partition");
+    for (token, id) in &acked {
+        assert_eq!(seen.get(token), Some(&vec![id.clone()]), "{token}");
+    }
+}

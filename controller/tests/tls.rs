@@ -1,0 +1,274 @@
+//! TLS: three `ferro-controller` processes serving the API and Raft over
+//! TLS (certificates made here with `openssl`, signed by a test CA). The
+//! cluster elects a leader and commits writes (so Raft between the nodes
+//! speaks TLS); the CLI's client with the CA works; a plaintext client and
+//! a client trusting another CA are refused.
+//!
+//! Needs the `openssl` tool; it never skips: a missing precondition fails
+//! the test with a message naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferro_cli::client::Client;
+use ferro_cli::config::Config;
+use ferro_proto::compute::v1 as pb;
+use ferro_proto::compute::v1::cluster_client::ClusterClient;
+use ferro_proto::compute::v1::compute_client::ComputeClient;
+
+const IPS: [&str; 3] = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("precondition missing: the `openssl` tool (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA named `name` in `dir`: `<name>.pem`, `<name>.key`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    );
+}
+
+/// `node.pem`/`node.key` for the three addresses, signed by `ca`.
+fn make_node_cert(dir: &Path, ca: &str) {
+    let sans: Vec<String> = IPS.iter().map(|ip| format!("IP:{ip}")).collect();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!(
+            "subjectAltName={}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\n",
+            sans.join(",")
+        ),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "node.key",
+            "-out",
+            "node.csr",
+            "-subj",
+            "/CN=ferro-controller",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "node.csr",
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            "node.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+struct Nodes {
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Nodes {
+    fn logs(&self) -> String {
+        (1..=3)
+            .map(|i| {
+                let t =
+                    std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
+                format!("--- node {i} ---\n{t}\n")
+            })
+            .collect()
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn client(endpoints: &[String], key: &str, ca: Option<PathBuf>) -> Client {
+    Client::new(&Config {
+        endpoint: endpoints[0].clone(),
+        endpoints: endpoints.to_vec(),
+        api_key: Some(key.into()),
+        ca_file: ca,
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_raft_over_tls() {
+    let dir = ferro_testkit::scratch("controller-tls");
+    make_ca(&dir, "ca");
+    make_ca(&dir, "other-ca");
+    make_node_cert(&dir, "ca");
+    let bin = ferro_testkit::workspace_bin("ferro-controller", "ferro-controller");
+    let addrs: Vec<String> = IPS
+        .iter()
+        .map(|ip| format!("{ip}:{}", free_port(ip)))
+        .collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("\"{}={a}\"", i + 1))
+        .collect();
+    let mut nodes = Nodes {
+        dir: dir.clone(),
+        children: Vec::new(),
+    };
+    for (i, addr) in addrs.iter().enumerate() {
+        let n = i + 1;
+        let cfg = format!(
+            "node_id = {n}\nlisten = \"{addr}\"\ndata_dir = \"{d}/n{n}\"\npeers = [{p}]\n\
+             tls_cert_file = \"{d}/node.pem\"\ntls_key_file = \"{d}/node.key\"\n\
+             tls_ca_file = \"{d}/ca.pem\"\n",
+            d = dir.display(),
+            p = peers.join(", ")
+        );
+        let path = dir.join(format!("n{n}.toml"));
+        std::fs::write(&path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join(format!("n{n}.log"))).unwrap();
+        nodes.children.push(
+            Command::new(&bin)
+                .arg("--config")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("cannot start ferro-controller"),
+        );
+    }
+
+    // The admin key appears once a leader is elected over TLS Raft.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let key = loop {
+        let k = (1..=3).find_map(|n| {
+            std::fs::read_to_string(dir.join(format!("n{n}/admin.key")))
+                .ok()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+        });
+        if let Some(k) = k {
+            break k;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader bootstrapped the cluster over TLS:\n{}",
+            nodes.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let https: Vec<String> = addrs.iter().map(|a| format!("https://{a}")).collect();
+    let mut good = client(&https, &key, Some(dir.join("ca.pem")));
+    // A write commits (replicated to a TLS peer) and reads back.
+    let req = pb::RegisterImageRequest {
+        name: "tls-image".into(),
+        kernel_path: "/k".into(),
+        ..Default::default()
+    };
+    good.call(|ch| {
+        let req = req.clone();
+        async move { ComputeClient::new(ch).register_image(req).await }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("RegisterImage over TLS: {e}\n{}", nodes.logs()));
+    let images = good
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_images(pb::DescribeImagesRequest::default())
+                .await
+        })
+        .await
+        .unwrap();
+    assert!(images.images.iter().any(|i| i.name == "tls-image"));
+    let status = good
+        .call(|ch| async move {
+            ClusterClient::new(ch)
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(status.members.len(), 3);
+    assert!(status.leader.is_some());
+
+    // Plaintext to a TLS port, and TLS trusting another CA: refused.
+    let plain: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
+    let mut p = client(&plain[..1], &key, None);
+    let e = p
+        .call(|ch| async move {
+            ClusterClient::new(ch)
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+        })
+        .await
+        .expect_err("plaintext reached a TLS controller");
+    eprintln!("plaintext: {e}");
+    let mut other = client(&https[..1], &key, Some(dir.join("other-ca.pem")));
+    let e = other
+        .call(|ch| async move {
+            ClusterClient::new(ch)
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+        })
+        .await
+        .expect_err("a certificate from an untrusted CA was accepted");
+    eprintln!("other CA: {e}");
+}
