@@ -56,6 +56,10 @@ pub struct ControllerConfig {
     /// many applied entries.
     #[serde(default = "default_snapshot_every")]
     pub snapshot_every: u64,
+    /// Terminated instances stay visible (state `terminated`) this long,
+    /// then are forgotten with the client tokens that named them.
+    #[serde(default = "default_retention")]
+    pub terminated_retention_ms: u64,
     /// Serve TLS with this certificate chain (PEM); with `tls_key_file`.
     /// Clients and agents then use `https://` URLs.
     #[serde(default)]
@@ -84,6 +88,9 @@ fn default_reconcile() -> u64 {
 }
 fn default_snapshot_every() -> u64 {
     5_000
+}
+fn default_retention() -> u64 {
+    3_600_000
 }
 
 impl ControllerConfig {

@@ -83,6 +83,8 @@ pub struct Settings {
     pub heartbeat_interval_ms: u32,
     /// Whether the replicator really replicates (shown by ClusterStatus).
     pub replicated: bool,
+    /// How long terminated instances stay visible before they are purged.
+    pub terminated_retention_ms: u64,
 }
 
 impl Default for Settings {
@@ -91,6 +93,7 @@ impl Default for Settings {
             heartbeat_timeout_ms: 10_000,
             heartbeat_interval_ms: 1_000,
             replicated: false,
+            terminated_retention_ms: 3_600_000,
         }
     }
 }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::controller::{Controller, ControllerError};
 use crate::model::ObservedState;
-use crate::reconciler::{plan, Action, Inputs};
+use crate::reconciler::{plan, track_terminated, Action, Inputs};
 use crate::state::{ClusterState, Command, Observation};
 
 /// How long one agent call may take.
@@ -55,6 +55,8 @@ pub fn observation(i: &pb::Instance) -> Observation {
 pub struct Executor<R> {
     ctl: Arc<Controller<R>>,
     busy: Mutex<HashSet<String>>,
+    /// When this leader first saw each instance terminated.
+    terminated_since: Mutex<HashMap<String, u64>>,
     clients: Mutex<HashMap<String, AgentClient<Channel>>>,
 }
 
@@ -64,6 +66,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
         Arc::new(Self {
             ctl,
             busy: Mutex::new(HashSet::new()),
+            terminated_since: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
         })
     }
@@ -106,14 +109,30 @@ impl<R: Replicator<ClusterState>> Executor<R> {
 
     /// One reconcile pass: plan, then start every action.
     pub async fn tick(self: Arc<Self>, leader_since_ms: u64) -> Result<usize, ControllerError> {
-        let inputs = Inputs {
+        let now_ms = crate::now_ms();
+        let mut inputs = Inputs {
             liveness: self.ctl.liveness(),
             busy: self.busy.lock().map(|b| b.clone()).unwrap_or_default(),
-            now_ms: crate::now_ms(),
+            now_ms,
             leader_since_ms,
             timeout_ms: self.ctl.settings().heartbeat_timeout_ms,
+            terminated_since: self
+                .terminated_since
+                .lock()
+                .map(|t| t.clone())
+                .unwrap_or_default(),
+            retention_ms: self.ctl.settings().terminated_retention_ms,
         };
-        let actions = self.ctl.read(move |s| plan(s, &inputs)).await?;
+        let (actions, since) = self
+            .ctl
+            .read(move |s| {
+                track_terminated(s, &mut inputs.terminated_since, now_ms);
+                (plan(s, &inputs), inputs.terminated_since)
+            })
+            .await?;
+        if let Ok(mut t) = self.terminated_since.lock() {
+            *t = since;
+        }
         let n = actions.len();
         for a in actions {
             let key = a.key();
@@ -142,6 +161,10 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 self.ctl
                     .write(Command::MarkUnreachable { host_ids })
                     .await?;
+            }
+            Action::Purge(ids) => {
+                tracing::info!(count = ids.len(), "purging terminated instances");
+                self.ctl.write(Command::PurgeInstances { ids }).await?;
             }
             Action::RegisterImage {
                 host_id,

@@ -11,7 +11,7 @@
 //! An instance never moves: it is bound to its host for life. While its
 //! host is unreachable nothing is done to it, so it cannot run twice.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::controller::Liveness;
 use crate::model::*;
@@ -80,6 +80,9 @@ pub enum Action {
     },
     /// These hosts missed their heartbeats.
     MarkUnreachable(Vec<String>),
+    /// Forget these terminated instances (kept visible for the retention
+    /// time, then purged from the state).
+    Purge(Vec<String>),
 }
 
 impl Action {
@@ -94,6 +97,7 @@ impl Action {
             | Action::Reboot { id, .. }
             | Action::Delete { id, .. } => id.clone(),
             Action::MarkUnreachable(_) => "unreachable".into(),
+            Action::Purge(_) => "purge".into(),
         }
     }
 }
@@ -112,6 +116,23 @@ pub struct Inputs {
     pub leader_since_ms: u64,
     /// Heartbeat timeout.
     pub timeout_ms: u64,
+    /// Leader-local: when this leader first saw each instance terminated
+    /// (see [`track_terminated`]).
+    pub terminated_since: HashMap<String, u64>,
+    /// How long a terminated instance stays visible before it is purged.
+    pub retention_ms: u64,
+}
+
+/// Keeps `since` (instance id → when first seen terminated) in step with
+/// the state: new terminated instances get `now_ms`, ids no longer
+/// terminated (or gone) are dropped. Leader-local: a new leader starts the
+/// clock again, so an instance is always visible for at least the
+/// retention time.
+pub fn track_terminated(s: &ClusterState, since: &mut HashMap<String, u64>, now_ms: u64) {
+    since.retain(|id, _| s.instances.get(id).is_some_and(Instance::is_final));
+    for i in s.instances.values().filter(|i| i.is_final()) {
+        since.entry(i.id.clone()).or_insert(now_ms);
+    }
 }
 
 /// Decide what to do.
@@ -160,6 +181,21 @@ pub fn plan(s: &ClusterState, inp: &Inputs) -> Vec<Action> {
     }
     if !lost.is_empty() {
         out.push(Action::MarkUnreachable(lost));
+    }
+    let mut expired: Vec<String> = inp
+        .terminated_since
+        .iter()
+        .filter(|(id, t)| {
+            inp.now_ms.saturating_sub(**t) >= inp.retention_ms
+                && s.instances.get(*id).is_some_and(Instance::is_final)
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    if !expired.is_empty() && !inp.busy.contains("purge") {
+        expired.sort();
+        // Bounded log entries: at most 1,000 per pass.
+        expired.truncate(1000);
+        out.push(Action::Purge(expired));
     }
     out
 }
@@ -239,6 +275,8 @@ mod tests {
             now_ms: now,
             leader_since_ms: 0,
             timeout_ms: 1000,
+            terminated_since: HashMap::new(),
+            retention_ms: 60_000,
         }
     }
 
@@ -373,5 +411,53 @@ mod tests {
         assert!(plan(&s, &inp)
             .iter()
             .all(|a| !matches!(a, Action::MarkUnreachable(_))));
+    }
+
+    #[test]
+    fn terminated_instances_are_purged_after_the_retention_time() {
+        let (mut s, id) = one_instance();
+        observe(&mut s, &id, ObservedState::Running);
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        let mut since = HashMap::new();
+        // Shutting down (still on the host): not tracked.
+        track_terminated(&s, &mut since, 1_000);
+        assert!(since.is_empty());
+        observe(&mut s, &id, ObservedState::Absent);
+        track_terminated(&s, &mut since, 2_000);
+        track_terminated(&s, &mut since, 5_000);
+        assert_eq!(since.get(&id), Some(&2_000), "first sighting is kept");
+        let mut inp = inputs(&s, 2_000 + 59_999);
+        inp.terminated_since = since.clone();
+        assert!(plan(&s, &inp)
+            .iter()
+            .all(|a| !matches!(a, Action::Purge(_))));
+        inp.now_ms = 2_000 + 60_000;
+        let purge: Vec<_> = plan(&s, &inp)
+            .into_iter()
+            .filter(|a| matches!(a, Action::Purge(_)))
+            .collect();
+        assert_eq!(purge, vec![Action::Purge(vec![id.clone()])]);
+        // Applied: the instance and its token are gone; tracking follows.
+        s.apply(Command::PurgeInstances {
+            ids: vec![id.clone()],
+        })
+        .unwrap();
+        assert!(!s.instances.contains_key(&id));
+        track_terminated(&s, &mut since, 70_000);
+        assert!(since.is_empty());
+    }
+
+    #[test]
+    fn purge_keeps_instances_that_are_not_terminated() {
+        let (mut s, id) = one_instance();
+        s.apply(Command::PurgeInstances {
+            ids: vec![id.clone()],
+        })
+        .unwrap();
+        assert!(s.instances.contains_key(&id));
     }
 }

@@ -117,6 +117,7 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
             heartbeat_timeout_ms: cfg.heartbeat_timeout_ms,
             heartbeat_interval_ms: cfg.heartbeat_interval_ms,
             replicated: true,
+            terminated_retention_ms: cfg.terminated_retention_ms,
         },
     );
     let (compute, cluster, hosts) = services(&ctl);

@@ -9,7 +9,7 @@
 //! Input is validated here too, with errors naming the field, so every
 //! replica refuses the same commands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -226,6 +226,12 @@ pub enum Command {
         /// Id.
         id: String,
     },
+    /// Forget terminated instances (gone from their hosts) and the client
+    /// tokens that only named them. Instances not terminated are kept.
+    PurgeInstances {
+        /// Instance ids.
+        ids: Vec<String>,
+    },
 }
 
 /// A state transition as RunInstances/Start/Stop/... report it.
@@ -371,6 +377,10 @@ impl ferro_raft::StateMachine for ClusterState {
                 }
                 None => Err(E::NotFound(format!("id: no API key {id:?}"))),
             },
+            Command::PurgeInstances { ids } => {
+                self.purge_instances(&ids);
+                Ok(Output::Done)
+            }
         }
     }
 }
@@ -856,6 +866,25 @@ impl ClusterState {
         }
         self.images.remove(&id);
         Ok(Output::Done)
+    }
+
+    fn purge_instances(&mut self, ids: &[String]) {
+        let mut gone = BTreeSet::new();
+        for id in ids {
+            if self.instances.get(id).is_some_and(Instance::is_final) {
+                self.instances.remove(id);
+                gone.insert(id.clone());
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        for g in self.groups.values_mut() {
+            g.members.retain(|m| !gone.contains(m));
+        }
+        let instances = &self.instances;
+        self.tokens
+            .retain(|_, t| t.instance_ids.iter().any(|i| instances.contains_key(i)));
     }
 
     fn add_key_pair(&mut self, k: KeyPair) -> Response {

@@ -178,9 +178,19 @@ async fn key_pairs_round_trip() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(made.private_key.len(), 64);
+    assert!(
+        made.private_key
+            .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"),
+        "{}",
+        made.private_key
+    );
     let kp = made.key_pair.unwrap();
     assert!(kp.fingerprint.starts_with("SHA256:"));
+    assert!(
+        kp.public_key.starts_with("ssh-ed25519 "),
+        "{}",
+        kp.public_key
+    );
     let imported = c
         .import_key_pair(pb::ImportKeyPairRequest {
             key_name: "laptop".into(),
@@ -439,4 +449,70 @@ async fn silent_host_goes_unreachable_and_its_instance_never_moves() {
     })
     .await;
     assert!(b.state.lock().unwrap().instances.is_empty());
+}
+
+#[tokio::test]
+async fn terminated_instances_are_purged_after_the_retention_time() {
+    let t = controller_with(
+        true,
+        ferro_controller::controller::Settings {
+            heartbeat_timeout_ms: 10_000,
+            heartbeat_interval_ms: 100,
+            terminated_retention_ms: 300,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 8, 8192);
+    let url = agent.serve().await;
+    heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
+    eventually("the host to register", || {
+        let mut c = c.clone();
+        async move {
+            !c.describe_hosts(pb::DescribeHostsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .hosts
+                .is_empty()
+        }
+    })
+    .await;
+    let mut req = run_req(1);
+    req.client_token = "purge-me".into();
+    let first = c.run_instances(req.clone()).await.unwrap().into_inner();
+    let id = first.instances[0].instance_id.clone();
+    c.terminate_instances(pb::TerminateInstancesRequest {
+        instance_ids: vec![id.clone()],
+    })
+    .await
+    .unwrap();
+    // Visible as terminated first, then forgotten.
+    eventually("terminated", || {
+        let (mut c, id) = (c.clone(), id.clone());
+        async move {
+            describe(&mut c, vec![id])
+                .await
+                .iter()
+                .all(|i| i.state == pb::InstanceState::Terminated as i32)
+        }
+    })
+    .await;
+    eventually("purged", || {
+        let (mut c, id) = (c.clone(), id.clone());
+        async move {
+            c.describe_instances(pb::DescribeInstancesRequest {
+                instance_ids: vec![id],
+                ..Default::default()
+            })
+            .await
+            .is_err_and(|e| e.code() == Code::NotFound)
+        }
+    })
+    .await;
+    // The token went with it: the same token now launches anew.
+    let again = c.run_instances(req).await.unwrap().into_inner();
+    assert_ne!(again.instances[0].instance_id, id);
 }

@@ -384,6 +384,22 @@ async fn leader_crash_restart_and_partition() {
         .await
         .unwrap();
 
+    wait_for("the host to register", 30, &c, || {
+        let mut client = client.clone();
+        async move {
+            let hosts = client
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_hosts(pb::DescribeHostsRequest::default())
+                        .await
+                })
+                .await
+                .ok()?;
+            (!hosts.hosts.is_empty()).then_some(())
+        }
+    })
+    .await;
+
     // A stream of RunInstances from its own task; the leader is killed as
     // soon as 10 are acknowledged, while the 11th is on its way.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();

@@ -31,20 +31,27 @@ pub struct TestController {
 
 /// Start a controller on a free port; `reconcile` runs the reconciler.
 pub async fn controller(reconcile: bool, timeout_ms: u64) -> TestController {
+    controller_with(
+        reconcile,
+        Settings {
+            heartbeat_timeout_ms: timeout_ms,
+            heartbeat_interval_ms: 100,
+            replicated: false,
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
+/// Start a controller with `settings` on a free port.
+pub async fn controller_with(reconcile: bool, settings: Settings) -> TestController {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let repl = MemReplicator::new(Member {
         id: 1,
         addr: addr.to_string(),
     });
-    let ctl = Controller::new(
-        repl,
-        Settings {
-            heartbeat_timeout_ms: timeout_ms,
-            heartbeat_interval_ms: 100,
-            replicated: false,
-        },
-    );
+    let ctl = Controller::new(repl, settings);
     let admin_key = ctl
         .bootstrap("local", vec!["az-1".into(), "az-2".into()])
         .await
