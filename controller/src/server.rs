@@ -14,7 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{authenticate, ClusterService, ComputeService, HostsService};
 use crate::config::ControllerConfig;
-use crate::controller::{Controller, ControllerError, Settings};
+use crate::controller::{Controller, Settings};
 use crate::executor::Executor;
 use crate::state::ClusterState;
 
@@ -27,9 +27,6 @@ pub enum ServerError {
     /// Raft failed.
     #[error("replication failed")]
     Replication(#[from] ferro_raft::ReplicationError),
-    /// Bootstrap failed.
-    #[error("cannot bootstrap the cluster")]
-    Bootstrap(#[from] ControllerError),
     /// The listen address could not be bound.
     #[error("cannot listen on {0}")]
     Listen(std::net::SocketAddr, #[source] std::io::Error),
@@ -148,30 +145,65 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
     println!("ferro-controller: listening on {addr}");
     let lowest = members.iter().map(|m| m.id).min() == Some(cfg.node_id);
     if lowest {
+        // A no-op on a node that was initialized before (a restart).
         ctl.replicator().initialize(members).await?;
     }
-    ctl.replicator()
-        .wait_for_leader(Duration::from_secs(30))
-        .await?;
-    if ctl.is_leader() {
-        let azs = if cfg.availability_zones.is_empty() {
-            vec!["az-1".to_string()]
-        } else {
-            cfg.availability_zones.clone()
-        };
-        if let Some(secret) = ctl.bootstrap(&cfg.region, azs).await? {
-            write_key_file(&cfg.data_dir.join("admin.key"), &secret)?;
-            println!("ferro-controller: admin API key: {secret}");
-        }
-    }
+    let azs = if cfg.availability_zones.is_empty() {
+        vec!["az-1".to_string()]
+    } else {
+        cfg.availability_zones.clone()
+    };
+    let bootstrap = tokio::spawn(bootstrap_when_leading(
+        ctl.clone(),
+        cfg.region.clone(),
+        azs,
+        cfg.data_dir.join("admin.key"),
+    ));
     let exec = Executor::new(ctl.clone());
     let reconciler = tokio::spawn(exec.run(Duration::from_millis(cfg.reconcile_interval_ms)));
     let r = server.await;
     reconciler.abort();
+    bootstrap.abort();
     ctl.replicator().shutdown().await;
     match r {
         Ok(r) => Ok(r?),
         Err(_) => Ok(()),
+    }
+}
+
+/// Bootstraps a fresh cluster from whichever node leads first: checks
+/// every 200 ms until this node's replica shows a bootstrapped state. The
+/// node that bootstraps prints the admin key once and writes it to
+/// `key_file`. Leadership may move at any time (a restarted node can
+/// briefly believe it still leads), so a refused attempt is only retried.
+async fn bootstrap_when_leading<R: Replicator<ClusterState>>(
+    ctl: Arc<Controller<R>>,
+    region: String,
+    azs: Vec<String>,
+    key_file: std::path::PathBuf,
+) {
+    loop {
+        let done = ctl
+            .replicator()
+            .read_local(|s| !s.region.is_empty())
+            .unwrap_or(false);
+        if done {
+            return;
+        }
+        if ctl.is_leader() {
+            match ctl.bootstrap(&region, azs.clone()).await {
+                Ok(Some(secret)) => {
+                    if let Err(e) = write_key_file(&key_file, &secret) {
+                        tracing::error!(error = %crate::chain(&e), "cannot keep the admin API key");
+                    }
+                    println!("ferro-controller: admin API key: {secret}");
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => tracing::info!(error = %crate::chain(&e), "bootstrap deferred"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -10,7 +10,9 @@
 //! - a partitioned leader (its traffic to and from the other nodes dropped
 //!   by nftables) stops accepting writes, the majority elects a new leader
 //!   and goes on, and the refused write never appears after the partition
-//!   heals.
+//!   heals;
+//! - a fourth node joins through AddNode, catches up, and leaves through
+//!   RemoveNode.
 //!
 //! Needs root (nftables) and the `nft` tool; it never skips: a missing
 //! precondition fails the test with a message naming it.
@@ -31,7 +33,8 @@ use ferro_proto::compute::v1::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
 /// The nodes' addresses; the test's own traffic comes from 127.0.0.1.
-const IPS: [&str; 3] = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+/// Nodes 1-3 make the cluster; node 4 joins later through AddNode.
+const IPS: [&str; 4] = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
 
 fn require_root_and_nft() {
     ferro_testkit::require_root();
@@ -73,6 +76,10 @@ impl Cluster {
             .enumerate()
             .map(|(i, a)| format!("\"{}={a}\"", i + 1))
             .collect();
+        // Nodes 1-3 start as the cluster; node 4 knows them and itself and,
+        // not being the lowest id, waits to be added.
+        let initial = peers[..3].join(", ");
+        let joiner = peers.join(", ");
         for (i, addr) in addrs.iter().enumerate() {
             let data = dir.join(format!("n{}", i + 1));
             std::fs::create_dir_all(&data).unwrap();
@@ -83,7 +90,7 @@ impl Cluster {
                  snapshot_every = 20\n",
                 id = i + 1,
                 data = data.display(),
-                peers = peers.join(", "),
+                peers = if i < 3 { &initial } else { &joiner },
             );
             std::fs::write(dir.join(format!("n{}.toml", i + 1)), cfg).unwrap();
         }
@@ -91,7 +98,7 @@ impl Cluster {
             dir,
             bin,
             addrs,
-            children: vec![None, None, None],
+            children: (0..IPS.len()).map(|_| None).collect(),
             table: format!("ferro_ha_{}", std::process::id()),
         };
         for i in 0..3 {
@@ -129,7 +136,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        (1..=3)
+        (1..=IPS.len())
             .map(|i| {
                 let text =
                     std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
@@ -535,4 +542,43 @@ async fn leader_crash_restart_and_partition() {
     for (token, id) in &acked {
         assert_eq!(seen.get(token), Some(&vec![id.clone()]), "{token}");
     }
+
+    // Membership through the API: a fourth node joins, catches up, leaves.
+    c.spawn(3);
+    let add = pb::AddNodeRequest {
+        member: Some(pb::ClusterMember {
+            node_id: 4,
+            address: c.addrs[3].clone(),
+        }),
+    };
+    let st = client
+        .call(|ch| {
+            let add = add.clone();
+            async move { ClusterClient::new(ch).add_node(add).await }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("AddNode: {e}\n{}", c.logs()));
+    assert_eq!(st.members.len(), 4, "{st:?}");
+    let leader_applied = st.node.map(|n| n.last_applied_index).unwrap_or_default();
+    wait_for("node 4 to follow", 30, &c, || {
+        let url = c.url(3);
+        let key = key.clone();
+        async move {
+            let s = status_of(&url, &key).await?;
+            let n = s.node?;
+            (n.role == "follower" && n.last_applied_index >= leader_applied && s.members.len() == 4)
+                .then_some(())
+        }
+    })
+    .await;
+    let st = client
+        .call(|ch| async move {
+            ClusterClient::new(ch)
+                .remove_node(pb::RemoveNodeRequest { node_id: 4 })
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RemoveNode: {e}"));
+    assert_eq!(st.members.len(), 3, "{st:?}");
+    eprintln!("node 4 joined, caught up to {leader_applied}, and left");
 }
