@@ -27,6 +27,22 @@ async fn register(c: &mut Client) -> pb::Image {
     .into_inner()
 }
 
+/// Waits until a host has registered.
+async fn wait_for_a_host(c: &Client) {
+    eventually("the host to register", || {
+        let mut c = c.clone();
+        async move {
+            !c.describe_hosts(pb::DescribeHostsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .hosts
+                .is_empty()
+        }
+    })
+    .await;
+}
+
 async fn describe(c: &mut Client, ids: Vec<String>) -> Vec<pb::Instance> {
     c.describe_instances(pb::DescribeInstancesRequest {
         instance_ids: ids,
@@ -312,18 +328,7 @@ async fn reconciler_drives_the_agent_through_the_lifecycle() {
     let agent = FakeAgent::new("h1", "az-1", 8, 8192);
     let url = agent.serve().await;
     heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
-    eventually("the host to register", || {
-        let mut c = c.clone();
-        async move {
-            !c.describe_hosts(pb::DescribeHostsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .hosts
-                .is_empty()
-        }
-    })
-    .await;
+    wait_for_a_host(&c).await;
     let r = c.run_instances(run_req(2)).await.unwrap().into_inner();
     let ids: Vec<String> = r.instances.iter().map(|i| i.instance_id.clone()).collect();
     let (c0, ids0) = (c.clone(), ids.clone());
@@ -468,18 +473,7 @@ async fn terminated_instances_are_purged_after_the_retention_time() {
     let agent = FakeAgent::new("h1", "az-1", 8, 8192);
     let url = agent.serve().await;
     heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
-    eventually("the host to register", || {
-        let mut c = c.clone();
-        async move {
-            !c.describe_hosts(pb::DescribeHostsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .hosts
-                .is_empty()
-        }
-    })
-    .await;
+    wait_for_a_host(&c).await;
     let mut req = run_req(1);
     req.client_token = "purge-me".into();
     let first = c.run_instances(req.clone()).await.unwrap().into_inner();

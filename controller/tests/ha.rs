@@ -20,10 +20,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procs::Procs;
 use common::FakeAgent;
 use ferro_cli::client::Client;
 use ferro_cli::config::Config;
@@ -45,106 +45,40 @@ fn require_root_and_nft() {
     );
 }
 
-/// A free TCP port on `ip`.
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .expect("cannot bind a loopback address")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The three controller processes and everything they leave behind.
+/// The controller processes, and the nftables table that partitions them.
 struct Cluster {
-    dir: PathBuf,
-    bin: PathBuf,
-    addrs: Vec<String>,
-    children: Vec<Option<Child>>,
+    procs: Procs,
     table: String,
 }
 
+impl std::ops::Deref for Cluster {
+    type Target = Procs;
+    fn deref(&self) -> &Procs {
+        &self.procs
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Procs {
+        &mut self.procs
+    }
+}
+
 impl Cluster {
+    /// Nodes 1-3 running as the cluster; node 4 configured, not started.
     fn start() -> Self {
-        let bin = ferro_testkit::workspace_bin("ferro-controller", "ferro-controller");
-        let dir = ferro_testkit::scratch("controller-ha");
-        let addrs: Vec<String> = IPS
-            .iter()
-            .map(|ip| format!("{ip}:{}", free_port(ip)))
-            .collect();
-        let peers: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("\"{}={a}\"", i + 1))
-            .collect();
-        // Nodes 1-3 start as the cluster; node 4 knows them and itself and,
-        // not being the lowest id, waits to be added.
-        let initial = peers[..3].join(", ");
-        let joiner = peers.join(", ");
-        for (i, addr) in addrs.iter().enumerate() {
-            let data = dir.join(format!("n{}", i + 1));
-            std::fs::create_dir_all(&data).unwrap();
-            let cfg = format!(
-                "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n\
-                 peers = [{peers}]\navailability_zones = [\"az-1\"]\n\
-                 heartbeat_timeout_ms = 5000\nheartbeat_interval_ms = 200\n\
-                 snapshot_every = 20\n",
-                id = i + 1,
-                data = data.display(),
-                peers = if i < 3 { &initial } else { &joiner },
-            );
-            std::fs::write(dir.join(format!("n{}.toml", i + 1)), cfg).unwrap();
-        }
-        let mut c = Self {
-            dir,
-            bin,
-            addrs,
-            children: (0..IPS.len()).map(|_| None).collect(),
-            table: format!("ferro_ha_{}", std::process::id()),
-        };
+        let mut procs = Procs::new("controller-ha", &IPS, 3, |_| {
+            "availability_zones = [\"az-1\"]\nheartbeat_timeout_ms = 5000\n\
+             heartbeat_interval_ms = 200\nsnapshot_every = 20\n"
+                .into()
+        });
         for i in 0..3 {
-            c.spawn(i);
+            procs.spawn(i);
         }
-        c
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("n{}.log", i + 1)))
-            .unwrap();
-        let child = Command::new(&self.bin)
-            .arg("--config")
-            .arg(self.dir.join(format!("n{}.toml", i + 1)))
-            .env("FERRO_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start ferro-controller");
-        self.children[i] = Some(child);
-    }
-
-    /// SIGKILL node `i` and reap it.
-    fn kill9(&mut self, i: usize) {
-        let mut child = self.children[i].take().expect("node is running");
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    fn url(&self, i: usize) -> String {
-        format!("http://{}", self.addrs[i])
-    }
-
-    fn logs(&self) -> String {
-        (1..=IPS.len())
-            .map(|i| {
-                let text =
-                    std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- node {i} ---\n{}\n", tail.join("\n"))
-            })
-            .collect()
+        Self {
+            procs,
+            table: format!("ferro_ha_{}", std::process::id()),
+        }
     }
 
     /// Drop every packet between node `i` and the other two (both ways).
@@ -171,11 +105,6 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.heal();
-        for c in self.children.iter_mut().flatten() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -316,7 +245,7 @@ async fn all_instances(client: &mut Client) -> BTreeMap<String, Vec<String>> {
 }
 
 fn ha_client(c: &Cluster, key: &str, nodes: &[usize]) -> Client {
-    let endpoints: Vec<String> = nodes.iter().map(|&i| c.url(i)).collect();
+    let endpoints = c.urls(nodes);
     Client::new(&Config {
         endpoint: endpoints[0].clone(),
         endpoints,
@@ -326,27 +255,13 @@ fn ha_client(c: &Cluster, key: &str, nodes: &[usize]) -> Client {
     .unwrap()
 }
 
-fn admin_key(dir: &Path) -> Option<String> {
-    (1..=3).find_map(|i| {
-        std::fs::read_to_string(dir.join(format!("n{i}/admin.key")))
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_crash_restart_and_partition() {
     require_root_and_nft();
     let mut c = Cluster::start();
 
     // The cluster elects a leader, which bootstraps and writes the admin key.
-    let dir = c.dir.clone();
-    let key = wait_for("the admin key", 60, &c, || {
-        let k = admin_key(&dir);
-        async move { k }
-    })
-    .await;
+    let key = c.admin_key(60).await;
     let all = [0usize, 1, 2];
     let first = wait_for("a leader", 30, &c, || leader_among(&c, &key, &all)).await;
 

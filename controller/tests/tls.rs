@@ -7,10 +7,12 @@
 //! Needs the `openssl` tool; it never skips: a missing precondition fails
 //! the test with a message naming it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::procs::Procs;
 use ferro_cli::client::Client;
 use ferro_cli::config::Config;
 use ferro_proto::compute::v1 as pb;
@@ -107,39 +109,15 @@ fn make_node_cert(dir: &Path, ca: &str) {
     );
 }
 
-struct Nodes {
-    dir: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Nodes {
-    fn logs(&self) -> String {
-        (1..=3)
-            .map(|i| {
-                let t =
-                    std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
-                format!("--- node {i} ---\n{t}\n")
-            })
-            .collect()
-    }
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+async fn cluster_status(
+    c: &mut Client,
+) -> Result<pb::ClusterStatusResponse, ferro_cli::client::ClientError> {
+    c.call(|ch| async move {
+        ClusterClient::new(ch)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+    })
+    .await
 }
 
 fn client(endpoints: &[String], key: &str, ca: Option<PathBuf>) -> Client {
@@ -154,68 +132,24 @@ fn client(endpoints: &[String], key: &str, ca: Option<PathBuf>) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_raft_over_tls() {
-    let dir = ferro_testkit::scratch("controller-tls");
+    let mut nodes = Procs::new("controller-tls", &IPS, 3, |dir| {
+        let d = dir.display();
+        format!(
+            "tls_cert_file = \"{d}/node.pem\"\ntls_key_file = \"{d}/node.key\"\n\
+             tls_ca_file = \"{d}/ca.pem\"\n"
+        )
+    });
+    let dir = nodes.dir.clone();
     make_ca(&dir, "ca");
     make_ca(&dir, "other-ca");
     make_node_cert(&dir, "ca");
-    let bin = ferro_testkit::workspace_bin("ferro-controller", "ferro-controller");
-    let addrs: Vec<String> = IPS
-        .iter()
-        .map(|ip| format!("{ip}:{}", free_port(ip)))
-        .collect();
-    let peers: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("\"{}={a}\"", i + 1))
-        .collect();
-    let mut nodes = Nodes {
-        dir: dir.clone(),
-        children: Vec::new(),
-    };
-    for (i, addr) in addrs.iter().enumerate() {
-        let n = i + 1;
-        let cfg = format!(
-            "node_id = {n}\nlisten = \"{addr}\"\ndata_dir = \"{d}/n{n}\"\npeers = [{p}]\n\
-             tls_cert_file = \"{d}/node.pem\"\ntls_key_file = \"{d}/node.key\"\n\
-             tls_ca_file = \"{d}/ca.pem\"\n",
-            d = dir.display(),
-            p = peers.join(", ")
-        );
-        let path = dir.join(format!("n{n}.toml"));
-        std::fs::write(&path, cfg).unwrap();
-        let log = std::fs::File::create(dir.join(format!("n{n}.log"))).unwrap();
-        nodes.children.push(
-            Command::new(&bin)
-                .arg("--config")
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("cannot start ferro-controller"),
-        );
+    for i in 0..3 {
+        nodes.spawn(i);
     }
-
     // The admin key appears once a leader is elected over TLS Raft.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let key = loop {
-        let k = (1..=3).find_map(|n| {
-            std::fs::read_to_string(dir.join(format!("n{n}/admin.key")))
-                .ok()
-                .map(|k| k.trim().to_string())
-                .filter(|k| !k.is_empty())
-        });
-        if let Some(k) = k {
-            break k;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader bootstrapped the cluster over TLS:\n{}",
-            nodes.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let key = nodes.admin_key(60).await;
 
-    let https: Vec<String> = addrs.iter().map(|a| format!("https://{a}")).collect();
+    let https = nodes.urls(&[0, 1, 2]);
     let mut good = client(&https, &key, Some(dir.join("ca.pem")));
     // A write commits (replicated to a TLS peer) and reads back.
     let req = pb::RegisterImageRequest {
@@ -238,36 +172,19 @@ async fn api_and_raft_over_tls() {
         .await
         .unwrap();
     assert!(images.images.iter().any(|i| i.name == "tls-image"));
-    let status = good
-        .call(|ch| async move {
-            ClusterClient::new(ch)
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-        })
-        .await
-        .unwrap();
+    let status = cluster_status(&mut good).await.unwrap();
     assert_eq!(status.members.len(), 3);
     assert!(status.leader.is_some());
 
     // Plaintext to a TLS port, and TLS trusting another CA: refused.
-    let plain: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
-    let mut p = client(&plain[..1], &key, None);
-    let e = p
-        .call(|ch| async move {
-            ClusterClient::new(ch)
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-        })
+    let plain = format!("http://{}", nodes.addrs[0]);
+    let mut p = client(&[plain], &key, None);
+    let e = cluster_status(&mut p)
         .await
         .expect_err("plaintext reached a TLS controller");
     eprintln!("plaintext: {e}");
     let mut other = client(&https[..1], &key, Some(dir.join("other-ca.pem")));
-    let e = other
-        .call(|ch| async move {
-            ClusterClient::new(ch)
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await
-        })
+    let e = cluster_status(&mut other)
         .await
         .expect_err("a certificate from an untrusted CA was accepted");
     eprintln!("other CA: {e}");

@@ -1,0 +1,162 @@
+//! Real `ferro-controller` processes for multi-node tests: one config,
+//! data directory and log per node under a scratch directory, every
+//! process killed and everything removed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on `ip`.
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .expect("cannot bind a loopback address")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Controller processes on loopback addresses.
+pub struct Procs {
+    /// The scratch directory (configs `n<i>.toml`, data `n<i>/`, logs).
+    pub dir: PathBuf,
+    /// `ip:port` of each node; node `i + 1` is at index `i`.
+    pub addrs: Vec<String>,
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    bin: PathBuf,
+    children: Vec<Option<Child>>,
+}
+
+impl Procs {
+    /// Writes the configuration of one node per address in `ips` (node
+    /// ids 1, 2, ...). The first `initial` nodes are the cluster's initial
+    /// members; a later node knows them and itself and waits to be added.
+    /// `extra` is appended to every node's TOML (`dir` is the scratch
+    /// directory). Nothing is started.
+    pub fn new(
+        name: &str,
+        ips: &[&str],
+        initial: usize,
+        extra: impl Fn(&PathBuf) -> String,
+    ) -> Self {
+        let bin = ferro_testkit::workspace_bin("ferro-controller", "ferro-controller");
+        let dir = ferro_testkit::scratch(name);
+        let addrs: Vec<String> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port(ip)))
+            .collect();
+        let peers: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("\"{}={a}\"", i + 1))
+            .collect();
+        let extra = extra(&dir);
+        for (i, addr) in addrs.iter().enumerate() {
+            let mut members = peers[..initial].to_vec();
+            if i >= initial {
+                members.push(peers[i].clone());
+            }
+            let data = dir.join(format!("n{}", i + 1));
+            std::fs::create_dir_all(&data).unwrap();
+            let cfg = format!(
+                "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\npeers = [{members}]\n{extra}",
+                id = i + 1,
+                data = data.display(),
+                members = members.join(", "),
+            );
+            std::fs::write(dir.join(format!("n{}.toml", i + 1)), cfg).unwrap();
+        }
+        let scheme = if extra.contains("tls_cert_file") {
+            "https"
+        } else {
+            "http"
+        };
+        Self {
+            children: addrs.iter().map(|_| None).collect(),
+            dir,
+            addrs,
+            scheme,
+            bin,
+        }
+    }
+
+    /// Starts node index `i` (its log appended to `n<i+1>.log`).
+    pub fn spawn(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("n{}.log", i + 1)))
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("--config")
+            .arg(self.dir.join(format!("n{}.toml", i + 1)))
+            .env("FERRO_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ferro-controller");
+        self.children[i] = Some(child);
+    }
+
+    /// SIGKILL node index `i` and reap it.
+    pub fn kill9(&mut self, i: usize) {
+        let mut child = self.children[i].take().expect("node is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The URL of node index `i`.
+    pub fn url(&self, i: usize) -> String {
+        format!("{}://{}", self.scheme, self.addrs[i])
+    }
+
+    /// The URLs of the nodes at `indexes`.
+    pub fn urls(&self, indexes: &[usize]) -> Vec<String> {
+        indexes.iter().map(|&i| self.url(i)).collect()
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        (1..=self.addrs.len())
+            .map(|i| {
+                let text =
+                    std::fs::read_to_string(self.dir.join(format!("n{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {i} ---\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+
+    /// The admin API key, once the node that bootstrapped wrote it.
+    pub async fn admin_key(&self, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let key = (1..=self.addrs.len()).find_map(|i| {
+                std::fs::read_to_string(self.dir.join(format!("n{i}/admin.key")))
+                    .ok()
+                    .map(|k| k.trim().to_string())
+                    .filter(|k| !k.is_empty())
+            });
+            if let Some(k) = key {
+                return k;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no node bootstrapped the cluster in {secs} s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
