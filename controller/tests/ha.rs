@@ -4,7 +4,8 @@
 //! - `kill -9` of the leader in the middle of a stream of RunInstances
 //!   carrying client tokens: the client (ferro-cli's, given all three
 //!   endpoints) retries at the others, a new leader is elected, no instance
-//!   is created twice and none that was acknowledged is lost;
+//!   is created twice and none that was acknowledged is lost; a real
+//!   `ferro-agent`, given the three URLs, heartbeats to the new leader;
 //! - the killed node, restarted after the log moved on and was compacted,
 //!   catches up by installing a snapshot;
 //! - a partitioned leader (its traffic to and from the other nodes dropped
@@ -196,8 +197,94 @@ fn run_request(token: &str) -> pb::RunInstancesRequest {
         instance_type: "f1.nano".into(),
         image_id: "guest".into(),
         client_token: token.into(),
+        // The fake host's zone: the real agent's tiny host stays empty.
+        availability_zone: "az-1".into(),
         ..Default::default()
     }
+}
+
+/// A real `ferro-agent` process (no instances) heartbeating to every
+/// controller node, to show that it follows the leader.
+struct RealAgent {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    cgroup_parent: String,
+}
+
+impl RealAgent {
+    fn start(controllers: &[String], key: &str) -> Self {
+        let bin = ferro_testkit::workspace_bin("ferro-agent", "ferro-agent");
+        let vmm = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
+        let pid = std::process::id();
+        // Short: the state directory must fit 32 bytes.
+        let dir = std::path::PathBuf::from(format!("/tmp/fha-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgroup_parent = format!("ferro-ha-{pid}");
+        let cfg = format!(
+            "host_id = \"ha-real-agent\"\navailability_zone = \"az-2\"\n\
+             listen = \"127.0.0.1:0\"\nstate_dir = \"{d}/s\"\nvcpus = 1\nmemory_mib = 256\n\
+             reserved_memory_mib = 0\nvmm_path = \"{vmm}\"\ntap_prefix = \"fha\"\n\
+             cgroup_parent = \"{cgroup_parent}\"\ncontroller = \"{urls}\"\n\
+             controller_api_key = \"{key}\"\nheartbeat_interval_ms = 200\n",
+            d = dir.display(),
+            vmm = vmm.display(),
+            urls = controllers.join(","),
+        );
+        std::fs::write(dir.join("agent.toml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start ferro-agent");
+        Self {
+            child,
+            dir,
+            cgroup_parent,
+        }
+    }
+}
+
+impl Drop for RealAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        for base in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/memory",
+        ] {
+            let _ = std::fs::remove_dir(std::path::Path::new(base).join(&self.cgroup_parent));
+        }
+    }
+}
+
+/// When the leader (through `client`) last heard from `host`, if it did.
+async fn last_seen(client: &mut Client, host: &str) -> Option<(u64, i32)> {
+    let hosts = client
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_hosts(pb::DescribeHostsRequest::default())
+                .await
+        })
+        .await
+        .ok()?;
+    hosts
+        .hosts
+        .into_iter()
+        .find(|h| h.host_id == host)
+        .map(|h| (h.last_seen_ms, h.health))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// RunInstances through the HA client (redirects and retries included).
@@ -306,7 +393,9 @@ async fn leader_crash_restart_and_partition() {
         .await
         .unwrap();
 
-    wait_for("the host to register", 30, &c, || {
+    // And a real agent, given every controller's URL.
+    let _real = RealAgent::start(&c.urls(&all), &key);
+    wait_for("both hosts to register", 30, &c, || {
         let mut client = client.clone();
         async move {
             let hosts = client
@@ -317,7 +406,7 @@ async fn leader_crash_restart_and_partition() {
                 })
                 .await
                 .ok()?;
-            (!hosts.hosts.is_empty()).then_some(())
+            (hosts.hosts.len() == 2).then_some(())
         }
     })
     .await;
@@ -346,6 +435,7 @@ async fn leader_crash_restart_and_partition() {
         rx.recv().await.expect("the stream ended early");
     }
     c.kill9(first);
+    let killed_at = now_ms();
     eprintln!("killed the leader, node {}", first + 1);
     let mut acked: BTreeMap<String, String> = stream.await.expect("the stream failed");
     let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != first).collect();
@@ -354,6 +444,21 @@ async fn leader_crash_restart_and_partition() {
     })
     .await;
     assert_ne!(second, first, "the killed node cannot lead");
+    // The real agent moved on to the new leader by itself.
+    let healthy = pb::HostHealth::Healthy as i32;
+    wait_for(
+        "the real agent to heartbeat to the new leader",
+        20,
+        &c,
+        || {
+            let mut client = client.clone();
+            async move {
+                let (seen, health) = last_seen(&mut client, "ha-real-agent").await?;
+                (seen > killed_at && health == healthy).then_some(())
+            }
+        },
+    )
+    .await;
     eprintln!("new leader: node {}", second + 1);
 
     // Nothing twice, nothing acknowledged lost; a retried token answers
