@@ -1,10 +1,12 @@
 //! `cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]`
 //! `cargo xtask bench agent [--runs N]`
+//! `cargo xtask bench controller [--runs N] [--only raft|launch|scheduler|rss]`
 //!
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
 
 mod bench_agent;
+mod bench_controller;
 mod bench_vmm;
 
 use std::process::ExitCode;
@@ -20,6 +22,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Some("controller") => match bench_controller::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench controller: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Some("vmm") => match bench_vmm::run(&args[2..]) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -28,12 +37,15 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!("xtask: unknown bench area {other:?} (known: vmm, agent)");
+                eprintln!("xtask: unknown bench area {other:?} (known: vmm, agent, controller)");
                 ExitCode::from(2)
             }
         },
         _ => {
-            eprintln!("usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH] | bench agent [--runs N]");
+            eprintln!(
+                "usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH] | bench agent [--runs N] \
+                 | bench controller [--runs N] [--only raft|launch|scheduler|rss]"
+            );
             ExitCode::from(2)
         }
     }
