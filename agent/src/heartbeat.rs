@@ -72,7 +72,12 @@ impl Target {
     pub fn failed(&mut self, e: &tonic::Status) -> bool {
         let before = self.current.clone();
         if let Some(leader) = leader_of(e) {
-            self.current = leader;
+            // The named leader speaks TLS if the node that named it does.
+            self.current = if self.current.starts_with("https://") {
+                leader.replacen("http://", "https://", 1)
+            } else {
+                leader
+            };
         } else if !self.controllers.is_empty() {
             self.current = self.controllers[self.next % self.controllers.len()].clone();
             self.next = (self.next + 1) % self.controllers.len();
@@ -215,6 +220,10 @@ mod tests {
             .insert("x-ferro-leader", "10.0.0.9:7400".parse().unwrap());
         assert!(t.failed(&st));
         assert_eq!(t.current(), "http://10.0.0.9:7400");
+        // Over TLS, the leader is followed over TLS.
+        let mut tls = Target::new(vec!["https://a:1".into()]);
+        assert!(tls.failed(&st));
+        assert_eq!(tls.current(), "https://10.0.0.9:7400");
         // A single controller stays put.
         let mut one = Target::new(vec!["http://a:1".into()]);
         assert!(!one.failed(&tonic::Status::internal("x")));

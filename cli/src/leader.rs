@@ -76,7 +76,7 @@ impl Failover {
     /// next configured endpoint (pausing once all failed in turn), or fail.
     pub fn next(&mut self, status: &tonic::Status, current: &str) -> Hop {
         self.tried.push(current.to_string());
-        if let Some(leader) = leader_hint(status) {
+        if let Some(leader) = leader_hint(status).map(|l| same_scheme(&l, current)) {
             let loops = leader == current || self.tried.iter().rev().take(2).any(|t| *t == leader);
             if !loops && self.hops < MAX_HOPS {
                 self.hops += 1;
@@ -105,6 +105,18 @@ impl Failover {
             std::time::Duration::ZERO
         };
         Hop::Retry(next, pause)
+    }
+}
+
+/// `leader` with the scheme of `current`: a node names its leader as
+/// `host:port`, and the whole cluster speaks TLS or none of it does.
+fn same_scheme(leader: &str, current: &str) -> String {
+    match (
+        leader.strip_prefix("http://"),
+        current.starts_with("https://"),
+    ) {
+        (Some(rest), true) => format!("https://{rest}"),
+        _ => leader.to_string(),
     }
 }
 
@@ -206,6 +218,16 @@ mod tests {
         }
         let s = unavailable_with_meta("not the leader", "z:1");
         assert_eq!(f.next(&s, "http://y:1"), Hop::Fail);
+    }
+
+    #[test]
+    fn a_tls_client_follows_the_leader_over_tls() {
+        let s = unavailable_with_meta("not the leader", "10.0.0.2:7400");
+        let mut f = failover(&["https://10.0.0.1:7400"]);
+        assert_eq!(
+            f.next(&s, "https://10.0.0.1:7400"),
+            Hop::Follow("https://10.0.0.2:7400".into())
+        );
     }
 
     #[test]

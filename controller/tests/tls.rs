@@ -176,6 +176,33 @@ async fn api_and_raft_over_tls() {
     assert_eq!(status.members.len(), 3);
     assert!(status.leader.is_some());
 
+    // A client given only a follower follows it to the leader, over TLS.
+    let ca = Some(dir.join("ca.pem"));
+    let mut follower = None;
+    for url in &https {
+        let mut one = client(std::slice::from_ref(url), &key, ca.clone());
+        let s = cluster_status(&mut one).await.unwrap();
+        if s.node.is_some_and(|n| n.role == "follower") {
+            follower = Some(url.clone());
+            break;
+        }
+    }
+    let follower = follower.expect("no follower among three nodes");
+    let mut via_follower = client(&[follower], &key, ca);
+    let req = pb::RegisterImageRequest {
+        name: "via-follower".into(),
+        kernel_path: "/k".into(),
+        ..Default::default()
+    };
+    via_follower
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).register_image(req).await }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("a write through a follower over TLS: {e}"));
+    assert!(via_follower.endpoint().starts_with("https://"));
+
     // Plaintext to a TLS port, and TLS trusting another CA: refused.
     let plain = format!("http://{}", nodes.addrs[0]);
     let mut p = client(&[plain], &key, None);
