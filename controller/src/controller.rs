@@ -130,6 +130,9 @@ pub struct Controller<R> {
     repl: R,
     settings: Settings,
     liveness: Mutex<Liveness>,
+    /// Signalled after every committed write through this node, so the
+    /// reconciler acts at once instead of at its next period.
+    changed: tokio::sync::Notify,
 }
 
 impl<R: Replicator<ClusterState>> Controller<R> {
@@ -139,6 +142,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             repl,
             settings,
             liveness: Mutex::new(Liveness::new()),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -175,7 +179,15 @@ impl<R: Replicator<ClusterState>> Controller<R> {
 
     /// Write `command`, turning a state machine refusal into an error.
     pub async fn write(&self, command: Command) -> Result<Output> {
-        Ok(self.repl.write(command).await??)
+        let out = self.repl.write(command).await??;
+        self.changed.notify_one();
+        Ok(out)
+    }
+
+    /// Resolves after the next committed write through this node (or at
+    /// once if one happened since the last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Run `f` over the state on the leader.

@@ -22,6 +22,9 @@ use crate::model::ObservedState;
 use crate::reconciler::{plan, track_terminated, Action, Inputs};
 use crate::state::{ClusterState, Command, Observation};
 
+/// The shortest time between two reconcile passes.
+pub const MIN_GAP: Duration = Duration::from_millis(10);
+
 /// How long one agent call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -88,14 +91,21 @@ impl<R: Replicator<ClusterState>> Executor<R> {
         Ok(c)
     }
 
-    /// Run the reconcile loop every `period` while this node leads; never
-    /// returns.
+    /// Run the reconcile loop while this node leads: every `period`, and
+    /// after each write committed through this node (a launch, a state
+    /// change a heartbeat reported, an agent's answer), at most once per
+    /// [`MIN_GAP`]; never returns.
     pub async fn run(self: Arc<Self>, period: Duration) {
         let mut leader_since = None;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.ctl.changed() => {}
+            }
+            // Coalesces bursts of writes into one pass.
+            tokio::time::sleep(MIN_GAP).await;
             if !self.ctl.is_leader() {
                 leader_since = None;
                 continue;
