@@ -3,6 +3,7 @@
 //! agent's RSS with 20 instances. Baseline: spawning ferro-vmm directly to
 //! the same console line, in the same run. Needs root and /dev/kvm.
 
+use crate::measure::{root, stats};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,23 +17,6 @@ use tonic::transport::Channel;
 type Result<T> = std::result::Result<T, String>;
 
 const FIRST_LINE: &str = "ferro-guest: hello";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn stats(mut v: Vec<f64>) -> Value {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "min": v[0], "max": v[v.len() - 1], "runs": v.len()})
-}
 
 fn build() -> Result<(PathBuf, PathBuf, PathBuf)> {
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -41,6 +41,7 @@ mod daemons;
 mod launch;
 mod rss;
 
+use crate::measure::{root, stats};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -57,23 +58,6 @@ const TARGET_WRITES_PER_SEC: f64 = 10_000.0;
 const TARGET_DECISION_MS: f64 = 1.0;
 const SCHED_HOSTS: usize = 10_000;
 const SCHED_DECISIONS: usize = 1_000;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn stats(mut v: Vec<f64>) -> Value {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "min": v[0], "max": v[v.len() - 1], "runs": v.len()})
-}
 
 fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)

@@ -1,6 +1,7 @@
 //! VMM benchmarks: boot time, memory overhead, virtio-blk device model
 //! throughput against the host doing the same I/O on the same file.
 
+use crate::measure::{percentile, root};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -17,13 +18,6 @@ use serde_json::{json, Value};
 
 type Result<T> = std::result::Result<T, String>;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     if !out.status.success() {
@@ -33,11 +27,6 @@ fn sh(cmd: &mut Command) -> Result<String> {
         ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn stats(mut v: Vec<f64>) -> Value {

@@ -8,6 +8,7 @@
 mod bench_agent;
 mod bench_controller;
 mod bench_vmm;
+mod measure;
 
 use std::process::ExitCode;
 
