@@ -7,7 +7,8 @@
 //! machine runs this inside `apply`, on every replica.
 //!
 //! One decision is a single pass over the candidates: O(hosts), no
-//! allocation. `benches/scheduler.rs` times it over 10,000 hosts.
+//! allocation. `cargo xtask bench controller --only scheduler` times it over 10,000
+//! hosts.
 
 /// A host as the scheduler sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -165,8 +165,7 @@ async fn bench_raft() -> Result<Value> {
 
 // ----------------------------------------------------------- 3. Scheduler
 
-/// 10,000 hosts in three zones, varied free capacity, 2% unhealthy (as
-/// `controller/benches/scheduler.rs`).
+/// 10,000 hosts in three zones, varied free capacity, 2% unhealthy.
 fn sched_hosts() -> Vec<Candidate> {
     (0..SCHED_HOSTS)
         .map(|i| Candidate {
