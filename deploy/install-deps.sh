@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# Install (idempotently) the host packages Ferrocloud's build and tests need,
-# and unpack Debian's stock cloud kernel for the Linux early-boot check.
+# Install (idempotently) every Debian package that Ferrocloud's build, the
+# README's two commands, the tests, the benchmarks and the fuzz runs need on
+# a fresh machine. What a fresh machine of the supported image already has
+# (gcc/g++, make, python3, iproute2, openssh-client, openssl, procps, lz4,
+# zstd, xz-utils, the stable and nightly Rust toolchains) is not repeated
+# here; scripts/check-deps.sh verifies the whole list afterwards.
 set -euo pipefail
-pkgs=(iproute2 iputils-ping nftables openssh-client openssl protobuf-compiler lz4 zstd xz-utils)
+
+# package          why
+pkgs=(
+  clang            # bindgen (librocksdb-sys) needs libclang and clang's own headers
+  libclang-dev     # libclang.so for bindgen
+  protobuf-compiler # protoc for tonic/prost code generation (proto/build.rs)
+  iproute2         # ip: TAPs, bridges, network namespaces (agent, tests)
+  iputils-ping     # ping: tests reach guests over TAPs
+  nftables         # nft: partition test of the controller, later security groups
+  openssh-client   # ssh-keygen: the key-pair unit test checks our OpenSSH keys
+  openssl          # openssl: the TLS test makes its CA and certificates
+  procps           # pgrep: tests check no ferro-vmm is left behind
+  lz4 zstd xz-utils # unpacking the stock guest kernel's payload
+  qemu-system-x86  # the Linux-guest harness: TCG with nested SVM (L1 host)
+  busybox-static   # the Linux-guest harness: L1 and L2 userland
+  kmod             # depmod: modules.dep of the unpacked guest kernel
+)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-
-# Debian's stock kernel, unpacked (not installed) under target/guest-kernel.
-root=$(cd "$(dirname "$0")/.." && pwd)
-kdir="$root/target/guest-kernel"
-if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
-  mkdir -p "$kdir/deb"
-  [ -n "$(apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep Candidate)" ] || apt-get update -qq
-  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-  (cd "$kdir/deb" && apt-get download -qq "$pkg")
-  dpkg-deb -x "$kdir"/deb/*.deb "$kdir"
-fi
-ln -sf "$(ls "$kdir"/boot/vmlinuz-* | head -1)" "$kdir/vmlinuz"
-# ELF vmlinux: the bzImage decompressor is too slow where guest kernel mode
-# is emulated (nested KVM); on real hosts either form boots.
-[ -s "$kdir/vmlinux" ] || python3 "$root/deploy/extract-vmlinux.py" "$kdir/vmlinuz" "$kdir/vmlinux"
-echo "guest kernel: $(readlink "$kdir/vmlinuz") and $kdir/vmlinux"

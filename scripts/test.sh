@@ -4,7 +4,9 @@
 # here too and fail with a message naming what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -e target/guest-kernel/vmlinuz ] || bash deploy/install-deps.sh
+bash deploy/install-deps.sh
+bash deploy/fetch-guest-kernel.sh
+bash scripts/check-deps.sh
 bash tests/guest/build.sh
 # `cargo test --workspace` builds every binary the integration tests run
 # before the first test starts; tests use those instead of building their own

@@ -39,7 +39,7 @@ async fn bridge_taps_are_attached_and_removed() {
         .count();
     assert_eq!(brif, 0, "TAPs left on the bridge");
     agent.assert_nothing_left();
-    let _ = std::process::Command::new("ip")
+    let _ = ferro_testkit::tool("ip")
         .args(["link", "del", &bridge])
         .output();
 }

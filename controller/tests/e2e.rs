@@ -217,7 +217,7 @@ async fn run_and_terminate_with_a_real_agent() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left on the host: {left:?}");
-    let ps = Command::new("pgrep")
+    let ps = ferro_testkit::tool("pgrep")
         .args(["-f", &format!("{}/a/run", dir.display())])
         .output()
         .unwrap();

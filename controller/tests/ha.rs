@@ -39,10 +39,10 @@ const IPS: [&str; 4] = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"];
 
 fn require_root_and_nft() {
     ferro_testkit::require_root();
-    let nft = Command::new("nft").arg("--version").output();
+    let nft = ferro_testkit::tool("nft").arg("--version").output();
     assert!(
         nft.is_ok_and(|o| o.status.success()),
-        "precondition missing: the `nft` tool (Debian package nftables) is required"
+        "precondition missing: `nft --version` fails (Debian package nftables)"
     );
 }
 
@@ -96,7 +96,7 @@ impl Cluster {
     }
 
     fn heal(&self) {
-        let _ = Command::new("nft")
+        let _ = ferro_testkit::tool("nft")
             .args(["delete", "table", "inet", &self.table])
             .stderr(Stdio::null())
             .status();
@@ -111,7 +111,7 @@ impl Drop for Cluster {
 
 fn nft_script(script: &str) {
     use std::io::Write;
-    let mut child = Command::new("nft")
+    let mut child = ferro_testkit::tool("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .spawn()

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::procs::Procs;
 use ferro_cli::client::Client;
@@ -22,7 +21,7 @@ use ferro_proto::compute::v1::compute_client::ComputeClient;
 const IPS: [&str; 3] = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
+    let out = ferro_testkit::tool("openssl")
         .args(args)
         .current_dir(dir)
         .output()

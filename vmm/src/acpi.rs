@@ -102,10 +102,20 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         aml::Name::new("_CRS".into(), &kbd_crs),
     ];
     let kbd = aml::Device::new("_SB_.PS2K".into(), children(&kbd_names));
+    // The CMOS clock, so Linux's rtc_cmos finds it through PNP (no IRQ:
+    // it raises none).
+    let rtc_io = aml::IO::new(RTC_PORT, RTC_PORT, 1, 2);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_names = [
+        aml::Name::new("_HID".into(), &rtc_hid),
+        aml::Name::new("_CRS".into(), &rtc_crs),
+    ];
+    let rtc = aml::Device::new("_SB_.RTC_".into(), children(&rtc_names));
     // \_S5: SLP_TYP 5 written to the sleep control register powers off.
     let s5_pkg = aml::Package::new(vec![&5u8]);
     let s5 = aml::Name::new("_S5_".into(), &s5_pkg);
-    for dev in [&pci as &dyn Aml, &com1, &kbd, &s5] {
+    for dev in [&pci as &dyn Aml, &com1, &kbd, &rtc, &s5] {
         dev.to_aml_bytes(&mut sdt);
     }
     sdt.as_slice().to_vec()

@@ -22,6 +22,7 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod exitstats;
 pub mod pci;
 pub mod seccomp;
 pub mod vcpu;

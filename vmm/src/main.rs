@@ -90,6 +90,7 @@ fn report(err: &dyn std::error::Error) {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRO_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
@@ -109,7 +110,13 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
         Ok(reason) => {
-            tracing::info!(?reason, "VM ended");
+            // One line saying how the VM ended, for whoever supervises us.
+            let how = match reason {
+                ExitReason::Reset => "the guest reset",
+                ExitReason::PowerOff => "the guest powered off",
+                ExitReason::Stopped | ExitReason::Error => "stopped from the control socket",
+            };
+            eprintln!("ferro-vmm: VM ended: {how}");
             ExitCode::SUCCESS
         }
         Err(e) => {

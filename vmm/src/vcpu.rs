@@ -11,6 +11,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::{ExitReason, ExitSignal};
+use crate::exitstats::ExitStats;
 use ferro_virtio::ratelimit::LogRateLimiter;
 use ferro_virtio::warn_ratelimited;
 
@@ -29,6 +30,7 @@ pub struct ExitHandler {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     unhandled: LogRateLimiter,
+    stats: Option<ExitStats>,
 }
 
 impl ExitHandler {
@@ -38,6 +40,22 @@ impl ExitHandler {
             pio,
             mmio,
             unhandled: LogRateLimiter::default(),
+            stats: ExitStats::from_env(),
+        }
+    }
+
+    /// The exit counters, when `FERRO_VMM_EXIT_STATS=1` enabled them.
+    pub fn stats(&self) -> Option<&ExitStats> {
+        self.stats.as_ref()
+    }
+
+    fn count(&self, exit: &VcpuExit) {
+        let Some(s) = &self.stats else { return };
+        match exit {
+            VcpuExit::IoIn(port, _) | VcpuExit::IoOut(port, _) => s.pio(*port),
+            VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => s.mmio(*addr),
+            VcpuExit::Hlt => s.hlt(),
+            _ => s.other(),
         }
     }
 
@@ -80,6 +98,7 @@ impl ExitHandler {
 
     /// Decide what an exit means.
     pub fn handle(&self, index: u8, exit: VcpuExit) -> VcpuAction {
+        self.count(&exit);
         match exit {
             VcpuExit::IoIn(port, data) => self.io_in(port, data),
             VcpuExit::IoOut(port, data) => self.io_out(port, data),

@@ -24,6 +24,7 @@ use crate::arch::{cpuid, layout, regs};
 use crate::config::{SerialSink, VmConfig};
 use crate::control::{ControlServer, VmStatus};
 use crate::devices::acpi_pm::AcpiPm;
+use crate::devices::cmos::{self, Cmos};
 use crate::devices::i8042::{self, I8042};
 use crate::devices::serial::{ConsoleSink, SerialDevice};
 use crate::devices::{ExitReason, ExitSignal};
@@ -229,6 +230,11 @@ impl Vm {
         )));
         pio.insert(u64::from(i8042::DATA_PORT), 1, kbd.clone())?;
         pio.insert(u64::from(i8042::COMMAND_PORT), 1, kbd.clone())?;
+        pio.insert(
+            u64::from(cmos::INDEX_PORT),
+            2,
+            Arc::new(Mutex::new(Cmos::new())),
+        )?;
         let pm = Arc::new(Mutex::new(AcpiPm::new(exit.clone())));
         for (port, len) in AcpiPm::RANGES {
             pio.insert(u64::from(port), u64::from(len), pm.clone())?;
@@ -251,6 +257,7 @@ impl Vm {
             rsdp,
         };
         boot::write_zero_page(&mem, &cmdline, &zp)?;
+        boot::write_reset_stub(&mem)?;
         let vcpus = create_vcpus(&kvm, &vm_fd, &mem, cfg, kernel.entry)?;
 
         Ok(Self {
@@ -324,6 +331,9 @@ impl Vm {
             let _ = self.exit.eventfd().read();
         }
         let reason = self.exit.reason().unwrap_or(ExitReason::Error);
+        if let Some(stats) = self.handler.stats() {
+            eprintln!("ferro-vmm: {}", stats.summary());
+        }
         status.set_stopped();
         status.drain(std::time::Duration::from_secs(2));
         control.set(RunState::Exiting);

@@ -73,8 +73,10 @@ fn missing_tap_and_unreadable_disk() {
     // A TAP name that cannot exist in a fresh namespace where we may not create it:
     // the VMM opens TAPs it is given, it does not invent them.
     let ns = format!("fvb{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "add", &ns]).output();
-    let out = Command::new("ip")
+    let _ = ferro_testkit::tool("ip")
+        .args(["netns", "add", &ns])
+        .output();
+    let out = ferro_testkit::tool("ip")
         .args([
             "netns",
             "exec",
@@ -89,7 +91,9 @@ fn missing_tap_and_unreadable_disk() {
         ])
         .output()
         .unwrap();
-    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let _ = ferro_testkit::tool("ip")
+        .args(["netns", "del", &ns])
+        .output();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a missing TAP must fail: {err}");
     assert!(err.contains("nosuchtap0"), "error must name the TAP: {err}");

@@ -246,7 +246,7 @@ impl Drop for Agent {
         }
         std::thread::sleep(Duration::from_millis(100));
         for t in self.taps() {
-            let _ = Command::new("ip").args(["link", "del", &t]).output();
+            let _ = ferro_testkit::tool("ip").args(["link", "del", &t]).output();
         }
         for base in [
             "/sys/fs/cgroup",

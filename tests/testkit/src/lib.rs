@@ -30,6 +30,43 @@ pub fn require_kvm_root() {
         .expect("precondition missing: cannot open /dev/kvm read-write");
 }
 
+/// The Debian package that brings each external tool the tests run.
+const TOOL_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("nft", "nftables"),
+    ("openssl", "openssl"),
+    ("ssh-keygen", "openssh-client"),
+    ("pgrep", "procps"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+];
+
+/// A `Command` for external tool `name`, failing the test at once with the
+/// Debian package to install if the tool is not on `PATH`
+/// (`deploy/install-deps.sh` installs them all).
+pub fn tool(name: &str) -> Command {
+    require_tool(name);
+    Command::new(name)
+}
+
+/// Fail unless external tool `name` is on `PATH`, naming its package.
+pub fn require_tool(name: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    if !found {
+        let pkg = TOOL_PACKAGES
+            .iter()
+            .find(|(t, _)| *t == name)
+            .map_or("its package", |(_, p)| p);
+        panic!(
+            "precondition missing: the `{name}` tool is not on PATH \
+             (install the Debian package {pkg}; deploy/install-deps.sh does)"
+        );
+    }
+}
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -109,12 +146,12 @@ pub fn guest_elf() -> PathBuf {
     .clone()
 }
 
-/// Debian's stock kernel (ELF), unpacked by `deploy/install-deps.sh`.
+/// Debian's stock kernel (ELF), unpacked by `deploy/fetch-guest-kernel.sh`.
 pub fn stock_vmlinux() -> PathBuf {
     let p = workspace_root().join("target/guest-kernel/vmlinux");
     assert!(
         p.exists(),
-        "precondition missing: {} (run deploy/install-deps.sh)",
+        "precondition missing: {} (run deploy/fetch-guest-kernel.sh)",
         p.display()
     );
     p

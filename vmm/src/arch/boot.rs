@@ -214,6 +214,22 @@ pub struct ZeroPage<'a> {
     pub rsdp: GuestAddress,
 }
 
+/// Real-mode code at the reset vector: `mov al, 0xfe; out 0x64, al`
+/// (pulse the reset line through the i8042), then `hlt` forever. There is no
+/// BIOS, and hardware-reduced ACPI makes Linux reboot through EFI and then
+/// by jumping here ("BIOS reboot") unless `reboot=` says otherwise: this turns
+/// that jump into a reset the VMM sees.
+const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Write the reset-vector stub.
+pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<()> {
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|source| BootError::GuestMemory {
+            what: "the reset-vector stub",
+            source,
+        })
+}
+
 /// Write the command line and the zero page into guest memory.
 pub fn write_zero_page(mem: &GuestMemoryMmap, cmdline: &Cmdline, zp: &ZeroPage) -> Result<()> {
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::Cmdline)?;

@@ -34,8 +34,11 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the RSDP and the other ACPI tables live (legacy RSDP search area).
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI area.
-pub const ACPI_END: u64 = 0x100000;
+/// End of the ACPI area; the 64 KiB above it are the BIOS segment.
+pub const ACPI_END: u64 = 0xf0000;
+/// The real-mode reset vector (F000:FFF0), where a CPU or a kernel's
+/// "BIOS reboot" starts: it holds a stub that resets through the i8042.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// First byte of high memory; kernels load at or above this.
 pub const HIMEM_START: u64 = 0x100000;
 /// Start of the hole below 4 GiB reserved for devices.
@@ -67,6 +70,8 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_IRQ: u32 = 1;
 /// PCI configuration mechanism #1 ports (0xcf8 address, 0xcfc data).
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// CMOS real-time clock index port (data at +1).
+pub const RTC_PORT: u16 = 0x70;
 /// ACPI sleep control register (hardware-reduced ACPI).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI reset register.

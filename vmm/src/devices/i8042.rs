@@ -146,7 +146,18 @@ impl BusDevice for I8042 {
     fn read(&mut self, base: u64, _offset: u64, data: &mut [u8]) {
         let value = match base as u16 {
             COMMAND_PORT => self.status(),
-            DATA_PORT => self.out.pop_front().unwrap_or(0),
+            DATA_PORT => {
+                let v = self.out.pop_front().unwrap_or(0);
+                // A real controller holds one byte: when the guest takes it,
+                // the next one is loaded and interrupts again. Linux's
+                // handler reads one byte per interrupt, so without this a
+                // multi-byte answer (ACK + keyboard id, a key sequence)
+                // would stall after its first byte.
+                if !self.out.is_empty() && self.command_byte & CB_KBD_INT != 0 {
+                    let _ = self.irq.write(1);
+                }
+                v
+            }
             _ => 0xff,
         };
         data.fill(0);
@@ -212,6 +223,19 @@ mod tests {
         assert!(d.irq.read().unwrap() > 0);
         let got: Vec<u8> = (0..8).map(|_| read(&mut d, DATA_PORT)).collect();
         assert_eq!(got, CTRL_ALT_DEL[..8]);
+    }
+
+    #[test]
+    fn each_byte_taken_interrupts_for_the_next() {
+        let (mut d, _exit) = dev();
+        d.write(u64::from(DATA_PORT), 0, &[KBD_IDENTIFY]);
+        assert!(d.irq.read().unwrap() > 0);
+        assert_eq!(read(&mut d, DATA_PORT), KBD_ACK);
+        assert_eq!(d.irq.read().unwrap(), 1, "no interrupt for the id byte");
+        assert_eq!(read(&mut d, DATA_PORT), 0xab);
+        assert_eq!(d.irq.read().unwrap(), 1);
+        assert_eq!(read(&mut d, DATA_PORT), 0x83);
+        assert!(d.irq.read().is_err(), "interrupt with nothing left");
     }
 
     #[test]

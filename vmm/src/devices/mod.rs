@@ -3,8 +3,10 @@
 //! - [`serial`]: COM1, a 16550 UART (vm-superio) writing to a file or stdout.
 //! - [`i8042`]: the keyboard controller, for CPU reset and Ctrl-Alt-Del.
 //! - [`acpi_pm`]: the hardware-reduced ACPI sleep and reset registers.
+//! - [`cmos`]: the CMOS real-time clock, reading the host's clock.
 
 pub mod acpi_pm;
+pub mod cmos;
 pub mod i8042;
 pub mod serial;
 

@@ -61,7 +61,7 @@ impl VmmBuilder {
         let bin = env!("CARGO_BIN_EXE_ferro-vmm");
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
+                let mut c = ferro_testkit::tool("ip");
                 c.args(["netns", "exec", ns, bin]);
                 c
             }
@@ -181,7 +181,10 @@ impl Drop for Vmm {
 
 /// Run a command and fail the test if it fails.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    let out = ferro_testkit::tool(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "`{}` failed: {}",
@@ -200,7 +203,9 @@ pub struct TapNs {
 impl TapNs {
     /// Create namespace `ns` with TAP `tap` addressed `host_cidr`.
     pub fn new(ns: &str, tap: &str, host_cidr: &str) -> Self {
-        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        let _ = ferro_testkit::tool("ip")
+            .args(["netns", "del", ns])
+            .output();
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]);
         sh(&[
@@ -218,7 +223,8 @@ impl TapNs {
 
     /// Run `ping` inside the namespace; returns its output and success.
     pub fn ping(&self, addr: &str, count: u32) -> (bool, String) {
-        let out = Command::new("ip")
+        ferro_testkit::require_tool("ping");
+        let out = ferro_testkit::tool("ip")
             .args([
                 "netns",
                 "exec",
@@ -243,6 +249,8 @@ impl TapNs {
 
 impl Drop for TapNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = ferro_testkit::tool("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
     }
 }
