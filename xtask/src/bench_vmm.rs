@@ -487,7 +487,13 @@ pub fn run(args: &[String]) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--runs needs a number")?
             }
-            "--only" => only = Some(it.next().ok_or("--only needs boot|memory|blk|net")?.clone()),
+            "--only" => {
+                only = Some(
+                    it.next()
+                        .ok_or("--only needs boot|memory|blk|net|linux")?
+                        .clone(),
+                )
+            }
             "--peer-firecracker" => {
                 peer = Some(PathBuf::from(
                     it.next().ok_or("--peer-firecracker needs a path")?,
@@ -498,7 +504,14 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let root = root();
     sh(Command::new("cargo")
-        .args(["build", "--release", "-p", "ferro-vmm"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "ferro-vmm",
+            "-p",
+            "ferro-linux-guest",
+        ])
         .current_dir(&root))?;
     let vmm = root.join("target/release/ferro-vmm");
     let guest = PathBuf::from(
@@ -520,6 +533,12 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     if want("net") {
         report["virtio_net"] = bench_net(2.0)?;
+    }
+    // Stock Linux inside the Linux-guest harness: minutes of emulated time,
+    // so only when asked for by name.
+    if only.as_deref() == Some("linux") {
+        let ctl = root.join("target/release/ferro-vmmctl");
+        report["linux"] = crate::bench_linux::bench(&root, &vmm, &ctl, peer.as_deref(), runs)?;
     }
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;

@@ -1,4 +1,4 @@
-//! `cargo xtask bench vmm [--runs N] [--peer-firecracker PATH]`
+//! `cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH]`
 //! `cargo xtask bench agent [--runs N]`
 //! `cargo xtask bench controller [--runs N] [--only raft|launch|scheduler|rss]`
 //!
@@ -7,6 +7,7 @@
 
 mod bench_agent;
 mod bench_controller;
+mod bench_linux;
 mod bench_vmm;
 mod measure;
 
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         },
         _ => {
             eprintln!(
-                "usage: cargo xtask bench vmm [--runs N] [--peer-firecracker PATH] | bench agent [--runs N] \
+                "usage: cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH] | bench agent [--runs N] \
                  | bench controller [--runs N] [--only raft|launch|scheduler|rss]"
             );
             ExitCode::from(2)

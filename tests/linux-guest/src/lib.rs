@@ -145,12 +145,15 @@ up() { cut -d' ' -f1 /proc/uptime; }
 /// Extra helpers of L1: ferro-vmm in the background with its console in
 /// /l2.log, waits on what L2 prints, its exit status and run time.
 const L1_SH: &str = r#"
-# vmm_start ARGS...: run ferro-vmm in the background.
-vmm_start() {
+# vm_start PROGRAM ARGS...: run a VMM in the background, its console and
+# stderr in /l2.log (and on L1's console).
+vm_start() {
   rm -f /vmm.rc /l2.log; touch /l2.log
   VMM_T0=$(up)
-  ( /bin/ferro-vmm "$@" 2>&1; echo $? > /vmm.rc ) | tee -a /l2.log &
+  ( "$@" 2>&1; echo $? > /vmm.rc ) | tee -a /l2.log &
 }
+# vmm_start ARGS...: run ferro-vmm in the background.
+vmm_start() { vm_start /bin/ferro-vmm "$@"; }
 # l2_wait PATTERN [SECONDS]: wait until L2 printed PATTERN.
 l2_wait() {
   local n=$(( ${2:-120} * 10 ))
@@ -276,6 +279,7 @@ impl Userland {
         let init = format!(
             "#!/bin/sh\n\
              mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             echo \"{level} init at $(cut -d' ' -f1 /proc/uptime)\"\n\
              {helpers}\n\
              for m in {modules}; do insmod /m/$m.ko || echo \"{level} insmod $m failed\"; done\n\
              echo \"{level} userspace at $(up)\"\n\
