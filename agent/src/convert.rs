@@ -67,6 +67,8 @@ pub fn spec_from_pb(s: pb::InstanceSpec, default: RestartPolicy) -> InstanceSpec
         user_data: s.user_data,
         cmdline_extra: s.cmdline_extra,
         restart_policy,
+        version: crate::persist::FORMAT_VERSION,
+        extra: Default::default(),
     }
 }
 

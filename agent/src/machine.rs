@@ -10,10 +10,11 @@
 use serde::{Deserialize, Serialize};
 
 /// What the agent observes about an instance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Defined, never started.
+    #[default]
     Created,
     /// VMM spawned, control socket not answering yet.
     Starting,
@@ -34,12 +35,13 @@ pub enum Phase {
 }
 
 /// What the agent drives the instance towards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Intent {
     /// Keep a VMM running.
     Running,
     /// Keep it stopped.
+    #[default]
     Stopped,
     /// Remove it.
     Deleted,
@@ -184,9 +186,17 @@ pub struct WrongState {
     pub phase: Phase,
 }
 
-/// The persisted observed state of an instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The persisted observed state of an instance (`state.json`).
+///
+/// Read with every field defaulted, so a file an older agent wrote (missing
+/// fields added since) loads; fields a newer agent added are kept in
+/// `extra` and written back unchanged, so a downgrade round trip loses
+/// nothing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Observed {
+    /// Format version of the agent that wrote the file.
+    pub version: u32,
     /// Current phase.
     pub phase: Phase,
     /// Current intent.
@@ -201,6 +211,9 @@ pub struct Observed {
     pub restart_count: u32,
     /// When a pending restart is due (unix ms), else 0.
     pub next_restart_unix_ms: u64,
+    /// Fields this version does not know, kept as they were.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The lifecycle state machine of one instance.
@@ -223,6 +236,8 @@ impl Machine {
             reason: "created".into(),
             restart_count: 0,
             next_restart_unix_ms: 0,
+            version: crate::persist::FORMAT_VERSION,
+            extra: Default::default(),
         };
         Self::restore(obs, policy, backoff)
     }

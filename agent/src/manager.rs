@@ -63,10 +63,26 @@ struct Reservation {
     memory_mib: u64,
 }
 
+/// An instance directory whose spec could not be read at recovery: moved
+/// aside whole (disks included), never deleted, its VMM (if any) left
+/// running, and reported as a failed instance until an operator deals
+/// with it.
+#[derive(Clone, Debug)]
+pub struct Quarantined {
+    /// The instance id (the directory's name).
+    pub id: String,
+    /// Where the directory now is.
+    pub moved_to: std::path::PathBuf,
+    /// What could not be read.
+    pub reason: String,
+}
+
 #[derive(Default)]
 struct Registry {
     /// Ready instances.
     instances: BTreeMap<String, Arc<InstanceHandle>>,
+    /// Instances quarantined at recovery.
+    quarantined: Vec<Quarantined>,
     /// Reservations of ready instances and of creates under way.
     reserved: BTreeMap<String, Reservation>,
 }
@@ -295,6 +311,14 @@ impl Manager {
 
     /// Load every persisted instance, re-attach to its VMM if it lives, and
     /// remove leftovers of creates that never completed.
+    /// Rebuild the registry from the state directory after a (re)start.
+    ///
+    /// Nothing that holds data is deleted for being unreadable: only a
+    /// directory with no `spec.json` at all (a create that died before its
+    /// commit point, which writes the spec last) is removed. A spec that
+    /// cannot be read quarantines the whole directory; a state file that
+    /// cannot be read is moved aside and the state rebuilt from the live
+    /// VMM, if there is one. Live VMMs are never killed here.
     fn recover(&self) -> Result<(), ManagerError> {
         let dir = self.inner.cfg.state_dir.join("instances");
         let entries = std::fs::read_dir(&dir)
@@ -302,23 +326,101 @@ impl Manager {
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
             let paths = InstancePaths::new(&self.inner.cfg.state_dir, &id);
-            match self.load(&paths) {
-                Ok((spec, obs)) => self.recover_one(spec, obs, &paths),
-                Err(e) => {
-                    // Never committed (the agent died inside create): remove.
-                    tracing::warn!(instance_id = %id, error = %chain(&e), "removing an incomplete instance");
-                    let _ = std::fs::remove_dir_all(&paths.dir);
-                }
+            if !paths.spec().exists() {
+                tracing::warn!(instance_id = %id, "removing an instance whose create never committed (no spec.json)");
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                continue;
             }
+            let spec: InstanceSpec = match persist::read_json(&paths.spec()) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.quarantine(&id, &paths, &e);
+                    continue;
+                }
+            };
+            if spec.version > persist::FORMAT_VERSION {
+                tracing::warn!(instance_id = %id, version = spec.version, "spec.json written by a newer agent: reading what this version knows, keeping the rest");
+            }
+            let obs = match persist::read_json::<Observed>(&paths.state()) {
+                Ok(o) => o,
+                Err(e) => self.rebuild_state(&spec, &paths, &e),
+            };
+            self.recover_one(spec, obs, &paths);
         }
         self.remove_orphans();
         Ok(())
     }
 
-    fn load(&self, paths: &InstancePaths) -> Result<(InstanceSpec, Observed), PersistError> {
-        let spec: InstanceSpec = persist::read_json(&paths.spec())?;
-        let obs: Observed = persist::read_json(&paths.state())?;
-        Ok((spec, obs))
+    /// Move an instance directory whose spec cannot be read to
+    /// `<state>/quarantine/<id>-<unix ms>`, with a `QUARANTINED` note.
+    fn quarantine(&self, id: &str, paths: &InstancePaths, err: &PersistError) {
+        let qdir = self.inner.cfg.state_dir.join("quarantine");
+        let moved_to = qdir.join(format!("{id}-{}", crate::now_ms()));
+        let reason = format!("spec.json cannot be read: {}", chain(err));
+        let moved =
+            std::fs::create_dir_all(&qdir).and_then(|()| std::fs::rename(&paths.dir, &moved_to));
+        let (moved_to, reason) = match moved {
+            Ok(()) => {
+                let _ = std::fs::write(moved_to.join("QUARANTINED"), format!("{reason}\n"));
+                (moved_to, reason)
+            }
+            Err(e) => (
+                paths.dir.clone(),
+                format!("{reason}; could not move it aside ({e}), left in place"),
+            ),
+        };
+        tracing::error!(instance_id = %id, moved_to = %moved_to.display(), "quarantined an instance: {reason}");
+        self.inner.registry().quarantined.push(Quarantined {
+            id: id.to_string(),
+            moved_to,
+            reason,
+        });
+    }
+
+    /// The observed state of an instance whose `state.json` cannot be read:
+    /// the file is kept as `state.json.corrupt-<unix ms>`, and the state is
+    /// rebuilt from whether its VMM still runs.
+    fn rebuild_state(
+        &self,
+        spec: &InstanceSpec,
+        paths: &InstancePaths,
+        err: &PersistError,
+    ) -> Observed {
+        let kept = paths
+            .dir
+            .join(format!("state.json.corrupt-{}", crate::now_ms()));
+        let _ = std::fs::rename(paths.state(), &kept);
+        let vmm = process::find_vmm(None, &paths.socket);
+        let what = format!(
+            "state.json could not be read ({}; kept as {})",
+            chain(err),
+            kept.display()
+        );
+        tracing::error!(instance_id = %spec.id, vmm = ?vmm, "{what}");
+        let mut obs = Machine::new(spec.restart_policy, self.inner.cfg.restart.backoff())
+            .observed()
+            .clone();
+        match vmm {
+            Some(pid) => {
+                obs.phase = crate::machine::Phase::Running;
+                obs.intent = crate::machine::Intent::Running;
+                obs.pid = Some(pid);
+                obs.reason = format!("{what}; re-attached to the running VMM");
+            }
+            None => {
+                obs.phase = crate::machine::Phase::Failed;
+                obs.reason = format!("{what}; no VMM was running");
+            }
+        }
+        if let Err(e) = persist::write_json(&paths.state(), &obs) {
+            tracing::error!(instance_id = %spec.id, error = %chain(&e), "cannot rewrite state.json");
+        }
+        obs
+    }
+
+    /// Instances quarantined at recovery.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.inner.registry().quarantined.clone()
     }
 
     fn recover_one(&self, spec: InstanceSpec, obs: Observed, paths: &InstancePaths) {
@@ -345,14 +447,24 @@ impl Manager {
             .values()
             .flat_map(|h| crate::resources::taps(&self.inner.cfg, &h.spec))
             .collect();
+        // A quarantined instance's VMM may still run: keep its TAPs (named
+        // from its id) and its cgroup.
+        let kept_taps: Vec<String> = r
+            .quarantined
+            .iter()
+            .map(|q| crate::spec::tap_stem(&self.inner.cfg.tap_prefix, &q.id))
+            .collect();
         for name in tap::list_taps(&self.inner.cfg.tap_prefix) {
+            if kept_taps.iter().any(|k| name.starts_with(k.as_str())) {
+                continue;
+            }
             if !owned.contains(&name) {
                 tracing::warn!(tap = %name, "removing an orphaned TAP");
                 let _ = tap::delete_tap(&name);
             }
         }
         for id in self.inner.cgroups.list() {
-            if !r.instances.contains_key(&id) {
+            if !r.instances.contains_key(&id) && !r.quarantined.iter().any(|q| q.id == id) {
                 tracing::warn!(cgroup = %id, "removing an orphaned cgroup");
                 if let Err(e) = self.inner.cgroups.remove(&id) {
                     tracing::warn!(cgroup = %id, error = %chain(&e), "cannot remove an orphaned cgroup");

@@ -9,6 +9,12 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// The version of the state files this agent writes (`version` in
+/// `spec.json` and `state.json`). Version 0 is a file from before versions
+/// were recorded. A file from a newer agent is read as far as this one
+/// understands it, and its unknown fields are kept.
+pub const FORMAT_VERSION: u32 = 1;
+
 /// Errors reading or writing state files.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {

@@ -182,12 +182,32 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
-        let instances = self
+        let mut instances: Vec<pb::Instance> = self
             .manager
             .list()
             .iter()
             .map(|h| self.instance(h))
             .collect();
+        // Quarantined instances are reported as failed, with where their
+        // files went, so an operator sees them.
+        instances.extend(
+            self.manager
+                .quarantined()
+                .into_iter()
+                .map(|q| pb::Instance {
+                    spec: Some(pb::InstanceSpec {
+                        id: q.id,
+                        ..Default::default()
+                    }),
+                    state: pb::InstanceState::Failed as i32,
+                    reason: format!(
+                        "quarantined: {} (files moved to {})",
+                        q.reason,
+                        q.moved_to.display()
+                    ),
+                    ..Default::default()
+                }),
+        );
         Ok(Response::new(pb::ListInstancesResponse { instances }))
     }
 

@@ -73,9 +73,15 @@ pub struct NicSpec {
     pub mac: String,
 }
 
-/// An instance's immutable spec.
+/// An instance's immutable spec (`spec.json`, written once at create).
+///
+/// Fields added after the first version carry serde defaults so older
+/// files load; unknown fields (from a newer agent) are kept in `extra`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
+    /// Format version of the agent that wrote the file.
+    #[serde(default)]
+    pub version: u32,
     /// Unique id on this host.
     pub id: String,
     /// Virtual CPUs.
@@ -85,15 +91,27 @@ pub struct InstanceSpec {
     /// Registered image.
     pub image_id: String,
     /// Extra blank disks.
+    #[serde(default)]
     pub disks: Vec<DiskSpec>,
     /// NICs.
+    #[serde(default)]
     pub nics: Vec<NicSpec>,
     /// Data given to the guest as a read-only disk.
+    #[serde(default)]
     pub user_data: Vec<u8>,
     /// Appended to the base kernel command line.
+    #[serde(default)]
     pub cmdline_extra: String,
     /// Restart policy (defaults already applied).
+    #[serde(default = "default_restart_policy")]
     pub restart_policy: RestartPolicy,
+    /// Fields this version does not know, kept as they were.
+    #[serde(flatten, default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_restart_policy() -> RestartPolicy {
+    RestartPolicy::OnFailure
 }
 
 /// Whether `id` is a valid instance or image id.
@@ -203,8 +221,14 @@ impl InstanceSpec {
     /// digit — at most 15 bytes.
     pub fn tap_name(&self, prefix: &str, index: usize) -> String {
         let digit = char::from_digit(index as u32 % 36, 36).unwrap_or('0');
-        format!("{prefix}{:08x}{digit}", fnv32(&self.id))
+        format!("{}{digit}", tap_stem(prefix, &self.id))
     }
+}
+
+/// What every TAP name of instance `id` starts with: the prefix and 8 hex
+/// digits of the id's hash.
+pub fn tap_stem(prefix: &str, id: &str) -> String {
+    format!("{prefix}{:08x}", fnv32(id))
 }
 
 /// FNV-1a 32 of a string: short, stable names derived from ids.
@@ -228,6 +252,8 @@ mod tests {
             nics: vec![NicSpec { mac: String::new() }],
             user_data: vec![],
             cmdline_extra: "ferro.exit=idle".into(),
+            version: crate::persist::FORMAT_VERSION,
+            extra: Default::default(),
             restart_policy: RestartPolicy::Never,
         }
     }
