@@ -109,5 +109,6 @@ pub fn instance(spec: &InstanceSpec, obs: &Observed, taps: Vec<String>) -> pb::I
         next_restart_unix_ms: obs.next_restart_unix_ms,
         taps,
         effective_restart_policy: policy(spec.restart_policy) as i32,
+        stopped_by_guest: obs.stopped_by_guest,
     }
 }

@@ -92,10 +92,19 @@ pub struct ExitInfo {
     pub at_unix_ms: u64,
 }
 
+/// ferro-vmm's exit status when the guest reset itself
+/// (`ferro_vmm::EXIT_GUEST_RESET`).
+pub const VMM_EXIT_GUEST_RESET: i32 = 10;
+
 impl ExitInfo {
-    /// A clean exit: status 0 (guest reset, power-off, or a stop request).
+    /// A clean exit: status 0 (guest power-off, or a stop request).
     pub fn success(&self) -> bool {
         self.known && self.code == Some(0)
+    }
+
+    /// The guest reset itself (a reboot from inside).
+    pub fn guest_reset(&self) -> bool {
+        self.known && self.code == Some(VMM_EXIT_GUEST_RESET)
     }
 
     /// "exit status 1", "killed by signal 9", or "exit status unknown …".
@@ -211,6 +220,9 @@ pub struct Observed {
     pub restart_count: u32,
     /// When a pending restart is due (unix ms), else 0.
     pub next_restart_unix_ms: u64,
+    /// The guest powered itself off (the instance asked to stop); cleared
+    /// by the next start.
+    pub stopped_by_guest: bool,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -236,6 +248,7 @@ impl Machine {
             reason: "created".into(),
             restart_count: 0,
             next_restart_unix_ms: 0,
+            stopped_by_guest: false,
             version: crate::persist::FORMAT_VERSION,
             extra: Default::default(),
         };
@@ -271,6 +284,7 @@ impl Machine {
             Input::Start => match phase {
                 Created | Stopped | Failed => {
                     self.obs.intent = Intent::Running;
+                    self.obs.stopped_by_guest = false;
                     self.obs.restart_count = 0;
                     self.obs.next_restart_unix_ms = 0;
                     self.set(Starting, "start requested", None);
@@ -392,8 +406,17 @@ impl Machine {
                 if ran_for_ms >= self.backoff.stable_ms {
                     self.obs.restart_count = 0;
                 }
+                if exit.guest_reset() {
+                    // EC2: a reboot from inside keeps the instance running.
+                    self.set(
+                        Starting,
+                        "the guest rebooted itself; starting it again in place",
+                        Some(exit),
+                    );
+                    return vec![Action::Spawn];
+                }
                 if exit.success() {
-                    let reason = format!("guest powered off or reset ({what})");
+                    let reason = format!("the guest powered off ({what})");
                     if self.policy == RestartPolicy::Always {
                         self.obs.restart_count += 1;
                         self.set(
@@ -404,6 +427,7 @@ impl Machine {
                         vec![Action::Spawn]
                     } else {
                         self.obs.intent = Intent::Stopped;
+                        self.obs.stopped_by_guest = true;
                         self.set(Stopped, &reason, Some(exit));
                         vec![]
                     }
@@ -538,6 +562,25 @@ mod tests {
             ran_for_ms: 50,
             tail: "ferro-guest: hello".into(),
         }
+    }
+
+    #[test]
+    fn a_reset_from_inside_restarts_in_place_a_power_off_stops() {
+        let mut m = machine(RestartPolicy::OnFailure);
+        running(&mut m, 1);
+        let reset = exit_code(VMM_EXIT_GUEST_RESET);
+        assert_eq!(m.handle(exited(1, reset), 0).unwrap(), vec![Action::Spawn]);
+        assert_eq!(m.observed().phase, Phase::Starting);
+        assert_eq!(m.observed().intent, Intent::Running);
+        assert_eq!(m.observed().restart_count, 0, "a reboot is no failure");
+        m.handle(Input::Spawned { pid: 2 }, 0).unwrap();
+        m.handle(Input::Answered { pid: 2 }, 0).unwrap();
+        assert!(m.handle(exited(2, exit_code(0)), 0).unwrap().is_empty());
+        assert_eq!(m.observed().phase, Phase::Stopped);
+        assert_eq!(m.observed().intent, Intent::Stopped);
+        assert!(m.observed().stopped_by_guest);
+        m.handle(Input::Start, 0).unwrap();
+        assert!(!m.observed().stopped_by_guest, "cleared by a start");
     }
 
     /// Start and bring to Running with VMM `pid`.

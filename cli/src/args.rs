@@ -165,6 +165,10 @@ pub struct Run {
     /// Spread over hosts instead of bin-packing.
     #[arg(long)]
     pub spread: bool,
+    /// What a power-off from inside the guest does (a reboot from inside
+    /// always keeps it running).
+    #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"], default_value = "stop")]
+    pub shutdown_behavior: String,
     /// Tag KEY=VALUE; repeatable.
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,

@@ -134,6 +134,7 @@ pub fn instance_json(i: &pb::Instance) -> Value {
         "reservation_id": i.reservation_id,
         "client_token": i.client_token,
         "user_data_bytes": i.user_data_bytes,
+        "instance_initiated_shutdown_behavior": i.instance_initiated_shutdown_behavior,
         "tags": tags_json(&i.tags),
     })
 }
@@ -176,7 +177,19 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
         ("image", i.image_id.clone()),
         ("az", dash(&i.availability_zone)),
         ("host", dash(&i.host_id)),
-        ("key", dash(&i.key_name)),
+        (
+            "key",
+            if i.key_name.is_empty() {
+                "-".to_string()
+            } else {
+                // Honest until the metadata service (netd) serves it.
+                format!("{} (recorded; not yet delivered to the guest)", i.key_name)
+            },
+        ),
+        (
+            "on guest power-off",
+            dash(&i.instance_initiated_shutdown_behavior),
+        ),
         ("placement group", dash(&i.placement_group)),
         ("launched", time(i.launch_time_ms)),
         ("reservation", dash(&i.reservation_id)),

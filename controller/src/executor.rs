@@ -51,6 +51,7 @@ pub fn observation(i: &pb::Instance) -> Observation {
         instance_id: i.spec.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
         state: observed_from_agent(i.state),
         reason: i.reason.clone(),
+        stopped_by_guest: i.stopped_by_guest,
     }
 }
 
@@ -297,6 +298,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     instance_id: id,
                     state: ObservedState::Absent,
                     reason: "deleted".into(),
+                    stopped_by_guest: false,
                 };
                 self.ctl.observe(&host_id, o).await?;
             }

@@ -200,6 +200,38 @@ pub enum DesiredState {
     Terminated,
 }
 
+/// What happens when the guest powers itself off (EC2's
+/// instance-initiated shutdown behaviour). A reboot from inside never
+/// stops an instance: its host starts it again in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownBehavior {
+    /// The instance becomes stopped (desired state `Stopped`).
+    #[default]
+    Stop,
+    /// The instance is terminated.
+    Terminate,
+}
+
+impl ShutdownBehavior {
+    /// `"stop"` or `"terminate"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownBehavior::Stop => "stop",
+            ShutdownBehavior::Terminate => "terminate",
+        }
+    }
+
+    /// Parse `"stop"`, `"terminate"` or `""` (the default, stop).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "" | "stop" => Some(ShutdownBehavior::Stop),
+            "terminate" => Some(ShutdownBehavior::Terminate),
+            _ => None,
+        }
+    }
+}
+
 /// What the instance's host last reported about it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ObservedState {
@@ -292,6 +324,9 @@ pub struct Instance {
     pub holds_capacity: bool,
     /// Unix ms.
     pub launched_at_ms: u64,
+    /// What a power-off from inside the guest does.
+    #[serde(default)]
+    pub shutdown_behavior: ShutdownBehavior,
 }
 
 impl Instance {
@@ -363,6 +398,7 @@ mod tests {
             reboots_done: 0,
             holds_capacity: true,
             launched_at_ms: 0,
+            shutdown_behavior: ShutdownBehavior::Stop,
         }
     }
 

@@ -302,6 +302,7 @@ mod tests {
                 instance_id: id.into(),
                 state,
                 reason: String::new(),
+                stopped_by_guest: false,
             }],
         })
         .unwrap();

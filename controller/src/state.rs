@@ -69,6 +69,9 @@ pub struct RunSpec {
     pub client_token: String,
     /// Spread instead of bin-pack.
     pub spread: bool,
+    /// What a power-off from inside the guest does.
+    #[serde(default)]
+    pub shutdown_behavior: ShutdownBehavior,
 }
 
 /// A host's self-description from its heartbeat.
@@ -101,6 +104,9 @@ pub struct Observation {
     pub state: ObservedState,
     /// The host's reason.
     pub reason: String,
+    /// Stopped because the guest powered itself off.
+    #[serde(default)]
+    pub stopped_by_guest: bool,
 }
 
 /// A write to the cluster state.
@@ -562,6 +568,7 @@ impl ClusterState {
                 reboots_done: 0,
                 holds_capacity: false,
                 launched_at_ms: now_ms,
+                shutdown_behavior: spec.shutdown_behavior,
             };
             tracing::info!(instance_id = %id, host_id = %inst.host_id, "placed");
             self.instances.insert(id.clone(), inst);
@@ -805,8 +812,29 @@ impl ClusterState {
             if i.observed != o.state {
                 tracing::info!(instance_id = %i.id, host_id, from = ?i.observed, to = ?o.state, "observed");
             }
+            let was = i.observed;
             i.observed = o.state;
             i.observed_reason = o.reason;
+            // The guest powered itself off: the instance asked to stop, so
+            // its intent follows (EC2's instance-initiated shutdown), and
+            // nothing starts it again. Only on the change into Stopped: a
+            // later start by the operator is not undone by a report sent
+            // before the host carried it out.
+            if o.stopped_by_guest
+                && o.state == ObservedState::Stopped
+                && was != ObservedState::Stopped
+                && i.desired == DesiredState::Running
+            {
+                i.desired = match i.shutdown_behavior {
+                    ShutdownBehavior::Stop => DesiredState::Stopped,
+                    ShutdownBehavior::Terminate => DesiredState::Terminated,
+                };
+                tracing::info!(instance_id = %i.id, desired = ?i.desired, "the guest powered off: instance-initiated shutdown");
+                i.observed_reason = format!(
+                    "the guest powered off (instance-initiated shutdown behavior: {})",
+                    i.shutdown_behavior.as_str()
+                );
+            }
             self.sync_capacity(&o.instance_id);
         }
         seen
@@ -1219,6 +1247,7 @@ pub(crate) mod tests {
             instance_id: id.clone(),
             state: ObservedState::Running,
             reason: String::new(),
+            stopped_by_guest: false,
         }]))
         .unwrap();
         s.apply(Command::SetDesired {
@@ -1236,6 +1265,45 @@ pub(crate) mod tests {
             desired: DesiredState::Running,
         });
         assert!(matches!(e, Err(StateError::FailedPrecondition(_))));
+    }
+
+    #[test]
+    fn a_guest_power_off_sets_the_intent_by_shutdown_behavior() {
+        for (behavior, want) in [
+            (ShutdownBehavior::Stop, DesiredState::Stopped),
+            (ShutdownBehavior::Terminate, DesiredState::Terminated),
+        ] {
+            let mut s = bootstrapped();
+            add_host(&mut s, "h1", "az-1", 1, 1024);
+            add_image(&mut s);
+            let mut seq = 0;
+            let sp = RunSpec {
+                shutdown_behavior: behavior,
+                ..spec()
+            };
+            run(&mut s, 1, &mut seq, sp).unwrap();
+            let id = s.instances.keys().next().unwrap().clone();
+            let see = |s: &mut ClusterState, state, by_guest| {
+                s.apply(Command::Observe {
+                    host_id: "h1".into(),
+                    observed: vec![Observation {
+                        instance_id: id.clone(),
+                        state,
+                        reason: String::new(),
+                        stopped_by_guest: by_guest,
+                    }],
+                })
+                .unwrap();
+            };
+            see(&mut s, ObservedState::Running, false);
+            // Stopped by the agent (not the guest): the intent stays.
+            see(&mut s, ObservedState::Stopped, false);
+            assert_eq!(s.instances[&id].desired, DesiredState::Running);
+            see(&mut s, ObservedState::Running, false);
+            see(&mut s, ObservedState::Stopped, true);
+            assert_eq!(s.instances[&id].desired, want, "{behavior:?}");
+            assert!(s.instances[&id].observed_reason.contains(behavior.as_str()));
+        }
     }
 
     #[test]

@@ -93,101 +93,163 @@ async fn wait_state(
     }
 }
 
-#[tokio::test]
-async fn run_and_terminate_with_a_real_agent() {
-    ferro_testkit::require_kvm_root();
-    let vmm = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
-    let agent_bin = ferro_testkit::workspace_bin("ferro-agent", "ferro-agent");
-    let guest = ferro_testkit::guest_elf();
-    let pid = std::process::id();
-    let dir = PathBuf::from(format!("/tmp/fc-e2e-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// A single-node controller and one agent with the test guest registered,
+/// as `test-guest` (`ferro.exit=idle`) plus any `extra` images
+/// (name, kernel command-line words).
+struct Cloud {
+    dir: PathBuf,
+    key: String,
+    c: ComputeClient<Channel>,
+    pid: u32,
+    tag: String,
+    _agent: Proc,
+    _ctl: Proc,
+}
 
-    let port = free_port();
-    let ctl_cfg = dir.join("controller.toml");
-    std::fs::write(
-        &ctl_cfg,
-        format!(
-            "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
-             availability_zones = [\"az-test\"]\nheartbeat_interval_ms = 200\n\
-             heartbeat_timeout_ms = 5000\nreconcile_interval_ms = 50\n",
-            dir.join("ctl").display()
-        ),
-    )
-    .unwrap();
-    let (_ctl, mut out) = spawn(
-        Path::new(env!("CARGO_BIN_EXE_ferro-controller")),
-        &ctl_cfg,
-        &dir.join("controller.log"),
-    );
-    let mut key = String::new();
-    for line in out.by_ref() {
-        let line = line.unwrap();
-        if let Some(k) = line.strip_prefix("ferro-controller: admin API key: ") {
-            key = k.to_string();
-            break;
+impl Cloud {
+    async fn start(tag: &str, tap: &str, extra: &[(&str, &str)]) -> Self {
+        ferro_testkit::require_kvm_root();
+        let vmm = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
+        let agent_bin = ferro_testkit::workspace_bin("ferro-agent", "ferro-agent");
+        let guest = ferro_testkit::guest_elf();
+        let pid = std::process::id();
+        let dir = PathBuf::from(format!("/tmp/fc-{tag}-{pid}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+
+        let port = free_port();
+        let ctl_cfg = dir.join("controller.toml");
+        std::fs::write(
+            &ctl_cfg,
+            format!(
+                "node_id = 1\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+                 availability_zones = [\"az-test\"]\nheartbeat_interval_ms = 200\n\
+                 heartbeat_timeout_ms = 5000\nreconcile_interval_ms = 50\n",
+                dir.join("ctl").display()
+            ),
+        )
+        .unwrap();
+        let (ctl, mut out) = spawn(
+            Path::new(env!("CARGO_BIN_EXE_ferro-controller")),
+            &ctl_cfg,
+            &dir.join("controller.log"),
+        );
+        let mut key = String::new();
+        for line in out.by_ref() {
+            let line = line.unwrap();
+            if let Some(k) = line.strip_prefix("ferro-controller: admin API key: ") {
+                key = k.to_string();
+                break;
+            }
+        }
+        assert!(key.starts_with("fk_"), "no admin key printed");
+
+        let agent_cfg = dir.join("agent.toml");
+        std::fs::write(
+            &agent_cfg,
+            format!(
+                "host_id = \"{tag}-host\"\navailability_zone = \"az-test\"\nlisten = \"127.0.0.1:0\"\n\
+                 state_dir = \"{}\"\nvcpus = 4\nmemory_mib = 1024\nreserved_memory_mib = 0\n\
+                 vmm_path = \"{}\"\ntap_prefix = \"{tap}\"\ncgroup_parent = \"ferro-{tag}-{pid}\"\n\
+                 kernel_cmdline = \"console=ttyS0\"\nstop_timeout_ms = 3000\n\
+                 controller = \"http://127.0.0.1:{port}\"\ncontroller_api_key = \"{key}\"\n\
+                 heartbeat_interval_ms = 200\n",
+                dir.join("a").display(),
+                vmm.display()
+            ),
+        )
+        .unwrap();
+        let (agent, _agent_out) = spawn(&agent_bin, &agent_cfg, &dir.join("agent.log"));
+
+        let mut c = ComputeClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+        for (name, cmdline) in [("test-guest", "")]
+            .into_iter()
+            .chain(extra.iter().copied())
+        {
+            let img = pb::RegisterImageRequest {
+                name: name.into(),
+                kernel_path: guest.display().to_string(),
+                cmdline_extra: cmdline.into(),
+                ..Default::default()
+            };
+            c.register_image(authed(&key, img)).await.unwrap();
+        }
+        // Wait for the host's first heartbeat.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let hosts = c
+                .describe_hosts(authed(&key, pb::DescribeHostsRequest::default()))
+                .await
+                .unwrap()
+                .into_inner()
+                .hosts;
+            if !hosts.is_empty() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the agent never heartbeated");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Cloud {
+            dir,
+            key,
+            c,
+            pid,
+            tag: tag.to_string(),
+            _agent: agent,
+            _ctl: ctl,
         }
     }
-    assert!(key.starts_with("fk_"), "no admin key printed");
 
-    let agent_cfg = dir.join("agent.toml");
-    std::fs::write(
-        &agent_cfg,
-        format!(
-            "host_id = \"e2e-host\"\navailability_zone = \"az-test\"\nlisten = \"127.0.0.1:0\"\n\
-             state_dir = \"{}\"\nvcpus = 4\nmemory_mib = 1024\nreserved_memory_mib = 0\n\
-             vmm_path = \"{}\"\ntap_prefix = \"fce\"\ncgroup_parent = \"ferro-e2e-{pid}\"\n\
-             kernel_cmdline = \"console=ttyS0\"\nstop_timeout_ms = 3000\n\
-             controller = \"http://127.0.0.1:{port}\"\ncontroller_api_key = \"{key}\"\n\
-             heartbeat_interval_ms = 200\n",
-            dir.join("a").display(),
-            vmm.display()
-        ),
-    )
-    .unwrap();
-    let (_agent, _agent_out) = spawn(&agent_bin, &agent_cfg, &dir.join("agent.log"));
-
-    let mut c = ComputeClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    let img = pb::RegisterImageRequest {
-        name: "test-guest".into(),
-        kernel_path: guest.display().to_string(),
-        ..Default::default()
-    };
-    c.register_image(authed(&key, img)).await.unwrap();
-    // Wait for the host's first heartbeat.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let hosts = c
-            .describe_hosts(authed(&key, pb::DescribeHostsRequest::default()))
+    /// RunInstances of one f1.nano from `image`; its id.
+    async fn run(&mut self, image: &str, token: &str, shutdown_behavior: &str) -> String {
+        let run = pb::RunInstancesRequest {
+            count: 1,
+            instance_type: "f1.nano".into(),
+            image_id: image.into(),
+            client_token: token.into(),
+            instance_initiated_shutdown_behavior: shutdown_behavior.into(),
+            ..Default::default()
+        };
+        self.c
+            .run_instances(authed(&self.key, run))
             .await
             .unwrap()
             .into_inner()
-            .hosts;
-        if !hosts.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent never heartbeated");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+            .instances[0]
+            .instance_id
+            .clone()
     }
 
+    async fn wait(&mut self, id: &str, want: pb::InstanceState) {
+        wait_state(&mut self.c, &self.key, id, want, &self.dir).await;
+    }
+
+    /// VMM processes of this cloud's agent.
+    fn vmms(&self) -> Vec<u8> {
+        ferro_testkit::tool("pgrep")
+            .args(["-f", &format!("{}/a/run", self.dir.display())])
+            .output()
+            .unwrap()
+            .stdout
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_cgroup_parent(&format!("ferro-{}-{}", self.tag, self.pid));
+    }
+}
+
+#[tokio::test]
+async fn run_and_terminate_with_a_real_agent() {
+    let mut cloud = Cloud::start("e2e", "fce", &[]).await;
+    let (key, dir) = (cloud.key.clone(), cloud.dir.clone());
     let t0 = Instant::now();
-    let run = pb::RunInstancesRequest {
-        count: 1,
-        instance_type: "f1.nano".into(),
-        image_id: "test-guest".into(),
-        client_token: "e2e".into(),
-        ..Default::default()
-    };
-    let r = c
-        .run_instances(authed(&key, run))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = r.instances[0].instance_id.clone();
-    wait_state(&mut c, &key, &id, pb::InstanceState::Running, &dir).await;
+    let id = cloud.run("test-guest", "e2e", "").await;
+    cloud.wait(&id, pb::InstanceState::Running).await;
     println!("RunInstances -> running: {:?}", t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -195,7 +257,8 @@ async fn run_and_terminate_with_a_real_agent() {
             instance_id: id.clone(),
             max_bytes: 0,
         };
-        let out = c
+        let out = cloud
+            .c
             .get_console_output(authed(&key, req))
             .await
             .unwrap()
@@ -210,22 +273,85 @@ async fn run_and_terminate_with_a_real_agent() {
     let term = pb::TerminateInstancesRequest {
         instance_ids: vec![id.clone()],
     };
-    c.terminate_instances(authed(&key, term)).await.unwrap();
-    wait_state(&mut c, &key, &id, pb::InstanceState::Terminated, &dir).await;
+    cloud
+        .c
+        .terminate_instances(authed(&key, term))
+        .await
+        .unwrap();
+    cloud.wait(&id, pb::InstanceState::Terminated).await;
     // Nothing left on the host: no instance directory, no VMM.
     let left: Vec<_> = std::fs::read_dir(dir.join("a/instances"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left on the host: {left:?}");
-    let ps = ferro_testkit::tool("pgrep")
-        .args(["-f", &format!("{}/a/run", dir.display())])
-        .output()
+    assert!(cloud.vmms().is_empty(), "a VMM is still running");
+}
+
+/// A guest that powers itself off stops the instance for good (behaviour
+/// `stop`) or terminates it (`terminate`); nothing starts it again. A guest
+/// that reboots itself stays running: its host starts it again in place.
+#[tokio::test]
+async fn guest_initiated_poweroff_and_reboot_as_ec2_does_them() {
+    let mut cloud = Cloud::start(
+        "gshut",
+        "fcg",
+        &[
+            ("guest-poweroff", "ferro.exit=poweroff"),
+            ("guest-reboot", "ferro.exit=reboot"),
+        ],
+    )
+    .await;
+    let stop = cloud.run("guest-poweroff", "g-stop", "stop").await;
+    cloud.wait(&stop, pb::InstanceState::Stopped).await;
+    let i = state_of(&mut cloud.c, &cloud.key, &stop).await;
+    assert_eq!(i.desired_state, pb::DesiredState::Stopped as i32, "{i:?}");
+    assert_eq!(i.instance_initiated_shutdown_behavior, "stop");
+    // It stays stopped: the reconciler does not start it again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let i = state_of(&mut cloud.c, &cloud.key, &stop).await;
+    assert_eq!(i.state, pb::InstanceState::Stopped as i32, "{i:?}");
+    assert!(cloud.vmms().is_empty(), "a VMM runs for a stopped instance");
+
+    let term = cloud.run("guest-poweroff", "g-term", "terminate").await;
+    cloud.wait(&term, pb::InstanceState::Terminated).await;
+
+    let reboot = cloud.run("guest-reboot", "g-reboot", "stop").await;
+    // The test guest resets as soon as it is up: every boot is a reboot
+    // from inside. The instance keeps its intent and its host restarts it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let boots = loop {
+        let req = pb::GetConsoleOutputRequest {
+            instance_id: reboot.clone(),
+            max_bytes: 0,
+        };
+        let out = cloud
+            .c
+            .get_console_output(authed(&cloud.key, req))
+            .await
+            .map(|r| r.into_inner().output)
+            // Not on its host yet (pending).
+            .unwrap_or_default();
+        let boots = String::from_utf8_lossy(&out)
+            .matches("ferro-guest: hello")
+            .count();
+        if boots >= 3 || Instant::now() > deadline {
+            break boots;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let i = state_of(&mut cloud.c, &cloud.key, &reboot).await;
+    assert!(boots >= 3, "booted {boots} times: {i:?}");
+    assert_eq!(i.desired_state, pb::DesiredState::Running as i32, "{i:?}");
+    assert_ne!(i.state, pb::InstanceState::Stopped as i32, "{i:?}");
+    let term = pb::TerminateInstancesRequest {
+        instance_ids: vec![stop, reboot.clone()],
+    };
+    cloud
+        .c
+        .terminate_instances(authed(&cloud.key, term))
+        .await
         .unwrap();
-    assert!(ps.stdout.is_empty(), "a VMM is still running");
-    drop(_agent);
-    drop(_ctl);
-    let _ = std::fs::remove_dir_all(&dir);
-    remove_cgroup_parent(&format!("ferro-e2e-{pid}"));
+    cloud.wait(&reboot, pb::InstanceState::Terminated).await;
 }
 
 /// Remove the (now empty) cgroup parent the agent made, v1 or v2.

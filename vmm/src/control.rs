@@ -91,6 +91,7 @@ pub struct VmStatus {
     vcpu_threads: Vec<libc::pthread_t>,
     stopped: AtomicBool,
     answering: AtomicBool,
+    shutdown_asked: AtomicBool,
 }
 
 struct Pthread(libc::pthread_t);
@@ -120,7 +121,14 @@ impl VmStatus {
             vcpu_threads,
             stopped: AtomicBool::new(false),
             answering: AtomicBool::new(false),
+            shutdown_asked: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a graceful shutdown was asked: a guest that then resets (as
+    /// many answer Ctrl-Alt-Del) was stopped, not rebooted.
+    pub fn shutdown_asked(&self) -> bool {
+        self.shutdown_asked.load(Ordering::SeqCst)
     }
 
     /// The current state.
@@ -183,6 +191,7 @@ impl VmStatus {
         if self.state() == VmState::Paused {
             self.control.set(RunState::Running);
         }
+        self.shutdown_asked.store(true, Ordering::SeqCst);
         self.i8042
             .lock()
             .expect("i8042 poisoned")

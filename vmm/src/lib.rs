@@ -17,6 +17,13 @@
 //! - [`seccomp`]: per-thread system call filters.
 //! - [`control`]: the agent's control socket.
 
+/// Exit status of ferro-vmm when the guest reset itself (reboot from
+/// inside: i8042, ACPI reset register, triple fault). A power-off and a stop
+/// from the control socket exit 0; errors exit 1 (2 for bad arguments).
+/// The supervisor decides what a reset means (the agent starts the guest
+/// again in place, as EC2 does for a reboot from inside).
+pub const EXIT_GUEST_RESET: u8 = 10;
+
 pub mod acpi;
 pub mod arch;
 pub mod config;

@@ -117,7 +117,11 @@ fn main() -> ExitCode {
                 ExitReason::Stopped | ExitReason::Error => "stopped from the control socket",
             };
             eprintln!("ferro-vmm: VM ended: {how}");
-            ExitCode::SUCCESS
+            if reason == ExitReason::Reset {
+                ExitCode::from(ferro_vmm::EXIT_GUEST_RESET)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
         Err(e) => {
             report(&e);

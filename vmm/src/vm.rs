@@ -330,7 +330,10 @@ impl Vm {
         while self.exit.reason().is_none() {
             let _ = self.exit.eventfd().read();
         }
-        let reason = self.exit.reason().unwrap_or(ExitReason::Error);
+        let reason = match self.exit.reason().unwrap_or(ExitReason::Error) {
+            ExitReason::Reset if status.shutdown_asked() => ExitReason::Stopped,
+            r => r,
+        };
         if let Some(stats) = self.handler.stats() {
             eprintln!("ferro-vmm: {}", stats.summary());
         }

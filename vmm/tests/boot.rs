@@ -1,5 +1,6 @@
 //! Booting the project's test guest under real KVM: boot protocol, ACPI,
-//! PCI enumeration, SMP, and `reboot` ending the VMM with status 0.
+//! PCI enumeration, SMP, and a reset and a power-off from inside ending the VMM
+//! with their own exit statuses.
 
 mod common;
 
@@ -44,8 +45,32 @@ fn test_guest_boots_reads_acpi_and_pci_then_reboots() {
     assert!(rng.contains("nonzero=1"), "{rng}");
     vmm.wait_line("ferro-guest: devices ready", Duration::from_secs(20));
     let status = vmm.wait_exit(Duration::from_secs(30));
-    assert!(
-        status.success(),
-        "reboot must end the VMM with 0, got {status}"
+    assert_eq!(
+        status.code(),
+        Some(i32::from(ferro_vmm::EXIT_GUEST_RESET)),
+        "a reboot from inside must end the VMM with the reset status, got {status}"
+    );
+}
+
+/// A power-off from inside (ACPI S5) ends the VMM with status 0, apart from
+/// a reset (status 10), so a supervisor can tell them apart.
+#[test]
+fn test_guest_poweroff_exits_0_not_the_reset_status() {
+    require_kvm_root();
+    let dir = scratch("poweroff");
+    let mut vmm = VmmBuilder::new(&guest_elf(), &dir)
+        .args(&[
+            "--memory",
+            "64",
+            "--cmdline",
+            "console=ttyS0 ferro.exit=poweroff",
+        ])
+        .spawn();
+    vmm.wait_line("ferro-guest: devices ready", Duration::from_secs(20));
+    let status = vmm.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "power-off must exit 0, got {status}"
     );
 }

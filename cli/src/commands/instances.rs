@@ -63,6 +63,7 @@ async fn run_instances(
         } else {
             pb::PlacementStrategy::Unspecified as i32
         },
+        instance_initiated_shutdown_behavior: r.shutdown_behavior,
     };
     let resp = client
         .call(|ch| {

@@ -42,6 +42,13 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
         tags: tags_in(r.tags)?,
         client_token: r.client_token,
         spread: r.strategy == pb::PlacementStrategy::Spread as i32,
+        shutdown_behavior: ShutdownBehavior::parse(&r.instance_initiated_shutdown_behavior)
+            .ok_or_else(|| {
+                StateError::InvalidArgument(format!(
+                    "instance_initiated_shutdown_behavior: {:?} is not stop or terminate",
+                    r.instance_initiated_shutdown_behavior
+                ))
+            })?,
     })
 }
 
@@ -127,6 +134,7 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
         client_token: i.client_token.clone(),
         reservation_id: i.reservation_id.clone(),
         user_data_bytes: i.user_data.len() as u32,
+        instance_initiated_shutdown_behavior: i.shutdown_behavior.as_str().into(),
     }
 }
 

@@ -42,6 +42,8 @@ const MAX_DISKS: usize = 8;
 enum Exit {
     /// Reset through the i8042.
     Reboot,
+    /// Power off through ACPI S5.
+    Poweroff,
     /// Stay up answering ARP/ICMP until Ctrl-Alt-Del.
     Idle,
 }
@@ -92,8 +94,9 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
 
     let exit = match cmdline_value(cmdline, "ferro.exit") {
         Some("reboot") => Exit::Reboot,
+        Some("poweroff") => Exit::Poweroff,
         Some("idle") | None => Exit::Idle,
-        Some(_) => panic!("bad ferro.exit= (want reboot or idle)"),
+        Some(_) => panic!("bad ferro.exit= (want reboot, poweroff or idle)"),
     };
     let ip = cmdline_value(cmdline, "ferro.ip").map(|s| Ipv4Cidr::parse(s).expect("bad ferro.ip= (want A.B.C.D/N)"));
     let write_list = cmdline_value(cmdline, "ferro.write").unwrap_or("");
@@ -201,6 +204,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
 
     match exit {
         Exit::Reboot => cpu::reset(),
+        Exit::Poweroff => cpu::poweroff(),
         Exit::Idle => idle(stack),
     }
 }

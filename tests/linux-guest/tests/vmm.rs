@@ -154,8 +154,8 @@ value ro_md5_after "$(md5sum < /ro.img | cut -d' ' -f1)"
 }
 
 /// A bzImage with 4 vCPUs (Linux starts the APs from our MADT) and more
-/// than 3 GiB of memory (RAM split around the PCI hole), then `reboot`:
-/// ferro-vmm reports a reset.
+/// than 3 GiB of memory (RAM split around the PCI hole), then `reboot`
+/// with Linux's default method: ferro-vmm reports a reset (exit status 10).
 #[test]
 fn linux_bzimage_4_vcpus_4_gib_reboot() {
     let l2_script = r#"
@@ -172,7 +172,7 @@ reboot -f
 vmm_start --kernel /l2/bzImage --initrd /l2/initrd --memory 4096 --vcpus 4 --serial stdout \
   --cmdline "{L2_CMDLINE}"
 vmm_wait 360
-check vmm_exit_0 [ "$VMM_RC" = 0 ]
+check vmm_exit_reset [ "$VMM_RC" = 10 ]
 check vmm_reports_reset grep -q "VM ended: the guest reset" /l2.log
 "#
     );
