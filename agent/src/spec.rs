@@ -19,7 +19,7 @@ pub const MAX_DEVICES: usize = 30;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     /// Bad instance id.
-    #[error("instance id must be 1 to 64 of [A-Za-z0-9_.-] and not start with '.': {0:?}")]
+    #[error("instance id must be 1 to 64 of [A-Za-z0-9_-]: {0:?}")]
     Id(String),
     /// vCPUs out of range.
     #[error("vcpus must be 1 to {MAX_VCPUS}, got {0}")]
@@ -114,13 +114,11 @@ fn default_restart_policy() -> RestartPolicy {
     RestartPolicy::OnFailure
 }
 
-/// Whether `id` is a valid instance or image id.
+/// Whether `id` is a valid instance or image id: the same rule as the
+/// cgroup and image-store names it becomes ([`ferro_hostops::valid_id`]),
+/// so an id that passes here never fails later with an internal error.
 pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    ferro_hostops::valid_id(id)
 }
 
 fn valid_serial(s: &str) -> bool {

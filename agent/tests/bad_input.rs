@@ -47,6 +47,16 @@ async fn bad_input_gets_clear_status_codes() {
         create_err(&mut c, guest_spec("../etc")).await.code(),
         Code::InvalidArgument
     );
+    // One id rule for the spec, cgroups and the image store: "vm.1" used to
+    // pass validation, get its disk cloned, then fail as INTERNAL in cgroup
+    // creation.
+    let e = create_err(&mut c, guest_spec("vm.1")).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("vm.1"), "{}", e.message());
+    assert!(
+        !agent.state_dir.join("instances/vm.1").exists(),
+        "a refused create left files"
+    );
     let e = c
         .create_instance(pb::CreateInstanceRequest { spec: None })
         .await

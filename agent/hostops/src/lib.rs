@@ -18,6 +18,11 @@
 pub mod cgroup;
 pub mod images;
 mod names;
+
+/// The one rule for instance and image ids, used by the agent's spec
+/// validation, cgroup names and the image store: 1 to 64 characters from
+/// `[A-Za-z0-9_-]`.
+pub use names::is_valid_id as valid_id;
 pub mod tap;
 #[cfg(test)]
 mod test_util;

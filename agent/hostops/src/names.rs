@@ -10,7 +10,7 @@ pub(crate) const MAX_IFNAME_LEN: usize = 15;
 ///
 /// Such an id can never be `.`/`..` or contain `/`, so it is safe to join
 /// onto a directory.
-pub(crate) fn is_valid_id(id: &str) -> bool {
+pub fn is_valid_id(id: &str) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len()) && id.bytes().all(is_id_byte)
 }
 
