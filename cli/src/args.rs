@@ -12,6 +12,9 @@ pub struct Cli {
     /// the config file.
     #[arg(long, global = true, value_name = "URL")]
     pub endpoint: Option<String>,
+    /// API key; overrides FERRO_API_KEY and the config file.
+    #[arg(long, global = true, value_name = "KEY")]
+    pub api_key: Option<String>,
     /// Configuration file (default ~/.config/ferro/config.toml).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -32,13 +32,21 @@ pub enum ClientError {
     /// The server (or the transport) answered with an error.
     #[error("{}", status_message(.0, .1))]
     Status(tonic::Status, String),
+    /// Nothing answers at the default endpoint, and none was configured.
+    #[error(
+        "{}; no controller endpoint is configured: pass --endpoint URL, set FERRO_ENDPOINT, \
+         or put `endpoint = \"http://HOST:7400\"` in ~/.config/ferro/config.toml \
+         (`ferro up` writes that file)",
+        status_message(.0, .1)
+    )]
+    Unconfigured(tonic::Status, String),
 }
 
 impl ClientError {
     /// The gRPC status, when the call got one.
     pub fn status(&self) -> Option<&tonic::Status> {
         match self {
-            ClientError::Status(s, _) => Some(s),
+            ClientError::Status(s, _) | ClientError::Unconfigured(s, _) => Some(s),
             _ => None,
         }
     }
@@ -59,6 +67,11 @@ fn status_message(s: &tonic::Status, endpoint: &str) -> String {
         (code, true) => format!("{code}"),
         (_, false) => msg.to_string(),
     }
+}
+
+/// The call failed in the transport (no answer from a server).
+fn is_transport(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && std::error::Error::source(s).is_some()
 }
 
 /// The innermost cause of a transport failure (e.g. "Connection refused").
@@ -109,6 +122,7 @@ pub struct Client {
     ca_pem: Option<String>,
     auth: Auth,
     channel: Option<Channel>,
+    endpoint_is_default: bool,
 }
 
 impl Client {
@@ -124,6 +138,7 @@ impl Client {
                 .transpose()?,
             auth: Auth::new(cfg.api_key.as_deref())?,
             channel: None,
+            endpoint_is_default: cfg.endpoint_is_default,
         })
     }
 
@@ -175,6 +190,9 @@ impl Client {
                 Hop::Retry(next, pause) => {
                     tokio::time::sleep(pause).await;
                     self.switch(next);
+                }
+                Hop::Fail if self.endpoint_is_default && is_transport(&status) => {
+                    return Err(ClientError::Unconfigured(status, self.endpoint.clone()))
                 }
                 Hop::Fail => return Err(ClientError::Status(status, self.endpoint.clone())),
             }

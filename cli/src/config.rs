@@ -86,6 +86,8 @@ pub struct Config {
     /// The CA (PEM file) to verify `https://` controllers with; the
     /// system's roots when `None`.
     pub ca_file: Option<PathBuf>,
+    /// No endpoint was configured anywhere: `endpoint` is the default.
+    pub endpoint_is_default: bool,
 }
 
 /// The default configuration file for this user.
@@ -163,6 +165,8 @@ pub struct Sources {
     pub env_ca_file: Option<String>,
     /// `--endpoint`.
     pub flag_endpoint: Option<String>,
+    /// `--api-key`.
+    pub flag_api_key: Option<String>,
 }
 
 impl Sources {
@@ -171,6 +175,7 @@ impl Sources {
     pub fn gather(
         config_flag: Option<&Path>,
         flag_endpoint: Option<String>,
+        flag_api_key: Option<String>,
     ) -> Result<Self, ConfigError> {
         let (path, must_exist) = match config_flag {
             Some(p) => (p.to_path_buf(), true),
@@ -184,6 +189,7 @@ impl Sources {
             env_api_key: env(ENV_API_KEY),
             env_ca_file: env(ENV_CA_FILE),
             flag_endpoint,
+            flag_api_key,
         })
     }
 }
@@ -209,6 +215,7 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
     } else {
         (DEFAULT_ENDPOINT.to_string(), "default".to_string())
     };
+    let endpoint_is_default = endpoint_src == "default";
     let endpoints = endpoint
         .split(',')
         .map(str::trim)
@@ -228,9 +235,10 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
             message,
         })?;
     let endpoint = endpoints[0].clone();
-    let (api_key, key_src) = match (src.env_api_key, file_key) {
-        (Some(k), _) => (Some(k), ENV_API_KEY.to_string()),
-        (None, k) => (k, file_name),
+    let (api_key, key_src) = match (src.flag_api_key, src.env_api_key, file_key) {
+        (Some(k), _, _) => (Some(k), "--api-key".to_string()),
+        (None, Some(k), _) => (Some(k), ENV_API_KEY.to_string()),
+        (None, None, k) => (k, file_name),
     };
     if let Some(k) = &api_key {
         check_api_key(k).map_err(|message| ConfigError::Invalid {
@@ -244,6 +252,7 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
         endpoints,
         api_key,
         ca_file,
+        endpoint_is_default,
     })
 }
 

@@ -55,6 +55,8 @@ pub fn retryable(status: &tonic::Status) -> bool {
 pub struct Failover {
     endpoints: Vec<String>,
     tried: Vec<String>,
+    /// Endpoints that refused the connection (nothing listens there).
+    refused: Vec<String>,
     hops: usize,
     retries: usize,
     failed_in_a_row: usize,
@@ -66,6 +68,7 @@ impl Failover {
         Self {
             endpoints,
             tried: Vec::new(),
+            refused: Vec::new(),
             hops: 0,
             retries: 0,
             failed_in_a_row: 0,
@@ -83,6 +86,14 @@ impl Failover {
                 self.failed_in_a_row = 0;
                 return Hop::Follow(leader);
             }
+        }
+        if refused(status) && !self.refused.iter().any(|r| r == current) {
+            self.refused.push(current.to_string());
+        }
+        // Every endpoint refused the connection: nothing listens anywhere,
+        // and waiting will not change that within a call. Fail at once.
+        if !self.endpoints.is_empty() && self.endpoints.iter().all(|e| self.refused.contains(e)) {
+            return Hop::Fail;
         }
         if !retryable(status) || self.retries >= MAX_RETRIES {
             return Hop::Fail;
@@ -106,6 +117,20 @@ impl Failover {
         };
         Hop::Retry(next, pause)
     }
+}
+
+/// The connection was refused (ECONNREFUSED somewhere in the cause chain).
+fn refused(status: &tonic::Status) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// `leader` with the scheme of `current`: a node names its leader as
@@ -150,6 +175,32 @@ pub fn leader_in_message(msg: &str) -> Option<String> {
 mod tests {
     use super::*;
     use tonic::{Code, Status};
+
+    fn refused_status() -> Status {
+        let mut s = Status::unavailable("tcp connect error");
+        s.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        s
+    }
+
+    #[test]
+    fn refused_everywhere_fails_at_once_refused_somewhere_moves_on() {
+        let mut one = Failover::new(vec!["http://a:1".into()]);
+        assert_eq!(one.next(&refused_status(), "http://a:1"), Hop::Fail);
+        let mut three = Failover::new(vec![
+            "http://a:1".into(),
+            "http://b:1".into(),
+            "http://c:1".into(),
+        ]);
+        assert!(
+            matches!(three.next(&refused_status(), "http://a:1"), Hop::Retry(n, _) if n == "http://b:1")
+        );
+        assert!(
+            matches!(three.next(&refused_status(), "http://b:1"), Hop::Retry(n, _) if n == "http://c:1")
+        );
+        assert_eq!(three.next(&refused_status(), "http://c:1"), Hop::Fail);
+    }
 
     fn unavailable_with_meta(msg: &str, leader: &str) -> Status {
         let mut s = Status::unavailable(msg);

@@ -9,7 +9,10 @@ use ferro_cli::client::Client;
 use ferro_cli::config::{resolve, Sources};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -28,7 +31,13 @@ async fn run(cli: Cli) -> ExitCode {
             Err(e) => fail(&e),
         };
     }
-    let cfg = match Sources::gather(cli.config.as_deref(), cli.endpoint.clone()).and_then(resolve) {
+    let cfg = match Sources::gather(
+        cli.config.as_deref(),
+        cli.endpoint.clone(),
+        cli.api_key.clone(),
+    )
+    .and_then(resolve)
+    {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -38,8 +47,45 @@ async fn run(cli: Cli) -> ExitCode {
     };
     match ferro_cli::commands::run(&mut client, cli.output, cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ferro_cli::commands::CommandError::Usage(_)) => {
+            fail(&e);
+            ExitCode::from(2)
+        }
         Err(e) => fail(&e),
     }
+}
+
+/// An argument error as one `ferro: error: …` line and status 2, as for
+/// every other error; `--help` and `--version` print as clap has them.
+fn usage(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    // clap's first paragraph, on one line: the error, the missing
+    // arguments it lists, the possible values; its tips and usage lines
+    // are left out.
+    let text = e.render().to_string();
+    let msg: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .filter(|l| !l.starts_with("tip:"))
+        .collect();
+    let msg = msg.join(" ");
+    let msg = msg.trim_start_matches("error: ");
+    eprintln!("ferro: error: {msg} (see `ferro --help`)");
+    ExitCode::from(2)
 }
 
 fn fail(e: &dyn std::error::Error) -> ExitCode {

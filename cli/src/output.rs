@@ -32,7 +32,23 @@ pub fn state_name(state: i32) -> String {
 }
 
 /// Parses a state name as [`state_name`] prints it.
+/// The instance state names `--state` takes.
+pub const STATE_NAMES: &[&str] = &[
+    "pending",
+    "running",
+    "stopping",
+    "stopped",
+    "shutting-down",
+    "terminated",
+    "rebooting",
+    "failed",
+    "unknown",
+];
+
 pub fn parse_state(name: &str) -> Option<pb::InstanceState> {
+    if !STATE_NAMES.contains(&name.to_ascii_lowercase().as_str()) {
+        return None;
+    }
     let full = format!(
         "INSTANCE_STATE_{}",
         name.to_ascii_uppercase().replace('-', "_")

@@ -39,6 +39,7 @@ fn file_then_environment_precedence() {
         env_api_key: Some("fk_env".into()),
         env_ca_file: None,
         flag_endpoint: None,
+        flag_api_key: None,
     })
     .unwrap();
     assert_eq!(c.endpoint, "http://env:1");
@@ -129,4 +130,83 @@ fn binary_names_an_unreachable_controller_in_one_line() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn no_endpoint_and_nothing_listening_fails_at_once_saying_how_to_configure() {
+    let dir = tmpdir("noendpoint");
+    let t = std::time::Instant::now();
+    let out = ferro(&dir, &["instances", "list"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("Connection refused")
+            && err.contains("--endpoint")
+            && err.contains("FERRO_ENDPOINT"),
+        "{err}"
+    );
+    // It used to retry for 10 s before saying anything.
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn argument_errors_are_one_line_with_status_2() {
+    let dir = tmpdir("args");
+    for (args, want) in [
+        (&["instances", "run", "--image", "x"][..], "--type"),
+        (&["instances", "frobnicate"][..], "frobnicate"),
+        (
+            &["-o", "yaml", "instances", "list"][..],
+            "possible values: table, json",
+        ),
+        (
+            &[
+                "instances",
+                "run",
+                "--image",
+                "x",
+                "--type",
+                "f1.nano",
+                "--shutdown-behavior",
+                "maybe",
+            ][..],
+            "stop, terminate",
+        ),
+        (
+            &["instances", "list", "--state", "bogus"][..],
+            "valid: pending, running",
+        ),
+    ] {
+        let out = ferro(&dir, args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("ferro: error: ") && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn api_key_flag_beats_the_environment_and_the_file() {
+    let f = FileConfig {
+        endpoint: Some("http://127.0.0.1:7400".into()),
+        api_key: Some("fk_file".into()),
+        ..Default::default()
+    };
+    let cfg = resolve(Sources {
+        file: Some(("/x/config.toml".into(), f)),
+        env_api_key: Some("fk_env".into()),
+        flag_api_key: Some("fk_flag".into()),
+        ..Sources::default()
+    })
+    .unwrap();
+    assert_eq!(cfg.api_key.as_deref(), Some("fk_flag"));
+    assert!(!cfg.endpoint_is_default);
 }

@@ -119,9 +119,12 @@ async fn list_instances(
         .states
         .iter()
         .map(|s| {
-            output::parse_state(s)
-                .map(|st| st as i32)
-                .ok_or_else(|| CommandError::Usage(format!("--state {s}: unknown state")))
+            output::parse_state(s).map(|st| st as i32).ok_or_else(|| {
+                CommandError::Usage(format!(
+                    "--state {s}: unknown state (valid: {})",
+                    output::STATE_NAMES.join(", ")
+                ))
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let tags = f

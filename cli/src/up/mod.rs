@@ -208,6 +208,7 @@ async fn bring_up(
         endpoints: vec![layout.endpoint()],
         api_key: Some(key.clone()),
         ca_file: None,
+        endpoint_is_default: false,
     };
     let mut client = Client::new(&cfg).map_err(CommandError::from)?;
     wait_healthy(daemons, timeout, "the controller to answer", || {
