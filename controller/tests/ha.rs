@@ -338,6 +338,7 @@ fn ha_client(c: &Cluster, key: &str, nodes: &[usize]) -> Client {
         endpoints,
         api_key: Some(key.into()),
         ca_file: None,
+        endpoint_is_default: false,
     })
     .unwrap()
 }

@@ -125,6 +125,7 @@ fn client(endpoints: &[String], key: &str, ca: Option<PathBuf>) -> Client {
         endpoints: endpoints.to_vec(),
         api_key: Some(key.into()),
         ca_file: ca,
+        endpoint_is_default: false,
     })
     .unwrap()
 }
