@@ -637,7 +637,7 @@ impl ClusterState {
             },
         };
         let placed = scheduler::place(&mut candidates, &req, spec.count as usize)
-            .map_err(|e| E::ResourceExhausted(format!("instance_type: {e}")))?;
+            .map_err(|e| E::ResourceExhausted(format!("insufficient capacity: {e}")))?;
         Ok(placed.into_iter().map(|i| hosts[i].id.clone()).collect())
     }
 

@@ -145,8 +145,12 @@ async fn errors_carry_codes_and_name_the_field() {
             Code::NotFound,
             "image_id",
         ),
-        // No host has heartbeated: no capacity.
-        (run_req(1), Code::ResourceExhausted, "instance_type"),
+        // No host has heartbeated: no capacity, said as such.
+        (
+            run_req(1),
+            Code::ResourceExhausted,
+            "insufficient capacity: no host has room for instance 1 of 1",
+        ),
     ];
     for (req, code, field) in cases {
         let e = c.run_instances(req).await.unwrap_err();

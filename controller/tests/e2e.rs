@@ -328,9 +328,11 @@ async fn guest_initiated_poweroff_and_reboot_as_ec2_does_them() {
             .c
             .get_console_output(authed(&cloud.key, req))
             .await
-            .map(|r| r.into_inner().output)
-            // Not on its host yet (pending).
-            .unwrap_or_default();
+            // Pending (not on its host yet) answers with an empty output,
+            // not NotFound.
+            .unwrap()
+            .into_inner()
+            .output;
         let boots = String::from_utf8_lossy(&out)
             .matches("ferro-guest: hello")
             .count();

@@ -176,28 +176,59 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
         let id = r.instance_id.clone();
-        let address = self
+        let (address, on_host, terminated) = self
             .read(move |s| {
                 let i = s.instances.get(&id).ok_or_else(|| {
                     StateError::NotFound(format!("instance_id: no instance {id:?}"))
                 })?;
-                Ok(s.hosts
+                let address = s
+                    .hosts
                     .get(&i.host_id)
                     .map(|h| h.address.clone())
-                    .unwrap_or_default())
+                    .unwrap_or_default();
+                Ok((
+                    address,
+                    i.observed != crate::model::ObservedState::Absent,
+                    i.desired == crate::model::DesiredState::Terminated,
+                ))
             })
             .await?;
+        let empty = |id: String| {
+            Response::new(pb::GetConsoleOutputResponse {
+                instance_id: id,
+                output: Vec::new(),
+                truncated: false,
+            })
+        };
+        if !on_host {
+            if terminated {
+                return Err(Status::failed_precondition(format!(
+                    "instance {} is terminated: its console is gone with it",
+                    r.instance_id
+                )));
+            }
+            // Pending: not on its host yet, so nothing written yet (EC2
+            // answers with an empty output too).
+            return Ok(empty(r.instance_id));
+        }
         let ep = tonic::transport::Endpoint::from_shared(address)
             .map_err(|e| Status::unavailable(format!("host address: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(2));
         let mut c = ferro_proto::agent::v1::agent_client::AgentClient::new(ep.connect_lazy());
-        let out = c
+        let out = match c
             .get_console_output(ferro_proto::agent::v1::GetConsoleOutputRequest {
                 id: r.instance_id.clone(),
                 max_bytes: r.max_bytes,
             })
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(o) => o.into_inner(),
+            // Being created on its host right now.
+            Err(e) if e.code() == tonic::Code::NotFound && !terminated => {
+                return Ok(empty(r.instance_id))
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Response::new(pb::GetConsoleOutputResponse {
             instance_id: r.instance_id,
             output: out.data,
