@@ -20,18 +20,27 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("invalid configuration in {path}")]
+    #[error("{}: {message}{}", path.display(), line.map_or(String::new(), |l| format!(" (line {l})")))]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        #[source]
-        source: toml::de::Error,
+        /// The parser's message, on one line (e.g. "missing field `vcpus`").
+        message: String,
+        /// The line it points at, if any.
+        line: Option<usize>,
     },
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A value in the file is out of range.
+    #[error("{path}: {message}", path = .0.display(), message = .1)]
+    InvalidIn(PathBuf, String),
 }
+
+/// Longest `state_dir`: VMM control sockets live at
+/// `<state_dir>/run/<id>.sock`, and a Unix socket path (`sun_path`) holds
+/// 107 bytes; ids are up to 64.
+pub const MAX_STATE_DIR_LEN: usize = 32;
 
 /// The agent's configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -202,19 +211,24 @@ impl AgentConfig {
             source,
         })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { message, line, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
-                source,
+                message,
+                line,
             },
+            ConfigError::Invalid(m) => ConfigError::InvalidIn(path.to_path_buf(), m),
             other => other,
         })
     }
 
     /// Parse and validate TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            source,
+            message: e.message().replace('\n', " ").trim().to_string(),
+            line: e
+                .span()
+                .map(|sp| text[..sp.start.min(text.len())].matches('\n').count() + 1),
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -234,6 +248,14 @@ impl AgentConfig {
         }
         if !self.state_dir.is_absolute() {
             return bad("state_dir must be an absolute path");
+        }
+        let len = self.state_dir.as_os_str().len();
+        if len > MAX_STATE_DIR_LEN {
+            return Err(ConfigError::Invalid(format!(
+                "state_dir {} is {len} bytes, longer than {MAX_STATE_DIR_LEN} \
+                 (control socket paths under it must fit a Unix socket address)",
+                self.state_dir.display()
+            )));
         }
         if let Some(c) = &self.controller {
             let urls = crate::heartbeat::parse_controllers(c);
@@ -300,6 +322,34 @@ mod tests {
         assert!(matches!(e, ConfigError::Invalid(_)));
         let text = format!("{MINIMAL}\ntap_prefix = \"toolong7\"");
         assert!(AgentConfig::parse(&text).is_err());
+    }
+
+    #[test]
+    fn errors_are_one_line_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, MINIMAL.replace("vcpus = 8", "")).unwrap();
+        let e = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
+        assert!(
+            e.contains("missing field `vcpus`") && !e.contains('\n'),
+            "{e}"
+        );
+        std::fs::write(&path, MINIMAL.replace("vcpus = 8", "vcpus = 0")).unwrap();
+        let e = AgentConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}: ", path.display())) && e.contains("vcpus"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_state_dir_too_long_for_socket_paths_is_refused() {
+        let long = format!("/var/lib/{}", "x".repeat(30));
+        let e = AgentConfig::parse(&MINIMAL.replace("/var/lib/ferro-agent", &long)).unwrap_err();
+        assert!(e.to_string().contains("longer than 32"), "{e}");
     }
 
     #[test]

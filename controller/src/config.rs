@@ -11,12 +11,25 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
-    /// The file is not valid TOML for this schema.
-    #[error("invalid configuration in {0}")]
-    Parse(PathBuf, #[source] toml::de::Error),
+    /// The file is not valid TOML for this schema: the file and the
+    /// parser's message on one line.
+    #[error("{path}: {message}", path = .0.display(), message = .1)]
+    Parse(PathBuf, String),
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// toml's error as one line, with the line it points at.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ").trim().to_string();
+    match e.span() {
+        Some(sp) => format!(
+            "{msg} (line {})",
+            text[..sp.start.min(text.len())].matches('\n').count() + 1
+        ),
+        None => msg,
+    }
 }
 
 /// A controller node's configuration. Unknown keys are errors.
@@ -97,14 +110,19 @@ impl ControllerConfig {
     /// Read and validate `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
-        cfg.validate()?;
+        let cfg: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse(path.into(), one_line(&text, &e)))?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         Ok(cfg)
     }
 
     /// Parse and validate TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse(PathBuf::new(), e))?;
+        let cfg: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(PathBuf::new(), one_line(text, &e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -143,7 +161,15 @@ impl ControllerConfig {
                 "snapshot_every must be at least 1".into(),
             ));
         }
-        self.members()?;
+        let members = self.members()?;
+        if !members.iter().any(|m| m.id == self.node_id) {
+            return Err(ConfigError::Invalid(format!(
+                "peers must list this node too (node_id {} = its address): without it the node \
+                 would start as a learner that never votes; a node joining an existing cluster \
+                 lists the current members and itself",
+                self.node_id
+            )));
+        }
         Ok(())
     }
 
@@ -197,6 +223,9 @@ mod tests {
     fn bad_configs_are_refused() {
         assert!(ControllerConfig::parse(&format!("{MIN}bogus = 1")).is_err());
         assert!(ControllerConfig::parse(&format!("{MIN}peers = [\"x\"]")).is_err());
+        let e =
+            ControllerConfig::parse(&format!("{MIN}peers = [\"2=b:1\", \"3=c:1\"]")).unwrap_err();
+        assert!(e.to_string().contains("peers must list this node"), "{e}");
         let t = format!("{MIN}heartbeat_timeout_ms = 10\nheartbeat_interval_ms = 100");
         assert!(ControllerConfig::parse(&t).is_err());
     }
