@@ -122,9 +122,73 @@ fn open_kvm() -> Result<(Kvm, VmFd)> {
     Ok((kvm, vm))
 }
 
+/// Huge-page size the guest RAM is aligned to.
+const RAM_ALIGN: usize = 2 << 20;
+
+/// An anonymous mapping of `len` bytes whose start is 2 MiB aligned and
+/// marked for transparent huge pages. KVM maps guest memory with 2 MiB
+/// EPT/NPT entries only where the guest-physical and host-virtual addresses
+/// agree modulo 2 MiB and the host page is huge: an unaligned mapping costs
+/// every guest TLB miss a 4 KiB walk (measured under nesting: Linux booted
+/// ~1.7 times slower, at every step). The mapping lives as long as the
+/// process (one VM per process); the kernel frees it at exit.
+fn map_ram(len: usize) -> std::io::Result<*mut u8> {
+    let total = len + RAM_ALIGN;
+    // SAFETY: a new private anonymous mapping at an address the kernel
+    // picks; nothing else refers to it.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = raw as usize;
+    let start = (base + RAM_ALIGN - 1) & !(RAM_ALIGN - 1);
+    let (head, tail) = (start - base, total - (start - base) - len);
+    // SAFETY: both ranges are the unused ends of the mapping made above;
+    // munmap of a zero-length range is skipped.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+        // Advice only: where THP is "madvise" this asks for huge pages;
+        // an error (THP disabled) changes nothing.
+        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    Ok(start as *mut u8)
+}
+
 fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap> {
-    let mem = GuestMemoryMmap::from_ranges(&boot::ram_ranges(mib << 20))
-        .map_err(|e| VmError::Memory(mib, e))?;
+    let mut regions = Vec::new();
+    for (gpa, len) in boot::ram_ranges(mib << 20) {
+        let ptr = map_ram(len).map_err(|e| VmError::Os("guest memory", e))?;
+        // SAFETY: `ptr..ptr+len` is the live mapping made just above, used
+        // for nothing else, and never unmapped while the process runs.
+        let region = unsafe {
+            vm_memory::MmapRegion::<()>::build_raw(
+                ptr,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| VmError::Os("guest memory", std::io::Error::other(e)))?;
+        regions.push(vm_memory::GuestRegionMmap::new(region, gpa).ok_or_else(|| {
+            VmError::Os("guest memory", std::io::Error::other("region overflows"))
+        })?);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| VmError::Memory(mib, vm_memory::mmap::FromRangesError::from(e)))?;
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,

@@ -3,7 +3,8 @@
 //! The scripts are files holding the L2 `/init` body and the L1 body (see
 //! the crate docs for the helpers both can use). L1 sees the L2 kernels at
 //! /l2/vmlinux and /l2/bzImage and the L2 image at /l2/initrd. Uses the
-//! release ferro-vmm (`cargo build --release -p ferro-vmm` first).
+//! release ferro-vmm (`cargo build --release -p ferro-vmm` first); with
+//! `FIRECRACKER=PATH` that binary is at /bin/firecracker too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,6 +28,12 @@ fn main() {
     let rel = |name: &str| -> PathBuf { root.join("target/release").join(name) };
     let mut l1 =
         L1::new(&k, &[], &rel("ferro-vmm"), &rel("ferro-vmmctl")).unwrap_or_else(|e| panic!("{e}"));
+    // A peer VMM to compare with, e.g. FIRECRACKER=/path/to/firecracker.
+    if let Some(fc) = std::env::var_os("FIRECRACKER") {
+        l1.userland()
+            .binary(Path::new(&fc), "bin/firecracker")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     l1.userland()
         .file(&k.vmlinux, "l2/vmlinux")
         .file(&k.bzimage, "l2/bzImage")

@@ -280,6 +280,7 @@ impl Userland {
             "#!/bin/sh\n\
              mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
              echo \"{level} init at $(cut -d' ' -f1 /proc/uptime)\"\n\
+             ip link set lo up\n\
              {helpers}\n\
              for m in {modules}; do insmod /m/$m.ko || echo \"{level} insmod $m failed\"; done\n\
              echo \"{level} userspace at $(up)\"\n\
