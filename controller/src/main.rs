@@ -19,9 +19,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRO_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                // Our own events at info; openraft's own chatter only when
+                // it warns (FERRO_LOG=info,openraft=info shows it).
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = match ferro_controller::config::ControllerConfig::load(&args.config) {
         Ok(c) => c,
