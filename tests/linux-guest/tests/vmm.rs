@@ -182,7 +182,7 @@ check vmm_reports_reset grep -q "VM ended: the guest reset" /l2.log
     c.assert_checks(&[
         "four_cpus",
         "ram_above_4g",
-        "vmm_exit_0",
+        "vmm_exit_reset",
         "vmm_reports_reset",
     ]);
     assert_eq!(c.value("l2_online").unwrap(), "0-3");
