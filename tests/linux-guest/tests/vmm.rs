@@ -204,7 +204,7 @@ i=0; while [ $i -lt 100000 ]; do echo "TICK $i"; i=$((i + 1)); sleep 0.2; done
 "#;
     let l1_script = format!(
         r#"
-vmm_start --kernel /l2/vmlinux --initrd /l2/initrd --memory 256 --vcpus 2 --serial stdout \
+vmm_start --kernel /l2/vmlinux --initrd /l2/initrd --memory 256 --vcpus 1 --serial stdout \
   --control-socket /vm.sock --cmdline "{L2_CMDLINE}"
 check ticking l2_wait "TICK 5" 300
 expect status_running '"running"' ctl /vm.sock '{{"op":"status"}}'
@@ -220,9 +220,10 @@ check cad_reached_linux grep -q "L2 got ctrl-alt-del" /l2.log
 check vmm_exit_0 [ "$VMM_RC" = 0 ]
 "#
     );
-    let c = run("control", l2_script, &l1_script, |q| {
-        q.memory_mib(1024).cpus(2)
-    });
+    // One vCPU: under heavy load a 2-vCPU L2 once left ferro-vmm's second
+    // vCPU thread stuck inside L1's kvm-amd after power-off (an L1 soft
+    // lockup, see docs/architecture.md); SMP is covered by the bzImage test.
+    let c = run("control", l2_script, &l1_script, |q| q.memory_mib(1024));
     c.assert_checks(&[
         "ticking",
         "status_running",
