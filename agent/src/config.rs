@@ -102,9 +102,27 @@ pub struct AgentConfig {
     /// when absent.
     #[serde(default)]
     pub controller: Option<String>,
-    /// The API key the heartbeats carry (required with `controller`).
+    /// No longer used (a host joins with `join_token` and keeps its own
+    /// credential); refused with a message saying so.
     #[serde(default)]
     pub controller_api_key: Option<String>,
+    /// The one-time token from `ferro hosts join <host_id>`: on its first
+    /// start the agent trades it (with `controller`) for the host's
+    /// credential and certificate, kept in `<state_dir>/credentials/`.
+    /// Ignored once joined.
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// This agent's server certificate (PEM), for an agent whose
+    /// certificates an operator manages instead of joining; with
+    /// `tls_key_file` and `client_ca_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of `tls_cert_file` (PEM).
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// The CA (PEM) whose client certificates may call this agent.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
     /// The CA (PEM) that signed the controllers' certificates, for
     /// `https://` controller URLs; the system's roots when absent.
     #[serde(default)]
@@ -114,7 +132,7 @@ pub struct AgentConfig {
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_ms: u64,
     /// The URL the controller reaches this agent at; defaults to
-    /// `http://<listen>` (an unspecified IP is replaced by the controller
+    /// `https://<listen>` (an unspecified IP is replaced by the controller
     /// with the heartbeat's source address).
     #[serde(default)]
     pub advertise: Option<String>,
@@ -236,8 +254,50 @@ impl AgentConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if self.host_id.is_empty() {
-            return bad("host_id is empty");
+        let h = &self.host_id;
+        let label = !h.is_empty()
+            && h.len() <= 63
+            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !h.starts_with('-')
+            && !h.ends_with('-');
+        if !label {
+            return Err(ConfigError::Invalid(format!(
+                "host_id {h:?}: must be 1 to 63 letters, digits and '-' (it names the host in its certificate)"
+            )));
+        }
+        if self.controller_api_key.is_some() {
+            return bad(
+                "controller_api_key is no longer used: a host joins once with \
+                 join_token = \"fj_...\" from `ferro hosts join <host_id>` and keeps \
+                 its own credential in <state_dir>/credentials",
+            );
+        }
+        let tls = [
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.client_ca_file,
+        ];
+        let given = tls.iter().filter(|f| f.is_some()).count();
+        if given != 0 && given != 3 {
+            return bad("tls_cert_file, tls_key_file and client_ca_file go together");
+        }
+        for p in tls.into_iter().flatten() {
+            if let Err(e) = std::fs::read_to_string(p) {
+                return Err(ConfigError::Invalid(format!(
+                    "cannot read {}: {e}",
+                    p.display()
+                )));
+            }
+        }
+        if given == 3 && self.controller.is_some() {
+            return bad(
+                "tls_cert_file, tls_key_file and client_ca_file are for an agent without a \
+                 controller; under a controller the host joins (join_token) and gets its \
+                 certificate from the cluster CA",
+            );
+        }
+        if self.join_token.is_some() && self.controller.is_none() {
+            return bad("join_token needs controller (where to join)");
         }
         if self.vcpus == 0 || self.memory_mib == 0 {
             return bad("vcpus and memory_mib must be positive");
@@ -269,9 +329,6 @@ impl AgentConfig {
                 return Err(ConfigError::Invalid(format!(
                     "controller: {u:?} is not an http:// or https:// URL"
                 )));
-            }
-            if self.controller_api_key.is_none() {
-                return bad("controller_api_key is required with controller");
             }
         }
         if let Some(p) = &self.controller_ca_file {
@@ -353,14 +410,33 @@ mod tests {
     }
 
     #[test]
-    fn controller_needs_a_key() {
+    fn hosts_join_instead_of_sharing_a_key() {
         let text = format!("{MINIMAL}\ncontroller = \"http://127.0.0.1:7400\"");
-        assert!(matches!(
-            AgentConfig::parse(&text),
-            Err(ConfigError::Invalid(_))
-        ));
-        let c = AgentConfig::parse(&format!("{text}\ncontroller_api_key = \"fk_x\"")).unwrap();
+        let c = AgentConfig::parse(&text).unwrap();
         assert_eq!(c.heartbeat_interval_ms, 1000);
+        let e = AgentConfig::parse(&format!("{text}\ncontroller_api_key = \"fk_x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("join_token") && e.contains("ferro hosts join"),
+            "{e}"
+        );
+        let c = AgentConfig::parse(&format!("{text}\njoin_token = \"fj_x\"")).unwrap();
+        assert_eq!(c.join_token.as_deref(), Some("fj_x"));
+        let e = AgentConfig::parse(&format!("{MINIMAL}\njoin_token = \"fj_x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs controller"), "{e}");
+        let e = AgentConfig::parse(&format!("{MINIMAL}\ntls_cert_file = \"/etc/hostname\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("go together"), "{e}");
+        for bad in ["h_1", "h.1", "-h", ""] {
+            let e = AgentConfig::parse(&MINIMAL.replace("\"h1\"", &format!("{bad:?}")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("host_id"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct Heartbeat {
     /// Controller URLs (every node of the controller cluster, or any of
     /// them: followers name the leader).
     pub controllers: Vec<String>,
-    /// Bearer key.
+    /// The host's credential (its bearer key).
     pub api_key: String,
     /// This agent's URL for the controller.
     pub address: String,
@@ -86,7 +86,11 @@ impl Target {
     }
 }
 
-fn client_for(url: &str, ca_pem: Option<&str>) -> Option<HostsClient<tonic::transport::Channel>> {
+/// A lazily connecting client of the controller at `url`.
+pub fn client_for(
+    url: &str,
+    ca_pem: Option<&str>,
+) -> Option<HostsClient<tonic::transport::Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).and_then(|e| {
         if !url.starts_with("https://") {
             return Ok(e);
@@ -128,7 +132,11 @@ pub async fn report(svc: &AgentService, address: &str) -> Result<HeartbeatReques
     })
 }
 
-/// Heartbeat forever.
+/// Heartbeat forever. After a failure the next beat waits longer
+/// (doubling from the interval up to [`MAX_BACKOFF`], with jitter), a
+/// follower's named leader is tried at once (at most [`MAX_HOPS`] times in
+/// a row), and a repeated failure is logged once, then once a minute with
+/// a count.
 pub async fn run(svc: AgentService, hb: Heartbeat) {
     let mut target = Target::new(hb.controllers.clone());
     let ca = hb.ca_pem.as_deref();
@@ -138,38 +146,105 @@ pub async fn run(svc: AgentService, hb: Heartbeat) {
     let auth: Result<tonic::metadata::MetadataValue<_>, _> =
         format!("Bearer {}", hb.api_key).parse();
     let Ok(auth) = auth else {
-        tracing::error!("controller_api_key is not valid in a header");
+        tracing::error!("the host credential is not valid in a header");
         return;
     };
     let mut interval = hb.interval;
+    let mut failures = FailureLog::default();
+    let mut hops = 0;
     loop {
+        let mut wait = interval;
         match report(&svc, &hb.address).await {
             Ok(r) => {
                 let mut req = Request::new(r);
                 req.metadata_mut().insert("authorization", auth.clone());
                 match client.heartbeat(req).await {
                     Ok(resp) => {
+                        failures.succeeded(target.current());
+                        hops = 0;
                         let ms = resp.into_inner().interval_ms;
                         if ms > 0 {
                             interval = Duration::from_millis(u64::from(ms));
                         }
+                        wait = interval;
                     }
                     Err(e) => {
-                        tracing::warn!(code = ?e.code(), controller = %target.current(), "heartbeat failed: {}", e.message());
+                        failures.failed(target.current(), &e);
+                        wait = failures.backoff(interval);
                         if target.failed(&e) {
                             if let Some(c) = client_for(target.current(), ca) {
                                 client = c;
+                                hops += 1;
                                 // A follower named the leader, or another
-                                // controller may answer: try it at once.
-                                continue;
+                                // controller may answer: try it at once,
+                                // a few times in a row at most.
+                                if hops <= MAX_HOPS {
+                                    continue;
+                                }
                             }
                         }
+                        hops = 0;
                     }
                 }
             }
             Err(e) => tracing::warn!("cannot build the heartbeat: {}", e.message()),
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Longest wait between failed heartbeats.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Leaders followed at once before waiting.
+pub const MAX_HOPS: u32 = 3;
+
+/// Failed heartbeats in a row: logged once, then once a minute.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    in_a_row: u32,
+    since_log: u32,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl FailureLog {
+    fn failed(&mut self, controller: &str, e: &tonic::Status) {
+        self.in_a_row += 1;
+        self.since_log += 1;
+        let due = self
+            .logged_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            let denied = matches!(
+                e.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            );
+            if denied {
+                tracing::error!(code = ?e.code(), %controller, failures = self.since_log,
+                    "heartbeat refused: {} (revoked? rejoin with a new token from `ferro hosts join`)", e.message());
+            } else {
+                tracing::warn!(code = ?e.code(), %controller, failures = self.since_log,
+                    "heartbeat failed: {}", e.message());
+            }
+            self.logged_at = Some(std::time::Instant::now());
+            self.since_log = 0;
+        }
+    }
+
+    fn succeeded(&mut self, controller: &str) {
+        if self.in_a_row > 0 {
+            tracing::info!(%controller, failures = self.in_a_row, "heartbeats answered again");
+        }
+        *self = Self::default();
+    }
+
+    /// The wait before the next beat after `in_a_row` failures.
+    fn backoff(&self, interval: Duration) -> Duration {
+        let exp = self.in_a_row.saturating_sub(1).min(8);
+        let d = interval
+            .saturating_mul(1 << exp)
+            .min(MAX_BACKOFF.max(interval));
+        crate::credentials::jitter(d)
     }
 }
 
@@ -194,6 +269,22 @@ mod tests {
         assert_eq!(leader_of(&st).as_deref(), Some("http://10.0.0.2:7400"));
         assert_eq!(leader_of(&tonic::Status::unavailable("x")), None);
         assert_eq!(leader_of(&tonic::Status::internal("x")), None);
+    }
+
+    #[test]
+    fn failures_back_off_up_to_the_cap() {
+        let mut f = FailureLog::default();
+        let st = tonic::Status::unavailable("no quorum");
+        let i = Duration::from_millis(1000);
+        f.failed("http://a:1", &st);
+        assert!(f.backoff(i) < Duration::from_millis(1500));
+        for _ in 0..20 {
+            f.failed("http://a:1", &st);
+        }
+        let b = f.backoff(i);
+        assert!(b >= MAX_BACKOFF / 2 && b < MAX_BACKOFF * 3 / 2, "{b:?}");
+        f.succeeded("http://a:1");
+        assert_eq!(f.in_a_row, 0);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   [`persist`] (atomic JSON state), [`host`] (host facts), [`events`]
 //!   (the `WatchEvents` stream), [`config`] and [`spec`].
 //! - [`heartbeat`]: reports to the controller when one is configured.
+//! - [`credentials`]: the host's credential and certificates, from a join
+//!   or the configuration; the gRPC port serves only mutual TLS.
 //!
 //! VMMs run in their own sessions, so stopping or killing the agent never
 //! stops an instance; a restarted agent re-attaches to them.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod convert;
+pub mod credentials;
 pub mod events;
 pub mod heartbeat;
 pub mod host;
@@ -55,6 +58,9 @@ pub enum AgentError {
     /// The gRPC server failed.
     #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// No credentials.
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialsError),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -77,13 +83,15 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Run the agent until SIGTERM or SIGINT. Instances keep running after it
-/// returns. Prints `ferro-agent: listening on ADDR` once it serves.
+/// returns. Prints `ferro-agent: listening on ADDR` once it serves (after
+/// joining the cluster on a first start with `join_token`).
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let span = tracing::info_span!("agent", host_id = %cfg.host_id);
     let _g = span.enter();
     let listen = cfg.listen;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let creds = credentials::obtain(&cfg).await?;
     let manager = manager::Manager::open(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -100,8 +108,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         }
         tracing::info!("shutting down; instances keep running");
     };
-    let heartbeats = start_heartbeats(&manager, addr);
+    let heartbeats = start_heartbeats(&manager, addr, creds.host_key.clone());
+    // Only clients with a certificate from the client CA (the controllers)
+    // get past the handshake.
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &creds.cert_pem,
+            &creds.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(
+            &creds.client_ca_pem,
+        ));
     let served = tonic::transport::Server::builder()
+        .tls_config(tls)?
         .add_service(AgentServer::new(service::AgentService::new(manager)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
@@ -116,16 +135,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 fn start_heartbeats(
     manager: &manager::Manager,
     addr: std::net::SocketAddr,
+    host_key: Option<String>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let cfg = &manager.inner().cfg;
     let controllers = heartbeat::parse_controllers(cfg.controller.as_deref()?);
     let hb = heartbeat::Heartbeat {
         controllers,
-        api_key: cfg.controller_api_key.clone().unwrap_or_default(),
+        api_key: host_key?,
         address: cfg
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{addr}")),
+            .unwrap_or_else(|| format!("https://{addr}")),
         interval: std::time::Duration::from_millis(cfg.heartbeat_interval_ms),
         // Checked readable when the configuration was loaded.
         ca_pem: cfg

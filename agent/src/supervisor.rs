@@ -148,6 +148,18 @@ pub fn start(
     })
 }
 
+/// Run `f`, which blocks (an fsync'd write, a console trim, fork/exec),
+/// without stalling the other tasks of this runtime worker: on the
+/// multi-threaded runtime the worker hands its other tasks (every other
+/// instance's supervisor) to another thread first. The actor stays in
+/// control of ordering: `f` finishes before the next message is handled.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl Actor {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -201,7 +213,7 @@ impl Actor {
         if obs.phase == Phase::Deleted {
             // Free the id and capacity before anyone learns of the deletion.
             self.ctx.forget(&self.spec.id);
-        } else if let Err(e) = persist::write_json(&self.paths.state(), &obs) {
+        } else if let Err(e) = blocking(|| persist::write_json(&self.paths.state(), &obs)) {
             tracing::error!(error = %chain(&e), "cannot persist the observed state");
         }
         for c in &changes {
@@ -240,7 +252,7 @@ impl Actor {
         let spawned = host
             .vmm_command(&self.spec, &self.paths)
             .map_err(|e| chain(&e))
-            .and_then(|cmd| process::spawn(&cmd).map_err(|e| chain(&e)));
+            .and_then(|cmd| blocking(|| process::spawn(&cmd)).map_err(|e| chain(&e)));
         match spawned {
             Ok(vmm) => {
                 let pid = vmm.pid;
@@ -368,7 +380,8 @@ impl Actor {
     }
 
     fn trim_console(&self) {
-        if let Err(e) = console::trim(&self.paths.console(), self.ctx.cfg.console_limit_bytes) {
+        let limit = self.ctx.cfg.console_limit_bytes;
+        if let Err(e) = blocking(|| console::trim(&self.paths.console(), limit)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(error = %e, "cannot trim the console log");
             }
@@ -386,5 +399,46 @@ impl Actor {
         if let Some(p) = self.probe.take() {
             p.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One worker thread: a blocking call made through [`blocking`] lets
+    /// another task (another instance's supervisor) run meanwhile; made
+    /// directly, it would hold the only worker.
+    #[test]
+    fn blocking_work_does_not_stall_other_tasks() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let t = ticks.clone();
+            let other = tokio::spawn(async move {
+                loop {
+                    t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            tokio::task::yield_now().await;
+            let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+            let slow_disk = tokio::spawn(async {
+                blocking(|| std::thread::sleep(Duration::from_millis(300)));
+            });
+            // Wait for the "slow disk" from a thread outside the runtime's
+            // worker, so only `other` competes for it.
+            slow_disk.await.unwrap();
+            let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+            other.abort();
+            assert!(
+                during >= 5,
+                "the other task ran {during} times while one blocked"
+            );
+        });
     }
 }

@@ -200,3 +200,80 @@ fn sh(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether a call over `client` gets an answer.
+async fn answers(
+    client: Result<
+        pb::agent_client::AgentClient<tonic::transport::Channel>,
+        tonic::transport::Error,
+    >,
+) -> bool {
+    match client {
+        Err(_) => false,
+        Ok(mut c) => c.list_instances(pb::ListInstancesRequest {}).await.is_ok(),
+    }
+}
+
+/// The agent's port serves only mutual TLS with a controller certificate
+/// of its CA: a plain client, a TLS client with no certificate, one with a
+/// certificate of another CA, and one presenting another host's agent
+/// certificate (same CA, server usage only) all get nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_controllers_reach_the_agent() {
+    use ferro_testkit::pki;
+    use tonic::transport::Identity;
+    let agent = Agent::start("mtls", "tm01", "");
+    let plain = match tonic::transport::Endpoint::from_shared(
+        agent.addr.replacen("https://", "http://", 1),
+    )
+    .unwrap()
+    .connect()
+    .await
+    {
+        Ok(ch) => Ok(pb::agent_client::AgentClient::new(ch)),
+        Err(e) => Err(e),
+    };
+    assert!(!answers(plain).await, "a plain client was answered");
+    assert!(
+        !answers(agent.client_with(None).await).await,
+        "a TLS client without a certificate was answered"
+    );
+    let other = pki::Ca::load(&pki::Ca::generate("another CA").unwrap())
+        .unwrap()
+        .issue_controller("intruder")
+        .unwrap();
+    assert!(
+        !answers(
+            agent
+                .client_with(Some(Identity::from_pem(&other.cert_pem, &other.key_pem)))
+                .await
+        )
+        .await,
+        "a certificate of another CA was answered"
+    );
+    let k = pki::generate_key().unwrap();
+    let host_cert = pki::Ca::load(pki::ca())
+        .unwrap()
+        .issue_agent("test-other", &k.public_key)
+        .unwrap();
+    assert!(
+        !answers(
+            agent
+                .client_with(Some(Identity::from_pem(&host_cert, &k.key_pem)))
+                .await
+        )
+        .await,
+        "another host's agent certificate was answered"
+    );
+    let id = pki::controller_identity();
+    assert!(
+        answers(
+            agent
+                .client_with(Some(Identity::from_pem(&id.cert_pem, &id.key_pem)))
+                .await
+        )
+        .await,
+        "the controller's certificate was refused; log:\n{}",
+        agent.log()
+    );
+}

@@ -41,9 +41,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Instances(Instances),
-    /// Hosts known to the controller.
+    /// Hosts known to the controller; joining and revoking them.
     #[command(subcommand)]
-    Hosts(ListOnly),
+    Hosts(Hosts),
     /// Kernel images.
     #[command(subcommand)]
     Images(Images),
@@ -62,6 +62,29 @@ pub enum Command {
     /// The all-in-one cloud on this machine: a controller, an agent and a
     /// test instance.
     Up(Up),
+}
+
+/// Host commands.
+#[derive(Debug, Subcommand)]
+pub enum Hosts {
+    /// List them.
+    List,
+    /// Make a one-time token for host HOST_ID to join with (admin key): put
+    /// it in the agent's configuration as `join_token`. The agent trades it
+    /// for the host's own credential and certificate on its first start.
+    Join {
+        /// The agent's `host_id` (1 to 63 letters, digits and '-').
+        host_id: String,
+        /// How long the token works, in seconds (at most 604800).
+        #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+        ttl: u32,
+    },
+    /// Revoke host HOST_ID's credential (admin key): its heartbeats are
+    /// refused from then on, until it joins again with a new token.
+    Revoke {
+        /// The host id.
+        host_id: String,
+    },
 }
 
 /// Areas that only list.
@@ -138,6 +161,14 @@ pub enum Instances {
     Console {
         /// Instance id.
         id: String,
+    },
+    /// Change what a power-off from inside the guest does from now on.
+    Modify {
+        /// Instance id.
+        id: String,
+        /// stop or terminate.
+        #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"])]
+        shutdown_behavior: String,
     },
 }
 

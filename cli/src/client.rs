@@ -16,6 +16,10 @@ use crate::leader::{Failover, Hop};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an HTTP/2 ping checks that the node still answers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// A ping unanswered this long ends the connection.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +165,16 @@ impl Client {
                     .tls_config(tls)
                     .map_err(|e| ClientError::Endpoint(self.endpoint.clone(), e))?;
             }
-            let ep = ep.connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT);
+            // HTTP/2 pings find a node that accepted the connection but
+            // stopped answering (a paused process) within ~1.5 s, so the
+            // call moves on to another node instead of waiting out
+            // CALL_TIMEOUT.
+            let ep = ep
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true);
             self.channel = Some(ep.connect_lazy());
         }
         let ch = self.channel.clone().expect("channel was just set");

@@ -13,11 +13,14 @@ pub const LEADER_METADATA: &str = "x-ferro-leader";
 /// At most this many redirects per call.
 pub const MAX_HOPS: usize = 5;
 
-/// Metadata key marking an `UNAVAILABLE` answer as worth retrying
-/// (no quorum or an election under way; the write, if any, did not or may
-/// not have committed, so only idempotent calls or calls with a client
-/// token are retried).
+/// Metadata key marking an `UNAVAILABLE` answer whose call did nothing (not
+/// the leader, no quorum, an election under way): safe to send again.
 pub const RETRY_METADATA: &str = "x-ferro-retry";
+
+/// Metadata key marking an `UNAVAILABLE` answer to a write that may still
+/// commit (`unknown`). The CLI sends it again too: every call it makes is
+/// idempotent or carries a client token.
+pub const OUTCOME_METADATA: &str = "x-ferro-outcome";
 
 /// At most this many retries per call after failures that are not
 /// redirects (unreachable node, election under way).
@@ -46,7 +49,8 @@ pub fn retryable(status: &tonic::Status) -> bool {
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
         );
     let marked = status.code() == tonic::Code::Unavailable
-        && status.metadata().get(RETRY_METADATA).is_some();
+        && (status.metadata().get(RETRY_METADATA).is_some()
+            || status.metadata().get(OUTCOME_METADATA).is_some());
     transport || marked
 }
 

@@ -35,6 +35,9 @@ pub enum ControllerError {
     /// The answer of `apply` was not the expected kind.
     #[error("unexpected state machine output")]
     Unexpected,
+    /// The cluster CA could not make or sign a certificate.
+    #[error("certificate authority: {0}")]
+    Pki(#[from] ferro_pki::PkiError),
 }
 
 type Result<T> = std::result::Result<T, ControllerError>;
@@ -113,14 +116,16 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 /// A new API key secret (`fk_` and 64 hex digits) and its record.
-pub fn new_api_key(name: &str, admin: bool, now_ms: u64) -> (String, ApiKey) {
+pub fn new_api_key(name: &str, role: Role, now_ms: u64) -> (String, ApiKey) {
     let secret = format!("fk_{}", crate::state::hex(&random_bytes::<32>()));
     let key = ApiKey {
         id: new_id("ak-"),
         name: name.into(),
         secret_sha256: sha256_hex(secret.as_bytes()),
-        admin,
+        admin: role == Role::Admin,
         created_at_ms: now_ms,
+        role: Some(role),
+        host_id: String::new(),
     };
     (secret, key)
 }
@@ -133,6 +138,8 @@ pub struct Controller<R> {
     /// Signalled after every committed write through this node, so the
     /// reconciler acts at once instead of at its next period.
     changed: tokio::sync::Notify,
+    /// Clients of the agents, over mutual TLS.
+    pub(crate) agents: crate::access::AgentClients,
 }
 
 impl<R: Replicator<ClusterState>> Controller<R> {
@@ -143,6 +150,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             settings,
             liveness: Mutex::new(Liveness::new()),
             changed: tokio::sync::Notify::new(),
+            agents: crate::access::AgentClients::default(),
         })
     }
 
@@ -201,13 +209,15 @@ impl<R: Replicator<ClusterState>> Controller<R> {
     /// Bootstrap a new cluster; returns the admin secret, or `None` when it
     /// was bootstrapped before.
     pub async fn bootstrap(&self, region: &str, azs: Vec<String>) -> Result<Option<String>> {
-        let (secret, key) = new_api_key("admin", true, crate::now_ms());
+        let (secret, key) = new_api_key("admin", Role::Admin, crate::now_ms());
+        let ca = crate::access::new_cluster_ca(region)?;
         let r = self
             .write(Command::Bootstrap {
                 region: region.into(),
                 azs,
                 instance_types: default_instance_types(),
                 admin_key: key,
+                ca: Some(ca),
             })
             .await;
         match r {
@@ -215,32 +225,6 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             Err(ControllerError::State(StateError::FailedPrecondition(_))) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    /// The key whose secret hashes to `hash`, if it may do this.
-    pub async fn authorize(&self, hash: String, admin: bool) -> Result<ApiKey> {
-        let key = self
-            .read(move |s| s.api_key_by_hash(&hash).cloned())
-            .await?;
-        let key = key.ok_or_else(|| ControllerError::Unauthenticated("unknown API key".into()))?;
-        if admin && !key.admin {
-            return Err(StateError::PermissionDenied("an admin API key is required".into()).into());
-        }
-        Ok(key)
-    }
-
-    /// Like [`Self::authorize`], against this node's own replica (a
-    /// follower's may lag the leader's by a few entries). Only for
-    /// node-local, read-only answers such as ClusterStatus.
-    pub fn authorize_local(&self, hash: String, admin: bool) -> Result<ApiKey> {
-        let key = self
-            .repl
-            .read_local(move |s| s.api_key_by_hash(&hash).cloned())?;
-        let key = key.ok_or_else(|| ControllerError::Unauthenticated("unknown API key".into()))?;
-        if admin && !key.admin {
-            return Err(StateError::PermissionDenied("an admin API key is required".into()).into());
-        }
-        Ok(key)
     }
 
     /// Launch instances.

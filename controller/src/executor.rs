@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferro_proto::agent::v1 as pb;
 use ferro_proto::agent::v1::agent_client::AgentClient;
 use ferro_raft::Replicator;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 use tracing::Instrument;
 
@@ -61,7 +61,6 @@ pub struct Executor<R> {
     busy: Mutex<HashSet<String>>,
     /// When this leader first saw each instance terminated.
     terminated_since: Mutex<HashMap<String, u64>>,
-    clients: Mutex<HashMap<String, AgentClient<Channel>>>,
 }
 
 impl<R: Replicator<ClusterState>> Executor<R> {
@@ -71,25 +70,15 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             ctl,
             busy: Mutex::new(HashSet::new()),
             terminated_since: Mutex::new(HashMap::new()),
-            clients: Mutex::new(HashMap::new()),
         })
     }
 
-    fn client(&self, address: &str) -> Result<AgentClient<Channel>, ControllerError> {
-        let mut clients = self
-            .clients
-            .lock()
-            .map_err(|_| ControllerError::Unexpected)?;
-        if let Some(c) = clients.get(address) {
-            return Ok(c.clone());
-        }
-        let ep = Endpoint::from_shared(address.to_string())
-            .map_err(|e| ControllerError::Agent(format!("bad agent address {address:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(CALL_TIMEOUT);
-        let c = AgentClient::new(ep.connect_lazy());
-        clients.insert(address.into(), c.clone());
-        Ok(c)
+    fn client(
+        &self,
+        host_id: &str,
+        address: &str,
+    ) -> Result<AgentClient<Channel>, ControllerError> {
+        self.ctl.agent_client(host_id, address, CALL_TIMEOUT)
     }
 
     /// Run the reconcile loop while this node leads: every `period`, and
@@ -183,7 +172,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 image,
             } => {
                 let span = tracing::info_span!("register_image", %host_id, image_id = %image.id);
-                let mut c = self.client(&address)?;
+                let mut c = self.client(&host_id, &address)?;
                 let r = c
                     .register_image(pb::RegisterImageRequest {
                         id: image.id.clone(),
@@ -203,7 +192,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 start,
             } => {
                 let span = tracing::info_span!("create", instance_id = %instance.id, host_id = %instance.host_id);
-                let mut c = self.client(&address)?;
+                let mut c = self.client(&instance.host_id, &address)?;
                 let spec = pb::InstanceSpec {
                     id: instance.id.clone(),
                     vcpus: instance.vcpus,
@@ -239,7 +228,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             } => {
                 let span = tracing::info_span!("start", instance_id = %id, %host_id);
                 let r = self
-                    .client(&address)?
+                    .client(&host_id, &address)?
                     .start_instance(pb::StartInstanceRequest { id })
                     .instrument(span)
                     .await;
@@ -254,7 +243,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             } => {
                 let span = tracing::info_span!("stop", instance_id = %id, %host_id);
                 let r = self
-                    .client(&address)?
+                    .client(&host_id, &address)?
                     .stop_instance(pb::StopInstanceRequest { id, timeout_ms: 0 })
                     .instrument(span)
                     .await;
@@ -270,7 +259,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             } => {
                 let span = tracing::info_span!("reboot", instance_id = %id, %host_id);
                 let r = self
-                    .client(&address)?
+                    .client(&host_id, &address)?
                     .reboot_instance(pb::RebootInstanceRequest {
                         id: id.clone(),
                         timeout_ms: 0,
@@ -289,7 +278,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             } => {
                 let span = tracing::info_span!("delete", instance_id = %id, %host_id);
                 let r = self
-                    .client(&address)?
+                    .client(&host_id, &address)?
                     .delete_instance(pb::DeleteInstanceRequest { id: id.clone() })
                     .instrument(span)
                     .await;

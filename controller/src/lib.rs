@@ -14,6 +14,7 @@
 //! - [`sshkey`]: Ed25519 key pairs in OpenSSH formats for CreateKeyPair.
 //! - [`config`] and [`server`]: the TOML configuration and the process.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod controller;

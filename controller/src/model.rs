@@ -357,17 +357,71 @@ impl Instance {
     }
 }
 
+/// What a key may do (docs/architecture.md, "Roles").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything a user may, plus keys, hosts and the cluster.
+    Admin,
+    /// The compute API: instances, images, key pairs, groups, tags.
+    User,
+    /// One host's agent: heartbeats for that host only.
+    Host,
+}
+
+impl Role {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::Host => "host",
+        }
+    }
+}
+
 /// An API key: only the sha256 of its secret is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKey {
-    /// `key-<16 hex>`.
+    /// `ak-<16 hex>`.
     pub id: String,
     /// Unique name.
     pub name: String,
     /// Lowercase hex sha256 of the bearer secret.
     pub secret_sha256: String,
-    /// May manage keys and the cluster.
+    /// The role is admin. Kept beside `role` for state written before roles
+    /// existed, which had only this flag.
     pub admin: bool,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// The role; absent in state written before roles existed (then
+    /// `admin` decides between admin and user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// For a host key: the host it speaks for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_id: String,
+}
+
+impl ApiKey {
+    /// The key's role.
+    pub fn role(&self) -> Role {
+        match self.role {
+            Some(r) => r,
+            None if self.admin => Role::Admin,
+            None => Role::User,
+        }
+    }
+}
+
+/// A one-time token an operator made for a host to join with
+/// (`ferro hosts join`); only its sha256 is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// The host it is for.
+    pub host_id: String,
+    /// Unix ms after which it no longer works.
+    pub expires_at_ms: u64,
     /// Unix ms.
     pub created_at_ms: u64,
 }

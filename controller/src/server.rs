@@ -172,7 +172,8 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
 }
 
 /// Bootstraps a fresh cluster from whichever node leads first: checks
-/// every 200 ms until this node's replica shows a bootstrapped state. The
+/// every 200 ms until this node's replica shows a bootstrapped state with
+/// a cluster CA. The
 /// node that bootstraps prints the admin key once and writes it to
 /// `key_file`. Leadership may move at any time (a restarted node can
 /// briefly believe it still leads), so a refused attempt is only retried.
@@ -188,7 +189,14 @@ async fn bootstrap_when_leading<R: Replicator<ClusterState>>(
             .read_local(|s| !s.region.is_empty())
             .unwrap_or(false);
         if done {
-            return;
+            // A cluster bootstrapped before it had a CA gets one.
+            match ctl.ensure_ca().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::info!(error = %crate::chain(&e), "cluster CA deferred"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
         if ctl.is_leader() {
             match ctl.bootstrap(&region, azs.clone()).await {

@@ -91,7 +91,7 @@ async fn non_admin_keys_cannot_manage_keys() {
     let created = admin
         .create_api_key(pb::CreateApiKeyRequest {
             name: "dev".into(),
-            admin: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -108,11 +108,153 @@ async fn non_admin_keys_cannot_manage_keys() {
     let e = admin
         .create_api_key(pb::CreateApiKeyRequest {
             name: "dev".into(),
-            admin: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
+}
+
+/// Only a host's own credential speaks for it: user and admin keys cannot
+/// heartbeat (register a host, move one), a stolen host key cannot speak
+/// for another host, a host key reaches nothing else, a revoked one stops.
+#[tokio::test]
+async fn only_a_hosts_own_credential_speaks_for_it() {
+    let t = controller(false, 10_000).await;
+    let ctl = [t.addr.to_string()];
+    let mut admin = client(t.addr, &t.admin_key).await;
+    let user = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "alice".into(),
+            role: "user".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(user.key.as_ref().unwrap().role, "user");
+    let user = user.secret;
+    let h1 = FakeAgent::new("h1", "az-1", 8, 8192);
+    let k1 = h1.join(&ctl, &t.admin_key).await;
+    let mut hc = hosts_client(t.addr).await;
+    beat(&mut hc, &k1, h1.heartbeat("https://10.0.0.1:7420"))
+        .await
+        .unwrap();
+    let h2 = FakeAgent::new("h2", "az-1", 8, 8192);
+    for key in [&user, &t.admin_key] {
+        // Move h1 to an attacker's address, register a new host.
+        for hb in [
+            h1.heartbeat("https://6.6.6.6:7420"),
+            h2.heartbeat("https://6.6.6.6:1"),
+        ] {
+            let e = beat(&mut hc, key, hb).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        }
+    }
+    // h1's key, stolen, cannot speak for h2.
+    let e = beat(&mut hc, &k1, h2.heartbeat("https://6.6.6.6:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("not host \"h2\"'s"), "{}", e.message());
+    // No key at all.
+    let e = hc
+        .heartbeat(h1.heartbeat("https://6.6.6.6:1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    // Nothing changed: h1 alone, at its own address.
+    let hosts = admin
+        .describe_hosts(pb::DescribeHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(
+        (hosts[0].host_id.as_str(), hosts[0].address.as_str()),
+        ("h1", "https://10.0.0.1:7420")
+    );
+    // A host key reaches nothing of the compute API.
+    let mut as_host = client(t.addr, &k1).await;
+    let e = as_host
+        .describe_instances(pb::DescribeInstancesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // A user key cannot make join tokens, revoke hosts, or make host keys.
+    let mut as_user = client(t.addr, &user).await;
+    let e = as_user
+        .create_join_token(pb::CreateJoinTokenRequest {
+            host_id: "h3".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = as_user
+        .revoke_host(pb::RevokeHostRequest {
+            host_id: "h1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "fake-host".into(),
+            role: "host".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // A join token works once, for its host, and a guess works never.
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            host_id: "h3".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let pk = ferro_pki::generate_key().unwrap().public_key;
+    let join = |host: &str, token: &str| pb::JoinRequest {
+        host_id: host.into(),
+        token: token.into(),
+        public_key: pk.clone(),
+    };
+    for (host, tok) in [("h4", token.as_str()), ("h3", "fj_guess")] {
+        let e = hc.join(join(host, tok)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    let e = hc
+        .join(pb::JoinRequest {
+            public_key: vec![4; 10],
+            ..join("h3", &token)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let j = hc.join(join("h3", &token)).await.unwrap().into_inner();
+    assert!(j.certificate_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let e = hc.join(join("h3", &token)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "a token works once");
+    // Revoked: h1's key stops working; a new join brings it back.
+    admin
+        .revoke_host(pb::RevokeHostRequest {
+            host_id: "h1".into(),
+        })
+        .await
+        .unwrap();
+    let e = beat(&mut hc, &k1, h1.heartbeat("https://10.0.0.1:7420"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let k1b = h1.join(&ctl, &t.admin_key).await;
+    beat(&mut hc, &k1b, h1.heartbeat("https://10.0.0.1:7420"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -248,8 +390,9 @@ async fn run_is_idempotent_with_a_client_token_and_describe_pages() {
     let mut c = client(t.addr, &t.admin_key).await;
     register(&mut c).await;
     let agent = FakeAgent::new("h1", "az-1", 64, 65536);
+    let hk = agent.join(&[t.addr.to_string()], &t.admin_key).await;
     let mut hc = hosts_client(t.addr).await;
-    beat(&mut hc, &t.admin_key, agent.heartbeat("http://127.0.0.1:1"))
+    beat(&mut hc, &hk, agent.heartbeat("http://127.0.0.1:1"))
         .await
         .unwrap();
     let req = pb::RunInstancesRequest {
@@ -330,8 +473,9 @@ async fn reconciler_drives_the_agent_through_the_lifecycle() {
     let mut c = client(t.addr, &t.admin_key).await;
     register(&mut c).await;
     let agent = FakeAgent::new("h1", "az-1", 8, 8192);
+    agent.join(&[t.addr.to_string()], &t.admin_key).await;
     let url = agent.serve().await;
-    heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
+    heartbeat_forever(t.addr, agent.clone(), url);
     wait_for_a_host(&c).await;
     let r = c.run_instances(run_req(2)).await.unwrap().into_inner();
     let ids: Vec<String> = r.instances.iter().map(|i| i.instance_id.clone()).collect();
@@ -428,14 +572,17 @@ async fn silent_host_goes_unreachable_and_its_instance_never_moves() {
     register(&mut c).await;
     let a = FakeAgent::new("h1", "az-1", 8, 8192);
     let b = FakeAgent::new("h2", "az-1", 8, 8192);
+    let ctl = [t.addr.to_string()];
+    let ka = a.join(&ctl, &t.admin_key).await;
+    b.join(&ctl, &t.admin_key).await;
     let (ua, ub) = (a.serve().await, b.serve().await);
     let mut hc = hosts_client(t.addr).await;
     // Only h1 heartbeats at first, so the instance lands there.
-    beat(&mut hc, &t.admin_key, a.heartbeat(&ua)).await.unwrap();
+    beat(&mut hc, &ka, a.heartbeat(&ua)).await.unwrap();
     let r = c.run_instances(run_req(1)).await.unwrap().into_inner();
     let id = r.instances[0].instance_id.clone();
     assert_eq!(r.instances[0].host_id, "h1");
-    heartbeat_forever(t.addr, t.admin_key.clone(), b.clone(), ub);
+    heartbeat_forever(t.addr, b.clone(), ub);
     // h1 stays silent: unreachable, the instance unknown.
     eventually("unknown", || {
         let (mut c, id) = (c.clone(), id.clone());
@@ -448,7 +595,7 @@ async fn silent_host_goes_unreachable_and_its_instance_never_moves() {
         "never started elsewhere"
     );
     // h1 comes back: the instance is created there, once.
-    heartbeat_forever(t.addr, t.admin_key.clone(), a.clone(), ua);
+    heartbeat_forever(t.addr, a.clone(), ua);
     eventually("running on h1", || {
         let (mut c, id) = (c.clone(), id.clone());
         async move {
@@ -475,8 +622,9 @@ async fn terminated_instances_are_purged_after_the_retention_time() {
     let mut c = client(t.addr, &t.admin_key).await;
     register(&mut c).await;
     let agent = FakeAgent::new("h1", "az-1", 8, 8192);
+    agent.join(&[t.addr.to_string()], &t.admin_key).await;
     let url = agent.serve().await;
-    heartbeat_forever(t.addr, t.admin_key.clone(), agent.clone(), url);
+    heartbeat_forever(t.addr, agent.clone(), url);
     wait_for_a_host(&c).await;
     let mut req = run_req(1);
     req.client_token = "purge-me".into();

@@ -3,6 +3,8 @@
 //! under `ferro-vmm`. RunInstances → running → console output →
 //! TerminateInstances → nothing left on the host. Needs KVM and root.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -143,6 +145,8 @@ impl Cloud {
             }
         }
         assert!(key.starts_with("fk_"), "no admin key printed");
+        let host_id = format!("{tag}-host");
+        let token = common::join_token(&[format!("127.0.0.1:{port}")], &key, &host_id).await;
 
         let agent_cfg = dir.join("agent.toml");
         std::fs::write(
@@ -152,7 +156,7 @@ impl Cloud {
                  state_dir = \"{}\"\nvcpus = 4\nmemory_mib = 1024\nreserved_memory_mib = 0\n\
                  vmm_path = \"{}\"\ntap_prefix = \"{tap}\"\ncgroup_parent = \"ferro-{tag}-{pid}\"\n\
                  kernel_cmdline = \"console=ttyS0\"\nstop_timeout_ms = 3000\n\
-                 controller = \"http://127.0.0.1:{port}\"\ncontroller_api_key = \"{key}\"\n\
+                 controller = \"http://127.0.0.1:{port}\"\njoin_token = \"{token}\"\n\
                  heartbeat_interval_ms = 200\n",
                 dir.join("a").display(),
                 vmm.display()

@@ -212,7 +212,7 @@ struct RealAgent {
 }
 
 impl RealAgent {
-    fn start(controllers: &[String], key: &str) -> Self {
+    fn start(controllers: &[String], join_token: &str) -> Self {
         let bin = ferro_testkit::workspace_bin("ferro-agent", "ferro-agent");
         let vmm = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
         let pid = std::process::id();
@@ -226,7 +226,7 @@ impl RealAgent {
              listen = \"127.0.0.1:0\"\nstate_dir = \"{d}/s\"\nvcpus = 1\nmemory_mib = 256\n\
              reserved_memory_mib = 0\nvmm_path = \"{vmm}\"\ntap_prefix = \"fha\"\n\
              cgroup_parent = \"{cgroup_parent}\"\ncontroller = \"{urls}\"\n\
-             controller_api_key = \"{key}\"\nheartbeat_interval_ms = 200\n",
+             join_token = \"{join_token}\"\nheartbeat_interval_ms = 200\n",
             d = dir.display(),
             vmm = vmm.display(),
             urls = controllers.join(","),
@@ -356,9 +356,10 @@ async fn leader_crash_restart_and_partition() {
     // A fake host, heartbeating to every node (followers refuse, the leader
     // takes it), so that a new leader knows it at once.
     let agent = FakeAgent::new("h1", "az-1", 4096, 4 << 20);
+    let host_key = agent.join(&c.addrs, &key).await;
     let agent_url = agent.serve_on("127.0.0.1:0").await;
     {
-        let (agent, key, urls) = (agent.clone(), key.clone(), c.addrs.clone());
+        let (agent, key, urls) = (agent.clone(), host_key, c.addrs.clone());
         tokio::spawn(async move {
             let clients: Vec<_> = urls
                 .iter()
@@ -395,7 +396,8 @@ async fn leader_crash_restart_and_partition() {
         .unwrap();
 
     // And a real agent, given every controller's URL.
-    let _real = RealAgent::start(&c.urls(&all), &key);
+    let token = common::join_token(&c.addrs, &key, "ha-real-agent").await;
+    let _real = RealAgent::start(&c.urls(&all), &token);
     wait_for("both hosts to register", 30, &c, || {
         let mut client = client.clone();
         async move {

@@ -40,9 +40,13 @@ async fn thousand_hosts_ten_thousand_instances() {
         let (addr, key) = (t.addr, t.admin_key.clone());
         tasks.push(tokio::spawn(async move {
             let mut hc = hosts_client(addr).await;
+            // Each host joins, then heartbeats with its own credential.
+            for a in &chunk {
+                a.join(&[addr.to_string()], &key).await;
+            }
             for _ in 0..2 {
                 for a in &chunk {
-                    beat(&mut hc, &key, a.heartbeat("http://127.0.0.1:1"))
+                    beat(&mut hc, &a.host_key(), a.heartbeat("http://127.0.0.1:1"))
                         .await
                         .unwrap();
                 }

@@ -65,9 +65,10 @@ impl BenchAgent {
             "host_id = \"bench\"\navailability_zone = \"bench\"\nlisten = \"127.0.0.1:0\"\n\
              state_dir = \"{}\"\nvcpus = 64\nmemory_mib = 8192\nreserved_memory_mib = 0\n\
              vmm_path = \"{}\"\ntap_prefix = \"fbn\"\ncgroup_parent = \"{cgroup_parent}\"\n\
-             kernel_cmdline = \"console=ttyS0\"\n",
+             kernel_cmdline = \"console=ttyS0\"\n{}",
             dir.display(),
-            vmm.display()
+            vmm.display(),
+            crate::agent_tls::agent_config("bench", &dir),
         );
         std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let mut child = Command::new(agent)
@@ -87,7 +88,7 @@ impl BenchAgent {
             .strip_prefix("ferro-agent: listening on ")
             .ok_or(format!("agent did not start: {line:?}"))?;
         Ok(Self {
-            addr: format!("http://{addr}"),
+            addr: addr.to_string(),
             child,
             dir,
             cgroup_parent,
@@ -229,9 +230,7 @@ fn baseline(vmm: &Path, guest: &Path, runs: usize) -> Result<Vec<f64>> {
 
 async fn bench(agent: &Path, vmm: &Path, guest: &Path, runs: usize) -> Result<Value> {
     let a = BenchAgent::start(agent, vmm)?;
-    let mut c = AgentClient::connect(a.addr.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut c = AgentClient::new(crate::agent_tls::channel(&a.addr, "bench").await?);
     c.register_image(pb::RegisterImageRequest {
         id: "guest".into(),
         kernel_path: guest.display().to_string(),

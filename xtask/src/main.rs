@@ -5,6 +5,7 @@
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
 
+mod agent_tls;
 mod bench_agent;
 mod bench_controller;
 mod bench_linux;

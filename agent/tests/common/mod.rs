@@ -47,6 +47,7 @@ impl Agent {
         std::fs::create_dir_all(&state_dir).unwrap();
         let config = state_dir.join("agent.toml");
         let cgroup_parent = format!("ferro-test-{name}-{pid}");
+        let tls = ferro_testkit::pki::agent_tls_config(&format!("test-{name}"), &state_dir);
         let text = format!(
             r#"host_id = "test-{name}"
 availability_zone = "az-test"
@@ -60,6 +61,7 @@ tap_prefix = "{tap}"
 cgroup_parent = "{cgroup_parent}"
 kernel_cmdline = "console=ttyS0"
 stop_timeout_ms = 3000
+{tls}
 {extra}
 "#,
             state_dir.display(),
@@ -102,7 +104,7 @@ stop_timeout_ms = 3000
             .trim()
             .strip_prefix("ferro-agent: listening on ")
             .unwrap_or_else(|| panic!("agent did not start: {line:?}; log:\n{}", self.log()));
-        self.addr = format!("http://{addr}");
+        self.addr = format!("https://{addr}");
         self.child = Some(child);
     }
 
@@ -127,11 +129,39 @@ stop_timeout_ms = 3000
         c.wait().unwrap()
     }
 
-    /// A gRPC client.
+    /// A gRPC client presenting the test CA's controller certificate.
     pub async fn client(&self) -> AgentClient<Channel> {
-        AgentClient::connect(self.addr.clone())
-            .await
-            .expect("cannot connect to the agent")
+        let id = ferro_testkit::pki::controller_identity();
+        self.client_with(Some(tonic::transport::Identity::from_pem(
+            &id.cert_pem,
+            &id.key_pem,
+        )))
+        .await
+        .expect("cannot connect to the agent")
+    }
+
+    /// A gRPC client over TLS that trusts the test CA and presents
+    /// `identity` (none: no client certificate).
+    pub async fn client_with(
+        &self,
+        identity: Option<tonic::transport::Identity>,
+    ) -> Result<AgentClient<Channel>, tonic::transport::Error> {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                &ferro_testkit::pki::ca().cert_pem,
+            ))
+            .domain_name(ferro_testkit::pki::agent_server_name(&format!(
+                "test-{}",
+                self.name
+            )));
+        if let Some(id) = identity {
+            tls = tls.identity(id);
+        }
+        let ch = tonic::transport::Endpoint::from_shared(self.addr.clone())?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(AgentClient::new(ch))
     }
 
     /// ferro-vmm processes belonging to this agent's state directory.

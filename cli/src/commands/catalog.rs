@@ -33,6 +33,63 @@ pub async fn hosts(client: &mut Client, format: Format) -> Result<(), CommandErr
     Ok(())
 }
 
+/// `ferro hosts join HOST_ID`: prints the one-time token.
+pub async fn join_host(
+    client: &mut Client,
+    format: Format,
+    host_id: String,
+    ttl: u32,
+) -> Result<(), CommandError> {
+    let req = pb::CreateJoinTokenRequest {
+        host_id,
+        ttl_seconds: ttl,
+    };
+    let r = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).create_join_token(req).await }
+        })
+        .await?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"host_id": r.host_id, "token": r.token, "expires_at_ms": r.expires_at_ms})
+        ),
+        Format::Table => {
+            println!("{}", r.token);
+            eprintln!(
+                "ferro: a one-time token for host {:?}, valid {ttl} s: put `join_token = \"{}\"` \
+                 in that host's agent configuration (with `host_id = \"{}\"` and `controller`)",
+                r.host_id, r.token, r.host_id
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `ferro hosts revoke HOST_ID`.
+pub async fn revoke_host(
+    client: &mut Client,
+    format: Format,
+    host_id: String,
+) -> Result<(), CommandError> {
+    let req = pb::RevokeHostRequest {
+        host_id: host_id.clone(),
+    };
+    client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).revoke_host(req).await }
+        })
+        .await?;
+    done(
+        format,
+        &format!("revoked host {host_id:?}'s credential"),
+        json!({"host_id": host_id, "revoked": true}),
+    );
+    Ok(())
+}
+
 /// `images register` as a request.
 pub fn register_request(
     name: &str,

@@ -36,6 +36,27 @@ pub async fn run(
         I::Reboot { ids, wait } => change(client, format, Verb::Reboot, ids, wait).await,
         I::Terminate { ids, wait } => change(client, format, Verb::Terminate, ids, wait).await,
         I::Console { id } => console(client, &id).await,
+        I::Modify {
+            id,
+            shutdown_behavior,
+        } => {
+            let req = pb::ModifyInstanceAttributeRequest {
+                instance_id: id.clone(),
+                instance_initiated_shutdown_behavior: shutdown_behavior.clone(),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).modify_instance_attribute(req).await }
+                })
+                .await?;
+            super::done(
+                format,
+                &format!("{id}: instance-initiated shutdown behavior {shutdown_behavior}"),
+                serde_json::json!({"instance_id": id, "instance_initiated_shutdown_behavior": shutdown_behavior}),
+            );
+            Ok(())
+        }
     }
 }
 

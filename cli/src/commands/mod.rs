@@ -57,7 +57,13 @@ pub async fn run(
     use args::Command as C;
     match cmd {
         C::Instances(c) => instances::run(client, format, c).await,
-        C::Hosts(args::ListOnly::List) => catalog::hosts(client, format).await,
+        C::Hosts(args::Hosts::List) => catalog::hosts(client, format).await,
+        C::Hosts(args::Hosts::Join { host_id, ttl }) => {
+            catalog::join_host(client, format, host_id, ttl).await
+        }
+        C::Hosts(args::Hosts::Revoke { host_id }) => {
+            catalog::revoke_host(client, format, host_id).await
+        }
         C::Images(c) => catalog::images(client, format, c).await,
         C::Keys(c) => catalog::keys(client, format, c).await,
         C::Cluster(c) => catalog::cluster(client, format, c).await,

@@ -155,13 +155,17 @@ pub fn toml_str(s: &str) -> String {
     out
 }
 
-/// The agent's configuration for the all-in-one: it heartbeats to the
-/// local controller with `api_key`, has no bridge (the TAPs stay
-/// unattached) and host resource names tied to the data directory.
-pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, api_key: &str) -> String {
+/// The all-in-one's host id.
+pub const AIO_HOST_ID: &str = "aio-host-1";
+
+/// The agent's configuration for the all-in-one: it joins the local
+/// controller with `join_token` (then heartbeats with its own credential),
+/// has no bridge (the TAPs stay unattached) and host resource names tied
+/// to the data directory.
+pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, join_token: &str) -> String {
     format!(
         "# Written by `ferro up`.\n\
-         host_id = \"aio-host-1\"\n\
+         host_id = \"{AIO_HOST_ID}\"\n\
          availability_zone = \"az-1\"\n\
          listen = \"{agent}\"\n\
          state_dir = {state}\n\
@@ -172,14 +176,14 @@ pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, api_key: 
          tap_prefix = \"{tap}\"\n\
          cgroup_parent = \"{cg}\"\n\
          controller = \"{controller}\"\n\
-         controller_api_key = {key}\n",
+         join_token = {key}\n",
         agent = l.agent_addr,
         state = toml_str(&l.agent_state_dir().display().to_string()),
         vmm = toml_str(&vmm.display().to_string()),
         tap = l.tap_prefix,
         cg = l.cgroup_parent,
         controller = l.endpoint(),
-        key = toml_str(api_key),
+        key = toml_str(join_token),
     )
 }
 

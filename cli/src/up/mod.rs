@@ -9,7 +9,6 @@
 //! terminates what it launched (unless `--keep`) and stops both daemons.
 //! With `--demo` it does not wait for Ctrl-C.
 
-pub mod agent;
 pub mod files;
 pub mod host;
 pub mod supervise;
@@ -65,9 +64,6 @@ pub enum UpError {
     /// Signal handlers.
     #[error("cannot install signal handlers")]
     Signal(#[source] std::io::Error),
-    /// The agent's console could not be read.
-    #[error(transparent)]
-    Agent(#[from] agent::AgentError),
     /// Ctrl-C or SIGTERM before the all-in-one was up.
     #[error("interrupted")]
     Interrupted,
@@ -161,7 +157,6 @@ pub async fn run(up: Up) -> Result<(), UpError> {
 struct Launched {
     client: Client,
     instances: Vec<String>,
-    agent_endpoint: String,
     key: String,
 }
 
@@ -227,7 +222,21 @@ async fn bring_up(
     .await?;
 
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, 2048, &key);
+    // The host joins with a one-time token, as any host does; a data dir
+    // whose agent joined before keeps its credentials and ignores it.
+    let join = pb::CreateJoinTokenRequest {
+        host_id: files::AIO_HOST_ID.into(),
+        ttl_seconds: 600,
+    };
+    let token = client
+        .call(|ch| {
+            let join = join.clone();
+            async move { ComputeClient::new(ch).create_join_token(join).await }
+        })
+        .await
+        .map_err(CommandError::from)?
+        .token;
+    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, 2048, &token);
     files::write_private(&layout.agent_config(), &agent_cfg)?;
     note(&format!(
         "starting ferro-agent on {} (log {})",
@@ -240,7 +249,6 @@ async fn bring_up(
         &layout.agent_config(),
         &layout.log("agent"),
     )?);
-    let agent_endpoint = format!("http://{}", layout.agent_addr);
     wait_healthy(daemons, timeout, "the agent's host to be healthy", || {
         let mut c = client.clone();
         async move {
@@ -291,7 +299,6 @@ async fn bring_up(
             .map(|i| i.instance_id.clone())
             .collect(),
         client,
-        agent_endpoint,
         key,
     };
     note(&format!(
@@ -394,7 +401,7 @@ async fn show(up: &Up, launched: &mut Launched, daemons: &mut Daemons) -> Result
         print!("{}", crate::output::instance_detail(i));
     }
     let id = ids.first().cloned().unwrap_or_default();
-    let console = wait_console(client, &launched.agent_endpoint, &id, timeout).await?;
+    let console = wait_console(client, &id, timeout).await?;
     println!("== console of {id}:");
     print!("{console}");
     if !console.ends_with('\n') {
@@ -403,24 +410,12 @@ async fn show(up: &Up, launched: &mut Launched, daemons: &mut Daemons) -> Result
     Ok(())
 }
 
-/// Polls the console until the self-test is done.
-/// Reads it from the controller, or from the agent when the controller
-/// does not offer GetConsoleOutput.
-async fn wait_console(
-    client: &mut Client,
-    agent: &str,
-    id: &str,
-    timeout: Duration,
-) -> Result<String, UpError> {
+/// Polls the console (through the controller) until the self-test is done.
+async fn wait_console(client: &mut Client, id: &str, timeout: Duration) -> Result<String, UpError> {
     let deadline = Instant::now() + timeout;
     let mut spinner = Spinner::stderr();
     loop {
-        let out = match commands::console_bytes(client, id).await {
-            Err(e) if e.status().map(|s| s.code()) == Some(tonic::Code::Unimplemented) => {
-                agent::console(agent, id).await?
-            }
-            r => r?,
-        };
+        let out = commands::console_bytes(client, id).await?;
         let text = String::from_utf8_lossy(&out).into_owned();
         if text.contains(SELFTEST_DONE) {
             return Ok(text);

@@ -64,6 +64,15 @@ pub trait StateMachine: Serialize + DeserializeOwned + Default + Send + Sync + '
     /// Apply one committed command. Must not do I/O or read clocks: any
     /// time or randomness the command needs is inside the command.
     fn apply(&mut self, command: Self::Command) -> Self::Response;
+
+    /// Called on every state decoded from a snapshot (at start and when a
+    /// leader installs one) and on the empty state of a new node, before it
+    /// is used: bring an older format up to date, or refuse one this build
+    /// cannot read (a newer controller wrote it) with a message saying so.
+    /// A refused snapshot is never applied.
+    fn upgrade(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A cluster member as clients see it.
@@ -84,9 +93,14 @@ pub enum ReplicationError {
         /// The current leader, if known.
         leader: Option<Member>,
     },
-    /// No quorum could be reached in time.
+    /// No quorum could be reached; the write was not proposed (or the read
+    /// not served): safe to send again.
     #[error("no quorum: {0}")]
     Unavailable(String),
+    /// A proposed write got no answer in time: it may still commit. Only an
+    /// idempotent write (or one with a client token) may be sent again.
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
     /// Storage failed.
     #[error("storage error: {0}")]
     Storage(String),

@@ -424,16 +424,23 @@ impl<S: StateMachine> Replicator<S> for RaftReplicator<S> {
         self.proposals
             .send(Proposal { command, reply })
             .map_err(|_| ReplicationError::Unavailable("the proposer has stopped".into()))?;
-        // On a timeout the write may still commit later: callers that retry
-        // should make their commands idempotent (client tokens).
-        self.with_timeout("write", async {
-            response.await.unwrap_or_else(|_| {
-                Err(ReplicationError::Unavailable(
-                    "the proposer has stopped".into(),
-                ))
+        // Proposed: from here on, no answer means the write may still
+        // commit later (callers that retry use client tokens).
+        let r = self
+            .with_timeout("write", async {
+                response.await.unwrap_or_else(|_| {
+                    Err(ReplicationError::Indeterminate(
+                        "the proposer stopped before the write was answered".into(),
+                    ))
+                })
             })
-        })
-        .await
+            .await;
+        match r {
+            Err(ReplicationError::Unavailable(m)) if m.contains("timed out") => Err(
+                ReplicationError::Indeterminate(format!("{m}; the write may still commit")),
+            ),
+            r => r,
+        }
     }
 
     async fn read<R, F>(&self, f: F) -> Result<R, ReplicationError>

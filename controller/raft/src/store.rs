@@ -52,6 +52,9 @@ pub enum StoreError {
     /// Reading the stored snapshot failed.
     #[error("cannot read the stored snapshot")]
     Snapshot(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The stored snapshot is in a format this build does not read.
+    #[error("the stored snapshot cannot be used: {0}")]
+    Format(String),
 }
 
 /// Counters about the storage, for tests and monitoring.
@@ -153,8 +156,11 @@ impl<S: StateMachine> LogReader<S> {
             if !range.contains(&index) {
                 break;
             }
-            let entry = serde_json::from_slice(&v)
-                .map_err(|e| StorageIOError::read_logs(AnyError::new(&e)))?;
+            let entry = serde_json::from_slice(&v).map_err(|e| {
+                StorageIOError::read_logs(AnyError::error(format!(
+                    "log entry {index} cannot be read by this version (written by a newer controller?): {e}"
+                )))
+            })?;
             out.push(entry);
         }
         Ok(out)
@@ -350,7 +356,7 @@ impl<S: StateMachine> SmStore<S> {
     pub(crate) fn open(db: Arc<DB>, counters: Arc<Counters>) -> Result<Self, StoreError> {
         let stored: Option<StoredSnapshot> =
             read_json(&db, CF_SM, KEY_SNAPSHOT).map_err(|e| StoreError::Snapshot(e.into()))?;
-        let data = match stored {
+        let mut data = match stored {
             None => SmData {
                 state: S::default(),
                 last_applied: None,
@@ -363,6 +369,7 @@ impl<S: StateMachine> SmStore<S> {
                 membership: s.meta.last_membership,
             },
         };
+        data.state.upgrade().map_err(StoreError::Format)?;
         Ok(Self {
             db,
             data: Arc::new(RwLock::new(data)),
@@ -462,8 +469,12 @@ impl<S: StateMachine> RaftStateMachine<TypeConfig<S>> for SmStore<S> {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: S = serde_json::from_slice(&data).map_err(|e| {
+        let mut state: S = serde_json::from_slice(&data).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        // Refused before anything of it is kept or applied.
+        state.upgrade().map_err(|m| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::error(m))
         })?;
         self.save_snapshot(&StoredSnapshot {
             meta: meta.clone(),

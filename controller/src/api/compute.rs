@@ -169,6 +169,32 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         Ok(Response::new(changes_out(c)))
     }
 
+    async fn modify_instance_attribute(
+        &self,
+        req: Request<pb::ModifyInstanceAttributeRequest>,
+    ) -> Res<pb::ModifyInstanceAttributeResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let behavior = match r.instance_initiated_shutdown_behavior.as_str() {
+            "" => {
+                return Err(Status::invalid_argument(
+                    "instance_initiated_shutdown_behavior: give stop or terminate",
+                ))
+            }
+            s => ShutdownBehavior::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "instance_initiated_shutdown_behavior: {s:?} is not stop or terminate"
+                ))
+            })?,
+        };
+        self.write(Command::SetShutdownBehavior {
+            id: r.instance_id,
+            behavior,
+        })
+        .await?;
+        Ok(Response::new(pb::ModifyInstanceAttributeResponse {}))
+    }
+
     async fn get_console_output(
         &self,
         req: Request<pb::GetConsoleOutputRequest>,
@@ -176,7 +202,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
         let id = r.instance_id.clone();
-        let (address, on_host, terminated) = self
+        let (host_id, address, on_host, terminated) = self
             .read(move |s| {
                 let i = s.instances.get(&id).ok_or_else(|| {
                     StateError::NotFound(format!("instance_id: no instance {id:?}"))
@@ -187,6 +213,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                     .map(|h| h.address.clone())
                     .unwrap_or_default();
                 Ok((
+                    i.host_id.clone(),
                     address,
                     i.observed != crate::model::ObservedState::Absent,
                     i.desired == crate::model::DesiredState::Terminated,
@@ -211,10 +238,10 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             // answers with an empty output too).
             return Ok(empty(r.instance_id));
         }
-        let ep = tonic::transport::Endpoint::from_shared(address)
-            .map_err(|e| Status::unavailable(format!("host address: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(2));
-        let mut c = ferro_proto::agent::v1::agent_client::AgentClient::new(ep.connect_lazy());
+        let mut c = self
+            .ctl
+            .agent_client(&host_id, &address, std::time::Duration::from_secs(10))
+            .map_err(status)?;
         let out = match c
             .get_console_output(ferro_proto::agent::v1::GetConsoleOutputRequest {
                 id: r.instance_id.clone(),
@@ -536,7 +563,26 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::CreateApiKeyResponse> {
         self.auth(&req, true).await?;
         let r = req.into_inner();
-        let (secret, key) = new_api_key(&r.name, r.admin, crate::now_ms());
+        let role = match (r.role.as_str(), r.admin) {
+            ("admin", _) | ("", true) => Role::Admin,
+            ("user", false) | ("", false) => Role::User,
+            ("user", true) => {
+                return Err(Status::invalid_argument(
+                    "role: \"user\" contradicts admin: true",
+                ))
+            }
+            ("host", _) => {
+                return Err(Status::invalid_argument(
+                    "role: host keys are made only by a host joining (ferro hosts join)",
+                ))
+            }
+            (other, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "role: {other:?} is not one of admin, user"
+                )))
+            }
+        };
+        let (secret, key) = new_api_key(&r.name, role, crate::now_ms());
         debug_assert_eq!(key.secret_sha256, sha256_hex(secret.as_bytes()));
         match self.write(Command::CreateApiKey { key }).await? {
             Output::ApiKey(k) => Ok(Response::new(pb::CreateApiKeyResponse {
@@ -568,5 +614,42 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         let id = req.into_inner().id;
         self.write(Command::DeleteApiKey { id }).await?;
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Res<pb::CreateJoinTokenResponse> {
+        self.auth(&req, true).await?;
+        let r = req.into_inner();
+        let ttl_ms = match u64::from(r.ttl_seconds) * 1000 {
+            0 => 3_600_000,
+            t if t > crate::state::MAX_JOIN_TOKEN_TTL_MS => {
+                return Err(Status::invalid_argument(
+                    "ttl_seconds: at most 604800 (7 days)",
+                ))
+            }
+            t => t,
+        };
+        let (token, expires_at_ms) = self
+            .ctl
+            .create_join_token(&r.host_id, ttl_ms)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            host_id: r.host_id,
+            expires_at_ms,
+        }))
+    }
+
+    async fn revoke_host(
+        &self,
+        req: Request<pb::RevokeHostRequest>,
+    ) -> Res<pb::RevokeHostResponse> {
+        self.auth(&req, true).await?;
+        let r = req.into_inner();
+        self.ctl.revoke_host(&r.host_id).await.map_err(status)?;
+        Ok(Response::new(pb::RevokeHostResponse {}))
     }
 }

@@ -218,8 +218,10 @@ pub fn api_key_out(k: &ApiKey) -> pb::ApiKey {
     pb::ApiKey {
         id: k.id.clone(),
         name: k.name.clone(),
-        admin: k.admin,
+        admin: k.role() == Role::Admin,
         created_at_ms: k.created_at_ms,
+        role: k.role().as_str().into(),
+        host_id: k.host_id.clone(),
     }
 }
 

@@ -24,21 +24,29 @@ pub use hosts::HostsService;
 /// Metadata key naming the leader in UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-ferro-leader";
 
-/// Metadata key marking an UNAVAILABLE answer as retryable (no quorum, an
-/// election under way).
+/// Metadata key marking an UNAVAILABLE answer whose call definitely did
+/// nothing (not the leader, no quorum before proposing, an election under
+/// way): safe to send again, here or at another node.
 pub const RETRY_METADATA: &str = "x-ferro-retry";
+
+/// Metadata key marking an UNAVAILABLE answer to a write that was proposed
+/// but not answered in time (`x-ferro-outcome: unknown`): it may still
+/// commit, so only an idempotent write or one with a client token may be
+/// sent again.
+pub const OUTCOME_METADATA: &str = "x-ferro-outcome";
 
 /// The sha256 of the caller's bearer key, attached by [`authenticate`].
 #[derive(Clone, Debug)]
 pub struct CallerKey(pub String);
 
-/// Interceptor: require `authorization: Bearer <key>`, attach its hash.
+/// Interceptor: take `authorization: Bearer <key>` and attach its hash; a
+/// malformed header is refused here, a missing one by [`caller`] in each
+/// call that needs a key (every call but `Hosts.Join`).
 #[allow(clippy::result_large_err)]
 pub fn authenticate(mut req: Request<()>) -> Result<Request<()>, Status> {
-    let header = req
-        .metadata()
-        .get("authorization")
-        .ok_or_else(|| Status::unauthenticated("authorization: missing API key"))?;
+    let Some(header) = req.metadata().get("authorization") else {
+        return Ok(req);
+    };
     let text = header
         .to_str()
         .map_err(|_| Status::unauthenticated("authorization: not ASCII"))?;
@@ -87,6 +95,12 @@ pub fn status(e: ControllerError) -> Status {
             st
         }
         ControllerError::Replication(R::Membership(m)) => Status::failed_precondition(m),
+        ControllerError::Replication(e @ R::Indeterminate(_)) => {
+            let mut st = Status::unavailable(e.to_string());
+            st.metadata_mut()
+                .insert(OUTCOME_METADATA, MetadataValue::from_static("unknown"));
+            st
+        }
         ControllerError::Replication(e) => {
             // No quorum or an election under way: clients may retry, here
             // or at another node.
@@ -98,6 +112,7 @@ pub fn status(e: ControllerError) -> Status {
         ControllerError::Unauthenticated(m) => Status::unauthenticated(m),
         ControllerError::Agent(m) => Status::unavailable(m),
         ControllerError::Unexpected => Status::internal("unexpected state machine output"),
+        ControllerError::Pki(e) => Status::internal(format!("certificate authority: {e}")),
     }
 }
 
@@ -118,11 +133,29 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(s.message().contains("10.0.0.2:7400"), "{}", s.message());
         assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "10.0.0.2:7400");
+        assert!(s.metadata().get(RETRY_METADATA).is_some());
+        assert!(s.metadata().get(OUTCOME_METADATA).is_none());
+    }
+
+    #[test]
+    fn a_write_that_may_still_commit_is_marked_apart() {
+        let s = status(ControllerError::Replication(
+            ReplicationError::Indeterminate("write timed out".into()),
+        ));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.metadata().get(RETRY_METADATA).is_none());
+        assert_eq!(s.metadata().get(OUTCOME_METADATA).unwrap(), "unknown");
+        let s = status(ControllerError::Replication(ReplicationError::Unavailable(
+            "no quorum".into(),
+        )));
+        assert!(s.metadata().get(RETRY_METADATA).is_some());
+        assert!(s.metadata().get(OUTCOME_METADATA).is_none());
     }
 
     #[test]
     fn interceptor_requires_a_bearer_key() {
-        assert!(authenticate(Request::new(())).is_err());
+        let r = authenticate(Request::new(())).unwrap();
+        assert_eq!(caller(&r).unwrap_err().code(), tonic::Code::Unauthenticated);
         let mut r = Request::new(());
         r.metadata_mut()
             .insert("authorization", "Basic x".parse().unwrap());

@@ -124,6 +124,99 @@ pub struct FakeAgent {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub state: Arc<Mutex<FakeState>>,
+    /// What it got when it joined.
+    pub joined: Arc<Mutex<Option<Joined>>>,
+}
+
+/// A host's answer to joining: its credential, its agent certificate and
+/// key, the cluster CA.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    pub host_key: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// A one-time join token for `host_id` made with `admin_key`, trying each
+/// of `addrs` (the leader answers) for up to 30 s.
+pub async fn join_token(addrs: &[String], admin_key: &str, host_id: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for a in addrs {
+            let Ok(ch) = Channel::from_shared(format!("http://{a}"))
+                .unwrap()
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            let mut c = ComputeClient::with_interceptor(ch, Bearer::new(admin_key));
+            let r = c
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    host_id: host_id.into(),
+                    ttl_seconds: 600,
+                })
+                .await;
+            if let Ok(t) = r {
+                return t.into_inner().token;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no join token for {host_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Make a join token for `host_id` with `admin_key` and join with it,
+/// trying each of `addrs` (the leader answers) for up to 30 s.
+pub async fn join_host(addrs: &[String], admin_key: &str, host_id: &str) -> Joined {
+    let key = ferro_pki::generate_key().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for a in addrs {
+            let Ok(ch) = Channel::from_shared(format!("http://{a}"))
+                .unwrap()
+                .connect()
+                .await
+            else {
+                continue;
+            };
+            let mut c = ComputeClient::with_interceptor(ch.clone(), Bearer::new(admin_key));
+            let Ok(t) = c
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    host_id: host_id.into(),
+                    ttl_seconds: 60,
+                })
+                .await
+            else {
+                continue;
+            };
+            let r = HostsClient::new(ch)
+                .join(pb::JoinRequest {
+                    host_id: host_id.into(),
+                    token: t.into_inner().token,
+                    public_key: key.public_key.clone(),
+                })
+                .await;
+            if let Ok(r) = r {
+                let r = r.into_inner();
+                return Joined {
+                    host_key: r.host_key,
+                    cert_pem: r.certificate_pem,
+                    key_pem: key.key_pem.clone(),
+                    ca_pem: r.ca_pem,
+                };
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host {host_id} could not join"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn set(st: &mut FakeState, id: &str, s: ag::InstanceState) -> Result<ag::Instance, Status> {
@@ -291,7 +384,28 @@ impl FakeAgent {
             vcpus,
             memory_mib,
             state: Arc::default(),
+            joined: Arc::default(),
         }
+    }
+
+    /// Join the controller(s) at `addrs` with `admin_key`; returns the
+    /// host key (also kept for [`Self::serve`] and [`Self::host_key`]).
+    pub async fn join(&self, addrs: &[String], admin_key: &str) -> String {
+        let j = join_host(addrs, admin_key, &self.host_id).await;
+        let key = j.host_key.clone();
+        *self.joined.lock().unwrap() = Some(j);
+        key
+    }
+
+    /// The host key of its join.
+    pub fn host_key(&self) -> String {
+        self.joined
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("the fake agent has not joined")
+            .host_key
+            .clone()
     }
 
     pub fn host_info_now(&self) -> ag::HostInfoResponse {
@@ -323,16 +437,31 @@ impl FakeAgent {
         self.serve_on("127.0.0.1:0").await
     }
 
-    /// Serve it on `addr` (port 0: a free one); returns its URL.
+    /// Serve it on `addr` (port 0: a free one) over mutual TLS with the
+    /// certificate of its join, as a real agent does; returns its URL.
     pub async fn serve_on(&self, addr: &str) -> String {
+        let j = self
+            .joined
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("join before serving: agents serve only mutual TLS");
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &j.cert_pem,
+                &j.key_pem,
+            ))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&j.ca_pem));
         tokio::spawn(
             tonic::transport::Server::builder()
+                .tls_config(tls)
+                .unwrap()
                 .add_service(AgentServer::new(self.clone()))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
-        format!("http://{addr}")
+        format!("https://{addr}")
     }
 }
 
@@ -355,8 +484,10 @@ pub async fn beat(
     c.heartbeat(r).await.map(|_| ())
 }
 
-/// Heartbeat `agent` (served at `url`) every 50 ms, forever.
-pub fn heartbeat_forever(ctl: SocketAddr, key: String, agent: FakeAgent, url: String) {
+/// Heartbeat `agent` (served at `url`) with its host key every 50 ms,
+/// forever.
+pub fn heartbeat_forever(ctl: SocketAddr, agent: FakeAgent, url: String) {
+    let key = agent.host_key();
     tokio::spawn(async move {
         let mut c = hosts_client(ctl).await;
         loop {

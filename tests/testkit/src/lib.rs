@@ -198,3 +198,49 @@ mod tests {
         assert!(workspace_root().join("tests/guest/build.sh").exists());
     }
 }
+
+/// A cluster CA for tests that run an agent without a controller: the
+/// agent's TLS files and the client certificate a test (playing the
+/// controller) calls it with.
+pub mod pki {
+    use std::path::Path;
+
+    pub use ferro_pki::{agent_server_name, generate_key, Ca, CaMaterial, Identity};
+
+    /// One CA per test process.
+    pub fn ca() -> &'static CaMaterial {
+        static CA: std::sync::OnceLock<CaMaterial> = std::sync::OnceLock::new();
+        CA.get_or_init(|| Ca::generate("ferro test CA").expect("cannot make a test CA"))
+    }
+
+    /// Write host `host_id`'s agent certificate, key and the client CA into
+    /// `dir`; returns the agent configuration lines naming them.
+    pub fn agent_tls_config(host_id: &str, dir: &Path) -> String {
+        let issuer = Ca::load(ca()).expect("test CA");
+        let key = ferro_pki::generate_key().expect("key");
+        let cert = issuer
+            .issue_agent(host_id, &key.public_key)
+            .expect("agent cert");
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}\nclient_ca_file = {:?}\n",
+            write("agent.crt", &cert),
+            write("agent.key", &key.key_pem),
+            write("clients-ca.crt", &ca().cert_pem),
+        )
+    }
+
+    /// A client certificate of the test CA (what a controller presents).
+    pub fn controller_identity() -> &'static Identity {
+        static ID: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+        ID.get_or_init(|| {
+            Ca::load(ca())
+                .and_then(|c| c.issue_controller("test"))
+                .expect("controller cert")
+        })
+    }
+}

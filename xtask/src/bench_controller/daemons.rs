@@ -234,7 +234,23 @@ pub(super) async fn start_controller(
     Ok((p, addr, key))
 }
 
-/// Starts an agent in `s`; heartbeating to `controller` when given.
+/// The bench agent's host id.
+pub(super) const BENCH_HOST: &str = "bench-host";
+
+/// A one-time join token for [`BENCH_HOST`].
+pub(super) async fn join_token(c: &mut Compute) -> Result<String> {
+    let r = c
+        .create_join_token(pb::CreateJoinTokenRequest {
+            host_id: BENCH_HOST.into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .map_err(|e| format!("CreateJoinToken: {}", e.message()))?;
+    Ok(r.into_inner().token)
+}
+
+/// Starts an agent in `s`: joining `controller` with the join token when
+/// given, else standalone with TLS files from the bench CA.
 pub(super) fn start_agent(
     bins: &Binaries,
     s: &Scratch,
@@ -243,7 +259,7 @@ pub(super) fn start_agent(
     let addr = free_port()?;
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut text = format!(
-        "host_id = \"bench-host\"\navailability_zone = \"az-1\"\nlisten = \"{addr}\"\n\
+        "host_id = \"{BENCH_HOST}\"\navailability_zone = \"az-1\"\nlisten = \"{addr}\"\n\
          state_dir = \"{}\"\nvcpus = {vcpus}\nmemory_mib = 2048\nreserved_memory_mib = 256\n\
          vmm_path = \"{}\"\ntap_prefix = \"{}\"\ncgroup_parent = \"{}\"\n",
         s.path("agent").display(),
@@ -251,8 +267,11 @@ pub(super) fn start_agent(
         s.tap_prefix,
         s.cgroup_parent,
     );
-    if let Some((ctl, key)) = controller {
-        text += &format!("controller = \"http://{ctl}\"\ncontroller_api_key = \"{key}\"\n");
+    match controller {
+        Some((ctl, token)) => {
+            text += &format!("controller = \"http://{ctl}\"\njoin_token = \"{token}\"\n");
+        }
+        None => text += &crate::agent_tls::agent_config(BENCH_HOST, &s.path("")),
     }
     let config = s.path("agent.toml");
     write(&config, &text)?;

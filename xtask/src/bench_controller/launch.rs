@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use super::daemons::{
-    channel, compute, register_image, smallest_type, start_agent, start_controller, state_name,
-    Compute, Proc, Scratch, IMAGE_CMDLINE, STATE_TIMEOUT,
+    compute, join_token, register_image, smallest_type, start_agent, start_controller, state_name,
+    Compute, Proc, Scratch, BENCH_HOST, IMAGE_CMDLINE, STATE_TIMEOUT,
 };
 use super::{met, ms, num, rpc, stats, Binaries, Result};
 
@@ -36,7 +36,8 @@ impl AllInOne {
         let (mut controller, addr, key) =
             start_controller(&bins.controller, &scratch, "", "info").await?;
         let mut client = compute(&mut controller, addr, &key).await?;
-        let (mut agent, _) = start_agent(bins, &scratch, Some((addr, &key)))?;
+        let token = join_token(&mut client).await?;
+        let (mut agent, _) = start_agent(bins, &scratch, Some((addr, &token)))?;
         let deadline = Instant::now() + STATE_TIMEOUT;
         loop {
             agent.check()?;
@@ -200,7 +201,7 @@ async fn agent_baseline(bins: &Binaries, ty: &pb::InstanceType, runs: usize) -> 
     let (mut agent, addr) = start_agent(bins, &scratch, None)?;
     let mut c = loop {
         agent.check()?;
-        if let Ok(ch) = channel(addr).await {
+        if let Ok(ch) = crate::agent_tls::channel(&addr.to_string(), BENCH_HOST).await {
             break AgentClient::new(ch);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

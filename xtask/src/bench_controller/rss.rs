@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use ferro_proto::agent::v1 as ag;
 use ferro_proto::compute::v1 as pb;
+use pb::compute_client::ComputeClient;
 use pb::hosts_client::HostsClient;
 use serde_json::{json, Value};
 
@@ -23,12 +24,39 @@ const RSS_BATCH: u32 = 100;
 async fn heartbeat_fake_hosts(addr: SocketAddr, key: &str) -> Result<()> {
     let mut tasks = Vec::new();
     for chunk in 0..8 {
-        let mut h: Hosts = HostsClient::with_interceptor(channel(addr).await?, bearer(key)?);
+        let ch = channel(addr).await?;
+        let mut admin = ComputeClient::with_interceptor(ch.clone(), bearer(key)?);
+        let mut join = HostsClient::new(ch.clone());
         tasks.push(tokio::spawn(async move {
             for i in (chunk..FAKE_HOSTS).step_by(8) {
+                // Each fake host joins and heartbeats with its own key.
+                let host_id = format!("fake-{i:04}");
+                let token = admin
+                    .create_join_token(pb::CreateJoinTokenRequest {
+                        host_id: host_id.clone(),
+                        ttl_seconds: 600,
+                    })
+                    .await
+                    .map_err(rpc("CreateJoinToken"))?
+                    .into_inner()
+                    .token;
+                let public_key = ferro_pki::generate_key()
+                    .map_err(|e| e.to_string())?
+                    .public_key;
+                let host_key = join
+                    .join(pb::JoinRequest {
+                        host_id: host_id.clone(),
+                        token,
+                        public_key,
+                    })
+                    .await
+                    .map_err(rpc("Join"))?
+                    .into_inner()
+                    .host_key;
+                let mut h: Hosts = HostsClient::with_interceptor(ch.clone(), bearer(&host_key)?);
                 let hb = pb::HeartbeatRequest {
                     host: Some(ag::HostInfoResponse {
-                        host_id: format!("fake-{i:04}"),
+                        host_id,
                         availability_zone: "az-1".into(),
                         cpu_model: "fake".into(),
                         vcpus_total: 16,

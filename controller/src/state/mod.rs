@@ -17,6 +17,11 @@ use sha2::{Digest, Sha256};
 use crate::model::*;
 use crate::scheduler;
 
+mod access;
+
+pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
+pub use ferro_pki::CaMaterial;
+
 /// Why a command or query was refused. Each maps to one gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum StateError {
@@ -123,6 +128,9 @@ pub enum Command {
         instance_types: Vec<InstanceType>,
         /// The admin key.
         admin_key: ApiKey,
+        /// The cluster CA (absent in commands written before there was one).
+        #[serde(default)]
+        ca: Option<CaMaterial>,
     },
     /// Launch instances (placement happens here).
     RunInstances {
@@ -141,6 +149,13 @@ pub enum Command {
         ids: Vec<String>,
         /// The new intent.
         desired: DesiredState,
+    },
+    /// Change what a power-off from inside the guest does.
+    SetShutdownBehavior {
+        /// Instance id.
+        id: String,
+        /// The new behaviour.
+        behavior: ShutdownBehavior,
     },
     /// Request a reboot of running instances.
     Reboot {
@@ -232,6 +247,39 @@ pub enum Command {
         /// Id.
         id: String,
     },
+    /// Keep the cluster CA, when none is kept yet (clusters bootstrapped
+    /// before there was one).
+    SetClusterCa {
+        /// The CA.
+        ca: CaMaterial,
+    },
+    /// Store a one-time join token for a host (replacing its unused one).
+    CreateJoinToken {
+        /// The host it is for.
+        host_id: String,
+        /// sha256 of the token.
+        token_sha256: String,
+        /// Unix ms.
+        expires_at_ms: u64,
+        /// Unix ms.
+        now_ms: u64,
+    },
+    /// A host trades its join token for its credential.
+    JoinHost {
+        /// The joining host.
+        host_id: String,
+        /// sha256 of the token it presented.
+        token_sha256: String,
+        /// Unix ms.
+        now_ms: u64,
+        /// Its new credential (role host, bound to `host_id`).
+        key: ApiKey,
+    },
+    /// Delete a host's credential and unused join tokens.
+    RevokeHost {
+        /// The host.
+        host_id: String,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -289,9 +337,17 @@ pub struct TokenRecord {
     pub instance_ids: Vec<String>,
 }
 
+/// The format of [`ClusterState`] this build writes. Raise it with every
+/// change to what the state holds; [`ClusterState::upgrade`] brings older
+/// formats up to date and refuses newer ones.
+pub const STATE_FORMAT: u32 = 1;
+
 /// The whole replicated state of a cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
+    /// The format this state was written in (0: before formats existed).
+    #[serde(default)]
+    pub format: u32,
     /// Region name; empty until bootstrap.
     pub region: String,
     /// Zones by name.
@@ -314,11 +370,33 @@ pub struct ClusterState {
     pub api_keys: BTreeMap<String, ApiKey>,
     /// API key id by secret hash.
     pub api_key_by_hash: BTreeMap<String, String>,
+    /// Unused join tokens by sha256.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, JoinToken>,
+    /// The cluster CA (set at bootstrap).
+    #[serde(default)]
+    pub ca: Option<CaMaterial>,
 }
 
 impl ferro_raft::StateMachine for ClusterState {
     type Command = Command;
     type Response = Response;
+
+    fn upgrade(&mut self) -> Result<(), String> {
+        match self.format {
+            // 0 → 1: roles on API keys, join tokens and the cluster CA,
+            // all read with serde defaults.
+            f if f <= STATE_FORMAT => {
+                self.format = STATE_FORMAT;
+                Ok(())
+            }
+            f => Err(format!(
+                "the cluster state is in format {f}, written by a newer ferro-controller; \
+                 this one reads formats up to {STATE_FORMAT}: run the newer version \
+                 (nothing was changed)"
+            )),
+        }
+    }
 
     fn apply(&mut self, command: Command) -> Response {
         let _span = tracing::debug_span!("apply").entered();
@@ -333,7 +411,14 @@ impl ferro_raft::StateMachine for ClusterState {
                 azs,
                 instance_types,
                 admin_key,
-            } => self.bootstrap(region, azs, instance_types, admin_key),
+                ca,
+            } => {
+                let out = self.bootstrap(region, azs, instance_types, admin_key)?;
+                if let Some(ca) = ca {
+                    self.set_cluster_ca(ca)?;
+                }
+                Ok(out)
+            }
             Command::RunInstances {
                 spec,
                 instance_ids,
@@ -342,6 +427,17 @@ impl ferro_raft::StateMachine for ClusterState {
             } => self.run_instances(spec, instance_ids, reservation_id, now_ms),
             Command::SetDesired { ids, desired } => self.set_desired(&ids, desired),
             Command::Reboot { ids } => self.reboot(&ids),
+            Command::SetShutdownBehavior { id, behavior } => {
+                self.check_ids(std::slice::from_ref(&id))?;
+                let i = self.instances.get_mut(&id).expect("checked above");
+                if i.desired == DesiredState::Terminated {
+                    return Err(E::FailedPrecondition(format!(
+                        "instance_id: {id} is terminated"
+                    )));
+                }
+                i.shutdown_behavior = behavior;
+                Ok(Output::Done)
+            }
             Command::AckReboot { id, generation } => {
                 if let Some(i) = self.instances.get_mut(&id) {
                     i.reboots_done = i.reboots_done.max(generation);
@@ -376,13 +472,21 @@ impl ferro_raft::StateMachine for ClusterState {
             Command::CreateTags { resource_ids, tags } => self.create_tags(&resource_ids, tags),
             Command::DeleteTags { resource_ids, tags } => self.delete_tags(&resource_ids, &tags),
             Command::CreateApiKey { key } => self.create_api_key(key),
-            Command::DeleteApiKey { id } => match self.api_keys.remove(&id) {
-                Some(k) => {
-                    self.api_key_by_hash.remove(&k.secret_sha256);
-                    Ok(Output::Done)
-                }
-                None => Err(E::NotFound(format!("id: no API key {id:?}"))),
-            },
+            Command::DeleteApiKey { id } => self.delete_api_key(&id),
+            Command::SetClusterCa { ca } => self.set_cluster_ca(ca),
+            Command::CreateJoinToken {
+                host_id,
+                token_sha256,
+                expires_at_ms,
+                now_ms,
+            } => self.create_join_token(&host_id, token_sha256, expires_at_ms, now_ms),
+            Command::JoinHost {
+                host_id,
+                token_sha256,
+                now_ms,
+                key,
+            } => self.join_host(&host_id, &token_sha256, now_ms, key),
+            Command::RevokeHost { host_id } => self.revoke_host(&host_id),
             Command::PurgeInstances { ids } => {
                 self.purge_instances(&ids);
                 Ok(Output::Done)
@@ -460,13 +564,6 @@ impl ClusterState {
         self.images
             .get(id_or_name)
             .or_else(|| self.images.values().find(|i| i.name == id_or_name))
-    }
-
-    /// The API key whose secret hashes to `sha256_hex`.
-    pub fn api_key_by_hash(&self, sha256_hex: &str) -> Option<&ApiKey> {
-        self.api_key_by_hash
-            .get(sha256_hex)
-            .and_then(|id| self.api_keys.get(id))
     }
 
     fn check_run(&self, spec: &RunSpec) -> Result<(InstanceType, Image), StateError> {
@@ -1012,25 +1109,6 @@ impl ClusterState {
         }
         Ok(Output::Done)
     }
-
-    fn create_api_key(&mut self, key: ApiKey) -> Response {
-        check_name("name", &key.name)?;
-        if self.api_keys.values().any(|k| k.name == key.name) {
-            return Err(E::AlreadyExists(format!(
-                "name: an API key {:?} exists",
-                key.name
-            )));
-        }
-        if self.api_keys.contains_key(&key.id)
-            || self.api_key_by_hash.contains_key(&key.secret_sha256)
-        {
-            return Err(E::AlreadyExists("id: the API key exists".into()));
-        }
-        self.api_key_by_hash
-            .insert(key.secret_sha256.clone(), key.id.clone());
-        self.api_keys.insert(key.id.clone(), key.clone());
-        Ok(Output::ApiKey(key))
-    }
 }
 
 /// Lowercase hex.
@@ -1060,7 +1138,10 @@ pub(crate) mod tests {
                 secret_sha256: sha256_hex(b"secret"),
                 admin: true,
                 created_at_ms: 1,
+                role: Some(Role::Admin),
+                host_id: String::new(),
             },
+            ca: None,
         })
         .unwrap();
         s
@@ -1304,6 +1385,67 @@ pub(crate) mod tests {
             assert_eq!(s.instances[&id].desired, want, "{behavior:?}");
             assert!(s.instances[&id].observed_reason.contains(behavior.as_str()));
         }
+    }
+
+    #[test]
+    fn older_state_formats_upgrade_and_newer_ones_are_refused() {
+        let mut s = bootstrapped();
+        s.format = 0;
+        let mut old: ClusterState = serde_json::from_str(
+            &serde_json::to_string(&s)
+                .unwrap()
+                .replace("\"format\":0,", ""),
+        )
+        .unwrap();
+        old.upgrade().unwrap();
+        assert_eq!(old.format, STATE_FORMAT);
+        let mut newer = s.clone();
+        newer.format = STATE_FORMAT + 1;
+        let e = newer.upgrade().unwrap_err();
+        assert!(e.contains("newer ferro-controller"), "{e}");
+        assert_eq!(newer.format, STATE_FORMAT + 1, "refused, not changed");
+    }
+
+    #[test]
+    fn modify_instance_attribute_changes_what_a_power_off_does() {
+        let mut s = bootstrapped();
+        add_host(&mut s, "h1", "az-1", 1, 1024);
+        add_image(&mut s);
+        let mut seq = 0;
+        run(&mut s, 1, &mut seq, spec()).unwrap();
+        let id = s.instances.keys().next().unwrap().clone();
+        assert_eq!(s.instances[&id].shutdown_behavior, ShutdownBehavior::Stop);
+        s.apply(Command::SetShutdownBehavior {
+            id: id.clone(),
+            behavior: ShutdownBehavior::Terminate,
+        })
+        .unwrap();
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![Observation {
+                instance_id: id.clone(),
+                state: ObservedState::Stopped,
+                reason: String::new(),
+                stopped_by_guest: true,
+            }],
+        })
+        .unwrap();
+        assert_eq!(s.instances[&id].desired, DesiredState::Terminated);
+        // A terminated instance cannot change; an unknown one is NOT_FOUND.
+        let e = s
+            .apply(Command::SetShutdownBehavior {
+                id: id.clone(),
+                behavior: ShutdownBehavior::Stop,
+            })
+            .unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e:?}");
+        let e = s
+            .apply(Command::SetShutdownBehavior {
+                id: "i-nope".into(),
+                behavior: ShutdownBehavior::Stop,
+            })
+            .unwrap_err();
+        assert!(matches!(e, E::NotFound(_)), "{e:?}");
     }
 
     #[test]
