@@ -110,5 +110,6 @@ pub fn instance(spec: &InstanceSpec, obs: &Observed, taps: Vec<String>) -> pb::I
         taps,
         effective_restart_policy: policy(spec.restart_policy) as i32,
         stopped_by_guest: obs.stopped_by_guest,
+        seq: obs.seq,
     }
 }

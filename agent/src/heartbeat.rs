@@ -124,11 +124,13 @@ pub async fn report(svc: &AgentService, address: &str) -> Result<HeartbeatReques
     let images = svc
         .list_images(Request::new(pb::ListImagesRequest {}))
         .await?;
+    let instances = instances.into_inner();
     Ok(HeartbeatRequest {
         host: Some(host.into_inner()),
         address: address.to_string(),
-        instances: instances.into_inner().instances,
+        instances: instances.instances,
         images: images.into_inner().images,
+        listed_seq: instances.listed_seq,
     })
 }
 

@@ -13,7 +13,8 @@
 //!   disks through `ferro-hostops`), [`console`] (bounded console logs),
 //!   [`persist`] (atomic JSON state), [`host`] (host facts), [`events`]
 //!   (the `WatchEvents` stream), [`config`] and [`spec`].
-//! - [`heartbeat`]: reports to the controller when one is configured.
+//! - [`heartbeat`]: reports to the controller when one is configured;
+//!   [`order`] stamps every change so older reports never win.
 //! - [`credentials`]: the host's credential and certificates, from a join
 //!   or the configuration; the gRPC port serves only mutual TLS.
 //!
@@ -30,6 +31,7 @@ pub mod heartbeat;
 pub mod host;
 pub mod machine;
 pub mod manager;
+pub mod order;
 pub mod persist;
 pub mod process;
 pub mod resources;

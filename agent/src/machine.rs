@@ -223,6 +223,8 @@ pub struct Observed {
     /// The guest powered itself off (the instance asked to stop); cleared
     /// by the next start.
     pub stopped_by_guest: bool,
+    /// The [`order`](crate::order) stamp of the last change.
+    pub seq: u64,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -249,6 +251,7 @@ impl Machine {
             restart_count: 0,
             next_restart_unix_ms: 0,
             stopped_by_guest: false,
+            seq: 0,
             version: crate::persist::FORMAT_VERSION,
             extra: Default::default(),
         };
@@ -271,6 +274,11 @@ impl Machine {
     }
 
     /// The changes since the last call, oldest first.
+    /// Stamp the observed state with sequence number `seq`.
+    pub fn stamp(&mut self, seq: u64) {
+        self.obs.seq = seq;
+    }
+
     pub fn take_changes(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.changes)
     }

@@ -220,11 +220,14 @@ impl Manager {
             return Err(e);
         }
         let machine = Machine::new(spec.restart_policy, self.inner.cfg.restart.backoff());
+        // Stamped and listed together (see `order`).
+        let guard = crate::order::publishing();
         let handle = supervisor::start(self.inner.clone(), spec, machine, None);
         self.inner
             .registry()
             .instances
             .insert(id.clone(), handle.clone());
+        drop(guard);
         self.inner.events.emit_created(&id);
         tracing::info!(instance_id = %id, "instance created");
         Ok(handle)

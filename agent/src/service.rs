@@ -167,7 +167,9 @@ impl Agent for AgentService {
                 "instance {id} is still being deleted"
             )));
         }
-        Ok(Response::new(pb::DeleteInstanceResponse {}))
+        Ok(Response::new(pb::DeleteInstanceResponse {
+            seq: crate::order::next_seq(),
+        }))
     }
 
     async fn get_instance(
@@ -182,12 +184,16 @@ impl Agent for AgentService {
         &self,
         _req: Request<pb::ListInstancesRequest>,
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        // Stamped and read together (see `order`).
+        let guard = crate::order::listing();
+        let listed_seq = crate::order::next_seq();
         let mut instances: Vec<pb::Instance> = self
             .manager
             .list()
             .iter()
             .map(|h| self.instance(h))
             .collect();
+        drop(guard);
         // Quarantined instances are reported as failed, with where their
         // files went, so an operator sees them.
         instances.extend(
@@ -208,7 +214,10 @@ impl Agent for AgentService {
                     ..Default::default()
                 }),
         );
-        Ok(Response::new(pb::ListInstancesResponse { instances }))
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances,
+            listed_seq,
+        }))
     }
 
     type WatchEventsStream = EventStream;

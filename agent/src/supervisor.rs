@@ -118,6 +118,14 @@ pub fn start(
     recovered: Option<Option<Vmm>>,
 ) -> Arc<InstanceHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
+    let mut machine = machine;
+    if machine.observed().seq == 0 {
+        // A new instance: stamped under the caller's `order::publishing`
+        // guard, held until it is in the registry.
+        machine.stamp(crate::order::next_seq());
+    } else {
+        crate::order::seen(machine.observed().seq);
+    }
     let (state, state_rx) = watch::channel(machine.observed().clone());
     let paths = InstancePaths::new(&ctx.cfg.state_dir, &spec.id);
     let span = tracing::info_span!("instance", instance_id = %spec.id);
@@ -209,18 +217,27 @@ impl Actor {
 
     fn publish(&mut self) {
         let changes = self.machine.take_changes();
+        // Stamped and made visible together (see `order`).
+        let guard = crate::order::publishing();
+        if !changes.is_empty() {
+            self.machine.stamp(crate::order::next_seq());
+        }
         let obs = self.machine.observed().clone();
         if obs.phase == Phase::Deleted {
             // Free the id and capacity before anyone learns of the deletion.
             self.ctx.forget(&self.spec.id);
-        } else if let Err(e) = blocking(|| persist::write_json(&self.paths.state(), &obs)) {
-            tracing::error!(error = %chain(&e), "cannot persist the observed state");
+        }
+        self.state.send_replace(obs.clone());
+        drop(guard);
+        if obs.phase != Phase::Deleted {
+            if let Err(e) = blocking(|| persist::write_json(&self.paths.state(), &obs)) {
+                tracing::error!(error = %chain(&e), "cannot persist the observed state");
+            }
         }
         for c in &changes {
             tracing::info!(from = ?c.from, to = ?c.to, reason = %c.reason, "state change");
             self.ctx.events.emit(&self.spec.id, c);
         }
-        self.state.send_replace(obs);
     }
 
     fn execute(&mut self, action: Action) {

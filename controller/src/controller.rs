@@ -270,6 +270,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
         report: HostReport,
         observed: Vec<Observation>,
         images: BTreeSet<String>,
+        listed_seq: u64,
     ) -> Result<()> {
         let now = crate::now_ms();
         if let Ok(mut l) = self.liveness.lock() {
@@ -282,13 +283,16 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             );
         }
         let (r, o) = (report.clone(), observed.clone());
-        let changed = self.read(move |s| heartbeat_changes(s, &r, &o)).await?;
+        let changed = self
+            .read(move |s| heartbeat_changes(s, &r, &o, listed_seq))
+            .await?;
         if changed {
             self.write(Command::Heartbeat {
                 host: report,
                 observed,
                 complete: true,
                 now_ms: now,
+                listed_seq,
             })
             .await?;
         }
@@ -318,8 +322,15 @@ fn changes(o: Output) -> Result<Vec<StateChange>> {
     }
 }
 
-/// Whether a heartbeat says anything the replicated state does not know.
-pub fn heartbeat_changes(s: &ClusterState, r: &HostReport, observed: &[Observation]) -> bool {
+/// Whether a heartbeat says anything the replicated state does not know:
+/// any host fact, an instance's state or reason, a newer stamp, or an
+/// instance no longer listed (by a listing newer than what is known of it).
+pub fn heartbeat_changes(
+    s: &ClusterState,
+    r: &HostReport,
+    observed: &[Observation],
+    listed_seq: u64,
+) -> bool {
     let Some(h) = s.hosts.get(&r.id) else {
         return true;
     };
@@ -329,6 +340,8 @@ pub fn heartbeat_changes(s: &ClusterState, r: &HostReport, observed: &[Observati
         || h.vcpus_total != r.vcpus_total
         || h.memory_total_mib != r.memory_total_mib
         || h.agent_version != r.agent_version
+        || h.cpu_model != r.cpu_model
+        || h.kvm_present != r.kvm_present
     {
         return true;
     }
@@ -337,7 +350,15 @@ pub fn heartbeat_changes(s: &ClusterState, r: &HostReport, observed: &[Observati
         if let Some(i) = s.instances.get(&o.instance_id) {
             if i.host_id == r.id {
                 listed.insert(o.instance_id.as_str());
-                if i.observed != o.state {
+                let stale = o.seq != 0 && o.seq < i.observed_seq;
+                // The controller words the reason of a guest power-off
+                // itself (with the shutdown behaviour).
+                let own_reason = o.stopped_by_guest && i.observed == ObservedState::Stopped;
+                if !stale
+                    && (i.observed != o.state
+                        || (i.observed_reason != o.reason && !own_reason)
+                        || o.seq > i.observed_seq)
+                {
                     return true;
                 }
             }
@@ -345,7 +366,10 @@ pub fn heartbeat_changes(s: &ClusterState, r: &HostReport, observed: &[Observati
     }
     // An instance placed here that the host no longer lists.
     s.instances.values().any(|i| {
-        i.host_id == r.id && i.observed != ObservedState::Absent && !listed.contains(i.id.as_str())
+        i.host_id == r.id
+            && i.observed != ObservedState::Absent
+            && !listed.contains(i.id.as_str())
+            && (listed_seq == 0 || listed_seq > i.observed_seq)
     })
 }
 

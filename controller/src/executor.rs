@@ -52,6 +52,7 @@ pub fn observation(i: &pb::Instance) -> Observation {
         state: observed_from_agent(i.state),
         reason: i.reason.clone(),
         stopped_by_guest: i.stopped_by_guest,
+        seq: i.seq,
     }
 }
 
@@ -282,12 +283,16 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     .delete_instance(pb::DeleteInstanceRequest { id: id.clone() })
                     .instrument(span)
                     .await;
-                benign(r, &[Code::NotFound])?;
+                // Gone from the host: confirmed by its answer, stamped after
+                // every report that still listed it (NOT_FOUND: never there
+                // or gone before).
+                let seq = benign(r, &[Code::NotFound])?.map_or(0, |d| d.seq);
                 let o = Observation {
                     instance_id: id,
                     state: ObservedState::Absent,
                     reason: "deleted".into(),
                     stopped_by_guest: false,
+                    seq,
                 };
                 self.ctl.observe(&host_id, o).await?;
             }

@@ -315,6 +315,10 @@ pub struct Instance {
     pub observed: ObservedState,
     /// The host's reason for the last observed change.
     pub observed_reason: String,
+    /// The host's stamp of the last observation applied (0: none stamped);
+    /// an older report never overrides a newer one.
+    #[serde(default)]
+    pub observed_seq: u64,
     /// Reboots requested; the reconciler reboots while this exceeds
     /// `reboots_done`.
     pub reboots_requested: u64,
@@ -448,6 +452,7 @@ mod tests {
             desired,
             observed,
             observed_reason: String::new(),
+            observed_seq: 0,
             reboots_requested: 0,
             reboots_done: 0,
             holds_capacity: true,

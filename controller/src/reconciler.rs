@@ -303,6 +303,7 @@ mod tests {
                 state,
                 reason: String::new(),
                 stopped_by_guest: false,
+                seq: 0,
             }],
         })
         .unwrap();

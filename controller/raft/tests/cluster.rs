@@ -349,7 +349,11 @@ async fn partitioned_leader_stops_accepting_writes() {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let started = Instant::now();
     match leader.write(put("lost", 1)).await {
-        Err(ReplicationError::Unavailable(_) | ReplicationError::NotLeader { .. }) => {}
+        Err(
+            ReplicationError::Unavailable(_)
+            | ReplicationError::Indeterminate(_)
+            | ReplicationError::NotLeader { .. },
+        ) => {}
         other => panic!("partitioned leader accepted a write: {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(3));

@@ -45,7 +45,7 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         let observed = r.instances.iter().map(observation).collect();
         let images: BTreeSet<String> = r.images.into_iter().map(|i| i.id).collect();
         self.ctl
-            .heartbeat(report, observed, images)
+            .heartbeat(report, observed, images, r.listed_seq)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::HeartbeatResponse {

@@ -112,6 +112,10 @@ pub struct Observation {
     /// Stopped because the guest powered itself off.
     #[serde(default)]
     pub stopped_by_guest: bool,
+    /// The host's stamp of this observation (0: unstamped, from an agent
+    /// that predates stamps); a lower stamp than the one applied is stale.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// A write to the cluster state.
@@ -176,10 +180,14 @@ pub enum Command {
         /// Instances it has.
         observed: Vec<Observation>,
         /// `observed` lists every instance on the host: those it does not
-        /// list are absent.
+        /// list are absent (unless something newer than `listed_seq` is
+        /// known of them).
         complete: bool,
         /// Unix ms.
         now_ms: u64,
+        /// The host's stamp of its listing (0: unstamped).
+        #[serde(default)]
+        listed_seq: u64,
     },
     /// What an agent answered about some of its instances.
     Observe {
@@ -449,7 +457,8 @@ impl ferro_raft::StateMachine for ClusterState {
                 observed,
                 complete,
                 now_ms,
-            } => self.heartbeat(host, observed, complete, now_ms),
+                listed_seq,
+            } => self.heartbeat(host, observed, complete, now_ms, listed_seq),
             Command::Observe { host_id, observed } => {
                 self.observe(&host_id, observed);
                 Ok(Output::Done)
@@ -661,6 +670,7 @@ impl ClusterState {
                 desired: DesiredState::Running,
                 observed: ObservedState::Absent,
                 observed_reason: String::new(),
+                observed_seq: 0,
                 reboots_requested: 0,
                 reboots_done: 0,
                 holds_capacity: false,
@@ -837,6 +847,7 @@ impl ClusterState {
         observed: Vec<Observation>,
         complete: bool,
         now_ms: u64,
+        listed_seq: u64,
     ) -> Response {
         check_name("host.host_id", &r.id)?;
         check_name("host.availability_zone", &r.az)?;
@@ -875,16 +886,21 @@ impl ClusterState {
         host.kvm_present = r.kvm_present;
         let seen = self.observe(&r.id, observed);
         if complete {
+            // Not listed: absent, unless the host told us something newer
+            // of it than this listing (a create answered after the list
+            // was read).
             let missing: Vec<String> = self
                 .instances
                 .values()
                 .filter(|i| i.host_id == r.id && !seen.contains(&i.id))
                 .filter(|i| i.observed != ObservedState::Absent)
+                .filter(|i| listed_seq == 0 || listed_seq > i.observed_seq)
                 .map(|i| i.id.clone())
                 .collect();
             for id in missing {
                 let i = self.instances.get_mut(&id).expect("listed above");
                 i.observed = ObservedState::Absent;
+                i.observed_seq = i.observed_seq.max(listed_seq);
                 self.sync_capacity(&id);
             }
         }
@@ -906,12 +922,22 @@ impl ClusterState {
                 continue;
             }
             seen.insert(o.instance_id.clone());
+            if o.seq != 0 && o.seq < i.observed_seq {
+                // Older than what was applied (a heartbeat read before an
+                // agent's answer that was applied first).
+                tracing::debug!(instance_id = %i.id, seq = o.seq, applied = i.observed_seq, "stale observation ignored");
+                continue;
+            }
+            i.observed_seq = i.observed_seq.max(o.seq);
             if i.observed != o.state {
                 tracing::info!(instance_id = %i.id, host_id, from = ?i.observed, to = ?o.state, "observed");
             }
             let was = i.observed;
             i.observed = o.state;
-            i.observed_reason = o.reason;
+            let guest_stop_reason = o.stopped_by_guest && was == ObservedState::Stopped;
+            if !guest_stop_reason {
+                i.observed_reason = o.reason;
+            }
             // The guest powered itself off: the instance asked to stop, so
             // its intent follows (EC2's instance-initiated shutdown), and
             // nothing starts it again. Only on the change into Stopped: a
@@ -1162,6 +1188,7 @@ pub(crate) mod tests {
             observed: vec![],
             complete: true,
             now_ms: 10,
+            listed_seq: 0,
         })
         .unwrap();
     }
@@ -1323,12 +1350,14 @@ pub(crate) mod tests {
             observed: state,
             complete: true,
             now_ms: 20,
+            listed_seq: 0,
         };
         s.apply(obs(vec![Observation {
             instance_id: id.clone(),
             state: ObservedState::Running,
             reason: String::new(),
             stopped_by_guest: false,
+            seq: 0,
         }]))
         .unwrap();
         s.apply(Command::SetDesired {
@@ -1372,6 +1401,7 @@ pub(crate) mod tests {
                         state,
                         reason: String::new(),
                         stopped_by_guest: by_guest,
+                        seq: 0,
                     }],
                 })
                 .unwrap();
@@ -1407,6 +1437,107 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_older_report_never_overrides_a_newer_one() {
+        let mut s = bootstrapped();
+        add_host(&mut s, "h1", "az-1", 1, 1024);
+        add_image(&mut s);
+        let mut seq = 0;
+        run(&mut s, 1, &mut seq, spec()).unwrap();
+        let id = s.instances.keys().next().unwrap().clone();
+        let o = |state, seq| Observation {
+            instance_id: id.clone(),
+            state,
+            reason: String::new(),
+            stopped_by_guest: false,
+            seq,
+        };
+        let beat = |s: &mut ClusterState, observed: Vec<Observation>, listed_seq| {
+            s.apply(Command::Heartbeat {
+                host: HostReport {
+                    id: "h1".into(),
+                    az: "az-1".into(),
+                    address: "http://h1:7420".into(),
+                    vcpus_total: 1,
+                    memory_total_mib: 1024,
+                    cpu_model: "test".into(),
+                    agent_version: "0".into(),
+                    kvm_present: true,
+                },
+                observed,
+                complete: true,
+                now_ms: 1,
+                listed_seq,
+            })
+            .unwrap();
+        };
+        // The agent answered the create (stamp 100); a heartbeat read
+        // before it (50) does not list it: not absent.
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![o(ObservedState::Running, 100)],
+        })
+        .unwrap();
+        beat(&mut s, vec![], 50);
+        assert_eq!(s.instances[&id].observed, ObservedState::Running);
+        // A stale report of another state is ignored, a newer one applies.
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![o(ObservedState::Stopped, 90)],
+        })
+        .unwrap();
+        assert_eq!(s.instances[&id].observed, ObservedState::Running);
+        beat(&mut s, vec![o(ObservedState::Running, 100)], 120);
+        assert_eq!(s.instances[&id].observed_seq, 100);
+        // Terminated: the capacity stays held until the host confirms.
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        // The agent is deleting it (stamp 150); a listing read before that
+        // and before the create (a lagging heartbeat) does not list it.
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![o(ObservedState::Deleting, 150)],
+        })
+        .unwrap();
+        beat(&mut s, vec![], 140);
+        assert!(
+            s.instances[&id].holds_capacity,
+            "a stale listing freed capacity"
+        );
+        assert_eq!(s.instances[&id].public_state(), PublicState::ShuttingDown);
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![o(ObservedState::Absent, 300)],
+        })
+        .unwrap();
+        assert!(!s.instances[&id].holds_capacity);
+        assert_eq!(s.instances[&id].public_state(), PublicState::Terminated);
+        // A heartbeat read before the delete still listing it: ignored.
+        beat(&mut s, vec![o(ObservedState::Running, 200)], 250);
+        assert_eq!(s.instances[&id].public_state(), PublicState::Terminated);
+        // Unstamped reports (older agents) still apply.
+        let mut s2 = bootstrapped();
+        add_host(&mut s2, "h1", "az-1", 1, 1024);
+        add_image(&mut s2);
+        run(&mut s2, 1, &mut seq, spec()).unwrap();
+        let id2 = s2.instances.keys().next().unwrap().clone();
+        s2.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![Observation {
+                instance_id: id2.clone(),
+                state: ObservedState::Running,
+                reason: String::new(),
+                stopped_by_guest: false,
+                seq: 0,
+            }],
+        })
+        .unwrap();
+        assert_eq!(s2.instances[&id2].observed, ObservedState::Running);
+    }
+
+    #[test]
     fn modify_instance_attribute_changes_what_a_power_off_does() {
         let mut s = bootstrapped();
         add_host(&mut s, "h1", "az-1", 1, 1024);
@@ -1427,6 +1558,7 @@ pub(crate) mod tests {
                 state: ObservedState::Stopped,
                 reason: String::new(),
                 stopped_by_guest: true,
+                seq: 0,
             }],
         })
         .unwrap();

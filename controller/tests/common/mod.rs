@@ -303,7 +303,7 @@ impl Agent for FakeAgent {
         st.instances
             .remove(&id)
             .ok_or_else(|| Status::not_found("id"))?;
-        Ok(Response::new(ag::DeleteInstanceResponse {}))
+        Ok(Response::new(ag::DeleteInstanceResponse { seq: 0 }))
     }
     async fn get_instance(
         &self,
@@ -322,6 +322,7 @@ impl Agent for FakeAgent {
     ) -> Result<Response<ag::ListInstancesResponse>, Status> {
         let st = self.state.lock().unwrap();
         Ok(Response::new(ag::ListInstancesResponse {
+            listed_seq: 0,
             instances: st.instances.values().cloned().collect(),
         }))
     }
@@ -429,6 +430,7 @@ impl FakeAgent {
             address: address.into(),
             instances: st.instances.values().cloned().collect(),
             images: st.images.values().cloned().collect(),
+            listed_seq: 0,
         }
     }
 
