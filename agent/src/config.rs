@@ -222,6 +222,19 @@ fn default_heartbeat() -> u64 {
 }
 
 impl AgentConfig {
+    /// The controller URLs of `controller` (one URL, or several separated
+    /// by commas), normalised; `None` without a controller.
+    pub fn controllers(&self) -> Option<Vec<String>> {
+        let c = self.controller.as_ref()?;
+        Some(
+            c.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .filter_map(|u| ferro_client::normalize_endpoint(u).ok())
+                .collect(),
+        )
+    }
+
     /// Read and validate `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -318,17 +331,22 @@ impl AgentConfig {
             )));
         }
         if let Some(c) = &self.controller {
-            let urls = crate::heartbeat::parse_controllers(c);
+            let urls: Vec<&str> = c
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
             if urls.is_empty() {
                 return bad("controller must name at least one URL");
             }
-            if let Some(u) = urls
-                .iter()
-                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "controller: {u:?} is not an http:// or https:// URL"
-                )));
+            for u in urls {
+                let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                    && ferro_client::normalize_endpoint(u).is_ok();
+                if !ok {
+                    return Err(ConfigError::Invalid(format!(
+                        "controller: {u:?} is not an http:// or https:// URL with a port"
+                    )));
+                }
             }
         }
         if let Some(p) = &self.controller_ca_file {
@@ -407,6 +425,23 @@ mod tests {
         let long = format!("/var/lib/{}", "x".repeat(30));
         let e = AgentConfig::parse(&MINIMAL.replace("/var/lib/ferro-agent", &long)).unwrap_err();
         assert!(e.to_string().contains("longer than 32"), "{e}");
+    }
+
+    #[test]
+    fn several_controllers_are_listed() {
+        let c = AgentConfig::parse(&format!(
+            "{MINIMAL}\ncontroller = \" http://a:1 , https://b:2/,,\""
+        ))
+        .unwrap();
+        assert_eq!(c.controllers().unwrap(), vec!["http://a:1", "https://b:2"]);
+        let e = AgentConfig::parse(&format!("{MINIMAL}\ncontroller = \"http://a\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("with a port"), "{e}");
+        let e = AgentConfig::parse(&format!("{MINIMAL}\ncontroller = \" , \""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least one URL"), "{e}");
     }
 
     #[test]

@@ -12,10 +12,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferro_client::{Client, ClientConfig};
+use ferro_proto::compute::v1::hosts_client::HostsClient;
 use ferro_proto::compute::v1::JoinRequest;
 
 use crate::config::AgentConfig;
-use crate::heartbeat::{client_for, parse_controllers, Target};
 
 /// Errors obtaining credentials.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +149,7 @@ pub async fn obtain(cfg: &AgentConfig) -> Result<Credentials, CredentialsError> 
             client_ca_pem: read(ca)?,
         });
     }
-    let (Some(token), Some(controller)) = (&cfg.join_token, &cfg.controller) else {
+    let (Some(token), Some(controllers)) = (&cfg.join_token, cfg.controllers()) else {
         return Err(CredentialsError::NoIdentity(cfg.host_id.clone()));
     };
     let ca_pem = cfg
@@ -156,13 +157,7 @@ pub async fn obtain(cfg: &AgentConfig) -> Result<Credentials, CredentialsError> 
         .as_ref()
         .map(|p| std::fs::read_to_string(p).map_err(|e| CredentialsError::TlsFile(p.clone(), e)))
         .transpose()?;
-    let c = join(
-        &cfg.host_id,
-        token,
-        parse_controllers(controller),
-        ca_pem.as_deref(),
-    )
-    .await?;
+    let c = join(&cfg.host_id, token, controllers, ca_pem.as_deref()).await?;
     store(&cfg.state_dir, &c)?;
     tracing::info!(dir = %dir(&cfg.state_dir).display(), "joined the cluster");
     Ok(c)
@@ -178,27 +173,31 @@ pub async fn join(
     ca_pem: Option<&str>,
 ) -> Result<Credentials, CredentialsError> {
     let key = ferro_pki::generate_key()?;
-    let mut target = Target::new(controllers);
+    let mut cfg = ClientConfig::new(controllers.clone(), None);
+    cfg.ca_pem = ca_pem.map(str::to_string);
+    cfg.max_retries = controllers.len();
+    let refused = |message: String| CredentialsError::Refused {
+        host_id: host_id.into(),
+        message,
+    };
+    let mut client = Client::new(cfg).map_err(|e| refused(e.to_string()))?;
+    let req = JoinRequest {
+        host_id: host_id.into(),
+        token: token.into(),
+        public_key: key.public_key.clone(),
+    };
     let mut delay = Duration::from_millis(200);
     let mut last_log: Option<std::time::Instant> = None;
     let mut failures = 0u32;
     loop {
-        let Some(mut client) = client_for(target.current(), ca_pem) else {
-            return Err(CredentialsError::Refused {
-                host_id: host_id.into(),
-                message: format!("bad controller URL {:?}", target.current()),
-            });
-        };
         let r = client
-            .join(JoinRequest {
-                host_id: host_id.into(),
-                token: token.into(),
-                public_key: key.public_key.clone(),
+            .call(|ch| {
+                let req = req.clone();
+                async move { HostsClient::new(ch).join(req).await }
             })
             .await;
         match r {
-            Ok(resp) => {
-                let r = resp.into_inner();
+            Ok(r) => {
                 return Ok(Credentials {
                     host_key: Some(r.host_key),
                     cert_pem: r.certificate_pem,
@@ -206,24 +205,19 @@ pub async fn join(
                     client_ca_pem: r.ca_pem,
                 });
             }
-            Err(e) if is_final(e.code()) => {
-                return Err(CredentialsError::Refused {
-                    host_id: host_id.into(),
-                    message: e.message().to_string(),
-                })
-            }
-            Err(e) => {
-                failures += 1;
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    tracing::warn!(controller = %target.current(), failures, "join not answered yet, retrying: {}", e.message());
-                    last_log = Some(std::time::Instant::now());
+            Err(e) => match e.status() {
+                Some(s) if is_final(s.code()) => return Err(refused(s.message().to_string())),
+                None => return Err(refused(e.to_string())),
+                Some(_) => {
+                    failures += 1;
+                    if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        tracing::warn!(controller = %client.endpoint(), failures, "join not answered yet, retrying: {e}");
+                        last_log = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
-                if target.failed(&e) {
-                    continue;
-                }
-                tokio::time::sleep(jitter(delay)).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
+            },
         }
     }
 }

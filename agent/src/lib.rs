@@ -6,7 +6,8 @@
 //! - [`manager`]: the registry of instances, capacity accounting, create
 //!   and recovery after an agent restart.
 //! - [`supervisor`]: one task per instance carrying out what its state
-//!   machine decides.
+//!   machine decides; it sees the agent around it only through
+//!   [`supervisor::Context`] (which the manager implements).
 //! - [`machine`]: the sans-IO lifecycle (intent vs observed), unit-tested.
 //! - Host-facing helpers: [`process`] (spawn, pidfds, re-attach),
 //!   [`control`] (the VMM control socket), [`resources`] (cgroups, TAPs,
@@ -140,7 +141,7 @@ fn start_heartbeats(
     host_key: Option<String>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let cfg = &manager.inner().cfg;
-    let controllers = heartbeat::parse_controllers(cfg.controller.as_deref()?);
+    let controllers = cfg.controllers()?;
     let hb = heartbeat::Heartbeat {
         controllers,
         api_key: host_key?,

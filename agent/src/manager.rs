@@ -132,6 +132,21 @@ impl Inner {
     }
 }
 
+impl supervisor::Context for Inner {
+    fn cfg(&self) -> &AgentConfig {
+        &self.cfg
+    }
+    fn host(&self) -> Host<'_> {
+        Inner::host(self)
+    }
+    fn events(&self) -> &crate::events::EventBus {
+        &self.events
+    }
+    fn forget(&self, id: &str) {
+        Inner::forget(self, id)
+    }
+}
+
 /// The instance manager.
 #[derive(Clone)]
 pub struct Manager {
@@ -222,7 +237,12 @@ impl Manager {
         let machine = Machine::new(spec.restart_policy, self.inner.cfg.restart.backoff());
         // Stamped and listed together (see `order`).
         let guard = crate::order::publishing();
-        let handle = supervisor::start(self.inner.clone(), spec, machine, None);
+        let handle = supervisor::start(
+            self.inner.clone() as Arc<dyn supervisor::Context>,
+            spec,
+            machine,
+            None,
+        );
         self.inner
             .registry()
             .instances
@@ -436,7 +456,12 @@ impl Manager {
             memory_mib: spec.memory_mib,
         };
         let machine = Machine::restore(obs, spec.restart_policy, self.inner.cfg.restart.backoff());
-        let handle = supervisor::start(self.inner.clone(), Arc::new(spec), machine, Some(found));
+        let handle = supervisor::start(
+            self.inner.clone() as Arc<dyn supervisor::Context>,
+            Arc::new(spec),
+            machine,
+            Some(found),
+        );
         let mut r = self.inner.registry();
         r.reserved.insert(id.clone(), res);
         r.instances.insert(id, handle);

@@ -13,10 +13,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::config::AgentConfig;
+use crate::events::EventBus;
 use crate::machine::{Action, ExitInfo, Input, Machine, Observed, Phase, WrongState};
-use crate::manager::Inner;
 use crate::persist::{self, InstancePaths};
 use crate::process::{self, Vmm};
+use crate::resources::Host;
 use crate::spec::InstanceSpec;
 use crate::{chain, console, control, now_ms};
 
@@ -105,14 +107,27 @@ struct Actor {
     restart: Option<JoinHandle<()>>,
     tx: mpsc::UnboundedSender<Msg>,
     state: watch::Sender<Observed>,
-    ctx: Arc<Inner>,
+    ctx: Arc<dyn Context>,
+}
+
+/// What a supervisor needs from the agent around it (the manager provides
+/// it); the supervisor knows nothing else of the manager.
+pub trait Context: Send + Sync + 'static {
+    /// The agent's configuration.
+    fn cfg(&self) -> &AgentConfig;
+    /// The host operations (cgroups, TAPs, disks, the VMM command).
+    fn host(&self) -> Host<'_>;
+    /// Where state changes are announced.
+    fn events(&self) -> &EventBus;
+    /// The instance is gone: free its id and capacity.
+    fn forget(&self, id: &str);
 }
 
 /// Start the supervisor of an instance. `recovered` holds the VMM found
 /// alive after an agent restart (`Some(None)`: none found); `None` for a new
 /// instance.
 pub fn start(
-    ctx: Arc<Inner>,
+    ctx: Arc<dyn Context>,
     spec: Arc<InstanceSpec>,
     machine: Machine,
     recovered: Option<Option<Vmm>>,
@@ -127,7 +142,7 @@ pub fn start(
         crate::order::seen(machine.observed().seq);
     }
     let (state, state_rx) = watch::channel(machine.observed().clone());
-    let paths = InstancePaths::new(&ctx.cfg.state_dir, &spec.id);
+    let paths = InstancePaths::new(&ctx.cfg().state_dir, &spec.id);
     let span = tracing::info_span!("instance", instance_id = %spec.id);
     let mut actor = Actor {
         spec: spec.clone(),
@@ -217,7 +232,8 @@ impl Actor {
 
     fn publish(&mut self) {
         let changes = self.machine.take_changes();
-        // Stamped and made visible together (see `order`).
+        // Stamped, persisted and made visible in that order under one
+        // guard (see `order`): whoever sees a change can find it on disk.
         let guard = crate::order::publishing();
         if !changes.is_empty() {
             self.machine.stamp(crate::order::next_seq());
@@ -226,17 +242,14 @@ impl Actor {
         if obs.phase == Phase::Deleted {
             // Free the id and capacity before anyone learns of the deletion.
             self.ctx.forget(&self.spec.id);
+        } else if let Err(e) = blocking(|| persist::write_json(&self.paths.state(), &obs)) {
+            tracing::error!(error = %chain(&e), "cannot persist the observed state");
         }
-        self.state.send_replace(obs.clone());
+        self.state.send_replace(obs);
         drop(guard);
-        if obs.phase != Phase::Deleted {
-            if let Err(e) = blocking(|| persist::write_json(&self.paths.state(), &obs)) {
-                tracing::error!(error = %chain(&e), "cannot persist the observed state");
-            }
-        }
         for c in &changes {
             tracing::info!(from = ?c.from, to = ?c.to, reason = %c.reason, "state change");
-            self.ctx.events.emit(&self.spec.id, c);
+            self.ctx.events().emit(&self.spec.id, c);
         }
     }
 
@@ -331,7 +344,7 @@ impl Actor {
         let Some(vmm) = &self.vmm else { return };
         let fd = vmm.pidfd.clone();
         let timeout_ms = if timeout_ms == 0 {
-            self.ctx.cfg.stop_timeout_ms
+            self.ctx.cfg().stop_timeout_ms
         } else {
             timeout_ms
         };
@@ -397,7 +410,7 @@ impl Actor {
     }
 
     fn trim_console(&self) {
-        let limit = self.ctx.cfg.console_limit_bytes;
+        let limit = self.ctx.cfg().console_limit_bytes;
         if let Err(e) = blocking(|| console::trim(&self.paths.console(), limit)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(error = %e, "cannot trim the console log");

@@ -256,24 +256,7 @@ pub fn resolve(src: Sources) -> Result<Config, ConfigError> {
     })
 }
 
-/// `host:port` or `http(s)://host:port[/]` → `http(s)://host:port`.
-pub fn normalize_endpoint(raw: &str) -> Result<String, String> {
-    let raw = raw.trim();
-    let (scheme, rest) = match raw.split_once("://") {
-        Some((s @ ("http" | "https"), rest)) => (s, rest),
-        Some((s, _)) => return Err(format!("unsupported scheme `{s}` (use http or https)")),
-        None => ("http", raw),
-    };
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        return Err(format!("`{raw}` is not of the form http://host:port"));
-    }
-    let port = authority.rsplit_once(':').map(|(_, p)| p);
-    match port.map(str::parse::<u16>) {
-        Some(Ok(p)) if p > 0 => Ok(format!("{scheme}://{authority}")),
-        _ => Err(format!("`{raw}` needs a port (http://host:port)")),
-    }
-}
+pub use ferro_client::normalize_endpoint;
 
 fn check_api_key(k: &str) -> Result<(), String> {
     if k.is_empty() {

@@ -14,7 +14,8 @@ pub mod args;
 pub mod client;
 pub mod commands;
 pub mod config;
-pub mod leader;
+/// Leader following, shared with the agent (`ferro-client`).
+pub use ferro_client::leader;
 pub mod output;
 pub mod spinner;
 pub mod table;

@@ -5,7 +5,7 @@
 //! then retries the same call there ([`next_hop`] decides; the transport
 //! loop is in [`crate::client`]).
 
-use crate::config::normalize_endpoint;
+use crate::normalize_endpoint;
 
 /// Metadata key carrying the leader's address.
 pub const LEADER_METADATA: &str = "x-ferro-leader";
@@ -18,8 +18,8 @@ pub const MAX_HOPS: usize = 5;
 pub const RETRY_METADATA: &str = "x-ferro-retry";
 
 /// Metadata key marking an `UNAVAILABLE` answer to a write that may still
-/// commit (`unknown`). The CLI sends it again too: every call it makes is
-/// idempotent or carries a client token.
+/// commit (`unknown`). [`Failover`] sends it again too: callers make only
+/// idempotent calls or calls with a client token through a [`Client`](crate::Client).
 pub const OUTCOME_METADATA: &str = "x-ferro-outcome";
 
 /// At most this many retries per call after failures that are not
@@ -63,18 +63,25 @@ pub struct Failover {
     refused: Vec<String>,
     hops: usize,
     retries: usize,
+    max_retries: usize,
     failed_in_a_row: usize,
 }
 
 impl Failover {
     /// A call over the configured `endpoints` (at least one).
     pub fn new(endpoints: Vec<String>) -> Self {
+        Self::with_retries(endpoints, MAX_RETRIES)
+    }
+
+    /// Like [`Self::new`] with at most `max_retries` retries.
+    pub fn with_retries(endpoints: Vec<String>, max_retries: usize) -> Self {
         Self {
             endpoints,
             tried: Vec::new(),
             refused: Vec::new(),
             hops: 0,
             retries: 0,
+            max_retries,
             failed_in_a_row: 0,
         }
     }
@@ -99,7 +106,7 @@ impl Failover {
         if !self.endpoints.is_empty() && self.endpoints.iter().all(|e| self.refused.contains(e)) {
             return Hop::Fail;
         }
-        if !retryable(status) || self.retries >= MAX_RETRIES {
+        if !retryable(status) || self.retries >= self.max_retries {
             return Hop::Fail;
         }
         self.retries += 1;
@@ -124,7 +131,7 @@ impl Failover {
 }
 
 /// The connection was refused (ECONNREFUSED somewhere in the cause chain).
-fn refused(status: &tonic::Status) -> bool {
+pub fn refused(status: &tonic::Status) -> bool {
     let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(status);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
