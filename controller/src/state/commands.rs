@@ -1,0 +1,303 @@
+//! The commands that change the cluster state (the entries of the
+//! replicated log) and what applying one returns. Every field added to a
+//! command is `#[serde(default)]`, so entries an older controller wrote
+//! still read.
+
+use serde::{Deserialize, Serialize};
+
+use super::{CaMaterial, StateError};
+use crate::model::*;
+
+/// What RunInstances asks for (everything but the generated ids).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// How many, 1 to 100.
+    pub count: u32,
+    /// Type name.
+    pub instance_type: String,
+    /// Image id or name.
+    pub image: String,
+    /// Zone, empty for any.
+    pub az: String,
+    /// Key pair name, empty for none.
+    pub key_name: String,
+    /// User data, at most 16 KiB.
+    pub user_data: Vec<u8>,
+    /// Placement group name, empty for none.
+    pub placement_group: String,
+    /// Tags for every instance.
+    pub tags: Tags,
+    /// Idempotency token, empty for none.
+    pub client_token: String,
+    /// Spread instead of bin-pack.
+    pub spread: bool,
+    /// What a power-off from inside the guest does.
+    #[serde(default)]
+    pub shutdown_behavior: ShutdownBehavior,
+}
+
+/// A host's self-description from its heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// Host id.
+    pub id: String,
+    /// Zone.
+    pub az: String,
+    /// Agent endpoint.
+    pub address: String,
+    /// vCPUs offered.
+    pub vcpus_total: u32,
+    /// Memory offered, MiB.
+    pub memory_total_mib: u64,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// KVM present.
+    pub kvm_present: bool,
+}
+
+/// One instance as a host reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    /// Instance id.
+    pub instance_id: String,
+    /// Its observed state.
+    pub state: ObservedState,
+    /// The host's reason.
+    pub reason: String,
+    /// Stopped because the guest powered itself off.
+    #[serde(default)]
+    pub stopped_by_guest: bool,
+    /// The host's stamp of this observation (0: unstamped, from an agent
+    /// that predates stamps); a lower stamp than the one applied is stale.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// A write to the cluster state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Create the region, zones, instance types and the admin key. Only
+    /// once: a second bootstrap is `FailedPrecondition`.
+    Bootstrap {
+        /// Region name.
+        region: String,
+        /// Zones.
+        azs: Vec<String>,
+        /// Instance types.
+        instance_types: Vec<InstanceType>,
+        /// The admin key.
+        admin_key: ApiKey,
+        /// The cluster CA (absent in commands written before there was one).
+        #[serde(default)]
+        ca: Option<CaMaterial>,
+    },
+    /// Launch instances (placement happens here).
+    RunInstances {
+        /// The request.
+        spec: RunSpec,
+        /// One fresh `i-…` id per instance (at least `count`).
+        instance_ids: Vec<String>,
+        /// A fresh `r-…` id.
+        reservation_id: String,
+        /// Unix ms.
+        now_ms: u64,
+    },
+    /// Set the intent of instances (start, stop, terminate).
+    SetDesired {
+        /// Instance ids.
+        ids: Vec<String>,
+        /// The new intent.
+        desired: DesiredState,
+    },
+    /// Change what a power-off from inside the guest does.
+    SetShutdownBehavior {
+        /// Instance id.
+        id: String,
+        /// The new behaviour.
+        behavior: ShutdownBehavior,
+    },
+    /// Request a reboot of running instances.
+    Reboot {
+        /// Instance ids.
+        ids: Vec<String>,
+    },
+    /// The reconciler carried out reboot number `generation`.
+    AckReboot {
+        /// Instance id.
+        id: String,
+        /// `reboots_requested` at the time of the reboot.
+        generation: u64,
+    },
+    /// A host reported itself and (some of) its instances.
+    Heartbeat {
+        /// The host.
+        host: HostReport,
+        /// Instances it has.
+        observed: Vec<Observation>,
+        /// `observed` lists every instance on the host: those it does not
+        /// list are absent (unless something newer than `listed_seq` is
+        /// known of them).
+        complete: bool,
+        /// Unix ms.
+        now_ms: u64,
+        /// The host's stamp of its listing (0: unstamped).
+        #[serde(default)]
+        listed_seq: u64,
+    },
+    /// What an agent answered about some of its instances.
+    Observe {
+        /// The host.
+        host_id: String,
+        /// Its instances.
+        observed: Vec<Observation>,
+    },
+    /// Hosts missed their heartbeats.
+    MarkUnreachable {
+        /// Host ids.
+        host_ids: Vec<String>,
+    },
+    /// Register an image.
+    RegisterImage {
+        /// The image, with a fresh id.
+        image: Image,
+    },
+    /// Deregister an image (id or name).
+    DeregisterImage {
+        /// Id or name.
+        image: String,
+    },
+    /// Store a key pair's public half (created or imported).
+    AddKeyPair {
+        /// The key pair, with a fresh id.
+        key_pair: KeyPair,
+    },
+    /// Delete a key pair by name.
+    DeleteKeyPair {
+        /// Name.
+        name: String,
+    },
+    /// Create a placement group.
+    CreatePlacementGroup {
+        /// The group, with a fresh id and no members.
+        group: PlacementGroup,
+    },
+    /// Delete a placement group by name.
+    DeletePlacementGroup {
+        /// Name.
+        name: String,
+    },
+    /// Add or overwrite tags.
+    CreateTags {
+        /// Resource ids.
+        resource_ids: Vec<String>,
+        /// Tags.
+        tags: Tags,
+    },
+    /// Remove tags (by key, or key and value when the value is not empty).
+    DeleteTags {
+        /// Resource ids.
+        resource_ids: Vec<String>,
+        /// Tags.
+        tags: Vec<(String, String)>,
+    },
+    /// Store an API key.
+    CreateApiKey {
+        /// The key, with a fresh id.
+        key: ApiKey,
+    },
+    /// Delete an API key by id.
+    DeleteApiKey {
+        /// Id.
+        id: String,
+    },
+    /// Keep the cluster CA, when none is kept yet (clusters bootstrapped
+    /// before there was one).
+    SetClusterCa {
+        /// The CA.
+        ca: CaMaterial,
+    },
+    /// Store a one-time join token for a host (replacing its unused one).
+    CreateJoinToken {
+        /// The host it is for.
+        host_id: String,
+        /// sha256 of the token.
+        token_sha256: String,
+        /// Unix ms.
+        expires_at_ms: u64,
+        /// Unix ms.
+        now_ms: u64,
+    },
+    /// A host trades its join token for its credential.
+    JoinHost {
+        /// The joining host.
+        host_id: String,
+        /// sha256 of the token it presented.
+        token_sha256: String,
+        /// Unix ms.
+        now_ms: u64,
+        /// Its new credential (role host, bound to `host_id`).
+        key: ApiKey,
+    },
+    /// Delete a host's credential and unused join tokens.
+    RevokeHost {
+        /// The host.
+        host_id: String,
+    },
+    /// Forget terminated instances (gone from their hosts) and the client
+    /// tokens that only named them. Instances not terminated are kept.
+    PurgeInstances {
+        /// Instance ids.
+        ids: Vec<String>,
+    },
+}
+
+/// A state transition as RunInstances/Start/Stop/... report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// Instance id.
+    pub id: String,
+    /// Before.
+    pub previous: PublicState,
+    /// After.
+    pub current: PublicState,
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Nothing to return.
+    Done,
+    /// Launched (or, for a repeated client token, previously launched).
+    Launched {
+        /// Reservation id.
+        reservation_id: String,
+        /// The instances.
+        instances: Vec<Instance>,
+    },
+    /// Intent changes.
+    Changes(Vec<StateChange>),
+    /// An image.
+    Image(Image),
+    /// A key pair.
+    KeyPair(KeyPair),
+    /// A placement group.
+    Group(PlacementGroup),
+    /// An API key.
+    ApiKey(ApiKey),
+}
+
+/// The response of `apply`.
+pub type Response = Result<Output, StateError>;
+
+/// What a client token remembers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// sha256 of the request, to refuse reuse with other parameters.
+    pub request_sha256: String,
+    /// Reservation id.
+    pub reservation_id: String,
+    /// Instance ids.
+    pub instance_ids: Vec<String>,
+}
