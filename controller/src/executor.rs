@@ -28,22 +28,7 @@ pub const MIN_GAP: Duration = Duration::from_millis(10);
 /// How long one agent call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The agent's observed state as the controller models it.
-pub fn observed_from_agent(s: i32) -> ObservedState {
-    use pb::InstanceState as S;
-    match S::try_from(s).unwrap_or(S::Unspecified) {
-        S::Created => ObservedState::Created,
-        S::Starting => ObservedState::Starting,
-        S::Running => ObservedState::Running,
-        S::Stopping => ObservedState::Stopping,
-        S::Stopped => ObservedState::Stopped,
-        S::Rebooting => ObservedState::Rebooting,
-        S::Failed => ObservedState::Failed,
-        S::Deleting => ObservedState::Deleting,
-        S::Deleted => ObservedState::Absent,
-        S::Unspecified => ObservedState::Unknown,
-    }
-}
+pub use crate::lifecycle::observed_from_agent;
 
 /// An agent instance as an observation.
 pub fn observation(i: &pb::Instance) -> Observation {

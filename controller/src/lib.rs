@@ -1,7 +1,8 @@
 //! `ferro-controller`: Ferrocloud's control plane.
 //!
 //! Layers, from the inside out:
-//! - [`model`]: the records (hosts, instances, images, key pairs, ...).
+//! - [`model`]: the records (hosts, instances, images, key pairs, ...);
+//!   [`lifecycle`]: the instance-state vocabulary and its conversions.
 //! - [`scheduler`]: pure placement (filters, then scoring).
 //! - [`state`]: the replicated [`ClusterState`](state::ClusterState), a
 //!   deterministic `ferro_raft::StateMachine` over [`state::Command`]s.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod controller;
 pub mod executor;
+pub mod lifecycle;
 pub mod model;
 pub mod reconciler;
 pub mod scheduler;

@@ -189,96 +189,7 @@ pub struct PlacementGroup {
     pub tags: Tags,
 }
 
-/// What a user wants an instance to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DesiredState {
-    /// Running.
-    Running,
-    /// Stopped (defined on its host, not running).
-    Stopped,
-    /// Deleted from its host.
-    Terminated,
-}
-
-/// What happens when the guest powers itself off (EC2's
-/// instance-initiated shutdown behaviour). A reboot from inside never
-/// stops an instance: its host starts it again in place.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ShutdownBehavior {
-    /// The instance becomes stopped (desired state `Stopped`).
-    #[default]
-    Stop,
-    /// The instance is terminated.
-    Terminate,
-}
-
-impl ShutdownBehavior {
-    /// `"stop"` or `"terminate"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ShutdownBehavior::Stop => "stop",
-            ShutdownBehavior::Terminate => "terminate",
-        }
-    }
-
-    /// Parse `"stop"`, `"terminate"` or `""` (the default, stop).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "" | "stop" => Some(ShutdownBehavior::Stop),
-            "terminate" => Some(ShutdownBehavior::Terminate),
-            _ => None,
-        }
-    }
-}
-
-/// What the instance's host last reported about it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ObservedState {
-    /// Not on its host.
-    Absent,
-    /// Defined, never started.
-    Created,
-    /// VMM spawned.
-    Starting,
-    /// Running.
-    Running,
-    /// Being stopped.
-    Stopping,
-    /// Stopped.
-    Stopped,
-    /// Being rebooted.
-    Rebooting,
-    /// VMM failed.
-    Failed,
-    /// Being deleted.
-    Deleting,
-    /// Its host is unreachable.
-    Unknown,
-}
-
-/// The state users see, derived from desired and observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum PublicState {
-    /// Being created or started.
-    Pending,
-    /// Running.
-    Running,
-    /// Being stopped.
-    Stopping,
-    /// Stopped.
-    Stopped,
-    /// Being terminated.
-    ShuttingDown,
-    /// Gone from its host. Final.
-    Terminated,
-    /// Host unreachable.
-    Unknown,
-    /// VMM failed.
-    Failed,
-    /// Rebooting.
-    Rebooting,
-}
+pub use crate::lifecycle::{DesiredState, ObservedState, PublicState, ShutdownBehavior};
 
 /// An instance: intent, placement and observation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -341,23 +252,11 @@ impl Instance {
 
     /// The state users see.
     pub fn public_state(&self) -> PublicState {
-        use DesiredState as D;
-        use ObservedState as O;
-        match (self.desired, self.observed) {
-            (_, O::Unknown) => PublicState::Unknown,
-            (D::Terminated, O::Absent) => PublicState::Terminated,
-            (D::Terminated, _) => PublicState::ShuttingDown,
-            (D::Stopped, O::Absent | O::Created | O::Stopped | O::Failed) => PublicState::Stopped,
-            (D::Stopped, _) => PublicState::Stopping,
-            (D::Running, O::Running) if self.reboots_requested > self.reboots_done => {
-                PublicState::Rebooting
-            }
-            (D::Running, O::Running) => PublicState::Running,
-            (D::Running, O::Rebooting) => PublicState::Rebooting,
-            (D::Running, O::Failed) => PublicState::Failed,
-            (D::Running, O::Stopping) => PublicState::Stopping,
-            (D::Running, _) => PublicState::Pending,
-        }
+        crate::lifecycle::public_state(
+            self.desired,
+            self.observed,
+            self.reboots_requested > self.reboots_done,
+        )
     }
 }
 

@@ -52,42 +52,7 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
     })
 }
 
-/// Public state to the wire.
-pub fn state_out(s: PublicState) -> pb::InstanceState {
-    use pb::InstanceState as P;
-    match s {
-        PublicState::Pending => P::Pending,
-        PublicState::Running => P::Running,
-        PublicState::Stopping => P::Stopping,
-        PublicState::Stopped => P::Stopped,
-        PublicState::ShuttingDown => P::ShuttingDown,
-        PublicState::Terminated => P::Terminated,
-        PublicState::Unknown => P::Unknown,
-        PublicState::Failed => P::Failed,
-        PublicState::Rebooting => P::Rebooting,
-    }
-}
-
-/// Public state from the wire (a state filter).
-pub fn state_in(s: i32) -> Result<PublicState, StateError> {
-    use pb::InstanceState as P;
-    Ok(match P::try_from(s) {
-        Ok(P::Pending) => PublicState::Pending,
-        Ok(P::Running) => PublicState::Running,
-        Ok(P::Stopping) => PublicState::Stopping,
-        Ok(P::Stopped) => PublicState::Stopped,
-        Ok(P::ShuttingDown) => PublicState::ShuttingDown,
-        Ok(P::Terminated) => PublicState::Terminated,
-        Ok(P::Unknown) => PublicState::Unknown,
-        Ok(P::Failed) => PublicState::Failed,
-        Ok(P::Rebooting) => PublicState::Rebooting,
-        _ => {
-            return Err(StateError::InvalidArgument(format!(
-                "states: {s} is not an instance state"
-            )))
-        }
-    })
-}
+pub use crate::lifecycle::{state_in, state_out};
 
 fn desired_out(d: DesiredState) -> pb::DesiredState {
     match d {
