@@ -217,7 +217,7 @@ impl Client {
                 .timeout(self.cfg.call_timeout)
                 .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true);
+                .keep_alive_while_idle(false);
             self.channel = Some(ep.connect_lazy());
         }
         let ch = self.channel.clone().expect("channel was just set");

@@ -566,6 +566,31 @@ async fn leader_crash_restart_and_partition() {
         assert_eq!(seen.get(token), Some(&vec![id.clone()]), "{token}");
     }
 
+    // A paused leader (SIGSTOP) still accepts connections but answers
+    // nothing: a client that starts at it leaves it once its keep-alive
+    // pings go unanswered (~1.5 s) and writes at the new leader, instead of
+    // waiting out its 60 s call timeout.
+    let paused = wait_for("a leader", 30, &c, || leader_among(&c, &key, &all)).await;
+    c.signal(paused, "STOP");
+    let mut order = vec![paused];
+    order.extend(all.iter().copied().filter(|&i| i != paused));
+    let mut paused_client = ha_client(&c, &key, &order);
+    let t = Instant::now();
+    let write = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(&mut paused_client, "while-paused"),
+    )
+    .await;
+    c.signal(paused, "CONT");
+    let while_paused = write.expect("with the leader paused, a write waited out its call timeout");
+    eprintln!(
+        "leader node {} paused: a write succeeded after {:?}",
+        paused + 1,
+        t.elapsed()
+    );
+    let seen = all_instances(&mut client).await;
+    assert_eq!(seen.get("while-paused"), Some(&vec![while_paused]));
+
     // Membership through the API: a fourth node joins, catches up, leaves.
     c.spawn(3);
     let add = pb::AddNodeRequest {

@@ -31,6 +31,14 @@ impl StateMachine for Kv {
     fn apply(&mut self, Cmd::Put(k, v): Cmd) -> Option<u64> {
         self.map.insert(k, v)
     }
+
+    /// The key "format" plays the state's format: this build reads 1.
+    fn upgrade(&mut self) -> Result<(), String> {
+        match self.map.get("format").copied().unwrap_or(0) {
+            f if f <= 1 => Ok(()),
+            f => Err(format!("state format {f} is newer than this build reads (1)")),
+        }
+    }
 }
 
 type Node = Arc<RaftReplicator<Kv>>;
@@ -224,6 +232,30 @@ async fn single_node_write_read_restart_keeps_state() {
     leader.initialize_single().await.unwrap();
     assert_eq!(leader.members(), c.members());
     c.shutdown().await;
+}
+
+/// A snapshot written in a format this build cannot read is refused when
+/// the node opens, with the state machine's reason; nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_newer_format_is_refused_at_start() {
+    let mut c = Cluster::new(1, |_| {}).await;
+    let leader = c.init().await;
+    leader.write(put("format", 2)).await.unwrap();
+    leader.snapshot_now().await.unwrap();
+    drop(leader);
+    c.stop(1).await;
+    let e = match RaftReplicator::<Kv>::open(c.configs[0].clone()).await {
+        Ok(_) => panic!("a snapshot of a newer format was opened"),
+        Err(e) => e,
+    };
+    let mut msg = e.to_string();
+    let mut cur = std::error::Error::source(&e);
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    assert!(msg.contains("newer than this build reads"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,18 @@ impl Procs {
         child.wait().unwrap();
     }
 
+    /// Send `sig` (e.g. "STOP", "CONT") to node index `i`.
+    pub fn signal(&self, i: usize, sig: &str) {
+        let child = self.children[i].as_ref().expect("node is running");
+        let ok = ferro_testkit::tool("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("cannot run kill")
+            .success();
+        assert!(ok, "kill -{sig} of node {} failed", i + 1);
+    }
+
     /// The URL of node index `i`.
     pub fn url(&self, i: usize) -> String {
         format!("{}://{}", self.scheme, self.addrs[i])
