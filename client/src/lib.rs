@@ -5,7 +5,7 @@
 //! - [`Client`]: a lazily connecting channel to one of the configured
 //!   endpoints, with the bearer credential, TLS (a given CA or the
 //!   system's roots), timeouts and HTTP/2 keep-alive pings (a node that
-//!   stopped answering is left within ~1.5 s), and [`Client::call`], which
+//!   stopped answering is left within ~1 s), and [`Client::call`], which
 //!   follows the leader a follower names and moves round the endpoints.
 //! - [`leader`]: the sans-IO decisions of that ([`leader::Failover`]) and
 //!   the answers' markers: `x-ferro-leader` (where the leader is),
@@ -30,9 +30,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often an HTTP/2 ping checks that the node still answers.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(250);
 /// A ping unanswered this long ends the connection.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// Where and how to reach the controllers.
 #[derive(Clone, Debug)]
@@ -209,7 +209,7 @@ impl Client {
                 ep = ep.tls_config(tls).map_err(bad)?;
             }
             // HTTP/2 pings find a node that accepted the connection but
-            // stopped answering (a paused process) within ~1.5 s, so the
+            // stopped answering (a paused process) within ~1 s, so the
             // call moves on to another node instead of waiting out the
             // call timeout.
             let ep = ep

@@ -568,7 +568,7 @@ async fn leader_crash_restart_and_partition() {
 
     // A paused leader (SIGSTOP) still accepts connections but answers
     // nothing: a client that starts at it leaves it once its keep-alive
-    // pings go unanswered (~1.5 s) and writes at the new leader, instead of
+    // pings go unanswered (~1 s) and writes at the new leader, instead of
     // waiting out its 60 s call timeout.
     let paused = wait_for("a leader", 30, &c, || leader_among(&c, &key, &all)).await;
     c.signal(paused, "STOP");
