@@ -140,6 +140,8 @@ pub struct Controller<R> {
     changed: tokio::sync::Notify,
     /// Clients of the agents, over mutual TLS.
     pub(crate) agents: crate::access::AgentClients,
+    /// Failing reconcile actions (leader-local).
+    pub(crate) failures: Mutex<crate::retry::Failures>,
 }
 
 impl<R: Replicator<ClusterState>> Controller<R> {
@@ -151,6 +153,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             liveness: Mutex::new(Liveness::new()),
             changed: tokio::sync::Notify::new(),
             agents: crate::access::AgentClients::default(),
+            failures: Mutex::default(),
         })
     }
 
@@ -167,6 +170,20 @@ impl<R: Replicator<ClusterState>> Controller<R> {
     /// A copy of the leader-local liveness.
     pub fn liveness(&self) -> Liveness {
         self.liveness.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Why the reconciler cannot get `i` where it should be, if it keeps
+    /// failing: its own action, or registering its image on its host.
+    pub fn failure_reason(&self, i: &Instance) -> Option<String> {
+        let f = self.failures.lock().ok()?;
+        let now = crate::now_ms();
+        f.get(&i.id)
+            .or_else(|| {
+                (i.observed == ObservedState::Absent && i.desired != DesiredState::Terminated)
+                    .then(|| f.get(&format!("{}/{}", i.host_id, i.image_id)))
+                    .flatten()
+            })
+            .map(|f| f.reason(now))
     }
 
     /// Note that `host_id`'s agent now has `image_id`.

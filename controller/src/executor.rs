@@ -20,6 +20,7 @@ use tracing::Instrument;
 use crate::controller::{Controller, ControllerError};
 use crate::model::ObservedState;
 use crate::reconciler::{plan, track_terminated, Action, Inputs};
+use crate::retry::Log;
 use crate::state::{ClusterState, Command, Observation};
 
 /// The shortest time between two reconcile passes.
@@ -120,8 +121,22 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             *t = since;
         }
         let n = actions.len();
+        if let Ok(mut f) = self.ctl.failures.lock() {
+            // Failures of actions no longer wanted are forgotten.
+            let planned: HashSet<String> = actions.iter().map(Action::key).collect();
+            let busy = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+            f.retain(|k| planned.contains(k) || busy.contains(k));
+        }
         for a in actions {
             let key = a.key();
+            let waiting = self
+                .ctl
+                .failures
+                .lock()
+                .is_ok_and(|f| f.waiting(&key, now_ms));
+            if waiting {
+                continue;
+            }
             if let Ok(mut b) = self.busy.lock() {
                 if !b.insert(key.clone()) {
                     continue;
@@ -129,15 +144,40 @@ impl<R: Replicator<ClusterState>> Executor<R> {
             }
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.execute(a).await {
-                    tracing::warn!(key = %key, error = %crate::chain(&e), "reconcile action failed");
-                }
+                let what = a.describe();
+                let r = me.execute(a).await;
+                me.settle(&key, &what, r);
                 if let Ok(mut b) = me.busy.lock() {
                     b.remove(&key);
                 }
             });
         }
         Ok(n)
+    }
+
+    /// Record how action `key` went: a failure backs it off and is logged
+    /// once, then once a minute with a count.
+    fn settle(&self, key: &str, what: &str, r: Result<(), ControllerError>) {
+        let Ok(mut f) = self.ctl.failures.lock() else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                if let Some(prev) = f.succeeded(key) {
+                    tracing::info!(%key, attempts = prev.attempts, "{what} succeeded after failures");
+                }
+            }
+            Err(e) => {
+                let error = format!("{what}: {}", crate::chain(&e));
+                match f.failed(key, error.clone(), crate::now_ms()) {
+                    Log::First => tracing::warn!(%key, "reconcile action failed: {error}"),
+                    Log::Again(n) => {
+                        tracing::warn!(%key, failures = n, "reconcile action still failing: {error}")
+                    }
+                    Log::Quiet => {}
+                }
+            }
+        }
     }
 
     /// Carry out one action.

@@ -23,6 +23,7 @@ pub mod executor;
 pub mod lifecycle;
 pub mod model;
 pub mod reconciler;
+pub mod retry;
 pub mod scheduler;
 pub mod server;
 pub mod sshkey;

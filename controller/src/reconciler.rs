@@ -86,6 +86,22 @@ pub enum Action {
 }
 
 impl Action {
+    /// What it does, for a failure's message.
+    pub fn describe(&self) -> String {
+        match self {
+            Action::RegisterImage { host_id, image, .. } => {
+                format!("registering image {} on host {host_id}", image.id)
+            }
+            Action::Create { instance, .. } => format!("creating on host {}", instance.host_id),
+            Action::Start { host_id, .. } => format!("starting on host {host_id}"),
+            Action::Stop { host_id, .. } => format!("stopping on host {host_id}"),
+            Action::Reboot { host_id, .. } => format!("rebooting on host {host_id}"),
+            Action::Delete { host_id, .. } => format!("deleting on host {host_id}"),
+            Action::MarkUnreachable(_) => "marking hosts unreachable".into(),
+            Action::Purge(_) => "purging terminated instances".into(),
+        }
+    }
+
     /// The key under which it is in flight: one operation per instance (or
     /// per image and host) at a time.
     pub fn key(&self) -> String {

@@ -370,3 +370,63 @@ fn remove_cgroup_parent(name: &str) {
         let _ = std::fs::remove_dir(Path::new(base).join(name));
     }
 }
+
+/// An image whose kernel a host cannot open: the instance stays pending
+/// and its state reason says why (the agent's error), retries back off
+/// instead of running five times a second, and the failure is logged once,
+/// not per retry.
+#[tokio::test]
+async fn a_failing_image_shows_in_the_reason_with_back_off() {
+    let mut cloud = Cloud::start("badimg", "fcb", &[]).await;
+    let key = cloud.key.clone();
+    let img = pb::RegisterImageRequest {
+        name: "missing".into(),
+        kernel_path: "/nonexistent/vmlinux".into(),
+        ..Default::default()
+    };
+    cloud.c.register_image(authed(&key, img)).await.unwrap();
+    let id = cloud.run("missing", "badimg", "").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reason = loop {
+        let req = pb::DescribeInstancesRequest {
+            instance_ids: vec![id.clone()],
+            ..Default::default()
+        };
+        let i = cloud
+            .c
+            .describe_instances(authed(&key, req))
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .remove(0);
+        assert_eq!(i.state, pb::InstanceState::Pending as i32);
+        if i.state_reason.contains("/nonexistent/vmlinux") {
+            break i.state_reason;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reason never named the kernel: {:?}",
+            i.state_reason
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("reason: {reason}");
+    assert!(reason.contains("registering image"), "{reason}");
+    assert!(reason.contains(", retrying in"), "{reason}");
+    // Let it keep failing for a while, then count the agent's calls and
+    // the controller's lines about it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let agent_log = std::fs::read_to_string(cloud.dir.join("agent.log")).unwrap_or_default();
+    let ctl_log = std::fs::read_to_string(cloud.dir.join("controller.log")).unwrap_or_default();
+    let warns = ctl_log
+        .lines()
+        .filter(|l| l.contains("reconcile action") && l.contains("nonexistent"))
+        .count();
+    assert!(
+        warns <= 2,
+        "{warns} controller lines about one failing image:\n{ctl_log}"
+    );
+    let registers = agent_log.matches("/nonexistent/vmlinux").count();
+    println!("controller lines: {warns}; agent log mentions: {registers}");
+}

@@ -144,6 +144,22 @@ pub async fn images(
         } => {
             let initrd = initrd.map(absolute);
             let rootdisk = rootdisk.map(absolute);
+            // The paths are read on every host, not here; but a path that
+            // does not exist on this machine is worth a word.
+            let kernel_abs = absolute(kernel.clone());
+            for p in std::iter::once(&kernel_abs)
+                .chain(initrd.as_ref())
+                .chain(rootdisk.as_ref())
+            {
+                if !p.exists() {
+                    eprintln!(
+                        "ferro: warning: {} does not exist on this machine; it must exist at \
+                         that path on every host (a host that cannot open it is shown in the \
+                         instances' state reason)",
+                        p.display()
+                    );
+                }
+            }
             let req = register_request(
                 &name,
                 &absolute(kernel),

@@ -36,7 +36,9 @@ impl StateMachine for Kv {
     fn upgrade(&mut self) -> Result<(), String> {
         match self.map.get("format").copied().unwrap_or(0) {
             f if f <= 1 => Ok(()),
-            f => Err(format!("state format {f} is newer than this build reads (1)")),
+            f => Err(format!(
+                "state format {f} is newer than this build reads (1)"
+            )),
         }
     }
 }

@@ -108,8 +108,20 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             next_token: r.next_token,
         };
         let (list, next_token) = self.ctl.describe_instances(f).await.map_err(status)?;
+        let instances = list
+            .iter()
+            .map(|i| {
+                let mut out = instance_out(i);
+                // What the reconciler keeps failing at is the reason to
+                // show (this node leads: it answered the read).
+                if let Some(r) = self.ctl.failure_reason(i) {
+                    out.state_reason = r;
+                }
+                out
+            })
+            .collect();
         Ok(Response::new(pb::DescribeInstancesResponse {
-            instances: list.iter().map(instance_out).collect(),
+            instances,
             next_token,
         }))
     }
