@@ -74,6 +74,17 @@ impl Client {
         self.inner.endpoint()
     }
 
+    /// A client of `endpoint` alone that tries once within `timeout`.
+    pub fn only(&self, endpoint: &str, timeout: std::time::Duration) -> Result<Self, ClientError> {
+        Ok(Self {
+            inner: self
+                .inner
+                .only(endpoint, timeout)
+                .map_err(ClientError::Setup)?,
+            endpoint_is_default: false,
+        })
+    }
+
     /// [`ferro_client::Client::call`]: requests must be idempotent or carry
     /// a client token.
     pub async fn call<T, F, Fut>(&mut self, call: F) -> Result<T, ClientError>

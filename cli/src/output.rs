@@ -355,29 +355,54 @@ pub fn types(list: &[pb::InstanceType]) -> (Table, Value) {
     (t, Value::Array(j))
 }
 
-/// Cluster status. The answering node also shows its own replication
-/// progress (term, last applied entry, snapshots installed).
-pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
+/// Cluster status: every member as it answered for itself (`peers`: the
+/// other members' own answers, or why they did not answer), the answering
+/// node from `s`.
+pub fn cluster(
+    s: &pb::ClusterStatusResponse,
+    peers: &std::collections::BTreeMap<u64, Result<pb::NodeStatus, String>>,
+) -> (Table, Value) {
     let leader = s.leader.as_ref().map(|l| l.node_id);
     let mut t = Table::new(["NODE", "ADDRESS", "ROLE", "TERM", "APPLIED", "SNAPSHOTS"]);
+    let mut members = Vec::new();
     for m in &s.members {
-        let mut role = if Some(m.node_id) == leader {
-            "leader"
+        let own = if m.node_id == s.node_id {
+            s.node.clone().ok_or_else(|| "no status".to_string())
         } else {
-            "follower"
-        }
-        .to_string();
-        let mut progress = ["-".to_string(), "-".to_string(), "-".to_string()];
-        if m.node_id == s.node_id {
-            role.push_str(" (answered)");
-            if let Some(n) = &s.node {
-                progress = [
-                    n.term.to_string(),
-                    n.last_applied_index.to_string(),
-                    n.snapshots_installed.to_string(),
-                ];
+            peers
+                .get(&m.node_id)
+                .cloned()
+                .unwrap_or_else(|| Err("not asked".into()))
+        };
+        let (role, progress) = match &own {
+            Ok(n) => {
+                let mut role = if n.role.is_empty() {
+                    if Some(m.node_id) == leader {
+                        "leader"
+                    } else {
+                        "follower"
+                    }
+                    .to_string()
+                } else {
+                    n.role.clone()
+                };
+                if m.node_id == s.node_id {
+                    role.push_str(" (answered)");
+                }
+                (
+                    role,
+                    [
+                        n.term.to_string(),
+                        n.last_applied_index.to_string(),
+                        n.snapshots_installed.to_string(),
+                    ],
+                )
             }
-        }
+            Err(_) => (
+                "unreachable".to_string(),
+                ["-".to_string(), "-".to_string(), "-".to_string()],
+            ),
+        };
         let [term, applied, snaps] = progress;
         t.row([
             m.node_id.to_string(),
@@ -387,6 +412,24 @@ pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
             applied,
             snaps,
         ]);
+        members.push(match own {
+            Ok(n) => json!({
+                "node_id": m.node_id,
+                "address": m.address,
+                "reachable": true,
+                "role": n.role,
+                "term": n.term,
+                "last_log_index": n.last_log_index,
+                "last_applied_index": n.last_applied_index,
+                "snapshots_installed": n.snapshots_installed,
+            }),
+            Err(e) => json!({
+                "node_id": m.node_id,
+                "address": m.address,
+                "reachable": false,
+                "error": e,
+            }),
+        });
     }
     let member = |m: &pb::ClusterMember| json!({"node_id": m.node_id, "address": m.address});
     let node = s.node.as_ref().map(|n| {
@@ -404,7 +447,7 @@ pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
         "node_id": s.node_id,
         "replicated": s.replicated,
         "leader": s.leader.as_ref().map(member),
-        "members": s.members.iter().map(member).collect::<Vec<_>>(),
+        "members": members,
         "node": node,
     });
     (t, j)
@@ -413,6 +456,40 @@ pub fn cluster(s: &pb::ClusterStatusResponse) -> (Table, Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_that_does_not_answer_is_shown_unreachable() {
+        let m = |id: u64| pb::ClusterMember {
+            node_id: id,
+            address: format!("10.0.0.{id}:7400"),
+        };
+        let node = |role: &str| pb::NodeStatus {
+            role: role.into(),
+            term: 3,
+            last_applied_index: 9,
+            ..Default::default()
+        };
+        let s = pb::ClusterStatusResponse {
+            node_id: 1,
+            members: vec![m(1), m(2), m(3)],
+            leader: Some(m(1)),
+            node: Some(node("leader")),
+            ..Default::default()
+        };
+        let mut peers = std::collections::BTreeMap::new();
+        peers.insert(2, Ok(node("follower")));
+        peers.insert(
+            3,
+            Err("cannot reach the controller at http://10.0.0.3:7400".into()),
+        );
+        let (t, j) = cluster(&s, &peers);
+        let text = t.render();
+        assert!(text.contains("leader (answered)"), "{text}");
+        assert!(text.contains("follower"), "{text}");
+        let row3 = text.lines().find(|l| l.contains("10.0.0.3")).unwrap();
+        assert!(row3.contains("unreachable"), "{text}");
+        assert_eq!(j["members"][2]["reachable"], false);
+    }
 
     #[test]
     fn state_names_round_trip() {

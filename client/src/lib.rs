@@ -196,6 +196,16 @@ impl Client {
         &self.endpoint
     }
 
+    /// A client of `endpoint` alone (same credential and CA) that gives up
+    /// after one try within `timeout`: to ask one node about itself.
+    pub fn only(&self, endpoint: &str, timeout: Duration) -> Result<Client, CallError> {
+        let mut cfg = self.cfg.clone();
+        cfg.endpoints = vec![endpoint.to_string()];
+        cfg.max_retries = 0;
+        cfg.call_timeout = timeout;
+        Client::new(cfg)
+    }
+
     fn channel(&mut self) -> Result<AuthChannel, CallError> {
         if self.channel.is_none() {
             let bad = |e| CallError::Endpoint(self.endpoint.clone(), e);

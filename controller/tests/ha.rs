@@ -463,6 +463,36 @@ async fn leader_crash_restart_and_partition() {
     )
     .await;
     eprintln!("new leader: node {}", second + 1);
+    // `ferro cluster status` shows the killed node as unreachable, not as a
+    // follower.
+    let ferro = ferro_testkit::workspace_bin("ferro-cli", "ferro");
+    let out = Command::new(&ferro)
+        .args([
+            "--endpoint",
+            &c.url(second),
+            "--api-key",
+            &key,
+            "-o",
+            "json",
+        ])
+        .args(["cluster", "status"])
+        .env("HOME", &c.dir)
+        .output()
+        .expect("cannot run ferro");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dead = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["node_id"] == (first as u64 + 1))
+        .cloned()
+        .unwrap();
+    assert_eq!(dead["reachable"], false, "{st}");
 
     // Nothing twice, nothing acknowledged lost; a retried token answers
     // with the same instance.

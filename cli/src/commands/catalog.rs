@@ -335,7 +335,31 @@ pub async fn cluster(
                 .await?
         }
     };
-    let (t, j) = output::cluster(&resp);
+    // Ask every other member about itself: a node that does not answer is
+    // shown as such, not as a follower.
+    let scheme = if client.endpoint().starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    let mut peers = std::collections::BTreeMap::new();
+    for m in resp.members.iter().filter(|m| m.node_id != resp.node_id) {
+        let url = format!("{scheme}://{}", m.address);
+        let answer = match client.only(&url, std::time::Duration::from_secs(2)) {
+            Ok(mut c) => c
+                .call(|ch| async move {
+                    ClusterClient::new(ch)
+                        .cluster_status(pb::ClusterStatusRequest {})
+                        .await
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.node.ok_or_else(|| "no status".to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        peers.insert(m.node_id, answer);
+    }
+    let (t, j) = output::cluster(&resp, &peers);
     print(format, &t, &j);
     Ok(())
 }
