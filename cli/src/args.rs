@@ -329,11 +329,23 @@ pub struct Up {
     /// Do everything, print the console, clean up and exit (for CI).
     #[arg(long)]
     pub demo: bool,
-    /// On Ctrl-C, leave the instance running (VMMs outlive their agent)
-    /// instead of terminating it.
+    /// On Ctrl-C, leave every instance running (VMMs outlive their agent)
+    /// for the next `ferro up` on this data directory, which resumes them;
+    /// by default Ctrl-C terminates them all.
     #[arg(long)]
     pub keep: bool,
     /// Seconds to wait for each step (daemons healthy, instance running).
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub timeout: u64,
+    /// The controller's address (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7400", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// vCPUs the host offers to instances (default: its CPUs); more than
+    /// the host has overcommits them.
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Guest memory the host offers, in MiB (capped at the host's memory
+    /// minus 256 MiB).
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub memory: u64,
 }

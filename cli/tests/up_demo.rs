@@ -68,7 +68,14 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
     let _ = std::fs::remove_dir_all(&data);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
-        .args(["up", "--demo", "--timeout", "120"])
+        .args([
+            "up",
+            "--demo",
+            "--timeout",
+            "120",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .arg("--image-kernel")
@@ -129,5 +136,164 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
         .filter(|d| d.exists())
         .collect();
     assert_eq!(cgroups, Vec::<PathBuf>::new(), "cgroups left");
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// `ferro up` in the foreground on `data`, its stderr collected by a thread
+/// (lines also sent to `lines`).
+struct Up {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Up {
+    fn start(data: &Path, extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
+            .args([
+                "up",
+                "--timeout",
+                "120",
+                "--listen",
+                "127.0.0.1:0",
+                "--vcpus",
+                "8",
+            ])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--image-kernel")
+            .arg(ferro_testkit::guest_elf())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run ferro up");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: vec![],
+        }
+    }
+
+    /// Wait for a stderr line containing `needle`.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while Instant::now() < deadline {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                self.seen.push(l.clone());
+                if l.contains(needle) {
+                    return l;
+                }
+            }
+        }
+        panic!(
+            "`ferro up` never said {needle:?}:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Ctrl-C, then wait for the exit and the rest of its output.
+    fn interrupt(mut self) -> String {
+        // SAFETY: kill with a valid pid and signal.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(l);
+        }
+        let all = self.seen.join("\n");
+        assert!(status.success(), "ferro up failed ({status}):\n{all}");
+        all
+    }
+}
+
+/// Ctrl-C terminates every instance, the ones a user launched too; with
+/// `--keep` they stay for the next `ferro up` on the data directory, which
+/// resumes them (instead of failing for want of capacity).
+#[test]
+fn ctrl_c_cleans_up_everything_or_keep_resumes() {
+    ferro_testkit::require_kvm_root();
+    build_daemons();
+    let data = PathBuf::from(format!("/tmp/fuk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let ferro = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferro"))
+            .arg("--config")
+            .arg(data.join("client.toml"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferro {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let image = "ferro-test-guest";
+
+    // A user's own instance beside the demo one; Ctrl-C ends both.
+    let mut up = Up::start(&data, &[]);
+    up.wait_for("The cloud is up");
+    let mine = ferro(&[
+        "instances",
+        "run",
+        "--image",
+        image,
+        "--type",
+        "f1.nano",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    assert!(mine.contains("i-"), "{mine}");
+    let said = up.interrupt();
+    assert!(said.contains("still running: "), "{said}");
+    assert!(said.contains("terminating "), "{said}");
+    assert_eq!(
+        processes("ferro-vmm", &data),
+        Vec::<String>::new(),
+        "VMMs left:\n{said}"
+    );
+
+    // --keep: the instances outlive `ferro up` ...
+    let mut up = Up::start(&data, &["--keep"]);
+    up.wait_for("The cloud is up");
+    ferro(&[
+        "instances",
+        "run",
+        "--image",
+        image,
+        "--type",
+        "f1.nano",
+        "--wait",
+    ]);
+    let said = up.interrupt();
+    assert!(said.contains("left running (--keep)"), "{said}");
+    assert_eq!(processes("ferro-vmm", &data).len(), 2, "{said}");
+    // ... and the next `ferro up` resumes them; its Ctrl-C ends them.
+    let mut up = Up::start(&data, &[]);
+    let resumed = up.wait_for("resuming the instances");
+    assert_eq!(resumed.matches("i-").count(), 2, "{resumed}");
+    up.wait_for("The cloud is up");
+    let said = up.interrupt();
+    assert!(said.contains("terminating "), "{said}");
+    assert_eq!(
+        processes("ferro-vmm", &data),
+        Vec::<String>::new(),
+        "VMMs left:\n{said}"
+    );
+    let (_, parent) = host_names(&data);
+    let _ = cgroup_dirs(&parent)
+        .into_iter()
+        .map(std::fs::remove_dir)
+        .count();
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -58,10 +58,21 @@ pub struct Layout {
 impl Layout {
     /// The layout for `root` with free loopback ports.
     pub fn new(root: &Path) -> Result<Self, FilesError> {
+        Self::with_listen(root, "127.0.0.1:0".parse().expect("a socket address"))
+    }
+
+    /// The layout for `root`, the controller on `listen` (port 0: a free
+    /// one), the agent on a free loopback port.
+    pub fn with_listen(root: &Path, listen: SocketAddr) -> Result<Self, FilesError> {
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
         let (tap_prefix, cgroup_parent) = host_names(&root);
+        let controller_addr = if listen.port() == 0 {
+            free_port_on(listen.ip())?
+        } else {
+            listen
+        };
         let layout = Self {
-            controller_addr: free_port()?,
+            controller_addr,
             agent_addr: free_port()?,
             tap_prefix,
             cgroup_parent,
@@ -227,7 +238,11 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), FilesError> {
 }
 
 fn free_port() -> Result<SocketAddr, FilesError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(FilesError::Port)?;
+    free_port_on(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+fn free_port_on(ip: std::net::IpAddr) -> Result<SocketAddr, FilesError> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(FilesError::Port)?;
     l.local_addr().map_err(FilesError::Port)
 }
 

@@ -6,8 +6,9 @@
 //! the test guest as an image whose command line has `ferro.exit=idle`;
 //! launches an instance, waits for `running`, describes it and prints its
 //! console. Then it stays in the foreground until Ctrl-C (or SIGTERM),
-//! terminates what it launched (unless `--keep`) and stops both daemons.
-//! With `--demo` it does not wait for Ctrl-C.
+//! terminates every instance of the cloud (unless `--keep`, which leaves
+//! them for the next `ferro up` on the data directory to resume) and stops
+//! both daemons. With `--demo` it does not wait for Ctrl-C.
 
 pub mod files;
 pub mod host;
@@ -67,6 +68,11 @@ pub enum UpError {
     /// Ctrl-C or SIGTERM before the all-in-one was up.
     #[error("interrupted")]
     Interrupted,
+    /// The controller's address is taken.
+    #[error(
+        "--listen {0}: {1} (another `ferro up`? pass another address, or port 0 for any free one)"
+    )]
+    Listen(std::net::SocketAddr, #[source] std::io::Error),
     /// The guest never finished its self-test.
     #[error("the guest's console never showed `{SELFTEST_DONE}`; it was:\n{0}")]
     Selftest(String),
@@ -119,7 +125,10 @@ pub async fn run(up: Up) -> Result<(), UpError> {
     preflight()?;
     let bins = Binaries::find()?;
     let kernel = guest_kernel(up.image_kernel.as_deref())?;
-    let layout = Layout::new(&up.data_dir)?;
+    let layout = Layout::with_listen(&up.data_dir, up.listen)?;
+    if let Err(e) = std::net::TcpListener::bind(layout.controller_addr) {
+        return Err(UpError::Listen(layout.controller_addr, e));
+    }
     layout.create_dirs()?;
     // From here on Ctrl-C must not kill `ferro` before it has stopped its
     // children.
@@ -221,7 +230,9 @@ async fn bring_up(
     })
     .await?;
 
-    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let vcpus = up
+        .vcpus
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     // The host joins with a one-time token, as any host does; a data dir
     // whose agent joined before keeps its credentials and ignores it.
     let join = pb::CreateJoinTokenRequest {
@@ -236,7 +247,7 @@ async fn bring_up(
         .await
         .map_err(CommandError::from)?
         .token;
-    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, 2048, &token);
+    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, up.memory, &token);
     files::write_private(&layout.agent_config(), &agent_cfg)?;
     note(&format!(
         "starting ferro-agent on {} (log {})",
@@ -274,6 +285,20 @@ async fn bring_up(
         "image {} ({}) registered: {}",
         image.name, image.image_id, image.kernel_path
     ));
+    // A data directory an earlier `ferro up --keep` left running: resume
+    // its instances instead of launching another.
+    let earlier = live_instances(&mut client).await?;
+    if !earlier.is_empty() && !up.demo {
+        note(&format!(
+            "resuming the instances an earlier `ferro up --keep` left: {}",
+            earlier.join(", ")
+        ));
+        return Ok(Launched {
+            instances: earlier,
+            client,
+            key,
+        });
+    }
     let itype = smallest_type(&mut client).await?;
     let req = pb::RunInstancesRequest {
         count: 1,
@@ -323,21 +348,40 @@ async fn finish(
         () = signals.recv() => Err(UpError::Interrupted),
     };
     if outcome.is_ok() && !up.demo {
+        let ferro = std::env::current_exe().unwrap_or_else(|_| "ferro".into());
         eprintln!(
-            "\nThe cloud is up. In another shell:\n  ferro --config {} instances list\n\
+            "\nThe cloud is up. In another shell:\n  {} --config {} instances list\n\
              (endpoint {}, admin key {key}). Ctrl-C stops it{}.",
+            ferro.display(),
             layout.client_config().display(),
             layout.endpoint(),
             if up.keep {
-                "; the instance keeps running"
+                "; every instance keeps running for the next `ferro up` on this data directory"
             } else {
-                " and terminates the instance"
+                " and terminates every instance"
             },
         );
         outcome = wait_for_signal(daemons, signals).await;
     }
     let keep = up.keep && !up.demo && outcome.is_ok();
+    // Every instance of this cloud, not only the one launched here.
+    if let Ok(all) = live_instances(&mut launched.client).await {
+        for id in all {
+            if !launched.instances.contains(&id) {
+                launched.instances.push(id);
+            }
+        }
+    }
+    if !launched.instances.is_empty() {
+        note(&format!("still running: {}", launched.instances.join(", ")));
+    }
     let terminated = if keep {
+        if !launched.instances.is_empty() {
+            note(&format!(
+                "left running (--keep): `ferro up --data-dir {}` resumes them",
+                layout.root.display()
+            ));
+        }
         Ok(())
     } else {
         tokio::select! {
@@ -408,6 +452,20 @@ async fn show(up: &Up, launched: &mut Launched, daemons: &mut Daemons) -> Result
         println!();
     }
     Ok(())
+}
+
+/// Every instance of the cloud that is not terminated (or shutting down).
+async fn live_instances(client: &mut Client) -> Result<Vec<String>, UpError> {
+    let gone = [
+        pb::InstanceState::Terminated as i32,
+        pb::InstanceState::ShuttingDown as i32,
+    ];
+    let list = commands::describe_all(client, pb::DescribeInstancesRequest::default()).await?;
+    Ok(list
+        .into_iter()
+        .filter(|i| !gone.contains(&i.state))
+        .map(|i| i.instance_id)
+        .collect())
 }
 
 /// Polls the console (through the controller) until the self-test is done.
