@@ -171,6 +171,37 @@ pub struct RaftReplicator<S: StateMachine> {
     control: Arc<NetControl>,
     counters: Arc<Counters>,
     config: RaftConfig,
+    lease: Arc<std::sync::Mutex<Lease>>,
+}
+
+/// What the leader last reported about its quorum, and when this node saw
+/// the report: a read may be served from the local state, without a quorum
+/// round, while the lease holds (see [`Lease::valid`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Lease {
+    /// When the report was seen.
+    seen: Option<std::time::Instant>,
+    /// This node leads, and has applied an entry of its own term (so every
+    /// entry of earlier leaders is applied here too).
+    leading_and_caught_up: bool,
+    /// The report's age of the last quorum acknowledgement, in ms: counted
+    /// from when the acknowledged request was *sent*, so followers heard
+    /// from this leader at least that recently.
+    since_quorum_ack_ms: Option<u64>,
+}
+
+impl Lease {
+    /// Whether a read may be served locally now: the last quorum
+    /// acknowledgement is younger than `lease` (half the shortest election
+    /// timeout, so no follower can have elected another leader since).
+    fn valid(&self, lease: Duration) -> bool {
+        match (self.seen, self.since_quorum_ack_ms) {
+            (Some(seen), Some(ms)) if self.leading_and_caught_up => {
+                Duration::from_millis(ms) + seen.elapsed() < lease
+            }
+            _ => false,
+        }
+    }
 }
 
 impl<S: StateMachine> RaftReplicator<S> {
@@ -198,6 +229,30 @@ impl<S: StateMachine> RaftReplicator<S> {
         let raft = Raft::new(config.node_id, raft_config, network, log, sm)
             .await
             .map_err(|e| OpenError::Start(e.to_string()))?;
+        let lease = Arc::new(std::sync::Mutex::new(Lease::default()));
+        {
+            let (mut rx, lease) = (raft.metrics(), lease.clone());
+            tokio::spawn(async move {
+                loop {
+                    let l = {
+                        let m = rx.borrow_and_update();
+                        let term = m.current_term;
+                        Lease {
+                            seen: Some(std::time::Instant::now()),
+                            leading_and_caught_up: m.state == ServerState::Leader
+                                && m.last_applied.is_some_and(|l| l.leader_id.term == term),
+                            since_quorum_ack_ms: m.millis_since_quorum_ack,
+                        }
+                    };
+                    if let Ok(mut g) = lease.lock() {
+                        *g = l;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let proposals = batch::spawn(raft.clone(), config.max_batches_in_flight, map_write_error);
         Ok(Self {
             raft,
@@ -206,6 +261,7 @@ impl<S: StateMachine> RaftReplicator<S> {
             control,
             counters,
             config,
+            lease,
         })
     }
 
@@ -217,6 +273,11 @@ impl<S: StateMachine> RaftReplicator<S> {
             .into_iter()
             .map(|m| (m.id, BasicNode { addr: m.addr }))
             .collect();
+        // Already initialized (a restart): nothing to do, and nothing for
+        // openraft to log as an error.
+        if self.raft.is_initialized().await.unwrap_or(false) {
+            return Ok(());
+        }
         match self.raft.initialize(nodes).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
@@ -448,6 +509,13 @@ impl<S: StateMachine> Replicator<S> for RaftReplicator<S> {
         R: Send + 'static,
         F: FnOnce(&S) -> R + Send + 'static,
     {
+        // Within the leader's lease the local state is linearizable: no
+        // quorum round (and no error per read about a dead follower).
+        let lease = self.config.election_timeout_min / 2;
+        if self.lease.lock().is_ok_and(|l| l.valid(lease)) {
+            let sm = self.state.read().map_err(|_| poisoned())?;
+            return Ok(f(&sm.state));
+        }
         self.with_timeout("read", async {
             self.raft
                 .ensure_linearizable()
@@ -522,5 +590,44 @@ impl<S: StateMachine> Replicator<S> for RaftReplicator<S> {
     async fn remove_member(&self, id: NodeId) -> Result<(), ReplicationError> {
         self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
             .await
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_holds_only_for_a_caught_up_leader_with_a_fresh_quorum() {
+        let lease = Duration::from_millis(150);
+        let now = std::time::Instant::now();
+        let fresh = Lease {
+            seen: Some(now),
+            leading_and_caught_up: true,
+            since_quorum_ack_ms: Some(40),
+        };
+        assert!(fresh.valid(lease));
+        // Reported long ago: the report's age plus the time since.
+        let old = Lease {
+            seen: now.checked_sub(Duration::from_millis(200)),
+            ..fresh
+        };
+        assert!(!old.valid(lease));
+        assert!(!Lease {
+            since_quorum_ack_ms: Some(200),
+            ..fresh
+        }
+        .valid(lease));
+        assert!(!Lease {
+            leading_and_caught_up: false,
+            ..fresh
+        }
+        .valid(lease));
+        assert!(!Lease {
+            since_quorum_ack_ms: None,
+            ..fresh
+        }
+        .valid(lease));
+        assert!(!Lease::default().valid(lease));
     }
 }
