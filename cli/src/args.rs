@@ -4,22 +4,26 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The heading of the options that only controller commands use (`ferro
+/// up` refuses them).
+pub const CLIENT_OPTIONS: &str = "Controller client options (not for `ferro up`)";
+
 /// Ferrocloud's command-line client.
 #[derive(Debug, Parser)]
 #[command(name = "ferro", version, about, propagate_version = true)]
 pub struct Cli {
     /// Controller endpoint (http://host:port); overrides FERRO_ENDPOINT and
     /// the config file.
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, value_name = "URL", help_heading = CLIENT_OPTIONS)]
     pub endpoint: Option<String>,
     /// API key; overrides FERRO_API_KEY and the config file.
-    #[arg(long, global = true, value_name = "KEY")]
+    #[arg(long, global = true, value_name = "KEY", help_heading = CLIENT_OPTIONS)]
     pub api_key: Option<String>,
     /// Configuration file (default ~/.config/ferro/config.toml).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", help_heading = CLIENT_OPTIONS)]
     pub config: Option<PathBuf>,
     /// Output format.
-    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table, help_heading = CLIENT_OPTIONS)]
     pub output: Format,
     /// What to do.
     #[command(subcommand)]

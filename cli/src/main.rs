@@ -26,6 +26,19 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     if let Command::Up(up) = cli.command {
+        let given = [
+            (cli.endpoint.is_some(), "--endpoint"),
+            (cli.api_key.is_some(), "--api-key"),
+            (cli.config.is_some(), "--config"),
+            (cli.output != ferro_cli::args::Format::Table, "--output"),
+        ];
+        if let Some((_, flag)) = given.iter().find(|(set, _)| *set) {
+            eprintln!(
+                "ferro: error: {flag} is for controller commands; `ferro up` starts its own \
+                 controller (see --listen and --data-dir)"
+            );
+            return ExitCode::from(2);
+        }
         return match ferro_cli::up::run(up).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),

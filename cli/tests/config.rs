@@ -210,3 +210,33 @@ fn api_key_flag_beats_the_environment_and_the_file() {
     assert_eq!(cfg.api_key.as_deref(), Some("fk_flag"));
     assert!(!cfg.endpoint_is_default);
 }
+
+/// `ferro up` starts its own controller: the client options are shown apart
+/// in its help and refused with a line saying why.
+#[test]
+fn up_refuses_the_client_options() {
+    let dir = std::env::temp_dir().join(format!("ferro-cli-up-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = ferro(&dir, &["up", "--endpoint", "http://127.0.0.1:9"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("ferro: error: --endpoint is for controller commands")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    let help = ferro(&dir, &["up", "--help"], &[]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    let (own, client) = text
+        .split_once("Controller client options (not for `ferro up`)")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        own.contains("--listen") && own.contains("--vcpus") && own.contains("--memory"),
+        "{text}"
+    );
+    assert!(
+        !own.contains("--endpoint") && client.contains("--endpoint"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
