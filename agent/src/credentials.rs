@@ -236,13 +236,7 @@ fn is_final(code: tonic::Code) -> bool {
     )
 }
 
-/// `d` scaled by a factor in [0.5, 1.5).
-pub fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos());
-    d.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
-}
+pub use ferro_client::jitter;
 
 #[cfg(test)]
 mod tests {

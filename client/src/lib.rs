@@ -122,6 +122,15 @@ fn transport_cause(s: &tonic::Status) -> String {
     cur.to_string()
 }
 
+/// `d` scaled by a factor in [0.5, 1.5), so clients that failed together
+/// do not retry together.
+pub fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    d.mul_f64(0.5 + f64::from(nanos % 1000) / 1000.0)
+}
+
 /// `raw` as `http://host:port` or `https://host:port` (no scheme: http).
 pub fn normalize_endpoint(raw: &str) -> Result<String, String> {
     let raw = raw.trim();
@@ -254,7 +263,7 @@ impl Client {
             match failover.next(&status, &self.endpoint) {
                 Hop::Follow(next) => self.switch(next),
                 Hop::Retry(next, pause) => {
-                    tokio::time::sleep(pause).await;
+                    tokio::time::sleep(jitter(pause)).await;
                     self.switch(next);
                 }
                 Hop::Fail => return Err(CallError::Status(status, self.endpoint.clone())),

@@ -183,6 +183,7 @@ async fn bootstrap_when_leading<R: Replicator<ClusterState>>(
     azs: Vec<String>,
     key_file: std::path::PathBuf,
 ) {
+    let mut deferred = 0u32;
     loop {
         let done = ctl
             .replicator()
@@ -208,7 +209,15 @@ async fn bootstrap_when_leading<R: Replicator<ClusterState>>(
                     return;
                 }
                 Ok(None) => return,
-                Err(e) => tracing::info!(error = %crate::chain(&e), "bootstrap deferred"),
+                // Expected while leadership settles: said once, then quietly.
+                Err(e) if deferred == 0 => {
+                    deferred += 1;
+                    tracing::info!(error = %crate::chain(&e), "bootstrap deferred (retrying)")
+                }
+                Err(e) => {
+                    deferred += 1;
+                    tracing::debug!(error = %crate::chain(&e), deferred, "bootstrap deferred")
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
