@@ -274,6 +274,7 @@ pub fn image_json(i: &pb::Image) -> Value {
         "initrd_path": i.initrd_path, "rootdisk_path": i.rootdisk_path,
         "cmdline_extra": i.cmdline_extra, "created_at_ms": i.created_at_ms,
         "registered_hosts": i.registered_hosts, "tags": tags_json(&i.tags),
+        "host_errors": i.host_errors,
     })
 }
 
@@ -286,8 +287,14 @@ pub fn images(list: &[pb::Image]) -> (Table, Value) {
         "CMDLINE EXTRA",
         "HOSTS",
         "CREATED",
+        "FAILING ON",
     ]);
     for i in list {
+        let failing: Vec<&str> = i
+            .host_errors
+            .iter()
+            .filter_map(|e| e.split_once(':').map(|(h, _)| h))
+            .collect();
         t.row([
             i.image_id.clone(),
             i.name.clone(),
@@ -295,6 +302,7 @@ pub fn images(list: &[pb::Image]) -> (Table, Value) {
             dash(&i.cmdline_extra),
             i.registered_hosts.to_string(),
             time(i.created_at_ms),
+            dash(&failing.join(",")),
         ]);
     }
     (t, Value::Array(list.iter().map(image_json).collect()))

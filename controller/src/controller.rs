@@ -186,6 +186,24 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             .map(|f| f.reason(now))
     }
 
+    /// Hosts failing to register `image_id`: "host: why (attempts, …)".
+    pub fn image_errors(&self, image_id: &str) -> Vec<String> {
+        let Ok(f) = self.failures.lock() else {
+            return vec![];
+        };
+        let now = crate::now_ms();
+        let live = self.liveness();
+        let mut out: Vec<String> = live
+            .keys()
+            .filter_map(|h| {
+                f.get(&format!("{h}/{image_id}"))
+                    .map(|x| format!("{h}: {}", x.reason(now)))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Note that `host_id`'s agent now has `image_id`.
     pub fn note_image(&self, host_id: &str, image_id: &str) {
         if let Ok(mut l) = self.liveness.lock() {

@@ -429,4 +429,21 @@ async fn a_failing_image_shows_in_the_reason_with_back_off() {
     );
     let registers = agent_log.matches("/nonexistent/vmlinux").count();
     println!("controller lines: {warns}; agent log mentions: {registers}");
+    // The image shows which host cannot register it, and why.
+    let imgs = cloud
+        .c
+        .describe_images(authed(&key, pb::DescribeImagesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    let bad = imgs.iter().find(|i| i.name == "missing").unwrap();
+    assert_eq!(bad.host_errors.len(), 1, "{bad:?}");
+    assert!(
+        bad.host_errors[0].starts_with("badimg-host: ")
+            && bad.host_errors[0].contains("/nonexistent/vmlinux"),
+        "{bad:?}"
+    );
+    let good = imgs.iter().find(|i| i.name == "test-guest").unwrap();
+    assert!(good.host_errors.is_empty(), "{good:?}");
 }

@@ -410,7 +410,9 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 .iter()
                 .map(|i| {
                     let n = live.values().filter(|s| s.images.contains(&i.id)).count();
-                    image_out(i, n as u32)
+                    let mut out = image_out(i, n as u32);
+                    out.host_errors = self.ctl.image_errors(&i.id);
+                    out
                 })
                 .collect(),
         }))

@@ -152,6 +152,7 @@ pub fn image_out(i: &Image, registered_hosts: u32) -> pb::Image {
         created_at_ms: i.created_at_ms,
         tags: tags_out(&i.tags),
         registered_hosts,
+        host_errors: Vec::new(),
     }
 }
 
