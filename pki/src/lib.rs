@@ -20,7 +20,7 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber, SignatureAlgorithm,
     PKCS_ECDSA_P256_SHA256,
 };
 use serde::{Deserialize, Serialize};
@@ -225,46 +225,31 @@ impl Ca {
 
     /// A client certificate with common name `cn`, valid `days`.
     pub fn issue_client(&self, cn: &str, days: i64) -> Result<Identity> {
+        self.issue_with_new_key(cn, ExtendedKeyUsagePurpose::ClientAuth, days)
+    }
+
+    /// A certificate for a key made here: common name `cn`, the one usage
+    /// `eku`, valid `days`.
+    fn issue_with_new_key(
+        &self,
+        cn: &str,
+        eku: ExtendedKeyUsagePurpose,
+        days: i64,
+    ) -> Result<Identity> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| PkiError::Rcgen("generate a client key", e))?;
+            .map_err(|e| PkiError::Rcgen("generate a key", e))?;
         let mut p = CertificateParams::new(Vec::<String>::new())
-            .map_err(|e| PkiError::Rcgen("client certificate parameters", e))?;
+            .map_err(|e| PkiError::Rcgen("certificate parameters", e))?;
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![eku];
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(serial()?);
         validity(&mut p, days);
         let cert = p
             .signed_by(&key, &self.issuer)
-            .map_err(|e| PkiError::Rcgen("sign the client certificate", e))?;
-        Ok(Identity {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-
-    /// A server certificate (and its new key) for DNS `name`: for tests
-    /// and tools that serve as something other than an agent.
-    pub fn issue_server(&self, name: &str, days: i64) -> Result<Identity> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| PkiError::Rcgen("generate a server key", e))?;
-        let mut p = CertificateParams::new(vec![name.to_string()])
-            .map_err(|e| PkiError::Rcgen("server certificate parameters", e))?;
-        if let Ok(ip) = name.parse::<std::net::IpAddr>() {
-            p.subject_alt_names = vec![SanType::IpAddress(ip)];
-        }
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        p.use_authority_key_identifier_extension = true;
-        p.serial_number = Some(serial()?);
-        validity(&mut p, days);
-        let cert = p
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| PkiError::Rcgen("sign the server certificate", e))?;
+            .map_err(|e| PkiError::Rcgen("sign the certificate", e))?;
         Ok(Identity {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),

@@ -176,6 +176,7 @@ pub async fn join_host(addrs: &[String], admin_key: &str, host_id: &str) -> Join
     let key = ferro_pki::generate_key().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
+        let token = join_token(addrs, admin_key, host_id).await;
         for a in addrs {
             let Ok(ch) = Channel::from_shared(format!("http://{a}"))
                 .unwrap()
@@ -184,20 +185,10 @@ pub async fn join_host(addrs: &[String], admin_key: &str, host_id: &str) -> Join
             else {
                 continue;
             };
-            let mut c = ComputeClient::with_interceptor(ch.clone(), Bearer::new(admin_key));
-            let Ok(t) = c
-                .create_join_token(pb::CreateJoinTokenRequest {
-                    host_id: host_id.into(),
-                    ttl_seconds: 60,
-                })
-                .await
-            else {
-                continue;
-            };
             let r = HostsClient::new(ch)
                 .join(pb::JoinRequest {
                     host_id: host_id.into(),
-                    token: t.into_inner().token,
+                    token: token.clone(),
                     public_key: key.public_key.clone(),
                 })
                 .await;
