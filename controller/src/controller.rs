@@ -462,3 +462,64 @@ pub fn describe_instances(
     }
     Ok((out, String::new()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{add_host, add_image, bootstrapped, run, spec};
+
+    fn report(cpu_model: &str, kvm_present: bool) -> HostReport {
+        HostReport {
+            id: "h1".into(),
+            az: "az-1".into(),
+            address: "http://h1:7420".into(),
+            vcpus_total: 8,
+            memory_total_mib: 8192,
+            cpu_model: cpu_model.into(),
+            agent_version: "0".into(),
+            kvm_present,
+        }
+    }
+
+    /// A heartbeat is written to the replicated state when any host fact,
+    /// an instance's state or reason, or a newer stamp differs; not when it
+    /// repeats what is known, nor for a report older than what is known.
+    #[test]
+    fn a_heartbeat_is_written_when_it_says_something_new() {
+        let mut s = bootstrapped();
+        add_host(&mut s, "h1", "az-1", 8, 8192);
+        add_image(&mut s);
+        let mut seq = 0;
+        run(&mut s, 1, &mut seq, spec()).unwrap();
+        let id = s.instances.keys().next().unwrap().clone();
+        let o = |state, reason: &str, seq| Observation {
+            instance_id: id.clone(),
+            state,
+            reason: reason.into(),
+            stopped_by_guest: false,
+            seq,
+        };
+        use ferro_raft::StateMachine;
+        s.apply(Command::Heartbeat {
+            host: report("test", true),
+            observed: vec![o(ObservedState::Running, "started", 10)],
+            complete: true,
+            now_ms: 1,
+            listed_seq: 11,
+        })
+        .unwrap();
+        let same = [o(ObservedState::Running, "started", 10)];
+        assert!(!heartbeat_changes(&s, &report("test", true), &same, 12));
+        assert!(heartbeat_changes(&s, &report("EPYC", true), &same, 12));
+        assert!(heartbeat_changes(&s, &report("test", false), &same, 12));
+        let reason = [o(ObservedState::Running, "restarted in place", 10)];
+        assert!(heartbeat_changes(&s, &report("test", true), &reason, 12));
+        let newer = [o(ObservedState::Running, "started", 20)];
+        assert!(heartbeat_changes(&s, &report("test", true), &newer, 21));
+        let older = [o(ObservedState::Stopped, "stopped", 5)];
+        assert!(!heartbeat_changes(&s, &report("test", true), &older, 12));
+        // Not listed by a listing older than what is known: nothing new.
+        assert!(!heartbeat_changes(&s, &report("test", true), &[], 9));
+        assert!(heartbeat_changes(&s, &report("test", true), &[], 12));
+    }
+}

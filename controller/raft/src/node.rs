@@ -516,6 +516,9 @@ impl<S: StateMachine> Replicator<S> for RaftReplicator<S> {
             let sm = self.state.read().map_err(|_| poisoned())?;
             return Ok(f(&sm.state));
         }
+        // A leader cut off from its quorum refuses at once (and quietly)
+        // instead of timing out a round per read.
+        self.check_quorum_fresh()?;
         self.with_timeout("read", async {
             self.raft
                 .ensure_linearizable()
