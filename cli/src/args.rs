@@ -57,6 +57,15 @@ pub enum Command {
     /// Controller cluster membership.
     #[command(subcommand)]
     Cluster(Cluster),
+    /// API keys and their roles (admin keys only).
+    #[command(subcommand)]
+    ApiKeys(ApiKeys),
+    /// VPCs: private IPv4 networks.
+    #[command(subcommand)]
+    Vpcs(Vpcs),
+    /// Subnets of VPCs, one zone each.
+    #[command(subcommand)]
+    Subnets(Subnets),
     /// Availability zones.
     #[command(subcommand)]
     Azs(ListOnly),
@@ -296,6 +305,79 @@ pub enum Keys {
     Delete {
         /// Name.
         name: String,
+    },
+}
+
+/// VPC commands.
+#[derive(Debug, Subcommand)]
+pub enum Vpcs {
+    /// Create a VPC.
+    Create {
+        /// Its IPv4 block, /16 to /28 (e.g. 10.0.0.0/16).
+        #[arg(long, value_name = "CIDR")]
+        cidr: String,
+        /// Tag KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List VPCs.
+    List,
+    /// Delete a VPC (refused while it has subnets).
+    Delete {
+        /// VPC id.
+        id: String,
+    },
+}
+
+/// Subnet commands.
+#[derive(Debug, Subcommand)]
+pub enum Subnets {
+    /// Create a subnet.
+    Create {
+        /// Its VPC.
+        #[arg(long, value_name = "VPC_ID")]
+        vpc: String,
+        /// Its block, inside the VPC's, /16 to /28.
+        #[arg(long, value_name = "CIDR")]
+        cidr: String,
+        /// Its zone.
+        #[arg(long, value_name = "AZ")]
+        az: String,
+        /// Tag KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List subnets.
+    List {
+        /// Only those of this VPC.
+        #[arg(long, value_name = "VPC_ID")]
+        vpc: Option<String>,
+    },
+    /// Delete a subnet.
+    Delete {
+        /// Subnet id.
+        id: String,
+    },
+}
+
+/// API key commands.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeys {
+    /// Make a key; its secret is shown only now.
+    Create {
+        /// Unique name.
+        name: String,
+        /// What it may do: user (the compute API) or admin (also keys,
+        /// hosts and the cluster). Host keys come only from a host joining.
+        #[arg(long, value_parser = ["user", "admin"], default_value = "user")]
+        role: String,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Delete a key: calls with it fail from then on.
+    Delete {
+        /// Key id (ak-…).
+        id: String,
     },
 }
 

@@ -61,6 +61,9 @@ pub struct Failover {
     tried: Vec<String>,
     /// Endpoints that refused the connection (nothing listens there).
     refused: Vec<String>,
+    /// Endpoints whose transport failed in this call (no answer: a dead or
+    /// paused node); not followed as leader and tried last.
+    silent: Vec<String>,
     hops: usize,
     retries: usize,
     max_retries: usize,
@@ -79,6 +82,7 @@ impl Failover {
             endpoints,
             tried: Vec::new(),
             refused: Vec::new(),
+            silent: Vec::new(),
             hops: 0,
             retries: 0,
             max_retries,
@@ -90,9 +94,15 @@ impl Failover {
     /// next configured endpoint (pausing once all failed in turn), or fail.
     pub fn next(&mut self, status: &tonic::Status, current: &str) -> Hop {
         self.tried.push(current.to_string());
+        if transport_failed(status) && !self.silent.iter().any(|s| s == current) {
+            self.silent.push(current.to_string());
+        }
         if let Some(leader) = leader_hint(status).map(|l| same_scheme(&l, current)) {
             let loops = leader == current || self.tried.iter().rev().take(2).any(|t| *t == leader);
-            if !loops && self.hops < MAX_HOPS {
+            // A follower that has not noticed yet still names a leader that
+            // did not answer us: do not go back to it.
+            let silent = self.silent.contains(&leader);
+            if !loops && !silent && self.hops < MAX_HOPS {
                 self.hops += 1;
                 self.failed_in_a_row = 0;
                 return Hop::Follow(leader);
@@ -112,14 +122,16 @@ impl Failover {
         self.retries += 1;
         self.failed_in_a_row += 1;
         let at = self.endpoints.iter().position(|e| e == current);
-        let next = match at {
-            Some(i) => self.endpoints[(i + 1) % self.endpoints.len()].clone(),
-            None => self
-                .endpoints
-                .first()
-                .cloned()
-                .unwrap_or_else(|| current.to_string()),
-        };
+        let n = self.endpoints.len();
+        let start = at.map_or(0, |i| i + 1);
+        // The next endpoint that answered (or was not tried) in this call;
+        // a silent one only when every endpoint is.
+        let next = (0..n)
+            .map(|k| &self.endpoints[(start + k) % n.max(1)])
+            .find(|e| !self.silent.contains(e))
+            .or_else(|| self.endpoints.get(start % n.max(1)))
+            .cloned()
+            .unwrap_or_else(|| current.to_string());
         let pause = if self.failed_in_a_row >= self.endpoints.len().max(1) {
             self.failed_in_a_row = 0;
             RETRY_PAUSE
@@ -128,6 +140,16 @@ impl Failover {
         };
         Hop::Retry(next, pause)
     }
+}
+
+/// The transport failed: no answer from that node (a gRPC status with a
+/// transport error as its source).
+fn transport_failed(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        )
 }
 
 /// The connection was refused (ECONNREFUSED somewhere in the cause chain).
@@ -326,6 +348,30 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, MAX_RETRIES);
+    }
+
+    /// A paused leader: the call timed out there; a follower that has not
+    /// noticed still names it. The call does not go back to it while
+    /// another endpoint may answer.
+    #[test]
+    fn a_node_that_did_not_answer_is_neither_followed_nor_retried_first() {
+        let mut timeout = Status::unavailable("keep-alive timed out");
+        timeout.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        )));
+        let mut f = failover(&["http://a:1", "http://b:1", "http://c:1"]);
+        assert_eq!(
+            f.next(&timeout, "http://a:1"),
+            Hop::Retry("http://b:1".into(), std::time::Duration::ZERO)
+        );
+        let names_a = unavailable_with_meta("not the leader", "a:1");
+        let mut retry = names_a.clone();
+        retry
+            .metadata_mut()
+            .insert(RETRY_METADATA, "1".parse().unwrap());
+        assert!(matches!(f.next(&retry, "http://b:1"), Hop::Retry(n, _) if n == "http://c:1"));
+        // From c, the next is b again, not a.
+        assert!(matches!(f.next(&retry, "http://c:1"), Hop::Retry(n, _) if n == "http://b:1"));
     }
 
     #[test]

@@ -255,11 +255,30 @@ impl<R: Replicator<ClusterState>> Controller<R> {
                 ca: Some(ca),
             })
             .await;
-        match r {
-            Ok(_) => Ok(Some(secret)),
-            Err(ControllerError::State(StateError::FailedPrecondition(_))) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let made = match r {
+            Ok(_) => Some(secret),
+            Err(ControllerError::State(StateError::FailedPrecondition(_))) => None,
+            Err(e) => return Err(e),
+        };
+        self.ensure_default_vpc().await?;
+        Ok(made)
+    }
+
+    /// Create the default VPC (and a default subnet per zone) unless one
+    /// exists: at bootstrap, and at start for a cluster bootstrapped before
+    /// VPCs existed.
+    pub async fn ensure_default_vpc(&self) -> Result<()> {
+        let zones = self.read(|s| (!s.vpcs.values().any(|v| v.is_default)).then_some(s.azs.len()));
+        let Some(zones) = zones.await? else {
+            return Ok(());
+        };
+        self.write(Command::CreateDefaultVpc {
+            vpc_id: new_id("vpc-"),
+            subnet_ids: (0..zones).map(|_| new_id("subnet-")).collect(),
+            now_ms: crate::now_ms(),
+        })
+        .await?;
+        Ok(())
     }
 
     /// Launch instances.

@@ -22,6 +22,7 @@ pub mod controller;
 pub mod executor;
 pub mod lifecycle;
 pub mod model;
+pub mod net;
 pub mod reconciler;
 pub mod retry;
 pub mod scheduler;

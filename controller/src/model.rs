@@ -260,6 +260,40 @@ impl Instance {
     }
 }
 
+/// A VPC: a private IPv4 network (docs/architecture.md, "VPCs").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vpc {
+    /// `vpc-<16 hex>`.
+    pub id: String,
+    /// Its block, canonical (`172.31.0.0/16`), /16 to /28.
+    pub cidr: String,
+    /// The default VPC (RunInstances without a subnet lands there).
+    pub is_default: bool,
+    /// Tags.
+    pub tags: Tags,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
+/// A subnet: a block of its VPC in one zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    /// `subnet-<16 hex>`.
+    pub id: String,
+    /// Its VPC.
+    pub vpc_id: String,
+    /// Its block, inside the VPC's, /16 to /28.
+    pub cidr: String,
+    /// Its zone.
+    pub az: String,
+    /// The default subnet of its zone in the default VPC.
+    pub is_default: bool,
+    /// Tags.
+    pub tags: Tags,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
 /// What a key may do (docs/architecture.md, "Roles").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

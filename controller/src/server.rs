@@ -190,9 +190,11 @@ async fn bootstrap_when_leading<R: Replicator<ClusterState>>(
             .read_local(|s| !s.region.is_empty())
             .unwrap_or(false);
         if done {
-            // A cluster bootstrapped before it had a CA gets one.
+            // A cluster bootstrapped before it had a CA or a default VPC
+            // gets them.
             match ctl.ensure_ca().await {
-                Ok(true) => return,
+                Ok(true) if ctl.ensure_default_vpc().await.is_ok() => return,
+                Ok(true) => {}
                 Ok(false) => {}
                 Err(e) => tracing::info!(error = %crate::chain(&e), "cluster CA deferred"),
             }

@@ -662,3 +662,169 @@ async fn terminated_instances_are_purged_after_the_retention_time() {
     let again = c.run_instances(req).await.unwrap().into_inner();
     assert_ne!(again.instances[0].instance_id, id);
 }
+
+/// `ferro api-keys` with the real binary: an admin makes a user key; the
+/// user key works for the compute API and is refused key management.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferro_api_keys_make_user_keys() {
+    let t = controller(false, 10_000).await;
+    let ferro = ferro_testkit::workspace_bin("ferro-cli", "ferro");
+    let endpoint = format!("http://{}", t.addr);
+    let run = move |key: String, args: Vec<&'static str>| {
+        let (ferro, endpoint) = (ferro.clone(), endpoint.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(ferro)
+                .args(["--endpoint", &endpoint, "--api-key", &key, "-o", "json"])
+                .args(args)
+                .env_clear()
+                .env("HOME", "/nonexistent")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(t.admin_key.clone(), vec!["api-keys", "create", "alice"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(k["role"], "user");
+    let secret = k["secret"].as_str().unwrap().to_string();
+    let out = run(secret.clone(), vec!["instances", "list"])
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(secret, vec!["api-keys", "list"]).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("an admin API key is required"), "{err}");
+    let out = run(t.admin_key.clone(), vec!["api-keys", "list"])
+        .await
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let roles: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["role"].as_str().unwrap())
+        .collect();
+    assert!(
+        roles.contains(&"admin") && roles.contains(&"user"),
+        "{list}"
+    );
+}
+
+/// VPCs and subnets: the default VPC (a /20 per zone), a new VPC and its
+/// subnets, overlaps and blocks outside the VPC refused naming the field,
+/// a VPC with subnets not deleted (DependencyViolation), filters.
+#[tokio::test]
+async fn vpcs_and_subnets_as_ec2_has_them() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    let vpcs = c
+        .describe_vpcs(pb::DescribeVpcsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vpcs;
+    assert_eq!(vpcs.len(), 1);
+    assert!(
+        vpcs[0].is_default && vpcs[0].cidr_block == "172.31.0.0/16",
+        "{vpcs:?}"
+    );
+    let default = c
+        .describe_subnets(pb::DescribeSubnetsRequest {
+            vpc_ids: vec![vpcs[0].vpc_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subnets;
+    let mut zones: Vec<(&str, &str)> = default
+        .iter()
+        .map(|s| (s.availability_zone.as_str(), s.cidr_block.as_str()))
+        .collect();
+    zones.sort();
+    assert_eq!(
+        zones,
+        vec![("az-1", "172.31.0.0/20"), ("az-2", "172.31.16.0/20")]
+    );
+    assert_eq!(default[0].available_addresses, 4096 - 5);
+
+    let vpc = c
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: "10.0.0.0/16".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sub = |cidr: &str, az: &str| pb::CreateSubnetRequest {
+        vpc_id: vpc.vpc_id.clone(),
+        cidr_block: cidr.into(),
+        availability_zone: az.into(),
+        tags: vec![],
+    };
+    let a = c
+        .create_subnet(sub("10.0.1.0/24", "az-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    for (cidr, az, want) in [
+        ("10.0.1.0/25", "az-1", "overlaps subnet"),
+        ("10.1.0.0/24", "az-1", "not inside the VPC"),
+        ("10.0.2.0/30", "az-1", "/16 to /28"),
+        ("10.0.2.1/24", "az-1", "not a network address"),
+    ] {
+        let e = c.create_subnet(sub(cidr, az)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{cidr}: {}", e.message());
+        assert!(
+            e.message().contains(want) && e.message().contains("cidr_block"),
+            "{}",
+            e.message()
+        );
+    }
+    let e = c
+        .create_subnet(sub("10.0.2.0/24", "az-9"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .delete_vpc(pb::DeleteVpcRequest {
+            vpc_id: vpc.vpc_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("DependencyViolation"),
+        "{}",
+        e.message()
+    );
+    let only_az1 = c
+        .describe_subnets(pb::DescribeSubnetsRequest {
+            availability_zones: vec!["az-1".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subnets;
+    assert_eq!(only_az1.len(), 2, "{only_az1:?}");
+    c.delete_subnet(pb::DeleteSubnetRequest {
+        subnet_id: a.subnet_id,
+    })
+    .await
+    .unwrap();
+    c.delete_vpc(pb::DeleteVpcRequest { vpc_id: vpc.vpc_id })
+        .await
+        .unwrap();
+}

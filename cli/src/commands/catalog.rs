@@ -364,6 +364,241 @@ pub async fn cluster(
     Ok(())
 }
 
+/// A VPC as a row and as JSON.
+fn vpc_row(v: &pb::Vpc) -> ([String; 4], serde_json::Value) {
+    (
+        [
+            v.vpc_id.clone(),
+            v.cidr_block.clone(),
+            if v.is_default { "yes" } else { "no" }.into(),
+            output::time(v.created_at_ms),
+        ],
+        json!({"vpc_id": v.vpc_id, "cidr_block": v.cidr_block, "is_default": v.is_default,
+               "created_at_ms": v.created_at_ms}),
+    )
+}
+
+/// `ferro vpcs …`.
+pub async fn vpcs(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Vpcs,
+) -> Result<(), CommandError> {
+    let list = match cmd {
+        args::Vpcs::Create { cidr, tags } => {
+            let req = pb::CreateVpcRequest {
+                cidr_block: cidr,
+                tags: parse_tags(&tags)?,
+            };
+            vec![
+                client
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { ComputeClient::new(ch).create_vpc(req).await }
+                    })
+                    .await?,
+            ]
+        }
+        args::Vpcs::List => {
+            client
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_vpcs(pb::DescribeVpcsRequest::default())
+                        .await
+                })
+                .await?
+                .vpcs
+        }
+        args::Vpcs::Delete { id } => {
+            let req = pb::DeleteVpcRequest { vpc_id: id.clone() };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).delete_vpc(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deleted {id}"),
+                json!({"vpc_id": id, "deleted": true}),
+            );
+            return Ok(());
+        }
+    };
+    let mut t = Table::new(["VPC", "CIDR", "DEFAULT", "CREATED"]);
+    let mut j = Vec::new();
+    for v in &list {
+        let (row, js) = vpc_row(v);
+        t.row(row);
+        j.push(js);
+    }
+    print(format, &t, &serde_json::Value::Array(j));
+    Ok(())
+}
+
+/// `ferro subnets …`.
+pub async fn subnets(
+    client: &mut Client,
+    format: Format,
+    cmd: args::Subnets,
+) -> Result<(), CommandError> {
+    let list = match cmd {
+        args::Subnets::Create {
+            vpc,
+            cidr,
+            az,
+            tags,
+        } => {
+            let req = pb::CreateSubnetRequest {
+                vpc_id: vpc,
+                cidr_block: cidr,
+                availability_zone: az,
+                tags: parse_tags(&tags)?,
+            };
+            vec![
+                client
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { ComputeClient::new(ch).create_subnet(req).await }
+                    })
+                    .await?,
+            ]
+        }
+        args::Subnets::List { vpc } => {
+            let req = pb::DescribeSubnetsRequest {
+                vpc_ids: vpc.into_iter().collect(),
+                ..Default::default()
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).describe_subnets(req).await }
+                })
+                .await?
+                .subnets
+        }
+        args::Subnets::Delete { id } => {
+            let req = pb::DeleteSubnetRequest {
+                subnet_id: id.clone(),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).delete_subnet(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deleted {id}"),
+                json!({"subnet_id": id, "deleted": true}),
+            );
+            return Ok(());
+        }
+    };
+    let mut t = Table::new(["SUBNET", "VPC", "CIDR", "AZ", "FREE", "DEFAULT"]);
+    let mut j = Vec::new();
+    for s in &list {
+        t.row([
+            s.subnet_id.clone(),
+            s.vpc_id.clone(),
+            s.cidr_block.clone(),
+            s.availability_zone.clone(),
+            s.available_addresses.to_string(),
+            if s.is_default { "yes" } else { "no" }.into(),
+        ]);
+        j.push(json!({"subnet_id": s.subnet_id, "vpc_id": s.vpc_id, "cidr_block": s.cidr_block,
+                      "availability_zone": s.availability_zone, "available_addresses": s.available_addresses,
+                      "is_default": s.is_default, "created_at_ms": s.created_at_ms}));
+    }
+    print(format, &t, &serde_json::Value::Array(j));
+    Ok(())
+}
+
+/// `ferro api-keys …`.
+pub async fn api_keys(
+    client: &mut Client,
+    format: Format,
+    cmd: args::ApiKeys,
+) -> Result<(), CommandError> {
+    let row = |k: &pb::ApiKey| {
+        [
+            k.id.clone(),
+            k.name.clone(),
+            k.role.clone(),
+            if k.host_id.is_empty() {
+                "-".to_string()
+            } else {
+                k.host_id.clone()
+            },
+            output::time(k.created_at_ms),
+        ]
+    };
+    let key_json = |k: &pb::ApiKey| {
+        json!({"id": k.id, "name": k.name, "role": k.role, "host_id": k.host_id,
+               "created_at_ms": k.created_at_ms})
+    };
+    match cmd {
+        args::ApiKeys::Create { name, role } => {
+            let req = pb::CreateApiKeyRequest {
+                name,
+                role,
+                ..Default::default()
+            };
+            let r = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).create_api_key(req).await }
+                })
+                .await?;
+            let k = r.key.unwrap_or_default();
+            match format {
+                Format::Json => {
+                    let mut j = key_json(&k);
+                    j["secret"] = json!(r.secret);
+                    println!("{j}");
+                }
+                Format::Table => {
+                    println!("{}", r.secret);
+                    eprintln!(
+                        "ferro: API key {} ({}, role {}); the secret above is shown only now",
+                        k.id, k.name, k.role
+                    );
+                }
+            }
+        }
+        args::ApiKeys::List => {
+            let r = client
+                .call(|ch| async move {
+                    ComputeClient::new(ch)
+                        .describe_api_keys(pb::DescribeApiKeysRequest {})
+                        .await
+                })
+                .await?;
+            let mut t = Table::new(["ID", "NAME", "ROLE", "HOST", "CREATED"]);
+            for k in &r.keys {
+                t.row(row(k));
+            }
+            let j = serde_json::Value::Array(r.keys.iter().map(key_json).collect());
+            print(format, &t, &j);
+        }
+        args::ApiKeys::Delete { id } => {
+            let req = pb::DeleteApiKeyRequest { id: id.clone() };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).delete_api_key(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deleted API key {id}"),
+                json!({"id": id, "deleted": true}),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `ferro azs …`.
 pub async fn azs(client: &mut Client, format: Format) -> Result<(), CommandError> {
     let resp = client

@@ -67,6 +67,9 @@ pub async fn run(
         C::Images(c) => catalog::images(client, format, c).await,
         C::Keys(c) => catalog::keys(client, format, c).await,
         C::Cluster(c) => catalog::cluster(client, format, c).await,
+        C::ApiKeys(c) => catalog::api_keys(client, format, c).await,
+        C::Vpcs(c) => catalog::vpcs(client, format, c).await,
+        C::Subnets(c) => catalog::subnets(client, format, c).await,
         C::Azs(args::ListOnly::List) => catalog::azs(client, format).await,
         C::Types(args::ListOnly::List) => catalog::types(client, format).await,
         C::Up(_) => Err(CommandError::Usage(

@@ -630,6 +630,97 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         Ok(Response::new(pb::DeleteApiKeyResponse {}))
     }
 
+    async fn create_vpc(&self, req: Request<pb::CreateVpcRequest>) -> Res<pb::Vpc> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let vpc = Vpc {
+            id: new_id("vpc-"),
+            cidr: r.cidr_block,
+            is_default: false,
+            tags: tags_in(r.tags).map_err(bad)?,
+            created_at_ms: crate::now_ms(),
+        };
+        match self.write(Command::CreateVpc { vpc }).await? {
+            Output::Vpc(v) => Ok(Response::new(vpc_out(&v))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_vpcs(
+        &self,
+        req: Request<pb::DescribeVpcsRequest>,
+    ) -> Res<pb::DescribeVpcsResponse> {
+        self.auth(&req, false).await?;
+        let ids = req.into_inner().vpc_ids;
+        let vpcs = self.read(move |s| select(&s.vpcs, &ids, "vpc_ids")).await?;
+        Ok(Response::new(pb::DescribeVpcsResponse {
+            vpcs: vpcs.iter().map(vpc_out).collect(),
+        }))
+    }
+
+    async fn delete_vpc(&self, req: Request<pb::DeleteVpcRequest>) -> Res<pb::DeleteVpcResponse> {
+        self.auth(&req, false).await?;
+        let id = req.into_inner().vpc_id;
+        self.write(Command::DeleteVpc { id }).await?;
+        Ok(Response::new(pb::DeleteVpcResponse {}))
+    }
+
+    async fn create_subnet(&self, req: Request<pb::CreateSubnetRequest>) -> Res<pb::Subnet> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let subnet = Subnet {
+            id: new_id("subnet-"),
+            vpc_id: r.vpc_id,
+            cidr: r.cidr_block,
+            az: r.availability_zone,
+            is_default: false,
+            tags: tags_in(r.tags).map_err(bad)?,
+            created_at_ms: crate::now_ms(),
+        };
+        match self.write(Command::CreateSubnet { subnet }).await? {
+            Output::Subnet(s) => Ok(Response::new(subnet_out(&s))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_subnets(
+        &self,
+        req: Request<pb::DescribeSubnetsRequest>,
+    ) -> Res<pb::DescribeSubnetsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let subnets = self
+            .read(move |s| {
+                let all = select(&s.subnets, &r.subnet_ids, "subnet_ids")?;
+                for v in &r.vpc_ids {
+                    if !s.vpcs.contains_key(v) {
+                        return Err(StateError::NotFound(format!("vpc_ids: no VPC {v:?}")));
+                    }
+                }
+                Ok(all
+                    .into_iter()
+                    .filter(|x| r.vpc_ids.is_empty() || r.vpc_ids.contains(&x.vpc_id))
+                    .filter(|x| {
+                        r.availability_zones.is_empty() || r.availability_zones.contains(&x.az)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(Response::new(pb::DescribeSubnetsResponse {
+            subnets: subnets.iter().map(subnet_out).collect(),
+        }))
+    }
+
+    async fn delete_subnet(
+        &self,
+        req: Request<pb::DeleteSubnetRequest>,
+    ) -> Res<pb::DeleteSubnetResponse> {
+        self.auth(&req, false).await?;
+        let id = req.into_inner().subnet_id;
+        self.write(Command::DeleteSubnet { id }).await?;
+        Ok(Response::new(pb::DeleteSubnetResponse {}))
+    }
+
     async fn create_join_token(
         &self,
         req: Request<pb::CreateJoinTokenRequest>,

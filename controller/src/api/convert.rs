@@ -255,6 +255,33 @@ pub fn parse_public_key(line: &str) -> Result<Vec<u8>, StateError> {
     Ok(blob)
 }
 
+/// A VPC to the wire.
+pub fn vpc_out(v: &Vpc) -> pb::Vpc {
+    pb::Vpc {
+        vpc_id: v.id.clone(),
+        cidr_block: v.cidr.clone(),
+        is_default: v.is_default,
+        tags: tags_out(&v.tags),
+        created_at_ms: v.created_at_ms,
+    }
+}
+
+/// A subnet to the wire.
+pub fn subnet_out(s: &Subnet) -> pb::Subnet {
+    pb::Subnet {
+        subnet_id: s.id.clone(),
+        vpc_id: s.vpc_id.clone(),
+        cidr_block: s.cidr.clone(),
+        availability_zone: s.az.clone(),
+        is_default: s.is_default,
+        tags: tags_out(&s.tags),
+        created_at_ms: s.created_at_ms,
+        available_addresses: crate::net::Cidr::parse(&s.cidr)
+            .map(|c| c.assignable_count())
+            .unwrap_or(0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,6 +105,12 @@ impl ClusterState {
         if let Some(g) = self.groups.values_mut().find(|g| g.id == id) {
             return Some(&mut g.tags);
         }
+        if let Some(v) = self.vpcs.get_mut(id) {
+            return Some(&mut v.tags);
+        }
+        if let Some(s) = self.subnets.get_mut(id) {
+            return Some(&mut s.tags);
+        }
         self.hosts.get_mut(id).map(|h| &mut h.tags)
     }
 

@@ -245,6 +245,36 @@ pub enum Command {
         /// The host.
         host_id: String,
     },
+    /// Create a VPC.
+    CreateVpc {
+        /// The VPC, with a fresh id.
+        vpc: Vpc,
+    },
+    /// Delete a VPC (refused while it has subnets).
+    DeleteVpc {
+        /// Id.
+        id: String,
+    },
+    /// Create a subnet.
+    CreateSubnet {
+        /// The subnet, with a fresh id.
+        subnet: Subnet,
+    },
+    /// Delete a subnet.
+    DeleteSubnet {
+        /// Id.
+        id: String,
+    },
+    /// Create the default VPC and a default subnet per zone, unless a
+    /// default VPC exists.
+    CreateDefaultVpc {
+        /// Its id.
+        vpc_id: String,
+        /// One id per zone (zones in name order).
+        subnet_ids: Vec<String>,
+        /// Unix ms.
+        now_ms: u64,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -286,6 +316,10 @@ pub enum Output {
     Group(PlacementGroup),
     /// An API key.
     ApiKey(ApiKey),
+    /// A VPC.
+    Vpc(Vpc),
+    /// A subnet.
+    Subnet(Subnet),
 }
 
 /// The response of `apply`.

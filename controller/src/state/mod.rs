@@ -12,9 +12,9 @@
 //! One module per resource, each with its validation and tests:
 //! `commands` (the log entries and outputs), `instances` (launch,
 //! placement, intent, capacity), `hosts` (heartbeats, ordered
-//! observations), `catalog` (images, key pairs, groups, tags) and `access`
-//! (API keys, roles, join tokens, the cluster CA). VPCs, subnets and
-//! volumes get modules of their own beside them. This file holds the state
+//! observations), `catalog` (images, key pairs, groups, tags), `access`
+//! (API keys, roles, join tokens, the cluster CA) and `network` (VPCs,
+//! subnets). Volumes get a module of their own beside them. This file holds the state
 //! itself, its format and the dispatch of `apply`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,10 +30,12 @@ mod catalog;
 mod commands;
 mod hosts;
 mod instances;
+mod network;
 
 pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
 pub use commands::*;
 pub use ferro_pki::CaMaterial;
+pub use network::{DEFAULT_SUBNET_PREFIX, DEFAULT_VPC_CIDR};
 
 /// Why a command or query was refused. Each maps to one gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -67,7 +69,7 @@ fn invalid<T>(m: impl Into<String>) -> Result<T, StateError> {
 /// The format of [`ClusterState`] this build writes. Raise it with every
 /// change to what the state holds; [`ClusterState::upgrade`] brings older
 /// formats up to date and refuses newer ones.
-pub const STATE_FORMAT: u32 = 1;
+pub const STATE_FORMAT: u32 = 2;
 
 /// The whole replicated state of a cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +105,12 @@ pub struct ClusterState {
     /// The cluster CA (set at bootstrap).
     #[serde(default)]
     pub ca: Option<CaMaterial>,
+    /// VPCs by id.
+    #[serde(default)]
+    pub vpcs: BTreeMap<String, Vpc>,
+    /// Subnets by id.
+    #[serde(default)]
+    pub subnets: BTreeMap<String, Subnet>,
 }
 
 impl ferro_raft::StateMachine for ClusterState {
@@ -111,8 +119,8 @@ impl ferro_raft::StateMachine for ClusterState {
 
     fn upgrade(&mut self) -> Result<(), String> {
         match self.format {
-            // 0 → 1: roles on API keys, join tokens and the cluster CA,
-            // all read with serde defaults.
+            // 0 → 1: roles on API keys, join tokens and the cluster CA;
+            // 1 → 2: VPCs and subnets. All read with serde defaults.
             f if f <= STATE_FORMAT => {
                 self.format = STATE_FORMAT;
                 Ok(())
@@ -215,6 +223,15 @@ impl ferro_raft::StateMachine for ClusterState {
                 key,
             } => self.join_host(&host_id, &token_sha256, now_ms, key),
             Command::RevokeHost { host_id } => self.revoke_host(&host_id),
+            Command::CreateVpc { vpc } => self.create_vpc(vpc),
+            Command::DeleteVpc { id } => self.delete_vpc(&id),
+            Command::CreateSubnet { subnet } => self.create_subnet(subnet),
+            Command::DeleteSubnet { id } => self.delete_subnet(&id),
+            Command::CreateDefaultVpc {
+                vpc_id,
+                subnet_ids,
+                now_ms,
+            } => self.create_default_vpc(vpc_id, subnet_ids, now_ms),
             Command::PurgeInstances { ids } => {
                 self.purge_instances(&ids);
                 Ok(Output::Done)
