@@ -212,6 +212,13 @@ pub struct Run {
     /// Spread over hosts instead of bin-packing.
     #[arg(long)]
     pub spread: bool,
+    /// The subnet of the primary interface (pins the zone); default: the
+    /// default subnet of the zone it is placed in.
+    #[arg(long, value_name = "SUBNET_ID")]
+    pub subnet: Option<String>,
+    /// The primary private address (with --subnet and --count 1).
+    #[arg(long, value_name = "IP")]
+    pub private_ip: Option<String>,
     /// What a power-off from inside the guest does (a reboot from inside
     /// always keeps it running).
     #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"], default_value = "stop")]

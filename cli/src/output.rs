@@ -151,6 +151,10 @@ pub fn instance_json(i: &pb::Instance) -> Value {
         "client_token": i.client_token,
         "user_data_bytes": i.user_data_bytes,
         "instance_initiated_shutdown_behavior": i.instance_initiated_shutdown_behavior,
+        "subnet_id": i.subnet_id,
+        "vpc_id": i.vpc_id,
+        "private_ip_address": i.private_ip_address,
+        "mac_address": i.mac_address,
         "tags": tags_json(&i.tags),
     })
 }
@@ -193,6 +197,10 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
         ("image", i.image_id.clone()),
         ("az", dash(&i.availability_zone)),
         ("host", dash(&i.host_id)),
+        ("private ip", dash(&i.private_ip_address)),
+        ("subnet", dash(&i.subnet_id)),
+        ("vpc", dash(&i.vpc_id)),
+        ("mac", dash(&i.mac_address)),
         (
             "key",
             if i.key_name.is_empty() {

@@ -230,6 +230,10 @@ pub struct Instance {
     /// an older report never overrides a newer one.
     #[serde(default)]
     pub observed_seq: u64,
+    /// Its primary network interface (none: launched before VPCs, or in
+    /// a zone without a default subnet).
+    #[serde(default)]
+    pub network: Option<Interface>,
     /// Reboots requested; the reconciler reboots while this exceeds
     /// `reboots_done`.
     pub reboots_requested: u64,
@@ -258,6 +262,21 @@ impl Instance {
             self.reboots_requested > self.reboots_done,
         )
     }
+}
+
+/// An instance's primary network interface: its subnet, address and MAC
+/// (the dataplane that carries it, ferro-netd, is not built yet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    /// Its subnet.
+    pub subnet_id: String,
+    /// The subnet's VPC.
+    pub vpc_id: String,
+    /// The private IPv4 address, unique in the VPC while the instance is
+    /// not gone.
+    pub private_ip: String,
+    /// `02:fc:…`, derived from the instance id.
+    pub mac: String,
 }
 
 /// A VPC: a private IPv4 network (docs/architecture.md, "VPCs").
@@ -386,6 +405,7 @@ mod tests {
             observed,
             observed_reason: String::new(),
             observed_seq: 0,
+            network: None,
             reboots_requested: 0,
             reboots_done: 0,
             holds_capacity: true,

@@ -34,7 +34,7 @@ pub enum Action {
         /// Agent endpoint.
         address: String,
         /// The instance.
-        instance: Instance,
+        instance: Box<Instance>,
         /// Image kernel command line extras.
         cmdline_extra: String,
         /// Start it once created.
@@ -238,7 +238,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
             let image = s.images.get(&i.image_id)?;
             image_ready.then(|| Action::Create {
                 address,
-                instance: i.clone(),
+                instance: Box::new(i.clone()),
                 cmdline_extra: image.cmdline_extra.clone(),
                 start: true,
             })

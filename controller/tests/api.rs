@@ -828,3 +828,82 @@ async fn vpcs_and_subnets_as_ec2_has_them() {
         .await
         .unwrap();
 }
+
+/// RunInstances gives each instance a primary interface: the default
+/// subnet of its zone, or the subnet asked for (which pins the zone) and
+/// the address asked for; describe shows them.
+#[tokio::test]
+async fn instances_get_a_private_address_in_their_subnet() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 64, 65536);
+    let hk = agent.join(&[t.addr.to_string()], &t.admin_key).await;
+    let mut hc = hosts_client(t.addr).await;
+    beat(&mut hc, &hk, agent.heartbeat("https://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let i = c
+        .run_instances(run_req(1))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert!(i.private_ip_address.starts_with("172.31.0."), "{i:?}");
+    assert!(
+        i.mac_address.starts_with("02:fc:") && !i.vpc_id.is_empty(),
+        "{i:?}"
+    );
+    let vpc = c
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: "10.9.0.0/16".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sub = c
+        .create_subnet(pb::CreateSubnetRequest {
+            vpc_id: vpc.vpc_id.clone(),
+            cidr_block: "10.9.1.0/24".into(),
+            availability_zone: "az-1".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let req = pb::RunInstancesRequest {
+        subnet_id: sub.subnet_id.clone(),
+        private_ip_address: "10.9.1.77".into(),
+        ..run_req(1)
+    };
+    let j = c
+        .run_instances(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(
+        (
+            j.private_ip_address.as_str(),
+            j.subnet_id.as_str(),
+            j.vpc_id.as_str()
+        ),
+        ("10.9.1.77", sub.subnet_id.as_str(), vpc.vpc_id.as_str())
+    );
+    let e = c
+        .run_instances(pb::RunInstancesRequest {
+            client_token: "another".into(),
+            ..req
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    assert!(
+        e.message().contains("10.9.1.77 is in use"),
+        "{}",
+        e.message()
+    );
+}

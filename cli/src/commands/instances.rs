@@ -85,6 +85,8 @@ async fn run_instances(
             pb::PlacementStrategy::Unspecified as i32
         },
         instance_initiated_shutdown_behavior: r.shutdown_behavior,
+        subnet_id: r.subnet.unwrap_or_default(),
+        private_ip_address: r.private_ip.unwrap_or_default(),
     };
     let resp = client
         .call(|ch| {

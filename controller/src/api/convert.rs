@@ -42,6 +42,8 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
         tags: tags_in(r.tags)?,
         client_token: r.client_token,
         spread: r.strategy == pb::PlacementStrategy::Spread as i32,
+        subnet_id: r.subnet_id,
+        private_ip: r.private_ip_address,
         shutdown_behavior: ShutdownBehavior::parse(&r.instance_initiated_shutdown_behavior)
             .ok_or_else(|| {
                 StateError::InvalidArgument(format!(
@@ -100,6 +102,26 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
         reservation_id: i.reservation_id.clone(),
         user_data_bytes: i.user_data.len() as u32,
         instance_initiated_shutdown_behavior: i.shutdown_behavior.as_str().into(),
+        subnet_id: i
+            .network
+            .as_ref()
+            .map(|n| n.subnet_id.clone())
+            .unwrap_or_default(),
+        vpc_id: i
+            .network
+            .as_ref()
+            .map(|n| n.vpc_id.clone())
+            .unwrap_or_default(),
+        private_ip_address: i
+            .network
+            .as_ref()
+            .map(|n| n.private_ip.clone())
+            .unwrap_or_default(),
+        mac_address: i
+            .network
+            .as_ref()
+            .map(|n| n.mac.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -34,6 +34,15 @@ pub struct RunSpec {
     /// What a power-off from inside the guest does.
     #[serde(default)]
     pub shutdown_behavior: ShutdownBehavior,
+    /// The subnet of the primary interface (empty: the default subnet of
+    /// the zone it is placed in). Pins the zone. Not serialized when empty,
+    /// so client tokens of requests without it hash as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subnet_id: String,
+    /// The primary private address (empty: the lowest free one); count 1
+    /// only.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub private_ip: String,
 }
 
 /// A host's self-description from its heartbeat.

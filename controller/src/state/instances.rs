@@ -78,9 +78,26 @@ impl ClusterState {
         if ids.len() < count || ids.iter().any(|i| self.instances.contains_key(i)) {
             return invalid("instance ids: too few or not fresh");
         }
-        let placements = self.schedule(&spec, &ty)?;
+        // A subnet pins the zone the scheduler places in.
+        let subnet = self.launch_subnet(&spec)?.cloned();
+        let mut placed_spec = spec.clone();
+        if let Some(s) = &subnet {
+            placed_spec.az = s.az.clone();
+        }
+        let placements = self.schedule(&placed_spec, &ty)?;
+        // Every address is found before anything changes.
+        let mut taken = std::collections::BTreeSet::new();
+        let mut networks = Vec::with_capacity(count);
+        for (id, host_id) in ids.iter().zip(&placements) {
+            let az = &self.hosts[host_id].az;
+            let sub = subnet.clone().or_else(|| self.default_subnet(az).cloned());
+            networks.push(match sub {
+                Some(s) => Some(self.allocate(id, &s, &spec.private_ip, &mut taken)?),
+                None => None,
+            });
+        }
         let mut out = Vec::with_capacity(count);
-        for (id, host_id) in ids.into_iter().zip(placements) {
+        for ((id, host_id), network) in ids.into_iter().zip(placements).zip(networks) {
             let az = self.hosts[&host_id].az.clone();
             let inst = Instance {
                 id: id.clone(),
@@ -100,6 +117,7 @@ impl ClusterState {
                 observed: ObservedState::Absent,
                 observed_reason: String::new(),
                 observed_seq: 0,
+                network,
                 reboots_requested: 0,
                 reboots_done: 0,
                 holds_capacity: false,

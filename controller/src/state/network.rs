@@ -27,7 +27,123 @@ fn dependency(m: String) -> StateError {
     E::FailedPrecondition(format!("DependencyViolation: {m}"))
 }
 
+/// The MAC of instance `id`'s primary interface: locally administered
+/// `02:fc:` and four bytes of the id.
+pub fn mac_of(id: &str) -> String {
+    // FNV-1a of the id: stable, and spread over the four bytes.
+    let h = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!(
+        "02:fc:{:02x}:{:02x}:{:02x}:{:02x}",
+        (h >> 24) as u8,
+        (h >> 16) as u8,
+        (h >> 8) as u8,
+        h as u8
+    )
+}
+
 impl ClusterState {
+    /// The subnet an instance launched with `spec` lands in, checked: the
+    /// given one (which pins the zone), else none yet (the zone's default
+    /// subnet once placed).
+    pub(super) fn launch_subnet(&self, spec: &RunSpec) -> Result<Option<&Subnet>, StateError> {
+        if !spec.private_ip.is_empty() && spec.count != 1 {
+            return invalid("private_ip_address: only with count 1");
+        }
+        if spec.subnet_id.is_empty() {
+            if !spec.private_ip.is_empty() {
+                return invalid("private_ip_address: needs subnet_id");
+            }
+            return Ok(None);
+        }
+        let Some(s) = self.subnets.get(&spec.subnet_id) else {
+            return Err(E::NotFound(format!(
+                "subnet_id: no subnet {:?}",
+                spec.subnet_id
+            )));
+        };
+        if !spec.az.is_empty() && spec.az != s.az {
+            return invalid(format!(
+                "availability_zone: subnet {} is in {}, not {}",
+                s.id, s.az, spec.az
+            ));
+        }
+        Ok(Some(s))
+    }
+
+    /// The default subnet of zone `az`, if the default VPC has one.
+    pub(super) fn default_subnet(&self, az: &str) -> Option<&Subnet> {
+        self.subnets.values().find(|s| s.is_default && s.az == az)
+    }
+
+    /// Addresses in use in subnet `subnet_id` (by instances not gone).
+    fn used_addresses(&self, subnet_id: &str) -> BTreeMap<u32, String> {
+        self.instances
+            .values()
+            .filter(|i| !i.is_final())
+            .filter_map(|i| {
+                let n = i.network.as_ref()?;
+                (n.subnet_id == subnet_id)
+                    .then(|| n.private_ip.parse::<std::net::Ipv4Addr>().ok())
+                    .flatten()
+                    .map(|a| (u32::from(a), i.id.clone()))
+            })
+            .collect()
+    }
+
+    /// An interface for instance `id` in `subnet`: `want` if given (and
+    /// free), else the lowest free address; `taken` holds addresses given
+    /// out earlier in the same launch.
+    pub(super) fn allocate(
+        &self,
+        id: &str,
+        subnet: &Subnet,
+        want: &str,
+        taken: &mut std::collections::BTreeSet<u32>,
+    ) -> Result<Interface, StateError> {
+        let c = Cidr::parse(&subnet.cidr).map_err(E::InvalidArgument)?;
+        let used = self.used_addresses(&subnet.id);
+        let addr = if want.is_empty() {
+            let first = u32::from(c.network()) + 4;
+            let last = u32::from(c.network()) + (c.size() as u32) - 2;
+            (first..=last)
+                .find(|a| !used.contains_key(a) && !taken.contains(a))
+                .ok_or_else(|| {
+                    E::ResourceExhausted(format!(
+                        "subnet_id: subnet {} ({}) has no free address",
+                        subnet.id, subnet.cidr
+                    ))
+                })?
+        } else {
+            let a: std::net::Ipv4Addr = want.parse().map_err(|_| {
+                E::InvalidArgument(format!(
+                    "private_ip_address: {want:?} is not an IPv4 address"
+                ))
+            })?;
+            if !c.assignable(a) {
+                return invalid(format!(
+                    "private_ip_address: {a} is not an address instances may have in {} \
+                     (outside it, or one of the five it keeps)",
+                    subnet.cidr
+                ));
+            }
+            if let Some(by) = used.get(&u32::from(a)) {
+                return Err(E::AlreadyExists(format!(
+                    "private_ip_address: {a} is in use by {by}"
+                )));
+            }
+            u32::from(a)
+        };
+        taken.insert(addr);
+        Ok(Interface {
+            subnet_id: subnet.id.clone(),
+            vpc_id: subnet.vpc_id.clone(),
+            private_ip: std::net::Ipv4Addr::from(addr).to_string(),
+            mac: mac_of(id),
+        })
+    }
+
     pub(super) fn create_vpc(&mut self, mut vpc: Vpc) -> Response {
         let c = block("cidr_block", &vpc.cidr)?;
         check_tags(&vpc.tags)?;
@@ -95,9 +211,23 @@ impl ClusterState {
     }
 
     pub(super) fn delete_subnet(&mut self, id: &str) -> Response {
-        if self.subnets.remove(id).is_none() {
+        if !self.subnets.contains_key(id) {
             return Err(E::NotFound(format!("subnet_id: no subnet {id:?}")));
         }
+        let users: Vec<&str> = self
+            .instances
+            .values()
+            .filter(|i| !i.is_final())
+            .filter(|i| i.network.as_ref().is_some_and(|n| n.subnet_id == id))
+            .map(|i| i.id.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(dependency(format!(
+                "subnet {id} is in use by {}",
+                users.join(", ")
+            )));
+        }
+        self.subnets.remove(id);
         Ok(Output::Done)
     }
 
@@ -172,6 +302,135 @@ mod tests {
                 created_at_ms: 1,
             },
         }
+    }
+
+    fn launch(s: &mut ClusterState, seq: &mut u64, n: u32, subnet: &str, ip: &str) -> Response {
+        run(
+            s,
+            n,
+            seq,
+            RunSpec {
+                subnet_id: subnet.into(),
+                private_ip: ip.into(),
+                ..spec()
+            },
+        )
+    }
+
+    fn ips(s: &ClusterState, subnet: &str) -> Vec<String> {
+        let mut v: Vec<String> = s
+            .instances
+            .values()
+            .filter(|i| !i.is_final())
+            .filter_map(|i| i.network.as_ref())
+            .filter(|n| n.subnet_id == subnet)
+            .map(|n| n.private_ip.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every instance gets a primary interface: the default subnet of its
+    /// zone unless given one (which pins the zone); the lowest free address
+    /// (never the first four or the last), or the one asked for if free;
+    /// freed when the instance is gone; nothing changes on a refusal.
+    #[test]
+    fn addresses_are_unique_reserved_ones_skipped_and_freed_when_gone() {
+        let mut s = bootstrapped();
+        s.apply(Command::CreateDefaultVpc {
+            vpc_id: "vpc-d".into(),
+            subnet_ids: vec!["subnet-d1".into(), "subnet-d2".into()],
+            now_ms: 1,
+        })
+        .unwrap();
+        add_host(&mut s, "h1", "az-1", 64, 65536);
+        add_image(&mut s);
+        let mut seq = 0;
+        launch(&mut s, &mut seq, 2, "", "").unwrap();
+        assert_eq!(ips(&s, "subnet-d1"), vec!["172.31.0.4", "172.31.0.5"]);
+        let macs: std::collections::BTreeSet<_> = s
+            .instances
+            .values()
+            .map(|i| i.network.as_ref().unwrap().mac.clone())
+            .collect();
+        assert_eq!(macs.len(), 2);
+        assert!(macs.iter().all(|m| m.starts_with("02:fc:")));
+
+        s.apply(vpc("vpc-a", "10.0.0.0/16")).unwrap();
+        s.apply(subnet("subnet-a", "vpc-a", "10.0.1.0/28", "az-1"))
+            .unwrap();
+        s.apply(subnet("subnet-b", "vpc-a", "10.0.2.0/28", "az-2"))
+            .unwrap();
+        launch(&mut s, &mut seq, 1, "subnet-a", "10.0.1.9").unwrap();
+        let before = s.instances.len();
+        let e = launch(&mut s, &mut seq, 1, "subnet-a", "10.0.1.9").unwrap_err();
+        assert!(
+            matches!(e, E::AlreadyExists(_)) && e.to_string().contains("in use by"),
+            "{e}"
+        );
+        for bad in ["10.0.1.3", "10.0.1.15", "10.0.2.4", "x"] {
+            let e = launch(&mut s, &mut seq, 1, "subnet-a", bad).unwrap_err();
+            assert!(e.to_string().contains("private_ip_address"), "{bad}: {e}");
+        }
+        let e = launch(&mut s, &mut seq, 2, "subnet-a", "10.0.1.10").unwrap_err();
+        assert!(e.to_string().contains("only with count 1"), "{e}");
+        // A subnet pins the zone: no host in az-2.
+        let e = launch(&mut s, &mut seq, 1, "subnet-b", "").unwrap_err();
+        assert!(matches!(e, E::ResourceExhausted(_)), "{e}");
+        let e = run(
+            &mut s,
+            1,
+            &mut seq,
+            RunSpec {
+                subnet_id: "subnet-b".into(),
+                az: "az-1".into(),
+                ..spec()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("subnet subnet-b is in az-2"), "{e}");
+        assert_eq!(s.instances.len(), before, "refusals changed nothing");
+        // A /28 gives 11 addresses: 1 taken, 10 more fit, then none.
+        launch(&mut s, &mut seq, 10, "subnet-a", "").unwrap();
+        assert_eq!(ips(&s, "subnet-a").len(), 11);
+        let e = launch(&mut s, &mut seq, 1, "subnet-a", "").unwrap_err();
+        assert!(e.to_string().contains("has no free address"), "{e}");
+        // One gone: its address is free again.
+        let gone = s
+            .instances
+            .values()
+            .find(|i| {
+                i.network
+                    .as_ref()
+                    .is_some_and(|n| n.private_ip == "10.0.1.9")
+            })
+            .unwrap()
+            .id
+            .clone();
+        let e = s
+            .apply(Command::DeleteSubnet {
+                id: "subnet-a".into(),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("DependencyViolation"), "{e}");
+        s.apply(Command::SetDesired {
+            ids: vec![gone.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        s.apply(Command::Observe {
+            host_id: "h1".into(),
+            observed: vec![Observation {
+                instance_id: gone,
+                state: ObservedState::Absent,
+                reason: String::new(),
+                stopped_by_guest: false,
+                seq: 0,
+            }],
+        })
+        .unwrap();
+        launch(&mut s, &mut seq, 1, "subnet-a", "").unwrap();
+        assert!(ips(&s, "subnet-a").contains(&"10.0.1.9".to_string()));
     }
 
     #[test]
