@@ -67,6 +67,28 @@ async fn thousand_hosts_ten_thousand_instances() {
         .hosts;
     assert_eq!(hosts.len(), HOSTS);
 
+    // 10,000 instances need more addresses than the default /20s hold:
+    // a /18 more per zone in the default VPC takes over when they are full.
+    let default_vpc = c
+        .describe_vpcs(pb::DescribeVpcsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vpcs
+        .into_iter()
+        .find(|v| v.is_default)
+        .unwrap();
+    for (cidr, az) in [("172.31.64.0/18", "az-1"), ("172.31.128.0/18", "az-2")] {
+        c.create_subnet(pb::CreateSubnetRequest {
+            vpc_id: default_vpc.vpc_id.clone(),
+            cidr_block: cidr.into(),
+            availability_zone: az.into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap();
+    }
+
     // A spread group: 1,000 members land on 1,000 distinct hosts; one more
     // does not fit.
     c.create_placement_group(pb::CreatePlacementGroupRequest {
@@ -137,6 +159,9 @@ async fn thousand_hosts_ten_thousand_instances() {
         token = page.next_token;
     }
     assert_eq!(all.len(), 10_000);
+    let addresses: std::collections::HashSet<&str> =
+        all.iter().map(|i| i.private_ip_address.as_str()).collect();
+    assert_eq!(addresses.len(), 10_000, "one address per instance");
     let mut used: HashMap<&str, (u32, u64)> = HashMap::new();
     let mut spread_hosts = std::collections::HashSet::new();
     for i in &all {

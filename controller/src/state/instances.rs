@@ -86,15 +86,29 @@ impl ClusterState {
         }
         let placements = self.schedule(&placed_spec, &ty)?;
         // Every address is found before anything changes.
-        let mut taken = std::collections::BTreeSet::new();
+        let mut ipam = super::network::Ipam::default();
         let mut networks = Vec::with_capacity(count);
         for (id, host_id) in ids.iter().zip(&placements) {
-            let az = &self.hosts[host_id].az;
-            let sub = subnet.clone().or_else(|| self.default_subnet(az).cloned());
-            networks.push(match sub {
-                Some(s) => Some(self.allocate(id, &s, &spec.private_ip, &mut taken)?),
-                None => None,
-            });
+            let candidates = match &subnet {
+                Some(s) => vec![s.clone()],
+                None => self.default_subnets(&self.hosts[host_id].az),
+            };
+            let mut got = None;
+            let mut last_err = None;
+            for s in &candidates {
+                match self.allocate(id, s, &spec.private_ip, &mut ipam) {
+                    Ok(n) => {
+                        got = Some(n);
+                        break;
+                    }
+                    Err(e @ E::ResourceExhausted(_)) => last_err = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            if let (None, Some(e)) = (&got, last_err) {
+                return Err(e);
+            }
+            networks.push(got);
         }
         let mut out = Vec::with_capacity(count);
         for ((id, host_id), network) in ids.into_iter().zip(placements).zip(networks) {

@@ -43,6 +43,11 @@ pub fn mac_of(id: &str) -> String {
     )
 }
 
+/// What one launch knows of each subnet's addresses: those in use (and by
+/// whom) and where the search for the lowest free one goes on.
+#[derive(Debug, Default)]
+pub struct Ipam(std::collections::HashMap<String, (BTreeMap<u32, String>, u32)>);
+
 impl ClusterState {
     /// The subnet an instance launched with `spec` lands in, checked: the
     /// given one (which pins the zone), else none yet (the zone's default
@@ -72,9 +77,22 @@ impl ClusterState {
         Ok(Some(s))
     }
 
-    /// The default subnet of zone `az`, if the default VPC has one.
-    pub(super) fn default_subnet(&self, az: &str) -> Option<&Subnet> {
-        self.subnets.values().find(|s| s.is_default && s.az == az)
+    /// The subnets an instance placed in zone `az` without a subnet may
+    /// get its address from: the default VPC's subnets of that zone, its
+    /// default subnet first (more subnets added to the default VPC take
+    /// over when the default one is full).
+    pub(super) fn default_subnets(&self, az: &str) -> Vec<Subnet> {
+        let Some(vpc) = self.vpcs.values().find(|v| v.is_default) else {
+            return vec![];
+        };
+        let mut v: Vec<Subnet> = self
+            .subnets
+            .values()
+            .filter(|s| s.vpc_id == vpc.id && s.az == az)
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| !s.is_default);
+        v
     }
 
     /// Addresses in use in subnet `subnet_id` (by instances not gone).
@@ -93,28 +111,36 @@ impl ClusterState {
     }
 
     /// An interface for instance `id` in `subnet`: `want` if given (and
-    /// free), else the lowest free address; `taken` holds addresses given
-    /// out earlier in the same launch.
+    /// free), else the lowest free address. `ipam` holds what one launch
+    /// has learnt and given out so far (read from the state once per
+    /// subnet).
     pub(super) fn allocate(
         &self,
         id: &str,
         subnet: &Subnet,
         want: &str,
-        taken: &mut std::collections::BTreeSet<u32>,
+        ipam: &mut Ipam,
     ) -> Result<Interface, StateError> {
         let c = Cidr::parse(&subnet.cidr).map_err(E::InvalidArgument)?;
-        let used = self.used_addresses(&subnet.id);
+        let first = u32::from(c.network()) + 4;
+        let last = u32::from(c.network()) + (c.size() as u32) - 2;
+        let pool = ipam
+            .0
+            .entry(subnet.id.clone())
+            .or_insert_with(|| (self.used_addresses(&subnet.id), first));
+        let (used, cursor) = pool;
         let addr = if want.is_empty() {
-            let first = u32::from(c.network()) + 4;
-            let last = u32::from(c.network()) + (c.size() as u32) - 2;
-            (first..=last)
-                .find(|a| !used.contains_key(a) && !taken.contains(a))
-                .ok_or_else(|| {
-                    E::ResourceExhausted(format!(
-                        "subnet_id: subnet {} ({}) has no free address",
-                        subnet.id, subnet.cidr
-                    ))
-                })?
+            // Everything below the cursor is taken (it only moves past
+            // addresses found taken or given out).
+            let found = (*cursor..=last).find(|a| !used.contains_key(a));
+            let a = found.ok_or_else(|| {
+                E::ResourceExhausted(format!(
+                    "subnet_id: subnet {} ({}) has no free address",
+                    subnet.id, subnet.cidr
+                ))
+            })?;
+            *cursor = a + 1;
+            a
         } else {
             let a: std::net::Ipv4Addr = want.parse().map_err(|_| {
                 E::InvalidArgument(format!(
@@ -135,7 +161,7 @@ impl ClusterState {
             }
             u32::from(a)
         };
-        taken.insert(addr);
+        used.insert(addr, id.to_string());
         Ok(Interface {
             subnet_id: subnet.id.clone(),
             vpc_id: subnet.vpc_id.clone(),

@@ -104,6 +104,24 @@ pub(super) async fn bench(bins: &Binaries) -> Result<Value> {
             hosts.len()
         ));
     }
+    // 10,000 addresses: more than the default /20 of the zone holds.
+    let vpc = c
+        .describe_vpcs(pb::DescribeVpcsRequest::default())
+        .await
+        .map_err(rpc("DescribeVpcs"))?
+        .into_inner()
+        .vpcs
+        .into_iter()
+        .find(|v| v.is_default)
+        .ok_or("no default VPC")?;
+    c.create_subnet(pb::CreateSubnetRequest {
+        vpc_id: vpc.vpc_id,
+        cidr_block: "172.31.64.0/18".into(),
+        availability_zone: "az-1".into(),
+        tags: vec![],
+    })
+    .await
+    .map_err(rpc("CreateSubnet"))?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = p.status_mib("VmRSS");
     let t = Instant::now();
