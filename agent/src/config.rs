@@ -221,15 +221,18 @@ fn default_heartbeat() -> u64 {
     1000
 }
 
+/// The URLs of a `controller` setting: separated by commas, trimmed.
+fn split_urls(setting: &str) -> impl Iterator<Item = &str> {
+    setting.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
 impl AgentConfig {
     /// The controller URLs of `controller` (one URL, or several separated
     /// by commas), normalised; `None` without a controller.
     pub fn controllers(&self) -> Option<Vec<String>> {
         let c = self.controller.as_ref()?;
         Some(
-            c.split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
+            split_urls(c)
                 .filter_map(|u| ferro_client::normalize_endpoint(u).ok())
                 .collect(),
         )
@@ -268,12 +271,7 @@ impl AgentConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         let h = &self.host_id;
-        let label = !h.is_empty()
-            && h.len() <= 63
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !h.starts_with('-')
-            && !h.ends_with('-');
-        if !label {
+        if !ferro_pki::valid_host_id(h) {
             return Err(ConfigError::Invalid(format!(
                 "host_id {h:?}: must be 1 to 63 letters, digits and '-' (it names the host in its certificate)"
             )));
@@ -331,11 +329,7 @@ impl AgentConfig {
             )));
         }
         if let Some(c) = &self.controller {
-            let urls: Vec<&str> = c
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect();
+            let urls: Vec<&str> = split_urls(c).collect();
             if urls.is_empty() {
                 return bad("controller must name at least one URL");
             }

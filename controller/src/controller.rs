@@ -186,15 +186,18 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             .map(|f| f.reason(now))
     }
 
-    /// Hosts failing to register `image_id`: "host: why (attempts, …)".
-    pub fn image_errors(&self, image_id: &str) -> Vec<String> {
+    /// Which of `hosts` fail to register `image_id`: "host: why
+    /// (attempts, …)".
+    pub fn image_errors<'a>(
+        &self,
+        image_id: &str,
+        hosts: impl Iterator<Item = &'a String>,
+    ) -> Vec<String> {
         let Ok(f) = self.failures.lock() else {
             return vec![];
         };
         let now = crate::now_ms();
-        let live = self.liveness();
-        let mut out: Vec<String> = live
-            .keys()
+        let mut out: Vec<String> = hosts
             .filter_map(|h| {
                 f.get(&format!("{h}/{image_id}"))
                     .map(|x| format!("{h}: {}", x.reason(now)))

@@ -63,6 +63,19 @@ pub fn agent_server_name(host_id: &str) -> String {
     format!("{host_id}.{AGENT_NAME_SUFFIX}")
 }
 
+/// Whether `host_id` can name a host in its certificate: a DNS label of 1
+/// to 63 letters, digits and '-', not starting or ending with '-'. The one
+/// rule for host ids (agent config, join tokens, certificates).
+pub fn valid_host_id(host_id: &str) -> bool {
+    !host_id.is_empty()
+        && host_id.len() <= 63
+        && host_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !host_id.starts_with('-')
+        && !host_id.ends_with('-')
+}
+
 /// What the replicated state keeps of the CA.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaMaterial {
@@ -189,14 +202,7 @@ impl Ca {
     /// A server certificate for host `host_id`'s agent, for `public_key`
     /// (an uncompressed P-256 point, as [`NewKey::public_key`]).
     pub fn issue_agent(&self, host_id: &str, public_key: &[u8]) -> Result<String> {
-        let label_ok = !host_id.is_empty()
-            && host_id.len() <= 63
-            && host_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !host_id.starts_with('-')
-            && !host_id.ends_with('-');
-        if !label_ok {
+        if !valid_host_id(host_id) {
             return Err(PkiError::HostId(host_id.to_string()));
         }
         if public_key.len() != 65 || public_key[0] != 4 {

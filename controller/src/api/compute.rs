@@ -411,7 +411,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 .map(|i| {
                     let n = live.values().filter(|s| s.images.contains(&i.id)).count();
                     let mut out = image_out(i, n as u32);
-                    out.host_errors = self.ctl.image_errors(&i.id);
+                    out.host_errors = self.ctl.image_errors(&i.id, live.keys());
                     out
                 })
                 .collect(),

@@ -19,12 +19,7 @@ pub const MAX_JOIN_TOKEN_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 /// DNS label: 1 to 63 letters, digits and '-', not starting or ending with
 /// '-'.
 pub fn check_host_id(field: &str, id: &str) -> Result<(), StateError> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-');
-    if ok {
+    if ferro_pki::valid_host_id(id) {
         Ok(())
     } else {
         invalid(format!(
