@@ -66,6 +66,9 @@ pub enum Command {
     /// Subnets of VPCs, one zone each.
     #[command(subcommand)]
     Subnets(Subnets),
+    /// Security groups: stateful allow rules for instances' interfaces.
+    #[command(subcommand)]
+    SecurityGroups(SecurityGroups),
     /// Availability zones.
     #[command(subcommand)]
     Azs(ListOnly),
@@ -181,7 +184,11 @@ pub enum Instances {
         id: String,
         /// stop or terminate.
         #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"])]
-        shutdown_behavior: String,
+        shutdown_behavior: Option<String>,
+        /// The primary interface's security groups from now on (all of its
+        /// VPC); repeatable.
+        #[arg(long = "security-group", value_name = "SG_ID")]
+        security_groups: Vec<String>,
     },
 }
 
@@ -219,6 +226,10 @@ pub struct Run {
     /// The primary private address (with --subnet and --count 1).
     #[arg(long, value_name = "IP")]
     pub private_ip: Option<String>,
+    /// A security group of the interface's VPC; repeatable; default: the
+    /// VPC's default group.
+    #[arg(long = "security-group", value_name = "SG_ID")]
+    pub security_groups: Vec<String>,
     /// What a power-off from inside the guest does (a reboot from inside
     /// always keeps it running).
     #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"], default_value = "stop")]
@@ -365,6 +376,66 @@ pub enum Subnets {
         /// Subnet id.
         id: String,
     },
+}
+
+/// Security group commands.
+#[derive(Debug, Subcommand)]
+pub enum SecurityGroups {
+    /// Create a group (all egress allowed, no ingress).
+    Create {
+        /// Its VPC.
+        #[arg(long, value_name = "VPC_ID")]
+        vpc: String,
+        /// Unique in the VPC.
+        #[arg(long)]
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Tag KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List groups with their rules.
+    List {
+        /// Only those of this VPC.
+        #[arg(long, value_name = "VPC_ID")]
+        vpc: Option<String>,
+        /// Only groups of this name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a group nothing uses.
+    Delete {
+        /// Group id.
+        id: String,
+    },
+    /// Allow traffic: add a rule.
+    Authorize(RuleArgs),
+    /// Remove a rule.
+    Revoke(RuleArgs),
+}
+
+/// One security group rule.
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// Group id.
+    pub id: String,
+    /// An egress rule (default: ingress).
+    #[arg(long)]
+    pub egress: bool,
+    /// tcp, udp, icmp or all.
+    #[arg(long, value_parser = ["tcp", "udp", "icmp", "all"])]
+    pub protocol: String,
+    /// A port or range (80, 8000-8080); tcp and udp only.
+    #[arg(long)]
+    pub port: Option<String>,
+    /// The peer block (e.g. 0.0.0.0/0).
+    #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+    pub cidr: Option<String>,
+    /// The peer group (its members), of the same VPC.
+    #[arg(long, value_name = "SG_ID")]
+    pub group: Option<String>,
 }
 
 /// API key commands.

@@ -155,6 +155,7 @@ pub fn instance_json(i: &pb::Instance) -> Value {
         "vpc_id": i.vpc_id,
         "private_ip_address": i.private_ip_address,
         "mac_address": i.mac_address,
+        "security_group_ids": i.security_group_ids,
         "tags": tags_json(&i.tags),
     })
 }
@@ -201,6 +202,7 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
         ("subnet", dash(&i.subnet_id)),
         ("vpc", dash(&i.vpc_id)),
         ("mac", dash(&i.mac_address)),
+        ("security groups", dash(&i.security_group_ids.join(", "))),
         (
             "key",
             if i.key_name.is_empty() {

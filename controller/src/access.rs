@@ -130,6 +130,22 @@ impl<R: Replicator<ClusterState>> Controller<R> {
         Ok(key)
     }
 
+    /// The host key whose secret hashes to `hash` (any other role is
+    /// refused): who a host-only call speaks for.
+    pub async fn authenticate_host(&self, hash: String) -> Result<ApiKey> {
+        let key = self
+            .read(move |s| s.api_key_by_hash(&hash).cloned())
+            .await?
+            .ok_or_else(unknown_key)?;
+        if key.role() != Role::Host {
+            return Err(denied(format!(
+                "only a host's own credential may watch its network, not a key with role {}",
+                key.role().as_str()
+            )));
+        }
+        Ok(key)
+    }
+
     /// A one-time join token for `host_id`, valid `ttl_ms`.
     pub async fn create_join_token(&self, host_id: &str, ttl_ms: u64) -> Result<(String, u64)> {
         check_host_id("host_id", host_id)?;

@@ -411,10 +411,13 @@ pub fn heartbeat_changes(
                 // The controller words the reason of a guest power-off
                 // itself (with the shutdown behaviour).
                 let own_reason = o.stopped_by_guest && i.observed == ObservedState::Stopped;
+                let new_tap = !o.tap.is_empty()
+                    && i.network.as_ref().is_some_and(|n| n.tap != o.tap);
                 if !stale
                     && (i.observed != o.state
                         || (i.observed_reason != o.reason && !own_reason)
-                        || o.seq > i.observed_seq)
+                        || o.seq > i.observed_seq
+                        || new_tap)
                 {
                     return true;
                 }
@@ -520,6 +523,7 @@ mod tests {
             reason: reason.into(),
             stopped_by_guest: false,
             seq,
+            tap: String::new(),
         };
         use ferro_raft::StateMachine;
         s.apply(Command::Heartbeat {

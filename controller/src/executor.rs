@@ -39,6 +39,7 @@ pub fn observation(i: &pb::Instance) -> Observation {
         reason: i.reason.clone(),
         stopped_by_guest: i.stopped_by_guest,
         seq: i.seq,
+        tap: i.taps.first().cloned().unwrap_or_default(),
     }
 }
 
@@ -226,6 +227,11 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     image_id: instance.image_id.clone(),
                     user_data: instance.user_data.clone(),
                     cmdline_extra,
+                    nics: instance
+                        .network
+                        .iter()
+                        .map(|n| pb::NicSpec { mac: n.mac.clone() })
+                        .collect(),
                     ..Default::default()
                 };
                 let r = c
@@ -318,6 +324,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     reason: "deleted".into(),
                     stopped_by_guest: false,
                     seq,
+                    tap: String::new(),
                 };
                 self.ctl.observe(&host_id, o).await?;
             }

@@ -62,6 +62,10 @@ pub struct Host {
     pub kvm_present: bool,
     /// Tags.
     pub tags: Tags,
+    /// The underlay address its netd reported (other hosts send its VXLAN
+    /// traffic there); empty until a netd watches.
+    #[serde(default)]
+    pub underlay_ip: String,
 }
 
 impl Host {
@@ -264,8 +268,8 @@ impl Instance {
     }
 }
 
-/// An instance's primary network interface: its subnet, address and MAC
-/// (the dataplane that carries it, ferro-netd, is not built yet).
+/// An instance's primary network interface: its subnet, address, MAC and
+/// security groups (each host's ferro-netd carries it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interface {
     /// Its subnet.
@@ -277,6 +281,12 @@ pub struct Interface {
     pub private_ip: String,
     /// `02:fc:…`, derived from the instance id.
     pub mac: String,
+    /// Its security groups (all of its VPC), at least one.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// The TAP its host's agent made for it (empty until reported).
+    #[serde(default)]
+    pub tap: String,
 }
 
 /// A VPC: a private IPv4 network (docs/architecture.md, "VPCs").
@@ -292,6 +302,10 @@ pub struct Vpc {
     pub tags: Tags,
     /// Unix ms.
     pub created_at_ms: u64,
+    /// The VXLAN network identifier of its traffic between hosts, unique
+    /// (0 only in a state written before VNIs, until upgraded).
+    #[serde(default)]
+    pub vni: u32,
 }
 
 /// A subnet: a block of its VPC in one zone.
@@ -307,6 +321,81 @@ pub struct Subnet {
     pub az: String,
     /// The default subnet of its zone in the default VPC.
     pub is_default: bool,
+    /// Tags.
+    pub tags: Tags,
+    /// Unix ms.
+    pub created_at_ms: u64,
+}
+
+/// What a security group rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP, with a port range.
+    Tcp,
+    /// UDP, with a port range.
+    Udp,
+    /// ICMP, every type.
+    Icmp,
+    /// Everything.
+    All,
+}
+
+impl Protocol {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::All => "all",
+        }
+    }
+
+    /// Whether it has ports.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// The other end of a rule's traffic.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Peer {
+    /// An IPv4 block, canonical.
+    Cidr(String),
+    /// The members of a group of the same VPC.
+    Group(String),
+}
+
+/// One allow rule of a security group.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SgRule {
+    /// What it matches.
+    pub protocol: Protocol,
+    /// First port (tcp/udp; 0 otherwise).
+    pub from_port: u16,
+    /// Last port (tcp/udp; 0 otherwise).
+    pub to_port: u16,
+    /// Source (ingress) or destination (egress).
+    pub peer: Peer,
+}
+
+/// A security group: stateful allow rules for the interfaces in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    /// `sg-<16 hex>`.
+    pub id: String,
+    /// Its VPC.
+    pub vpc_id: String,
+    /// Unique in the VPC; `default` for the VPC's default group.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// Allowed inbound traffic.
+    pub ingress: Vec<SgRule>,
+    /// Allowed outbound traffic.
+    pub egress: Vec<SgRule>,
     /// Tags.
     pub tags: Tags,
     /// Unix ms.

@@ -320,6 +320,7 @@ mod tests {
                 reason: String::new(),
                 stopped_by_guest: false,
                 seq: 0,
+                tap: String::new(),
             }],
         })
         .unwrap();

@@ -640,3 +640,169 @@ fn write_private_key(path: &std::path::Path, pem: &str) -> Result<(), CommandErr
         .map_err(err)?;
     f.write_all(pem.as_bytes()).map_err(err)
 }
+
+fn rule_text(r: &pb::SecurityGroupRule) -> String {
+    let ports = match (r.from_port, r.to_port) {
+        (0, 0) => String::new(),
+        (a, b) if a == b => format!(":{a}"),
+        (a, b) => format!(":{a}-{b}"),
+    };
+    let peer = if r.group_id.is_empty() {
+        &r.cidr
+    } else {
+        &r.group_id
+    };
+    format!("{}{ports} {peer}", r.protocol)
+}
+
+fn rule_json(r: &pb::SecurityGroupRule) -> serde_json::Value {
+    json!({"protocol": r.protocol, "from_port": r.from_port, "to_port": r.to_port,
+           "cidr": r.cidr, "group_id": r.group_id})
+}
+
+/// A port argument: `80` or `8000-8080`.
+fn ports(p: Option<&str>, protocol: &str) -> Result<(u32, u32), CommandError> {
+    let Some(p) = p else {
+        if protocol == "tcp" || protocol == "udp" {
+            return Err(CommandError::Usage(format!(
+                "--port: {protocol} rules need a port or range (e.g. 22 or 8000-8080)"
+            )));
+        }
+        return Ok((0, 0));
+    };
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| CommandError::Usage(format!("--port: {p:?} is not a port or range")))
+    };
+    match p.split_once('-') {
+        Some((a, b)) => Ok((num(a)?, num(b)?)),
+        None => {
+            let a = num(p)?;
+            Ok((a, a))
+        }
+    }
+}
+
+/// `ferro security-groups …`.
+pub async fn security_groups(
+    client: &mut Client,
+    format: Format,
+    cmd: args::SecurityGroups,
+) -> Result<(), CommandError> {
+    use args::SecurityGroups as S;
+    let list = match cmd {
+        S::Create {
+            vpc,
+            name,
+            description,
+            tags,
+        } => {
+            let req = pb::CreateSecurityGroupRequest {
+                vpc_id: vpc,
+                group_name: name,
+                description,
+                tags: parse_tags(&tags)?,
+            };
+            vec![
+                client
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { ComputeClient::new(ch).create_security_group(req).await }
+                    })
+                    .await?,
+            ]
+        }
+        S::List { vpc, name } => {
+            let req = pb::DescribeSecurityGroupsRequest {
+                vpc_ids: vpc.into_iter().collect(),
+                group_names: name.into_iter().collect(),
+                ..Default::default()
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).describe_security_groups(req).await }
+                })
+                .await?
+                .security_groups
+        }
+        S::Delete { id } => {
+            let req = pb::DeleteSecurityGroupRequest {
+                group_id: id.clone(),
+            };
+            client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).delete_security_group(req).await }
+                })
+                .await?;
+            done(
+                format,
+                &format!("deleted {id}"),
+                json!({"group_id": id, "deleted": true}),
+            );
+            return Ok(());
+        }
+        S::Authorize(r) => vec![change_rule(client, r, true).await?],
+        S::Revoke(r) => vec![change_rule(client, r, false).await?],
+    };
+    let mut t = Table::new(["GROUP", "NAME", "VPC", "INGRESS", "EGRESS"]);
+    let mut j = Vec::new();
+    for g in &list {
+        let join = |rs: &[pb::SecurityGroupRule]| {
+            let v: Vec<String> = rs.iter().map(rule_text).collect();
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        t.row([
+            g.group_id.clone(),
+            g.group_name.clone(),
+            g.vpc_id.clone(),
+            join(&g.ingress),
+            join(&g.egress),
+        ]);
+        j.push(json!({"group_id": g.group_id, "group_name": g.group_name, "vpc_id": g.vpc_id,
+            "description": g.description,
+            "ingress": g.ingress.iter().map(rule_json).collect::<Vec<_>>(),
+            "egress": g.egress.iter().map(rule_json).collect::<Vec<_>>()}));
+    }
+    print(format, &t, &serde_json::Value::Array(j));
+    Ok(())
+}
+
+async fn change_rule(
+    client: &mut Client,
+    r: args::RuleArgs,
+    add: bool,
+) -> Result<pb::SecurityGroup, CommandError> {
+    let (from_port, to_port) = ports(r.port.as_deref(), &r.protocol)?;
+    let req = pb::SecurityGroupRulesRequest {
+        group_id: r.id,
+        egress: r.egress,
+        rules: vec![pb::SecurityGroupRule {
+            protocol: r.protocol,
+            from_port,
+            to_port,
+            cidr: r.cidr.unwrap_or_default(),
+            group_id: r.group.unwrap_or_default(),
+        }],
+    };
+    let out = client
+        .call(|ch| {
+            let req = req.clone();
+            async move {
+                let mut c = ComputeClient::new(ch);
+                if add {
+                    c.authorize_security_group_rules(req).await
+                } else {
+                    c.revoke_security_group_rules(req).await
+                }
+            }
+        })
+        .await?;
+    out.security_group
+        .ok_or_else(|| CommandError::Usage("the controller returned no group".into()))
+}

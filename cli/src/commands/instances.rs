@@ -39,10 +39,12 @@ pub async fn run(
         I::Modify {
             id,
             shutdown_behavior,
+            security_groups,
         } => {
             let req = pb::ModifyInstanceAttributeRequest {
                 instance_id: id.clone(),
-                instance_initiated_shutdown_behavior: shutdown_behavior.clone(),
+                instance_initiated_shutdown_behavior: shutdown_behavior.clone().unwrap_or_default(),
+                security_group_ids: security_groups.clone(),
             };
             client
                 .call(|ch| {
@@ -50,10 +52,18 @@ pub async fn run(
                     async move { ComputeClient::new(ch).modify_instance_attribute(req).await }
                 })
                 .await?;
+            let mut said = Vec::new();
+            if let Some(b) = &shutdown_behavior {
+                said.push(format!("instance-initiated shutdown behavior {b}"));
+            }
+            if !security_groups.is_empty() {
+                said.push(format!("security groups {}", security_groups.join(", ")));
+            }
             super::done(
                 format,
-                &format!("{id}: instance-initiated shutdown behavior {shutdown_behavior}"),
-                serde_json::json!({"instance_id": id, "instance_initiated_shutdown_behavior": shutdown_behavior}),
+                &format!("{id}: {}", said.join("; ")),
+                serde_json::json!({"instance_id": id, "instance_initiated_shutdown_behavior": shutdown_behavior,
+                                   "security_group_ids": security_groups}),
             );
             Ok(())
         }
@@ -87,6 +97,7 @@ async fn run_instances(
         instance_initiated_shutdown_behavior: r.shutdown_behavior,
         subnet_id: r.subnet.unwrap_or_default(),
         private_ip_address: r.private_ip.unwrap_or_default(),
+        security_group_ids: r.security_groups.clone(),
     };
     let resp = client
         .call(|ch| {

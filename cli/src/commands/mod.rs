@@ -70,6 +70,7 @@ pub async fn run(
         C::ApiKeys(c) => catalog::api_keys(client, format, c).await,
         C::Vpcs(c) => catalog::vpcs(client, format, c).await,
         C::Subnets(c) => catalog::subnets(client, format, c).await,
+        C::SecurityGroups(c) => catalog::security_groups(client, format, c).await,
         C::Azs(args::ListOnly::List) => catalog::azs(client, format).await,
         C::Types(args::ListOnly::List) => catalog::types(client, format).await,
         C::Up(_) => Err(CommandError::Usage(

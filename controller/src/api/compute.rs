@@ -49,6 +49,36 @@ impl<R: Replicator<ClusterState>> ComputeService<R> {
     }
 }
 
+impl<R: Replicator<ClusterState>> ComputeService<R> {
+    async fn change_rules(
+        &self,
+        req: Request<pb::SecurityGroupRulesRequest>,
+        add: bool,
+    ) -> Res<pb::SecurityGroupRulesResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let rules = r
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(n, x)| rule_in(&format!("rules[{n}]"), x))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let c = Command::ChangeSecurityGroupRules {
+            group_id: r.group_id,
+            egress: r.egress,
+            rules,
+            add,
+        };
+        match self.write(c).await? {
+            Output::SecurityGroup(g) => Ok(Response::new(pb::SecurityGroupRulesResponse {
+                security_group: Some(security_group_out(&g)),
+            })),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+}
+
 fn bad(e: StateError) -> Status {
     status(e.into())
 }
@@ -188,22 +218,35 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
         let behavior = match r.instance_initiated_shutdown_behavior.as_str() {
-            "" => {
+            "" if r.security_group_ids.is_empty() => {
                 return Err(Status::invalid_argument(
-                    "instance_initiated_shutdown_behavior: give stop or terminate",
+                    "give instance_initiated_shutdown_behavior (stop or terminate) \
+                     or security_group_ids",
                 ))
             }
-            s => ShutdownBehavior::parse(s).ok_or_else(|| {
+            "" => None,
+            s => Some(ShutdownBehavior::parse(s).ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "instance_initiated_shutdown_behavior: {s:?} is not stop or terminate"
                 ))
-            })?,
+            })?),
         };
-        self.write(Command::SetShutdownBehavior {
-            id: r.instance_id,
-            behavior,
-        })
-        .await?;
+        // Checked first (the groups are the likelier to be refused), so a
+        // refused call changes nothing.
+        if !r.security_group_ids.is_empty() {
+            self.write(Command::SetSecurityGroups {
+                id: r.instance_id.clone(),
+                groups: r.security_group_ids,
+            })
+            .await?;
+        }
+        if let Some(behavior) = behavior {
+            self.write(Command::SetShutdownBehavior {
+                id: r.instance_id,
+                behavior,
+            })
+            .await?;
+        }
         Ok(Response::new(pb::ModifyInstanceAttributeResponse {}))
     }
 
@@ -639,6 +682,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             is_default: false,
             tags: tags_in(r.tags).map_err(bad)?,
             created_at_ms: crate::now_ms(),
+            vni: 0,
         };
         match self.write(Command::CreateVpc { vpc }).await? {
             Output::Vpc(v) => Ok(Response::new(vpc_out(&v))),
@@ -719,6 +763,78 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         let id = req.into_inner().subnet_id;
         self.write(Command::DeleteSubnet { id }).await?;
         Ok(Response::new(pb::DeleteSubnetResponse {}))
+    }
+
+    async fn create_security_group(
+        &self,
+        req: Request<pb::CreateSecurityGroupRequest>,
+    ) -> Res<pb::SecurityGroup> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let group = SecurityGroup {
+            id: new_id("sg-"),
+            vpc_id: r.vpc_id,
+            name: r.group_name,
+            description: r.description,
+            ingress: vec![],
+            egress: vec![],
+            tags: tags_in(r.tags).map_err(bad)?,
+            created_at_ms: crate::now_ms(),
+        };
+        match self.write(Command::CreateSecurityGroup { group }).await? {
+            Output::SecurityGroup(g) => Ok(Response::new(security_group_out(&g))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_security_groups(
+        &self,
+        req: Request<pb::DescribeSecurityGroupsRequest>,
+    ) -> Res<pb::DescribeSecurityGroupsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let groups = self
+            .read(move |s| {
+                let all = select(&s.security_groups, &r.group_ids, "group_ids")?;
+                for v in &r.vpc_ids {
+                    if !s.vpcs.contains_key(v) {
+                        return Err(StateError::NotFound(format!("vpc_ids: no VPC {v:?}")));
+                    }
+                }
+                Ok(all
+                    .into_iter()
+                    .filter(|g| r.vpc_ids.is_empty() || r.vpc_ids.contains(&g.vpc_id))
+                    .filter(|g| r.group_names.is_empty() || r.group_names.contains(&g.name))
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        Ok(Response::new(pb::DescribeSecurityGroupsResponse {
+            security_groups: groups.iter().map(security_group_out).collect(),
+        }))
+    }
+
+    async fn delete_security_group(
+        &self,
+        req: Request<pb::DeleteSecurityGroupRequest>,
+    ) -> Res<pb::DeleteSecurityGroupResponse> {
+        self.auth(&req, false).await?;
+        let id = req.into_inner().group_id;
+        self.write(Command::DeleteSecurityGroup { id }).await?;
+        Ok(Response::new(pb::DeleteSecurityGroupResponse {}))
+    }
+
+    async fn authorize_security_group_rules(
+        &self,
+        req: Request<pb::SecurityGroupRulesRequest>,
+    ) -> Res<pb::SecurityGroupRulesResponse> {
+        self.change_rules(req, true).await
+    }
+
+    async fn revoke_security_group_rules(
+        &self,
+        req: Request<pb::SecurityGroupRulesRequest>,
+    ) -> Res<pb::SecurityGroupRulesResponse> {
+        self.change_rules(req, false).await
     }
 
     async fn create_join_token(

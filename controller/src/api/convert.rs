@@ -44,6 +44,7 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
         spread: r.strategy == pb::PlacementStrategy::Spread as i32,
         subnet_id: r.subnet_id,
         private_ip: r.private_ip_address,
+        security_group_ids: r.security_group_ids,
         shutdown_behavior: ShutdownBehavior::parse(&r.instance_initiated_shutdown_behavior)
             .ok_or_else(|| {
                 StateError::InvalidArgument(format!(
@@ -121,6 +122,11 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
             .network
             .as_ref()
             .map(|n| n.mac.clone())
+            .unwrap_or_default(),
+        security_group_ids: i
+            .network
+            .as_ref()
+            .map(|n| n.security_groups.clone())
             .unwrap_or_default(),
     }
 }
@@ -285,6 +291,7 @@ pub fn vpc_out(v: &Vpc) -> pb::Vpc {
         is_default: v.is_default,
         tags: tags_out(&v.tags),
         created_at_ms: v.created_at_ms,
+        vni: v.vni,
     }
 }
 
@@ -301,6 +308,60 @@ pub fn subnet_out(s: &Subnet) -> pb::Subnet {
         available_addresses: crate::net::Cidr::parse(&s.cidr)
             .map(|c| c.assignable_count())
             .unwrap_or(0),
+    }
+}
+
+/// A security group rule from the wire: a known protocol, ports that fit
+/// 16 bits and exactly one peer (the state checks the rest).
+pub fn rule_in(field: &str, r: &pb::SecurityGroupRule) -> Result<SgRule, StateError> {
+    let bad = |m: String| StateError::InvalidArgument(format!("{field}: {m}"));
+    let protocol = match r.protocol.to_ascii_lowercase().as_str() {
+        "tcp" | "6" => Protocol::Tcp,
+        "udp" | "17" => Protocol::Udp,
+        "icmp" | "1" => Protocol::Icmp,
+        "all" | "-1" => Protocol::All,
+        p => return Err(bad(format!("protocol {p:?} is not tcp, udp, icmp or all"))),
+    };
+    let port = |p: u32| u16::try_from(p).map_err(|_| bad(format!("port {p} is above 65535")));
+    let peer = match (r.cidr.is_empty(), r.group_id.is_empty()) {
+        (false, true) => Peer::Cidr(r.cidr.clone()),
+        (true, false) => Peer::Group(r.group_id.clone()),
+        _ => return Err(bad("give exactly one of cidr and group_id".into())),
+    };
+    Ok(SgRule {
+        protocol,
+        from_port: port(r.from_port)?,
+        to_port: port(r.to_port)?,
+        peer,
+    })
+}
+
+/// A security group rule to the wire.
+pub fn rule_out(r: &SgRule) -> pb::SecurityGroupRule {
+    let (cidr, group_id) = match &r.peer {
+        Peer::Cidr(c) => (c.clone(), String::new()),
+        Peer::Group(g) => (String::new(), g.clone()),
+    };
+    pb::SecurityGroupRule {
+        protocol: r.protocol.as_str().into(),
+        from_port: r.from_port.into(),
+        to_port: r.to_port.into(),
+        cidr,
+        group_id,
+    }
+}
+
+/// A security group to the wire.
+pub fn security_group_out(g: &SecurityGroup) -> pb::SecurityGroup {
+    pb::SecurityGroup {
+        group_id: g.id.clone(),
+        group_name: g.name.clone(),
+        description: g.description.clone(),
+        vpc_id: g.vpc_id.clone(),
+        ingress: g.ingress.iter().map(rule_out).collect(),
+        egress: g.egress.iter().map(rule_out).collect(),
+        tags: tags_out(&g.tags),
+        created_at_ms: g.created_at_ms,
     }
 }
 

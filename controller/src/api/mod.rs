@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod compute;
 pub mod convert;
+pub mod hostnet;
 pub mod hosts;
 
 use tonic::metadata::MetadataValue;

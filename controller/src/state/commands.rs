@@ -43,6 +43,9 @@ pub struct RunSpec {
     /// only.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub private_ip: String,
+    /// The primary interface's groups (empty: its VPC's default group).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_group_ids: Vec<String>,
 }
 
 /// A host's self-description from its heartbeat.
@@ -82,6 +85,9 @@ pub struct Observation {
     /// that predates stamps); a lower stamp than the one applied is stale.
     #[serde(default)]
     pub seq: u64,
+    /// The TAP of its first NIC (empty: none or not reported).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tap: String,
 }
 
 /// A write to the cluster state.
@@ -284,6 +290,41 @@ pub enum Command {
         /// Unix ms.
         now_ms: u64,
     },
+    /// Create a security group (allowing all egress, no ingress).
+    CreateSecurityGroup {
+        /// The group, with a fresh id.
+        group: SecurityGroup,
+    },
+    /// Delete a security group nothing uses.
+    DeleteSecurityGroup {
+        /// Id.
+        id: String,
+    },
+    /// Add or remove rules of a group, all or none.
+    ChangeSecurityGroupRules {
+        /// The group.
+        group_id: String,
+        /// Egress (else ingress) rules.
+        egress: bool,
+        /// The rules.
+        rules: Vec<SgRule>,
+        /// Add (else remove).
+        add: bool,
+    },
+    /// Set the groups of an instance's primary interface.
+    SetSecurityGroups {
+        /// Instance id.
+        id: String,
+        /// Its groups from now on.
+        groups: Vec<String>,
+    },
+    /// Record the underlay address a host's netd reported.
+    SetUnderlay {
+        /// The host.
+        host_id: String,
+        /// Its address.
+        ip: String,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -329,6 +370,8 @@ pub enum Output {
     Vpc(Vpc),
     /// A subnet.
     Subnet(Subnet),
+    /// A security group.
+    SecurityGroup(SecurityGroup),
 }
 
 /// The response of `apply`.

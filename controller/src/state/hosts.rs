@@ -34,6 +34,7 @@ impl ClusterState {
             agent_version: String::new(),
             kvm_present: false,
             tags: Tags::new(),
+            underlay_ip: String::new(),
         });
         if host.health != HostHealth::Healthy {
             tracing::info!(host_id = %r.id, "host is back");
@@ -92,6 +93,9 @@ impl ClusterState {
                 continue;
             }
             i.observed_seq = i.observed_seq.max(o.seq);
+            if let (false, Some(n)) = (o.tap.is_empty(), i.network.as_mut()) {
+                n.tap = o.tap.clone();
+            }
             if i.observed != o.state {
                 tracing::info!(instance_id = %i.id, host_id, from = ?i.observed, to = ?o.state, "observed");
             }
@@ -161,6 +165,7 @@ mod tests {
             reason: String::new(),
             stopped_by_guest: false,
             seq,
+            tap: String::new(),
         };
         let beat = |s: &mut ClusterState, observed: Vec<Observation>, listed_seq| {
             s.apply(Command::Heartbeat {
@@ -242,6 +247,7 @@ mod tests {
                 reason: String::new(),
                 stopped_by_guest: false,
                 seq: 0,
+                tap: String::new(),
             }],
         })
         .unwrap();

@@ -96,7 +96,7 @@ impl ClusterState {
             let mut got = None;
             let mut last_err = None;
             for s in &candidates {
-                match self.allocate(id, s, &spec.private_ip, &mut ipam) {
+                match self.allocate(id, s, &spec.private_ip, &spec.security_group_ids, &mut ipam) {
                     Ok(n) => {
                         got = Some(n);
                         break;
@@ -401,6 +401,7 @@ mod tests {
             reason: String::new(),
             stopped_by_guest: false,
             seq: 0,
+            tap: String::new(),
         }]))
         .unwrap();
         s.apply(Command::SetDesired {
@@ -445,6 +446,7 @@ mod tests {
                         reason: String::new(),
                         stopped_by_guest: by_guest,
                         seq: 0,
+                        tap: String::new(),
                     }],
                 })
                 .unwrap();
@@ -482,6 +484,7 @@ mod tests {
                 reason: String::new(),
                 stopped_by_guest: true,
                 seq: 0,
+                tap: String::new(),
             }],
         })
         .unwrap();

@@ -31,11 +31,13 @@ mod commands;
 mod hosts;
 mod instances;
 mod network;
+mod security;
 
 pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
 pub use commands::*;
 pub use ferro_pki::CaMaterial;
-pub use network::{DEFAULT_SUBNET_PREFIX, DEFAULT_VPC_CIDR};
+pub use network::{mac_of, DEFAULT_SUBNET_PREFIX, DEFAULT_VPC_CIDR};
+pub use security::default_group_id;
 
 /// Why a command or query was refused. Each maps to one gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -69,7 +71,7 @@ fn invalid<T>(m: impl Into<String>) -> Result<T, StateError> {
 /// The format of [`ClusterState`] this build writes. Raise it with every
 /// change to what the state holds; [`ClusterState::upgrade`] brings older
 /// formats up to date and refuses newer ones.
-pub const STATE_FORMAT: u32 = 2;
+pub const STATE_FORMAT: u32 = 3;
 
 /// The whole replicated state of a cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +113,9 @@ pub struct ClusterState {
     /// Subnets by id.
     #[serde(default)]
     pub subnets: BTreeMap<String, Subnet>,
+    /// Security groups by id.
+    #[serde(default)]
+    pub security_groups: BTreeMap<String, SecurityGroup>,
 }
 
 impl ferro_raft::StateMachine for ClusterState {
@@ -120,8 +125,13 @@ impl ferro_raft::StateMachine for ClusterState {
     fn upgrade(&mut self) -> Result<(), String> {
         match self.format {
             // 0 → 1: roles on API keys, join tokens and the cluster CA;
-            // 1 → 2: VPCs and subnets. All read with serde defaults.
+            // 1 → 2: VPCs and subnets; 2 → 3: VNIs, security groups (a
+            // default group per VPC, interfaces in it), TAPs and underlay
+            // addresses. All read with serde defaults, then filled in here.
             f if f <= STATE_FORMAT => {
+                if f < 3 {
+                    self.upgrade_to_security_groups();
+                }
                 self.format = STATE_FORMAT;
                 Ok(())
             }
@@ -232,6 +242,25 @@ impl ferro_raft::StateMachine for ClusterState {
                 subnet_ids,
                 now_ms,
             } => self.create_default_vpc(vpc_id, subnet_ids, now_ms),
+            Command::CreateSecurityGroup { group } => self.create_security_group(group),
+            Command::DeleteSecurityGroup { id } => self.delete_security_group(&id),
+            Command::ChangeSecurityGroupRules {
+                group_id,
+                egress,
+                rules,
+                add,
+            } => self.change_rules(&group_id, egress, &rules, add),
+            Command::SetSecurityGroups { id, groups } => self.set_instance_groups(&id, &groups),
+            Command::SetUnderlay { host_id, ip } => {
+                let Some(h) = self.hosts.get_mut(&host_id) else {
+                    return Err(E::NotFound(format!("host_id: no host {host_id:?}")));
+                };
+                if ip.parse::<std::net::Ipv4Addr>().is_err() {
+                    return invalid(format!("underlay_ip: {ip:?} is not an IPv4 address"));
+                }
+                h.underlay_ip = ip;
+                Ok(Output::Done)
+            }
             Command::PurgeInstances { ids } => {
                 self.purge_instances(&ids);
                 Ok(Output::Done)

@@ -1,8 +1,8 @@
 //! VPCs and subnets: their blocks checked ([`crate::net::Cidr`]), subnets
 //! inside their VPC and never overlapping, the default VPC with one
 //! default subnet per zone, and nothing deleted that something still uses
-//! (EC2's DependencyViolation). Security groups, interfaces and addresses
-//! come next beside them.
+//! (EC2's DependencyViolation), and the addresses of interfaces (IPAM).
+//! Security groups are in `security`.
 
 use super::*;
 use crate::net::Cidr;
@@ -23,7 +23,7 @@ fn block(field: &str, cidr: &str) -> Result<Cidr, StateError> {
     Ok(c)
 }
 
-fn dependency(m: String) -> StateError {
+pub(super) fn dependency(m: String) -> StateError {
     E::FailedPrecondition(format!("DependencyViolation: {m}"))
 }
 
@@ -119,8 +119,10 @@ impl ClusterState {
         id: &str,
         subnet: &Subnet,
         want: &str,
+        groups: &[String],
         ipam: &mut Ipam,
     ) -> Result<Interface, StateError> {
+        let security_groups = self.interface_groups(&subnet.vpc_id, groups)?;
         let c = Cidr::parse(&subnet.cidr).map_err(E::InvalidArgument)?;
         let first = u32::from(c.network()) + 4;
         let last = u32::from(c.network()) + (c.size() as u32) - 2;
@@ -167,6 +169,8 @@ impl ClusterState {
             vpc_id: subnet.vpc_id.clone(),
             private_ip: std::net::Ipv4Addr::from(addr).to_string(),
             mac: mac_of(id),
+            security_groups,
+            tap: String::new(),
         })
     }
 
@@ -180,6 +184,14 @@ impl ClusterState {
             return Err(E::AlreadyExists("the default VPC exists".into()));
         }
         vpc.cidr = c.to_string();
+        if vpc.vni == 0 || self.vpcs.values().any(|v| v.vni == vpc.vni) {
+            vpc.vni = self.free_vni();
+        }
+        if vpc.vni == 0 {
+            return Err(E::ResourceExhausted("no free VXLAN network identifier".into()));
+        }
+        let g = super::security::default_group(&vpc);
+        self.security_groups.insert(g.id.clone(), g);
         self.vpcs.insert(vpc.id.clone(), vpc.clone());
         Ok(Output::Vpc(vpc))
     }
@@ -200,6 +212,20 @@ impl ClusterState {
                 subnets.join(", ")
             )));
         }
+        let default = super::security::default_group_id(id);
+        let groups: Vec<&str> = self
+            .security_groups
+            .values()
+            .filter(|g| g.vpc_id == id && g.id != default)
+            .map(|g| g.id.as_str())
+            .collect();
+        if !groups.is_empty() {
+            return Err(dependency(format!(
+                "VPC {id} still has security groups {}",
+                groups.join(", ")
+            )));
+        }
+        self.security_groups.remove(&default);
         self.vpcs.remove(id);
         Ok(Output::Done)
     }
@@ -279,6 +305,7 @@ impl ClusterState {
             is_default: true,
             tags: Tags::new(),
             created_at_ms: now_ms,
+            vni: 0,
         })?;
         for (i, (az, id)) in azs.into_iter().zip(subnet_ids).enumerate() {
             let Some(sub) = c.subblock(DEFAULT_SUBNET_PREFIX, i as u32) else {
@@ -312,6 +339,7 @@ mod tests {
                 is_default: false,
                 tags: Tags::new(),
                 created_at_ms: 1,
+                vni: 0,
             },
         }
     }
@@ -452,6 +480,7 @@ mod tests {
                 reason: String::new(),
                 stopped_by_guest: false,
                 seq: 0,
+                tap: String::new(),
             }],
         })
         .unwrap();
