@@ -411,8 +411,8 @@ pub fn heartbeat_changes(
                 // The controller words the reason of a guest power-off
                 // itself (with the shutdown behaviour).
                 let own_reason = o.stopped_by_guest && i.observed == ObservedState::Stopped;
-                let new_tap = !o.tap.is_empty()
-                    && i.network.as_ref().is_some_and(|n| n.tap != o.tap);
+                let new_tap =
+                    !o.tap.is_empty() && i.network.as_ref().is_some_and(|n| n.tap != o.tap);
                 if !stale
                     && (i.observed != o.state
                         || (i.observed_reason != o.reason && !own_reason)

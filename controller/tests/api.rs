@@ -907,3 +907,241 @@ async fn instances_get_a_private_address_in_their_subnet() {
         e.message()
     );
 }
+
+fn tcp_rule(port: u32, cidr: &str, group: &str) -> pb::SecurityGroupRule {
+    pb::SecurityGroupRule {
+        protocol: "tcp".into(),
+        from_port: port,
+        to_port: port,
+        cidr: cidr.into(),
+        group_id: group.into(),
+    }
+}
+
+async fn watch(
+    hc: &mut ferro_proto::compute::v1::hosts_client::HostsClient<tonic::transport::Channel>,
+    key: &str,
+    underlay: &str,
+) -> Result<tonic::Streaming<pb::HostNetwork>, tonic::Status> {
+    let mut r = tonic::Request::new(pb::WatchHostNetworkRequest {
+        underlay_ip: underlay.into(),
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    hc.watch_host_network(r).await.map(|s| s.into_inner())
+}
+
+/// Security groups through the API: the default group, a new group's
+/// egress-only rules, rules added and revoked, a group of another VPC
+/// refused, DependencyViolation while in use, groups changed on a running
+/// instance; and each host's netd watch: only a host key, for its own host,
+/// gets its network state, and a rule change reaches it at once.
+#[tokio::test]
+async fn security_groups_and_the_host_network_watch() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 64, 65536);
+    let hk = agent.join(&[t.addr.to_string()], &t.admin_key).await;
+    let mut hc = hosts_client(t.addr).await;
+    let e = watch(&mut hc, &hk, "10.99.0.1").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    beat(&mut hc, &hk, agent.heartbeat("https://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let groups = c
+        .describe_security_groups(pb::DescribeSecurityGroupsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .security_groups;
+    assert_eq!(groups.len(), 1, "the default VPC's default group");
+    let default = groups[0].clone();
+    assert_eq!(default.group_name, "default");
+    assert_eq!(default.ingress[0].group_id, default.group_id);
+    let web = c
+        .create_security_group(pb::CreateSecurityGroupRequest {
+            vpc_id: default.vpc_id.clone(),
+            group_name: "web".into(),
+            description: "web servers".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(web.ingress.is_empty() && web.egress.len() == 1, "{web:?}");
+    let other = c
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: "10.9.0.0/16".into(),
+            tags: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let foreign = c
+        .create_security_group(pb::CreateSecurityGroupRequest {
+            vpc_id: other.vpc_id.clone(),
+            group_name: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rules = |group: &str, rules, egress| pb::SecurityGroupRulesRequest {
+        group_id: group.into(),
+        egress,
+        rules,
+    };
+    for (r, code, want) in [
+        (
+            tcp_rule(22, "", &foreign.group_id),
+            Code::InvalidArgument,
+            "is in vpc-",
+        ),
+        (
+            tcp_rule(22, "1.2.3.4/8", ""),
+            Code::InvalidArgument,
+            "rules[0]",
+        ),
+        (
+            tcp_rule(70000, "0.0.0.0/0", ""),
+            Code::InvalidArgument,
+            "above 65535",
+        ),
+        (
+            tcp_rule(22, "0.0.0.0/0", &web.group_id),
+            Code::InvalidArgument,
+            "exactly one",
+        ),
+        (
+            pb::SecurityGroupRule {
+                protocol: "gre".into(),
+                ..tcp_rule(22, "0.0.0.0/0", "")
+            },
+            Code::InvalidArgument,
+            "protocol",
+        ),
+    ] {
+        let e = c
+            .authorize_security_group_rules(rules(&web.group_id, vec![r], false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{want}: {}", e.message());
+        assert!(e.message().contains(want), "{want}: {}", e.message());
+    }
+    let i = c
+        .run_instances(pb::RunInstancesRequest {
+            security_group_ids: vec![web.group_id.clone()],
+            ..run_req(1)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    assert_eq!(i.security_group_ids, vec![web.group_id.clone()]);
+    let e = c
+        .run_instances(pb::RunInstancesRequest {
+            security_group_ids: vec![foreign.group_id.clone()],
+            ..run_req(1)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("security_group_ids"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .delete_security_group(pb::DeleteSecurityGroupRequest {
+            group_id: web.group_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("DependencyViolation") && e.message().contains(&i.instance_id),
+        "{}",
+        e.message()
+    );
+
+    // The watch: not for a user key or the admin key.
+    let user = c
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "u".into(),
+            role: "user".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    for key in [&user, &t.admin_key] {
+        let e = watch(&mut hc, key, "10.99.0.1").await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    let e = watch(&mut hc, &hk, "nonsense").await.unwrap_err();
+    assert!(e.message().contains("underlay_ip"), "{}", e.message());
+    let mut w = watch(&mut hc, &hk, "10.99.0.1").await.unwrap();
+    let first = w.message().await.unwrap().unwrap();
+    assert_eq!(first.host_id, "h1");
+    assert_eq!(first.vpcs.len(), 1);
+    let local = &first.vpcs[0].local[0];
+    assert_eq!(local.instance_id, i.instance_id);
+    assert_eq!(local.private_ip, i.private_ip_address);
+    assert_eq!(local.security_group_ids, vec![web.group_id.clone()]);
+    assert!(first.vpcs[0].vni > 0);
+    let hosts = c
+        .describe_hosts(pb::DescribeHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1);
+    // A rule added to the group in use reaches the host's watch.
+    let before = std::time::Instant::now();
+    c.authorize_security_group_rules(rules(
+        &web.group_id,
+        vec![tcp_rule(80, "0.0.0.0/0", "")],
+        false,
+    ))
+    .await
+    .unwrap();
+    let next = w.message().await.unwrap().unwrap();
+    assert!(before.elapsed() < std::time::Duration::from_secs(1));
+    assert!(next.revision > first.revision);
+    let g = next
+        .groups
+        .iter()
+        .find(|g| g.group.as_ref().unwrap().group_id == web.group_id)
+        .unwrap();
+    assert_eq!(g.group.as_ref().unwrap().ingress.len(), 1);
+    assert_eq!(g.member_ips, vec![i.private_ip_address.clone()]);
+    let e = c
+        .authorize_security_group_rules(rules(
+            &web.group_id,
+            vec![tcp_rule(80, "0.0.0.0/0", "")],
+            false,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // Its groups change while it runs; then the group is free to go.
+    c.modify_instance_attribute(pb::ModifyInstanceAttributeRequest {
+        instance_id: i.instance_id.clone(),
+        security_group_ids: vec![default.group_id.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let next = w.message().await.unwrap().unwrap();
+    assert_eq!(
+        next.vpcs[0].local[0].security_group_ids,
+        vec![default.group_id.clone()]
+    );
+    c.delete_security_group(pb::DeleteSecurityGroupRequest {
+        group_id: web.group_id.clone(),
+    })
+    .await
+    .unwrap();
+}

@@ -764,10 +764,12 @@ pub async fn security_groups(
             join(&g.ingress),
             join(&g.egress),
         ]);
-        j.push(json!({"group_id": g.group_id, "group_name": g.group_name, "vpc_id": g.vpc_id,
+        j.push(
+            json!({"group_id": g.group_id, "group_name": g.group_name, "vpc_id": g.vpc_id,
             "description": g.description,
             "ingress": g.ingress.iter().map(rule_json).collect::<Vec<_>>(),
-            "egress": g.egress.iter().map(rule_json).collect::<Vec<_>>()}));
+            "egress": g.egress.iter().map(rule_json).collect::<Vec<_>>()}),
+        );
     }
     print(format, &t, &serde_json::Value::Array(j));
     Ok(())

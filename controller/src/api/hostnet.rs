@@ -265,19 +265,35 @@ mod tests {
         };
         add(
             &mut s,
-            instance("i-1", "h1", iface("vpc-a", "subnet-a", "10.0.1.4", &["sg-web"])),
+            instance(
+                "i-1",
+                "h1",
+                iface("vpc-a", "subnet-a", "10.0.1.4", &["sg-web"]),
+            ),
         );
         add(
             &mut s,
-            instance("i-2", "h2", iface("vpc-a", "subnet-a", "10.0.1.5", &["sg-app"])),
+            instance(
+                "i-2",
+                "h2",
+                iface("vpc-a", "subnet-a", "10.0.1.5", &["sg-app"]),
+            ),
         );
         add(
             &mut s,
-            instance("i-3", "h2", iface("vpc-b", "subnet-b", "10.0.1.4", &["sg-b"])),
+            instance(
+                "i-3",
+                "h2",
+                iface("vpc-b", "subnet-b", "10.0.1.4", &["sg-b"]),
+            ),
         );
         add(
             &mut s,
-            instance("i-4", "h3", iface("vpc-b", "subnet-b", "10.0.1.5", &["sg-b"])),
+            instance(
+                "i-4",
+                "h3",
+                iface("vpc-b", "subnet-b", "10.0.1.5", &["sg-b"]),
+            ),
         );
         s
     }
@@ -295,7 +311,11 @@ mod tests {
         assert_eq!((v.vpc_id.as_str(), v.vni), ("vpc-a", 1));
         let l = &v.local[0];
         assert_eq!(
-            (l.private_ip.as_str(), l.router_ip.as_str(), l.dns_ip.as_str()),
+            (
+                l.private_ip.as_str(),
+                l.router_ip.as_str(),
+                l.dns_ip.as_str()
+            ),
             ("10.0.1.4", "10.0.1.1", "10.0.1.2")
         );
         assert_eq!(l.hostname, "ip-10-0-1-4");
@@ -305,7 +325,12 @@ mod tests {
         let g: Vec<(&str, &[String])> = h1
             .groups
             .iter()
-            .map(|g| (g.group.as_ref().unwrap().group_id.as_str(), &g.member_ips[..]))
+            .map(|g| {
+                (
+                    g.group.as_ref().unwrap().group_id.as_str(),
+                    &g.member_ips[..],
+                )
+            })
             .collect();
         assert_eq!(
             g,

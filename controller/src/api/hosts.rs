@@ -79,6 +79,7 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         tokio::spawn(async move {
             let span = tracing::info_span!("watch_host_network", host_id = %host_id);
             let mut last: Option<pb::HostNetwork> = None;
+            let mut revision = 0;
             loop {
                 let h = host_id.clone();
                 let net = ctl
@@ -95,8 +96,15 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
                 };
                 if last.as_ref() != Some(&net) {
                     let mut out = net.clone();
-                    out.revision = ctl.replicator().stats().last_applied.unwrap_or(0);
-                    span.in_scope(|| tracing::debug!(revision = out.revision, "host network changed"));
+                    // The log index it was read at (and at least one more
+                    // than the last one sent, also over a replicator
+                    // without a log).
+                    let applied = ctl.replicator().stats().last_applied.unwrap_or(0);
+                    revision = applied.max(revision + 1);
+                    out.revision = revision;
+                    span.in_scope(|| {
+                        tracing::debug!(revision = out.revision, "host network changed")
+                    });
                     if tx.send(Ok(out)).await.is_err() {
                         break;
                     }

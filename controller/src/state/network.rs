@@ -188,7 +188,9 @@ impl ClusterState {
             vpc.vni = self.free_vni();
         }
         if vpc.vni == 0 {
-            return Err(E::ResourceExhausted("no free VXLAN network identifier".into()));
+            return Err(E::ResourceExhausted(
+                "no free VXLAN network identifier".into(),
+            ));
         }
         let g = super::security::default_group(&vpc);
         self.security_groups.insert(g.id.clone(), g);

@@ -387,7 +387,9 @@ mod tests {
         assert_eq!(g.egress, vec![allow_all_out()]);
         // The VPC cannot go while a group of its own is left; its default
         // group goes with it, and its VNI is free again.
-        let e = s.apply(Command::DeleteVpc { id: "vpc-a".into() }).unwrap_err();
+        let e = s
+            .apply(Command::DeleteVpc { id: "vpc-a".into() })
+            .unwrap_err();
         assert!(e.to_string().contains("DependencyViolation") && e.to_string().contains("sg-1"));
         s.apply(Command::DeleteSecurityGroup { id: "sg-1".into() })
             .unwrap();
@@ -437,24 +439,46 @@ mod tests {
             assert!(e.contains(want), "{want}: {e}");
         }
         assert_eq!(s, before, "all or nothing");
-        s.apply(rules("sg-1", true, vec![tcp(22, Peer::Cidr("10.0.0.0/8".into()))]))
-            .unwrap();
+        s.apply(rules(
+            "sg-1",
+            true,
+            vec![tcp(22, Peer::Cidr("10.0.0.0/8".into()))],
+        ))
+        .unwrap();
         let e = err(
             &mut s,
             rules("sg-1", true, vec![tcp(22, Peer::Cidr("10.0.0.0/8".into()))]),
         );
         assert!(e.contains("has this rule already"), "{e}");
-        let e = err(&mut s, rules("sg-1", false, vec![tcp(23, Peer::Cidr("10.0.0.0/8".into()))]));
+        let e = err(
+            &mut s,
+            rules(
+                "sg-1",
+                false,
+                vec![tcp(23, Peer::Cidr("10.0.0.0/8".into()))],
+            ),
+        );
         assert!(e.contains("no such rule"), "{e}");
-        s.apply(rules("sg-1", false, vec![tcp(22, Peer::Cidr("10.0.0.0/8".into()))]))
-            .unwrap();
+        s.apply(rules(
+            "sg-1",
+            false,
+            vec![tcp(22, Peer::Cidr("10.0.0.0/8".into()))],
+        ))
+        .unwrap();
         assert!(s.security_groups["sg-1"].ingress.is_empty());
         // A group another group's rule names stays; the default one too.
         s.apply(group("sg-4", "vpc-a", "app")).unwrap();
-        s.apply(rules("sg-4", true, vec![tcp(80, Peer::Group("sg-1".into()))]))
-            .unwrap();
+        s.apply(rules(
+            "sg-4",
+            true,
+            vec![tcp(80, Peer::Group("sg-1".into()))],
+        ))
+        .unwrap();
         let e = err(&mut s, Command::DeleteSecurityGroup { id: "sg-1".into() });
-        assert!(e.contains("DependencyViolation") && e.contains("sg-4"), "{e}");
+        assert!(
+            e.contains("DependencyViolation") && e.contains("sg-4"),
+            "{e}"
+        );
         let e = err(
             &mut s,
             Command::DeleteSecurityGroup {
@@ -503,8 +527,13 @@ mod tests {
         };
         launch(&mut s, &mut seq, &[]).unwrap();
         let e = launch(&mut s, &mut seq, &["sg-2"]).unwrap_err().to_string();
-        assert!(e.contains("security_group_ids") && e.contains("vpc-b"), "{e}");
-        let e = launch(&mut s, &mut seq, &["sg-1", "sg-1"]).unwrap_err().to_string();
+        assert!(
+            e.contains("security_group_ids") && e.contains("vpc-b"),
+            "{e}"
+        );
+        let e = launch(&mut s, &mut seq, &["sg-1", "sg-1"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("twice"), "{e}");
         launch(&mut s, &mut seq, &["sg-1"]).unwrap();
         let groups: Vec<Vec<String>> = s
@@ -534,7 +563,12 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            s.instances[&id].network.as_ref().unwrap().security_groups.len(),
+            s.instances[&id]
+                .network
+                .as_ref()
+                .unwrap()
+                .security_groups
+                .len(),
             2
         );
     }
