@@ -17,6 +17,7 @@ mod bootparams;
 mod cpu;
 mod fault;
 mod mem;
+mod netclient;
 mod netstack;
 mod pci;
 mod serial;
@@ -26,7 +27,8 @@ mod virtio;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use bootparams::{cmdline_value, BootParams, CMDLINE_MAX, E820_RAM};
-use netstack::{Ipv4Cidr, NetStack};
+use netclient::Target;
+use netstack::{Ipv4Cidr, NetConfig, NetStack};
 use virtio::blk::{Blk, IO_LEN};
 use virtio::net::Net;
 use virtio::rng::Rng;
@@ -98,7 +100,12 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
         Some("idle") | None => Exit::Idle,
         Some(_) => panic!("bad ferro.exit= (want reboot, poweroff or idle)"),
     };
-    let ip = cmdline_value(cmdline, "ferro.ip").map(|s| Ipv4Cidr::parse(s).expect("bad ferro.ip= (want A.B.C.D/N)"));
+    let net_cfg = NetConfig {
+        ip: cmdline_value(cmdline, "ferro.ip").map(|s| Ipv4Cidr::parse(s).expect("bad ferro.ip= (want A.B.C.D/N)")),
+        ping: cmdline_value(cmdline, "ferro.ping").map(|s| Target::parse(s).expect("bad ferro.ping= (want A.B.C.D)")),
+        tcp: cmdline_value(cmdline, "ferro.tcp")
+            .map(|s| Target::parse(s).filter(|t| t.port != 0).expect("bad ferro.tcp= (want A.B.C.D:PORT)")),
+    };
     let write_list = cmdline_value(cmdline, "ferro.write").unwrap_or("");
 
     // Interrupts: legacy PICs off, local APIC on, 100 Hz timer, IF=1 from
@@ -194,10 +201,13 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     say!("irq count={}", msix_irqs());
 
     let mut stack = None;
-    if let (Some(cidr), Some(net)) = (ip, nic) {
-        let mut s = NetStack::new(net, cidr, seed);
+    if let Some(net) = nic {
+        let mut s = NetStack::new(net, &net_cfg, seed);
         s.poll();
-        say!("net ip={cidr} up");
+        match net_cfg.ip {
+            Some(cidr) => say!("net ip={cidr} up"),
+            None => say!("net dhcp started"),
+        }
         stack = Some(s);
     }
     say!("selftest done");
