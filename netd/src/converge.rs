@@ -84,6 +84,18 @@ impl Converger {
         for op in plan(&desired, &observed) {
             self.apply(&desired, &op).await;
         }
+        for vpc in desired.vpcs.values() {
+            for dev in [vpc.bridge(), vpc.vxlan()] {
+                match crate::sysctl::harden(&dev) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(vpc_id = %vpc.vpc_id, "{dev}: {n} sysctls set"),
+                    Err(e) if new_revision => {
+                        tracing::warn!(vpc_id = %vpc.vpc_id, "{dev}: cannot set sysctls: {e}")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
         self.sync_dhcp(net, new_revision);
     }
 

@@ -33,6 +33,7 @@ pub mod metadata;
 pub mod netlink;
 pub mod plan;
 pub mod security_groups;
+pub mod sysctl;
 pub mod watch;
 
 use std::sync::Arc;

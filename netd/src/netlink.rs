@@ -395,9 +395,14 @@ fn lladdr(m: &NeighbourMessage) -> Option<Mac> {
     })
 }
 
+/// `NDA_DST` as IPv4. In an `AF_BRIDGE` message (an FDB entry) the
+/// parser cannot know the address family and gives raw bytes.
 fn dst(m: &NeighbourMessage) -> Option<Ipv4Addr> {
     m.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+        }
         _ => None,
     })
 }

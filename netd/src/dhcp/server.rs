@@ -167,7 +167,9 @@ async fn serve(ifindex: u32, lease: watch::Receiver<Lease>, counters: Arc<Counte
             }
         };
         let l = lease.borrow().clone();
-        match respond(&l, &buf[..n]) {
+        let r = respond(&l, &buf[..n]);
+        tracing::trace!(len = n, answer = ?r.as_ref().map(|a| a.as_ref().map(Vec::len)), "frame from the guest");
+        match r {
             Ok(Some(frame)) => match sock.send(&frame) {
                 Ok(()) => {
                     counters.answered.fetch_add(1, Ordering::Relaxed);

@@ -28,6 +28,9 @@ pub struct PacketSocket {
 }
 
 const ETH_P_IP: u16 = 0x0800;
+/// Every protocol: only such a socket sees frames that arrive on a bridge
+/// port (a TAP) before the bridge takes them; the filter keeps IPv4 UDP.
+const ETH_P_ALL: u16 = 0x0003;
 
 /// `ldh [12]; jeq #0x800; ldb [23]; jeq #17; ldh [20]; jset #0x1fff
 /// (fragment); ldxb 4*([14]&0xf); ldh [x+16] (UDP destination port);
@@ -61,7 +64,7 @@ impl PacketSocket {
     /// A non-blocking socket on interface `ifindex` receiving the IPv4
     /// UDP frames to `udp_port`.
     pub fn open(ifindex: u32, udp_port: u16) -> io::Result<Self> {
-        let proto = ETH_P_IP.to_be();
+        let proto = ETH_P_ALL.to_be();
         // SAFETY: socket(2) with constant arguments; the result is checked.
         let raw = check(unsafe {
             libc::socket(
