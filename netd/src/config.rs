@@ -8,6 +8,8 @@
 //! # credentials_dir = "/var/lib/ferro-agent/credentials"   (the default)
 //! # or: api_key_file = "...", ca_file = "..."
 //! # mtu = 1450
+//! # name_prefix = "f"          # devices fbr<vni>, fvx<vni>
+//! # vxlan_port = 4789
 //! ```
 
 use std::net::Ipv4Addr;
@@ -72,6 +74,17 @@ struct RawConfig {
     mtu: u32,
     #[serde(default = "default_resync")]
     resync_interval_ms: u64,
+    #[serde(default = "default_prefix")]
+    name_prefix: String,
+    #[serde(default = "default_port")]
+    vxlan_port: u16,
+}
+
+fn default_prefix() -> String {
+    crate::desired::DEFAULT_NAME_PREFIX.into()
+}
+fn default_port() -> u16 {
+    crate::desired::DEFAULT_VXLAN_PORT
 }
 
 fn default_mtu() -> u32 {
@@ -111,6 +124,12 @@ pub struct Config {
     /// How often the dataplane is compared with the last state even when
     /// nothing changed (repairs manual damage).
     pub resync_interval: Duration,
+    /// What its device names start with (1 to 3 lowercase letters or
+    /// digits): `<prefix>br<vni>`, `<prefix>vx<vni>`.
+    pub name_prefix: String,
+    /// The UDP port of its VXLAN devices (every host of a cluster must use
+    /// the same).
+    pub vxlan_port: u16,
 }
 
 /// Longest Linux interface name.
@@ -179,6 +198,21 @@ impl Config {
         if !(576..=9000).contains(&raw.mtu) {
             return Err(invalid("mtu", format!("{} is outside 576..=9000", raw.mtu)));
         }
+        let p = &raw.name_prefix;
+        if p.is_empty()
+            || p.len() > 3
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(invalid(
+                "name_prefix",
+                format!("{p:?} must be 1 to 3 lowercase letters or digits"),
+            ));
+        }
+        if raw.vxlan_port == 0 {
+            return Err(invalid("vxlan_port", "0 is not a port".into()));
+        }
         if raw.resync_interval_ms < 100 {
             return Err(invalid(
                 "resync_interval_ms",
@@ -215,6 +249,8 @@ impl Config {
             credentials,
             mtu: raw.mtu,
             resync_interval: Duration::from_millis(raw.resync_interval_ms),
+            name_prefix: raw.name_prefix,
+            vxlan_port: raw.vxlan_port,
         })
     }
 }

@@ -153,8 +153,8 @@ impl Converger {
 /// The VPC an operation is for, for logs.
 fn vpc_of<'a>(desired: &'a Desired, op: &Op) -> Option<&'a str> {
     let dev = op.device();
-    let vni = crate::desired::vni_of(dev, crate::desired::BRIDGE_PREFIX)
-        .or_else(|| crate::desired::vni_of(dev, crate::desired::VXLAN_PREFIX));
+    let vni = crate::desired::vni_of(dev, crate::desired::bridge_prefix())
+        .or_else(|| crate::desired::vni_of(dev, crate::desired::vxlan_prefix()));
     let vpc = match vni {
         Some(v) => desired.vpcs.get(&v),
         None => desired

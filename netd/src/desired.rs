@@ -5,29 +5,74 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::OnceLock;
 
 use ferro_proto::compute::v1::{HostNetwork, LocalInterface, VpcOnHost};
 
 /// A MAC address.
 pub type Mac = [u8; 6];
 
-/// Prefix of netd's bridges (`fbr` + the VNI in hex).
-pub const BRIDGE_PREFIX: &str = "fbr";
-/// Prefix of netd's VXLAN devices (`fvx` + the VNI in hex).
-pub const VXLAN_PREFIX: &str = "fvx";
+/// The default name prefix: bridges `fbr<vni hex>`, VXLAN devices
+/// `fvx<vni hex>`.
+pub const DEFAULT_NAME_PREFIX: &str = "f";
 /// The IANA VXLAN port.
-pub const VXLAN_PORT: u16 = 4789;
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 /// Largest 24-bit VNI.
 pub const MAX_VNI: u32 = 0x00ff_ffff;
 
+/// How this netd names its devices and which UDP port its VXLAN devices
+/// use. One netd per host network namespace uses the defaults; several in
+/// one namespace (`ferro up` beside a test's, say) each need their own, or
+/// they would take each other's devices for stale ones.
+#[derive(Clone, Debug)]
+pub struct Naming {
+    bridge: String,
+    vxlan: String,
+    port: u16,
+}
+
+static NAMING: OnceLock<Naming> = OnceLock::new();
+
+/// Sets the process's naming once, at start (later calls change nothing).
+pub fn set_naming(prefix: &str, port: u16) {
+    let _ = NAMING.set(Naming {
+        bridge: format!("{prefix}br"),
+        vxlan: format!("{prefix}vx"),
+        port,
+    });
+}
+
+fn naming() -> &'static Naming {
+    NAMING.get_or_init(|| Naming {
+        bridge: format!("{DEFAULT_NAME_PREFIX}br"),
+        vxlan: format!("{DEFAULT_NAME_PREFIX}vx"),
+        port: DEFAULT_VXLAN_PORT,
+    })
+}
+
+/// Prefix of netd's bridges (`fbr`, then the VNI in hex).
+pub fn bridge_prefix() -> &'static str {
+    &naming().bridge
+}
+
+/// Prefix of netd's VXLAN devices (`fvx`, then the VNI in hex).
+pub fn vxlan_prefix() -> &'static str {
+    &naming().vxlan
+}
+
+/// The UDP port of the VXLAN devices.
+pub fn vxlan_port() -> u16 {
+    naming().port
+}
+
 /// The bridge of VNI `vni`.
 pub fn bridge_name(vni: u32) -> String {
-    format!("{BRIDGE_PREFIX}{vni:x}")
+    format!("{}{vni:x}", bridge_prefix())
 }
 
 /// The VXLAN device of VNI `vni`.
 pub fn vxlan_name(vni: u32) -> String {
-    format!("{VXLAN_PREFIX}{vni:x}")
+    format!("{}{vni:x}", vxlan_prefix())
 }
 
 /// The VNI of a netd device name of `prefix`, when it is exactly what
@@ -40,7 +85,7 @@ pub fn vni_of(name: &str, prefix: &str) -> Option<u32> {
 
 /// Whether `name` is one of netd's bridges or VXLAN devices.
 pub fn is_ours(name: &str) -> bool {
-    vni_of(name, BRIDGE_PREFIX).is_some() || vni_of(name, VXLAN_PREFIX).is_some()
+    vni_of(name, bridge_prefix()).is_some() || vni_of(name, vxlan_prefix()).is_some()
 }
 
 /// The source MAC of DHCP answers (later: of the VPC router) in VNI `vni`:
@@ -260,10 +305,10 @@ mod tests {
         assert_eq!(bridge_name(0xabcdef), "fbrabcdef");
         assert_eq!(vxlan_name(1), "fvx1");
         assert!(bridge_name(MAX_VNI).len() <= 15);
-        assert_eq!(vni_of("fvx1f", VXLAN_PREFIX), Some(0x1f));
-        assert_eq!(vni_of("fvx01", VXLAN_PREFIX), None);
-        assert_eq!(vni_of("fvx", VXLAN_PREFIX), None);
-        assert_eq!(vni_of("fbr1000000", BRIDGE_PREFIX), None);
+        assert_eq!(vni_of("fvx1f", vxlan_prefix()), Some(0x1f));
+        assert_eq!(vni_of("fvx01", vxlan_prefix()), None);
+        assert_eq!(vni_of("fvx", vxlan_prefix()), None);
+        assert_eq!(vni_of("fbr1000000", bridge_prefix()), None);
         assert!(is_ours("fbr2"));
         assert!(!is_ours("fct1"));
     }

@@ -69,6 +69,7 @@ pub async fn run(cfg: Config) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    crate::desired::set_naming(&cfg.name_prefix, cfg.vxlan_port);
     let cfg = Arc::new(cfg);
     tracing::info!(host_id = %cfg.host_id, underlay_ip = %cfg.underlay_ip, "ferro-netd starting");
     let (tx, rx) = tokio::sync::watch::channel(None);

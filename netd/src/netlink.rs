@@ -19,7 +19,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
 
-use crate::desired::{is_ours, vni_of, Mac, VXLAN_PREFIX};
+use crate::desired::{is_ours, vni_of, vxlan_prefix, Mac};
 use crate::plan::{Link, LinkKind, Observed, Op, VxlanAttrs};
 
 /// Errors talking to the kernel.
@@ -86,7 +86,7 @@ impl Netlink {
                 RawKind::Bridge => LinkKind::Bridge,
                 RawKind::Vxlan(mut a, dev) => {
                     a.dev = dev.and_then(|d| names.get(&d).cloned());
-                    if vni_of(&l.name, VXLAN_PREFIX).is_some() {
+                    if vni_of(&l.name, vxlan_prefix()).is_some() {
                         vxlans.insert(l.index, l.name.clone());
                     }
                     LinkKind::Vxlan(a)
@@ -185,7 +185,7 @@ impl Netlink {
                 underlay,
             } => {
                 let mut b = LinkVxlan::new(name, *vni)
-                    .port(crate::desired::VXLAN_PORT)
+                    .port(crate::desired::vxlan_port())
                     .local(underlay.local_ip)
                     .learning(false)
                     .proxy(true)

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use crate::desired::{is_ours, Desired, Mac, Underlay, Vpc, VXLAN_PORT};
+use crate::desired::{is_ours, vxlan_port, Desired, Mac, Underlay, Vpc};
 
 /// A VXLAN device's settings that netd cares about.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,7 +212,7 @@ pub fn wanted_vxlan(vni: u32, u: &Underlay) -> VxlanAttrs {
         vni,
         local: Some(u.local_ip),
         dev: u.dev.clone(),
-        port: VXLAN_PORT,
+        port: vxlan_port(),
         learning: false,
         proxy: true,
         remote: None,
