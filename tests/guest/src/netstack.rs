@@ -210,12 +210,13 @@ impl NetStack {
                     say!("dhcp lease ip={addr} router={router} dns={dns} server={}", c.server.address);
                     self.configured = true;
                 }
-                Some(dhcpv4::Event::Deconfigured) => {
+                // Also sent once at the start, before any lease.
+                Some(dhcpv4::Event::Deconfigured) if self.configured => {
                     say!("dhcp lease lost");
                     self.iface.update_ip_addrs(|addrs| addrs.clear());
                     self.configured = false;
                 }
-                None => {}
+                Some(dhcpv4::Event::Deconfigured) | None => {}
             }
         }
         if self.configured {
