@@ -203,15 +203,7 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
         ("vpc", dash(&i.vpc_id)),
         ("mac", dash(&i.mac_address)),
         ("security groups", dash(&i.security_group_ids.join(", "))),
-        (
-            "key",
-            if i.key_name.is_empty() {
-                "-".to_string()
-            } else {
-                // Honest until the metadata service (netd) serves it.
-                format!("{} (recorded; not yet delivered to the guest)", i.key_name)
-            },
-        ),
+        ("key", dash(&i.key_name)),
         (
             "on guest power-off",
             dash(&i.instance_initiated_shutdown_behavior),

@@ -1,6 +1,7 @@
 //! End to end: `ferro up --demo` with real `ferro-controller`,
-//! `ferro-agent` and `ferro-vmm` processes booting the project's test
-//! guest, then nothing of it left on the host.
+//! `ferro-agent`, `ferro-netd` and `ferro-vmm` processes booting the
+//! project's test guest, which gets its address over DHCP and its id and
+//! key from the metadata service; then nothing of it left on the host.
 //!
 //! Needs KVM and root. It never skips: a missing precondition fails the
 //! test with a message naming it.
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferro_cli::up::files::{cgroup_dirs, host_names};
+use ferro_cli::up::files::{cgroup_dirs, host_names, Layout};
 
 /// The daemons `ferro up` starts, next to the `ferro` binary under test.
 fn build_daemons() {
@@ -18,6 +19,7 @@ fn build_daemons() {
         ("ferro-controller", "ferro-controller"),
         ("ferro-agent", "ferro-agent"),
         ("ferro-vmm", "ferro-vmm"),
+        ("ferro-netd", "ferro-netd"),
     ] {
         let path = ferro_testkit::workspace_bin(package, bin);
         assert_eq!(
@@ -113,8 +115,43 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
         stdout.contains("running"),
         "instance not described as running:\n{stdout}"
     );
+    // The default VPC's address, over DHCP; its own id and the demo key
+    // pair's public key, over IMDSv2.
+    let ip = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("private ip"))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    assert!(ip.starts_with("172.31."), "no private IP shown:\n{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "ferro-guest: dhcp lease ip={ip}/20 router=172.31.0.1"
+        )),
+        "no DHCP lease for {ip} on the console:\n{stdout}\nnetd log:\n{}",
+        logs("netd")
+    );
+    assert!(
+        stdout.contains("ferro-guest: imds instance-id=i-"),
+        "the guest did not read its instance id:\n{stdout}\nnetd log:\n{}",
+        logs("netd")
+    );
+    assert!(
+        stdout.contains("ferro-guest: imds public-keys/0/openssh-key=ssh-ed25519 "),
+        "the key pair did not reach the guest:\n{stdout}"
+    );
 
     let (prefix, parent) = host_names(&data);
+    let layout = Layout::with_listen(&data, "127.0.0.1:1".parse().unwrap()).unwrap();
+    assert_eq!(
+        taps(&layout.netd_prefix),
+        Vec::<String>::new(),
+        "netd's bridges or VXLAN devices left"
+    );
+    assert_eq!(
+        processes("ferro-netd", &data),
+        Vec::<String>::new(),
+        "netd left"
+    );
     assert_eq!(
         processes("ferro-vmm", &data),
         Vec::<String>::new(),

@@ -53,6 +53,11 @@ pub struct Layout {
     pub tap_prefix: String,
     /// cgroup parent of the instances.
     pub cgroup_parent: String,
+    /// netd's device name prefix and VXLAN port (its own, so it never
+    /// takes another netd's devices on this machine for stale ones).
+    pub netd_prefix: String,
+    /// See `netd_prefix`.
+    pub vxlan_port: u16,
 }
 
 impl Layout {
@@ -66,6 +71,9 @@ impl Layout {
     pub fn with_listen(root: &Path, listen: SocketAddr) -> Result<Self, FilesError> {
         let root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
         let (tap_prefix, cgroup_parent) = host_names(&root);
+        let hash = fnv1a(root.as_os_str().as_encoded_bytes());
+        let netd_prefix = format!("u{:02x}", (hash >> 16) & 0xff);
+        let vxlan_port = 20000 + (hash % 10000) as u16;
         let controller_addr = if listen.port() == 0 {
             free_port_on(listen.ip())?
         } else {
@@ -76,6 +84,8 @@ impl Layout {
             agent_addr: free_port()?,
             tap_prefix,
             cgroup_parent,
+            netd_prefix,
+            vxlan_port,
             root,
         };
         let state = layout.agent_state_dir();
@@ -100,6 +110,14 @@ impl Layout {
     /// The controller's config file.
     pub fn controller_config(&self) -> PathBuf {
         self.root.join("controller.toml")
+    }
+    /// netd's config file.
+    pub fn netd_config(&self) -> PathBuf {
+        self.root.join("netd.toml")
+    }
+    /// The demo key pair's private key.
+    pub fn demo_key(&self) -> PathBuf {
+        self.root.join("ferro-up.key")
     }
     /// The agent's config file.
     pub fn agent_config(&self) -> PathBuf {
@@ -195,6 +213,29 @@ pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, join_toke
         cg = l.cgroup_parent,
         controller = l.endpoint(),
         key = toml_str(join_token),
+    )
+}
+
+/// netd's configuration for the all-in-one: the agent's credentials, the
+/// loopback as its underlay (there is no other host), its own names.
+pub fn netd_toml(l: &Layout) -> String {
+    format!(
+        "# Written by `ferro up`.\n\
+         host_id = \"{AIO_HOST_ID}\"\n\
+         controllers = [\"{controller}\"]\n\
+         underlay_ip = \"127.0.0.1\"\n\
+         credentials_dir = {creds}\n\
+         name_prefix = \"{prefix}\"\n\
+         vxlan_port = {port}\n",
+        controller = l.endpoint(),
+        creds = toml_str(
+            &l.agent_state_dir()
+                .join("credentials")
+                .display()
+                .to_string()
+        ),
+        prefix = l.netd_prefix,
+        port = l.vxlan_port,
     )
 }
 

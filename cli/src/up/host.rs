@@ -35,6 +35,8 @@ pub struct Binaries {
     pub agent: PathBuf,
     /// `ferro-vmm`.
     pub vmm: PathBuf,
+    /// `ferro-netd`.
+    pub netd: PathBuf,
 }
 
 impl Binaries {
@@ -55,6 +57,7 @@ impl Binaries {
             controller: get("ferro-controller", "ferro-controller")?,
             agent: get("ferro-agent", "ferro-agent")?,
             vmm: get("ferro-vmm", "ferro-vmm")?,
+            netd: get("ferro-netd", "ferro-netd")?,
         })
     }
 }

@@ -1,11 +1,13 @@
 //! `ferro up`: the all-in-one cloud on this machine.
 //!
-//! Starts a single-node `ferro-controller` and one `ferro-agent` as child
-//! processes (binaries next to `ferro`), with the configs it writes under
-//! the data directory ([`files`]); waits until both are healthy; registers
-//! the test guest as an image whose command line has `ferro.exit=idle`;
-//! launches an instance, waits for `running`, describes it and prints its
-//! console. Then it stays in the foreground until Ctrl-C (or SIGTERM),
+//! Starts a single-node `ferro-controller`, one `ferro-agent` and its
+//! host's `ferro-netd` as child processes (binaries next to `ferro`), with
+//! the configs it writes under the data directory ([`files`]); waits until
+//! they are healthy; registers the test guest as an image whose command
+//! line has `ferro.exit=idle`; launches an instance with a key pair into
+//! the default VPC, waits for `running`, describes it and prints its
+//! console, which shows the guest's DHCP lease and what it read from the
+//! metadata service (its instance id, its key). Then it stays in the foreground until Ctrl-C (or SIGTERM),
 //! terminates every instance of the cloud (unless `--keep`, which leaves
 //! them for the next `ferro up` on the data directory to resume) and stops
 //! both daemons. With `--demo` it does not wait for Ctrl-C.
@@ -35,6 +37,16 @@ pub const IMAGE_NAME: &str = "ferro-test-guest";
 pub const IMAGE_CMDLINE: &str = "ferro.exit=idle";
 /// The guest's console line that ends its self-test.
 pub const SELFTEST_DONE: &str = "ferro-guest: selftest done";
+/// The guest's console lines that end its metadata reads (the last path,
+/// or giving up).
+pub const METADATA_DONE: [&str; 2] = [
+    "ferro-guest: imds public-keys/0/openssh-key",
+    "ferro-guest: imds failed",
+];
+/// The demo instance's key pair.
+pub const KEY_NAME: &str = "ferro-up";
+/// How long to wait for the guest's network lines after its self-test.
+const NETWORK_WAIT: Duration = Duration::from_secs(30);
 /// How long a daemon gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
@@ -84,16 +96,17 @@ impl From<ClientError> for UpError {
     }
 }
 
-/// The running daemons, stopped in order (agent, then controller).
+/// The running daemons, stopped in order (agent, netd, then controller).
 #[derive(Debug, Default)]
 struct Daemons {
     controller: Option<Daemon>,
     agent: Option<Daemon>,
+    netd: Option<Daemon>,
 }
 
 impl Daemons {
     fn check(&mut self) -> Result<(), SuperviseError> {
-        for d in [&mut self.controller, &mut self.agent]
+        for d in [&mut self.controller, &mut self.agent, &mut self.netd]
             .into_iter()
             .flatten()
         {
@@ -103,7 +116,7 @@ impl Daemons {
     }
 
     fn stop(&mut self) -> Result<(), SuperviseError> {
-        for d in [self.agent.take(), self.controller.take()]
+        for d in [self.agent.take(), self.netd.take(), self.controller.take()]
             .into_iter()
             .flatten()
         {
@@ -148,6 +161,11 @@ pub async fn run(up: Up) -> Result<(), UpError> {
         }
         Err(e) => Err(e),
     };
+    if !up.keep || up.demo {
+        // netd removes a VPC's devices once nothing of it is left here;
+        // give it a moment to see the instances gone.
+        wait_netd_clean(&layout.netd_prefix).await;
+    }
     let stopped = daemons.stop();
     if !up.keep || up.demo {
         // The agent leaves its (now empty) cgroup parent behind.
@@ -279,6 +297,17 @@ async fn bring_up(
         }
     })
     .await?;
+    files::write_private(&layout.netd_config(), &files::netd_toml(layout))?;
+    note(&format!(
+        "starting ferro-netd (log {})",
+        layout.log("netd").display()
+    ));
+    daemons.netd = Some(spawn(
+        "ferro-netd",
+        &bins.netd,
+        &layout.netd_config(),
+        &layout.log("netd"),
+    )?);
 
     let image = ensure_image(&mut client, kernel).await?;
     note(&format!(
@@ -300,10 +329,12 @@ async fn bring_up(
         });
     }
     let itype = smallest_type(&mut client).await?;
+    let key_name = ensure_key_pair(&mut client, layout).await?;
     let req = pb::RunInstancesRequest {
         count: 1,
         instance_type: itype.clone(),
         image_id: image.image_id.clone(),
+        key_name,
         client_token: commands::client_token(),
         tags: vec![pb::Tag {
             key: "launched-by".into(),
@@ -468,15 +499,74 @@ async fn live_instances(client: &mut Client) -> Result<Vec<String>, UpError> {
         .collect())
 }
 
-/// Polls the console (through the controller) until the self-test is done.
+/// The demo key pair: made once (its private key kept in the data
+/// directory for `ssh -i`), then reused.
+async fn ensure_key_pair(client: &mut Client, layout: &Layout) -> Result<String, UpError> {
+    let have = client
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .describe_key_pairs(pb::DescribeKeyPairsRequest::default())
+                .await
+        })
+        .await?;
+    if have.key_pairs.iter().any(|k| k.key_name == KEY_NAME) {
+        return Ok(KEY_NAME.into());
+    }
+    let req = pb::CreateKeyPairRequest {
+        key_name: KEY_NAME.into(),
+        tags: vec![],
+    };
+    let made = client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).create_key_pair(req).await }
+        })
+        .await?;
+    files::write_private(&layout.demo_key(), &made.private_key)?;
+    note(&format!(
+        "key pair {KEY_NAME} made (private key {})",
+        layout.demo_key().display()
+    ));
+    Ok(KEY_NAME.into())
+}
+
+/// Waits (a few seconds at most) until no netd device of `prefix` is left.
+async fn wait_netd_clean(prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let left = std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            })
+            .unwrap_or(false);
+        if !left {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls the console (through the controller) until the self-test is done
+/// and then, for a while, until the guest has read the metadata service.
 async fn wait_console(client: &mut Client, id: &str, timeout: Duration) -> Result<String, UpError> {
     let deadline = Instant::now() + timeout;
+    let mut network_deadline = None;
     let mut spinner = Spinner::stderr();
     loop {
         let out = commands::console_bytes(client, id).await?;
         let text = String::from_utf8_lossy(&out).into_owned();
         if text.contains(SELFTEST_DONE) {
-            return Ok(text);
+            if METADATA_DONE.iter().any(|m| text.contains(m)) {
+                return Ok(text);
+            }
+            let until = *network_deadline.get_or_insert_with(|| Instant::now() + NETWORK_WAIT);
+            if Instant::now() >= until {
+                return Ok(text);
+            }
+            spinner.tick(&format!("waiting for {id}'s DHCP lease and metadata"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
         }
         if Instant::now() >= deadline {
             return Err(UpError::Selftest(text));

@@ -244,3 +244,69 @@ pub mod pki {
         })
     }
 }
+
+/// A `Command` that runs `program` inside network namespace `ns` the way
+/// a daemon of a test "host" needs it: `ip netns exec` (which also mounts a
+/// sysfs of that namespace, so `/sys/class/net` shows its interfaces), with
+/// this machine's cgroup hierarchies mounted again at their places under
+/// `/sys/fs/cgroup` in the private mount namespace `ip netns exec` makes (its
+/// fresh sysfs hides them). The host's own mounts are not touched.
+pub fn netns_daemon(ns: &str, program: &Path) -> Command {
+    let mut script = String::from("set -e\n");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut mounts: Vec<(String, String, String)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mp = left.split(' ').nth(4).unwrap_or("");
+        let mut r = right.split(' ');
+        let (fstype, _src, opts) = (
+            r.next().unwrap_or(""),
+            r.next().unwrap_or(""),
+            r.next().unwrap_or(""),
+        );
+        if mp.starts_with("/sys/fs/cgroup") && (fstype == "cgroup" || fstype == "cgroup2") {
+            mounts.push((mp.to_string(), fstype.to_string(), opts.to_string()));
+        }
+    }
+    let root_is_v2 = mounts
+        .iter()
+        .any(|(mp, fs, _)| mp == "/sys/fs/cgroup" && fs == "cgroup2");
+    if root_is_v2 {
+        script.push_str("mount -t cgroup2 cgroup2 /sys/fs/cgroup\n");
+    } else {
+        script.push_str("mount -t tmpfs -o mode=755 cgroup_root /sys/fs/cgroup\n");
+        for (mp, fstype, opts) in &mounts {
+            // Only the controllers (and name=) of a v1 hierarchy select it.
+            let opts: Vec<&str> = opts
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
+                .collect();
+            let o = if opts.is_empty() {
+                String::new()
+            } else {
+                format!("-o {}", opts.join(","))
+            };
+            script.push_str(&format!(
+                "mkdir -p '{mp}'\nmount -t {fstype} {o} cgroup '{mp}'\n"
+            ));
+        }
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in entries.flatten() {
+                if let Ok(target) = std::fs::read_link(e.path()) {
+                    script.push_str(&format!(
+                        "ln -sfn '{}' '{}'\n",
+                        target.display(),
+                        e.path().display()
+                    ));
+                }
+            }
+        }
+    }
+    script.push_str("exec \"$@\"\n");
+    let mut c = tool("ip");
+    c.args(["netns", "exec", ns, "sh", "-c", &script, "sh"])
+        .arg(program);
+    c
+}
