@@ -292,6 +292,19 @@ fn ended_within(mut s: TcpStream, wait: Duration) -> Option<Duration> {
     }
 }
 
+/// CPU time of this process (its threads, not curl).
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain data; all-zero is valid.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) fills `u`, which lives for the call.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    assert_eq!(r, 0, "getrusage");
+    let t = |tv: libc::timeval| {
+        Duration::from_secs(tv.tv_sec as u64) + Duration::from_micros(tv.tv_usec as u64)
+    };
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 #[test]
 fn imdsv2_per_tap_in_namespaces() {
     preconditions();
@@ -400,6 +413,15 @@ fn imdsv2_per_tap_in_namespaces() {
     for _ in 0..6 {
         assert_eq!(get_ok(&ns.a, &ta, "meta-data/instance-id"), "i-aaaa");
     }
+
+    // Idle servers sleep: no busy polling.
+    let before = cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(200),
+        "idle servers used {used:?} of CPU in 1 s"
+    );
 
     // An interface leaving the state loses its server.
     assert_eq!(server.sync(state(vec![a.clone()])), 1);

@@ -179,6 +179,9 @@ impl Conn {
             tcp::SocketBuffer::new(vec![0; TCP_TX_BUF]),
         );
         s.set_nagle_enabled(false);
+        // As EC2's default hop limit of 1: a container behind NAT in the
+        // guest gets no answer.
+        s.set_hop_limit(Some(1));
         s.set_timeout(Some(smoltcp::time::Duration::from_secs(10)));
         listen(&mut s);
         Conn {

@@ -19,20 +19,29 @@ const ETHERTYPE_IPV4: u32 = 0x0800;
 /// The most of a frame the filter keeps (a GSO frame may exceed the MTU).
 const SNAP_LEN: u32 = 0x0004_0000;
 
+const PROTO_ICMP: u32 = 1;
+const PROTO_TCP: u32 = 6;
+
 /// `ldh [12]; jeq #ARP → accept; jeq #IPv4 else drop; ld [0]; jeq
-/// #mac[0..4] else drop; ldh [4]; jeq #mac[4..6] else drop; accept; drop`.
-fn router_filter(mac: Mac) -> [libc::sock_filter; 9] {
+/// #mac[0..4] else drop; ldh [4]; jeq #mac[4..6] else drop; ldb [23];
+/// jeq #TCP → accept; jeq #ICMP → accept; drop`. Only TCP and ICMP reach
+/// the stack: a DHCP renewal unicast to the router is the DHCP server's,
+/// and must not draw a port unreachable.
+fn router_filter(mac: Mac) -> [libc::sock_filter; 12] {
     let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
     let hi = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
     let lo = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
     [
         op(0x28, 0, 0, 12),
-        op(0x15, 5, 0, ETHERTYPE_ARP),
-        op(0x15, 0, 5, ETHERTYPE_IPV4),
+        op(0x15, 8, 0, ETHERTYPE_ARP),
+        op(0x15, 0, 8, ETHERTYPE_IPV4),
         op(0x20, 0, 0, 0),
-        op(0x15, 0, 3, hi),
+        op(0x15, 0, 6, hi),
         op(0x28, 0, 0, 4),
-        op(0x15, 0, 1, lo),
+        op(0x15, 0, 4, lo),
+        op(0x30, 0, 0, 23),
+        op(0x15, 1, 0, PROTO_TCP),
+        op(0x15, 0, 1, PROTO_ICMP),
         op(0x06, 0, 0, SNAP_LEN),
         op(0x06, 0, 0, 0),
     ]
@@ -209,7 +218,8 @@ mod tests {
                 0x20 if k + 4 <= pkt.len() => {
                     a = u32::from_be_bytes([pkt[k], pkt[k + 1], pkt[k + 2], pkt[k + 3]])
                 }
-                0x28 | 0x20 => return 0,
+                0x30 if k < pkt.len() => a = u32::from(pkt[k]),
+                0x28 | 0x20 | 0x30 => return 0,
                 0x15 => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
                 0x06 => return i.k,
                 c => panic!("opcode {c:#x}"),
@@ -218,10 +228,15 @@ mod tests {
     }
 
     fn frame(dst: Mac, ethertype: u16) -> Vec<u8> {
+        ip_frame(dst, ethertype, 6)
+    }
+
+    fn ip_frame(dst: Mac, ethertype: u16, proto: u8) -> Vec<u8> {
         let mut f = dst.to_vec();
         f.extend_from_slice(&[2, 0, 0, 0, 0, 9]);
         f.extend_from_slice(&ethertype.to_be_bytes());
         f.resize(60, 0);
+        f[23] = proto;
         f
     }
 
@@ -237,6 +252,10 @@ mod tests {
         assert_eq!(run(&prog, &frame([0xff; 6], 0x0800)), 0);
         assert_eq!(run(&prog, &frame(router, 0x86dd)), 0);
         assert_eq!(run(&prog, &[0u8; 4]), 0);
+        assert_eq!(run(&prog, &ip_frame(router, 0x0800, 1)), SNAP_LEN);
+        assert_eq!(run(&prog, &ip_frame(router, 0x0800, 17)), 0);
+        assert_eq!(run(&prog, &ip_frame(router, 0x0800, 2)), 0);
+        assert_eq!(run(&prog, &ip_frame(router, 0x0800, 6)[..23]), 0);
     }
 
     #[test]
