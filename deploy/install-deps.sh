@@ -14,7 +14,7 @@ pkgs=(
   protobuf-compiler # protoc for tonic/prost code generation (proto/build.rs)
   iproute2         # ip: TAPs, bridges, network namespaces (agent, tests)
   iputils-ping     # ping: tests reach guests over TAPs
-  nftables         # nft: partition test of the controller, later security groups
+  nftables         # nft: netd's security groups and anti-spoofing; the controller partition test
   openssh-client   # ssh-keygen: the key-pair unit test checks our OpenSSH keys
   openssl          # openssl: the TLS test makes its CA and certificates
   procps           # pgrep: tests check no ferro-vmm is left behind
@@ -22,6 +22,8 @@ pkgs=(
   qemu-system-x86  # the Linux-guest harness: TCG with nested SVM (L1 host)
   busybox-static   # the Linux-guest harness: L1 and L2 userland
   kmod             # depmod: modules.dep of the unpacked guest kernel
+  curl             # netd's metadata test: IMDSv2 requests (PUT with headers) from instance namespaces
+  iperf3           # cargo xtask bench netd: TCP throughput over the overlay and the raw underlay
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -28,16 +28,6 @@ impl Drop for Proc {
     }
 }
 
-fn ip(args: &[&str]) {
-    let out = ferro_testkit::tool("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn in_ns(ns: &str, args: &[&str]) -> String {
     let out = ferro_testkit::tool("ip")
         .args(["netns", "exec", ns])
@@ -52,66 +42,6 @@ fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {key}").parse().unwrap());
     r
-}
-
-/// The underlay: a bridge in the root namespace and, per host, a
-/// namespace with a veth on it. Removed (with everything in them) on drop.
-struct Underlay {
-    bridge: String,
-    hosts: Vec<String>,
-}
-
-impl Underlay {
-    fn new(tag: &str, n: usize, net: u8) -> Self {
-        let bridge = format!("fu{tag}");
-        let _ = ferro_testkit::tool("ip")
-            .args(["link", "del", &bridge])
-            .status();
-        ip(&["link", "add", &bridge, "type", "bridge"]);
-        ip(&["addr", "add", &format!("10.{net}.0.254/24"), "dev", &bridge]);
-        ip(&["link", "set", &bridge, "up"]);
-        let mut hosts = Vec::new();
-        for h in 1..=n {
-            let ns = format!("fh{tag}{h}");
-            let _ = ferro_testkit::tool("ip")
-                .args(["netns", "del", &ns])
-                .status();
-            ip(&["netns", "add", &ns]);
-            let (outer, inner) = (format!("fo{tag}{h}"), format!("fi{tag}{h}"));
-            ip(&[
-                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-            ]);
-            ip(&["link", "set", &inner, "netns", &ns]);
-            ip(&["link", "set", &outer, "master", &bridge, "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            ip(&["-n", &ns, "link", "set", &inner, "name", "eth0"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.{net}.0.{h}/24"),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            hosts.push(ns);
-        }
-        Underlay { bridge, hosts }
-    }
-}
-
-impl Drop for Underlay {
-    fn drop(&mut self) {
-        for ns in &self.hosts {
-            let _ = ferro_testkit::tool("ip")
-                .args(["netns", "del", ns])
-                .status();
-        }
-        let _ = ferro_testkit::tool("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-    }
 }
 
 /// One host: an agent and a netd in namespace `ns`.
@@ -217,7 +147,7 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let net = 200 + (pid % 50) as u8;
-    let underlay = Underlay::new(&tag, 2, net);
+    let underlay = ferro_testkit::Underlay::new(&tag, 2, net);
 
     // The controller in the root namespace, on the underlay bridge.
     let port = std::net::TcpListener::bind(format!("10.{net}.0.254:0"))

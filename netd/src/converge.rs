@@ -1,6 +1,6 @@
 //! The convergence loop: on every new state and every resync interval,
 //! observe the kernel, [`plan`], apply each operation, and keep the DHCP
-//! servers in step. Level-triggered: a failed operation is simply planned
+//! and metadata servers in step. Level-triggered: a failed operation is simply planned
 //! again next round, and manual damage is repaired within an interval.
 
 use std::collections::HashMap;
@@ -14,14 +14,22 @@ use crate::config::Config;
 use crate::desired::{local_interfaces, Desired, Underlay};
 use crate::dhcp::server::{Servers, Wanted};
 use crate::dhcp::Lease;
+use crate::metadata::{Metadata, Settings};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op};
+
+/// How often an unchanged ruleset is applied again anyway.
+const NFT_REPAIR: Duration = Duration::from_secs(30);
 
 /// The loop's state between rounds.
 struct Converger {
     cfg: Arc<Config>,
     nl: Netlink,
     dhcp: Servers,
+    metadata: Metadata,
+    /// The nftables ruleset last applied, and when (it is applied again
+    /// when it changes, and every `NFT_REPAIR` to undo manual damage).
+    nft: Option<(crate::security_groups::Ruleset, Instant)>,
     revision: Option<u64>,
     /// When each failing operation was last logged.
     failing: HashMap<String, Instant>,
@@ -36,6 +44,8 @@ pub async fn run(
     let mut c = Converger {
         nl: Netlink::connect()?,
         dhcp: Servers::default(),
+        metadata: Metadata::new(Settings::default()),
+        nft: None,
         revision: None,
         failing: HashMap::new(),
         cfg: cfg.clone(),
@@ -74,6 +84,9 @@ impl Converger {
             }
             self.revision = Some(net.revision);
         }
+        // Filters first: a TAP is attached to its bridge only once the
+        // rules that police it are in place.
+        self.sync_nft(net, new_revision);
         let observed = match self.nl.observe().await {
             Ok(o) => o,
             Err(e) => {
@@ -97,6 +110,8 @@ impl Converger {
             }
         }
         self.sync_dhcp(net, new_revision);
+        let nl = &self.nl;
+        self.metadata.sync_with(net, |tap| nl.index(tap));
     }
 
     async fn apply(&mut self, desired: &Desired, op: &Op) {
@@ -119,6 +134,41 @@ impl Converger {
                     if self.failing.len() > 1000 {
                         self.failing.clear();
                     }
+                    self.failing.insert(key, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Security groups and anti-spoofing: one nft transaction when the
+    /// ruleset changed (or is due for repair).
+    fn sync_nft(&mut self, net: &HostNetwork, new_revision: bool) {
+        let rs = crate::security_groups::ruleset(net);
+        if new_revision {
+            rs.warn_skipped();
+        }
+        let due = match &self.nft {
+            Some((last, at)) => *last != rs || at.elapsed() >= NFT_REPAIR,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        // nft runs as a child process; this runtime has threads to spare.
+        match tokio::task::block_in_place(|| crate::security_groups::apply(&rs)) {
+            Ok(()) => self.nft = Some((rs, Instant::now())),
+            Err(e) => {
+                self.nft = None;
+                let key = "nft".to_string();
+                let due = self
+                    .failing
+                    .get(&key)
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                if due {
+                    tracing::warn!(
+                        "cannot apply the security groups (retried every round): {}",
+                        crate::chain(&e)
+                    );
                     self.failing.insert(key, Instant::now());
                 }
             }

@@ -11,7 +11,11 @@
 //!   hosts) enslaved to it; the agent's TAPs attached to their VPC's bridge;
 //! - per remote interface, an FDB entry MAC → its host's underlay address
 //!   and a permanent neighbour entry IP → MAC on the VXLAN device;
-//! - per local interface, a DHCP server on its TAP ([`dhcp`]).
+//! - per local interface, a DHCP server on its TAP ([`dhcp`]) and the
+//!   VPC router with the instance metadata service, IMDSv2 on
+//!   169.254.169.254 ([`metadata`]): a smoltcp stack on the TAP's own
+//!   packet socket, so an instance is known by the TAP its request came in
+//!   on, never by the address it claims.
 //!
 //! The decisions are pure and unit-tested: [`desired`] (the state as
 //! names and parsed addresses), [`plan`] (observed + desired → netlink
@@ -21,8 +25,8 @@
 //!
 //! Only netd's own devices are ever created or deleted; a restart reads
 //! what exists and changes only the difference, so traffic flows on.
-//! Not built yet, with their places kept: [`security_groups`],
-//! [`antispoof`], [`metadata`].
+//! Security groups and anti-spoofing in nftables: [`security_groups`],
+//! [`antispoof`].
 
 pub mod antispoof;
 pub mod config;

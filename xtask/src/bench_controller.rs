@@ -37,7 +37,7 @@
 //! their command line naming the scratch directory), cgroups, TAPs and the
 //! scratch directory are removed. Needs root and /dev/kvm for measure 2.
 
-mod daemons;
+pub(crate) mod daemons;
 mod launch;
 mod rss;
 
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use ferro_controller::scheduler::{self, Candidate, Request, Strategy};
 use serde_json::{json, Value};
 
-type Result<T> = std::result::Result<T, String>;
+pub(crate) type Result<T> = std::result::Result<T, String>;
 
 const RAFT_WRITES: usize = 200_000;
 const RAFT_CONCURRENCY: usize = 512;
@@ -63,7 +63,7 @@ fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
 
-fn met(ok: bool) -> &'static str {
+pub(crate) fn met(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {
@@ -75,7 +75,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> String {
+pub(crate) fn rpc(what: &'static str) -> impl Fn(tonic::Status) -> String {
     move |s| format!("{what}: {:?}: {}", s.code(), s.message())
 }
 

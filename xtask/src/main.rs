@@ -1,6 +1,7 @@
 //! `cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH]`
 //! `cargo xtask bench agent [--runs N]`
 //! `cargo xtask bench controller [--runs N] [--only raft|launch|scheduler|rss]`
+//! `cargo xtask bench netd`
 //!
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
@@ -9,6 +10,7 @@ mod agent_tls;
 mod bench_agent;
 mod bench_controller;
 mod bench_linux;
+mod bench_netd;
 mod bench_vmm;
 mod measure;
 
@@ -32,6 +34,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Some("netd") => match bench_netd::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench netd: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Some("vmm") => match bench_vmm::run(&args[2..]) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -40,14 +49,16 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!("xtask: unknown bench area {other:?} (known: vmm, agent, controller)");
+                eprintln!(
+                    "xtask: unknown bench area {other:?} (known: vmm, agent, controller, netd)"
+                );
                 ExitCode::from(2)
             }
         },
         _ => {
             eprintln!(
                 "usage: cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH] | bench agent [--runs N] \
-                 | bench controller [--runs N] [--only raft|launch|scheduler|rss]"
+                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd"
             );
             ExitCode::from(2)
         }

@@ -18,8 +18,11 @@ const IMDS: Ipv4Address = Ipv4Address::new(169, 254, 169, 254);
 const STEP_TIMEOUT_MS: i64 = 3000;
 /// Attempts per step before it is reported failed.
 const ATTEMPTS: u32 = 5;
-/// Echo requests per ping probe.
+/// Echo replies a ping probe wants.
 const PINGS: u16 = 3;
+/// Echo requests it may send for them: the first one may be lost while the
+/// neighbour is resolved (smoltcp drops a packet waiting for ARP).
+const PING_TRIES: u16 = 6;
 
 /// The metadata paths fetched, in order, after the token.
 const PATHS: [&str; 4] = [
@@ -270,7 +273,7 @@ impl Client {
         }
         let caps = ChecksumCapabilities::default();
         let due = self.ping_started + i64::from(self.pings_sent) * 200;
-        if self.pings_sent < PINGS && now >= due && s.can_send() {
+        if self.pings_sent < PING_TRIES && self.pings_seen < PINGS && now >= due && s.can_send() {
             let repr = Icmpv4Repr::EchoRequest { ident: 0xfe01, seq_no: self.pings_sent, data: b"ferro-ping" };
             if let Ok(buf) = s.send(repr.buffer_len(), IpAddress::Ipv4(t.ip())) {
                 repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
@@ -286,7 +289,7 @@ impl Client {
         }
         if self.pings_seen >= PINGS || now - self.ping_started > STEP_TIMEOUT_MS {
             let [a, b, c, d] = t.addr;
-            say!("ping {a}.{b}.{c}.{d} replies={}/{}", self.pings_seen, PINGS);
+            say!("ping {a}.{b}.{c}.{d} replies={}/{} sent={}", self.pings_seen.min(PINGS), PINGS, self.pings_sent);
             self.advance();
         }
     }

@@ -310,3 +310,69 @@ pub fn netns_daemon(ns: &str, program: &Path) -> Command {
         .arg(program);
     c
 }
+
+fn ip(args: &[&str]) {
+    let out = tool("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The underlay of a multi-host test: a bridge `fu<tag>` in the root
+/// namespace with `10.<net>.0.254/24` and, per host, a namespace
+/// `fh<tag><i>` whose `eth0` (a veth on the bridge) has `10.<net>.0.<i>`.
+/// Removed, with everything in the namespaces, when dropped.
+pub struct Underlay {
+    /// The bridge, `10.<net>.0.254/24`.
+    pub bridge: String,
+    /// The host namespaces; host `i` (from 1) has `10.<net>.0.<i>` on its `eth0`.
+    pub hosts: Vec<String>,
+}
+
+impl Underlay {
+    pub fn new(tag: &str, n: usize, net: u8) -> Self {
+        let bridge = format!("fu{tag}");
+        let _ = tool("ip").args(["link", "del", &bridge]).status();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("10.{net}.0.254/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        let mut hosts = Vec::new();
+        for h in 1..=n {
+            let ns = format!("fh{tag}{h}");
+            let _ = tool("ip").args(["netns", "del", &ns]).status();
+            ip(&["netns", "add", &ns]);
+            let (outer, inner) = (format!("fo{tag}{h}"), format!("fi{tag}{h}"));
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
+            ip(&["link", "set", &inner, "netns", &ns]);
+            ip(&["link", "set", &outer, "master", &bridge, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "link", "set", &inner, "name", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.{net}.0.{h}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            hosts.push(ns);
+        }
+        Underlay { bridge, hosts }
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = tool("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = tool("ip").args(["link", "del", &self.bridge]).status();
+    }
+}

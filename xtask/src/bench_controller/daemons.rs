@@ -15,30 +15,44 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::{rpc, Binaries, Result};
+use std::net::IpAddr;
 
 /// The test image's command line extras, as `ferro up` registers it.
-pub(super) const IMAGE_CMDLINE: &str = "ferro.exit=idle";
+pub(crate) const IMAGE_CMDLINE: &str = "ferro.exit=idle";
 /// How long a daemon or an instance gets to reach a state.
-pub(super) const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A daemon we started; killed (SIGKILL, by its pid) when dropped.
-pub(super) struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     log: PathBuf,
 }
 
 impl Proc {
-    pub(super) fn spawn(
+    pub(crate) fn spawn(
         name: &'static str,
         bin: &Path,
         config: &Path,
         log: &Path,
         level: &str,
     ) -> Result<Self> {
+        Self::spawn_cmd(name, Command::new(bin), config, log, level)
+    }
+
+    /// As [`Proc::spawn`], the program and its first arguments in `cmd`
+    /// (e.g. `ip netns exec NS BIN`).
+    pub(crate) fn spawn_cmd(
+        name: &'static str,
+        mut cmd: Command,
+        config: &Path,
+        log: &Path,
+        level: &str,
+    ) -> Result<Self> {
         let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(bin)
+        let bin = format!("{cmd:?}");
+        let child = cmd
             .arg("--config")
             .arg(config)
             .env("FERRO_LOG", level)
@@ -47,7 +61,7 @@ impl Proc {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
         Ok(Self {
             name,
             child,
@@ -56,7 +70,7 @@ impl Proc {
     }
 
     /// An error naming the exit and the log's tail if it has exited.
-    pub(super) fn check(&mut self) -> Result<()> {
+    pub(crate) fn check(&mut self) -> Result<()> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(st)) => {
@@ -70,7 +84,7 @@ impl Proc {
     }
 
     /// A `/proc/<pid>/status` field in MiB (`VmRSS`, `VmHWM`).
-    pub(super) fn status_mib(&self, field: &str) -> f64 {
+    pub(crate) fn status_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         let kib: f64 = status
@@ -91,14 +105,14 @@ impl Drop for Proc {
 
 /// A scratch directory plus the host resources an agent rooted in it may
 /// create; all removed when dropped (drop the processes first).
-pub(super) struct Scratch {
+pub(crate) struct Scratch {
     dir: PathBuf,
     tap_prefix: String,
     cgroup_parent: String,
 }
 
 impl Scratch {
-    pub(super) fn new(tag: &str) -> Result<Self> {
+    pub(crate) fn new(tag: &str) -> Result<Self> {
         let pid = std::process::id();
         // Short: the agent's state_dir (<dir>/agent) must fit sun_path.
         let dir = PathBuf::from(format!("/tmp/fcb-{tag}{pid}"));
@@ -111,7 +125,7 @@ impl Scratch {
         })
     }
 
-    pub(super) fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -183,7 +197,11 @@ impl Drop for Scratch {
 }
 
 fn free_port() -> Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    free_port_on("127.0.0.1".parse().expect("an address"))
+}
+
+fn free_port_on(ip: IpAddr) -> Result<SocketAddr> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| e.to_string())?;
     l.local_addr().map_err(|e| e.to_string())
 }
 
@@ -193,13 +211,31 @@ fn write(path: &Path, text: &str) -> Result<()> {
 
 /// Starts a single-node controller in `s` (the config `ferro up` writes,
 /// plus `extra` lines); returns it, its address and the admin key.
-pub(super) async fn start_controller(
+pub(crate) async fn start_controller(
     bin: &Path,
     s: &Scratch,
     extra: &str,
     level: &str,
 ) -> Result<(Proc, SocketAddr, String)> {
-    let addr = free_port()?;
+    start_controller_on(
+        bin,
+        s,
+        "127.0.0.1".parse().expect("an address"),
+        extra,
+        level,
+    )
+    .await
+}
+
+/// As [`start_controller`], listening on `ip`.
+pub(crate) async fn start_controller_on(
+    bin: &Path,
+    s: &Scratch,
+    ip: IpAddr,
+    extra: &str,
+    level: &str,
+) -> Result<(Proc, SocketAddr, String)> {
+    let addr = free_port_on(ip)?;
     let data = s.path("controller");
     let config = s.path("controller.toml");
     write(
@@ -235,10 +271,10 @@ pub(super) async fn start_controller(
 }
 
 /// The bench agent's host id.
-pub(super) const BENCH_HOST: &str = "bench-host";
+pub(crate) const BENCH_HOST: &str = "bench-host";
 
 /// A one-time join token for [`BENCH_HOST`].
-pub(super) async fn join_token(c: &mut Compute) -> Result<String> {
+pub(crate) async fn join_token(c: &mut Compute) -> Result<String> {
     let r = c
         .create_join_token(pb::CreateJoinTokenRequest {
             host_id: BENCH_HOST.into(),
@@ -289,7 +325,7 @@ pub(super) fn start_agent(
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
-pub(super) struct Bearer(MetadataValue<Ascii>);
+pub(crate) struct Bearer(MetadataValue<Ascii>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(
@@ -301,10 +337,10 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-pub(super) type Compute = ComputeClient<InterceptedService<Channel, Bearer>>;
-pub(super) type Hosts = HostsClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Compute = ComputeClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Hosts = HostsClient<InterceptedService<Channel, Bearer>>;
 
-pub(super) async fn channel(addr: SocketAddr) -> Result<Channel> {
+pub(crate) async fn channel(addr: SocketAddr) -> Result<Channel> {
     Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect()
@@ -312,7 +348,7 @@ pub(super) async fn channel(addr: SocketAddr) -> Result<Channel> {
         .map_err(|e| format!("connect {addr}: {e}"))
 }
 
-pub(super) fn bearer(key: &str) -> Result<Bearer> {
+pub(crate) fn bearer(key: &str) -> Result<Bearer> {
     format!("Bearer {key}")
         .parse()
         .map(Bearer)
@@ -320,7 +356,7 @@ pub(super) fn bearer(key: &str) -> Result<Bearer> {
 }
 
 /// A compute client, once the controller answers DescribeAvailabilityZones.
-pub(super) async fn compute(p: &mut Proc, addr: SocketAddr, key: &str) -> Result<Compute> {
+pub(crate) async fn compute(p: &mut Proc, addr: SocketAddr, key: &str) -> Result<Compute> {
     let deadline = Instant::now() + STATE_TIMEOUT;
     loop {
         p.check()?;
@@ -339,7 +375,7 @@ pub(super) async fn compute(p: &mut Proc, addr: SocketAddr, key: &str) -> Result
 }
 
 /// The instance type with the least memory, then vCPUs (as `ferro up`).
-pub(super) async fn smallest_type(c: &mut Compute) -> Result<pb::InstanceType> {
+pub(crate) async fn smallest_type(c: &mut Compute) -> Result<pb::InstanceType> {
     c.describe_instance_types(pb::DescribeInstanceTypesRequest::default())
         .await
         .map_err(rpc("DescribeInstanceTypes"))?
@@ -350,7 +386,7 @@ pub(super) async fn smallest_type(c: &mut Compute) -> Result<pb::InstanceType> {
         .ok_or_else(|| "no instance types".into())
 }
 
-pub(super) async fn register_image(c: &mut Compute, name: &str, kernel: &Path) -> Result<String> {
+pub(crate) async fn register_image(c: &mut Compute, name: &str, kernel: &Path) -> Result<String> {
     let req = pb::RegisterImageRequest {
         name: name.into(),
         kernel_path: kernel.display().to_string(),
@@ -361,6 +397,6 @@ pub(super) async fn register_image(c: &mut Compute, name: &str, kernel: &Path) -
     Ok(img.into_inner().image_id)
 }
 
-pub(super) fn state_name(s: i32) -> String {
+pub(crate) fn state_name(s: i32) -> String {
     pb::InstanceState::try_from(s).map_or(format!("{s}"), |s| s.as_str_name().to_string())
 }
