@@ -1,0 +1,108 @@
+//! Serving one volume on a vhost-user socket, one frontend at a time.
+//!
+//! The socket stays bound for the daemon's life. Each connection gets a
+//! fresh `VhostUserDaemon` over the same store, so a frontend that goes away
+//! (a VMM that exits, or one reconnecting after this daemon restarted) is
+//! followed by the next one with no state carried over: the frontend sends
+//! the memory table and the rings again, with its rings' indices.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::backend::BlockBackend;
+use crate::handler::{GuestMemoryMmap, RequestHandler};
+use crate::store::{LocalFile, Store, StoreError};
+
+/// One volume to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeConfig {
+    /// Serial returned by `GET_ID` (at most 20 bytes).
+    pub id: String,
+    /// The backing sparse file, created at `size` if missing.
+    pub path: PathBuf,
+    /// Size in bytes (a multiple of 512).
+    pub size: u64,
+    /// The vhost-user socket to listen on.
+    pub socket: PathBuf,
+}
+
+/// Errors serving a volume; each names the volume.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("volume {0}")]
+    Store(String, #[source] StoreError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {0}")]
+    Listen(String, #[source] vhost::vhost_user::Error),
+    /// The vhost-user daemon failed to start on a connection
+    /// (`vhost_user_backend::Error` is not a `std::error::Error`).
+    #[error("volume {0}: cannot serve a connection: {1}")]
+    Daemon(String, String),
+}
+
+/// A volume with its socket bound, ready to [`Volume::serve`].
+pub struct Volume {
+    config: VolumeConfig,
+    store: Arc<dyn Store>,
+    listener: Listener,
+}
+
+impl Volume {
+    /// Opens (or creates) the store and binds the socket, replacing a stale
+    /// socket file left by a previous run.
+    pub fn open(config: VolumeConfig) -> Result<Self, ServeError> {
+        let store = LocalFile::open_or_create(&config.path, config.size)
+            .map_err(|e| ServeError::Store(config.id.clone(), e))?;
+        let listener = Listener::new(&config.socket, true)
+            .map_err(|e| ServeError::Listen(display(&config.socket), e))?;
+        Ok(Volume {
+            config,
+            store: Arc::new(store),
+            listener,
+        })
+    }
+
+    /// Serves frontends one after another, forever; returns only when a
+    /// connection cannot be set up at all.
+    pub fn serve(mut self) -> Result<(), ServeError> {
+        loop {
+            self.serve_one()?;
+        }
+    }
+
+    /// Accepts one frontend and serves it until it disconnects.
+    pub fn serve_one(&mut self) -> Result<(), ServeError> {
+        let id = self.config.id.clone();
+        let backend = Arc::new(BlockBackend::new(
+            RequestHandler::new(self.store.clone(), &id),
+            GuestMemoryAtomic::new(GuestMemoryMmap::default()),
+        ));
+        let mut daemon = VhostUserDaemon::new(
+            format!("blockd-{id}"),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::default()),
+        )
+        .map_err(|e| ServeError::Daemon(id.clone(), e.to_string()))?;
+        daemon
+            .start(&mut self.listener)
+            .map_err(|e| ServeError::Daemon(id.clone(), e.to_string()))?;
+        tracing::info!(volume = %id, "frontend connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!(volume = %id, "frontend disconnected"),
+            Err(e) => tracing::warn!(volume = %id, error = %e, "frontend connection ended"),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        Ok(())
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,142 @@
+//! Where a volume's blocks live: the [`Store`] trait the request path reads
+//! and writes through, and today's only implementation, [`LocalFile`], a
+//! sparse file on this host.
+//!
+//! Replication comes in a later slice: a replicated store will implement the
+//! same trait, acknowledging a write only once every in-sync replica has it
+//! durable and carrying the volume's epoch so a fenced primary cannot write.
+//! The request path (`crate::backend`) will not change.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::request::SECTOR_SIZE;
+
+/// Errors opening or creating a volume file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be opened or created.
+    #[error("cannot open volume file {0}")]
+    Open(PathBuf, #[source] io::Error),
+    /// The file exists with a size other than the one asked for.
+    #[error("volume file {path} is {actual} bytes, not {wanted}")]
+    SizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The configured size.
+        wanted: u64,
+    },
+    /// The size is zero or not a whole number of sectors.
+    #[error("volume size {0} is not a non-zero multiple of 512 bytes")]
+    BadSize(u64),
+}
+
+/// A volume's block storage. Offsets and lengths are bytes, already checked
+/// against [`Store::capacity`] by the request decoder.
+pub trait Store: Send + Sync {
+    /// Capacity in 512-byte sectors.
+    fn capacity(&self) -> u64;
+    /// Fill `buf` from byte `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at byte `offset`; durable only after [`Store::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// A volume as one sparse file on the local host.
+#[derive(Debug)]
+pub struct LocalFile {
+    file: File,
+    sectors: u64,
+}
+
+impl LocalFile {
+    /// Opens `path`, creating it sparse at `size` bytes if it is missing. An
+    /// existing file must already have that size.
+    pub fn open_or_create(path: &Path, size: u64) -> Result<Self, StoreError> {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(StoreError::BadSize(size));
+        }
+        let open = |e| StoreError::Open(path.to_path_buf(), e);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(open)?;
+        let actual = file.metadata().map_err(open)?.len();
+        if actual == 0 {
+            file.set_len(size).map_err(open)?;
+        } else if actual != size {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                actual,
+                wanted: size,
+            });
+        }
+        Ok(LocalFile {
+            file,
+            sectors: size / SECTOR_SIZE,
+        })
+    }
+}
+
+impl Store for LocalFile {
+    fn capacity(&self) -> u64 {
+        self.sectors
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_sparse_reopened_and_size_checked() {
+        let dir = std::env::temp_dir().join(format!("blockd-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vol");
+        let store = LocalFile::open_or_create(&path, 1 << 30).unwrap();
+        assert_eq!(store.capacity(), (1 << 30) / 512);
+        store.write_at(b"hello", 4096).unwrap();
+        store.flush().unwrap();
+        let mut buf = [0u8; 5];
+        store.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"hello");
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
+        assert!(
+            blocks < 1024,
+            "a 1 GiB volume must be sparse ({blocks} blocks)"
+        );
+        drop(store);
+        assert!(LocalFile::open_or_create(&path, 1 << 30).is_ok());
+        assert!(matches!(
+            LocalFile::open_or_create(&path, 1 << 20),
+            Err(StoreError::SizeMismatch { .. })
+        ));
+        assert!(matches!(
+            LocalFile::open_or_create(&path, 1000),
+            Err(StoreError::BadSize(1000))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
