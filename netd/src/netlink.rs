@@ -1,26 +1,31 @@
 //! The executor: reads the kernel's links, FDB and neighbour entries into
 //! an [`Observed`] and carries out [`Op`]s, over `rtnetlink`.
 //!
-//! FDB entries are `AF_BRIDGE` neighbour messages on the VXLAN device with
-//! `NTF_SELF` and `NDA_DST` (what `bridge fdb replace MAC dev fvxN dst IP
-//! self permanent` sends); neighbour entries are permanent `AF_INET`
-//! entries on the VXLAN device, which its `proxy` flag answers ARP from.
+//! FDB entries are `AF_BRIDGE` neighbour messages on the VXLAN device:
+//! the device's own with `NTF_SELF` and `NDA_DST` (what `bridge fdb
+//! replace MAC dev fvxN dst IP self permanent` sends), the bridge's with
+//! `NTF_MASTER` and `NUD_NOARP` (`bridge fdb replace MAC dev fvxN master
+//! static`; the kernel reports them with `NDA_MASTER` and no `NTF_SELF`).
+//! Neighbour entries are permanent `AF_INET` entries on the VXLAN device,
+//! which its `proxy` flag answers ARP from. Bridge port settings
+//! (learning, flooding) are `IFLA_INFO_SLAVE_DATA` of the port.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan};
+use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 use crate::desired::{is_ours, vni_of, vxlan_prefix, Mac};
-use crate::plan::{Link, LinkKind, Observed, Op, VxlanAttrs};
+use crate::plan::{BridgeAttrs, BridgeEntry, Link, LinkKind, Observed, Op, PortAttrs, VxlanAttrs};
 
 /// Errors talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +88,7 @@ impl Netlink {
         for l in raw {
             let master = l.master.and_then(|m| names.get(&m).cloned());
             let kind = match l.kind {
-                RawKind::Bridge => LinkKind::Bridge,
+                RawKind::Bridge(a) => LinkKind::Bridge(a),
                 RawKind::Vxlan(mut a, dev) => {
                     a.dev = dev.and_then(|d| names.get(&d).cloned());
                     if vni_of(&l.name, vxlan_prefix()).is_some() {
@@ -95,6 +100,7 @@ impl Netlink {
             };
             let link = Link {
                 kind,
+                port: l.port.filter(|_| master.is_some()),
                 master,
                 up: l.up,
                 mtu: l.mtu,
@@ -124,11 +130,16 @@ impl Netlink {
             let Some(dev) = vxlans.get(&m.header.ifindex) else {
                 continue;
             };
-            if !m.header.flags.contains(NeighbourFlags::Own) {
-                continue;
-            }
-            if let (Some(mac), Some(dst)) = (lladdr(&m), dst(&m)) {
-                obs.fdb.entry(dev.clone()).or_default().insert((mac, dst));
+            let Some(mac) = lladdr(&m) else { continue };
+            if m.header.flags.contains(NeighbourFlags::Own) {
+                if let Some(dst) = dst(&m) {
+                    obs.fdb.entry(dev.clone()).or_default().insert((mac, dst));
+                }
+            } else if let Some(kind) = bridge_entry(&m) {
+                obs.bridge_fdb
+                    .entry(dev.clone())
+                    .or_default()
+                    .insert(mac, kind);
             }
         }
         Ok(())
@@ -170,7 +181,11 @@ impl Netlink {
         let h = &self.handle;
         match op {
             Op::CreateBridge { name, mtu } => {
-                let msg = LinkBridge::new(name).mtu(*mtu).up().build();
+                let msg = LinkBridge::new(name)
+                    .mtu(*mtu)
+                    .nf_call_iptables(true)
+                    .up()
+                    .build();
                 h.link()
                     .add(msg)
                     .execute()
@@ -216,6 +231,32 @@ impl Netlink {
                     .execute()
                     .await
                     .map_err(req(format!("set up {name}")))?;
+            }
+            Op::SetNfCallIptables { name } => {
+                let msg = LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
+                    .index(self.need(name)?)
+                    .nf_call_iptables(true)
+                    .build();
+                h.link()
+                    .change(msg)
+                    .execute()
+                    .await
+                    .map_err(req(format!("set nf_call_iptables on {name}")))?;
+            }
+            Op::SetPort {
+                name,
+                learning,
+                flood,
+            } => {
+                let msg = LinkBridgePort::new(self.need(name)?)
+                    .learning(*learning)
+                    .flood(*flood)
+                    .build();
+                h.link()
+                    .set_port(msg)
+                    .execute()
+                    .await
+                    .map_err(req(format!("set the bridge port settings of {name}")))?;
             }
             Op::Detach { name } => {
                 let msg = LinkUnspec::new_with_index(self.need(name)?)
@@ -264,6 +305,28 @@ impl Netlink {
                     "delete the FDB entry of {mac:02x?} on {vxlan}"
                 )))?;
             }
+            Op::SetBridgeFdb { vxlan, mac } => {
+                h.neighbours()
+                    .add_bridge(self.need(vxlan)?, mac)
+                    .flags(NeighbourFlags::Controller)
+                    .state(NeighbourState::Noarp)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(req(format!(
+                        "set the bridge entry of {mac:02x?} on {vxlan}"
+                    )))?;
+            }
+            Op::DelBridgeFdb { vxlan, mac } => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                m.header.ifindex = self.need(vxlan)?;
+                m.header.flags = NeighbourFlags::Controller;
+                m.attributes = vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec())];
+                h.neighbours().del(m).execute().await.map_err(req(format!(
+                    "delete the bridge entry of {mac:02x?} on {vxlan}"
+                )))?;
+            }
             Op::SetNeigh { vxlan, ip, mac } => {
                 h.neighbours()
                     .add(self.need(vxlan)?, IpAddr::V4(*ip))
@@ -303,7 +366,7 @@ impl Netlink {
 }
 
 enum RawKind {
-    Bridge,
+    Bridge(BridgeAttrs),
     /// With the underlay device's index.
     Vxlan(VxlanAttrs, Option<u32>),
     Other,
@@ -316,6 +379,7 @@ struct RawLink {
     up: bool,
     mtu: u32,
     kind: RawKind,
+    port: Option<PortAttrs>,
 }
 
 fn raw_link(m: &LinkMessage) -> Option<RawLink> {
@@ -323,12 +387,16 @@ fn raw_link(m: &LinkMessage) -> Option<RawLink> {
     let mut master = None;
     let mut mtu = 0;
     let mut kind = RawKind::Other;
+    let mut port = None;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Controller(c) if *c != 0 => master = Some(*c),
             LinkAttribute::Mtu(v) => mtu = *v,
-            LinkAttribute::LinkInfo(infos) => kind = link_kind(infos),
+            LinkAttribute::LinkInfo(infos) => {
+                kind = link_kind(infos);
+                port = port_attrs(infos);
+            }
             _ => {}
         }
     }
@@ -339,6 +407,7 @@ fn raw_link(m: &LinkMessage) -> Option<RawLink> {
         up: m.header.flags.contains(LinkFlags::Up),
         mtu,
         kind,
+        port,
     })
 }
 
@@ -348,7 +417,16 @@ fn link_kind(infos: &[LinkInfo]) -> RawKind {
         _ => None,
     });
     match kind {
-        Some(InfoKind::Bridge) => RawKind::Bridge,
+        Some(InfoKind::Bridge) => {
+            let nf_call_iptables = infos.iter().find_map(|i| match i {
+                LinkInfo::Data(InfoData::Bridge(d)) => d.iter().find_map(|b| match b {
+                    InfoBridge::NfCallIpTables(on) => Some(*on),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            RawKind::Bridge(BridgeAttrs { nf_call_iptables })
+        }
         Some(InfoKind::Vxlan) => {
             let data = infos.iter().find_map(|i| match i {
                 LinkInfo::Data(InfoData::Vxlan(d)) => Some(d.as_slice()),
@@ -359,6 +437,24 @@ fn link_kind(infos: &[LinkInfo]) -> RawKind {
         }
         _ => RawKind::Other,
     }
+}
+
+/// A bridge port's settings, from `IFLA_INFO_SLAVE_DATA`.
+fn port_attrs(infos: &[LinkInfo]) -> Option<PortAttrs> {
+    let data = infos.iter().find_map(|i| match i {
+        LinkInfo::PortData(InfoPortData::BridgePort(d)) => Some(d),
+        _ => None,
+    })?;
+    // The kernel's defaults when an attribute is absent.
+    let mut p = PortAttrs::KERNEL_DEFAULT;
+    for d in data {
+        match d {
+            InfoBridgePort::Learning(on) => p.learning = *on,
+            InfoBridgePort::UnicastFlood(on) => p.flood = *on,
+            _ => {}
+        }
+    }
+    Some(p)
 }
 
 fn vxlan_attrs(data: &[InfoVxlan]) -> (VxlanAttrs, Option<u32>) {
@@ -393,6 +489,21 @@ fn lladdr(m: &NeighbourMessage) -> Option<Mac> {
         NeighbourAttribute::LinkLayerAddress(l) => l.as_slice().try_into().ok(),
         _ => None,
     })
+}
+
+/// The kind of a bridge entry (`NDA_MASTER`, no `NTF_SELF`); `None` for
+/// the port's own address (`NUD_PERMANENT`) and non-bridge messages.
+fn bridge_entry(m: &NeighbourMessage) -> Option<BridgeEntry> {
+    let master = m
+        .attributes
+        .iter()
+        .any(|a| matches!(a, NeighbourAttribute::Controller(_)));
+    match m.header.state {
+        _ if !master => None,
+        NeighbourState::Permanent => None,
+        NeighbourState::Noarp => Some(BridgeEntry::Static),
+        _ => Some(BridgeEntry::Dynamic),
+    }
 }
 
 /// `NDA_DST` as IPv4. In an `AF_BRIDGE` message (an FDB entry) the

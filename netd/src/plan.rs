@@ -33,11 +33,56 @@ pub struct VxlanAttrs {
     pub remote: Option<Ipv4Addr>,
 }
 
+/// A bridge's settings that netd cares about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BridgeAttrs {
+    /// `nf_call_iptables`: bridged IPv4 goes through the IPv4 hooks
+    /// (`br_netfilter`), which the security groups' conntrack needs
+    /// (netd wants it on). `None` when the kernel does not report it (no
+    /// `br_netfilter` support): nothing to repair then.
+    pub nf_call_iptables: Option<bool>,
+}
+
+/// How a link behaves as a bridge port (`IFLA_BRPORT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortAttrs {
+    /// Source-MAC learning.
+    pub learning: bool,
+    /// Unknown unicast is flooded to the port.
+    pub flood: bool,
+}
+
+impl PortAttrs {
+    /// What a link gets when it joins a bridge.
+    pub const KERNEL_DEFAULT: PortAttrs = PortAttrs {
+        learning: true,
+        flood: true,
+    };
+    /// What netd wants on its VXLAN ports: no learning (remote MACs are
+    /// static entries, gone as soon as the interface is), unicast flooding
+    /// on (the VXLAN device's own FDB routes or drops what the bridge does
+    /// not know).
+    pub const VXLAN: PortAttrs = PortAttrs {
+        learning: false,
+        flood: true,
+    };
+}
+
+/// A bridge FDB entry (`NDA_MASTER`) of a port, other than the port's own
+/// address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BridgeEntry {
+    /// `static` (`NUD_NOARP`): stays until deleted; what netd adds.
+    Static,
+    /// Learned (or added `dynamic`): ages out.
+    Dynamic,
+}
+
 /// The kind of a link, as far as netd cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkKind {
     /// A Linux bridge.
-    Bridge,
+    Bridge(BridgeAttrs),
     /// A VXLAN device.
     Vxlan(VxlanAttrs),
     /// Anything else (a TAP, a veth, the underlay NIC...).
@@ -51,6 +96,8 @@ pub struct Link {
     pub kind: LinkKind,
     /// The name of its master (bridge), if enslaved.
     pub master: Option<String>,
+    /// Its bridge port settings, when enslaved to a bridge.
+    pub port: Option<PortAttrs>,
     /// Administratively up.
     pub up: bool,
     /// MTU.
@@ -65,6 +112,10 @@ pub struct Observed {
     /// The `NTF_SELF` FDB entries (MAC, remote) of netd's VXLAN devices,
     /// by device name.
     pub fdb: BTreeMap<String, BTreeSet<(Mac, Ipv4Addr)>>,
+    /// The bridge FDB entries (`NDA_MASTER`, `NTF_SELF` unset) of netd's
+    /// VXLAN devices as bridge ports, by device name: MAC → kind. The
+    /// port's own address (`permanent`) is left out.
+    pub bridge_fdb: BTreeMap<String, BTreeMap<Mac, BridgeEntry>>,
     /// The neighbour entries (IP → MAC, any state) of netd's VXLAN
     /// devices, by device name.
     pub neigh: BTreeMap<String, BTreeMap<Ipv4Addr, Mac>>,
@@ -74,7 +125,7 @@ pub struct Observed {
 /// names to indexes when it runs each operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Create a bridge, up, with this MTU.
+    /// Create a bridge, up, with this MTU and `nf_call_iptables` on.
     CreateBridge {
         /// Its name.
         name: String,
@@ -100,6 +151,20 @@ pub enum Op {
         master: Option<String>,
         /// New MTU, when it differs.
         mtu: Option<u32>,
+    },
+    /// Turn a netd bridge's `nf_call_iptables` on.
+    SetNfCallIptables {
+        /// The bridge.
+        name: String,
+    },
+    /// Set a bridge port's learning and unicast flooding.
+    SetPort {
+        /// The port.
+        name: String,
+        /// Source-MAC learning.
+        learning: bool,
+        /// Unknown unicast flooding.
+        flood: bool,
     },
     /// Take a link out of a netd bridge (TAPs of interfaces gone).
     Detach {
@@ -129,6 +194,22 @@ pub enum Op {
         /// The remote of the entry.
         dst: Ipv4Addr,
     },
+    /// Add or replace the bridge's static entry of `mac` on port `vxlan`
+    /// (`bridge fdb replace MAC dev VXLAN master static`).
+    SetBridgeFdb {
+        /// The VXLAN device.
+        vxlan: String,
+        /// The remote interface's MAC.
+        mac: Mac,
+    },
+    /// Delete the bridge's entry of `mac` on port `vxlan` (static or
+    /// learned).
+    DelBridgeFdb {
+        /// The VXLAN device.
+        vxlan: String,
+        /// The MAC.
+        mac: Mac,
+    },
     /// Add or replace a permanent neighbour entry `ip` → `mac`.
     SetNeigh {
         /// The VXLAN device.
@@ -154,10 +235,14 @@ impl Op {
             Op::CreateBridge { name, .. }
             | Op::CreateVxlan { name, .. }
             | Op::SetLink { name, .. }
+            | Op::SetNfCallIptables { name }
+            | Op::SetPort { name, .. }
             | Op::Detach { name }
             | Op::DeleteLink { name } => name,
             Op::SetFdb { vxlan, .. }
             | Op::DelFdb { vxlan, .. }
+            | Op::SetBridgeFdb { vxlan, .. }
+            | Op::DelBridgeFdb { vxlan, .. }
             | Op::SetNeigh { vxlan, .. }
             | Op::DelNeigh { vxlan, .. } => vxlan,
         }
@@ -190,6 +275,22 @@ impl std::fmt::Display for Op {
                     None => Ok(()),
                 }
             }
+            Op::SetNfCallIptables { name } => {
+                write!(f, "set {name} type bridge nf_call_iptables 1")
+            }
+            Op::SetPort {
+                name,
+                learning,
+                flood,
+            } => {
+                let on = |b: &bool| if *b { "on" } else { "off" };
+                write!(
+                    f,
+                    "set {name} type bridge_slave learning {} flood {}",
+                    on(learning),
+                    on(flood)
+                )
+            }
             Op::Detach { name } => write!(f, "detach {name}"),
             Op::DeleteLink { name } => write!(f, "delete {name}"),
             Op::SetFdb { vxlan, mac, dst } => {
@@ -197,6 +298,12 @@ impl std::fmt::Display for Op {
             }
             Op::DelFdb { vxlan, mac, dst } => {
                 write!(f, "fdb del {} dev {vxlan} dst {dst}", fmt_mac(mac))
+            }
+            Op::SetBridgeFdb { vxlan, mac } => {
+                write!(f, "fdb replace {} dev {vxlan} master static", fmt_mac(mac))
+            }
+            Op::DelBridgeFdb { vxlan, mac } => {
+                write!(f, "fdb del {} dev {vxlan} master", fmt_mac(mac))
             }
             Op::SetNeigh { vxlan, ip, mac } => {
                 write!(f, "neigh replace {ip} lladdr {} dev {vxlan}", fmt_mac(mac))
@@ -232,53 +339,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
 }
 
 fn plan_vpc(vpc: &Vpc, u: &Underlay, observed: &Observed, ops: &mut Vec<Op>) {
-    let (br, vx) = (vpc.bridge(), vpc.vxlan());
-    match observed.links.get(&br) {
-        Some(l) if l.kind == LinkKind::Bridge => {
-            let mtu = (l.mtu != u.mtu).then_some(u.mtu);
-            if mtu.is_some() || !l.up || l.master.is_some() {
-                ops.push(Op::SetLink {
-                    name: br.clone(),
-                    master: None,
-                    mtu,
-                });
-            }
-        }
-        other => {
-            if other.is_some() {
-                ops.push(Op::DeleteLink { name: br.clone() });
-            }
-            ops.push(Op::CreateBridge {
-                name: br.clone(),
-                mtu: u.mtu,
-            });
-        }
-    }
-    let fresh_vxlan = match observed.links.get(&vx) {
-        Some(l) if l.kind == LinkKind::Vxlan(wanted_vxlan(vpc.vni, u)) => {
-            let mtu = (l.mtu != u.mtu).then_some(u.mtu);
-            if mtu.is_some() || !l.up || l.master.as_ref() != Some(&br) {
-                ops.push(Op::SetLink {
-                    name: vx.clone(),
-                    master: Some(br.clone()),
-                    mtu,
-                });
-            }
-            false
-        }
-        other => {
-            if other.is_some() {
-                ops.push(Op::DeleteLink { name: vx.clone() });
-            }
-            ops.push(Op::CreateVxlan {
-                name: vx.clone(),
-                bridge: br.clone(),
-                vni: vpc.vni,
-                underlay: u.clone(),
-            });
-            true
-        }
-    };
+    let br = vpc.bridge();
+    plan_bridge(&br, u, observed, ops);
+    let fresh = plan_vxlan(vpc, u, observed, ops);
     for tap in &vpc.taps {
         match observed.links.get(tap) {
             Some(l) if l.master.as_ref() != Some(&br) || !l.up => ops.push(Op::SetLink {
@@ -289,21 +352,116 @@ fn plan_vpc(vpc: &Vpc, u: &Underlay, observed: &Observed, ops: &mut Vec<Op>) {
             _ => {}
         }
     }
-    plan_entries(vpc, fresh_vxlan, observed, ops);
+    plan_entries(vpc, fresh, observed, ops);
 }
 
-fn plan_entries(vpc: &Vpc, fresh: bool, observed: &Observed, ops: &mut Vec<Op>) {
+fn plan_bridge(br: &str, u: &Underlay, observed: &Observed, ops: &mut Vec<Op>) {
+    let Some(l) = observed.links.get(br) else {
+        ops.push(Op::CreateBridge {
+            name: br.to_string(),
+            mtu: u.mtu,
+        });
+        return;
+    };
+    let LinkKind::Bridge(attrs) = l.kind else {
+        ops.push(Op::DeleteLink {
+            name: br.to_string(),
+        });
+        ops.push(Op::CreateBridge {
+            name: br.to_string(),
+            mtu: u.mtu,
+        });
+        return;
+    };
+    let mtu = (l.mtu != u.mtu).then_some(u.mtu);
+    if mtu.is_some() || !l.up || l.master.is_some() {
+        ops.push(Op::SetLink {
+            name: br.to_string(),
+            master: None,
+            mtu,
+        });
+    }
+    if attrs.nf_call_iptables == Some(false) {
+        ops.push(Op::SetNfCallIptables {
+            name: br.to_string(),
+        });
+    }
+}
+
+/// What a VXLAN device lacks after this round's link operations.
+#[derive(Clone, Copy, Debug, Default)]
+struct Fresh {
+    /// (Re)created: it has no entries at all.
+    device: bool,
+    /// (Re)joins its bridge: the bridge has no entries on it.
+    port: bool,
+}
+
+/// `vpc`'s VXLAN device, a port of its bridge with [`PortAttrs::VXLAN`].
+fn plan_vxlan(vpc: &Vpc, u: &Underlay, observed: &Observed, ops: &mut Vec<Op>) -> Fresh {
+    let (br, vx) = (vpc.bridge(), vpc.vxlan());
+    let fresh = match observed.links.get(&vx) {
+        Some(l) if l.kind == LinkKind::Vxlan(wanted_vxlan(vpc.vni, u)) => {
+            let mtu = (l.mtu != u.mtu).then_some(u.mtu);
+            let joins = l.master.as_ref() != Some(&br);
+            if mtu.is_some() || !l.up || joins {
+                ops.push(Op::SetLink {
+                    name: vx.clone(),
+                    master: Some(br.clone()),
+                    mtu,
+                });
+            }
+            if !joins && l.port == Some(PortAttrs::VXLAN) {
+                return Fresh::default();
+            }
+            Fresh {
+                device: false,
+                port: joins,
+            }
+        }
+        other => {
+            if other.is_some() {
+                ops.push(Op::DeleteLink { name: vx.clone() });
+            }
+            ops.push(Op::CreateVxlan {
+                name: vx.clone(),
+                bridge: br,
+                vni: vpc.vni,
+                underlay: u.clone(),
+            });
+            Fresh {
+                device: true,
+                port: true,
+            }
+        }
+    };
+    // A new port starts with the kernel's defaults (learning on).
+    let PortAttrs { learning, flood } = PortAttrs::VXLAN;
+    ops.push(Op::SetPort {
+        name: vx,
+        learning,
+        flood,
+    });
+    fresh
+}
+
+/// The FDB (the VXLAN device's and its bridge's) and neighbour entries
+/// of the remote interfaces: what is missing or wrong, then what is stale.
+fn plan_entries(vpc: &Vpc, fresh: Fresh, observed: &Observed, ops: &mut Vec<Op>) {
     let vx = vpc.vxlan();
-    let empty_fdb = BTreeSet::new();
-    let empty_neigh = BTreeMap::new();
-    // A device that is (re)created starts with no entries.
-    let (fdb, neigh) = if fresh {
+    let (empty_fdb, empty_bridge, empty_neigh) =
+        (BTreeSet::new(), BTreeMap::new(), BTreeMap::new());
+    let (fdb, neigh) = if fresh.device {
         (&empty_fdb, &empty_neigh)
     } else {
         (
             observed.fdb.get(&vx).unwrap_or(&empty_fdb),
             observed.neigh.get(&vx).unwrap_or(&empty_neigh),
         )
+    };
+    let bridge = match fresh.port {
+        true => &empty_bridge,
+        false => observed.bridge_fdb.get(&vx).unwrap_or(&empty_bridge),
     };
     for (mac, (ip, dst)) in &vpc.remotes {
         let has = fdb.iter().filter(|(m, _)| m == mac).map(|(_, d)| *d);
@@ -313,6 +471,12 @@ fn plan_entries(vpc: &Vpc, fresh: bool, observed: &Observed, ops: &mut Vec<Op>) 
                 vxlan: vx.clone(),
                 mac: *mac,
                 dst: *dst,
+            });
+        }
+        if bridge.get(mac) != Some(&BridgeEntry::Static) {
+            ops.push(Op::SetBridgeFdb {
+                vxlan: vx.clone(),
+                mac: *mac,
             });
         }
         if neigh.get(ip) != Some(mac) {
@@ -329,6 +493,14 @@ fn plan_entries(vpc: &Vpc, fresh: bool, observed: &Observed, ops: &mut Vec<Op>) 
                 vxlan: vx.clone(),
                 mac: *mac,
                 dst: *dst,
+            });
+        }
+    }
+    for mac in bridge.keys() {
+        if !vpc.remotes.contains_key(mac) {
+            ops.push(Op::DelBridgeFdb {
+                vxlan: vx.clone(),
+                mac: *mac,
             });
         }
     }
@@ -421,6 +593,7 @@ mod tests {
         Link {
             kind: LinkKind::Other,
             master: master.map(String::from),
+            port: master.map(|_| PortAttrs::KERNEL_DEFAULT),
             up,
             mtu: 1500,
         }
@@ -439,11 +612,15 @@ mod tests {
         for op in ops {
             match op {
                 Op::CreateBridge { name, mtu } => {
+                    let attrs = BridgeAttrs {
+                        nf_call_iptables: Some(true),
+                    };
                     o.links.insert(
                         name.clone(),
                         Link {
-                            kind: LinkKind::Bridge,
+                            kind: LinkKind::Bridge(attrs),
                             master: None,
+                            port: None,
                             up: true,
                             mtu: *mtu,
                         },
@@ -458,6 +635,7 @@ mod tests {
                     let l = Link {
                         kind: LinkKind::Vxlan(wanted_vxlan(*vni, underlay)),
                         master: Some(bridge.clone()),
+                        port: Some(PortAttrs::KERNEL_DEFAULT),
                         up: true,
                         mtu: underlay.mtu,
                     };
@@ -466,19 +644,48 @@ mod tests {
                 Op::SetLink { name, master, mtu } => {
                     let l = o.links.get_mut(name).expect("link exists");
                     l.up = true;
+                    if l.master != *master {
+                        // A port that joins a bridge anew: defaults, no entries.
+                        l.port = master.as_ref().map(|_| PortAttrs::KERNEL_DEFAULT);
+                        o.bridge_fdb.remove(name);
+                    }
                     l.master = master.clone();
                     if let Some(m) = mtu {
                         l.mtu = *m;
                     }
                 }
-                Op::Detach { name } => o.links.get_mut(name).unwrap().master = None,
+                Op::SetNfCallIptables { name } => {
+                    let l = o.links.get_mut(name).unwrap();
+                    l.kind = LinkKind::Bridge(BridgeAttrs {
+                        nf_call_iptables: Some(true),
+                    });
+                }
+                Op::SetPort {
+                    name,
+                    learning,
+                    flood,
+                } => {
+                    let l = o.links.get_mut(name).unwrap();
+                    assert!(l.master.is_some(), "{name} is no bridge port");
+                    l.port = Some(PortAttrs {
+                        learning: *learning,
+                        flood: *flood,
+                    });
+                }
+                Op::Detach { name } => {
+                    let l = o.links.get_mut(name).unwrap();
+                    (l.master, l.port) = (None, None);
+                    o.bridge_fdb.remove(name);
+                }
                 Op::DeleteLink { name } => {
                     o.links.remove(name);
                     o.fdb.remove(name);
                     o.neigh.remove(name);
-                    for l in o.links.values_mut() {
+                    o.bridge_fdb.remove(name);
+                    for (port, l) in o.links.iter_mut() {
                         if l.master.as_ref() == Some(name) {
-                            l.master = None;
+                            (l.master, l.port) = (None, None);
+                            o.bridge_fdb.remove(port);
                         }
                     }
                 }
@@ -489,6 +696,14 @@ mod tests {
                 }
                 Op::DelFdb { vxlan, mac, dst } => {
                     o.fdb.get_mut(vxlan).unwrap().remove(&(*mac, *dst));
+                }
+                Op::SetBridgeFdb { vxlan, mac } => {
+                    assert!(o.links[vxlan].master.is_some(), "{vxlan} is no bridge port");
+                    let e = o.bridge_fdb.entry(vxlan.clone()).or_default();
+                    e.insert(*mac, BridgeEntry::Static);
+                }
+                Op::DelBridgeFdb { vxlan, mac } => {
+                    o.bridge_fdb.get_mut(vxlan).unwrap().remove(mac);
                 }
                 Op::SetNeigh { vxlan, ip, mac } => {
                     o.neigh.entry(vxlan.clone()).or_default().insert(*ip, *mac);
@@ -525,6 +740,11 @@ mod tests {
                     vni: 1,
                     underlay: underlay()
                 },
+                Op::SetPort {
+                    name: "fvx1".into(),
+                    learning: false,
+                    flood: true
+                },
                 Op::SetLink {
                     name: "fct1".into(),
                     master: Some("fbr1".into()),
@@ -534,6 +754,10 @@ mod tests {
                     vxlan: "fvx1".into(),
                     mac: A2,
                     dst: host(2)
+                },
+                Op::SetBridgeFdb {
+                    vxlan: "fvx1".into(),
+                    mac: A2
                 },
                 Op::SetNeigh {
                     vxlan: "fvx1".into(),
@@ -698,6 +922,125 @@ mod tests {
             dst: host(2)
         }));
         converged(&d, o);
+    }
+
+    #[test]
+    fn remotes_are_static_bridge_entries_and_stale_ones_go() {
+        let d = desired(vec![(1, vec!["fct1"], vec![(A2, 5, 2)])]);
+        let mut o = converged(&d, with_taps(&["fct1"]));
+        assert_eq!(o.links["fvx1"].port, Some(PortAttrs::VXLAN));
+        assert_eq!(
+            o.bridge_fdb["fvx1"],
+            BTreeMap::from([(A2, BridgeEntry::Static)])
+        );
+        // Learned before learning was off: A2 (to be made static) and
+        // B2 (no remote); a guest's MAC learned on its TAP.
+        let fvx1 = o.bridge_fdb.get_mut("fvx1").unwrap();
+        fvx1.insert(A2, BridgeEntry::Dynamic);
+        fvx1.insert(B2, BridgeEntry::Dynamic);
+        o.bridge_fdb.insert(
+            "fct1".into(),
+            BTreeMap::from([([2, 0, 0, 0, 0, 1], BridgeEntry::Dynamic)]),
+        );
+        assert_eq!(
+            plan(&d, &o),
+            [
+                Op::SetBridgeFdb {
+                    vxlan: "fvx1".into(),
+                    mac: A2
+                },
+                Op::DelBridgeFdb {
+                    vxlan: "fvx1".into(),
+                    mac: B2
+                },
+            ]
+        );
+        let o = converged(&d, o);
+        // The remote leaves: its three entries go, the TAP's stays.
+        let gone = desired(vec![(1, vec!["fct1"], vec![])]);
+        assert_eq!(
+            plan(&gone, &o),
+            [
+                Op::DelFdb {
+                    vxlan: "fvx1".into(),
+                    mac: A2,
+                    dst: host(2)
+                },
+                Op::DelBridgeFdb {
+                    vxlan: "fvx1".into(),
+                    mac: A2
+                },
+                Op::DelNeigh {
+                    vxlan: "fvx1".into(),
+                    ip: ip(5)
+                },
+            ]
+        );
+        let o = converged(&gone, o);
+        assert!(o.bridge_fdb["fvx1"].is_empty());
+        assert_eq!(
+            o.bridge_fdb["fct1"].len(),
+            1,
+            "a TAP's entries are not netd's"
+        );
+    }
+
+    #[test]
+    fn the_vxlan_port_never_learns() {
+        let d = desired(vec![(1, vec![], vec![(A2, 5, 2)])]);
+        let mut o = converged(&d, Observed::default());
+        // Learning turned on by hand.
+        o.links.get_mut("fvx1").unwrap().port = Some(PortAttrs::KERNEL_DEFAULT);
+        let set_port = Op::SetPort {
+            name: "fvx1".into(),
+            learning: false,
+            flood: true,
+        };
+        assert_eq!(plan(&d, &o), std::slice::from_ref(&set_port));
+        let mut o = converged(&d, o);
+        // Out of its bridge: it rejoins, with its settings and bridge
+        // entries again (its own entries stayed).
+        o.links.get_mut("fvx1").unwrap().master = None;
+        o.links.get_mut("fvx1").unwrap().port = None;
+        o.bridge_fdb.remove("fvx1");
+        assert_eq!(
+            plan(&d, &o),
+            [
+                Op::SetLink {
+                    name: "fvx1".into(),
+                    master: Some("fbr1".into()),
+                    mtu: None
+                },
+                set_port,
+                Op::SetBridgeFdb {
+                    vxlan: "fvx1".into(),
+                    mac: A2
+                },
+            ]
+        );
+        converged(&d, o);
+    }
+
+    #[test]
+    fn nf_call_iptables_off_is_turned_on_again() {
+        let d = desired(vec![(1, vec![], vec![])]);
+        let mut o = converged(&d, Observed::default());
+        let set = |o: &mut Observed, v| {
+            o.links.get_mut("fbr1").unwrap().kind = LinkKind::Bridge(BridgeAttrs {
+                nf_call_iptables: v,
+            })
+        };
+        set(&mut o, Some(false));
+        assert_eq!(
+            plan(&d, &o),
+            [Op::SetNfCallIptables {
+                name: "fbr1".into()
+            }]
+        );
+        let mut o = converged(&d, o);
+        // A kernel that does not report it (no br_netfilter): nothing to do.
+        set(&mut o, None);
+        assert_eq!(plan(&d, &o), []);
     }
 
     #[test]

@@ -8,6 +8,16 @@
 //!
 //! - `prerouting` (priority -300): `iifname vmap { tap : jump as_<tap> }`,
 //!   the anti-spoofing chains ([`crate::antispoof`]);
+//! - `router_mac` (forward, priority -10): frames from a TAP or VXLAN port
+//!   to its VPC's router MAC ([`crate::desired::router_mac`]) are dropped,
+//!   counted in `to_router`. netd's DHCP and metadata servers take them
+//!   off the TAP with `AF_PACKET` before the bridge sees them, so the
+//!   bridge never learns the router MAC and would flood them (a guest's
+//!   metadata requests) to every other port;
+//! - `host_input` (input): frames a netd bridge would deliver to the host
+//!   from a TAP or VXLAN port (to the bridge's MAC, broadcasts) are
+//!   dropped, counted in `to_host`: the bridges have no address, and a
+//!   guest never reaches the host's stack through them;
 //! - `egress` (forward, priority 0): `iifname vmap { tap : jump eg_<tap> }`;
 //! - `ingress` (forward, priority 10): `oifname vmap { tap : jump in_<tap> }`;
 //! - `eg_<tap>`/`in_<tap>`: established or related → accept, invalid →
@@ -62,7 +72,9 @@ use std::process::{Command, Stdio};
 use ferro_proto::compute::v1::{HostNetwork, SecurityGroup, SecurityGroupRule};
 
 use crate::antispoof;
-use crate::desired::{bridge_name, netmask, parse_cidr, parse_mac, MAX_VNI};
+use crate::desired::{
+    bridge_name, fmt_mac, netmask, parse_cidr, parse_mac, router_mac, vxlan_name, MAX_VNI,
+};
 
 /// The name of netd's two tables, `bridge ferro` and `ip ferro`.
 pub const TABLE: &str = "ferro";
@@ -71,6 +83,10 @@ pub const MARK_ESTABLISHED: u32 = 0x0100_0000;
 /// Packet mark bit: conntrack found the packet invalid.
 pub const MARK_INVALID: u32 = 0x0200_0000;
 const MARKS: u32 = MARK_ESTABLISHED | MARK_INVALID;
+/// The counter of frames to a VPC router MAC dropped in the bridge.
+pub const TO_ROUTER_COUNTER: &str = "to_router";
+/// The counter of frames a netd bridge would have delivered to the host.
+pub const TO_HOST_COUNTER: &str = "to_host";
 
 /// Which rules of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,8 +263,12 @@ pub(crate) fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, NftError
 /// Replace netd's two tables with `r` in one transaction: packets see
 /// the old rules or the new ones, never none. Counters of interfaces that
 /// stay keep counting; objects no longer wanted are deleted. No other
-/// table is touched.
+/// table is touched. The first call in a process also makes sure
+/// `br_netfilter`, which the conntrack marks need, is loaded
+/// ([`crate::sysctl::ensure_br_netfilter`]).
 pub fn apply(r: &Ruleset) -> Result<(), NftError> {
+    static BR_NETFILTER: std::sync::Once = std::sync::Once::new();
+    BR_NETFILTER.call_once(crate::sysctl::ensure_br_netfilter);
     let existing = [existing(r.bridge.family)?, existing(r.ip.family)?];
     nft(&["-f", "-"], Some(&r.script(&existing))).map(drop)
 }
@@ -498,8 +518,15 @@ pub fn ruleset(net: &HostNetwork) -> Ruleset {
                 vmap("oifname", &|t| interface_chain(t, Direction::Ingress)),
             ),
         ),
+        (
+            "router_mac",
+            base("forward", -10, router_mac_rules(&ifaces)),
+        ),
+        ("host_input", base("input", 0, host_input_rules(&ifaces))),
         ("postrouting", base("postrouting", 0, vec![clear_marks()])),
     ];
+    bridge.counters.insert(TO_ROUTER_COUNTER.into());
+    bridge.counters.insert(TO_HOST_COUNTER.into());
     bridge
         .chains
         .extend(chains.map(|(n, c)| (n.to_string(), c)));
@@ -518,6 +545,52 @@ fn vmap_rule(key: &str, entries: &[String]) -> Vec<String> {
     vec![format!("{key} vmap {{ {} }}", entries.join(", "))]
 }
 
+/// The VNIs of `ifaces` that can be netd's devices.
+fn vnis(ifaces: &BTreeMap<&str, Iface>) -> BTreeSet<u32> {
+    ifaces
+        .values()
+        .map(|i| i.vni)
+        .filter(|v| (1..=MAX_VNI).contains(v))
+        .collect()
+}
+
+/// Drop frames from each TAP and VXLAN port to its VPC's router MAC.
+fn router_mac_rules(ifaces: &BTreeMap<&str, Iface>) -> Vec<String> {
+    let taps = ifaces
+        .iter()
+        .filter(|(_, i)| (1..=MAX_VNI).contains(&i.vni))
+        .map(|(tap, i)| (tap.to_string(), i.vni));
+    let vxlans = vnis(ifaces).into_iter().map(|v| (vxlan_name(v), v));
+    let elements: Vec<String> = taps
+        .chain(vxlans)
+        .map(|(port, vni)| format!("\"{port}\" . {}", fmt_mac(&router_mac(vni))))
+        .collect();
+    if elements.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "iifname . ether daddr {{ {} }} counter name {TO_ROUTER_COUNTER} drop",
+        elements.join(", ")
+    )]
+}
+
+/// Drop what a netd bridge would deliver to the host from its ports.
+fn host_input_rules(ifaces: &BTreeMap<&str, Iface>) -> Vec<String> {
+    let ports: Vec<String> = ifaces
+        .keys()
+        .map(|t| t.to_string())
+        .chain(vnis(ifaces).into_iter().map(vxlan_name))
+        .map(|p| format!("\"{p}\""))
+        .collect();
+    if ports.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "iifname {{ {} }} counter name {TO_HOST_COUNTER} drop",
+        ports.join(", ")
+    )]
+}
+
 fn clear_marks() -> String {
     format!(
         "meta mark & {MARKS:#010x} != 0 meta mark set meta mark & {:#010x}",
@@ -530,12 +603,10 @@ fn clear_marks() -> String {
 /// gives the bridge as the input device, not the port: both key on
 /// netd's bridges, `fbr<vni>`.
 fn ip_table(ifaces: &BTreeMap<&str, Iface>) -> Table {
-    let vnis: BTreeSet<u32> = ifaces
-        .values()
-        .map(|i| i.vni)
-        .filter(|v| (1..=MAX_VNI).contains(v))
+    let bridges: BTreeMap<String, u32> = vnis(ifaces)
+        .into_iter()
+        .map(|v| (bridge_name(v), zone(v)))
         .collect();
-    let bridges: BTreeMap<String, u32> = vnis.iter().map(|&v| (bridge_name(v), zone(v))).collect();
     let mut t = Table::new("ip");
     let elements = bridges.keys().map(|b| format!("\"{b}\"")).collect();
     t.sets.insert(
@@ -1077,6 +1148,45 @@ mod tests {
         assert!(
             r.bridge.counters.contains("spoof_fct1") && r.bridge.counters.contains("ipv6_fct2")
         );
+    }
+
+    #[test]
+    fn frames_to_the_router_mac_or_the_host_are_dropped() {
+        let mut n = net(vec![local("fct1", 10, &[]), local("fct2", 11, &[])], vec![]);
+        n.vpcs.push(VpcOnHost {
+            vpc_id: "vpc-2".into(),
+            vni: 0x10000,
+            local: vec![local("fct9", 10, &[])],
+            ..Default::default()
+        });
+        let r = ruleset(&n);
+        assert_eq!(
+            rules(&r, "router_mac"),
+            ["iifname . ether daddr { \"fct1\" . 02:fe:00:00:07:01, \"fct2\" . 02:fe:00:00:07:01, \
+              \"fct9\" . 02:fe:01:00:00:01, \"fvx7\" . 02:fe:00:00:07:01, \
+              \"fvx10000\" . 02:fe:01:00:00:01 } counter name to_router drop"]
+        );
+        assert_eq!(
+            rules(&r, "host_input"),
+            [
+                "iifname { \"fct1\", \"fct2\", \"fct9\", \"fvx7\", \"fvx10000\" } \
+              counter name to_host drop"
+            ]
+        );
+        let hook = |c: &str| r.bridge.chains[c].hook.clone().unwrap();
+        // Before the groups' forward chains (priority 0 and 10).
+        assert_eq!(
+            hook("router_mac"),
+            "type filter hook forward priority -10; policy accept;"
+        );
+        assert_eq!(
+            hook("host_input"),
+            "type filter hook input priority 0; policy accept;"
+        );
+        assert!(r.bridge.counters.contains("to_router") && r.bridge.counters.contains("to_host"));
+        // No interface: the chains stay empty (no empty set in a rule).
+        let r = ruleset(&net(vec![], vec![]));
+        assert!(rules(&r, "router_mac").is_empty() && rules(&r, "host_input").is_empty());
     }
 
     #[test]

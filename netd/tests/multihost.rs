@@ -8,6 +8,8 @@ mod support;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use ferro_proto::compute::v1::{GroupOnHost, HostNetwork, SecurityGroup, SecurityGroupRule};
+
 use support::dhcp_client::{self, Lease};
 use support::ping::{ping, tcp_echo};
 use support::{iface, wait_until, Cluster, Iface, Vpc};
@@ -17,6 +19,37 @@ const TICK: Duration = Duration::from_millis(200);
 
 fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 0, 0, last)
+}
+
+/// Publish `vpcs` with every local interface in a group that allows
+/// everything: the fixture's states have no groups, and without one netd
+/// lets no new IPv4 reach an interface. The group is added under the
+/// same revision, before netd's next round.
+fn publish_open(c: &mut Cluster, vpcs: &[Vpc]) {
+    c.publish(vpcs);
+    for h in &c.hosts {
+        h.state.send_modify(open_group);
+    }
+}
+
+fn open_group(n: &mut HostNetwork) {
+    let all = || SecurityGroupRule {
+        protocol: "all".into(),
+        cidr: "0.0.0.0/0".into(),
+        ..Default::default()
+    };
+    n.groups.push(GroupOnHost {
+        group: Some(SecurityGroup {
+            group_id: "sg-open".into(),
+            ingress: vec![all()],
+            egress: vec![all()],
+            ..Default::default()
+        }),
+        member_ips: Vec::new(),
+    });
+    for l in n.vpcs.iter_mut().flat_map(|v| v.local.iter_mut()) {
+        l.security_group_ids.push("sg-open".into());
+    }
 }
 
 /// Plug every interface of `vpcs` (with its own MAC) and wait until each
@@ -85,7 +118,7 @@ async fn t01_dhcp_leases_and_cross_host_traffic() {
     c.plug("a2", 1, "fct2", &a2.mac);
     // a3's TAP carries a guest whose MAC is not a3's.
     c.plug("f1", 0, "fct3", "02:00:00:00:00:ee");
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     for (h, tap) in [(0, "fct1"), (1, "fct2"), (0, "fct3")] {
         assert!(wait_until(WAIT, || c.attached(h, tap, "fbr10")), "{tap}");
     }
@@ -132,7 +165,7 @@ async fn t02_vpcs_with_the_same_cidr_are_isolated() {
         Vpc::new("vpc-b", 0x20, vec![b1.clone(), b2.clone()]),
     ];
     plug_all(&mut c, &vpcs);
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     wait_attached(&c, &vpcs);
     configure_all(&c, &[&a1, &a2, &b1, &b2]);
     let ns = |id: &str| c.inst(id).to_string();
@@ -157,10 +190,27 @@ async fn t02_vpcs_with_the_same_cidr_are_isolated() {
     assert_eq!(before, after, "packets crossed VPCs (rx of a2, b1, b2)");
 }
 
+/// `bridge -n <host h> ARGS`.
+fn bridge_cmd(c: &Cluster, h: usize, args: &[&str]) -> String {
+    let mut a = vec!["bridge", "-n", c.hosts[h].ns.as_str()];
+    a.extend_from_slice(args);
+    support::run(&a)
+}
+
+/// Whether host `h`'s VPC `vni` is as netd builds it: the VXLAN port
+/// does not learn (unicast flooding on), the bridge calls the IPv4 hooks.
+fn ports_and_bridge_set(c: &Cluster, h: usize, vni: u32) -> bool {
+    let vx = c.host_ip(h, &["-d", "link", "show", &format!("fvx{vni:x}")]);
+    let br = c.host_ip(h, &["-d", "link", "show", &format!("fbr{vni:x}")]);
+    vx.is_some_and(|l| l.contains(" learning off flood on "))
+        && br.is_some_and(|l| l.contains(" nf_call_iptables 1 "))
+}
+
 /// Level-triggered convergence: damage by hand is repaired; an interface
-/// that leaves the state loses its FDB and neighbour entries on the other
-/// host (and its TAP is detached, not deleted); a VPC that leaves loses
-/// its bridge and VXLAN device.
+/// that leaves the state loses its FDB entries (the VXLAN device's and the
+/// bridge's) and neighbour entry on the other host, after traffic too (the
+/// VXLAN port learns nothing), and its TAP is detached, not deleted; a VPC
+/// that leaves loses its bridge and VXLAN device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t03_removals_and_repairs_converge() {
     let mut c = Cluster::start("c", 2).await;
@@ -173,10 +223,23 @@ async fn t03_removals_and_repairs_converge() {
         Vpc::new("vpc-b", 0x20, vec![b1.clone(), b2.clone()]),
     ];
     plug_all(&mut c, &vpcs);
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     wait_attached(&c, &vpcs);
     let a2_fdb = "02:00:00:00:00:a2 dst 10.99.0.2 self permanent";
-    assert!(wait_until(WAIT, || c.fdb(0, "fvx10").contains(a2_fdb)));
+    let a2_br = "02:00:00:00:00:a2 master fbr10 static";
+    assert!(wait_until(WAIT, || c.fdb(0, "fvx10").contains(a2_fdb)
+        && c.fdb(0, "fvx10").contains(a2_br)));
+    assert!(
+        ports_and_bridge_set(&c, 0, 0x10),
+        "fvx10 learns or fbr10 skips br_netfilter"
+    );
+    // Traffic both ways: what a learning port would have learned.
+    configure_all(&c, &[&a1, &a2]);
+    let na1 = c.inst("a1").to_string();
+    let st = tokio::task::spawn_blocking(move || ping(&na1, ip(5), 3, TICK))
+        .await
+        .unwrap();
+    assert_eq!(st.received, 3, "a1 -> a2: {st:?}");
 
     // Damage: an FDB entry, a neighbour entry and a TAP's master.
     let h0 = c.hosts[0].ns.clone();
@@ -195,23 +258,88 @@ async fn t03_removals_and_repairs_converge() {
     ]);
     support::run(&["ip", "-n", &h0, "neigh", "del", "10.0.0.5", "dev", "fvx10"]);
     support::run(&["ip", "-n", &h0, "link", "set", "fct1", "nomaster"]);
+    // And the bridge's: its entry of a2, the port's learning, the
+    // bridge's nf_call_iptables; a learned entry on the VXLAN port (stale)
+    // and one on a TAP (not netd's).
+    bridge_cmd(
+        &c,
+        0,
+        &["fdb", "del", "02:00:00:00:00:a2", "dev", "fvx10", "master"],
+    );
+    let h0_ip = |args: &str| {
+        let mut a = vec!["ip", "-n", &h0];
+        a.extend(args.split(' '));
+        support::run(&a)
+    };
+    h0_ip("link set fvx10 type bridge_slave learning on");
+    h0_ip("link set fbr10 type bridge nf_call_iptables 0");
+    let learned = [
+        "fdb",
+        "add",
+        "02:00:00:00:00:99",
+        "dev",
+        "fvx10",
+        "master",
+        "dynamic",
+    ];
+    bridge_cmd(&c, 0, &learned);
+    let on_tap = [
+        "fdb",
+        "add",
+        "02:00:00:00:00:98",
+        "dev",
+        "fct3",
+        "master",
+        "dynamic",
+    ];
+    bridge_cmd(&c, 0, &on_tap);
     assert!(!c.fdb(0, "fvx10").contains(a2_fdb));
+    assert!(!ports_and_bridge_set(&c, 0, 0x10));
     assert!(
         wait_until(WAIT, || c.fdb(0, "fvx10").contains(a2_fdb)
+            && c.fdb(0, "fvx10").contains(a2_br)
+            && !c.fdb(0, "fvx10").contains("02:00:00:00:00:99")
+            && ports_and_bridge_set(&c, 0, 0x10)
             && c.neigh(0, "fvx10")
                 .contains("10.0.0.5 lladdr 02:00:00:00:00:a2")
             && c.attached(0, "fct1", "fbr10")),
-        "damage not repaired"
+        "damage not repaired: {}",
+        c.fdb(0, "fvx10")
+    );
+    assert!(
+        c.fdb(0, "fct3").contains("02:00:00:00:00:98"),
+        "an entry on a TAP was touched"
+    );
+    // Each setting was made once at creation and once in repair: what netd
+    // sets, it observes as set (no operation every round).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = c.log(0);
+    let times = |op: &str| log.lines().filter(|l| l.contains(op)).count();
+    assert_eq!(
+        times("set fvx10 type bridge_slave learning off flood on"),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        times("set fbr10 type bridge nf_call_iptables 1"),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        times("fdb replace 02:00:00:00:00:a2 dev fvx10 master static"),
+        2,
+        "{log}"
     );
 
-    // a2 leaves.
+    // a2 leaves: no entry of its MAC anywhere on host 0, self or master.
     vpcs[0].ifaces.retain(|i| i.id != "a2");
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
+    let all_fdb = |c: &Cluster| bridge_cmd(c, 0, &["fdb", "show"]);
     assert!(
-        wait_until(WAIT, || !c.fdb(0, "fvx10").contains("02:00:00:00:00:a2")
+        wait_until(WAIT, || !all_fdb(&c).contains("02:00:00:00:00:a2")
             && !c.neigh(0, "fvx10").contains("10.0.0.5")),
         "a2's entries stayed on host 0: {} / {}",
-        c.fdb(0, "fvx10"),
+        all_fdb(&c),
         c.neigh(0, "fvx10")
     );
     // VPC A has nothing left on host 1: its devices go, the TAP stays.
@@ -227,7 +355,7 @@ async fn t03_removals_and_repairs_converge() {
 
     // VPC B leaves.
     vpcs.retain(|v| v.id != "vpc-b");
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     for h in 0..2 {
         assert!(wait_until(WAIT, || c
             .host_ip(h, &["link", "show", "fbr20"])
@@ -248,7 +376,7 @@ async fn t04_netd_restart_keeps_traffic_and_state() {
     let a2 = iface("a2", 1, 0xa2, 5, "fct2");
     let mut vpcs = vec![Vpc::new("vpc-a", 0x10, vec![a1.clone(), a2.clone()])];
     plug_all(&mut c, &vpcs);
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     wait_attached(&c, &vpcs);
     configure_all(&c, &[&a1, &a2]);
     let na1 = c.inst("a1").to_string();
@@ -291,7 +419,7 @@ async fn t04_netd_restart_keeps_traffic_and_state() {
     let a3 = iface("a3", 1, 0xa3, 7, "fct3");
     c.plug("a3", 1, "fct3", &a3.mac);
     vpcs[0].ifaces.push(a3);
-    c.publish(&vpcs);
+    publish_open(&mut c, &vpcs);
     assert!(wait_until(WAIT, || c.attached(1, "fct3", "fbr10")));
     assert!(wait_until(WAIT, || c
         .fdb(0, "fvx10")

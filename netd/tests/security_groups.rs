@@ -174,6 +174,19 @@ impl Host {
         in_ns(&self.ns, antispoof::counters).expect("counters")
     }
 
+    /// The packets of netd's counter `name` (not one per TAP).
+    fn dropped(&self, name: &str) -> u64 {
+        let out = run(&[
+            "ip", "netns", "exec", &self.ns, "nft", "list", "counter", "bridge", "ferro", name,
+        ]);
+        let n = out
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1);
+        n.and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no packets in {out}"))
+    }
+
     fn spoofed(&self, tap: &str) -> u64 {
         self.counters()[tap].spoofed.packets
     }
@@ -380,7 +393,11 @@ fn echo(c: &mut TcpStream) -> bool {
 }
 
 fn ping(from: &Inst, to: &Inst) -> bool {
-    let to = to.ip.to_string();
+    ping_addr(from, to.ip)
+}
+
+fn ping_addr(from: &Inst, to: Ipv4Addr) -> bool {
+    let to = to.to_string();
     let args = ["netns", "exec", &from.ns, "ping", "-c", "1", "-W", "1", &to];
     Command::new("ip")
         .args(args)
@@ -792,4 +809,76 @@ fn normalized(listing: &str) -> Vec<&str> {
         .collect();
     lines.sort_unstable();
     lines
+}
+
+/// A guest's frames to the VPC router MAC (its DHCP and metadata
+/// requests) reach netd's packet socket on its TAP and no other guest,
+/// although the bridge never learns that MAC; what the bridge would
+/// deliver to the host (to its own MAC) is dropped.
+#[test]
+fn the_router_mac_and_the_host_are_reached_through_no_bridge() {
+    let h = Host::new("t7");
+    let (a, b) = (h.a(), h.b());
+    // Control, without netd's rules: with an address on the bridge, the
+    // host's stack answers a guest.
+    let host_ip = Ipv4Addr::new(10, 0, 0, 254);
+    ip(&h.ns, &format!("addr add {host_ip}/24 dev fbr7"));
+    let bridge_mac = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &h.ns,
+        "cat",
+        "/sys/class/net/fbr7/address",
+    ]);
+    let bridge_mac = mac(bridge_mac.trim());
+    assert!(
+        ping_addr(a, host_ip),
+        "control: the host answers through fbr7"
+    );
+
+    h.apply(&h.state(groups(&["10.0.0.10"], vec![])));
+    // b allows UDP 7000 from the subnet: what reaches its port arrives.
+    let metadata = Ipv4Addr::new(169, 254, 169, 254);
+    let frame = |dst| udp_frame(dst, mac(&a.mac), (a.ip, metadata), (40000, 7000));
+    let unknown = frame([0x02, 0, 0, 0, 0, 0x77]);
+    let on_b = capture(&b.ns, "eth0", || send_frame(&a.ns, "eth0", &unknown));
+    assert!(
+        on_b.contains(&unknown),
+        "control: unknown unicast reaches b"
+    );
+
+    let router = frame(ferro_netd::desired::router_mac(7));
+    let before = h.dropped("to_router");
+    let mut on_b = Vec::new();
+    let on_tap = capture(&h.ns, &a.tap, || {
+        on_b = capture(&b.ns, "eth0", || send_frame(&a.ns, "eth0", &router));
+    });
+    assert!(
+        on_tap.contains(&router),
+        "netd's socket on a's TAP missed it"
+    );
+    assert!(!on_b.contains(&router), "b saw a's frame to the router MAC");
+    assert!(h.dropped("to_router") > before, "not counted");
+    assert_eq!(h.spoofed("tapa"), 0);
+
+    // To the bridge's own MAC: dropped before the host's stack, counted.
+    let before = h.dropped("to_host");
+    send_frame(
+        &a.ns,
+        "eth0",
+        &udp_frame(bridge_mac, mac(&a.mac), (a.ip, host_ip), (40000, 7000)),
+    );
+    assert_eq!(h.dropped("to_host"), before + 1, "the frame to fbr7's MAC");
+    let neigh = format!(
+        "neigh replace {host_ip} lladdr {} dev eth0",
+        fmt(bridge_mac)
+    );
+    ip(&a.ns, &neigh);
+    assert!(!ping_addr(a, host_ip), "a reached the host's stack");
+    assert!(h.dropped("to_host") > before + 1, "the ping is counted");
+}
+
+fn fmt(m: [u8; 6]) -> String {
+    ferro_netd::desired::fmt_mac(&m)
 }
