@@ -8,6 +8,12 @@
 //! created, changed or deleted. TAPs are the agent's: they are attached to
 //! their VPC's bridge, set up, or detached from a netd bridge, never
 //! deleted or reconfigured otherwise.
+//!
+//! A VPC's VXLAN port does not learn: each remote interface is a static
+//! bridge entry on it beside the VXLAN device's own entry, so nothing of a
+//! removed interface outlives it (a learned entry would, for the ageing
+//! time). Bridge entries are only read and changed on netd's VXLAN ports;
+//! what the bridge learns on TAPs is its own business.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
