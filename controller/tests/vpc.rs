@@ -4,8 +4,9 @@
 //! `ferro-netd`; instances are the project's test guest under `ferro-vmm`.
 //! Proven with the guests' own traffic: DHCP gives each its address, IMDSv2
 //! its own instance id, a guest pings another on the other host; a guest of
-//! another VPC with the same block reaches nothing; a terminated instance's
-//! entries leave the other host. Needs KVM and root.
+//! another VPC with the same block reaches nothing; a security group lets
+//! a ping in only once a rule allows it; a terminated instance's entries
+//! leave the other host. Needs KVM and root.
 
 mod common;
 
@@ -116,6 +117,17 @@ async fn run(
     subnet: &str,
     ip: &str,
 ) -> pb::Instance {
+    run_in(c, key, image, subnet, ip, &[]).await
+}
+
+async fn run_in(
+    c: &mut ComputeClient<Channel>,
+    key: &str,
+    image: &str,
+    subnet: &str,
+    ip: &str,
+    groups: &[String],
+) -> pb::Instance {
     let req = pb::RunInstancesRequest {
         count: 1,
         instance_type: "f1.nano".into(),
@@ -123,6 +135,7 @@ async fn run(
         subnet_id: subnet.into(),
         private_ip_address: ip.into(),
         strategy: pb::PlacementStrategy::Spread as i32,
+        security_group_ids: groups.to_vec(),
         ..Default::default()
     };
     c.run_instances(authed(key, req))
@@ -318,6 +331,92 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
         "ping 10.20.1.20 replies=0/3".to_string(),
     ];
     wait_console(&mut c, &key, &x.instance_id, &x_lines, &dir).await;
+
+    // Security groups with the guests' own traffic: C's group lets nothing
+    // in, so a ping from the default group gets nothing; once the group
+    // allows ICMP from the default group (a rule added to a group in use),
+    // the next one gets its replies.
+    let vpc1 = b.vpc_id.clone();
+    let closed = c
+        .create_security_group(authed(
+            &key,
+            pb::CreateSecurityGroupRequest {
+                vpc_id: vpc1.clone(),
+                group_name: "closed".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let target = run_in(
+        &mut c,
+        &key,
+        "idle",
+        &subnets[0],
+        "10.20.1.30",
+        std::slice::from_ref(&closed.group_id),
+    )
+    .await;
+    wait_console(
+        &mut c,
+        &key,
+        &target.instance_id,
+        &["imds local-ipv4=10.20.1.30".to_string()],
+        &dir,
+    )
+    .await;
+    c.register_image(authed(
+        &key,
+        register("ping-c", "ferro.exit=idle ferro.ping=10.20.1.30".into()),
+    ))
+    .await
+    .unwrap();
+    let denied = run(&mut c, &key, "ping-c", &subnets[0], "10.20.1.40").await;
+    wait_console(
+        &mut c,
+        &key,
+        &denied.instance_id,
+        &["ping 10.20.1.30 replies=0/3".to_string()],
+        &dir,
+    )
+    .await;
+    let default_group = b.security_group_ids[0].clone();
+    c.authorize_security_group_rules(authed(
+        &key,
+        pb::SecurityGroupRulesRequest {
+            group_id: closed.group_id.clone(),
+            egress: false,
+            rules: vec![pb::SecurityGroupRule {
+                protocol: "icmp".into(),
+                group_id: default_group,
+                ..Default::default()
+            }],
+        },
+    ))
+    .await
+    .unwrap();
+    let allowed = run(&mut c, &key, "ping-c", &subnets[0], "10.20.1.41").await;
+    wait_console(
+        &mut c,
+        &key,
+        &allowed.instance_id,
+        &["ping 10.20.1.30 replies=3/3".to_string()],
+        &dir,
+    )
+    .await;
+    c.terminate_instances(authed(
+        &key,
+        pb::TerminateInstancesRequest {
+            instance_ids: vec![
+                target.instance_id.clone(),
+                denied.instance_id.clone(),
+                allowed.instance_id.clone(),
+            ],
+        },
+    ))
+    .await
+    .unwrap();
 
     // Terminating B removes its entries from A's host.
     let host_of_a = underlay.hosts[if a.host_id.ends_with("h1") { 0 } else { 1 }].clone();
