@@ -81,6 +81,17 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// One disk served by a vhost-user-blk backend (such as `ferro-blockd`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VhostUserBlkConfig {
+    /// The backend's vhost-user socket.
+    pub socket: PathBuf,
+    /// Device id for logs (at most 20 bytes, unique among disks); the
+    /// guest sees the serial the backend answers to GET_ID.
+    pub id: String,
+}
+
 /// One NIC.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +149,9 @@ pub struct FileConfig {
     /// NICs.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// vhost-user-blk disks.
+    #[serde(default)]
+    pub vhost_user_blks: Vec<VhostUserBlkConfig>,
     /// Serial sink (`stdout`, `null`, `file:PATH`).
     pub serial: Option<String>,
     /// Control socket path.
@@ -161,6 +175,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// NICs, with MACs filled in.
     pub nets: Vec<(String, [u8; 6])>,
+    /// vhost-user-blk disks; any of them puts guest RAM in memfds.
+    pub vhost_user_blks: Vec<VhostUserBlkConfig>,
     /// Serial sink.
     pub serial: SerialSink,
     /// Control socket path.
@@ -239,6 +255,29 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
+/// Parse `--vhost-user-blk socket=PATH,id=ID`.
+pub fn parse_vhost_user_blk(spec: &str) -> Result<VhostUserBlkConfig, ConfigError> {
+    const WHAT: &str = "--vhost-user-blk";
+    let (mut socket, mut id) = (None, None);
+    for (k, v) in split_spec(WHAT, spec, &["socket", "id"])? {
+        match k {
+            "socket" => socket = Some(PathBuf::from(v)),
+            _ => id = Some(v.to_string()),
+        }
+    }
+    let missing = |key: &str| ConfigError::Spec {
+        what: WHAT,
+        spec: spec.to_string(),
+        why: format!("missing {key}="),
+    };
+    Ok(VhostUserBlkConfig {
+        socket: socket
+            .filter(|s| !s.as_os_str().is_empty())
+            .ok_or_else(|| missing("socket"))?,
+        id: id.filter(|i| !i.is_empty()).ok_or_else(|| missing("id"))?,
+    })
+}
+
 /// Parse `--net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut net = NetConfig {
@@ -300,6 +339,8 @@ pub struct Overrides {
     pub disks: Vec<DiskConfig>,
     /// `--net`, already parsed.
     pub nets: Vec<NetConfig>,
+    /// `--vhost-user-blk`, already parsed.
+    pub vhost_user_blks: Vec<VhostUserBlkConfig>,
     /// `--serial`.
     pub serial: Option<String>,
     /// `--control-socket`.
@@ -324,8 +365,11 @@ impl VmConfig {
         disks.extend(flags.disks);
         let mut nets_in = file.nets;
         nets_in.extend(flags.nets);
-        if disks.len() + nets_in.len() > MAX_DEVICES {
-            return Err(ConfigError::TooManyDevices(disks.len() + nets_in.len()));
+        let mut vhost_user_blks = file.vhost_user_blks;
+        vhost_user_blks.extend(flags.vhost_user_blks);
+        let count = disks.len() + nets_in.len() + vhost_user_blks.len();
+        if count > MAX_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, d) in disks.iter_mut().enumerate() {
@@ -335,6 +379,14 @@ impl VmConfig {
             }
             if !seen.insert(id.clone()) {
                 return Err(ConfigError::DuplicateDiskId(id));
+            }
+        }
+        for v in &vhost_user_blks {
+            if v.id.len() > 20 {
+                return Err(ConfigError::DiskIdTooLong(v.id.clone()));
+            }
+            if !seen.insert(v.id.clone()) {
+                return Err(ConfigError::DuplicateDiskId(v.id.clone()));
             }
         }
         let mut nets = Vec::new();
@@ -361,6 +413,7 @@ impl VmConfig {
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
             disks,
             nets,
+            vhost_user_blks,
             serial,
             control_socket: flags.control_socket.or(file.control_socket),
             seccomp: !flags.no_seccomp,
@@ -438,6 +491,27 @@ mod tests {
             parse_disk("path=/a,id=x").unwrap(),
             parse_disk("path=/b,id=x").unwrap(),
         ];
+        assert_eq!(
+            VmConfig::build(FileConfig::default(), f).unwrap_err(),
+            ConfigError::DuplicateDiskId("x".into())
+        );
+    }
+
+    #[test]
+    fn vhost_user_blk_specs() {
+        let v = parse_vhost_user_blk("socket=/run/v.sock,id=vol1").unwrap();
+        assert_eq!(
+            (v.socket.to_str(), v.id.as_str()),
+            (Some("/run/v.sock"), "vol1")
+        );
+        let err = |s: &str| parse_vhost_user_blk(s).unwrap_err().to_string();
+        assert!(err("id=v").contains("missing socket="), "{}", err("id=v"));
+        assert!(err("socket=/s").contains("missing id="));
+        assert!(err("socket=/s,id=").contains("missing id="));
+        assert!(err("socket=/s,id=v,ro=on").contains("unknown key `ro`"));
+        let mut f = flags();
+        f.disks = vec![parse_disk("path=/a,id=x").unwrap()];
+        f.vhost_user_blks = vec![parse_vhost_user_blk("socket=/s,id=x").unwrap()];
         assert_eq!(
             VmConfig::build(FileConfig::default(), f).unwrap_err(),
             ConfigError::DuplicateDiskId("x".into())

@@ -33,6 +33,9 @@ struct Cli {
     /// Disk: path=FILE[,ro=on][,id=SERIAL]; repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+    /// vhost-user-blk disk: socket=PATH,id=ID; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    vhost_user_blk: Vec<String>,
     /// NIC: tap=NAME[,mac=AA:BB:CC:DD:EE:FF]; repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
@@ -67,6 +70,11 @@ fn build_config(cli: Cli) -> Result<VmConfig, ConfigError> {
             .net
             .iter()
             .map(|s| config::parse_net(s))
+            .collect::<Result<_, _>>()?,
+        vhost_user_blks: cli
+            .vhost_user_blk
+            .iter()
+            .map(|s| config::parse_vhost_user_blk(s))
             .collect::<Result<_, _>>()?,
         serial: cli.serial,
         control_socket: cli.control_socket,

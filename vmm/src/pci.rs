@@ -11,6 +11,7 @@ use ferro_pci::{
 use ferro_virtio::block::{Block, BlockConfig};
 use ferro_virtio::net::{Net, NetConfig};
 use ferro_virtio::rng::Rng;
+use ferro_virtio::vhost_user_blk::{VhostUserBlk, VhostUserBlkConfig, VhostUserBlkError};
 use ferro_virtio::worker::WorkerOptions;
 use ferro_virtio::VirtioDevice;
 use kvm_bindings::kvm_msi;
@@ -37,6 +38,9 @@ pub enum PciSetupError {
         #[source]
         source: ferro_virtio::block::DiskError,
     },
+    /// A vhost-user-blk backend could not be reached or set up.
+    #[error("vhost-user-blk disk {0}")]
+    VhostUserBlk(String, #[source] VhostUserBlkError),
     /// The TAP interface does not exist.
     #[error("TAP device {0} does not exist (create it first, e.g. `ip tuntap add dev {0} mode tap vnet_hdr`)")]
     NoTap(String),
@@ -98,11 +102,11 @@ pub struct PciSetup {
     pub root: Arc<Mutex<PciRoot>>,
 }
 
-fn worker_options(filters: &seccomp::Filters) -> WorkerOptions {
+fn worker_options(filters: &seccomp::Filters, kind: ThreadKind) -> WorkerOptions {
     if !filters.enabled() {
         return WorkerOptions::default();
     }
-    let filter = filters.for_thread(ThreadKind::Device);
+    let filter = filters.for_thread(kind);
     WorkerOptions::with_thread_init(Arc::new(move || {
         seccomp::apply(&filter).map_err(std::io::Error::other)
     }))
@@ -112,7 +116,7 @@ fn virtio_devices(
     cfg: &VmConfig,
     filters: &seccomp::Filters,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, PciSetupError> {
-    let opts = worker_options(filters);
+    let opts = worker_options(filters, ThreadKind::Device);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in &cfg.disks {
         let block = Block::new(
@@ -128,6 +132,18 @@ fn virtio_devices(
             source,
         })?;
         devices.push(Box::new(block));
+    }
+    // Started before any filter is installed (this runs in Vm::build), so
+    // each connection thread holds only its own filter.
+    let vhost_opts = worker_options(filters, ThreadKind::VhostUser);
+    for v in &cfg.vhost_user_blks {
+        let config = VhostUserBlkConfig {
+            id: v.id.clone(),
+            socket: v.socket.clone(),
+        };
+        let blk = VhostUserBlk::new(config, vhost_opts.clone())
+            .map_err(|e| PciSetupError::VhostUserBlk(v.id.clone(), e))?;
+        devices.push(Box::new(blk));
     }
     for (i, (tap, mac)) in cfg.nets.iter().enumerate() {
         // The agent owns TAP lifetimes: the VMM attaches to an existing TAP

@@ -40,6 +40,9 @@ pub enum ThreadKind {
     Device,
     /// The control socket thread.
     Control,
+    /// A vhost-user device's connection thread: a device worker that also
+    /// talks to its backend and reconnects to it.
+    VhostUser,
 }
 
 /// `ioctl` requests the VMM issues after boot (from the kernel UAPI headers).
@@ -136,6 +139,20 @@ const CONTROL: &[i64] = &[
     libc::SYS_sendmsg,
 ];
 
+/// What a vhost-user connection thread needs beyond a device worker:
+/// messages with file descriptors (`SCM_RIGHTS`: memfds, eventfds) and,
+/// to reconnect a restarted backend, a new Unix socket (`socket` is allowed
+/// for `AF_UNIX` only, see [`rules`]).
+const VHOST_USER: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+];
+
 fn ioctl_rule(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
     requests
         .iter()
@@ -157,8 +174,11 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             calls.extend_from_slice(CONTROL);
             &[FIONBIO]
         }
-        ThreadKind::Vcpu | ThreadKind::Device => {
+        ThreadKind::Vcpu | ThreadKind::Device | ThreadKind::VhostUser => {
             calls.extend_from_slice(DEVICE);
+            if kind == ThreadKind::VhostUser {
+                calls.extend_from_slice(VHOST_USER);
+            }
             &[
                 KVM_RUN,
                 KVM_SIGNAL_MSI,
@@ -173,6 +193,19 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|c| (c, vec![])).collect();
     if !ioctls.is_empty() {
         map.insert(libc::SYS_ioctl, ioctl_rule(ioctls)?);
+    }
+    if kind == ThreadKind::VhostUser {
+        let unix = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::AF_UNIX as u64,
+        )
+        .map_err(SeccompError::Build)?;
+        map.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![unix]).map_err(SeccompError::Build)?],
+        );
     }
     Ok(map)
 }
@@ -195,6 +228,7 @@ pub struct Filters {
     vcpu: Arc<BpfProgram>,
     device: Arc<BpfProgram>,
     control: Arc<BpfProgram>,
+    vhost_user: Arc<BpfProgram>,
 }
 
 impl Filters {
@@ -208,7 +242,8 @@ impl Filters {
                 main: empty.clone(),
                 vcpu: empty.clone(),
                 device: empty.clone(),
-                control: empty,
+                control: empty.clone(),
+                vhost_user: empty,
             });
         }
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, sigsys_handler)
@@ -219,6 +254,7 @@ impl Filters {
             vcpu: Arc::new(compile(ThreadKind::Vcpu)?),
             device: Arc::new(compile(ThreadKind::Device)?),
             control: Arc::new(compile(ThreadKind::Control)?),
+            vhost_user: Arc::new(compile(ThreadKind::VhostUser)?),
         })
     }
 
@@ -234,6 +270,7 @@ impl Filters {
             ThreadKind::Vcpu => self.vcpu.clone(),
             ThreadKind::Device => self.device.clone(),
             ThreadKind::Control => self.control.clone(),
+            ThreadKind::VhostUser => self.vhost_user.clone(),
         }
     }
 }
@@ -297,6 +334,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Device,
             ThreadKind::Control,
+            ThreadKind::VhostUser,
         ] {
             let prog = compile(kind).unwrap();
             assert!(!prog.is_empty());

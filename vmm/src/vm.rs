@@ -125,14 +125,17 @@ fn open_kvm() -> Result<(Kvm, VmFd)> {
 /// Huge-page size the guest RAM is aligned to.
 const RAM_ALIGN: usize = 2 << 20;
 
-/// An anonymous mapping of `len` bytes whose start is 2 MiB aligned and
-/// marked for transparent huge pages. KVM maps guest memory with 2 MiB
-/// EPT/NPT entries only where the guest-physical and host-virtual addresses
-/// agree modulo 2 MiB and the host page is huge: an unaligned mapping costs
-/// every guest TLB miss a 4 KiB walk (measured under nesting: Linux booted
-/// ~1.7 times slower, at every step). The mapping lives as long as the
-/// process (one VM per process); the kernel frees it at exit.
-fn map_ram(len: usize) -> std::io::Result<*mut u8> {
+/// A mapping of `len` bytes whose start is 2 MiB aligned and marked for
+/// transparent huge pages: private anonymous memory, or `file` shared (a
+/// memfd, so a vhost-user backend can map the same pages). KVM maps guest
+/// memory with 2 MiB EPT/NPT entries only where the guest-physical and
+/// host-virtual addresses agree modulo 2 MiB and the host page is huge: an
+/// unaligned mapping costs every guest TLB miss a 4 KiB walk (measured under
+/// nesting: Linux booted ~1.7 times slower, at every step). The mapping
+/// lives as long as the process (one VM per process); the kernel frees it
+/// at exit.
+fn map_ram(len: usize, file: Option<&std::fs::File>) -> std::io::Result<*mut u8> {
+    use std::os::fd::AsRawFd;
     let total = len + RAM_ALIGN;
     // SAFETY: a new private anonymous mapping at an address the kernel
     // picks; nothing else refers to it.
@@ -161,32 +164,80 @@ fn map_ram(len: usize) -> std::io::Result<*mut u8> {
         if tail > 0 {
             libc::munmap((start + len) as *mut libc::c_void, tail);
         }
-        // Advice only: where THP is "madvise" this asks for huge pages;
-        // an error (THP disabled) changes nothing.
-        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
+    if let Some(file) = file {
+        // SAFETY: MAP_FIXED replaces exactly `start..start+len`, the part of
+        // our own fresh reservation kept above, with the memfd's pages.
+        let shared = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if shared == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: advice on our own mapping only: where THP is "madvise" this
+    // asks for huge pages; an error (THP disabled) changes nothing.
+    unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
     Ok(start as *mut u8)
 }
 
-fn create_memory(vm: &VmFd, mib: u64) -> Result<GuestMemoryMmap> {
-    let mut regions = Vec::new();
-    for (gpa, len) in boot::ram_ranges(mib << 20) {
-        let ptr = map_ram(len).map_err(|e| VmError::Os("guest memory", e))?;
-        // SAFETY: `ptr..ptr+len` is the live mapping made just above, used
-        // for nothing else, and never unmapped while the process runs.
-        let region = unsafe {
-            vm_memory::MmapRegion::<()>::build_raw(
-                ptr,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            )
-        }
-        .map_err(|e| VmError::Os("guest memory", std::io::Error::other(e)))?;
-        regions.push(vm_memory::GuestRegionMmap::new(region, gpa).ok_or_else(|| {
-            VmError::Os("guest memory", std::io::Error::other("region overflows"))
-        })?);
+/// A memfd of `len` bytes holding one region of guest RAM.
+fn ram_memfd(len: usize) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the name is a NUL-terminated literal; the call only returns
+    // a new descriptor or an error.
+    let fd = unsafe { libc::memfd_create(c"ferro-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len as u64)?;
+    Ok(file)
+}
+
+/// One region of guest RAM at `gpa`, in a memfd when `shared`.
+fn ram_region(
+    gpa: GuestAddress,
+    len: usize,
+    shared: bool,
+) -> Result<vm_memory::GuestRegionMmap<()>> {
+    let os = |e| VmError::Os("guest memory", e);
+    let file = shared.then(|| ram_memfd(len)).transpose().map_err(os)?;
+    let ptr = map_ram(len, file.as_ref()).map_err(os)?;
+    let (flags, file_offset) = match file {
+        Some(f) => (libc::MAP_SHARED, Some(vm_memory::FileOffset::new(f, 0))),
+        None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None),
+    };
+    let mut builder = vm_memory::mmap::MmapRegionBuilder::new(len)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags | libc::MAP_NORESERVE);
+    if let Some(fo) = file_offset {
+        builder = builder.with_file_offset(fo);
+    }
+    // SAFETY: `ptr..ptr+len` is the live mapping made just above, used for
+    // nothing else, and never unmapped while the process runs.
+    let region = unsafe { builder.with_raw_mmap_pointer(ptr) }
+        .build()
+        .map_err(|e| os(std::io::Error::other(e)))?;
+    vm_memory::GuestRegionMmap::new(region, gpa)
+        .ok_or_else(|| os(std::io::Error::other("region overflows")))
+}
+
+/// Guest RAM registered with KVM; in memfds when `shared` (vhost-user
+/// devices map it), anonymous otherwise.
+fn create_memory(vm: &VmFd, mib: u64, shared: bool) -> Result<GuestMemoryMmap> {
+    let regions = boot::ram_ranges(mib << 20)
+        .into_iter()
+        .map(|(gpa, len)| ram_region(gpa, len, shared))
+        .collect::<Result<Vec<_>>>()?;
     let mem = GuestMemoryMmap::from_regions(regions)
         .map_err(|e| VmError::Memory(mib, vm_memory::mmap::FromRangesError::from(e)))?;
     for (slot, region) in mem.iter().enumerate() {
@@ -266,7 +317,7 @@ impl Vm {
     pub fn build(cfg: &VmConfig) -> Result<Self> {
         let (kvm, vm_fd) = open_kvm()?;
         let vm_fd = Arc::new(vm_fd);
-        let mem = create_memory(&vm_fd, cfg.memory_mib)?;
+        let mem = create_memory(&vm_fd, cfg.memory_mib, !cfg.vhost_user_blks.is_empty())?;
 
         let kernel = boot::load_kernel(&mem, &cfg.kernel)?;
         let initrd = match &cfg.initrd {

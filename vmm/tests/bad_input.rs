@@ -106,3 +106,32 @@ fn bad_config_file() {
     std::fs::write(&cfg, "vcpus = 2\nmemroy_mib = 64\n").unwrap();
     assert_error(&["--config", cfg.to_str().unwrap()], "memroy_mib");
 }
+
+#[test]
+fn bad_vhost_user_blk_specs_and_missing_backend() {
+    let elf = guest_elf();
+    let k = elf.to_str().unwrap();
+    for (spec, needle) in [
+        ("id=vol1", "missing socket="),
+        ("socket=/run/v.sock", "missing id="),
+        ("socket=/run/v.sock,id=vol1,ro=on", "unknown key `ro`"),
+        (
+            "socket=/run/v.sock,id=abcdefghijklmnopqrstu",
+            "longer than 20 bytes",
+        ),
+    ] {
+        assert_error(&["--kernel", k, "--vhost-user-blk", spec], needle);
+        let (code, _) = run(&["--kernel", k, "--vhost-user-blk", spec]);
+        assert_eq!(code, 2, "a bad --vhost-user-blk is a config error: {spec}");
+    }
+    require_kvm_root();
+    assert_error(
+        &[
+            "--kernel",
+            k,
+            "--vhost-user-blk",
+            "socket=/nonexistent/v.sock,id=vol1",
+        ],
+        "vhost-user-blk disk vol1: cannot set up vhost-user-blk backend /nonexistent/v.sock",
+    );
+}

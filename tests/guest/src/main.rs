@@ -107,6 +107,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
             .map(|s| Target::parse(s).filter(|t| t.port != 0).expect("bad ferro.tcp= (want A.B.C.D:PORT)")),
     };
     let write_list = cmdline_value(cmdline, "ferro.write").unwrap_or("");
+    let blk_loop = cmdline_value(cmdline, "ferro.blkloop");
 
     // Interrupts: legacy PICs off, local APIC on, 100 Hz timer, IF=1 from
     // here on.
@@ -212,11 +213,29 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     }
     say!("selftest done");
 
+    if let Some(serial) = blk_loop {
+        let blk = disks.iter_mut().flatten().find(|b| b.serial() == serial);
+        blk_loop_forever(blk.expect("ferro.blkloop= names no disk"));
+    }
     match exit {
         Exit::Reboot => cpu::reset(),
         Exit::Poweroff => cpu::poweroff(),
         Exit::Idle => idle(stack),
     }
+}
+
+/// `ferro.blkloop=`: read sector 0 every 200 ms forever, each read waiting
+/// up to 60 s, and print its hash.
+fn blk_loop_forever(blk: &mut Blk) -> ! {
+    for n in 1u64.. {
+        let hash = fnv1a64(check(blk.read_start_within(60_000)));
+        say!("blk serial={} loop={n} fnv64={hash:016x}", blk.serial());
+        let pause = virtio::Deadline::after_ms(200);
+        while !pause.passed() {
+            core::hint::spin_loop();
+        }
+    }
+    unreachable!()
 }
 
 /// MSI-X interrupts received so far (all vectors handed to virtio queues).

@@ -15,6 +15,9 @@
 //! - [`block`]: virtio-blk over a raw file (read, write, flush, get-id, read-only).
 //! - [`net`]: virtio-net over a TAP device with the vnet header and offloads.
 //! - [`rng`]: virtio-rng backed by the host's `getrandom`.
+//! - [`vhost_user_blk`]: virtio-blk served by a vhost-user backend process
+//!   (the queues run in the backend; this side shares memory, passes the
+//!   doorbells and turns completions into interrupts).
 //! - [`worker`]: the epoll thread shared by all devices, and the
 //!   [`WorkerOptions`] (thread-init hook) every device takes at construction.
 //! - [`chain`]: the descriptor chain walker and queue draining loop.
@@ -36,6 +39,7 @@ pub mod ratelimit;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
+pub mod vhost_user_blk;
 pub mod worker;
 
 pub use worker::{ThreadInit, WorkerOptions};

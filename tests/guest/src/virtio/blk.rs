@@ -78,6 +78,11 @@ impl Blk {
     /// Issues one request with `len` bytes of the data buffer (none for a
     /// zero `len`) and waits for it; returns the device's status byte.
     fn request(&mut self, kind: u32, sector: u64, len: u32, device_writes: bool) -> Result<u8> {
+        self.request_within(kind, sector, len, device_writes, TIMEOUT_MS)
+    }
+
+    /// [`Blk::request`] with its own timeout.
+    fn request_within(&mut self, kind: u32, sector: u64, len: u32, device_writes: bool, timeout_ms: u64) -> Result<u8> {
         // SAFETY: `req` is our 32-byte DMA block; no request is in flight.
         unsafe {
             let hdr = self.req as *mut u32;
@@ -92,7 +97,7 @@ impl Blk {
         let head = if len == 0 { self.vq.add(&[hdr, status]) } else { self.vq.add(&[hdr, data, status]) };
         head.ok_or("virtio-blk: queue full")?;
         self.vq.notify();
-        self.vq.wait_used(TIMEOUT_MS)?;
+        self.vq.wait_used(timeout_ms)?;
         // SAFETY: the device has completed the request.
         Ok(unsafe { ((self.req + 16) as *const u8).read_volatile() })
     }
@@ -100,6 +105,17 @@ impl Blk {
     /// Reads the first 4096 bytes of the disk.
     pub fn read_start(&mut self) -> Result<&[u8]> {
         let status = self.request(T_IN, 0, IO_LEN as u32, true)?;
+        if status != S_OK {
+            return Err("virtio-blk: read failed");
+        }
+        // SAFETY: the device filled the buffer; it stays ours until the next request.
+        Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, IO_LEN) })
+    }
+
+    /// Reads the first 4096 bytes, waiting up to `timeout_ms` (for a backend
+    /// that restarts under the loop of `ferro.blkloop=`).
+    pub fn read_start_within(&mut self, timeout_ms: u64) -> Result<&[u8]> {
+        let status = self.request_within(T_IN, 0, IO_LEN as u32, true, timeout_ms)?;
         if status != S_OK {
             return Err("virtio-blk: read failed");
         }
