@@ -4,7 +4,8 @@
 //! `ferro-netd`; instances are the project's test guest under `ferro-vmm`.
 //! Proven with the guests' own traffic: DHCP gives each its address, IMDSv2
 //! its own instance id, a guest pings another on the other host; a guest of
-//! another VPC with the same block reaches nothing; a security group lets
+//! another VPC with the same block reaches nothing; a guest of another
+//! subnet reaches it through the VPC router; a security group lets
 //! a ping in only once a rule allows it; a terminated instance's entries
 //! leave the other host. Needs KVM and root.
 
@@ -43,6 +44,29 @@ fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {key}").parse().unwrap());
     r
+}
+
+/// Kills, when dropped, every `ferro-vmm` whose command line names `dir`
+/// (the agents' instances: they outlive a killed agent by design).
+struct KillVmms(PathBuf);
+
+impl Drop for KillVmms {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("ferro-vmm") && cmd.contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
 }
 
 /// One host: an agent and a netd in namespace `ns`.
@@ -101,6 +125,11 @@ async fn wait_console(
                     )
                 })
                 .collect();
+            if let Ok(secs) = std::env::var("FERRO_TEST_HOLD_SECS") {
+                // Leave everything up for a look by hand.
+                eprintln!("holding for {secs} s; logs in {}", dir.display());
+                std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+            }
             panic!(
                 "{id}: the console never showed {want:?}:\n{out}\n{}",
                 logs.join("\n")
@@ -160,6 +189,7 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let net = 200 + (pid % 50) as u8;
+    let _vmms = KillVmms(dir.clone());
     let underlay = ferro_testkit::Underlay::new(&tag, 2, net);
 
     // The controller in the root namespace, on the underlay bridge.
@@ -331,6 +361,37 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
         "ping 10.20.1.20 replies=0/3".to_string(),
     ];
     wait_console(&mut c, &key, &x.instance_id, &x_lines, &dir).await;
+
+    // Between subnets of a VPC, through the VPC router: R in another
+    // subnet of B's VPC pings B.
+    let other_subnet = c
+        .create_subnet(authed(
+            &key,
+            pb::CreateSubnetRequest {
+                vpc_id: b.vpc_id.clone(),
+                cidr_block: "10.20.2.0/24".into(),
+                availability_zone: "az-1".into(),
+                tags: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .subnet_id;
+    let r = run(&mut c, &key, "pinger", &other_subnet, "10.20.2.10").await;
+    let r_lines = [
+        "dhcp lease ip=10.20.2.10/24 router=10.20.2.1".to_string(),
+        "ping 10.20.1.20 replies=3/3".to_string(),
+    ];
+    wait_console(&mut c, &key, &r.instance_id, &r_lines, &dir).await;
+    c.terminate_instances(authed(
+        &key,
+        pb::TerminateInstancesRequest {
+            instance_ids: vec![r.instance_id.clone()],
+        },
+    ))
+    .await
+    .unwrap();
 
     // Security groups with the guests' own traffic: C's group lets nothing
     // in, so a ping from the default group gets nothing; once the group

@@ -8,6 +8,15 @@
 //!
 //! - `prerouting` (priority -300): `iifname vmap { tap : jump as_<tap> }`,
 //!   the anti-spoofing chains ([`crate::antispoof`]);
+//! - `route` (prerouting, priority -200): the VPC router between subnets.
+//!   A frame from a TAP to its VPC's router MAC whose IPv4 destination is
+//!   an interface of the VPC (on any host) gets that interface's MAC as
+//!   its destination, so the bridge forwards it there (over VXLAN when it
+//!   is remote) and the security-group chains judge it as any other; the
+//!   source MAC stays the sender's, and the TTL is not lowered (one hop
+//!   that no guest sees). Other frames to the router MAC (the router's own
+//!   address, metadata, destinations outside the VPC) are left for the
+//!   `router_mac` chain;
 //! - `router_mac` (forward, priority -10): frames from a TAP or VXLAN port
 //!   to its VPC's router MAC ([`crate::desired::router_mac`]) are dropped,
 //!   counted in `to_router`. netd's DHCP and metadata servers take them
@@ -522,6 +531,7 @@ pub fn ruleset(net: &HostNetwork) -> Ruleset {
             "router_mac",
             base("forward", -10, router_mac_rules(&ifaces)),
         ),
+        ("route", base("prerouting", -200, route_rules(net, &ifaces))),
         ("host_input", base("input", 0, host_input_rules(&ifaces))),
         ("postrouting", base("postrouting", 0, vec![clear_marks()])),
     ];
@@ -572,6 +582,47 @@ fn router_mac_rules(ifaces: &BTreeMap<&str, Iface>) -> Vec<String> {
         "iifname . ether daddr {{ {} }} counter name {TO_ROUTER_COUNTER} drop",
         elements.join(", ")
     )]
+}
+
+/// Per VPC: frames from its TAPs to its router MAC for one of its
+/// interfaces' addresses are sent to that interface's MAC.
+fn route_rules(net: &HostNetwork, ifaces: &BTreeMap<&str, Iface>) -> Vec<String> {
+    let mut rules = Vec::new();
+    for v in net.vpcs.iter().filter(|v| (1..=MAX_VNI).contains(&v.vni)) {
+        let taps: Vec<String> = ifaces
+            .iter()
+            .filter(|(_, i)| i.vni == v.vni && i.mac.is_some() && i.ip.is_some())
+            .map(|(t, _)| format!("\"{t}\""))
+            .collect();
+        let mut targets = BTreeMap::new();
+        let all = v
+            .local
+            .iter()
+            .map(|l| (&l.private_ip, &l.mac))
+            .chain(v.remote.iter().map(|r| (&r.private_ip, &r.mac)));
+        for (ip, mac) in all {
+            let (Ok(ip), Some(mac)) = (ip.parse::<Ipv4Addr>(), parse_mac(mac)) else {
+                continue;
+            };
+            if mac[0] & 1 == 0 {
+                targets.entry(ip).or_insert(mac);
+            }
+        }
+        if taps.is_empty() || targets.is_empty() {
+            continue;
+        }
+        let map: Vec<String> = targets
+            .iter()
+            .map(|(ip, mac)| format!("{ip} : {}", fmt_mac(mac)))
+            .collect();
+        rules.push(format!(
+            "iifname {{ {} }} ether daddr {} ether daddr set ip daddr map {{ {} }}",
+            taps.join(", "),
+            fmt_mac(&router_mac(v.vni)),
+            map.join(", ")
+        ));
+    }
+    rules
 }
 
 /// Drop what a netd bridge would deliver to the host from its ports.
@@ -851,7 +902,7 @@ fn interfaces<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferro_proto::compute::v1::{GroupOnHost, LocalInterface, VpcOnHost};
+    use ferro_proto::compute::v1::{GroupOnHost, LocalInterface, RemoteInterface, VpcOnHost};
 
     fn rule(protocol: &str, ports: (u32, u32), cidr: &str, group_id: &str) -> SecurityGroupRule {
         SecurityGroupRule {
@@ -1187,6 +1238,48 @@ mod tests {
         // No interface: the chains stay empty (no empty set in a rule).
         let r = ruleset(&net(vec![], vec![]));
         assert!(rules(&r, "router_mac").is_empty() && rules(&r, "host_input").is_empty());
+    }
+
+    /// The router between subnets: frames from a VPC's TAPs to its router
+    /// MAC for an address of the VPC (here or on another host) go to that
+    /// interface's MAC; a VPC's map holds only its own interfaces.
+    #[test]
+    fn the_router_sends_frames_for_vpc_addresses_to_their_interface() {
+        let mut n = net(vec![local("fct1", 10, &[]), local("fct2", 11, &[])], vec![]);
+        n.vpcs[0].remote.push(RemoteInterface {
+            instance_id: "i-r".into(),
+            mac: "02:00:00:00:01:01".into(),
+            private_ip: "10.0.1.4".into(),
+            host_id: "h2".into(),
+            underlay_ip: "10.99.0.2".into(),
+        });
+        n.vpcs[0].remote.push(RemoteInterface {
+            mac: "not a mac".into(),
+            private_ip: "10.0.1.5".into(),
+            ..Default::default()
+        });
+        n.vpcs.push(VpcOnHost {
+            vpc_id: "vpc-2".into(),
+            vni: 9,
+            local: vec![local("fct9", 12, &[])],
+            ..Default::default()
+        });
+        let r = ruleset(&n);
+        assert_eq!(
+            rules(&r, "route"),
+            [
+                "iifname { \"fct1\", \"fct2\" } ether daddr 02:fe:00:00:07:01 ether daddr set ip daddr map \
+                 { 10.0.0.10 : 02:00:00:00:00:0a, 10.0.0.11 : 02:00:00:00:00:0b, 10.0.1.4 : 02:00:00:00:01:01 }",
+                "iifname { \"fct9\" } ether daddr 02:fe:00:00:09:01 ether daddr set ip daddr map \
+                 { 10.0.0.12 : 02:00:00:00:00:0c }",
+            ]
+        );
+        // After anti-spoofing (-300), before the bridge's forwarding.
+        assert_eq!(
+            r.bridge.chains["route"].hook.as_deref(),
+            Some("type filter hook prerouting priority -200; policy accept;")
+        );
+        assert!(rules(&ruleset(&net(vec![], vec![])), "route").is_empty());
     }
 
     #[test]

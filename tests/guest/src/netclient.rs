@@ -20,9 +20,12 @@ const STEP_TIMEOUT_MS: i64 = 3000;
 const ATTEMPTS: u32 = 5;
 /// Echo replies a ping probe wants.
 const PINGS: u16 = 3;
-/// Echo requests it may send for them: the first one may be lost while the
-/// neighbour is resolved (smoltcp drops a packet waiting for ARP).
-const PING_TRIES: u16 = 6;
+/// Echo requests it may send for them, 200 ms apart: the first ones may be
+/// lost while neighbours are resolved on both ends (smoltcp drops a packet
+/// waiting for ARP) and while a new interface's rules reach every host.
+const PING_TRIES: u16 = 20;
+/// How long a ping probe waits for its replies.
+const PING_TIMEOUT_MS: i64 = 5000;
 
 /// The metadata paths fetched, in order, after the token.
 const PATHS: [&str; 4] = [
@@ -287,7 +290,7 @@ impl Client {
                 }
             }
         }
-        if self.pings_seen >= PINGS || now - self.ping_started > STEP_TIMEOUT_MS {
+        if self.pings_seen >= PINGS || now - self.ping_started > PING_TIMEOUT_MS {
             let [a, b, c, d] = t.addr;
             say!("ping {a}.{b}.{c}.{d} replies={}/{} sent={}", self.pings_seen.min(PINGS), PINGS, self.pings_sent);
             self.advance();
