@@ -125,7 +125,7 @@ pub struct Wait {
 #[derive(Debug, Subcommand)]
 pub enum Instances {
     /// Launch instances.
-    Run(Run),
+    Run(Box<Run>),
     /// List instances.
     List(ListInstances),
     /// Show instances in detail.

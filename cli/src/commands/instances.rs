@@ -26,7 +26,7 @@ pub async fn run(
 ) -> Result<(), CommandError> {
     use args::Instances as I;
     match cmd {
-        I::Run(r) => run_instances(client, format, r).await,
+        I::Run(r) => run_instances(client, format, *r).await,
         I::List(f) => list_instances(client, format, f).await,
         I::Describe { ids } => describe(client, format, ids).await,
         I::Start { ids, wait } => change(client, format, Verb::Start, ids, wait).await,
