@@ -35,6 +35,7 @@ pub mod desired;
 pub mod dhcp;
 pub mod metadata;
 pub mod netlink;
+pub mod packet;
 pub mod plan;
 pub mod security_groups;
 pub mod sysctl;

@@ -9,11 +9,12 @@
 //! skipped: they are not this guest's.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use crate::packet::TapSocket;
 
 use crate::desired::Mac;
 
-const ETH_P_ALL: u16 = 0x0003;
 const ETHERTYPE_ARP: u32 = 0x0806;
 const ETHERTYPE_IPV4: u32 = 0x0800;
 /// The most of a frame the filter keeps (a GSO frame may exceed the MTU).
@@ -47,134 +48,37 @@ fn router_filter(mac: Mac) -> [libc::sock_filter; 12] {
     ]
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// The raw socket (non-blocking).
+/// The metadata service's socket on a TAP.
 #[derive(Debug)]
-pub struct RouterSocket {
-    fd: OwnedFd,
-}
+pub struct RouterSocket(TapSocket);
 
 impl RouterSocket {
     /// A socket on interface `ifindex` for frames to `router_mac`.
     pub fn open(ifindex: u32, router_mac: Mac) -> io::Result<Self> {
-        // Protocol 0: nothing is queued before the filter is attached and
-        // the socket bound to its interface.
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let raw = check(unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        })?;
-        // SAFETY: `raw` is a new descriptor owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let sock = RouterSocket { fd };
-        sock.attach_filter(router_mac)?;
-        let one: libc::c_int = 1;
-        // SAFETY: PACKET_IGNORE_OUTGOING takes an int, passed by pointer
-        // with its size. Older kernels refuse it; `recv` also checks.
-        let _ = unsafe {
-            libc::setsockopt(
-                sock.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                libc::PACKET_IGNORE_OUTGOING,
-                (&one as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ALL.to_be();
-        addr.sll_ifindex = i32::try_from(ifindex).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `addr` is a valid sockaddr_ll and its size is given.
-        check(unsafe {
-            libc::bind(
-                sock.fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        })?;
-        Ok(sock)
-    }
-
-    fn attach_filter(&self, mac: Mac) -> io::Result<()> {
-        let mut prog = router_filter(mac);
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_mut_ptr(),
-        };
-        // SAFETY: `fprog` points at `prog`, alive for the call; the kernel
-        // copies and validates the program.
-        check(unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&fprog as *const libc::sock_fprog).cast(),
-                size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        })?;
-        Ok(())
+        TapSocket::open(ifindex, &mut router_filter(router_mac)).map(Self)
     }
 
     /// The next frame the guest sent, into `buf` (truncated to its size):
     /// its length, or `WouldBlock` when none is queued.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            // SAFETY: plain data; all-zero is valid.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `buf` is writable for its length, `from`/`len`
-            // describe a sockaddr_ll the kernel fills.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut len,
-                )
-            };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if from.sll_pkttype != libc::PACKET_OUTGOING {
-                return Ok(n as usize);
-            }
-        }
+        self.0.recv_from_guest(buf)
     }
 
     /// Send `frame` to the guest.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: `frame` is readable for its length; the socket is bound,
-        // so no address is needed.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.0.send(frame)
     }
 }
 
 impl AsRawFd for RouterSocket {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.0.as_raw_fd()
     }
 }
 
 impl AsFd for RouterSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.0.as_fd()
     }
 }
 

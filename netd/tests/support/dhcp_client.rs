@@ -9,7 +9,7 @@ use std::time::Duration;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 use ferro_netd::dhcp::frame::{build_udp4, Udp4, BROADCAST_MAC};
-use ferro_netd::dhcp::socket::{AsyncPacketSocket, PacketSocket};
+use ferro_netd::dhcp::socket::AsyncPacketSocket;
 
 use super::in_ns;
 
@@ -165,7 +165,7 @@ pub async fn obtain(ns: &str, mac: &str, broadcast: bool) -> Option<Lease> {
         // SAFETY: a NUL-terminated name.
         let idx = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
         assert_ne!(idx, 0, "no eth0 in {ns}");
-        PacketSocket::open(idx, 68).unwrap()
+        ferro_netd::dhcp::socket::open(idx, 68).unwrap()
     });
     let c = Client {
         sock: AsyncPacketSocket::new(sock).unwrap(),
