@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ferro/compute/v1/image.proto",
         "proto/ferro/compute/v1/keypair.proto",
         "proto/ferro/compute/v1/vpc.proto",
+        "proto/ferro/compute/v1/volume.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

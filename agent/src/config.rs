@@ -62,6 +62,11 @@ pub struct AgentConfig {
     /// Host memory kept for the host itself, in MiB.
     #[serde(default = "default_reserved")]
     pub reserved_memory_mib: u64,
+    /// Disk space offered to volume replicas, GiB, reported to the
+    /// controller (which places replicas by it); 0, the default: no volumes
+    /// on this host.
+    #[serde(default)]
+    pub volume_capacity_gib: u64,
     /// The `ferro-vmm` binary.
     pub vmm_path: PathBuf,
     /// Host bridge the TAPs are attached to (until netd exists); none when

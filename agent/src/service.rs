@@ -283,6 +283,7 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             cgroup_version: version.into(),
             instances: n as u32,
+            disk_total_gib: inner.cfg.volume_capacity_gib,
         }))
     }
 

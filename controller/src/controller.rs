@@ -399,6 +399,7 @@ pub fn heartbeat_changes(
         || h.agent_version != r.agent_version
         || h.cpu_model != r.cpu_model
         || h.kvm_present != r.kvm_present
+        || h.disk_total_gib != r.disk_total_gib
     {
         return true;
     }
@@ -503,6 +504,7 @@ mod tests {
             cpu_model: cpu_model.into(),
             agent_version: "0".into(),
             kvm_present,
+            disk_total_gib: 0,
         }
     }
 

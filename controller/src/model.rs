@@ -66,6 +66,13 @@ pub struct Host {
     /// traffic there); empty until a netd watches.
     #[serde(default)]
     pub underlay_ip: String,
+    /// Disk space its agent offers volume replicas, GiB (0: not reported,
+    /// so no replica is placed here).
+    #[serde(default)]
+    pub disk_total_gib: u64,
+    /// Disk space held by the volume replicas placed here, GiB.
+    #[serde(default)]
+    pub disk_allocated_gib: u64,
 }
 
 impl Host {
@@ -77,6 +84,10 @@ impl Host {
     pub fn free_memory_mib(&self) -> u64 {
         self.memory_total_mib
             .saturating_sub(self.memory_allocated_mib)
+    }
+    /// Disk space not yet given to volume replicas, GiB.
+    pub fn free_disk_gib(&self) -> u64 {
+        self.disk_total_gib.saturating_sub(self.disk_allocated_gib)
     }
 }
 
@@ -400,6 +411,153 @@ pub struct SecurityGroup {
     pub tags: Tags,
     /// Unix ms.
     pub created_at_ms: u64,
+}
+
+/// A volume's type: how many copies of it are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeType {
+    /// Two replicas.
+    Standard,
+    /// Three replicas.
+    Durable,
+}
+
+impl VolumeType {
+    /// Parse `standard` or `durable`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "standard" => Some(Self::Standard),
+            "durable" => Some(Self::Durable),
+            _ => None,
+        }
+    }
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Durable => "durable",
+        }
+    }
+    /// Replicas kept, on distinct hosts of the volume's zone.
+    pub fn replicas(self) -> usize {
+        match self {
+            Self::Standard => 2,
+            Self::Durable => 3,
+        }
+    }
+}
+
+/// A volume's state, as EC2 names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Its replicas are being made.
+    Creating,
+    /// Ready, not attached.
+    Available,
+    /// Attached to an instance.
+    InUse,
+    /// Being deleted.
+    Deleting,
+    /// Deleted.
+    Deleted,
+    /// Failed.
+    Error,
+}
+
+impl VolumeState {
+    /// Every state, for parsing.
+    pub const ALL: [VolumeState; 6] = [
+        Self::Creating,
+        Self::Available,
+        Self::InUse,
+        Self::Deleting,
+        Self::Deleted,
+        Self::Error,
+    ];
+    /// EC2's name (`in-use`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Available => "available",
+            Self::InUse => "in-use",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+            Self::Error => "error",
+        }
+    }
+    /// Parse EC2's name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+/// An attachment's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentState {
+    /// Being attached.
+    Attaching,
+    /// Attached (for a stopped instance: from its next start).
+    Attached,
+    /// Being detached.
+    Detaching,
+    /// Detached (only ever reported, never kept).
+    Detached,
+}
+
+impl AttachmentState {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Attaching => "attaching",
+            Self::Attached => "attached",
+            Self::Detaching => "detaching",
+            Self::Detached => "detached",
+        }
+    }
+}
+
+/// A volume's attachment to an instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeAttachment {
+    /// The instance.
+    pub instance_id: String,
+    /// Its device name on the instance, `/dev/vdb` to `/dev/vdz`.
+    pub device: String,
+    /// Its state.
+    pub state: AttachmentState,
+    /// Terminating the instance deletes the volume (else detaches it).
+    pub delete_on_termination: bool,
+}
+
+/// A block volume: its size and zone, the hosts holding its replicas and
+/// the epoch of that replica set (docs/architecture.md, "Volumes").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// `vol-<16 hex>`.
+    pub id: String,
+    /// Size, GiB (1 to 16384).
+    pub size_gib: u64,
+    /// Its zone; its replicas and the instances it attaches to are there.
+    pub az: String,
+    /// Its type.
+    pub volume_type: VolumeType,
+    /// Tags.
+    pub tags: Tags,
+    /// Unix ms.
+    pub created_at_ms: u64,
+    /// Its state.
+    pub state: VolumeState,
+    /// Its attachment, if any (one instance at a time).
+    pub attachment: Option<VolumeAttachment>,
+    /// The hosts holding its replicas, distinct, of its zone.
+    pub replicas: Vec<String>,
+    /// The replica set's epoch: raised with every change of `replicas`.
+    pub epoch: u64,
+    /// Client token of the creation, empty for none.
+    pub client_token: String,
 }
 
 /// What a key may do (docs/architecture.md, "Roles").

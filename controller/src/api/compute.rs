@@ -11,7 +11,7 @@ use super::convert::*;
 use super::{caller, status};
 use crate::controller::{new_api_key, new_id, Controller, InstanceFilter};
 use crate::model::*;
-use crate::state::{sha256_hex, ClusterState, Command, Output, StateError};
+use crate::state::{sha256_hex, ClusterState, Command, Output, StateError, VolumeFilter};
 
 type Res<T> = Result<Response<T>, Status>;
 
@@ -79,6 +79,20 @@ impl<R: Replicator<ClusterState>> ComputeService<R> {
     }
 }
 
+impl<R: Replicator<ClusterState>> ComputeService<R> {
+    async fn attachment(&self, c: Command) -> Res<pb::VolumeAttachmentResponse> {
+        match self.write(c).await? {
+            Output::Attachment {
+                volume_id,
+                attachment,
+            } => Ok(Response::new(pb::VolumeAttachmentResponse {
+                attachment: Some(attachment_out(&volume_id, &attachment)),
+            })),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+}
+
 fn bad(e: StateError) -> Status {
     status(e.into())
 }
@@ -138,6 +152,16 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             next_token: r.next_token,
         };
         let (list, next_token) = self.ctl.describe_instances(f).await.map_err(status)?;
+        let ids: Vec<String> = list.iter().map(|i| i.id.clone()).collect();
+        let mut attached = self
+            .read(move |s| {
+                Ok(ids
+                    .iter()
+                    .map(|id| crate::state::attachments_of(s, id))
+                    .collect::<Vec<_>>())
+            })
+            .await?
+            .into_iter();
         let instances = list
             .iter()
             .map(|i| {
@@ -147,6 +171,12 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 if let Some(r) = self.ctl.failure_reason(i) {
                     out.state_reason = r;
                 }
+                out.block_device_mappings = attached
+                    .next()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|(v, a)| attachment_out(v, a))
+                    .collect();
                 out
             })
             .collect();
@@ -835,6 +865,83 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         req: Request<pb::SecurityGroupRulesRequest>,
     ) -> Res<pb::SecurityGroupRulesResponse> {
         self.change_rules(req, false).await
+    }
+
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Res<pb::Volume> {
+        self.auth(&req, false).await?;
+        let spec = volume_spec(req.into_inner()).map_err(bad)?;
+        let c = Command::CreateVolume {
+            spec,
+            volume_id: new_id("vol-"),
+            now_ms: crate::now_ms(),
+        };
+        match self.write(c).await? {
+            Output::Volume(v) => Ok(Response::new(volume_out(&v))),
+            _ => Err(Status::internal("unexpected output")),
+        }
+    }
+
+    async fn describe_volumes(
+        &self,
+        req: Request<pb::DescribeVolumesRequest>,
+    ) -> Res<pb::DescribeVolumesResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let f = VolumeFilter {
+            ids: r.volume_ids,
+            azs: r.availability_zones,
+            instances: r.attachment_instance_ids,
+            states: r.states,
+            tags: r.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+            max_results: r.max_results,
+            next_token: r.next_token,
+        };
+        let (volumes, next_token) = self
+            .read(move |s| crate::state::describe_volumes(s, &f))
+            .await?;
+        Ok(Response::new(pb::DescribeVolumesResponse {
+            volumes: volumes.iter().map(volume_out).collect(),
+            next_token,
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Res<pb::DeleteVolumeResponse> {
+        self.auth(&req, false).await?;
+        let id = req.into_inner().volume_id;
+        self.write(Command::DeleteVolume { id }).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Res<pb::VolumeAttachmentResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        self.attachment(Command::AttachVolume {
+            volume_id: r.volume_id,
+            instance_id: r.instance_id,
+            device: r.device,
+            delete_on_termination: r.delete_on_termination,
+        })
+        .await
+    }
+
+    async fn detach_volume(
+        &self,
+        req: Request<pb::DetachVolumeRequest>,
+    ) -> Res<pb::VolumeAttachmentResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        self.attachment(Command::DetachVolume {
+            volume_id: r.volume_id,
+            instance_id: r.instance_id,
+            force: r.force,
+        })
+        .await
     }
 
     async fn create_join_token(

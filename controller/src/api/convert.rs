@@ -3,7 +3,7 @@
 use ferro_proto::compute::v1 as pb;
 
 use crate::model::*;
-use crate::state::{HostReport, RunSpec, StateChange, StateError};
+use crate::state::{HostReport, RunSpec, StateChange, StateError, VolumeSpec};
 
 /// Tags from the wire; a duplicate key is INVALID_ARGUMENT.
 pub fn tags_in(tags: Vec<pb::Tag>) -> Result<Tags, StateError> {
@@ -128,7 +128,51 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
             .as_ref()
             .map(|n| n.security_groups.clone())
             .unwrap_or_default(),
+        block_device_mappings: Vec::new(),
     }
+}
+
+/// A volume's attachment to the wire.
+pub fn attachment_out(volume_id: &str, a: &VolumeAttachment) -> pb::VolumeAttachment {
+    pb::VolumeAttachment {
+        volume_id: volume_id.into(),
+        instance_id: a.instance_id.clone(),
+        device: a.device.clone(),
+        state: a.state.as_str().into(),
+        delete_on_termination: a.delete_on_termination,
+    }
+}
+
+/// A volume to the wire.
+pub fn volume_out(v: &Volume) -> pb::Volume {
+    pb::Volume {
+        volume_id: v.id.clone(),
+        size_gib: v.size_gib,
+        availability_zone: v.az.clone(),
+        volume_type: v.volume_type.as_str().into(),
+        state: v.state.as_str().into(),
+        attachments: v
+            .attachment
+            .iter()
+            .map(|a| attachment_out(&v.id, a))
+            .collect(),
+        tags: tags_out(&v.tags),
+        created_at_ms: v.created_at_ms,
+        client_token: v.client_token.clone(),
+        replica_host_ids: v.replicas.clone(),
+        epoch: v.epoch,
+    }
+}
+
+/// A CreateVolume request.
+pub fn volume_spec(r: pb::CreateVolumeRequest) -> Result<VolumeSpec, StateError> {
+    Ok(VolumeSpec {
+        size_gib: r.size_gib,
+        az: r.availability_zone,
+        volume_type: r.volume_type,
+        tags: tags_in(r.tags)?,
+        client_token: r.client_token,
+    })
 }
 
 /// State changes to the wire.
@@ -251,6 +295,7 @@ pub fn host_report(
         cpu_model: h.cpu_model.clone(),
         agent_version: h.agent_version.clone(),
         kvm_present: h.kvm_present,
+        disk_total_gib: h.disk_total_gib,
     })
 }
 

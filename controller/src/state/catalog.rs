@@ -111,6 +111,9 @@ impl ClusterState {
         if let Some(s) = self.subnets.get_mut(id) {
             return Some(&mut s.tags);
         }
+        if let Some(v) = self.volumes.get_mut(id) {
+            return Some(&mut v.tags);
+        }
         self.hosts.get_mut(id).map(|h| &mut h.tags)
     }
 

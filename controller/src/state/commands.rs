@@ -67,6 +67,25 @@ pub struct HostReport {
     pub agent_version: String,
     /// KVM present.
     pub kvm_present: bool,
+    /// Disk space offered to volume replicas, GiB (0: none, or an agent
+    /// that predates volumes).
+    #[serde(default)]
+    pub disk_total_gib: u64,
+}
+
+/// What CreateVolume asks for (everything but the generated id).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// Size, GiB.
+    pub size_gib: u64,
+    /// Zone.
+    pub az: String,
+    /// `standard` or `durable` (empty: standard).
+    pub volume_type: String,
+    /// Tags.
+    pub tags: Tags,
+    /// Idempotency token, empty for none.
+    pub client_token: String,
 }
 
 /// One instance as a host reported it.
@@ -325,6 +344,43 @@ pub enum Command {
         /// Its address.
         ip: String,
     },
+    /// Create a volume (its replicas are placed here).
+    CreateVolume {
+        /// The request.
+        spec: VolumeSpec,
+        /// A fresh `vol-…` id.
+        volume_id: String,
+        /// Unix ms.
+        now_ms: u64,
+    },
+    /// Delete a volume that is not attached.
+    DeleteVolume {
+        /// Id.
+        id: String,
+    },
+    /// Attach a volume to a stopped instance of its zone.
+    AttachVolume {
+        /// The volume.
+        volume_id: String,
+        /// The instance.
+        instance_id: String,
+        /// `/dev/vdb` to `/dev/vdz`.
+        device: String,
+        /// Terminating the instance deletes the volume.
+        #[serde(default)]
+        delete_on_termination: bool,
+    },
+    /// Detach a volume.
+    DetachVolume {
+        /// The volume.
+        volume_id: String,
+        /// The instance it must be attached to (empty: whichever).
+        #[serde(default)]
+        instance_id: String,
+        /// Detach from a running instance too.
+        #[serde(default)]
+        force: bool,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -372,6 +428,15 @@ pub enum Output {
     Subnet(Subnet),
     /// A security group.
     SecurityGroup(SecurityGroup),
+    /// A volume.
+    Volume(Volume),
+    /// A volume's attachment (after attaching or detaching).
+    Attachment {
+        /// The volume.
+        volume_id: String,
+        /// Its attachment.
+        attachment: VolumeAttachment,
+    },
 }
 
 /// The response of `apply`.
@@ -386,4 +451,13 @@ pub struct TokenRecord {
     pub reservation_id: String,
     /// Instance ids.
     pub instance_ids: Vec<String>,
+}
+
+/// What a CreateVolume client token remembers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeToken {
+    /// sha256 of the request, to refuse reuse with other parameters.
+    pub request_sha256: String,
+    /// The volume it created.
+    pub volume_id: String,
 }

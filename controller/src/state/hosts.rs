@@ -35,6 +35,8 @@ impl ClusterState {
             kvm_present: false,
             tags: Tags::new(),
             underlay_ip: String::new(),
+            disk_total_gib: 0,
+            disk_allocated_gib: 0,
         });
         if host.health != HostHealth::Healthy {
             tracing::info!(host_id = %r.id, "host is back");
@@ -48,6 +50,7 @@ impl ClusterState {
         host.cpu_model = r.cpu_model;
         host.agent_version = r.agent_version;
         host.kvm_present = r.kvm_present;
+        host.disk_total_gib = r.disk_total_gib;
         let seen = self.observe(&r.id, observed);
         if complete {
             // Not listed: absent, unless the host told us something newer
@@ -178,6 +181,7 @@ mod tests {
                     cpu_model: "test".into(),
                     agent_version: "0".into(),
                     kvm_present: true,
+                    disk_total_gib: 0,
                 },
                 observed,
                 complete: true,

@@ -242,6 +242,9 @@ impl ClusterState {
                 g.members.remove(&inst.id);
             }
         }
+        if !hold {
+            self.release_volumes(id);
+        }
     }
 
     pub(super) fn check_ids(&self, ids: &[String]) -> Result<(), StateError> {
@@ -389,6 +392,7 @@ mod tests {
                 cpu_model: String::new(),
                 agent_version: String::new(),
                 kvm_present: true,
+                disk_total_gib: 0,
             },
             observed: state,
             complete: true,

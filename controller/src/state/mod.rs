@@ -14,8 +14,9 @@
 //! placement, intent, capacity), `hosts` (heartbeats, ordered
 //! observations), `catalog` (images, key pairs, groups, tags), `access`
 //! (API keys, roles, join tokens, the cluster CA) and `network` (VPCs,
-//! subnets). Volumes get a module of their own beside them. This file holds the state
-//! itself, its format and the dispatch of `apply`.
+//! subnets), `security` (security groups) and `volumes` (block volumes:
+//! replica placement, attachments). This file holds the state itself, its
+//! format and the dispatch of `apply`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,12 +33,17 @@ mod hosts;
 mod instances;
 mod network;
 mod security;
+mod volumes;
 
 pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
 pub use commands::*;
 pub use ferro_pki::CaMaterial;
 pub use network::{mac_of, DEFAULT_SUBNET_PREFIX, DEFAULT_VPC_CIDR};
 pub use security::default_group_id;
+pub use volumes::{
+    attachments_of, check_device, describe_volumes, place_replicas, DiskCandidate, VolumeFilter,
+    MAX_VOLUME_GIB,
+};
 
 /// Why a command or query was refused. Each maps to one gRPC code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -71,7 +77,7 @@ fn invalid<T>(m: impl Into<String>) -> Result<T, StateError> {
 /// The format of [`ClusterState`] this build writes. Raise it with every
 /// change to what the state holds; [`ClusterState::upgrade`] brings older
 /// formats up to date and refuses newer ones.
-pub const STATE_FORMAT: u32 = 3;
+pub const STATE_FORMAT: u32 = 4;
 
 /// The whole replicated state of a cluster.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +122,12 @@ pub struct ClusterState {
     /// Security groups by id.
     #[serde(default)]
     pub security_groups: BTreeMap<String, SecurityGroup>,
+    /// Volumes by id.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, Volume>,
+    /// CreateVolume client tokens.
+    #[serde(default)]
+    pub volume_tokens: BTreeMap<String, VolumeToken>,
 }
 
 impl ferro_raft::StateMachine for ClusterState {
@@ -127,7 +139,10 @@ impl ferro_raft::StateMachine for ClusterState {
             // 0 → 1: roles on API keys, join tokens and the cluster CA;
             // 1 → 2: VPCs and subnets; 2 → 3: VNIs, security groups (a
             // default group per VPC, interfaces in it), TAPs and underlay
-            // addresses. All read with serde defaults, then filled in here.
+            // addresses; 3 → 4: volumes, their client tokens and the hosts'
+            // disk space (none of which a format-3 state has: the serde
+            // defaults, empty and 0, are right as they are). All read with
+            // serde defaults, then filled in here.
             f if f <= STATE_FORMAT => {
                 if f < 3 {
                     self.upgrade_to_security_groups();
@@ -261,6 +276,23 @@ impl ferro_raft::StateMachine for ClusterState {
                 h.underlay_ip = ip;
                 Ok(Output::Done)
             }
+            Command::CreateVolume {
+                spec,
+                volume_id,
+                now_ms,
+            } => self.create_volume(spec, volume_id, now_ms),
+            Command::DeleteVolume { id } => self.delete_volume(&id),
+            Command::AttachVolume {
+                volume_id,
+                instance_id,
+                device,
+                delete_on_termination,
+            } => self.attach_volume(&volume_id, &instance_id, &device, delete_on_termination),
+            Command::DetachVolume {
+                volume_id,
+                instance_id,
+                force,
+            } => self.detach_volume(&volume_id, &instance_id, force),
             Command::PurgeInstances { ids } => {
                 self.purge_instances(&ids);
                 Ok(Output::Done)
@@ -381,6 +413,7 @@ pub(crate) mod tests {
                 cpu_model: "test".into(),
                 agent_version: "0".into(),
                 kvm_present: true,
+                disk_total_gib: 0,
             },
             observed: vec![],
             complete: true,

@@ -1,0 +1,757 @@
+//! Block volumes: creation (validation, client tokens, replica placement
+//! by free disk space), attachments to stopped instances, deletion, and
+//! what terminating an instance does to its volumes.
+//!
+//! Only the records: no blockd reports replicas yet, so a new volume is
+//! `available` as soon as its replicas are chosen. That is a placeholder
+//! until ferro-blockd confirms them (the volume would stay `creating`
+//! until then). Attaching to a running instance (hot-attach) is refused.
+
+use super::network::dependency;
+use super::*;
+
+/// The largest volume, GiB (EC2's 16 TiB).
+pub const MAX_VOLUME_GIB: u64 = 16_384;
+
+/// A placement candidate: one host as the replica placement sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskCandidate<'a> {
+    /// Host id.
+    pub id: &'a str,
+    /// Zone.
+    pub az: &'a str,
+    /// Heartbeating.
+    pub healthy: bool,
+    /// Disk space offered, GiB (0: not reported).
+    pub total_gib: u64,
+    /// Disk space not yet given to replicas, GiB.
+    pub free_gib: u64,
+}
+
+/// Choose `n` distinct hosts of zone `az` for a volume of `size_gib`:
+/// healthy, reporting disk space, with the most free space first (ties by
+/// id). Pure, so every replica chooses the same hosts.
+pub fn place_replicas(
+    hosts: &[DiskCandidate<'_>],
+    az: &str,
+    size_gib: u64,
+    n: usize,
+) -> Result<Vec<String>, StateError> {
+    let mut fit: Vec<&DiskCandidate> = hosts
+        .iter()
+        .filter(|h| h.az == az && h.healthy && h.total_gib > 0)
+        .collect();
+    if fit.len() < n {
+        return Err(E::ResourceExhausted(format!(
+            "no host in AZ {az} reports disk space for {n} replicas \
+             ({} healthy hosts there report any)",
+            fit.len()
+        )));
+    }
+    fit.retain(|h| h.free_gib >= size_gib);
+    if fit.len() < n {
+        return Err(E::ResourceExhausted(format!(
+            "size_gib: {size_gib} GiB does not fit on {n} distinct hosts of AZ {az} \
+             ({} have that much free)",
+            fit.len()
+        )));
+    }
+    fit.sort_by(|a, b| b.free_gib.cmp(&a.free_gib).then(a.id.cmp(b.id)));
+    Ok(fit.iter().take(n).map(|h| h.id.to_string()).collect())
+}
+
+/// Check a device name: `/dev/vdb` to `/dev/vdz` (`vda` is the root disk).
+pub fn check_device(device: &str) -> Result<(), StateError> {
+    match device.strip_prefix("/dev/vd").map(str::as_bytes) {
+        Some([c]) if (b'b'..=b'z').contains(c) => Ok(()),
+        _ => invalid(format!(
+            "device: {device:?} is not one of /dev/vdb to /dev/vdz"
+        )),
+    }
+}
+
+/// What DescribeVolumes asks for.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeFilter {
+    /// Only these (all must exist).
+    pub ids: Vec<String>,
+    /// Only in these zones.
+    pub azs: Vec<String>,
+    /// Only attached to these instances.
+    pub instances: Vec<String>,
+    /// Only in these states.
+    pub states: Vec<String>,
+    /// Every tag (key, and value when not empty) must match.
+    pub tags: Vec<(String, String)>,
+    /// Page size (0: 100; at most 1000).
+    pub max_results: u32,
+    /// The last id of the previous page.
+    pub next_token: String,
+}
+
+/// DescribeVolumes over a state: filter, order by id, page.
+pub fn describe_volumes(
+    s: &ClusterState,
+    f: &VolumeFilter,
+) -> Result<(Vec<Volume>, String), StateError> {
+    if let Some(id) = f.ids.iter().find(|id| !s.volumes.contains_key(*id)) {
+        return Err(E::NotFound(format!("volume_ids: no volume {id:?}")));
+    }
+    let states = f
+        .states
+        .iter()
+        .map(|st| {
+            VolumeState::parse(st)
+                .ok_or_else(|| E::InvalidArgument(format!("states: no volume state {st:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let limit = match f.max_results {
+        0 => 100,
+        n if n > 1000 => return invalid("max_results: at most 1000"),
+        n => n as usize,
+    };
+    let tagged = |v: &Volume| {
+        f.tags
+            .iter()
+            .all(|(k, want)| v.tags.get(k).is_some_and(|t| want.is_empty() || t == want))
+    };
+    let mut out: Vec<Volume> = s
+        .volumes
+        .values()
+        .filter(|v| f.next_token.is_empty() || v.id > f.next_token)
+        .filter(|v| f.ids.is_empty() || f.ids.contains(&v.id))
+        .filter(|v| f.azs.is_empty() || f.azs.contains(&v.az))
+        .filter(|v| states.is_empty() || states.contains(&v.state))
+        .filter(|v| {
+            f.instances.is_empty()
+                || v.attachment
+                    .as_ref()
+                    .is_some_and(|a| f.instances.contains(&a.instance_id))
+        })
+        .filter(|v| tagged(v))
+        .take(limit + 1)
+        .cloned()
+        .collect();
+    let next = if out.len() > limit {
+        out.truncate(limit);
+        out.last().map(|v| v.id.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok((out, next))
+}
+
+/// The attachments of instance `id` (volume id, attachment), by device.
+pub fn attachments_of(s: &ClusterState, id: &str) -> Vec<(String, VolumeAttachment)> {
+    let mut v: Vec<(String, VolumeAttachment)> = s
+        .volumes
+        .values()
+        .filter_map(|v| {
+            let a = v.attachment.as_ref()?;
+            (a.instance_id == id).then(|| (v.id.clone(), a.clone()))
+        })
+        .collect();
+    v.sort_by(|a, b| a.1.device.cmp(&b.1.device));
+    v
+}
+
+fn running(i: &Instance) -> bool {
+    i.desired == DesiredState::Running
+}
+
+impl ClusterState {
+    fn check_volume(&self, spec: &VolumeSpec) -> Result<VolumeType, StateError> {
+        if spec.size_gib == 0 || spec.size_gib > MAX_VOLUME_GIB {
+            return invalid(format!("size_gib: must be 1 to {MAX_VOLUME_GIB}"));
+        }
+        if !self.azs.contains_key(&spec.az) {
+            return Err(E::NotFound(format!(
+                "availability_zone: no zone {:?}",
+                spec.az
+            )));
+        }
+        let ty = match spec.volume_type.as_str() {
+            "" => VolumeType::Standard,
+            t => VolumeType::parse(t).ok_or_else(|| {
+                E::InvalidArgument(format!(
+                    "volume_type: {t:?} is not \"standard\" or \"durable\""
+                ))
+            })?,
+        };
+        let t = &spec.client_token;
+        if t.len() > 64 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid("client_token: at most 64 printable ASCII characters");
+        }
+        check_tags(&spec.tags)?;
+        Ok(ty)
+    }
+
+    pub(super) fn create_volume(&mut self, spec: VolumeSpec, id: String, now_ms: u64) -> Response {
+        let request_sha256 = sha256_hex(&serde_json::to_vec(&spec).unwrap_or_default());
+        if let Some(t) = self.volume_tokens.get(&spec.client_token) {
+            if t.request_sha256 != request_sha256 {
+                return invalid(format!(
+                    "client_token: {:?} was used with different parameters \
+                     (IdempotentParameterMismatch)",
+                    spec.client_token
+                ));
+            }
+            return match self.volumes.get(&t.volume_id) {
+                Some(v) => Ok(Output::Volume(v.clone())),
+                None => Err(E::NotFound(format!(
+                    "client_token: its volume {} is deleted",
+                    t.volume_id
+                ))),
+            };
+        }
+        let ty = self.check_volume(&spec)?;
+        if self.volumes.contains_key(&id) {
+            return Err(E::AlreadyExists(format!("volume_id: {id} exists")));
+        }
+        let candidates: Vec<DiskCandidate> = self
+            .hosts
+            .values()
+            .map(|h| DiskCandidate {
+                id: &h.id,
+                az: &h.az,
+                healthy: h.health == HostHealth::Healthy,
+                total_gib: h.disk_total_gib,
+                free_gib: h.free_disk_gib(),
+            })
+            .collect();
+        let replicas = place_replicas(&candidates, &spec.az, spec.size_gib, ty.replicas())?;
+        for r in &replicas {
+            let h = self.hosts.get_mut(r).expect("placed on a known host");
+            h.disk_allocated_gib += spec.size_gib;
+        }
+        let v = Volume {
+            id: id.clone(),
+            size_gib: spec.size_gib,
+            az: spec.az.clone(),
+            volume_type: ty,
+            tags: spec.tags,
+            created_at_ms: now_ms,
+            // Placeholder: available at once, until blockd confirms replicas.
+            state: VolumeState::Available,
+            attachment: None,
+            replicas,
+            epoch: 1,
+            client_token: spec.client_token.clone(),
+        };
+        tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
+        self.volumes.insert(id.clone(), v.clone());
+        if !spec.client_token.is_empty() {
+            self.volume_tokens.insert(
+                spec.client_token,
+                VolumeToken {
+                    request_sha256,
+                    volume_id: id,
+                },
+            );
+        }
+        Ok(Output::Volume(v))
+    }
+
+    fn volume(&self, id: &str) -> Result<&Volume, StateError> {
+        self.volumes
+            .get(id)
+            .ok_or_else(|| E::NotFound(format!("volume_id: no volume {id:?}")))
+    }
+
+    /// Remove volume `id` and free its space on its replica hosts.
+    fn remove_volume(&mut self, id: &str) {
+        let Some(v) = self.volumes.remove(id) else {
+            return;
+        };
+        for r in &v.replicas {
+            if let Some(h) = self.hosts.get_mut(r) {
+                h.disk_allocated_gib = h.disk_allocated_gib.saturating_sub(v.size_gib);
+            }
+        }
+        self.volume_tokens.retain(|_, t| t.volume_id != id);
+        tracing::info!(volume_id = %id, "volume deleted");
+    }
+
+    pub(super) fn delete_volume(&mut self, id: &str) -> Response {
+        let v = self.volume(id)?;
+        if let Some(a) = &v.attachment {
+            return Err(dependency(format!(
+                "volume {id} is attached to {} (VolumeInUse): detach it first",
+                a.instance_id
+            )));
+        }
+        self.remove_volume(id);
+        Ok(Output::Done)
+    }
+
+    pub(super) fn attach_volume(
+        &mut self,
+        volume_id: &str,
+        instance_id: &str,
+        device: &str,
+        delete_on_termination: bool,
+    ) -> Response {
+        let v = self.volume(volume_id)?;
+        let Some(i) = self.instances.get(instance_id) else {
+            return Err(E::NotFound(format!(
+                "instance_id: no instance {instance_id:?}"
+            )));
+        };
+        if i.desired == DesiredState::Terminated {
+            return Err(E::FailedPrecondition(format!(
+                "instance_id: {instance_id} is terminated"
+            )));
+        }
+        if i.az != v.az {
+            return invalid(format!(
+                "instance_id: {instance_id} is in {}, the volume in {}",
+                i.az, v.az
+            ));
+        }
+        if let Some(a) = &v.attachment {
+            return Err(E::FailedPrecondition(format!(
+                "volume_id: {volume_id} is attached to {} (VolumeInUse)",
+                a.instance_id
+            )));
+        }
+        if v.state != VolumeState::Available {
+            return Err(E::FailedPrecondition(format!(
+                "volume_id: {volume_id} is {}, not available",
+                v.state.as_str()
+            )));
+        }
+        check_device(device)?;
+        let taken = self.volumes.values().find(|o| {
+            o.attachment
+                .as_ref()
+                .is_some_and(|a| a.instance_id == instance_id && a.device == device)
+        });
+        if let Some(o) = taken {
+            return invalid(format!(
+                "device: {device} is in use on {instance_id} by {}",
+                o.id
+            ));
+        }
+        if running(i) {
+            return Err(E::FailedPrecondition(
+                "IncorrectInstanceState: hot-attach comes later; stop the instance first".into(),
+            ));
+        }
+        let a = VolumeAttachment {
+            instance_id: instance_id.into(),
+            device: device.into(),
+            // Takes effect at the instance's next start (dataplane later).
+            state: AttachmentState::Attached,
+            delete_on_termination,
+        };
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        v.attachment = Some(a.clone());
+        v.state = VolumeState::InUse;
+        tracing::info!(volume_id, instance_id, device, "volume attached");
+        Ok(Output::Attachment {
+            volume_id: volume_id.into(),
+            attachment: a,
+        })
+    }
+
+    pub(super) fn detach_volume(
+        &mut self,
+        volume_id: &str,
+        instance_id: &str,
+        force: bool,
+    ) -> Response {
+        let v = self.volume(volume_id)?;
+        let Some(a) = &v.attachment else {
+            return Err(E::FailedPrecondition(format!(
+                "volume_id: {volume_id} is not attached (IncorrectState)"
+            )));
+        };
+        if !instance_id.is_empty() && a.instance_id != instance_id {
+            return invalid(format!(
+                "instance_id: {volume_id} is attached to {}, not {instance_id}",
+                a.instance_id
+            ));
+        }
+        let on_running = self.instances.get(&a.instance_id).is_some_and(running);
+        if on_running && !force {
+            return Err(E::FailedPrecondition(format!(
+                "IncorrectInstanceState: {} is running; hot-detach comes later: \
+                 stop the instance first, or force",
+                a.instance_id
+            )));
+        }
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        let mut a = v.attachment.take().expect("checked above");
+        v.state = VolumeState::Available;
+        a.state = AttachmentState::Detached;
+        tracing::info!(volume_id, instance_id = %a.instance_id, force, "volume detached");
+        Ok(Output::Attachment {
+            volume_id: volume_id.into(),
+            attachment: a,
+        })
+    }
+
+    /// Instance `id` is final: its volumes with delete-on-termination are
+    /// deleted, the others detached.
+    pub(super) fn release_volumes(&mut self, id: &str) {
+        let mine: Vec<(String, bool)> = self
+            .volumes
+            .values()
+            .filter_map(|v| {
+                let a = v.attachment.as_ref()?;
+                (a.instance_id == id).then(|| (v.id.clone(), a.delete_on_termination))
+            })
+            .collect();
+        for (vol, delete) in mine {
+            if delete {
+                self.remove_volume(&vol);
+            } else if let Some(v) = self.volumes.get_mut(&vol) {
+                v.attachment = None;
+                v.state = VolumeState::Available;
+                tracing::info!(volume_id = %vol, instance_id = id, "detached: instance terminated");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::*;
+    use super::*;
+    use ferro_raft::StateMachine;
+
+    fn disk_host(s: &mut ClusterState, id: &str, az: &str, disk_gib: u64) {
+        s.apply(Command::Heartbeat {
+            host: HostReport {
+                id: id.into(),
+                az: az.into(),
+                address: format!("http://{id}:7420"),
+                vcpus_total: 8,
+                memory_total_mib: 8192,
+                cpu_model: "test".into(),
+                agent_version: "0".into(),
+                kvm_present: true,
+                disk_total_gib: disk_gib,
+            },
+            observed: vec![],
+            complete: true,
+            now_ms: 10,
+            listed_seq: 0,
+        })
+        .unwrap();
+    }
+
+    fn vspec(size: u64, ty: &str) -> VolumeSpec {
+        VolumeSpec {
+            size_gib: size,
+            az: "az-1".into(),
+            volume_type: ty.into(),
+            ..VolumeSpec::default()
+        }
+    }
+
+    fn create(s: &mut ClusterState, id: &str, spec: VolumeSpec) -> Response {
+        s.apply(Command::CreateVolume {
+            spec,
+            volume_id: id.into(),
+            now_ms: 7,
+        })
+    }
+
+    fn attach(s: &mut ClusterState, vol: &str, inst: &str, dev: &str, dot: bool) -> Response {
+        s.apply(Command::AttachVolume {
+            volume_id: vol.into(),
+            instance_id: inst.into(),
+            device: dev.into(),
+            delete_on_termination: dot,
+        })
+    }
+
+    fn detach(s: &mut ClusterState, vol: &str, force: bool) -> Response {
+        s.apply(Command::DetachVolume {
+            volume_id: vol.into(),
+            instance_id: String::new(),
+            force,
+        })
+    }
+
+    /// A cluster with hosts h1..h3 in az-1 (100, 300, 200 GiB), h4 in
+    /// az-2 and an instance `i` in az-1, stopped (or running).
+    fn cluster(stopped: bool) -> (ClusterState, String) {
+        let mut s = bootstrapped();
+        disk_host(&mut s, "h1", "az-1", 100);
+        disk_host(&mut s, "h2", "az-1", 300);
+        disk_host(&mut s, "h3", "az-1", 200);
+        disk_host(&mut s, "h4", "az-2", 1000);
+        add_image(&mut s);
+        let mut seq = 0;
+        let sp = RunSpec {
+            az: "az-1".into(),
+            ..spec()
+        };
+        run(&mut s, 1, &mut seq, sp).unwrap();
+        let id = s.instances.keys().next().unwrap().clone();
+        if stopped {
+            s.apply(Command::SetDesired {
+                ids: vec![id.clone()],
+                desired: DesiredState::Stopped,
+            })
+            .unwrap();
+        }
+        (s, id)
+    }
+
+    fn free(s: &ClusterState) -> Vec<u64> {
+        s.hosts.values().map(Host::free_disk_gib).collect()
+    }
+
+    #[test]
+    fn placement_takes_distinct_healthy_hosts_of_the_zone_by_free_disk() {
+        let c = |id, az, healthy, total, free| DiskCandidate {
+            id,
+            az,
+            healthy,
+            total_gib: total,
+            free_gib: free,
+        };
+        let hosts = [
+            c("a", "az-1", true, 100, 100),
+            c("b", "az-1", true, 300, 50),
+            c("c", "az-1", true, 200, 200),
+            c("d", "az-2", true, 900, 900),
+            c("e", "az-1", false, 900, 900),
+            c("f", "az-1", true, 0, 0),
+        ];
+        assert_eq!(place_replicas(&hosts, "az-1", 10, 2).unwrap(), ["c", "a"]);
+        assert_eq!(
+            place_replicas(&hosts, "az-1", 10, 3).unwrap(),
+            ["c", "a", "b"]
+        );
+        let e = place_replicas(&hosts, "az-1", 60, 3).unwrap_err();
+        assert!(
+            matches!(&e, E::ResourceExhausted(m) if m.starts_with("size_gib")),
+            "{e}"
+        );
+        let e = place_replicas(&hosts, "az-2", 1, 2).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no host in AZ az-2 reports disk space for 2 replicas"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn create_places_replicas_allocates_and_delete_frees() {
+        let (mut s, _) = cluster(true);
+        let Output::Volume(v) = create(&mut s, "vol-1", vspec(50, "durable")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.replicas, ["h2", "h3", "h1"]);
+        assert_eq!((v.state, v.epoch), (VolumeState::Available, 1));
+        assert_eq!(free(&s), [50, 250, 150, 1000]);
+        let Output::Volume(v) = create(&mut s, "vol-2", vspec(10, "")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(v.volume_type, VolumeType::Standard);
+        assert_eq!(v.replicas, ["h2", "h3"]);
+        s.apply(Command::DeleteVolume { id: "vol-1".into() })
+            .unwrap();
+        s.apply(Command::DeleteVolume { id: "vol-2".into() })
+            .unwrap();
+        assert_eq!(free(&s), [100, 300, 200, 1000]);
+        assert!(s.volumes.is_empty());
+    }
+
+    #[test]
+    fn bad_volumes_are_refused_naming_the_field_and_change_nothing() {
+        let (mut s, _) = cluster(true);
+        let before = s.clone();
+        let cases = [
+            (vspec(0, ""), "size_gib"),
+            (vspec(MAX_VOLUME_GIB + 1, ""), "size_gib"),
+            (vspec(150, "durable"), "size_gib"),
+            (vspec(1, "gp3"), "volume_type"),
+            (
+                VolumeSpec {
+                    az: "az-9".into(),
+                    ..vspec(1, "")
+                },
+                "availability_zone",
+            ),
+            (
+                VolumeSpec {
+                    client_token: "a b".into(),
+                    ..vspec(1, "")
+                },
+                "client_token",
+            ),
+        ];
+        for (sp, field) in cases {
+            let e = create(&mut s, "vol-1", sp).unwrap_err();
+            assert!(e.to_string().starts_with(field), "{field}: {e}");
+        }
+        // az-2's only host: not enough hosts for two replicas.
+        let e = create(
+            &mut s,
+            "vol-1",
+            VolumeSpec {
+                az: "az-2".into(),
+                ..vspec(1, "")
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, E::ResourceExhausted(_)), "{e}");
+        assert_eq!(s, before, "nothing changed");
+    }
+
+    #[test]
+    fn a_client_token_returns_the_same_volume_or_refuses_other_parameters() {
+        let (mut s, _) = cluster(true);
+        let sp = VolumeSpec {
+            client_token: "t1".into(),
+            ..vspec(10, "")
+        };
+        let a = create(&mut s, "vol-1", sp.clone()).unwrap();
+        let b = create(&mut s, "vol-2", sp.clone()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(s.volumes.len(), 1);
+        let e = create(&mut s, "vol-3", vspec(11, "")).map(|_| ());
+        assert!(e.is_ok(), "no token: a new volume");
+        let e = create(&mut s, "vol-4", VolumeSpec { size_gib: 12, ..sp }).unwrap_err();
+        assert!(
+            e.to_string().starts_with("client_token") && matches!(e, E::InvalidArgument(_)),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn attach_needs_a_stopped_instance_of_the_zone_and_a_free_device() {
+        let (mut s, id) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "")).unwrap();
+        create(&mut s, "vol-2", vspec(10, "")).unwrap();
+        let before = s.clone();
+        for (vol, inst, dev, want) in [
+            ("vol-9", id.as_str(), "/dev/vdb", "volume_id"),
+            ("vol-1", "i-nope", "/dev/vdb", "instance_id"),
+            ("vol-1", id.as_str(), "/dev/vda", "device"),
+            ("vol-1", id.as_str(), "/dev/sdb", "device"),
+        ] {
+            let e = attach(&mut s, vol, inst, dev, false).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{want}: {e}");
+        }
+        assert_eq!(s, before);
+        let Output::Attachment { attachment, .. } =
+            attach(&mut s, "vol-1", &id, "/dev/vdb", false).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(attachment.state, AttachmentState::Attached);
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::InUse);
+        let e = attach(&mut s, "vol-2", &id, "/dev/vdb", false).unwrap_err();
+        assert!(e.to_string().starts_with("device"), "{e}");
+        let e = attach(&mut s, "vol-1", &id, "/dev/vdc", false).unwrap_err();
+        assert!(e.to_string().contains("VolumeInUse"), "{e}");
+        let e = s
+            .apply(Command::DeleteVolume { id: "vol-1".into() })
+            .unwrap_err();
+        assert!(
+            matches!(&e, E::FailedPrecondition(m) if m.starts_with("DependencyViolation")),
+            "{e}"
+        );
+        // Started again: neither attach nor (unforced) detach.
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Running,
+        })
+        .unwrap();
+        let e = attach(&mut s, "vol-2", &id, "/dev/vdc", false).unwrap_err();
+        assert_eq!(
+            e,
+            E::FailedPrecondition(
+                "IncorrectInstanceState: hot-attach comes later; stop the instance first".into()
+            )
+        );
+        let e = detach(&mut s, "vol-1", false).unwrap_err();
+        assert!(e.to_string().contains("IncorrectInstanceState"), "{e}");
+        let Output::Attachment { attachment, .. } = detach(&mut s, "vol-1", true).unwrap() else {
+            panic!()
+        };
+        assert_eq!(attachment.state, AttachmentState::Detached);
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Available);
+        let e = detach(&mut s, "vol-1", false).unwrap_err();
+        assert!(e.to_string().contains("not attached"), "{e}");
+    }
+
+    #[test]
+    fn an_instance_in_another_zone_or_terminated_is_refused() {
+        let (mut s, id) = cluster(true);
+        disk_host(&mut s, "h5", "az-2", 1000);
+        create(
+            &mut s,
+            "vol-2",
+            VolumeSpec {
+                az: "az-2".into(),
+                ..vspec(10, "")
+            },
+        )
+        .unwrap();
+        let e = attach(&mut s, "vol-2", &id, "/dev/vdb", false).unwrap_err();
+        assert!(
+            e.to_string().starts_with("instance_id") && e.to_string().contains("az-2"),
+            "{e}"
+        );
+        create(&mut s, "vol-1", vspec(10, "")).unwrap();
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        let e = attach(&mut s, "vol-1", &id, "/dev/vdb", false).unwrap_err();
+        assert!(e.to_string().contains("terminated"), "{e}");
+    }
+
+    /// Once the instance is gone from its host, a delete-on-termination
+    /// volume is deleted (its space freed), the other one detached.
+    #[test]
+    fn termination_deletes_or_detaches_its_volumes() {
+        let (mut s, id) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "")).unwrap();
+        create(&mut s, "vol-2", vspec(20, "")).unwrap();
+        attach(&mut s, "vol-1", &id, "/dev/vdb", true).unwrap();
+        attach(&mut s, "vol-2", &id, "/dev/vdc", false).unwrap();
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        // Never on its host (observed absent): final at once.
+        assert!(s.instances[&id].is_final());
+        assert!(!s.volumes.contains_key("vol-1"));
+        let v = &s.volumes["vol-2"];
+        assert_eq!(
+            (v.state, v.attachment.is_none()),
+            (VolumeState::Available, true)
+        );
+        assert_eq!(free(&s), [100, 280, 180, 1000]);
+    }
+
+    #[test]
+    fn a_format_3_state_upgrades_without_volumes() {
+        let (s, _) = cluster(true);
+        let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        let o = json.as_object_mut().unwrap();
+        o.remove("volumes");
+        o.remove("volume_tokens");
+        o.insert("format".into(), 3.into());
+        for h in o["hosts"].as_object_mut().unwrap().values_mut() {
+            let h = h.as_object_mut().unwrap();
+            h.remove("disk_total_gib");
+            h.remove("disk_allocated_gib");
+        }
+        let mut old: ClusterState = serde_json::from_value(json).unwrap();
+        old.upgrade().unwrap();
+        assert_eq!(old.format, STATE_FORMAT);
+        assert!(old.volumes.is_empty() && old.volume_tokens.is_empty());
+        assert!(old.hosts.values().all(|h| h.disk_total_gib == 0));
+    }
+}
