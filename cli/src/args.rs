@@ -69,6 +69,9 @@ pub enum Command {
     /// Security groups: stateful allow rules for instances' interfaces.
     #[command(subcommand)]
     SecurityGroups(SecurityGroups),
+    /// Block volumes: replicated disks of one zone, attached to instances.
+    #[command(subcommand)]
+    Volumes(Volumes),
     /// Availability zones.
     #[command(subcommand)]
     Azs(ListOnly),
@@ -436,6 +439,61 @@ pub struct RuleArgs {
     /// The peer group (its members), of the same VPC.
     #[arg(long, value_name = "SG_ID")]
     pub group: Option<String>,
+}
+
+/// Volume commands.
+#[derive(Debug, Subcommand)]
+pub enum Volumes {
+    /// Create a volume (its replicas on distinct hosts of the zone).
+    Create {
+        /// Size in GiB, 1 to 16384.
+        #[arg(long, value_name = "GIB")]
+        size: u64,
+        /// Its availability zone.
+        #[arg(long)]
+        az: String,
+        /// standard (2 replicas) or durable (3 replicas).
+        #[arg(long = "type", default_value = "standard", value_parser = ["standard", "durable"])]
+        volume_type: String,
+        /// Tag KEY=VALUE; repeatable.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// List volumes.
+    List {
+        /// Only those of this zone.
+        #[arg(long)]
+        az: Option<String>,
+        /// Only those attached to this instance.
+        #[arg(long, value_name = "INSTANCE_ID")]
+        instance: Option<String>,
+    },
+    /// Attach a volume to a stopped instance (from its next start).
+    Attach {
+        /// Volume id.
+        volume: String,
+        /// Instance id.
+        instance: String,
+        /// Device name, /dev/vdb to /dev/vdz.
+        #[arg(long)]
+        device: String,
+        /// Delete the volume when the instance is terminated.
+        #[arg(long)]
+        delete_on_termination: bool,
+    },
+    /// Detach a volume.
+    Detach {
+        /// Volume id.
+        volume: String,
+        /// Detach from a running instance too.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a volume that is not attached.
+    Delete {
+        /// Volume id.
+        volume: String,
+    },
 }
 
 /// API key commands.

@@ -106,7 +106,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-fn tags_json(tags: &[pb::Tag]) -> Value {
+/// Tags as a JSON object.
+pub fn tags_json(tags: &[pb::Tag]) -> Value {
     Value::Object(
         tags.iter()
             .map(|t| (t.key.clone(), Value::String(t.value.clone())))
@@ -122,7 +123,8 @@ fn tags_text(tags: &[pb::Tag]) -> String {
     v.join(",")
 }
 
-fn dash(s: &str) -> String {
+/// `s`, or `-` when empty.
+pub fn dash(s: &str) -> String {
     if s.is_empty() {
         "-".into()
     } else {
@@ -156,8 +158,30 @@ pub fn instance_json(i: &pb::Instance) -> Value {
         "private_ip_address": i.private_ip_address,
         "mac_address": i.mac_address,
         "security_group_ids": i.security_group_ids,
+        "block_device_mappings": i.block_device_mappings.iter().map(attachment_json).collect::<Vec<_>>(),
         "tags": tags_json(&i.tags),
     })
+}
+
+/// A volume attachment as JSON.
+pub fn attachment_json(a: &pb::VolumeAttachment) -> Value {
+    json!({
+        "volume_id": a.volume_id,
+        "instance_id": a.instance_id,
+        "device": a.device,
+        "state": a.state,
+        "delete_on_termination": a.delete_on_termination,
+    })
+}
+
+/// A volume attachment as one line: `/dev/vdb vol-… (attached)`.
+pub fn attachment_text(a: &pb::VolumeAttachment) -> String {
+    let dot = if a.delete_on_termination {
+        ", delete on termination"
+    } else {
+        ""
+    };
+    format!("{} {} ({}{dot})", a.device, a.volume_id, a.state)
 }
 
 /// Instances as a table, one row each.
@@ -215,6 +239,9 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
     ];
     for (k, v) in rows {
         t.row([k.to_string(), v]);
+    }
+    for a in &i.block_device_mappings {
+        t.row(["volume".to_string(), attachment_text(a)]);
     }
     t
 }

@@ -5,9 +5,11 @@
 //!   (with `--wait`), console.
 //! - [`catalog`]: hosts, images, key pairs, zones, instance types and the
 //!   controller cluster.
+//! - [`volumes`]: block volumes: create, list, attach, detach, delete.
 
 pub mod catalog;
 pub mod instances;
+pub mod volumes;
 
 use ferro_proto::compute::v1 as pb;
 
@@ -71,6 +73,7 @@ pub async fn run(
         C::Vpcs(c) => catalog::vpcs(client, format, c).await,
         C::Subnets(c) => catalog::subnets(client, format, c).await,
         C::SecurityGroups(c) => catalog::security_groups(client, format, c).await,
+        C::Volumes(c) => volumes::run(client, format, c).await,
         C::Azs(args::ListOnly::List) => catalog::azs(client, format).await,
         C::Types(args::ListOnly::List) => catalog::types(client, format).await,
         C::Up(_) => Err(CommandError::Usage(
