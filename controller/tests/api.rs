@@ -1145,3 +1145,184 @@ async fn security_groups_and_the_host_network_watch() {
     .await
     .unwrap();
 }
+
+/// Volumes through the API: created with replicas on distinct hosts of
+/// the zone, described with filters, attached to a stopped instance (and
+/// shown on it), refused on a running one and while in use, detached and
+/// deleted.
+#[tokio::test]
+async fn volumes_attach_to_stopped_instances_of_their_zone() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let mut hc = hosts_client(t.addr).await;
+    for (h, disk) in [("h1", 500), ("h2", 300), ("h3", 0)] {
+        let mut agent = FakeAgent::new(h, "az-1", 64, 65536);
+        agent.disk_gib = disk;
+        let hk = agent.join(&[t.addr.to_string()], &t.admin_key).await;
+        beat(&mut hc, &hk, agent.heartbeat("https://127.0.0.1:1"))
+            .await
+            .unwrap();
+    }
+    let create = |size_gib, volume_type: &str| pb::CreateVolumeRequest {
+        size_gib,
+        availability_zone: "az-1".into(),
+        volume_type: volume_type.into(),
+        tags: vec![pb::Tag {
+            key: "env".into(),
+            value: "ci".into(),
+        }],
+        client_token: String::new(),
+    };
+    // Only two hosts report disk: no three replicas; an unknown type.
+    let e = c.create_volume(create(8, "durable")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("reports disk space for 3 replicas"));
+    let e = c.create_volume(create(8, "gp3")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("volume_type"), "{}", e.message());
+    let vol = c.create_volume(create(8, "")).await.unwrap().into_inner();
+    let token = pb::CreateVolumeRequest {
+        client_token: "t-1".into(),
+        ..create(2, "")
+    };
+    let once = c.create_volume(token.clone()).await.unwrap().into_inner();
+    assert_eq!(c.create_volume(token).await.unwrap().into_inner(), once);
+    c.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: once.volume_id,
+    })
+    .await
+    .unwrap();
+    assert_eq!((vol.state.as_str(), vol.epoch), ("available", 1));
+    assert_eq!(vol.replica_host_ids, ["h1", "h2"]);
+    let other = c
+        .create_volume(create(4, "standard"))
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = c.clone();
+    let list = |f: pb::DescribeVolumesRequest| {
+        let mut c = reader.clone();
+        async move { c.describe_volumes(f).await.map(|r| r.into_inner()) }
+    };
+    let page = list(pb::DescribeVolumesRequest {
+        max_results: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(page.volumes.len(), 1);
+    assert!(!page.next_token.is_empty());
+    let e = list(pb::DescribeVolumesRequest {
+        volume_ids: vec!["vol-nope".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // One instance stopped, one running.
+    let ids: Vec<String> = c
+        .run_instances(run_req(2))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .into_iter()
+        .map(|i| i.instance_id)
+        .collect();
+    c.stop_instances(pb::StopInstancesRequest {
+        instance_ids: vec![ids[0].clone()],
+        force: false,
+    })
+    .await
+    .unwrap();
+    let attach = |vol: &str, inst: &str| pb::AttachVolumeRequest {
+        volume_id: vol.into(),
+        instance_id: inst.into(),
+        device: "/dev/vdb".into(),
+        delete_on_termination: false,
+    };
+    let a = c
+        .attach_volume(attach(&vol.volume_id, &ids[0]))
+        .await
+        .unwrap()
+        .into_inner()
+        .attachment
+        .unwrap();
+    assert_eq!(
+        (a.state.as_str(), a.device.as_str()),
+        ("attached", "/dev/vdb")
+    );
+    let e = c
+        .attach_volume(attach(&other.volume_id, &ids[1]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "IncorrectInstanceState: hot-attach comes later; stop the instance first"
+    );
+    let in_use = list(pb::DescribeVolumesRequest {
+        attachment_instance_ids: vec![ids[0].clone()],
+        states: vec!["in-use".into()],
+        tags: vec![pb::TagFilter {
+            key: "env".into(),
+            value: "ci".into(),
+        }],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .volumes;
+    assert_eq!(in_use.len(), 1);
+    assert_eq!(in_use[0].volume_id, vol.volume_id);
+    let shown = describe(&mut c, vec![ids[0].clone()]).await;
+    assert_eq!(shown[0].block_device_mappings, vec![a.clone()]);
+    let e = c
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().starts_with("DependencyViolation"),
+        "{}",
+        e.message()
+    );
+    let d = c
+        .detach_volume(pb::DetachVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .attachment
+        .unwrap();
+    assert_eq!(d.state, "detached");
+    for v in [&vol, &other] {
+        c.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    let left = list(pb::DescribeVolumesRequest::default())
+        .await
+        .unwrap()
+        .volumes;
+    assert!(left.is_empty(), "{left:?}");
+    let hosts = c
+        .describe_hosts(pb::DescribeHostsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    let disk: Vec<(u64, u64)> = hosts
+        .iter()
+        .map(|h| (h.disk_total_gib, h.disk_allocated_gib))
+        .collect();
+    assert_eq!(disk, [(500, 0), (300, 0), (0, 0)], "the space is freed");
+}

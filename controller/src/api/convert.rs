@@ -209,6 +209,8 @@ pub fn host_out(h: &Host, last_seen_ms: Option<u64>) -> pb::Host {
         agent_version: h.agent_version.clone(),
         kvm_present: h.kvm_present,
         tags: tags_out(&h.tags),
+        disk_total_gib: h.disk_total_gib,
+        disk_allocated_gib: h.disk_allocated_gib,
     }
 }
 

@@ -123,6 +123,8 @@ pub struct FakeAgent {
     pub az: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Disk space it reports for volume replicas, GiB.
+    pub disk_gib: u64,
     pub state: Arc<Mutex<FakeState>>,
     /// What it got when it joined.
     pub joined: Arc<Mutex<Option<Joined>>>,
@@ -375,6 +377,7 @@ impl FakeAgent {
             az: az.into(),
             vcpus,
             memory_mib,
+            disk_gib: 1000,
             state: Arc::default(),
             joined: Arc::default(),
         }
@@ -407,6 +410,7 @@ impl FakeAgent {
             cpu_model: "fake".into(),
             vcpus_total: self.vcpus,
             memory_total_mib: self.memory_mib,
+            disk_total_gib: self.disk_gib,
             kvm_present: true,
             agent_version: "fake".into(),
             ..Default::default()
