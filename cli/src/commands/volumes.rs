@@ -67,7 +67,8 @@ pub async fn run(
                     async move { ComputeClient::new(ch).attach_volume(req).await }
                 })
                 .await?;
-            return Ok(attachment_done(format, a.attachment));
+            attachment_done(format, a.attachment);
+            return Ok(());
         }
         V::Detach { volume, force } => {
             let req = pb::DetachVolumeRequest {
@@ -81,7 +82,8 @@ pub async fn run(
                     async move { ComputeClient::new(ch).detach_volume(req).await }
                 })
                 .await?;
-            return Ok(attachment_done(format, a.attachment));
+            attachment_done(format, a.attachment);
+            return Ok(());
         }
         V::Delete { volume } => {
             let req = pb::DeleteVolumeRequest {
