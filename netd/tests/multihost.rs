@@ -83,6 +83,29 @@ fn configure_all(c: &Cluster, ifaces: &[&Iface]) {
     }
 }
 
+/// busybox's `udhcpc` on `ns`'s eth0 (3 tries, 1 s apart, no address
+/// applied): what its script saw, one line per event.
+fn udhcpc(ns: &str) -> String {
+    assert!(std::path::Path::new("/bin/busybox").exists(), "precondition missing: /bin/busybox (apt package busybox-static; deploy/install-deps.sh installs it)");
+    let script = std::env::temp_dir().join(format!("ferro-udhcpc-{}.sh", std::process::id()));
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho \"$1 ip=$ip subnet=$subnet router=$router dns=$dns mtu=$mtu \
+         hostname=$hostname lease=$lease serverid=$serverid\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n",
+        ])
+        .args(["-t", "3", "-T", "1", "-s"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn expected_lease(last: u8, vni: u32, acked_to: [u8; 6]) -> Lease {
     Lease {
         ip: ip(last),
@@ -130,6 +153,23 @@ async fn t01_dhcp_leases_and_cross_host_traffic() {
     assert_eq!(got, Some(expected_lease(5, 0x10, [0xff; 6])));
     let foreign = dhcp_client::obtain(c.inst("f1"), "02:00:00:00:00:ee", false).await;
     assert_eq!(foreign, None, "a foreign MAC got a lease");
+    // A client nobody here wrote: busybox's udhcpc gets exactly the lease,
+    // and nothing for the foreign MAC.
+    let (n1, nf) = (c.inst("a1").to_string(), c.inst("f1").to_string());
+    let (real, real_foreign) = tokio::task::spawn_blocking(move || (udhcpc(&n1), udhcpc(&nf)))
+        .await
+        .unwrap();
+    assert!(
+        real.contains(
+            "bound ip=10.0.0.4 subnet=255.255.255.0 router=10.0.0.1 dns=10.0.0.2 \
+             mtu=1450 hostname=ip-10-0-0-4 lease=3600 serverid=10.0.0.1"
+        ),
+        "udhcpc's lease:\n{real}"
+    );
+    assert!(
+        !real_foreign.contains("bound"),
+        "udhcpc of a foreign MAC:\n{real_foreign}"
+    );
 
     assert!(c
         .fdb(0, "fvx10")
