@@ -152,6 +152,19 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
         Vec::<String>::new(),
         "netd left"
     );
+    let tables = String::from_utf8_lossy(
+        &ferro_testkit::tool("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let mine = format!("ferro_{}", layout.netd_prefix);
+    assert!(
+        !tables.lines().any(|l| l.ends_with(&format!(" {mine}"))),
+        "netd's nftables tables left:\n{tables}"
+    );
     assert_eq!(
         processes("ferro-vmm", &data),
         Vec::<String>::new(),

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use crate::desired::{fmt_mac, Mac};
-use crate::security_groups::{nft, NftError, TABLE};
+use crate::security_groups::{nft, table_name, NftError};
 
 /// The anti-spoofing chain of `tap`.
 pub fn chain_name(tap: &str) -> String {
@@ -83,7 +83,7 @@ pub struct Counters {
 /// The anti-spoofing counters of every TAP in netd's table, by TAP
 /// (none when the table does not exist yet).
 pub fn counters() -> Result<BTreeMap<String, Counters>, NftError> {
-    match nft(&["list", "counters", "table", "bridge", TABLE], None) {
+    match nft(&["list", "counters", "table", "bridge", table_name()], None) {
         Ok(listing) => Ok(parse_counters(&listing)),
         Err(e) if e.is_no_such_table() => Ok(BTreeMap::new()),
         Err(e) => Err(e),

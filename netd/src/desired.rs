@@ -28,6 +28,7 @@ pub const MAX_VNI: u32 = 0x00ff_ffff;
 pub struct Naming {
     bridge: String,
     vxlan: String,
+    table: String,
     port: u16,
 }
 
@@ -35,9 +36,15 @@ static NAMING: OnceLock<Naming> = OnceLock::new();
 
 /// Sets the process's naming once, at start (later calls change nothing).
 pub fn set_naming(prefix: &str, port: u16) {
+    let table = if prefix == DEFAULT_NAME_PREFIX {
+        "ferro".to_string()
+    } else {
+        format!("ferro_{prefix}")
+    };
     let _ = NAMING.set(Naming {
         bridge: format!("{prefix}br"),
         vxlan: format!("{prefix}vx"),
+        table,
         port,
     });
 }
@@ -46,6 +53,7 @@ fn naming() -> &'static Naming {
     NAMING.get_or_init(|| Naming {
         bridge: format!("{DEFAULT_NAME_PREFIX}br"),
         vxlan: format!("{DEFAULT_NAME_PREFIX}vx"),
+        table: "ferro".into(),
         port: DEFAULT_VXLAN_PORT,
     })
 }
@@ -58,6 +66,11 @@ pub fn bridge_prefix() -> &'static str {
 /// Prefix of netd's VXLAN devices (`fvx`, then the VNI in hex).
 pub fn vxlan_prefix() -> &'static str {
     &naming().vxlan
+}
+
+/// The name of netd's nftables tables (`ferro`, or `ferro_<prefix>`).
+pub fn table_name() -> &'static str {
+    &naming().table
 }
 
 /// The UDP port of the VXLAN devices.

@@ -86,7 +86,12 @@ use crate::desired::{
 };
 
 /// The name of netd's two tables, `bridge ferro` and `ip ferro`.
-pub const TABLE: &str = "ferro";
+/// The name of netd's two tables (`ferro`, or `ferro_<prefix>` for a
+/// netd with its own name prefix, so several in one namespace never take
+/// each other's rules).
+pub fn table_name() -> &'static str {
+    crate::desired::table_name()
+}
 /// Packet mark bit: conntrack found the packet established or related.
 pub const MARK_ESTABLISHED: u32 = 0x0100_0000;
 /// Packet mark bit: conntrack found the packet invalid.
@@ -284,7 +289,8 @@ pub fn apply(r: &Ruleset) -> Result<(), NftError> {
 
 /// What netd's table of `family` holds now.
 pub fn existing(family: &str) -> Result<Existing, NftError> {
-    match nft(&["-t", "list", "table", family, TABLE], None) {
+    let table = table_name();
+    match nft(&["-t", "list", "table", family, table], None) {
         Ok(listing) => Ok(parse_existing(&listing)),
         Err(e) if e.is_no_such_table() => Ok(Existing::default()),
         Err(e) => Err(e),
@@ -324,9 +330,10 @@ impl Table {
 
     /// The table as `nft -f` input, complete (for reading and tests).
     pub fn render(&self) -> String {
+        let table = table_name();
         let mut s = String::new();
         self.declare(&mut s);
-        s.push_str(&format!("flush table {} {TABLE}\n", self.family));
+        s.push_str(&format!("flush table {} {table}\n", self.family));
         self.define(&mut s);
         s
     }
@@ -334,7 +341,8 @@ impl Table {
     /// Every object, empty (an `add`: what exists stays, counters keep
     /// their values).
     fn declare(&self, s: &mut String) {
-        let _ = writeln!(s, "table {} {TABLE} {{", self.family);
+        let table = table_name();
+        let _ = writeln!(s, "table {} {table} {{", self.family);
         for c in &self.counters {
             let _ = writeln!(s, "\tcounter {c} {{\n\t}}");
         }
@@ -353,10 +361,11 @@ impl Table {
 
     /// Set elements and rules, into objects that exist and are empty.
     fn define(&self, s: &mut String) {
+        let table = table_name();
         for name in self.sets.keys() {
-            let _ = writeln!(s, "flush set {} {TABLE} {name}", self.family);
+            let _ = writeln!(s, "flush set {} {table} {name}", self.family);
         }
-        let _ = writeln!(s, "table {} {TABLE} {{", self.family);
+        let _ = writeln!(s, "table {} {table} {{", self.family);
         for (name, set) in self.sets.iter().filter(|(_, set)| !set.elements.is_empty()) {
             let _ = writeln!(
                 s,
@@ -377,19 +386,20 @@ impl Table {
 
     /// Deletes what `existing` has and this table does not.
     fn delete_stale(&self, existing: &Existing, s: &mut String) {
+        let table = table_name();
         let f = self.family;
         for c in existing
             .chains
             .iter()
             .filter(|c| !self.chains.contains_key(*c))
         {
-            let _ = writeln!(s, "delete chain {f} {TABLE} {c}");
+            let _ = writeln!(s, "delete chain {f} {table} {c}");
         }
         for set in existing.sets.iter().filter(|n| !self.sets.contains_key(*n)) {
-            let _ = writeln!(s, "delete set {f} {TABLE} {set}");
+            let _ = writeln!(s, "delete set {f} {table} {set}");
         }
         for c in existing.counters.difference(&self.counters) {
-            let _ = writeln!(s, "delete counter {f} {TABLE} {c}");
+            let _ = writeln!(s, "delete counter {f} {table} {c}");
         }
     }
 }
@@ -399,13 +409,14 @@ impl Ruleset {
     /// (bridge, ip) into this ruleset: declare everything, flush both
     /// tables' rules, delete stale objects, fill sets and chains.
     pub fn script(&self, existing: &[Existing; 2]) -> String {
+        let table = table_name();
         let tables = [&self.bridge, &self.ip];
         let mut s = String::new();
         for t in tables {
             t.declare(&mut s);
         }
         for t in tables {
-            let _ = writeln!(s, "flush table {} {TABLE}", t.family);
+            let _ = writeln!(s, "flush table {} {table}", t.family);
         }
         for (t, e) in tables.iter().zip(existing) {
             t.delete_stale(e, &mut s);

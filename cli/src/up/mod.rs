@@ -168,6 +168,15 @@ pub async fn run(up: Up) -> Result<(), UpError> {
     }
     let stopped = daemons.stop();
     if !up.keep || up.demo {
+        // netd leaves its (now empty) nftables tables: it never tears the
+        // dataplane down on its own.
+        let table = format!("ferro_{}", layout.netd_prefix);
+        for family in ["bridge", "ip"] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", family, &table])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         // The agent leaves its (now empty) cgroup parent behind.
         for d in files::cgroup_dirs(&layout.cgroup_parent) {
             let _ = std::fs::remove_dir(d);
