@@ -24,6 +24,8 @@ pkgs=(
   kmod             # depmod: modules.dep of the unpacked guest kernel
   curl             # netd's metadata test: IMDSv2 requests (PUT with headers) from instance namespaces
   iperf3           # cargo xtask bench netd: TCP throughput over the overlay and the raw underlay
+  debootstrap      # the Debian cloud-init guest image of the Linux-guest cloud-host test
+  e2fsprogs        # mkfs.ext4: that image's root disk and the cloud host's disks
 )
 missing=()
 for p in "${pkgs[@]}"; do

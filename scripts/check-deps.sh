@@ -41,6 +41,10 @@ need apt-get "apt package apt"                    "fetching the guest kernel pac
 need depmod  "apt package kmod"                   "modules.dep of the guest kernel"
 need ldd     "apt package libc-bin"               "the Linux-guest harness copies binaries' libraries"
 need qemu-system-x86_64 "apt package qemu-system-x86" "the Linux-guest harness (TCG with nested SVM)"
+need debootstrap "apt package debootstrap"        "the Debian cloud-init guest image (tests/linux-guest/debian)"
+need mkfs.ext4 "apt package e2fsprogs"            "the Debian guest's root disk and the cloud host's disks"
+need kmod    "apt package kmod"                   "modprobe inside the Linux-guest cloud host"
+need ssh     "apt package openssh-client"         "the Debian guest test logs in with the key pair"
 
 # busybox must be the static one: it is copied into the guests' initramfs.
 if [ -x /bin/busybox ]; then

@@ -108,6 +108,11 @@ pub struct Inner {
     /// Guest memory offered, in MiB.
     pub memory_offered_mib: u64,
     registry: Mutex<Registry>,
+    /// One lock per image id being registered: held by the copy-and-hash
+    /// work itself, so a caller that gave up (the controller's call timed
+    /// out on a large root disk) does not make the next call start the
+    /// same work again beside it; that call waits, then finds the image.
+    registering: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Inner {
@@ -180,6 +185,7 @@ impl Manager {
             images,
             events: EventBus::default(),
             registry: Mutex::new(Registry::default()),
+            registering: Mutex::default(),
         });
         let manager = Self { inner };
         manager.recover()?;
@@ -316,7 +322,14 @@ impl Manager {
     ) -> Result<Image, ManagerError> {
         let inner = self.inner.clone();
         let opt = |s: String| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+        let lock = {
+            let mut m = inner.registering.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(id.clone()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
         tokio::task::spawn_blocking(move || {
+            // Held until the work ends, even if this call is dropped.
+            let _guard = guard;
             let (initrd, rootdisk) = (opt(initrd), opt(rootdisk));
             inner
                 .images

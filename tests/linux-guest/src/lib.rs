@@ -130,6 +130,9 @@ const APPLETS: &[&str] = &[
     "expr",
     "date",
     "uptime",
+    "switch_root",
+    "ln",
+    "chmod",
 ];
 
 /// Shell helpers sourced by every `/init` (L1 and L2).
@@ -261,6 +264,64 @@ impl Userland {
         self
     }
 
+    /// The kernel's module tree under `/lib/modules/<version>/` (only the
+    /// `kernel/` subdirectories in `subdirs`, plus every `modules.*` index)
+    /// and kmod as `/bin/modprobe`, so the kernel loads what it needs on
+    /// demand (nftables expressions, bridge, VXLAN) as on a real host.
+    pub fn module_tree(
+        &mut self,
+        kernel: &GuestKernel,
+        subdirs: &[&str],
+    ) -> Result<&mut Self, Error> {
+        let version = kernel
+            .modules
+            .file_name()
+            .and_then(|v| v.to_str())
+            .ok_or_else(|| {
+                Error::Precondition("the kernel's modules directory has no name".into())
+            })?
+            .to_string();
+        let base = format!("lib/modules/{version}");
+        let entries =
+            std::fs::read_dir(&kernel.modules).map_err(|e| Error::io(&kernel.modules, e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("modules.") {
+                self.archive
+                    .file(&format!("{base}/{name}"), e.path(), 0o644);
+            }
+        }
+        for sub in subdirs {
+            let dir = kernel.modules.join("kernel").join(sub);
+            self.add_tree(&dir, &format!("{base}/kernel/{sub}"))?;
+        }
+        let kmod = Path::new("/usr/bin/kmod");
+        if !kmod.exists() {
+            return Err(Error::Precondition(
+                "/usr/bin/kmod (install the Debian package kmod)".into(),
+            ));
+        }
+        self.binary(kmod, "bin/kmod")?;
+        for app in ["modprobe", "lsmod", "modinfo"] {
+            self.archive.symlink(&format!("bin/{app}"), "kmod");
+        }
+        Ok(self)
+    }
+
+    fn add_tree(&mut self, dir: &Path, dest: &str) -> Result<(), Error> {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if path.is_dir() {
+                self.add_tree(&path, &format!("{dest}/{name}"))?;
+            } else {
+                self.archive.file(&format!("{dest}/{name}"), path, 0o644);
+            }
+        }
+        Ok(())
+    }
+
     /// The script `/init` runs after mounting and loading modules.
     pub fn script(&mut self, body: &str) -> &mut Self {
         self.init = body.to_string();
@@ -363,6 +424,7 @@ pub struct Qemu {
     cpus: u32,
     append: String,
     taps: Vec<(String, String)>,
+    disks: Vec<(PathBuf, bool)>,
     timeout: Duration,
     echo: bool,
 }
@@ -377,6 +439,7 @@ impl Qemu {
             cpus: 1,
             append: String::new(),
             taps: Vec::new(),
+            disks: Vec::new(),
             timeout: Duration::from_secs(300),
             echo: true,
         }
@@ -405,6 +468,19 @@ impl Qemu {
         self
     }
 
+    /// A virtio disk in L1 (`/dev/vda`, `/dev/vdb`… in order) backed by
+    /// the raw image `path`, read-write.
+    pub fn disk(mut self, path: &Path) -> Self {
+        self.disks.push((path.to_path_buf(), false));
+        self
+    }
+
+    /// A read-only virtio disk in L1 (QEMU never writes `path`).
+    pub fn disk_ro(mut self, path: &Path) -> Self {
+        self.disks.push((path.to_path_buf(), true));
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
@@ -419,6 +495,28 @@ impl Qemu {
 
     /// Boot L1 and collect its console until it powers off.
     pub fn run(&self) -> Result<Console, Error> {
+        let mut running = self.spawn()?;
+        let deadline = running.start + self.timeout;
+        loop {
+            match running.next_line(deadline) {
+                Next::Line(_) => {}
+                Next::Exited => break,
+                Next::Timeout => {
+                    running.kill();
+                    return Err(Error::Timeout {
+                        secs: self.timeout.as_secs(),
+                        tail: running.tail(30),
+                    });
+                }
+            }
+        }
+        running.finish()
+    }
+
+    /// Boot L1 and return at once: the test reads its console with
+    /// [`Running::wait_for`] while it drives the L1 from outside (an L1
+    /// that is a cloud host runs until [`Running::kill`]).
+    pub fn spawn(&self) -> Result<Running, Error> {
         let qemu = "qemu-system-x86_64";
         let mut cmd = Command::new(qemu);
         cmd.args(["-accel", "tcg", "-cpu", "EPYC,+svm,+npt"])
@@ -442,6 +540,11 @@ impl Qemu {
                 &format!("virtio-net-pci,netdev=n{i},mac={mac}"),
             ]);
         }
+        for (d, ro) in &self.disks {
+            let mode = if *ro { "readonly=on" } else { "cache=unsafe" };
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=virtio,{mode}", d.display()));
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -450,7 +553,6 @@ impl Qemu {
                 "cannot run {qemu}: {e} (install the Debian package qemu-system-x86)"
             ))
         })?;
-        let start = Instant::now();
         let (tx, rx) = mpsc::channel::<String>();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -475,43 +577,114 @@ impl Qemu {
                 let _ = tx2.send(format!("qemu: {line}"));
             }
         });
-        let deadline = start + self.timeout;
-        let mut lines = Vec::new();
-        let mut timed_out = false;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-                Ok(l) => {
-                    if self.echo {
-                        eprintln!("[{:6.1}] {l}", start.elapsed().as_secs_f64());
-                    }
-                    lines.push(l);
+        Ok(Running {
+            child,
+            rx,
+            readers: vec![reader, err_reader],
+            lines: Vec::new(),
+            start: Instant::now(),
+            echo: self.echo,
+        })
+    }
+}
+
+/// What [`Running::next_line`] saw.
+enum Next {
+    Line(usize),
+    Exited,
+    Timeout,
+}
+
+/// A QEMU L1 booted by [`Qemu::spawn`]; killed when dropped.
+#[derive(Debug)]
+pub struct Running {
+    child: std::process::Child,
+    rx: mpsc::Receiver<String>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    lines: Vec<String>,
+    start: Instant,
+    echo: bool,
+}
+
+impl Running {
+    fn next_line(&mut self, deadline: Instant) -> Next {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(l) => {
+                if self.echo {
+                    eprintln!("[{:6.1}] {l}", self.start.elapsed().as_secs_f64());
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    timed_out = true;
-                    break;
+                self.lines.push(l);
+                Next::Line(self.lines.len() - 1)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Next::Exited,
+            Err(mpsc::RecvTimeoutError::Timeout) => Next::Timeout,
+        }
+    }
+
+    /// Wait until L1's console prints a line containing `pat` (lines
+    /// printed earlier count too) and return it; an error with the last
+    /// lines if L1 exits or `timeout` passes first.
+    pub fn wait_for(&mut self, pat: &str, timeout: Duration) -> Result<String, Error> {
+        if let Some(l) = self.lines.iter().find(|l| l.contains(pat)) {
+            return Ok(l.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.next_line(deadline) {
+                Next::Line(i) if self.lines[i].contains(pat) => return Ok(self.lines[i].clone()),
+                Next::Line(_) => {}
+                Next::Exited | Next::Timeout => {
+                    return Err(Error::Timeout {
+                        secs: timeout.as_secs(),
+                        tail: format!("(waiting for {pat:?})\n{}", self.tail(40)),
+                    })
                 }
             }
         }
-        if timed_out {
-            let _ = child.kill();
+    }
+
+    /// Take what L1 printed so far without waiting.
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(l) = self.rx.try_recv() {
+            if self.echo {
+                eprintln!("[{:6.1}] {l}", self.start.elapsed().as_secs_f64());
+            }
+            self.lines.push(l);
         }
-        let status = child.wait().map_err(|e| Error::io(Path::new(qemu), e))?;
-        let _ = reader.join();
-        let _ = err_reader.join();
-        if timed_out {
-            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
-            return Err(Error::Timeout {
-                secs: self.timeout.as_secs(),
-                tail,
-            });
+        &self.lines
+    }
+
+    /// The last `n` console lines.
+    pub fn tail(&self, n: usize) -> String {
+        self.lines[self.lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stop QEMU now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    fn finish(mut self) -> Result<Console, Error> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(Path::new("qemu-system-x86_64"), e))?;
+        for r in self.readers.drain(..) {
+            let _ = r.join();
         }
         Ok(Console {
-            lines,
-            secs: start.elapsed().as_secs_f64(),
+            lines: std::mem::take(&mut self.lines),
+            secs: self.start.elapsed().as_secs_f64(),
             qemu_ok: status.success(),
         })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -40,6 +40,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("pgrep", "procps"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
+    ("ssh", "openssh-client"),
+    ("debootstrap", "debootstrap"),
+    ("mkfs.ext4", "e2fsprogs"),
 ];
 
 /// A `Command` for external tool `name`, failing the test at once with the
