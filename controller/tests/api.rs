@@ -1593,6 +1593,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
     };
     type I = pb::DescribeInstancesRequest;
     let di = I::default;
+    let b_id = vec![b.instance_id.clone()];
     let mut a_ids = instance_ids(&a);
     a_ids.sort();
     assert_eq!(
@@ -1601,7 +1602,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             ..di()
         })
         .await,
-        [b.instance_id.clone()]
+        b_id
     );
     assert_eq!(
         inst(I {
@@ -1617,7 +1618,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             ..di()
         })
         .await,
-        [b.instance_id.clone()]
+        b_id
     );
     assert_eq!(
         inst(I {
@@ -1633,7 +1634,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             ..di()
         })
         .await,
-        [b.instance_id.clone()]
+        b_id
     );
     assert_eq!(
         inst(I {
@@ -1641,7 +1642,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             ..di()
         })
         .await,
-        [b.instance_id.clone()]
+        b_id
     );
     assert_eq!(
         inst(I {
