@@ -1466,89 +1466,79 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
     just_a.sort();
     type F = pb::DescribeNetworkInterfacesRequest;
     let d = F::default;
-    assert_eq!(
-        enis(F {
-            vpc_ids: vec![vpc.vpc_id.clone()],
-            ..d()
-        })
-        .await,
-        just_b
-    );
-    assert_eq!(
-        enis(F {
-            vpc_ids: vec![a[0].vpc_id.clone()],
-            ..d()
-        })
-        .await,
-        just_a
-    );
-    assert_eq!(
-        enis(F {
-            subnet_ids: vec![sub.subnet_id.clone()],
-            ..d()
-        })
-        .await,
-        just_b
-    );
-    assert_eq!(
-        enis(F {
-            private_ip_addresses: vec![a[1].private_ip_address.clone()],
-            ..d()
-        })
-        .await,
-        [eni(&a[1])]
-    );
-    assert_eq!(
-        enis(F {
-            security_group_ids: vec![web.group_id.clone()],
-            ..d()
-        })
-        .await,
-        just_b
-    );
-    assert_eq!(
-        enis(F {
-            security_group_names: vec!["default".into()],
-            ..d()
-        })
-        .await,
-        just_a
-    );
-    assert_eq!(
-        enis(F {
-            instance_ids: vec![a[0].instance_id.clone()],
-            ..d()
-        })
-        .await,
-        [eni(&a[0])]
-    );
-    assert_eq!(
-        enis(F {
-            mac_addresses: vec![a[0].mac_address.to_uppercase()],
-            ..d()
-        })
-        .await,
-        [eni(&a[0])]
-    );
-    assert_eq!(
-        enis(F {
-            network_interface_ids: just_b.clone(),
-            ..d()
-        })
-        .await,
-        just_b
-    );
-    assert_eq!(
-        enis(F {
-            tags: vec![pb::TagFilter {
-                key: "a".into(),
-                value: String::new()
-            }],
-            ..d()
-        })
-        .await,
-        just_a
-    );
+    let any_a = vec![pb::TagFilter {
+        key: "a".into(),
+        value: String::new(),
+    }];
+    let cases = [
+        (
+            F {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                ..d()
+            },
+            just_b.clone(),
+        ),
+        (
+            F {
+                vpc_ids: vec![a[0].vpc_id.clone()],
+                ..d()
+            },
+            just_a.clone(),
+        ),
+        (
+            F {
+                subnet_ids: vec![sub.subnet_id.clone()],
+                ..d()
+            },
+            just_b.clone(),
+        ),
+        (
+            F {
+                private_ip_addresses: vec![a[1].private_ip_address.clone()],
+                ..d()
+            },
+            vec![eni(&a[1])],
+        ),
+        (
+            F {
+                security_group_ids: vec![web.group_id.clone()],
+                ..d()
+            },
+            just_b.clone(),
+        ),
+        (
+            F {
+                security_group_names: vec!["default".into()],
+                ..d()
+            },
+            just_a.clone(),
+        ),
+        (
+            F {
+                instance_ids: vec![a[0].instance_id.clone()],
+                ..d()
+            },
+            vec![eni(&a[0])],
+        ),
+        (
+            F {
+                mac_addresses: vec![a[0].mac_address.to_uppercase()],
+                ..d()
+            },
+            vec![eni(&a[0])],
+        ),
+        (
+            F {
+                network_interface_ids: just_b.clone(),
+                ..d()
+            },
+            just_b.clone(),
+        ),
+        (F { tags: any_a, ..d() }, just_a.clone()),
+    ];
+    for (f, want) in cases {
+        assert_eq!(enis(f.clone()).await, want, "{f:?}");
+    }
     // Pages of one: each interface exactly once.
     let mut paged = Vec::new();
     let mut token = String::new();
@@ -1596,69 +1586,69 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
     let b_id = vec![b.instance_id.clone()];
     let mut a_ids = instance_ids(&a);
     a_ids.sort();
-    assert_eq!(
-        inst(I {
-            vpc_ids: vec![vpc.vpc_id.clone()],
-            ..di()
-        })
-        .await,
-        b_id
-    );
-    assert_eq!(
-        inst(I {
-            vpc_ids: vec![a[0].vpc_id.clone()],
-            ..di()
-        })
-        .await,
-        a_ids
-    );
-    assert_eq!(
-        inst(I {
-            subnet_ids: vec![sub.subnet_id.clone()],
-            ..di()
-        })
-        .await,
-        b_id
-    );
-    assert_eq!(
-        inst(I {
-            private_ip_addresses: vec![a[0].private_ip_address.clone()],
-            ..di()
-        })
-        .await,
-        [a[0].instance_id.clone()]
-    );
-    assert_eq!(
-        inst(I {
-            security_group_ids: vec![web.group_id.clone()],
-            ..di()
-        })
-        .await,
-        b_id
-    );
-    assert_eq!(
-        inst(I {
-            security_group_names: vec!["web".into()],
-            ..di()
-        })
-        .await,
-        b_id
-    );
-    assert_eq!(
-        inst(I {
-            security_group_names: vec!["default".into()],
-            ..di()
-        })
-        .await,
-        a_ids
-    );
-    assert!(inst(I {
-        vpc_ids: vec![vpc.vpc_id.clone()],
-        subnet_ids: vec![a[0].subnet_id.clone()],
-        ..di()
-    })
-    .await
-    .is_empty());
+    let other_subnet = vec![a[0].subnet_id.clone()];
+    let cases = [
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                ..di()
+            },
+            b_id.clone(),
+        ),
+        (
+            I {
+                vpc_ids: vec![a[0].vpc_id.clone()],
+                ..di()
+            },
+            a_ids.clone(),
+        ),
+        (
+            I {
+                subnet_ids: vec![sub.subnet_id.clone()],
+                ..di()
+            },
+            b_id.clone(),
+        ),
+        (
+            I {
+                private_ip_addresses: vec![a[0].private_ip_address.clone()],
+                ..di()
+            },
+            vec![a[0].instance_id.clone()],
+        ),
+        (
+            I {
+                security_group_ids: vec![web.group_id.clone()],
+                ..di()
+            },
+            b_id.clone(),
+        ),
+        (
+            I {
+                security_group_names: vec!["web".into()],
+                ..di()
+            },
+            b_id.clone(),
+        ),
+        (
+            I {
+                security_group_names: vec!["default".into()],
+                ..di()
+            },
+            a_ids.clone(),
+        ),
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                subnet_ids: other_subnet,
+                ..di()
+            },
+            vec![],
+        ),
+    ];
+    for (f, want) in cases {
+        assert_eq!(inst(f.clone()).await, want, "{f:?}");
+    }
     assert_eq!(inst(di()).await.len(), 3, "no filter: all");
 
     // Tags and pages on VPCs, subnets and groups.
