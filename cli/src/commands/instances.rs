@@ -148,19 +148,14 @@ async fn list_instances(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let net = super::net_filters(f.net);
     let req = pb::DescribeInstancesRequest {
         states,
         availability_zones: f.azs,
         host_ids: f.hosts,
         tags: parse_tag_filters(&f.tags)?,
-        vpc_ids: net.vpc_ids,
-        subnet_ids: net.subnet_ids,
-        private_ip_addresses: net.private_ip_addresses,
-        security_group_ids: net.security_group_ids,
-        security_group_names: net.security_group_names,
         ..Default::default()
     };
+    let req = super::with_net_filters!(req, f.net);
     let list = describe_all(client, req).await?;
     let json = list.iter().map(output::instance_json).collect();
     print(

@@ -4,7 +4,7 @@
 use ferro_proto::compute::v1 as pb;
 
 use super::pages::list_all;
-use super::{net_filters, parse_tag_filters, CommandError};
+use super::{parse_tag_filters, with_net_filters, CommandError};
 use crate::args::{self, Format};
 use crate::client::Client;
 use crate::output::{self, print};
@@ -13,19 +13,13 @@ use crate::output::{self, print};
 pub fn list_request(
     f: args::ListInterfaces,
 ) -> Result<pb::DescribeNetworkInterfacesRequest, CommandError> {
-    let tags = parse_tag_filters(&f.tags)?;
-    let net = net_filters(f.net);
-    Ok(pb::DescribeNetworkInterfacesRequest {
+    let req = pb::DescribeNetworkInterfacesRequest {
         instance_ids: f.instances,
         availability_zones: f.azs,
-        tags,
-        vpc_ids: net.vpc_ids,
-        subnet_ids: net.subnet_ids,
-        private_ip_addresses: net.private_ip_addresses,
-        security_group_ids: net.security_group_ids,
-        security_group_names: net.security_group_names,
+        tags: parse_tag_filters(&f.tags)?,
         ..Default::default()
-    })
+    };
+    Ok(with_net_filters!(req, f.net))
 }
 
 /// `ferro interfaces list`: every matching interface, as a table or JSON.

@@ -124,30 +124,22 @@ pub(crate) fn parse_tag_filters(list: &[String]) -> Result<Vec<pb::TagFilter>, C
         .collect()
 }
 
-/// The interface filters of a request (DescribeInstances and
-/// DescribeNetworkInterfaces name them alike).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct NetRequest {
-    pub vpc_ids: Vec<String>,
-    pub subnet_ids: Vec<String>,
-    pub private_ip_addresses: Vec<String>,
-    pub security_group_ids: Vec<String>,
-    pub security_group_names: Vec<String>,
+/// `--vpc`, `--subnet`, `--private-ip`, `--group` set on a request with
+/// the interface filter fields (DescribeInstances and
+/// DescribeNetworkInterfaces name them alike): a group starting with
+/// `sg-` is an id, anything else a name.
+macro_rules! with_net_filters {
+    ($req:expr, $net:expr) => {{
+        let (net, mut req) = ($net, $req);
+        let (ids, names) = net.groups.into_iter().partition(|g| g.starts_with("sg-"));
+        req.vpc_ids = net.vpcs;
+        req.subnet_ids = net.subnets;
+        req.private_ip_addresses = net.private_ips;
+        (req.security_group_ids, req.security_group_names) = (ids, names);
+        req
+    }};
 }
-
-/// `--vpc`, `--subnet`, `--private-ip`, `--group` as request fields: a
-/// group starting with `sg-` is an id, anything else a name.
-pub(crate) fn net_filters(f: args::NetFilters) -> NetRequest {
-    let (security_group_ids, security_group_names) =
-        f.groups.into_iter().partition(|g| g.starts_with("sg-"));
-    NetRequest {
-        vpc_ids: f.vpcs,
-        subnet_ids: f.subnets,
-        private_ip_addresses: f.private_ips,
-        security_group_ids,
-        security_group_names,
-    }
-}
+pub(crate) use with_net_filters;
 
 /// A fresh idempotency token: `ferro-cli-<pid>-<nanoseconds>`.
 pub fn client_token() -> String {
@@ -182,13 +174,16 @@ mod tests {
     fn groups_split_into_ids_and_names() {
         let f = args::NetFilters {
             vpcs: vec!["vpc-1".into()],
+            subnets: vec!["subnet-1".into()],
+            private_ips: vec!["10.0.0.4".into()],
             groups: vec!["sg-1".into(), "web".into()],
-            ..Default::default()
         };
-        let n = net_filters(f);
-        assert_eq!(n.vpc_ids, ["vpc-1"]);
-        assert_eq!(n.security_group_ids, ["sg-1"]);
-        assert_eq!(n.security_group_names, ["web"]);
+        let r = with_net_filters!(pb::DescribeInstancesRequest::default(), f);
+        assert_eq!(r.vpc_ids, ["vpc-1"]);
+        assert_eq!(r.subnet_ids, ["subnet-1"]);
+        assert_eq!(r.private_ip_addresses, ["10.0.0.4"]);
+        assert_eq!(r.security_group_ids, ["sg-1"]);
+        assert_eq!(r.security_group_names, ["web"]);
         let t = parse_tag_filters(&["env".into(), "tier=web".into()]).unwrap();
         assert_eq!((t[0].key.as_str(), t[0].value.as_str()), ("env", ""));
         assert_eq!((t[1].key.as_str(), t[1].value.as_str()), ("tier", "web"));
