@@ -1461,11 +1461,106 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
                 .collect::<Vec<_>>()
         }
     };
+    let shared = c.clone();
+    let inst = move |f: pb::DescribeInstancesRequest| {
+        let mut c = shared.clone();
+        async move {
+            instance_ids(
+                &c.describe_instances(f)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .instances,
+            )
+        }
+    };
+    type F = pb::DescribeNetworkInterfacesRequest;
+    type I = pb::DescribeInstancesRequest;
+    let (d, di) = (F::default, I::default);
+    let (b_id, mut a_ids) = (vec![b.instance_id.clone()], instance_ids(&a));
+    a_ids.sort();
+    let a0 = vec![a[0].instance_id.clone()];
+
+    // The filters both calls take: each returns exactly these instances
+    // (and their interfaces).
+    let cases = [
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                vpc_ids: vec![a[0].vpc_id.clone()],
+                ..di()
+            },
+            &a_ids,
+        ),
+        (
+            I {
+                subnet_ids: vec![sub.subnet_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                private_ip_addresses: vec![a[0].private_ip_address.clone()],
+                ..di()
+            },
+            &a0,
+        ),
+        (
+            I {
+                security_group_ids: vec![web.group_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                security_group_names: vec!["web".into()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                security_group_names: vec!["default".into()],
+                ..di()
+            },
+            &a_ids,
+        ),
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                subnet_ids: vec![a[0].subnet_id.clone()],
+                ..di()
+            },
+            &vec![],
+        ),
+    ];
+    for (f, want) in cases {
+        assert_eq!(&inst(f.clone()).await, want, "{f:?}");
+        let as_interfaces = F {
+            vpc_ids: f.vpc_ids,
+            subnet_ids: f.subnet_ids,
+            private_ip_addresses: f.private_ip_addresses,
+            security_group_ids: f.security_group_ids,
+            security_group_names: f.security_group_names,
+            ..d()
+        };
+        let want_enis: Vec<String> = want.iter().map(|id| format!("eni-{}", &id[2..])).collect();
+        assert_eq!(enis(as_interfaces).await, want_enis, "{want:?}");
+    }
+    assert_eq!(inst(di()).await.len(), 3, "no filter: all");
+
+    // The interface-only filters.
     let just_b = vec![eni(&b)];
     let mut just_a: Vec<String> = a.iter().map(eni).collect();
     just_a.sort();
-    type F = pb::DescribeNetworkInterfacesRequest;
-    let d = F::default;
     let any_a = vec![pb::TagFilter {
         key: "a".into(),
         value: String::new(),
@@ -1473,49 +1568,7 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
     let cases = [
         (
             F {
-                vpc_ids: vec![vpc.vpc_id.clone()],
-                ..d()
-            },
-            just_b.clone(),
-        ),
-        (
-            F {
-                vpc_ids: vec![a[0].vpc_id.clone()],
-                ..d()
-            },
-            just_a.clone(),
-        ),
-        (
-            F {
-                subnet_ids: vec![sub.subnet_id.clone()],
-                ..d()
-            },
-            just_b.clone(),
-        ),
-        (
-            F {
-                private_ip_addresses: vec![a[1].private_ip_address.clone()],
-                ..d()
-            },
-            vec![eni(&a[1])],
-        ),
-        (
-            F {
-                security_group_ids: vec![web.group_id.clone()],
-                ..d()
-            },
-            just_b.clone(),
-        ),
-        (
-            F {
-                security_group_names: vec!["default".into()],
-                ..d()
-            },
-            just_a.clone(),
-        ),
-        (
-            F {
-                instance_ids: vec![a[0].instance_id.clone()],
+                instance_ids: a0.clone(),
                 ..d()
             },
             vec![eni(&a[0])],
@@ -1535,6 +1588,13 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             just_b.clone(),
         ),
         (F { tags: any_a, ..d() }, just_a.clone()),
+        (
+            F {
+                availability_zones: vec!["az-2".into()],
+                ..d()
+            },
+            vec![],
+        ),
     ];
     for (f, want) in cases {
         assert_eq!(enis(f.clone()).await, want, "{f:?}");
@@ -1566,90 +1626,6 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
     let mut want: Vec<String> = just_a.iter().chain(&just_b).cloned().collect();
     want.sort();
     assert_eq!(paged, want);
-
-    // DescribeInstances' interface filters.
-    let shared = c.clone();
-    let inst = move |f: pb::DescribeInstancesRequest| {
-        let mut c = shared.clone();
-        async move {
-            instance_ids(
-                &c.describe_instances(f)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .instances,
-            )
-        }
-    };
-    type I = pb::DescribeInstancesRequest;
-    let di = I::default;
-    let b_id = vec![b.instance_id.clone()];
-    let mut a_ids = instance_ids(&a);
-    a_ids.sort();
-    let other_subnet = vec![a[0].subnet_id.clone()];
-    let cases = [
-        (
-            I {
-                vpc_ids: vec![vpc.vpc_id.clone()],
-                ..di()
-            },
-            b_id.clone(),
-        ),
-        (
-            I {
-                vpc_ids: vec![a[0].vpc_id.clone()],
-                ..di()
-            },
-            a_ids.clone(),
-        ),
-        (
-            I {
-                subnet_ids: vec![sub.subnet_id.clone()],
-                ..di()
-            },
-            b_id.clone(),
-        ),
-        (
-            I {
-                private_ip_addresses: vec![a[0].private_ip_address.clone()],
-                ..di()
-            },
-            vec![a[0].instance_id.clone()],
-        ),
-        (
-            I {
-                security_group_ids: vec![web.group_id.clone()],
-                ..di()
-            },
-            b_id.clone(),
-        ),
-        (
-            I {
-                security_group_names: vec!["web".into()],
-                ..di()
-            },
-            b_id.clone(),
-        ),
-        (
-            I {
-                security_group_names: vec!["default".into()],
-                ..di()
-            },
-            a_ids.clone(),
-        ),
-        (
-            I {
-                vpc_ids: vec![vpc.vpc_id.clone()],
-                subnet_ids: other_subnet,
-                ..di()
-            },
-            vec![],
-        ),
-    ];
-    for (f, want) in cases {
-        assert_eq!(inst(f.clone()).await, want, "{f:?}");
-    }
-    assert_eq!(inst(di()).await.len(), 3, "no filter: all");
 
     // Tags and pages on VPCs, subnets and groups.
     let tag_b = || {
