@@ -1634,50 +1634,32 @@ async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
             value: "1".into(),
         }]
     };
-    let vpcs = c
-        .describe_vpcs(pb::DescribeVpcsRequest {
-            tags: tag_b(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        vpcs.vpcs.iter().map(|v| &v.vpc_id).collect::<Vec<_>>(),
-        [&vpc.vpc_id]
-    );
-    let subnets = c
-        .describe_subnets(pb::DescribeSubnetsRequest {
-            tags: tag_b(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        subnets
-            .subnets
-            .iter()
-            .map(|s| &s.subnet_id)
-            .collect::<Vec<_>>(),
-        [&sub.subnet_id]
-    );
+    let vpcs = c.describe_vpcs(pb::DescribeVpcsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    });
+    let vpcs = vpcs.await.unwrap().into_inner().vpcs;
+    let subnets = c.describe_subnets(pb::DescribeSubnetsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    });
+    let subnets = subnets.await.unwrap().into_inner().subnets;
+    let groups = pb::DescribeSecurityGroupsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    };
     let groups = c
-        .describe_security_groups(pb::DescribeSecurityGroupsRequest {
-            tags: tag_b(),
-            ..Default::default()
-        })
+        .describe_security_groups(groups)
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(
-        groups
-            .security_groups
-            .iter()
-            .map(|g| &g.group_id)
-            .collect::<Vec<_>>(),
-        [&web.group_id]
-    );
+        .into_inner()
+        .security_groups;
+    let tagged: [Vec<&String>; 3] = [
+        vpcs.iter().map(|v| &v.vpc_id).collect(),
+        subnets.iter().map(|s| &s.subnet_id).collect(),
+        groups.iter().map(|g| &g.group_id).collect(),
+    ];
+    assert_eq!(tagged, [[&vpc.vpc_id], [&sub.subnet_id], [&web.group_id]]);
     let first = c
         .describe_subnets(pb::DescribeSubnetsRequest {
             max_results: 2,
