@@ -69,6 +69,9 @@ pub enum Command {
     /// Security groups: stateful allow rules for instances' interfaces.
     #[command(subcommand)]
     SecurityGroups(SecurityGroups),
+    /// Network interfaces: each instance's primary interface (eni-…).
+    #[command(subcommand, alias = "network-interfaces")]
+    Interfaces(Interfaces),
     /// Block volumes: replicated disks of one zone, attached to instances.
     #[command(subcommand)]
     Volumes(Volumes),
@@ -264,6 +267,52 @@ pub struct ListInstances {
     /// Only instances with this tag (KEY or KEY=VALUE); repeatable.
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Interface filters: VPC, subnet, address, group.
+    #[command(flatten)]
+    pub net: NetFilters,
+}
+
+/// Filters on an instance's primary interface (`instances list`,
+/// `interfaces list`); each repeatable, any value matches.
+#[derive(Debug, Default, Args)]
+pub struct NetFilters {
+    /// Only in this VPC.
+    #[arg(long = "vpc", value_name = "VPC_ID")]
+    pub vpcs: Vec<String>,
+    /// Only in this subnet.
+    #[arg(long = "subnet", value_name = "SUBNET_ID")]
+    pub subnets: Vec<String>,
+    /// Only with this private IPv4 address.
+    #[arg(long = "private-ip", value_name = "IP")]
+    pub private_ips: Vec<String>,
+    /// Only in this security group: an id (sg-…) or a name.
+    #[arg(long = "group", value_name = "SG_ID|NAME")]
+    pub groups: Vec<String>,
+}
+
+/// Network interface commands.
+#[derive(Debug, Subcommand)]
+pub enum Interfaces {
+    /// List interfaces.
+    List(ListInterfaces),
+}
+
+/// `ferro interfaces list` filters.
+#[derive(Debug, Default, Args)]
+pub struct ListInterfaces {
+    /// Only the interface of this instance; repeatable.
+    #[arg(long = "instance", value_name = "INSTANCE_ID")]
+    pub instances: Vec<String>,
+    /// Only interfaces in this zone; repeatable.
+    #[arg(long = "az")]
+    pub azs: Vec<String>,
+    /// Only interfaces whose instance has this tag (KEY or KEY=VALUE);
+    /// repeatable.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// VPC, subnet, address and group filters.
+    #[command(flatten)]
+    pub net: NetFilters,
 }
 
 /// Image commands.
@@ -342,7 +391,11 @@ pub enum Vpcs {
         tags: Vec<String>,
     },
     /// List VPCs.
-    List,
+    List {
+        /// Only VPCs with this tag (KEY or KEY=VALUE); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
     /// Delete a VPC (refused while it has subnets).
     Delete {
         /// VPC id.
@@ -373,6 +426,9 @@ pub enum Subnets {
         /// Only those of this VPC.
         #[arg(long, value_name = "VPC_ID")]
         vpc: Option<String>,
+        /// Only subnets with this tag (KEY or KEY=VALUE); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Delete a subnet.
     Delete {
@@ -407,6 +463,9 @@ pub enum SecurityGroups {
         /// Only groups of this name.
         #[arg(long)]
         name: Option<String>,
+        /// Only groups with this tag (KEY or KEY=VALUE); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
     },
     /// Delete a group nothing uses.
     Delete {

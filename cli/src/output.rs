@@ -246,6 +246,55 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
     t
 }
 
+/// Network interfaces as a table and as JSON.
+pub fn interfaces(list: &[pb::NetworkInterface]) -> (Table, Value) {
+    let mut t = Table::new([
+        "INTERFACE",
+        "INSTANCE",
+        "PRIVATE IP",
+        "SUBNET",
+        "VPC",
+        "AZ",
+        "MAC",
+        "GROUPS",
+        "STATUS",
+    ]);
+    let mut j = Vec::new();
+    for x in list {
+        let groups: Vec<String> = x
+            .groups
+            .iter()
+            .map(|g| format!("{} ({})", g.group_id, g.group_name))
+            .collect();
+        t.row([
+            x.network_interface_id.clone(),
+            dash(&x.instance_id),
+            x.private_ip_address.clone(),
+            x.subnet_id.clone(),
+            x.vpc_id.clone(),
+            dash(&x.availability_zone),
+            x.mac_address.clone(),
+            dash(&groups.join(", ")),
+            x.status.clone(),
+        ]);
+        j.push(json!({
+            "network_interface_id": x.network_interface_id,
+            "instance_id": x.instance_id,
+            "device_index": x.device_index,
+            "private_ip_address": x.private_ip_address,
+            "subnet_id": x.subnet_id,
+            "vpc_id": x.vpc_id,
+            "availability_zone": x.availability_zone,
+            "mac_address": x.mac_address,
+            "groups": x.groups.iter().map(|g| json!({"group_id": g.group_id, "group_name": g.group_name})).collect::<Vec<_>>(),
+            "status": x.status,
+            "host_id": x.host_id,
+            "tags": tags_json(&x.tags),
+        }));
+    }
+    (t, Value::Array(j))
+}
+
 /// State changes (start/stop/reboot/terminate answers).
 pub fn changes(list: &[pb::InstanceStateChange]) -> (Table, Value) {
     let mut t = Table::new(["INSTANCE", "PREVIOUS", "CURRENT"]);
@@ -550,6 +599,40 @@ mod tests {
         assert_eq!(time(1_000), "1970-01-01T00:00:01Z");
         assert_eq!(time(1_795_000_000_000), "2026-11-18T11:06:40Z");
         assert_eq!(time(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn interface_table_and_json() {
+        let x = pb::NetworkInterface {
+            network_interface_id: "eni-1".into(),
+            instance_id: "i-1".into(),
+            private_ip_address: "10.0.1.4".into(),
+            subnet_id: "subnet-1".into(),
+            vpc_id: "vpc-1".into(),
+            availability_zone: "az-1".into(),
+            mac_address: "02:fc:00:00:00:01".into(),
+            groups: vec![pb::GroupIdentifier {
+                group_id: "sg-1".into(),
+                group_name: "web".into(),
+            }],
+            status: "in-use".into(),
+            ..Default::default()
+        };
+        let (t, j) = interfaces(std::slice::from_ref(&x));
+        let lines: Vec<String> = t.render().lines().map(String::from).collect();
+        assert!(
+            lines[0].starts_with("INTERFACE  INSTANCE  PRIVATE IP"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].starts_with("eni-1      i-1       10.0.1.4"),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].contains("sg-1 (web)") && lines[1].ends_with("in-use"));
+        assert_eq!(j[0]["groups"][0]["group_name"], "web");
+        assert_eq!(j[0]["private_ip_address"], "10.0.1.4");
     }
 
     #[test]

@@ -13,8 +13,8 @@ use ferro_raft::{Member, ReplicationError, Replicator};
 
 use crate::model::*;
 use crate::state::{
-    sha256_hex, ClusterState, Command, HostReport, Observation, Output, RunSpec, StateChange,
-    StateError,
+    any_of, check_exist, sha256_hex, tags_match, ClusterState, Command, HostReport, NetFilter,
+    Observation, Output, Paging, RunSpec, StateChange, StateError, DEFAULT_PAGE,
 };
 
 /// Errors of controller operations; the API maps each to a gRPC code.
@@ -66,6 +66,8 @@ pub struct InstanceFilter {
     pub azs: Vec<String>,
     /// Only these hosts.
     pub hosts: Vec<String>,
+    /// On the primary interface: VPC, subnet, address, groups.
+    pub net: NetFilter,
     /// Every (key, value) must match; an empty value matches any.
     pub tags: Vec<(String, String)>,
     /// Page size (0: 100; at most 1000).
@@ -74,8 +76,7 @@ pub struct InstanceFilter {
     pub next_token: String,
 }
 
-/// A page of results and the token of the next one (empty at the end).
-pub type Page<T> = (Vec<T>, String);
+pub use crate::state::Page;
 
 /// Settings of a controller node.
 #[derive(Clone, Debug)]
@@ -434,59 +435,24 @@ pub fn heartbeat_changes(
     })
 }
 
-fn tag_match(tags: &Tags, want: &[(String, String)]) -> bool {
-    want.iter()
-        .all(|(k, v)| tags.get(k).is_some_and(|have| v.is_empty() || have == v))
-}
-
 /// DescribeInstances over a state: filter, order by id, page.
 pub fn describe_instances(
     s: &ClusterState,
     f: &InstanceFilter,
 ) -> std::result::Result<Page<Instance>, StateError> {
-    for id in &f.ids {
-        if !s.instances.contains_key(id) {
-            return Err(StateError::NotFound(format!(
-                "instance_ids: no instance {id:?}"
-            )));
-        }
-    }
-    if f.max_results > 1000 {
-        return Err(StateError::InvalidArgument(
-            "max_results: at most 1000".into(),
-        ));
-    }
-    let limit = if f.max_results == 0 {
-        100
-    } else {
-        f.max_results as usize
-    };
-    let start = std::ops::Bound::Excluded(f.next_token.clone());
-    let range = if f.next_token.is_empty() {
-        s.instances.range::<String, _>(..)
-    } else {
-        s.instances.range((start, std::ops::Bound::Unbounded))
-    };
-    let mut out = Vec::new();
-    for i in range.map(|(_, i)| i) {
-        let ok = (f.ids.is_empty() || f.ids.contains(&i.id))
+    check_exist(&s.instances, &f.ids, "instance_ids", "instance")?;
+    f.net.check()?;
+    let paging = Paging::new(f.max_results, &f.next_token, DEFAULT_PAGE)?;
+    let matching = paging.rest(&s.instances).filter(|i| {
+        any_of(&f.ids, &i.id)
             && (f.states.is_empty() || f.states.contains(&i.public_state()))
-            && (f.azs.is_empty() || f.azs.contains(&i.az))
-            && (f.hosts.is_empty() || f.hosts.contains(&i.host_id))
-            && tag_match(&i.tags, &f.tags);
-        if !ok {
-            continue;
-        }
-        if out.len() == limit {
-            let next = out
-                .last()
-                .map(|i: &Instance| i.id.clone())
-                .unwrap_or_default();
-            return Ok((out, next));
-        }
-        out.push(i.clone());
-    }
-    Ok((out, String::new()))
+            && any_of(&f.azs, &i.az)
+            && any_of(&f.hosts, &i.host_id)
+            && tags_match(&i.tags, &f.tags)
+            && f.net.matches(s, i.network.as_ref())
+    });
+    let (page, next) = paging.page(matching, |i| i.id.as_str());
+    Ok((page.into_iter().cloned().collect(), next))
 }
 
 #[cfg(test)]

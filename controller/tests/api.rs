@@ -1326,3 +1326,435 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
         .collect();
     assert_eq!(disk, [(500, 0), (300, 0), (0, 0)], "the space is freed");
 }
+
+/// Ids of instances and interfaces, for comparing answers.
+fn instance_ids(list: &[pb::Instance]) -> Vec<String> {
+    list.iter().map(|i| i.instance_id.clone()).collect()
+}
+
+/// Interfaces and the interface filters of DescribeInstances, over
+/// instances in two VPCs: each filter returns exactly the right ones,
+/// pages return each once, bad values name the field, a host key is
+/// refused.
+#[tokio::test]
+async fn network_interfaces_and_instance_filters_by_vpc_subnet_ip_and_group() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    register(&mut c).await;
+    let agent = FakeAgent::new("h1", "az-1", 64, 65536);
+    let hk = agent.join(&[t.addr.to_string()], &t.admin_key).await;
+    let mut hc = hosts_client(t.addr).await;
+    beat(&mut hc, &hk, agent.heartbeat("https://127.0.0.1:1"))
+        .await
+        .unwrap();
+    // Two in the default VPC, one in a second VPC's subnet, in group "web".
+    let tagged = |k: &str| {
+        vec![pb::Tag {
+            key: k.into(),
+            value: "1".into(),
+        }]
+    };
+    let a = c
+        .run_instances(pb::RunInstancesRequest {
+            tags: tagged("a"),
+            ..run_req(2)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    let vpc = c
+        .create_vpc(pb::CreateVpcRequest {
+            cidr_block: "10.9.0.0/16".into(),
+            tags: tagged("b"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sub = c
+        .create_subnet(pb::CreateSubnetRequest {
+            vpc_id: vpc.vpc_id.clone(),
+            cidr_block: "10.9.1.0/24".into(),
+            availability_zone: "az-1".into(),
+            tags: tagged("b"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let web = c
+        .create_security_group(pb::CreateSecurityGroupRequest {
+            vpc_id: vpc.vpc_id.clone(),
+            group_name: "web".into(),
+            tags: tagged("b"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = c
+        .run_instances(pb::RunInstancesRequest {
+            subnet_id: sub.subnet_id.clone(),
+            security_group_ids: vec![web.group_id.clone()],
+            tags: tagged("b"),
+            ..run_req(1)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+
+    // Every instance has one interface, with its record.
+    let all = c
+        .describe_network_interfaces(pb::DescribeNetworkInterfacesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.network_interfaces.len(), 3);
+    let eni = |i: &pb::Instance| format!("eni-{}", &i.instance_id[2..]);
+    let x = all
+        .network_interfaces
+        .iter()
+        .find(|x| x.instance_id == b.instance_id)
+        .unwrap();
+    assert_eq!(x.network_interface_id, eni(&b));
+    assert_eq!(
+        (
+            x.vpc_id.as_str(),
+            x.subnet_id.as_str(),
+            x.private_ip_address.as_str()
+        ),
+        (
+            vpc.vpc_id.as_str(),
+            sub.subnet_id.as_str(),
+            b.private_ip_address.as_str()
+        )
+    );
+    assert_eq!(
+        (x.mac_address.as_str(), x.status.as_str()),
+        (b.mac_address.as_str(), "in-use")
+    );
+    assert_eq!(
+        (
+            x.groups[0].group_id.as_str(),
+            x.groups[0].group_name.as_str()
+        ),
+        (web.group_id.as_str(), "web")
+    );
+    assert_eq!(
+        (
+            x.host_id.as_str(),
+            x.availability_zone.as_str(),
+            x.device_index
+        ),
+        ("h1", "az-1", 0)
+    );
+
+    let shared = c.clone();
+    let enis = move |f: pb::DescribeNetworkInterfacesRequest| {
+        let mut c = shared.clone();
+        async move {
+            let r = c.describe_network_interfaces(f).await.unwrap().into_inner();
+            r.network_interfaces
+                .into_iter()
+                .map(|x| x.network_interface_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let shared = c.clone();
+    let inst = move |f: pb::DescribeInstancesRequest| {
+        let mut c = shared.clone();
+        async move {
+            instance_ids(
+                &c.describe_instances(f)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .instances,
+            )
+        }
+    };
+    type F = pb::DescribeNetworkInterfacesRequest;
+    type I = pb::DescribeInstancesRequest;
+    let (d, di) = (F::default, I::default);
+    let (b_id, mut a_ids) = (vec![b.instance_id.clone()], instance_ids(&a));
+    a_ids.sort();
+    let a0 = vec![a[0].instance_id.clone()];
+
+    // The filters both calls take: each returns exactly these instances
+    // (and their interfaces).
+    let cases = [
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                vpc_ids: vec![a[0].vpc_id.clone()],
+                ..di()
+            },
+            &a_ids,
+        ),
+        (
+            I {
+                subnet_ids: vec![sub.subnet_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                private_ip_addresses: vec![a[0].private_ip_address.clone()],
+                ..di()
+            },
+            &a0,
+        ),
+        (
+            I {
+                security_group_ids: vec![web.group_id.clone()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                security_group_names: vec!["web".into()],
+                ..di()
+            },
+            &b_id,
+        ),
+        (
+            I {
+                security_group_names: vec!["default".into()],
+                ..di()
+            },
+            &a_ids,
+        ),
+        (
+            I {
+                vpc_ids: vec![vpc.vpc_id.clone()],
+                subnet_ids: vec![a[0].subnet_id.clone()],
+                ..di()
+            },
+            &vec![],
+        ),
+    ];
+    for (f, want) in cases {
+        assert_eq!(&inst(f.clone()).await, want, "{f:?}");
+        let as_interfaces = F {
+            vpc_ids: f.vpc_ids,
+            subnet_ids: f.subnet_ids,
+            private_ip_addresses: f.private_ip_addresses,
+            security_group_ids: f.security_group_ids,
+            security_group_names: f.security_group_names,
+            ..d()
+        };
+        let want_enis: Vec<String> = want.iter().map(|id| format!("eni-{}", &id[2..])).collect();
+        assert_eq!(enis(as_interfaces).await, want_enis, "{want:?}");
+    }
+    assert_eq!(inst(di()).await.len(), 3, "no filter: all");
+
+    // The interface-only filters.
+    let just_b = vec![eni(&b)];
+    let mut just_a: Vec<String> = a.iter().map(eni).collect();
+    just_a.sort();
+    let any_a = vec![pb::TagFilter {
+        key: "a".into(),
+        value: String::new(),
+    }];
+    let cases = [
+        (
+            F {
+                instance_ids: a0.clone(),
+                ..d()
+            },
+            vec![eni(&a[0])],
+        ),
+        (
+            F {
+                mac_addresses: vec![a[0].mac_address.to_uppercase()],
+                ..d()
+            },
+            vec![eni(&a[0])],
+        ),
+        (
+            F {
+                network_interface_ids: just_b.clone(),
+                ..d()
+            },
+            just_b.clone(),
+        ),
+        (F { tags: any_a, ..d() }, just_a.clone()),
+        (
+            F {
+                availability_zones: vec!["az-2".into()],
+                ..d()
+            },
+            vec![],
+        ),
+    ];
+    for (f, want) in cases {
+        assert_eq!(enis(f.clone()).await, want, "{f:?}");
+    }
+    // Pages of one: each interface exactly once.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .describe_network_interfaces(F {
+                max_results: 1,
+                next_token: token,
+                ..d()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.network_interfaces.len() <= 1);
+        paged.extend(
+            r.network_interfaces
+                .into_iter()
+                .map(|x| x.network_interface_id),
+        );
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    let mut want: Vec<String> = just_a.iter().chain(&just_b).cloned().collect();
+    want.sort();
+    assert_eq!(paged, want);
+
+    // Tags and pages on VPCs, subnets and groups.
+    let tag_b = || {
+        vec![pb::TagFilter {
+            key: "b".into(),
+            value: "1".into(),
+        }]
+    };
+    let vpcs = c.describe_vpcs(pb::DescribeVpcsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    });
+    let vpcs = vpcs.await.unwrap().into_inner().vpcs;
+    let subnets = c.describe_subnets(pb::DescribeSubnetsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    });
+    let subnets = subnets.await.unwrap().into_inner().subnets;
+    let groups = pb::DescribeSecurityGroupsRequest {
+        tags: tag_b(),
+        ..Default::default()
+    };
+    let groups = c
+        .describe_security_groups(groups)
+        .await
+        .unwrap()
+        .into_inner()
+        .security_groups;
+    let tagged: [Vec<&String>; 3] = [
+        vpcs.iter().map(|v| &v.vpc_id).collect(),
+        subnets.iter().map(|s| &s.subnet_id).collect(),
+        groups.iter().map(|g| &g.group_id).collect(),
+    ];
+    assert_eq!(tagged, [[&vpc.vpc_id], [&sub.subnet_id], [&web.group_id]]);
+    let first = c
+        .describe_subnets(pb::DescribeSubnetsRequest {
+            max_results: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rest = c
+        .describe_subnets(pb::DescribeSubnetsRequest {
+            next_token: first.next_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            first.subnets.len(),
+            rest.subnets.len(),
+            rest.next_token.as_str()
+        ),
+        (2, 1, "")
+    );
+    assert!(rest.subnets[0].subnet_id > first.subnets[1].subnet_id);
+
+    // Bad values name the field and change nothing.
+    let bad = [
+        (
+            F {
+                private_ip_addresses: vec!["10.9.1".into()],
+                ..d()
+            },
+            "private_ip_addresses",
+        ),
+        (
+            F {
+                max_results: 1001,
+                ..d()
+            },
+            "max_results",
+        ),
+        (
+            F {
+                mac_addresses: vec!["02:fc".into()],
+                ..d()
+            },
+            "mac_addresses",
+        ),
+        (
+            F {
+                vpc_ids: vec![sub.subnet_id.clone()],
+                ..d()
+            },
+            "vpc_ids",
+        ),
+    ];
+    for (f, field) in bad {
+        let e = c.describe_network_interfaces(f).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    let e = c
+        .describe_instances(I {
+            private_ip_addresses: vec!["10.9.1.300".into()],
+            ..di()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("private_ip_addresses"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .describe_vpcs(pb::DescribeVpcsRequest {
+            max_results: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().starts_with("max_results"));
+    let e = c
+        .describe_network_interfaces(F {
+            network_interface_ids: vec!["eni-0000000000000000".into()],
+            ..d()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(enis(d()).await, want, "nothing changed");
+
+    // A host key reaches none of it.
+    let mut as_host = client(t.addr, &hk).await;
+    let e = as_host.describe_network_interfaces(d()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}

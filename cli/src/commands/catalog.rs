@@ -5,7 +5,8 @@ use ferro_proto::compute::v1::cluster_client::ClusterClient;
 use ferro_proto::compute::v1::compute_client::ComputeClient;
 use serde_json::json;
 
-use super::{done, parse_tags, CommandError};
+use super::pages::list_all;
+use super::{done, parse_tag_filters, parse_tags, CommandError};
 use crate::args::{self, Format};
 use crate::client::{Client, ClientError};
 use crate::output::{self, print};
@@ -13,21 +14,7 @@ use crate::table::Table;
 
 /// `ferro hosts …`.
 pub async fn hosts(client: &mut Client, format: Format) -> Result<(), CommandError> {
-    let mut req = pb::DescribeHostsRequest::default();
-    let mut all = Vec::new();
-    loop {
-        let resp = client
-            .call(|ch| {
-                let req = req.clone();
-                async move { ComputeClient::new(ch).describe_hosts(req).await }
-            })
-            .await?;
-        all.extend(resp.hosts);
-        if resp.next_token.is_empty() {
-            break;
-        }
-        req.next_token = resp.next_token;
-    }
+    let all = list_all(client, pb::DescribeHostsRequest::default()).await?;
     let (t, j) = output::hosts(&all);
     print(format, &t, &j);
     Ok(())
@@ -399,15 +386,12 @@ pub async fn vpcs(
                     .await?,
             ]
         }
-        args::Vpcs::List => {
-            client
-                .call(|ch| async move {
-                    ComputeClient::new(ch)
-                        .describe_vpcs(pb::DescribeVpcsRequest::default())
-                        .await
-                })
-                .await?
-                .vpcs
+        args::Vpcs::List { tags } => {
+            let req = pb::DescribeVpcsRequest {
+                tags: parse_tag_filters(&tags)?,
+                ..Default::default()
+            };
+            list_all(client, req).await?
         }
         args::Vpcs::Delete { id } => {
             let req = pb::DeleteVpcRequest { vpc_id: id.clone() };
@@ -464,18 +448,13 @@ pub async fn subnets(
                     .await?,
             ]
         }
-        args::Subnets::List { vpc } => {
+        args::Subnets::List { vpc, tags } => {
             let req = pb::DescribeSubnetsRequest {
                 vpc_ids: vpc.into_iter().collect(),
+                tags: parse_tag_filters(&tags)?,
                 ..Default::default()
             };
-            client
-                .call(|ch| {
-                    let req = req.clone();
-                    async move { ComputeClient::new(ch).describe_subnets(req).await }
-                })
-                .await?
-                .subnets
+            list_all(client, req).await?
         }
         args::Subnets::Delete { id } => {
             let req = pb::DeleteSubnetRequest {
@@ -712,19 +691,14 @@ pub async fn security_groups(
                     .await?,
             ]
         }
-        S::List { vpc, name } => {
+        S::List { vpc, name, tags } => {
             let req = pb::DescribeSecurityGroupsRequest {
                 vpc_ids: vpc.into_iter().collect(),
                 group_names: name.into_iter().collect(),
+                tags: parse_tag_filters(&tags)?,
                 ..Default::default()
             };
-            client
-                .call(|ch| {
-                    let req = req.clone();
-                    async move { ComputeClient::new(ch).describe_security_groups(req).await }
-                })
-                .await?
-                .security_groups
+            list_all(client, req).await?
         }
         S::Delete { id } => {
             let req = pb::DeleteSecurityGroupRequest {

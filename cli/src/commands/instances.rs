@@ -8,7 +8,7 @@ use ferro_proto::compute::v1 as pb;
 use ferro_proto::compute::v1::compute_client::ComputeClient;
 use serde_json::json;
 
-use super::{client_token, parse_tag, parse_tags, CommandError};
+use super::{client_token, parse_tag_filters, parse_tags, CommandError};
 use crate::args::{self, Format, Wait};
 use crate::client::{Client, ClientError};
 use crate::output::{self, print, state_name};
@@ -126,22 +126,9 @@ async fn run_instances(
 /// Every instance matching `req`, following `next_token`.
 pub async fn describe_all(
     client: &mut Client,
-    mut req: pb::DescribeInstancesRequest,
+    req: pb::DescribeInstancesRequest,
 ) -> Result<Vec<pb::Instance>, ClientError> {
-    let mut all = Vec::new();
-    loop {
-        let resp = client
-            .call(|ch| {
-                let req = req.clone();
-                async move { ComputeClient::new(ch).describe_instances(req).await }
-            })
-            .await?;
-        all.extend(resp.instances);
-        if resp.next_token.is_empty() {
-            return Ok(all);
-        }
-        req.next_token = resp.next_token;
-    }
+    super::pages::list_all(client, req).await
 }
 
 async fn list_instances(
@@ -161,23 +148,14 @@ async fn list_instances(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let tags = f
-        .tags
-        .iter()
-        .map(|t| {
-            parse_tag(t, true).map(|t| pb::TagFilter {
-                key: t.key,
-                value: t.value,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let req = pb::DescribeInstancesRequest {
         states,
         availability_zones: f.azs,
         host_ids: f.hosts,
-        tags,
+        tags: parse_tag_filters(&f.tags)?,
         ..Default::default()
     };
+    let req = super::with_net_filters!(req, f.net);
     let list = describe_all(client, req).await?;
     let json = list.iter().map(output::instance_json).collect();
     print(

@@ -6,9 +6,14 @@
 //! - [`catalog`]: hosts, images, key pairs, zones, instance types and the
 //!   controller cluster.
 //! - [`volumes`]: block volumes: create, list, attach, detach, delete.
+//! - [`interfaces`]: network interfaces: list.
+//!
+//! `pages` follows `next_token` through every page of a list call.
 
 pub mod catalog;
 pub mod instances;
+pub mod interfaces;
+mod pages;
 pub mod volumes;
 
 use ferro_proto::compute::v1 as pb;
@@ -73,6 +78,7 @@ pub async fn run(
         C::Vpcs(c) => catalog::vpcs(client, format, c).await,
         C::Subnets(c) => catalog::subnets(client, format, c).await,
         C::SecurityGroups(c) => catalog::security_groups(client, format, c).await,
+        C::Interfaces(args::Interfaces::List(f)) => interfaces::list(client, format, f).await,
         C::Volumes(c) => volumes::run(client, format, c).await,
         C::Azs(args::ListOnly::List) => catalog::azs(client, format).await,
         C::Types(args::ListOnly::List) => catalog::types(client, format).await,
@@ -106,6 +112,35 @@ pub(crate) fn parse_tags(list: &[String]) -> Result<Vec<pb::Tag>, CommandError> 
     list.iter().map(|t| parse_tag(t, false)).collect()
 }
 
+/// `--tag KEY` or `--tag KEY=VALUE` filters.
+pub(crate) fn parse_tag_filters(list: &[String]) -> Result<Vec<pb::TagFilter>, CommandError> {
+    list.iter()
+        .map(|t| {
+            parse_tag(t, true).map(|t| pb::TagFilter {
+                key: t.key,
+                value: t.value,
+            })
+        })
+        .collect()
+}
+
+/// `--vpc`, `--subnet`, `--private-ip`, `--group` set on a request with
+/// the interface filter fields (DescribeInstances and
+/// DescribeNetworkInterfaces name them alike): a group starting with
+/// `sg-` is an id, anything else a name.
+macro_rules! with_net_filters {
+    ($req:expr, $net:expr) => {{
+        let (net, mut req) = ($net, $req);
+        let (ids, names) = net.groups.into_iter().partition(|g| g.starts_with("sg-"));
+        req.vpc_ids = net.vpcs;
+        req.subnet_ids = net.subnets;
+        req.private_ip_addresses = net.private_ips;
+        (req.security_group_ids, req.security_group_names) = (ids, names);
+        req
+    }};
+}
+pub(crate) use with_net_filters;
+
 /// A fresh idempotency token: `ferro-cli-<pid>-<nanoseconds>`.
 pub fn client_token() -> String {
     let nanos = std::time::SystemTime::now()
@@ -133,6 +168,25 @@ mod tests {
         assert!(parse_tag("env", false).is_err());
         assert_eq!(parse_tag("env", true).unwrap().value, "");
         assert!(parse_tag("=v", true).is_err());
+    }
+
+    #[test]
+    fn groups_split_into_ids_and_names() {
+        let f = args::NetFilters {
+            vpcs: vec!["vpc-1".into()],
+            subnets: vec!["subnet-1".into()],
+            private_ips: vec!["10.0.0.4".into()],
+            groups: vec!["sg-1".into(), "web".into()],
+        };
+        let r = with_net_filters!(pb::DescribeInstancesRequest::default(), f);
+        assert_eq!(r.vpc_ids, ["vpc-1"]);
+        assert_eq!(r.subnet_ids, ["subnet-1"]);
+        assert_eq!(r.private_ip_addresses, ["10.0.0.4"]);
+        assert_eq!(r.security_group_ids, ["sg-1"]);
+        assert_eq!(r.security_group_names, ["web"]);
+        let t = parse_tag_filters(&["env".into(), "tier=web".into()]).unwrap();
+        assert_eq!((t[0].key.as_str(), t[0].value.as_str()), ("env", ""));
+        assert_eq!((t[1].key.as_str(), t[1].value.as_str()), ("tier", "web"));
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub async fn run(
                 attachment_instance_ids: instance.into_iter().collect(),
                 ..Default::default()
             };
-            list_all(client, req).await?
+            super::pages::list_all(client, req).await?
         }
         V::Attach {
             volume,
@@ -106,27 +106,6 @@ pub async fn run(
     let (t, j) = volumes(&list);
     print(format, &t, &j);
     Ok(())
-}
-
-/// Every page of DescribeVolumes.
-async fn list_all(
-    client: &mut Client,
-    mut req: pb::DescribeVolumesRequest,
-) -> Result<Vec<pb::Volume>, CommandError> {
-    let mut out = Vec::new();
-    loop {
-        let page = client
-            .call(|ch| {
-                let req = req.clone();
-                async move { ComputeClient::new(ch).describe_volumes(req).await }
-            })
-            .await?;
-        out.extend(page.volumes);
-        if page.next_token.is_empty() {
-            return Ok(out);
-        }
-        req.next_token = page.next_token;
-    }
 }
 
 fn attachment_done(format: Format, a: Option<pb::VolumeAttachment>) {

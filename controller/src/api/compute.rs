@@ -11,7 +11,11 @@ use super::convert::*;
 use super::{caller, status};
 use crate::controller::{new_api_key, new_id, Controller, InstanceFilter};
 use crate::model::*;
-use crate::state::{sha256_hex, ClusterState, Command, Output, StateError, VolumeFilter};
+use crate::state::{
+    any_of, describe_interfaces, describe_security_groups, describe_subnets, describe_vpcs,
+    sha256_hex, ClusterState, Command, GroupFilter, Output, StateError, SubnetFilter, VolumeFilter,
+    DEFAULT_PAGE,
+};
 
 type Res<T> = Result<Response<T>, Status>;
 
@@ -147,7 +151,8 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 .map_err(bad)?,
             azs: r.availability_zones,
             hosts: r.host_ids,
-            tags: r.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+            net: net_filter_in!(r),
+            tags: tag_filters_in(r.tags),
             max_results: r.max_results,
             next_token: r.next_token,
         };
@@ -355,26 +360,18 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
         let live = self.ctl.liveness();
-        let limit = match r.max_results {
-            0 => 100,
-            n if n > 1000 => return Err(Status::invalid_argument("max_results: at most 1000")),
-            n => n as usize,
-        };
+        let list = listing_in(r.host_ids, vec![], r.max_results, r.next_token);
+        let azs = r.availability_zones;
         let (hosts, next_token) = self
             .read(move |s| {
-                let mut hosts = select(&s.hosts, &r.host_ids, "host_ids")?;
-                hosts.retain(|h| {
-                    (r.availability_zones.is_empty() || r.availability_zones.contains(&h.az))
-                        && (r.next_token.is_empty() || h.id > r.next_token)
-                });
-                let more = hosts.len() > limit;
-                hosts.truncate(limit);
-                let next = if more {
-                    hosts.last().map(|h| h.id.clone()).unwrap_or_default()
-                } else {
-                    String::new()
-                };
-                Ok((hosts, next))
+                let keep = |h: &Host| any_of(&azs, &h.az);
+                list.select(
+                    &s.hosts,
+                    ("host_ids", "host"),
+                    DEFAULT_PAGE,
+                    |h| &h.tags,
+                    keep,
+                )
             })
             .await?;
         Ok(Response::new(pb::DescribeHostsResponse {
@@ -725,10 +722,12 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         req: Request<pb::DescribeVpcsRequest>,
     ) -> Res<pb::DescribeVpcsResponse> {
         self.auth(&req, false).await?;
-        let ids = req.into_inner().vpc_ids;
-        let vpcs = self.read(move |s| select(&s.vpcs, &ids, "vpc_ids")).await?;
+        let r = req.into_inner();
+        let f = listing_in(r.vpc_ids, r.tags, r.max_results, r.next_token);
+        let (vpcs, next_token) = self.read(move |s| describe_vpcs(s, &f)).await?;
         Ok(Response::new(pb::DescribeVpcsResponse {
             vpcs: vpcs.iter().map(vpc_out).collect(),
+            next_token,
         }))
     }
 
@@ -763,25 +762,15 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::DescribeSubnetsResponse> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
-        let subnets = self
-            .read(move |s| {
-                let all = select(&s.subnets, &r.subnet_ids, "subnet_ids")?;
-                for v in &r.vpc_ids {
-                    if !s.vpcs.contains_key(v) {
-                        return Err(StateError::NotFound(format!("vpc_ids: no VPC {v:?}")));
-                    }
-                }
-                Ok(all
-                    .into_iter()
-                    .filter(|x| r.vpc_ids.is_empty() || r.vpc_ids.contains(&x.vpc_id))
-                    .filter(|x| {
-                        r.availability_zones.is_empty() || r.availability_zones.contains(&x.az)
-                    })
-                    .collect::<Vec<_>>())
-            })
-            .await?;
+        let f = SubnetFilter {
+            list: listing_in(r.subnet_ids, r.tags, r.max_results, r.next_token),
+            vpcs: r.vpc_ids,
+            azs: r.availability_zones,
+        };
+        let (subnets, next_token) = self.read(move |s| describe_subnets(s, &f)).await?;
         Ok(Response::new(pb::DescribeSubnetsResponse {
             subnets: subnets.iter().map(subnet_out).collect(),
+            next_token,
         }))
     }
 
@@ -823,23 +812,28 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::DescribeSecurityGroupsResponse> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
-        let groups = self
-            .read(move |s| {
-                let all = select(&s.security_groups, &r.group_ids, "group_ids")?;
-                for v in &r.vpc_ids {
-                    if !s.vpcs.contains_key(v) {
-                        return Err(StateError::NotFound(format!("vpc_ids: no VPC {v:?}")));
-                    }
-                }
-                Ok(all
-                    .into_iter()
-                    .filter(|g| r.vpc_ids.is_empty() || r.vpc_ids.contains(&g.vpc_id))
-                    .filter(|g| r.group_names.is_empty() || r.group_names.contains(&g.name))
-                    .collect::<Vec<_>>())
-            })
-            .await?;
+        let f = GroupFilter {
+            list: listing_in(r.group_ids, r.tags, r.max_results, r.next_token),
+            vpcs: r.vpc_ids,
+            names: r.group_names,
+        };
+        let (groups, next_token) = self.read(move |s| describe_security_groups(s, &f)).await?;
         Ok(Response::new(pb::DescribeSecurityGroupsResponse {
             security_groups: groups.iter().map(security_group_out).collect(),
+            next_token,
+        }))
+    }
+
+    async fn describe_network_interfaces(
+        &self,
+        req: Request<pb::DescribeNetworkInterfacesRequest>,
+    ) -> Res<pb::DescribeNetworkInterfacesResponse> {
+        self.auth(&req, false).await?;
+        let f = interface_filter_in(req.into_inner());
+        let (list, next_token) = self.read(move |s| describe_interfaces(s, &f)).await?;
+        Ok(Response::new(pb::DescribeNetworkInterfacesResponse {
+            network_interfaces: list.iter().map(interface_out).collect(),
+            next_token,
         }))
     }
 
@@ -892,7 +886,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             azs: r.availability_zones,
             instances: r.attachment_instance_ids,
             states: r.states,
-            tags: r.tags.into_iter().map(|t| (t.key, t.value)).collect(),
+            tags: tag_filters_in(r.tags),
             max_results: r.max_results,
             next_token: r.next_token,
         };

@@ -3,7 +3,10 @@
 use ferro_proto::compute::v1 as pb;
 
 use crate::model::*;
-use crate::state::{HostReport, RunSpec, StateChange, StateError, VolumeSpec};
+use crate::state::{
+    HostReport, InterfaceFilter, Listing, NetworkInterface, RunSpec, StateChange, StateError,
+    VolumeSpec, IN_USE,
+};
 
 /// Tags from the wire; a duplicate key is INVALID_ARGUMENT.
 pub fn tags_in(tags: Vec<pb::Tag>) -> Result<Tags, StateError> {
@@ -27,6 +30,80 @@ pub fn tags_out(tags: &Tags) -> Vec<pb::Tag> {
             value: v.clone(),
         })
         .collect()
+}
+
+/// Tag filters off the wire: (key, value), an empty value matching any.
+pub fn tag_filters_in(tags: Vec<pb::TagFilter>) -> Vec<(String, String)> {
+    tags.into_iter().map(|t| (t.key, t.value)).collect()
+}
+
+/// The paging and tag part of a Describe request.
+pub fn listing_in(
+    ids: Vec<String>,
+    tags: Vec<pb::TagFilter>,
+    max_results: u32,
+    next_token: String,
+) -> Listing {
+    Listing {
+        ids,
+        tags: tag_filters_in(tags),
+        max_results,
+        next_token,
+    }
+}
+
+/// The interface filters of a request (DescribeInstances and
+/// DescribeNetworkInterfaces name them alike).
+macro_rules! net_filter_in {
+    ($r:ident) => {
+        $crate::state::NetFilter {
+            vpcs: $r.vpc_ids,
+            subnets: $r.subnet_ids,
+            private_ips: $r.private_ip_addresses,
+            group_ids: $r.security_group_ids,
+            group_names: $r.security_group_names,
+        }
+    };
+}
+pub(crate) use net_filter_in;
+
+/// A DescribeNetworkInterfaces request.
+pub fn interface_filter_in(r: pb::DescribeNetworkInterfacesRequest) -> InterfaceFilter {
+    InterfaceFilter {
+        ids: r.network_interface_ids,
+        instances: r.instance_ids,
+        azs: r.availability_zones,
+        macs: r.mac_addresses,
+        net: net_filter_in!(r),
+        tags: tag_filters_in(r.tags),
+        max_results: r.max_results,
+        next_token: r.next_token,
+    }
+}
+
+/// A network interface to the wire.
+pub fn interface_out(x: &NetworkInterface) -> pb::NetworkInterface {
+    pb::NetworkInterface {
+        network_interface_id: x.id.clone(),
+        instance_id: x.instance_id.clone(),
+        device_index: 0,
+        subnet_id: x.net.subnet_id.clone(),
+        vpc_id: x.net.vpc_id.clone(),
+        availability_zone: x.az.clone(),
+        private_ip_address: x.net.private_ip.clone(),
+        mac_address: x.net.mac.clone(),
+        groups: x
+            .groups
+            .iter()
+            .map(|(id, name)| pb::GroupIdentifier {
+                group_id: id.clone(),
+                group_name: name.clone(),
+            })
+            .collect(),
+        status: IN_USE.into(),
+        host_id: x.host_id.clone(),
+        tags: tags_out(&x.tags),
+    }
 }
 
 /// A RunInstances request.

@@ -111,6 +111,9 @@ impl ClusterState {
         if let Some(s) = self.subnets.get_mut(id) {
             return Some(&mut s.tags);
         }
+        if let Some(g) = self.security_groups.get_mut(id) {
+            return Some(&mut g.tags);
+        }
         if let Some(v) = self.volumes.get_mut(id) {
             return Some(&mut v.tags);
         }
@@ -172,12 +175,20 @@ mod tests {
         add_host(&mut s, "h1", "az-1", 4, 4096);
         add_image(&mut s);
         let tags: Tags = [("env".to_string(), "prod".to_string())].into();
+        s.apply(Command::CreateDefaultVpc {
+            vpc_id: "vpc-d".into(),
+            subnet_ids: vec!["subnet-d1".into(), "subnet-d2".into()],
+            now_ms: 1,
+        })
+        .unwrap();
+        let sg = default_group_id("vpc-d");
         s.apply(Command::CreateTags {
-            resource_ids: vec!["h1".into(), "img-1".into()],
+            resource_ids: vec!["h1".into(), "img-1".into(), sg.clone()],
             tags: tags.clone(),
         })
         .unwrap();
         assert_eq!(s.hosts["h1"].tags, tags);
+        assert_eq!(s.security_groups[&sg].tags, tags);
         let e = s.apply(Command::CreateTags {
             resource_ids: vec!["nope".into()],
             tags,

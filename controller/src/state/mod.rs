@@ -14,8 +14,10 @@
 //! placement, intent, capacity), `hosts` (heartbeats, ordered
 //! observations), `catalog` (images, key pairs, groups, tags), `access`
 //! (API keys, roles, join tokens, the cluster CA) and `network` (VPCs,
-//! subnets), `security` (security groups) and `volumes` (block volumes:
-//! replica placement, attachments). This file holds the state itself, its
+//! subnets), `security` (security groups), `interfaces` (the network
+//! interfaces derived from instances) and `volumes` (block volumes:
+//! replica placement, attachments); `query` holds what the Describe
+//! calls share (paging, tag and interface filters). This file holds the state itself, its
 //! format and the dispatch of `apply`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,15 +33,26 @@ mod catalog;
 mod commands;
 mod hosts;
 mod instances;
+mod interfaces;
 mod network;
+mod query;
 mod security;
 mod volumes;
 
 pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
 pub use commands::*;
 pub use ferro_pki::CaMaterial;
-pub use network::{mac_of, DEFAULT_SUBNET_PREFIX, DEFAULT_VPC_CIDR};
-pub use security::default_group_id;
+pub use interfaces::{
+    describe_interfaces, interface_id, InterfaceFilter, NetworkInterface, IN_USE,
+};
+pub use network::{
+    describe_subnets, describe_vpcs, mac_of, SubnetFilter, VpcFilter, DEFAULT_SUBNET_PREFIX,
+    DEFAULT_VPC_CIDR,
+};
+pub use query::{
+    any_of, check_exist, tags_match, Listing, NetFilter, Page, Paging, DEFAULT_PAGE, MAX_PAGE,
+};
+pub use security::{default_group_id, describe_security_groups, GroupFilter};
 pub use volumes::{
     attachments_of, check_device, describe_volumes, place_replicas, DiskCandidate, VolumeFilter,
     MAX_VOLUME_GIB,

@@ -4,6 +4,7 @@
 //! (EC2's DependencyViolation), and the addresses of interfaces (IPAM).
 //! Security groups are in `security`.
 
+use super::query::{any_of, check_exist, Listing, Page};
 use super::*;
 use crate::net::Cidr;
 
@@ -327,6 +328,40 @@ impl ClusterState {
     }
 }
 
+/// What DescribeVpcs asks for: ids, tags, paging (0: all at once).
+pub type VpcFilter = Listing;
+
+/// DescribeVpcs over a state: filter, order by id, page.
+pub fn describe_vpcs(s: &ClusterState, f: &VpcFilter) -> Result<Page<Vpc>, StateError> {
+    f.select(
+        &s.vpcs,
+        ("vpc_ids", "VPC"),
+        usize::MAX,
+        |v| &v.tags,
+        |_| true,
+    )
+}
+
+/// What DescribeSubnets asks for.
+#[derive(Clone, Debug, Default)]
+pub struct SubnetFilter {
+    /// Ids, tags and paging (0: all at once).
+    pub list: Listing,
+    /// Only of these VPCs (all must exist).
+    pub vpcs: Vec<String>,
+    /// Only in these zones.
+    pub azs: Vec<String>,
+}
+
+/// DescribeSubnets over a state: filter, order by id, page.
+pub fn describe_subnets(s: &ClusterState, f: &SubnetFilter) -> Result<Page<Subnet>, StateError> {
+    check_exist(&s.vpcs, &f.vpcs, "vpc_ids", "VPC")?;
+    let keep = |x: &Subnet| any_of(&f.vpcs, &x.vpc_id) && any_of(&f.azs, &x.az);
+    let what = ("subnet_ids", "subnet");
+    f.list
+        .select(&s.subnets, what, usize::MAX, |x| &x.tags, keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::*;
@@ -555,5 +590,97 @@ mod tests {
         s.apply(Command::DeleteVpc { id: "vpc-a".into() }).unwrap();
         let e = err(&mut s, Command::DeleteVpc { id: "vpc-a".into() });
         assert!(e.contains("no VPC"), "{e}");
+    }
+
+    fn tag(s: &mut ClusterState, id: &str, k: &str) {
+        s.apply(Command::CreateTags {
+            resource_ids: vec![id.into()],
+            tags: [(k.to_string(), "1".to_string())].into(),
+        })
+        .unwrap();
+    }
+
+    /// Tag and VPC filters, pages (all at once when max_results is 0),
+    /// unknown ids and bad page sizes naming the field.
+    #[test]
+    fn vpcs_and_subnets_filter_by_tags_and_page() {
+        let mut s = bootstrapped();
+        for (id, cidr) in [
+            ("vpc-1", "10.1.0.0/16"),
+            ("vpc-2", "10.2.0.0/16"),
+            ("vpc-3", "10.3.0.0/16"),
+        ] {
+            s.apply(vpc(id, cidr)).unwrap();
+        }
+        for (id, v, cidr) in [
+            ("subnet-1", "vpc-1", "10.1.1.0/24"),
+            ("subnet-2", "vpc-1", "10.1.2.0/24"),
+            ("subnet-3", "vpc-2", "10.2.1.0/24"),
+        ] {
+            s.apply(subnet(id, v, cidr, "az-1")).unwrap();
+        }
+        tag(&mut s, "vpc-2", "env");
+        tag(&mut s, "subnet-2", "env");
+        let ids = |p: Page<Vpc>| p.0.into_iter().map(|v| v.id).collect::<Vec<_>>();
+        let tagged = |k: &str| vec![(k.to_string(), String::new())];
+        let all = describe_vpcs(&s, &VpcFilter::default()).unwrap();
+        assert_eq!(ids(all), ["vpc-1", "vpc-2", "vpc-3"]);
+        let env = VpcFilter {
+            tags: tagged("env"),
+            ..Default::default()
+        };
+        assert_eq!(ids(describe_vpcs(&s, &env).unwrap()), ["vpc-2"]);
+        let page = VpcFilter {
+            max_results: 2,
+            ..Default::default()
+        };
+        let (first, next) = describe_vpcs(&s, &page).unwrap();
+        assert_eq!((first.len(), next.as_str()), (2, "vpc-2"));
+        let rest = VpcFilter {
+            next_token: next,
+            ..page
+        };
+        assert_eq!(ids(describe_vpcs(&s, &rest).unwrap()), ["vpc-3"]);
+        let sub = |f: SubnetFilter| {
+            describe_subnets(&s, &f).map(|p| p.0.into_iter().map(|x| x.id).collect::<Vec<_>>())
+        };
+        let in_vpc1 = SubnetFilter {
+            vpcs: vec!["vpc-1".into()],
+            ..Default::default()
+        };
+        assert_eq!(sub(in_vpc1.clone()).unwrap(), ["subnet-1", "subnet-2"]);
+        let env = SubnetFilter {
+            list: Listing {
+                tags: tagged("env"),
+                ..Default::default()
+            },
+            ..in_vpc1
+        };
+        assert_eq!(sub(env).unwrap(), ["subnet-2"]);
+        let az2 = SubnetFilter {
+            azs: vec!["az-2".into()],
+            ..Default::default()
+        };
+        assert!(sub(az2).unwrap().is_empty());
+        let unknown = SubnetFilter {
+            vpcs: vec!["vpc-9".into()],
+            ..Default::default()
+        };
+        assert!(matches!(sub(unknown), Err(E::NotFound(m)) if m.starts_with("vpc_ids:")));
+        let unknown = VpcFilter {
+            ids: vec!["vpc-9".into()],
+            ..Default::default()
+        };
+        assert!(
+            matches!(describe_vpcs(&s, &unknown), Err(E::NotFound(m)) if m.starts_with("vpc_ids:"))
+        );
+        let big = SubnetFilter {
+            list: Listing {
+                max_results: 1001,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(matches!(sub(big), Err(E::InvalidArgument(m)) if m.starts_with("max_results:")));
     }
 }

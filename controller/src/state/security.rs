@@ -7,6 +7,7 @@
 //! rules here are only validated and kept.
 
 use super::network::dependency;
+use super::query::{any_of, check_exist, Listing, Page};
 use super::*;
 use crate::net::Cidr;
 
@@ -318,6 +319,29 @@ impl ClusterState {
     }
 }
 
+/// What DescribeSecurityGroups asks for.
+#[derive(Clone, Debug, Default)]
+pub struct GroupFilter {
+    /// Ids, tags and paging (0: all at once).
+    pub list: Listing,
+    /// Only of these VPCs (all must exist).
+    pub vpcs: Vec<String>,
+    /// Only of these names.
+    pub names: Vec<String>,
+}
+
+/// DescribeSecurityGroups over a state: filter, order by id, page.
+pub fn describe_security_groups(
+    s: &ClusterState,
+    f: &GroupFilter,
+) -> Result<Page<SecurityGroup>, StateError> {
+    check_exist(&s.vpcs, &f.vpcs, "vpc_ids", "VPC")?;
+    let keep = |g: &SecurityGroup| any_of(&f.vpcs, &g.vpc_id) && any_of(&f.names, &g.name);
+    let what = ("group_ids", "security group");
+    f.list
+        .select(&s.security_groups, what, usize::MAX, |g| &g.tags, keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::*;
@@ -623,5 +647,58 @@ mod tests {
             i.network.as_ref().unwrap().security_groups,
             vec![default_group_id("vpc-a")]
         );
+    }
+
+    #[test]
+    fn groups_filter_by_vpc_name_and_tags() {
+        let mut s = bootstrapped();
+        s.apply(vpc("vpc-1")).unwrap();
+        s.apply(group("sg-web", "vpc-1", "web")).unwrap();
+        s.apply(Command::CreateTags {
+            resource_ids: vec!["sg-web".into()],
+            tags: [("tier".to_string(), "web".to_string())].into(),
+        })
+        .unwrap();
+        let ids = |f: GroupFilter| {
+            let p = describe_security_groups(&s, &f).unwrap();
+            p.0.into_iter().map(|g| g.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(GroupFilter::default()), ["sg-1", "sg-web"]);
+        let tagged = |v: &str| Listing {
+            tags: vec![("tier".into(), v.into())],
+            ..Default::default()
+        };
+        let web = GroupFilter {
+            list: tagged("web"),
+            ..Default::default()
+        };
+        assert_eq!(ids(web), ["sg-web"]);
+        let db = GroupFilter {
+            list: tagged("db"),
+            ..Default::default()
+        };
+        assert!(ids(db).is_empty());
+        let named = GroupFilter {
+            names: vec!["default".into()],
+            ..Default::default()
+        };
+        assert_eq!(ids(named), ["sg-1"]);
+        let paged = GroupFilter {
+            list: Listing {
+                max_results: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (one, next) = describe_security_groups(&s, &paged).unwrap();
+        assert_eq!((one[0].id.as_str(), next.as_str()), ("sg-1", "sg-1"));
+        let unknown = GroupFilter {
+            vpcs: vec!["vpc-9".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            describe_security_groups(&s, &unknown),
+            Err(E::NotFound(_))
+        ));
     }
 }

@@ -8,6 +8,7 @@
 //! until then). Attaching to a running instance (hot-attach) is refused.
 
 use super::network::dependency;
+use super::query::{any_of, check_exist, tags_match, Page, Paging, DEFAULT_PAGE};
 use super::*;
 
 /// The largest volume, GiB (EC2's 16 TiB).
@@ -90,13 +91,8 @@ pub struct VolumeFilter {
 }
 
 /// DescribeVolumes over a state: filter, order by id, page.
-pub fn describe_volumes(
-    s: &ClusterState,
-    f: &VolumeFilter,
-) -> Result<(Vec<Volume>, String), StateError> {
-    if let Some(id) = f.ids.iter().find(|id| !s.volumes.contains_key(*id)) {
-        return Err(E::NotFound(format!("volume_ids: no volume {id:?}")));
-    }
+pub fn describe_volumes(s: &ClusterState, f: &VolumeFilter) -> Result<Page<Volume>, StateError> {
+    check_exist(&s.volumes, &f.ids, "volume_ids", "volume")?;
     let states = f
         .states
         .iter()
@@ -105,40 +101,22 @@ pub fn describe_volumes(
                 .ok_or_else(|| E::InvalidArgument(format!("states: no volume state {st:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let limit = match f.max_results {
-        0 => 100,
-        n if n > 1000 => return invalid("max_results: at most 1000"),
-        n => n as usize,
+    let paging = Paging::new(f.max_results, &f.next_token, DEFAULT_PAGE)?;
+    let attached_to = |v: &Volume| {
+        f.instances.is_empty()
+            || v.attachment
+                .as_ref()
+                .is_some_and(|a| f.instances.contains(&a.instance_id))
     };
-    let tagged = |v: &Volume| {
-        f.tags
-            .iter()
-            .all(|(k, want)| v.tags.get(k).is_some_and(|t| want.is_empty() || t == want))
-    };
-    let mut out: Vec<Volume> = s
-        .volumes
-        .values()
-        .filter(|v| f.next_token.is_empty() || v.id > f.next_token)
-        .filter(|v| f.ids.is_empty() || f.ids.contains(&v.id))
-        .filter(|v| f.azs.is_empty() || f.azs.contains(&v.az))
-        .filter(|v| states.is_empty() || states.contains(&v.state))
-        .filter(|v| {
-            f.instances.is_empty()
-                || v.attachment
-                    .as_ref()
-                    .is_some_and(|a| f.instances.contains(&a.instance_id))
-        })
-        .filter(|v| tagged(v))
-        .take(limit + 1)
-        .cloned()
-        .collect();
-    let next = if out.len() > limit {
-        out.truncate(limit);
-        out.last().map(|v| v.id.clone()).unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok((out, next))
+    let matching = paging.rest(&s.volumes).filter(|v| {
+        any_of(&f.ids, &v.id)
+            && any_of(&f.azs, &v.az)
+            && (states.is_empty() || states.contains(&v.state))
+            && attached_to(v)
+            && tags_match(&v.tags, &f.tags)
+    });
+    let (page, next) = paging.page(matching, |v| v.id.as_str());
+    Ok((page.into_iter().cloned().collect(), next))
 }
 
 /// The attachments of instance `id` (volume id, attachment), by device.
