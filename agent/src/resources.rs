@@ -207,6 +207,7 @@ impl Host<'_> {
         serial.push(paths.console());
         arg("--serial", serial);
         arg("--control-socket", paths.socket.clone().into_os_string());
+        arg("--system-uuid", system_uuid(&spec.id).into());
         // Idempotent: recreates the cgroup if it vanished.
         let cgroup_procs = self
             .cgroups
@@ -219,5 +220,41 @@ impl Host<'_> {
             cgroup_procs,
             log_filter: self.cfg.vmm_log.clone(),
         })
+    }
+}
+
+/// The SMBIOS system UUID (and serial number) of instance `id`: `ec2`
+/// and 29 hex digits of the id's sha256, stable across restarts and
+/// unique per instance. EC2's instances carry such a UUID, and EC2-aware
+/// guests (cloud-init's EC2 datasource) recognise an EC2-compatible cloud
+/// by it, then use IMDSv2 as they do on EC2.
+pub fn system_uuid(id: &str) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let h = format!("ec2{}", &hex[..29]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod uuid_tests {
+    use super::system_uuid;
+
+    #[test]
+    fn system_uuids_are_ec2_style_stable_and_distinct() {
+        let a = system_uuid("i-0123456789abcdef");
+        assert!(a.starts_with("ec2"), "{a}");
+        let lens: Vec<usize> = a.split('-').map(str::len).collect();
+        assert_eq!(lens, [8, 4, 4, 4, 12]);
+        assert!(a.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
+        assert_eq!(a, system_uuid("i-0123456789abcdef"));
+        assert_ne!(a, system_uuid("i-0123456789abcdee"));
     }
 }

@@ -65,6 +65,9 @@ pub enum ConfigError {
     /// Serial sink not understood.
     #[error("invalid serial sink `{0}` (want stdout, null or file:PATH)")]
     Serial(String),
+    /// The system UUID is not one.
+    #[error("invalid system UUID `{0}` (want 8-4-4-4-12 hex digits)")]
+    SystemUuid(String),
 }
 
 /// One disk.
@@ -156,6 +159,8 @@ pub struct FileConfig {
     pub serial: Option<String>,
     /// Control socket path.
     pub control_socket: Option<PathBuf>,
+    /// The SMBIOS system UUID (and serial number).
+    pub system_uuid: Option<String>,
 }
 
 /// A validated VM configuration.
@@ -183,6 +188,8 @@ pub struct VmConfig {
     pub control_socket: Option<PathBuf>,
     /// Install seccomp filters (on unless debugging).
     pub seccomp: bool,
+    /// The SMBIOS system UUID, also the serial number.
+    pub system_uuid: Option<crate::smbios::SystemUuid>,
 }
 
 /// Read a TOML config file.
@@ -347,6 +354,8 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     /// `--no-seccomp`.
     pub no_seccomp: bool,
+    /// `--system-uuid`.
+    pub system_uuid: Option<String>,
 }
 
 impl VmConfig {
@@ -402,6 +411,11 @@ impl VmConfig {
         }
         let serial =
             SerialSink::parse(flags.serial.or(file.serial).as_deref().unwrap_or("stdout"))?;
+        let system_uuid = flags
+            .system_uuid
+            .or(file.system_uuid)
+            .map(|u| crate::smbios::SystemUuid::parse(&u).map_err(|_| ConfigError::SystemUuid(u)))
+            .transpose()?;
         Ok(Self {
             vcpus: vcpus as u8,
             memory_mib,
@@ -417,6 +431,7 @@ impl VmConfig {
             serial,
             control_socket: flags.control_socket.or(file.control_socket),
             seccomp: !flags.no_seccomp,
+            system_uuid,
         })
     }
 }
@@ -430,6 +445,25 @@ mod tests {
             kernel: Some("/k".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_system_uuid_is_checked_and_the_flag_wins() {
+        let mut f = flags();
+        f.system_uuid = Some("ec2-nope".into());
+        assert_eq!(
+            VmConfig::build(FileConfig::default(), f).unwrap_err(),
+            ConfigError::SystemUuid("ec2-nope".into())
+        );
+        let file = FileConfig {
+            system_uuid: Some("00000000-0000-0000-0000-000000000001".into()),
+            ..Default::default()
+        };
+        let mut f = flags();
+        f.system_uuid = Some("EC200000-0000-0000-0000-000000000002".into());
+        let c = VmConfig::build(file, f).unwrap();
+        let want = crate::smbios::SystemUuid::parse("ec200000-0000-0000-0000-000000000002");
+        assert_eq!(c.system_uuid, Some(want.unwrap()));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod devices;
 pub mod exitstats;
 pub mod pci;
 pub mod seccomp;
+pub mod smbios;
 pub mod vcpu;
 pub mod vm;
 

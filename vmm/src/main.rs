@@ -48,6 +48,9 @@ struct Cli {
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// SMBIOS system UUID (8-4-4-4-12 hex), also given as the serial number.
+    #[arg(long, value_name = "UUID")]
+    system_uuid: Option<String>,
 }
 
 fn build_config(cli: Cli) -> Result<VmConfig, ConfigError> {
@@ -79,6 +82,7 @@ fn build_config(cli: Cli) -> Result<VmConfig, ConfigError> {
         serial: cli.serial,
         control_socket: cli.control_socket,
         no_seccomp: cli.no_seccomp,
+        system_uuid: cli.system_uuid,
     };
     VmConfig::build(file, flags)
 }

@@ -54,6 +54,9 @@ pub enum VmError {
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// SMBIOS tables could not be written.
+    #[error(transparent)]
+    Smbios(#[from] crate::smbios::SmbiosError),
     /// vCPU registers could not be set.
     #[error("cannot set up vCPU {0}")]
     Regs(u8, #[source] regs::RegsError),
@@ -373,6 +376,7 @@ impl Vm {
         };
         boot::write_zero_page(&mem, &cmdline, &zp)?;
         boot::write_reset_stub(&mem)?;
+        crate::smbios::write(&mem, cfg.system_uuid.as_ref())?;
         let vcpus = create_vcpus(&kvm, &vm_fd, &mem, cfg, kernel.entry)?;
 
         Ok(Self {

@@ -66,6 +66,8 @@ fn local(s: &ClusterState, i: &Instance, n: &Interface) -> pb::LocalInterface {
         key_name: key.map(|k| k.name.clone()).unwrap_or_default(),
         user_data: i.user_data.clone(),
         subnet_id: n.subnet_id.clone(),
+        region: s.region.clone(),
+        image_id: i.image_id.clone(),
     }
 }
 

@@ -139,6 +139,8 @@ impl InterfaceData {
             hostname: l.hostname.clone(),
             availability_zone: l.availability_zone.clone(),
             instance_type: l.instance_type.clone(),
+            region: l.region.clone(),
+            image_id: l.image_id.clone(),
             public_key: l.public_key.clone(),
             key_name: l.key_name.clone(),
             user_data: l.user_data.clone(),

@@ -39,6 +39,10 @@ pub struct InterfaceData {
     pub availability_zone: String,
     /// `meta-data/instance-type` (empty: absent).
     pub instance_type: String,
+    /// The cluster's region, for the instance identity document.
+    pub region: String,
+    /// The instance's image (`meta-data/ami-id`; empty: absent).
+    pub image_id: String,
     /// The OpenSSH public key line (empty: no `public-keys/`).
     pub public_key: String,
     /// Its key pair's name.
@@ -250,6 +254,7 @@ impl Node {
         Node::dir()
             .put("meta-data", meta_data(d))
             .put("user-data", Node::Leaf(d.user_data.clone()))
+            .put("dynamic", dynamic(d))
     }
 }
 
@@ -264,6 +269,25 @@ fn lines<'a>(it: impl Iterator<Item = &'a str>) -> Node {
 fn listing(entries: &Entries) -> Vec<u8> {
     let names: Vec<&str> = entries.values().map(|(l, _)| l.as_str()).collect();
     names.join("\n").into_bytes()
+}
+
+/// `dynamic/instance-identity/document`: the JSON document EC2 serves
+/// (unsigned: there is no `signature` or `pkcs7`), which EC2-aware
+/// software such as cloud-init reads for the region and the instance.
+fn dynamic(d: &InterfaceData) -> Node {
+    let doc = serde_json::json!({
+        "accountId": "",
+        "architecture": "x86_64",
+        "availabilityZone": d.availability_zone,
+        "imageId": d.image_id,
+        "instanceId": d.instance_id,
+        "instanceType": d.instance_type,
+        "privateIp": d.private_ip.to_string(),
+        "region": d.region,
+        "version": "2017-09-30",
+    });
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    Node::dir().put("instance-identity", Node::dir().put("document", leaf(text)))
 }
 
 fn meta_data(d: &InterfaceData) -> Node {
@@ -281,6 +305,7 @@ fn meta_data(d: &InterfaceData) -> Node {
         .put("hostname", leaf(d.hostname.as_str()))
         .put("local-hostname", leaf(d.hostname.as_str()))
         .put("instance-type", leaf(d.instance_type.as_str()))
+        .put("ami-id", leaf(d.image_id.as_str()))
         .put(
             "placement",
             Node::dir().put("availability-zone", leaf(d.availability_zone.as_str())),

@@ -20,6 +20,8 @@ fn data() -> InterfaceData {
         hostname: "ip-10-0-0-5".into(),
         availability_zone: "fc-1a".into(),
         instance_type: "t3.micro".into(),
+        region: "fc".into(),
+        image_id: "img-0123456789abcdef".into(),
         public_key: "ssh-ed25519 AAAA me@laptop".into(),
         key_name: "laptop".into(),
         user_data: b"#cloud-config\n\x00\xff".to_vec(),
@@ -298,7 +300,7 @@ fn every_leaf() {
     // A leaf with a trailing slash is still the leaf.
     assert_eq!(g.ok(&format!("{m}/instance-id/")), "i-0123456789abcdef0");
     g.missing(&format!("{m}/instance-id/more"));
-    g.missing(&format!("{m}/ami-id"));
+    g.missing(&format!("{m}/kernel-id"));
 }
 
 #[test]
@@ -306,7 +308,7 @@ fn every_listing() {
     let mut g = Guest::new();
     assert_eq!(
         g.ok("/latest/meta-data/"),
-        "hostname\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
+        "ami-id\nhostname\ninstance-id\ninstance-type\nlocal-hostname\nlocal-ipv4\nmac\n\
          network/\nplacement/\npublic-keys/\nsecurity-groups"
     );
     assert_eq!(g.ok("/latest/meta-data"), g.ok("/latest/meta-data/"));
@@ -325,9 +327,25 @@ fn every_listing() {
          security-groups\nsubnet-id\nsubnet-ipv4-cidr-block\nvpc-id\n\
          vpc-ipv4-cidr-block\nvpc-ipv4-cidr-blocks"
     );
-    assert_eq!(g.ok("/latest/"), "meta-data/\nuser-data");
-    assert_eq!(g.ok("/latest"), "meta-data/\nuser-data");
+    assert_eq!(g.ok("/latest/"), "dynamic/\nmeta-data/\nuser-data");
+    assert_eq!(g.ok("/latest"), "dynamic/\nmeta-data/\nuser-data");
     assert_eq!(g.ok("/"), "1.0\n2009-04-04\n2016-09-02\n2021-03-23\nlatest");
+}
+
+#[test]
+fn the_instance_identity_document_names_the_asking_instance() {
+    let mut g = Guest::new();
+    assert_eq!(g.ok("/latest/dynamic/"), "instance-identity/");
+    assert_eq!(g.ok("/latest/dynamic/instance-identity/"), "document");
+    let doc = g.ok("/2021-03-23/dynamic/instance-identity/document");
+    let v: serde_json::Value = serde_json::from_str(&doc).expect("JSON");
+    assert_eq!(v["instanceId"], "i-0123456789abcdef0");
+    assert_eq!(v["region"], "fc");
+    assert_eq!(v["availabilityZone"], "fc-1a");
+    assert_eq!(v["privateIp"], "10.0.0.5");
+    assert_eq!(v["instanceType"], "t3.micro");
+    assert_eq!(v["imageId"], "img-0123456789abcdef");
+    assert_eq!(g.ok("/latest/meta-data/ami-id"), "img-0123456789abcdef");
 }
 
 #[test]
@@ -340,7 +358,7 @@ fn user_data_is_raw_bytes() {
     assert_eq!(r.content_type, "application/octet-stream");
     g.data.user_data.clear();
     g.missing("/latest/user-data");
-    assert_eq!(g.ok("/latest/"), "meta-data/");
+    assert_eq!(g.ok("/latest/"), "dynamic/\nmeta-data/");
 }
 
 #[test]
@@ -353,6 +371,7 @@ fn absent_facts_are_404_and_unlisted() {
     g.data.security_groups.clear();
     g.data.subnet_id.clear();
     g.data.vpc_cidr.clear();
+    g.data.image_id.clear();
     for p in [
         "public-keys/",
         "public-keys/0/openssh-key",
