@@ -1358,7 +1358,10 @@ mod tests {
             chain("vxlan_in").hook.as_deref(),
             Some("type filter hook prerouting priority -300; policy accept;")
         );
-        assert_eq!(chain("vxlan_out").rules, [format!("udp dport {port} notrack")]);
+        assert_eq!(
+            chain("vxlan_out").rules,
+            [format!("udp dport {port} notrack")]
+        );
         assert_eq!(
             chain("vxlan_out").hook.as_deref(),
             Some("type filter hook output priority -300; policy accept;")
