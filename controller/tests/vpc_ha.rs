@@ -206,8 +206,9 @@ async fn traffic_survives_the_controller_leaders_kill_and_netd_follows_the_new_l
     // kill -9 of the leader while A pings B.
     let (sent0, replies0) = pingloop(&console(&mut c, &key, &a.instance_id).await)
         .expect("A's console has pingloop lines");
-    let killed_at = now_ms();
     procs.kill9(leader);
+    // Heartbeats seen after this went to another node.
+    let killed_at = now_ms();
     let others: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
     let new_leader = procs.wait_leader(&key, &others, 20).await;
     let mut c = node_client(&procs, new_leader).await;
