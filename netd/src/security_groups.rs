@@ -728,12 +728,17 @@ fn ip_table(ifaces: &BTreeMap<&str, Iface>) -> Table {
 /// (no rule of netd reads it), and tracking them cost a lookup and an
 /// entry per tunnelled packet and flow. The inner packets are tracked as
 /// before: the VXLAN device drops the outer packet's conntrack reference
-/// when it encapsulates and decapsulates. Only packets to this host's own
-/// addresses are exempt on the way in, so VXLAN a host forwards for others
-/// is tracked as it was.
+/// when it encapsulates and decapsulates. On the way in only packets to
+/// this host's own addresses are exempt, so VXLAN a host forwards for
+/// others is tracked as it was, and never a guest's own packets (bridged
+/// IPv4 comes through prerouting too, with a bridge as `iifname`): a
+/// guest's flow to that port, even to an address the host also has,
+/// stays tracked and stateful.
 pub fn underlay_notrack_rules(port: u16) -> (Vec<String>, Vec<String>) {
     (
-        vec![format!("udp dport {port} fib daddr type local notrack")],
+        vec![format!(
+            "udp dport {port} iifname != @bridges fib daddr type local notrack"
+        )],
         vec![format!("udp dport {port} notrack")],
     )
 }
@@ -1352,7 +1357,9 @@ mod tests {
         let chain = |c: &str| r.ip.chains[c].clone();
         assert_eq!(
             chain("vxlan_in").rules,
-            [format!("udp dport {port} fib daddr type local notrack")]
+            [format!(
+                "udp dport {port} iifname != @bridges fib daddr type local notrack"
+            )]
         );
         assert_eq!(
             chain("vxlan_in").hook.as_deref(),
