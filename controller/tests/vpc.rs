@@ -12,132 +12,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::vpc::{authed, guest_image, in_ns, run_in, start_hosts, HostsSpec, KillVmms, Proc};
 use ferro_proto::compute::v1 as pb;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
-
-/// Kills the child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> String {
-    let out = ferro_testkit::tool("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
-
-/// Kills, when dropped, every `ferro-vmm` whose command line names `dir`
-/// (the agents' instances: they outlive a killed agent by design).
-struct KillVmms(PathBuf);
-
-impl Drop for KillVmms {
-    fn drop(&mut self) {
-        let needle = self.0.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("ferro-vmm") && cmd.contains(&needle) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
-}
-
-/// One host: an agent and a netd in namespace `ns`.
-struct HostProcs {
-    _netd: Proc,
-    _agent: Proc,
-}
-
-fn spawn_in(ns: &str, bin: &Path, cfg: &Path, log: &Path) -> Proc {
-    let child = ferro_testkit::netns_daemon(ns, bin)
-        .arg("--config")
-        .arg(cfg)
-        .env("FERRO_LOG", "info,ferro_netd=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    Proc(child)
-}
-
-async fn console(c: &mut ComputeClient<Channel>, key: &str, id: &str) -> String {
-    let req = pb::GetConsoleOutputRequest {
-        instance_id: id.into(),
-        ..Default::default()
-    };
-    c.get_console_output(authed(key, req))
-        .await
-        .map(|r| String::from_utf8_lossy(&r.into_inner().output).into_owned())
-        .unwrap_or_default()
-}
-
-/// Waits until instance `id`'s console has every line of `want`.
-async fn wait_console(
-    c: &mut ComputeClient<Channel>,
-    key: &str,
-    id: &str,
-    want: &[String],
-    dir: &Path,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let out = console(c, key, id).await;
-        if want.iter().all(|w| out.contains(w.as_str())) {
-            return out;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = ["controller", "agent-1", "netd-1", "agent-2", "netd-2"]
-                .iter()
-                .map(|f| {
-                    let t =
-                        std::fs::read_to_string(dir.join(format!("{f}.log"))).unwrap_or_default();
-                    let tail: Vec<&str> = t.lines().rev().take(40).collect();
-                    format!(
-                        "--- {f}:\n{}",
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    )
-                })
-                .collect();
-            if let Ok(secs) = std::env::var("FERRO_TEST_HOLD_SECS") {
-                // Leave everything up for a look by hand.
-                eprintln!("holding for {secs} s; logs in {}", dir.display());
-                std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
-            }
-            panic!(
-                "{id}: the console never showed {want:?}:\n{out}\n{}",
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn run(
     c: &mut ComputeClient<Channel>,
@@ -149,39 +31,20 @@ async fn run(
     run_in(c, key, image, subnet, ip, &[]).await
 }
 
-async fn run_in(
+async fn wait_console(
     c: &mut ComputeClient<Channel>,
     key: &str,
-    image: &str,
-    subnet: &str,
-    ip: &str,
-    groups: &[String],
-) -> pb::Instance {
-    let req = pb::RunInstancesRequest {
-        count: 1,
-        instance_type: "f1.nano".into(),
-        image_id: image.into(),
-        subnet_id: subnet.into(),
-        private_ip_address: ip.into(),
-        strategy: pb::PlacementStrategy::Spread as i32,
-        security_group_ids: groups.to_vec(),
-        ..Default::default()
-    };
-    c.run_instances(authed(key, req))
-        .await
-        .unwrap()
-        .into_inner()
-        .instances
-        .remove(0)
+    id: &str,
+    want: &[String],
+    dir: &std::path::Path,
+) -> String {
+    common::vpc::wait_console(c, key, id, want, &[dir]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     ferro_testkit::require_kvm_root();
     ferro_testkit::require_tool("ip");
-    let vmm = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
-    let agent_bin = ferro_testkit::workspace_bin("ferro-agent", "ferro-agent");
-    let netd_bin = ferro_testkit::workspace_bin("ferro-netd", "ferro-netd");
     let guest = ferro_testkit::guest_elf();
     let pid = std::process::id();
     let tag = format!("{:04x}", pid & 0xffff);
@@ -229,50 +92,18 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     let _ctl = Proc(ctl);
     assert!(key.starts_with("fk_"), "no admin key printed");
 
-    let mut hosts = Vec::new();
-    for (n, ns) in underlay.hosts.iter().enumerate() {
-        let h = n + 1;
-        let host_id = format!("vpc-{tag}-h{h}");
-        let token = common::join_token(std::slice::from_ref(&ctl_addr), &key, &host_id).await;
-        let state = dir.join(format!("a{h}"));
-        let agent_cfg = dir.join(format!("agent-{h}.toml"));
-        std::fs::write(
-            &agent_cfg,
-            format!(
-                "host_id = \"{host_id}\"\navailability_zone = \"az-1\"\n\
-                 listen = \"10.{net}.0.{h}:7420\"\nstate_dir = \"{}\"\nvcpus = 4\n\
-                 memory_mib = 1024\nreserved_memory_mib = 0\nvmm_path = \"{}\"\n\
-                 tap_prefix = \"fv{h}\"\ncgroup_parent = \"ferro-vpc-{pid}-{h}\"\n\
-                 kernel_cmdline = \"console=ttyS0\"\nstop_timeout_ms = 3000\n\
-                 controller = \"http://{ctl_addr}\"\njoin_token = \"{token}\"\n\
-                 heartbeat_interval_ms = 200\n",
-                state.display(),
-                vmm.display()
-            ),
-        )
-        .unwrap();
-        let agent = spawn_in(
-            ns,
-            &agent_bin,
-            &agent_cfg,
-            &dir.join(format!("agent-{h}.log")),
-        );
-        let netd_cfg = dir.join(format!("netd-{h}.toml"));
-        std::fs::write(
-            &netd_cfg,
-            format!(
-                "host_id = \"{host_id}\"\ncontrollers = [\"http://{ctl_addr}\"]\n\
-                 underlay_ip = \"10.{net}.0.{h}\"\ncredentials_dir = \"{}\"\n",
-                state.join("credentials").display()
-            ),
-        )
-        .unwrap();
-        let netd = spawn_in(ns, &netd_bin, &netd_cfg, &dir.join(format!("netd-{h}.log")));
-        hosts.push(HostProcs {
-            _netd: netd,
-            _agent: agent,
-        });
-    }
+    let prefix = format!("vpc-{tag}");
+    let hosts = start_hosts(
+        &HostsSpec {
+            dir: &dir,
+            net,
+            prefix: &prefix,
+            controllers: std::slice::from_ref(&ctl_addr),
+            admin_key: &key,
+        },
+        &underlay.hosts,
+    )
+    .await;
 
     let mut c = ComputeClient::connect(format!("http://{ctl_addr}"))
         .await
@@ -320,12 +151,7 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
             .into_inner();
         subnets.push(s.subnet_id);
     }
-    let register = |name: &str, cmdline: String| pb::RegisterImageRequest {
-        name: name.into(),
-        kernel_path: guest.display().to_string(),
-        cmdline_extra: cmdline,
-        ..Default::default()
-    };
+    let register = |name: &str, cmdline: String| guest_image(name, &guest, &cmdline);
     c.register_image(authed(&key, register("idle", "ferro.exit=idle".into())))
         .await
         .unwrap();
@@ -518,14 +344,6 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(hosts);
     drop(underlay);
-    for h in 1..=2 {
-        for base in [
-            "/sys/fs/cgroup",
-            "/sys/fs/cgroup/cpu",
-            "/sys/fs/cgroup/memory",
-        ] {
-            let _ = std::fs::remove_dir(Path::new(base).join(format!("ferro-vpc-{pid}-{h}")));
-        }
-    }
+    common::vpc::remove_cgroups(&prefix, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }

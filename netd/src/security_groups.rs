@@ -60,6 +60,12 @@
 //! read the mark. Without `br_netfilter` nothing is marked: replies are
 //! then dropped unless a rule allows them (it fails closed).
 //!
+//! The underlay's VXLAN packets themselves (UDP to netd's VXLAN port) are
+//! exempt from conntrack (`notrack` in `vxlan_in` and `vxlan_out`, raw
+//! priority; [`underlay_notrack_rules`]): netd reads no state of the outer
+//! packets, and tracking them cost a lookup per packet and an entry per
+//! tunnelled flow (see the netd benchmark in `docs/architecture.md`).
+//!
 //! DHCP and metadata answers netd sends on a TAP with `AF_PACKET` go out
 //! of the TAP directly, never through the bridge, so no hook sees them.
 //!
@@ -705,7 +711,36 @@ fn ip_table(ifaces: &BTreeMap<&str, Iface>) -> Table {
     };
     t.chains.insert("zone".into(), base(-300, zone_rules));
     t.chains.insert("state".into(), base(-150, state_rules));
+    let (rx, tx) = underlay_notrack_rules(crate::desired::vxlan_port());
+    t.chains.insert("vxlan_in".into(), base(-300, rx));
+    t.chains.insert(
+        "vxlan_out".into(),
+        Chain {
+            hook: Some("type filter hook output priority -300; policy accept;".into()),
+            rules: tx,
+        },
+    );
     t
+}
+
+/// The underlay's VXLAN packets skip conntrack: (prerouting, output)
+/// rules for the VXLAN UDP port `port`. The outer packets need no state
+/// (no rule of netd reads it), and tracking them cost a lookup and an
+/// entry per tunnelled packet and flow. The inner packets are tracked as
+/// before: the VXLAN device drops the outer packet's conntrack reference
+/// when it encapsulates and decapsulates. On the way in only packets to
+/// this host's own addresses are exempt, so VXLAN a host forwards for
+/// others is tracked as it was, and never a guest's own packets (bridged
+/// IPv4 comes through prerouting too, with a bridge as `iifname`): a
+/// guest's flow to that port, even to an address the host also has,
+/// stays tracked and stateful.
+pub fn underlay_notrack_rules(port: u16) -> (Vec<String>, Vec<String>) {
+    (
+        vec![format!(
+            "udp dport {port} iifname != @bridges fib daddr type local notrack"
+        )],
+        vec![format!("udp dport {port} notrack")],
+    )
 }
 
 /// The conntrack zone of VNI `vni` (1 to 65535; VNIs are given from 1
@@ -1313,6 +1348,36 @@ mod tests {
         assert_eq!(zone(65535), 65535);
         // VNI 65536 shares zone 1 with VNI 1 (a host with both and the same addresses is far off).
         assert_eq!(zone(65536), 1);
+    }
+
+    #[test]
+    fn the_underlay_vxlan_packets_are_not_tracked() {
+        let r = ruleset(&net(vec![], vec![]));
+        let port = crate::desired::vxlan_port();
+        let chain = |c: &str| r.ip.chains[c].clone();
+        assert_eq!(
+            chain("vxlan_in").rules,
+            [format!(
+                "udp dport {port} iifname != @bridges fib daddr type local notrack"
+            )]
+        );
+        assert_eq!(
+            chain("vxlan_in").hook.as_deref(),
+            Some("type filter hook prerouting priority -300; policy accept;")
+        );
+        assert_eq!(
+            chain("vxlan_out").rules,
+            [format!("udp dport {port} notrack")]
+        );
+        assert_eq!(
+            chain("vxlan_out").hook.as_deref(),
+            Some("type filter hook output priority -300; policy accept;")
+        );
+        // Before conntrack (-200); the bridged (inner) packets are still
+        // put in their zones and marked.
+        let with_vpc = ruleset(&net(vec![local("fct1", 10, &[])], vec![]));
+        assert!(!with_vpc.ip.chains["zone"].rules.is_empty());
+        assert_eq!(with_vpc.ip.chains["vxlan_in"], chain("vxlan_in"));
     }
 
     #[test]

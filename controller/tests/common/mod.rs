@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod vpc;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

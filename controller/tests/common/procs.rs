@@ -140,6 +140,54 @@ impl Procs {
             .collect()
     }
 
+    /// What node index `i` says of itself (ClusterStatus), if it answers
+    /// within 2 s.
+    pub async fn status(
+        &self,
+        i: usize,
+        key: &str,
+    ) -> Option<ferro_proto::compute::v1::ClusterStatusResponse> {
+        use ferro_proto::compute::v1 as pb;
+        let ch = tonic::transport::Channel::from_shared(self.url(i))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
+        pb::cluster_client::ClusterClient::with_interceptor(ch, super::Bearer::new(key))
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// The node among `among` (indexes) that says it leads, if one does.
+    pub async fn leader(&self, key: &str, among: &[usize]) -> Option<usize> {
+        for &i in among {
+            let s = self.status(i, key).await;
+            if s.and_then(|s| s.node).is_some_and(|n| n.role == "leader") {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Waits up to `secs` for a leader among `among`; panics with the
+    /// nodes' logs.
+    pub async fn wait_leader(&self, key: &str, among: &[usize], secs: u64) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(i) = self.leader(key, among).await {
+                return i;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader among nodes {among:?} after {secs} s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The admin API key, once the node that bootstrapped wrote it.
     pub async fn admin_key(&self, secs: u64) -> String {
         let deadline = Instant::now() + Duration::from_secs(secs);

@@ -103,6 +103,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     let net_cfg = NetConfig {
         ip: cmdline_value(cmdline, "ferro.ip").map(|s| Ipv4Cidr::parse(s).expect("bad ferro.ip= (want A.B.C.D/N)")),
         ping: cmdline_value(cmdline, "ferro.ping").map(|s| Target::parse(s).expect("bad ferro.ping= (want A.B.C.D)")),
+        ping_loop: cmdline_value(cmdline, "ferro.pingloop") == Some("1"),
         tcp: cmdline_value(cmdline, "ferro.tcp")
             .map(|s| Target::parse(s).filter(|t| t.port != 0).expect("bad ferro.tcp= (want A.B.C.D:PORT)")),
     };

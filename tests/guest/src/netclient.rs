@@ -26,6 +26,10 @@ const PINGS: u16 = 3;
 const PING_TRIES: u16 = 20;
 /// How long a ping probe waits for its replies.
 const PING_TIMEOUT_MS: i64 = 5000;
+/// With `ferro.pingloop=1`: an echo request this often, forever.
+const PING_LOOP_INTERVAL_MS: i64 = 100;
+/// With `ferro.pingloop=1`: a `pingloop` line every this many requests.
+const PING_LOOP_REPORT: u32 = 10;
 
 /// The metadata paths fetched, in order, after the token.
 const PATHS: [&str; 4] = [
@@ -101,11 +105,22 @@ pub struct Client {
     pings_sent: u16,
     pings_seen: u16,
     ping_started: i64,
+    /// `ferro.pingloop=1`: the ping probe never ends.
+    ping_loop: bool,
+    loop_sent: u32,
+    loop_seen: u32,
 }
 
 impl Client {
     /// A client over the two sockets of `sockets`.
-    pub fn new(tcp: SocketHandle, icmp: SocketHandle, ping: Option<Target>, tcp_target: Option<Target>, seed: u64) -> Self {
+    pub fn new(
+        tcp: SocketHandle,
+        icmp: SocketHandle,
+        ping: Option<Target>,
+        ping_loop: bool,
+        tcp_target: Option<Target>,
+        seed: u64,
+    ) -> Self {
         Client {
             tcp,
             icmp,
@@ -121,6 +136,9 @@ impl Client {
             pings_sent: 0,
             pings_seen: 0,
             ping_started: 0,
+            ping_loop,
+            loop_sent: 0,
+            loop_seen: 0,
         }
     }
 
@@ -274,6 +292,10 @@ impl Client {
             let _ = s.bind(icmp::Endpoint::Ident(0xfe01));
             self.ping_started = now;
         }
+        if self.ping_loop {
+            self.ping_loop(t, sockets, now);
+            return;
+        }
         let caps = ChecksumCapabilities::default();
         let due = self.ping_started + i64::from(self.pings_sent) * 200;
         if self.pings_sent < PING_TRIES && self.pings_seen < PINGS && now >= due && s.can_send() {
@@ -294,6 +316,33 @@ impl Client {
             let [a, b, c, d] = t.addr;
             say!("ping {a}.{b}.{c}.{d} replies={}/{} sent={}", self.pings_seen.min(PINGS), PINGS, self.pings_sent);
             self.advance();
+        }
+    }
+
+    /// `ferro.pingloop=1`: an echo request every 100 ms, forever; every
+    /// 10 requests a line with the requests sent and replies seen so far.
+    fn ping_loop(&mut self, t: Target, sockets: &mut SocketSet<'_>, now: i64) {
+        let s = sockets.get_mut::<icmp::Socket>(self.icmp);
+        let caps = ChecksumCapabilities::default();
+        let due = self.ping_started + i64::from(self.loop_sent) * PING_LOOP_INTERVAL_MS;
+        if now >= due && s.can_send() {
+            let seq_no = self.loop_sent as u16;
+            let repr = Icmpv4Repr::EchoRequest { ident: 0xfe01, seq_no, data: b"ferro-ping" };
+            if let Ok(buf) = s.send(repr.buffer_len(), IpAddress::Ipv4(t.ip())) {
+                repr.emit(&mut Icmpv4Packet::new_unchecked(buf), &caps);
+                self.loop_sent += 1;
+                if self.loop_sent % PING_LOOP_REPORT == 0 {
+                    let [a, b, c, d] = t.addr;
+                    say!("pingloop {a}.{b}.{c}.{d} sent={} replies={}", self.loop_sent, self.loop_seen);
+                }
+            }
+        }
+        while let Ok((data, _)) = s.recv() {
+            if let Ok(p) = Icmpv4Packet::new_checked(data) {
+                if let Ok(Icmpv4Repr::EchoReply { ident: 0xfe01, .. }) = Icmpv4Repr::parse(&p, &caps) {
+                    self.loop_seen += 1;
+                }
+            }
         }
     }
 

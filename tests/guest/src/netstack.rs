@@ -132,6 +132,8 @@ pub struct NetConfig {
     pub ip: Option<Ipv4Cidr>,
     /// `ferro.ping=`.
     pub ping: Option<Target>,
+    /// `ferro.pingloop=1`: the ping never ends.
+    pub ping_loop: bool,
     /// `ferro.tcp=`.
     pub tcp: Option<Target>,
 }
@@ -184,7 +186,7 @@ impl NetStack {
             }
             None => dhcp = Some(sockets.add(dhcpv4::Socket::new())),
         }
-        let client = Client::new(tcp, icmp, cfg.ping, cfg.tcp, seed);
+        let client = Client::new(tcp, icmp, cfg.ping, cfg.ping_loop, cfg.tcp, seed);
         NetStack { dev, iface, sockets, dhcp, client, configured: cfg.ip.is_some() }
     }
 
