@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vpc::{authed, guest_image, in_ns, run_in, start_hosts, HostsSpec, KillVmms, Proc};
+use common::vpc::{authed, guest_image, in_ns, run_in, start_hosts, HostsSpec, Proc};
 use ferro_proto::compute::v1 as pb;
+use ferro_testkit::KillVmms;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
 

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use common::procs::Procs;
 use common::vpc::{
     authed, console, guest_image, in_ns, log_tails, remove_cgroups, run_in, start_hosts,
-    wait_console, HostsSpec, KillVmms,
+    wait_console, HostsSpec,
 };
 use ferro_proto::compute::v1 as pb;
+use ferro_testkit::KillVmms;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
 

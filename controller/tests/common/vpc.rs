@@ -4,22 +4,13 @@
 //! consoles read through the controller.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferro_proto::compute::v1 as pb;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
-/// Kills the child process when dropped.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use ferro_testkit::{spawn_in, Proc};
 
 /// Runs `args` in namespace `ns`; its standard output.
 pub fn in_ns(ns: &str, args: &[&str]) -> String {
@@ -37,42 +28,6 @@ pub fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
     r.metadata_mut()
         .insert("authorization", format!("Bearer {key}").parse().unwrap());
     r
-}
-
-/// Kills, when dropped, every `ferro-vmm` whose command line names `dir`
-/// (the agents' instances: they outlive a killed agent by design).
-pub struct KillVmms(pub PathBuf);
-
-impl Drop for KillVmms {
-    fn drop(&mut self) {
-        let needle = self.0.display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("ferro-vmm") && cmd.contains(&needle) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
-}
-
-/// Starts `bin --config cfg` in namespace `ns`, its log in `log`.
-pub fn spawn_in(ns: &str, bin: &Path, cfg: &Path, log: &Path) -> Proc {
-    let child = ferro_testkit::netns_daemon(ns, bin)
-        .arg("--config")
-        .arg(cfg)
-        .env("FERRO_LOG", "info,ferro_netd=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    Proc(child)
 }
 
 /// One host: an agent and a netd in its namespace.

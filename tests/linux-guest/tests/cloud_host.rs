@@ -21,7 +21,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use ferro_testkit::{spawn_in, KillVmms, Proc};
 use std::time::{Duration, Instant};
 
 use ferro_linux_guest::{l2, work_dir, GuestKernel, Qemu, L1};
@@ -29,34 +31,15 @@ use ferro_proto::compute::v1 as pb;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
-/// Kills the child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs at drop: kills the VMMs of a state dir, deletes namespaces and links.
 struct Cleanup {
-    dir: PathBuf,
+    _vmms: KillVmms,
     netns: Vec<String>,
     links: Vec<String>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let needle = self.dir.display().to_string();
-        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd);
-            if cmd.contains("ferro-vmm") && cmd.contains(&needle) {
-                let pid = p.file_name().to_string_lossy().into_owned();
-                let _ = Command::new("kill").args(["-9", &pid]).status();
-            }
-        }
         for ns in &self.netns {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
@@ -227,18 +210,6 @@ async fn join_token(c: &mut ComputeClient<Channel>, key: &str, host: &str) -> St
     .token
 }
 
-fn spawn_in_ns(ns: &str, bin: &Path, cfg: &Path, log: &Path) -> Proc {
-    let child = ferro_testkit::netns_daemon(ns, bin)
-        .arg("--config")
-        .arg(cfg)
-        .env("FERRO_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    Proc(child)
-}
-
 async fn wait_hosts(c: &mut ComputeClient<Channel>, key: &str, n: usize, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -359,7 +330,7 @@ async fn a_debian_cloud_image_gets_its_lease_and_key_and_takes_ssh() {
     let l1_tap = format!("fq{tag}");
     let underlay = ferro_testkit::Underlay::new(&tag, 1, net);
     let _cleanup = Cleanup {
-        dir: dir.clone(),
+        _vmms: KillVmms(dir.clone()),
         netns: vec![inst_ns.clone()],
         links: vec![l1_tap.clone()],
     };
@@ -403,13 +374,13 @@ async fn a_debian_cloud_image_gets_its_lease_and_key_and_takes_ssh() {
     )
     .unwrap();
     let ns_a = underlay.hosts[0].clone();
-    let _agent_a = spawn_in_ns(
+    let _agent_a = spawn_in(
         &ns_a,
         &agent_bin,
         &dir.join("agent-a.toml"),
         &dir.join("agent-a.log"),
     );
-    let _netd_a = spawn_in_ns(
+    let _netd_a = spawn_in(
         &ns_a,
         &netd_bin,
         &dir.join("netd-a.toml"),

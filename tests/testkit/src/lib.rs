@@ -379,3 +379,50 @@ impl Drop for Underlay {
         let _ = tool("ip").args(["link", "del", &self.bridge]).status();
     }
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills, when dropped, every `ferro-vmm` whose command line names `dir`
+/// (an agent's instances: they outlive a killed agent by design).
+pub struct KillVmms(pub PathBuf);
+
+impl Drop for KillVmms {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("ferro-vmm") && cmd.contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+/// Starts daemon `bin --config cfg` in namespace `ns` (see
+/// [`netns_daemon`]), its standard error in `log`.
+pub fn spawn_in(ns: &str, bin: &Path, cfg: &Path, log: &Path) -> Proc {
+    let child = netns_daemon(ns, bin)
+        .arg("--config")
+        .arg(cfg)
+        .env("FERRO_LOG", "info,ferro_netd=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("cannot create the daemon's log"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    Proc(child)
+}
