@@ -12,7 +12,9 @@
 //!   instance launched through it runs and is programmed on the other
 //!   host (its FDB entry on that host's VXLAN device): netd follows the
 //!   leader;
-//! - the killed node, restarted, rejoins and catches up with the leader.
+//! - the killed node, restarted, rejoins and catches up with the leader;
+//! - then `kill -9` and a restart of netd, and of the agent, on A's host
+//!   (inside the same ping window) cut nothing either.
 //!
 //! Needs KVM and root; it never skips.
 
@@ -115,7 +117,7 @@ async fn traffic_survives_the_controller_leaders_kill_and_netd_follows_the_new_l
     let all = [0, 1, 2];
     let leader = procs.wait_leader(&key, &all, 30).await;
     let prefix = format!("vha-{tag}");
-    let hosts = start_hosts(
+    let mut hosts = start_hosts(
         &HostsSpec {
             dir: &dir,
             net,
@@ -291,14 +293,45 @@ async fn traffic_survives_the_controller_leaders_kill_and_netd_follows_the_new_l
     )
     .await;
 
+    // And a kill -9 and restart of netd, then of the agent, on A's host.
+    let host_a = hosts
+        .iter_mut()
+        .find(|h| h.host_id == a.host_id)
+        .expect("A's host");
+    let ns_a = host_a.ns.clone();
+    host_a.netd.restart(&ns_a);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    host_a.agent.restart(&ns_a);
+    // Heartbeats seen after this come from the new agent.
+    let restarted_at = now_ms();
+    let host_a_id = a.host_id.clone();
+    until("A's restarted agent heartbeats", 20, &logs, || {
+        let (mut c, key, id) = (c.clone(), key.clone(), host_a_id.clone());
+        async move {
+            let Ok(r) = c
+                .describe_hosts(authed(&key, pb::DescribeHostsRequest::default()))
+                .await
+            else {
+                return false;
+            };
+            r.into_inner()
+                .hosts
+                .iter()
+                .any(|h| h.host_id == id && h.last_seen_ms > restarted_at)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
     // The ping went on all along.
     let (sent1, replies1) = pingloop(&console(&mut c, &key, &a.instance_id).await)
         .expect("A's console has pingloop lines");
     let (sent, replies) = (sent1 - sent0, replies1 - replies0);
     let lost = sent.saturating_sub(replies);
     println!(
-        "A → B ping across the leader's kill -9, the new leader's election and the old \
-         leader's return: {sent} echo requests, {replies} replies, {lost} lost"
+        "A → B ping across the leader's kill -9, the new leader's election, the old \
+         leader's return and restarts of netd and the agent on A's host: {sent} echo \
+         requests, {replies} replies, {lost} lost"
     );
     assert!(
         sent >= MIN_SENT,

@@ -30,14 +30,42 @@ pub fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
     r
 }
 
+/// A daemon of a host: its process and how to start it again.
+pub struct Daemon {
+    pub proc: Proc,
+    bin: PathBuf,
+    cfg: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ns: &str, bin: PathBuf, cfg: PathBuf, log: PathBuf) -> Self {
+        Daemon {
+            proc: spawn_in(ns, &bin, &cfg, &log),
+            bin,
+            cfg,
+            log,
+        }
+    }
+
+    /// `kill -9`, then the same daemon again in `ns` (its log appended
+    /// to `<log>.restarted`).
+    pub fn restart(&mut self, ns: &str) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+        let log = self.log.with_extension("restarted.log");
+        self.proc = spawn_in(ns, &self.bin, &self.cfg, &log);
+    }
+}
+
 /// One host: an agent and a netd in its namespace.
 pub struct HostProcs {
     /// The host's id (`<prefix>-h<n>`).
     pub host_id: String,
     /// Its namespace.
     pub ns: String,
-    pub netd: Proc,
-    pub agent: Proc,
+    pub netd: Daemon,
+    pub agent: Daemon,
 }
 
 /// What the hosts of a test share.
@@ -90,11 +118,11 @@ pub async fn start_hosts(spec: &HostsSpec<'_>, nss: &[String]) -> Vec<HostProcs>
             ),
         )
         .unwrap();
-        let agent = spawn_in(
+        let agent = Daemon::start(
             ns,
-            &agent_bin,
-            &agent_cfg,
-            &dir.join(format!("agent-{h}.log")),
+            agent_bin.clone(),
+            agent_cfg,
+            dir.join(format!("agent-{h}.log")),
         );
         let netd_cfg = dir.join(format!("netd-{h}.toml"));
         let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -108,7 +136,12 @@ pub async fn start_hosts(spec: &HostsSpec<'_>, nss: &[String]) -> Vec<HostProcs>
             ),
         )
         .unwrap();
-        let netd = spawn_in(ns, &netd_bin, &netd_cfg, &dir.join(format!("netd-{h}.log")));
+        let netd = Daemon::start(
+            ns,
+            netd_bin.clone(),
+            netd_cfg,
+            dir.join(format!("netd-{h}.log")),
+        );
         hosts.push(HostProcs {
             host_id,
             ns: ns.clone(),
