@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vpc::{authed, guest_image, in_ns, run_in, start_hosts, HostsSpec, Proc};
+use common::vpc::{
+    authed, guest_image, in_ns, run_in, start_hosts, vpc_with_subnet, HostsSpec, Proc,
+};
 use ferro_proto::compute::v1 as pb;
 use ferro_testkit::KillVmms;
 use pb::compute_client::ComputeClient;
@@ -126,31 +128,8 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
     // Two VPCs with the same block, one subnet each.
     let mut subnets = Vec::new();
     for _ in 0..2 {
-        let vpc = c
-            .create_vpc(authed(
-                &key,
-                pb::CreateVpcRequest {
-                    cidr_block: "10.20.0.0/16".into(),
-                    tags: vec![],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let s = c
-            .create_subnet(authed(
-                &key,
-                pb::CreateSubnetRequest {
-                    vpc_id: vpc.vpc_id.clone(),
-                    cidr_block: "10.20.1.0/24".into(),
-                    availability_zone: "az-1".into(),
-                    tags: vec![],
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        subnets.push(s.subnet_id);
+        let (_, s) = vpc_with_subnet(&mut c, &key, "10.20.0.0/16", "10.20.1.0/24", "az-1").await;
+        subnets.push(s);
     }
     let register = |name: &str, cmdline: String| guest_image(name, &guest, &cmdline);
     c.register_image(authed(&key, register("idle", "ferro.exit=idle".into())))

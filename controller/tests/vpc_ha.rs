@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::procs::Procs;
 use common::vpc::{
     authed, console, guest_image, in_ns, log_tails, remove_cgroups, run_in, start_hosts,
-    wait_console, HostsSpec,
+    vpc_with_subnet, wait_console, HostsSpec,
 };
 use ferro_proto::compute::v1 as pb;
 use ferro_testkit::KillVmms;
@@ -140,31 +140,7 @@ async fn traffic_survives_the_controller_leaders_kill_and_netd_follows_the_new_l
     })
     .await;
 
-    let vpc = c
-        .create_vpc(authed(
-            &key,
-            pb::CreateVpcRequest {
-                cidr_block: "10.20.0.0/16".into(),
-                tags: vec![],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let subnet = c
-        .create_subnet(authed(
-            &key,
-            pb::CreateSubnetRequest {
-                vpc_id: vpc.vpc_id.clone(),
-                cidr_block: "10.20.1.0/24".into(),
-                availability_zone: "az-1".into(),
-                tags: vec![],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .subnet_id;
+    let (_, subnet) = vpc_with_subnet(&mut c, &key, "10.20.0.0/16", "10.20.1.0/24", "az-1").await;
     for (name, cmdline) in [
         ("idle", "ferro.exit=idle"),
         (

@@ -268,3 +268,41 @@ pub fn guest_image(name: &str, guest: &Path, cmdline: &str) -> pb::RegisterImage
         ..Default::default()
     }
 }
+
+/// A new VPC of block `vpc_cidr` with one subnet `subnet_cidr` in zone
+/// `az`: (VPC id, subnet id).
+pub async fn vpc_with_subnet(
+    c: &mut ComputeClient<Channel>,
+    key: &str,
+    vpc_cidr: &str,
+    subnet_cidr: &str,
+    az: &str,
+) -> (String, String) {
+    let vpc = c
+        .create_vpc(authed(
+            key,
+            pb::CreateVpcRequest {
+                cidr_block: vpc_cidr.into(),
+                tags: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .vpc_id;
+    let subnet = c
+        .create_subnet(authed(
+            key,
+            pb::CreateSubnetRequest {
+                vpc_id: vpc.clone(),
+                cidr_block: subnet_cidr.into(),
+                availability_zone: az.into(),
+                tags: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .subnet_id;
+    (vpc, subnet)
+}
