@@ -558,6 +558,11 @@ pub struct Volume {
     pub epoch: u64,
     /// Client token of the creation, empty for none.
     pub client_token: String,
+    /// The replica hosts whose blockd reports holding it at `epoch` (while
+    /// `deleting`: at any epoch). Empty in a state written before blockd
+    /// reported replicas.
+    #[serde(default)]
+    pub held: BTreeSet<String>,
 }
 
 /// What a key may do (docs/architecture.md, "Roles").

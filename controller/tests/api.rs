@@ -1156,6 +1156,7 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
     let mut c = client(t.addr, &t.admin_key).await;
     register(&mut c).await;
     let mut hc = hosts_client(t.addr).await;
+    let mut keys = Vec::new();
     for (h, disk) in [("h1", 500), ("h2", 300), ("h3", 0)] {
         let mut agent = FakeAgent::new(h, "az-1", 64, 65536);
         agent.disk_gib = disk;
@@ -1163,7 +1164,26 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
         beat(&mut hc, &hk, agent.heartbeat("https://127.0.0.1:1"))
             .await
             .unwrap();
+        keys.push(hk);
     }
+    // What the replica hosts' blockd would report: every volume of theirs
+    // held at its epoch (or, for `gone`, no longer).
+    let (hold_hc, hold_keys) = (hc.clone(), keys.clone());
+    let hold = |gone: Vec<String>| {
+        let (mut hc, keys) = (hold_hc.clone(), hold_keys.clone());
+        async move {
+            for k in &keys[..2] {
+                let mine = host_volumes(&mut hc, k).await.unwrap();
+                let held: Vec<(&str, u64)> = mine
+                    .replicas
+                    .iter()
+                    .filter(|r| !gone.contains(&r.volume_id))
+                    .map(|r| (r.volume_id.as_str(), r.epoch))
+                    .collect();
+                report_replicas(&mut hc, k, &held).await.unwrap();
+            }
+        }
+    };
     let create = |size_gib, volume_type: &str| pb::CreateVolumeRequest {
         size_gib,
         availability_zone: "az-1".into(),
@@ -1193,13 +1213,62 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
     })
     .await
     .unwrap();
-    assert_eq!((vol.state.as_str(), vol.epoch), ("available", 1));
+    assert_eq!((vol.state.as_str(), vol.epoch), ("creating", 1));
     assert_eq!(vol.replica_host_ids, ["h1", "h2"]);
+    // The replica hosts are told; h3 holds nothing.
+    let on_h1 = host_volumes(&mut hc, &keys[0]).await.unwrap();
+    assert_eq!(on_h1.host_id, "h1");
+    assert_eq!(
+        on_h1.replicas,
+        [pb::ReplicaOnHost {
+            volume_id: vol.volume_id.clone(),
+            size_bytes: 8 << 30,
+            epoch: 1,
+            replica_host_ids: vec!["h1".into(), "h2".into()],
+            deleting: false,
+        }]
+    );
+    assert!(host_volumes(&mut hc, &keys[2])
+        .await
+        .unwrap()
+        .replicas
+        .is_empty());
+    // Only a host's own key: a user's key can neither follow nor report.
+    let e = host_volumes(&mut hc, &t.admin_key).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let e = report_replicas(&mut hc, &t.admin_key, &[(&vol.volume_id, 1)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let e = report_replicas(&mut hc, &keys[0], &[("vol-../x", 1)])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("replicas[0].volume_id"));
+    // Creating until both replica hosts hold it.
+    assert_eq!(
+        report_replicas(&mut hc, &keys[0], &[(&vol.volume_id, 1)])
+            .await
+            .unwrap(),
+        1
+    );
+    let shown = c
+        .describe_volumes(pb::DescribeVolumesRequest {
+            volume_ids: vec![vol.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(shown[0].state, "creating", "one of two replicas held");
+    hold(vec![]).await;
     let other = c
         .create_volume(create(4, "standard"))
         .await
         .unwrap()
         .into_inner();
+    hold(vec![]).await;
     let reader = c.clone();
     let list = |f: pb::DescribeVolumesRequest| {
         let mut c = reader.clone();
@@ -1309,6 +1378,18 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
         .await
         .unwrap();
     }
+    // Deleting until the replica hosts report them gone.
+    let deleting = list(pb::DescribeVolumesRequest::default())
+        .await
+        .unwrap()
+        .volumes;
+    assert!(
+        deleting.iter().all(|v| v.state == "deleting"),
+        "{deleting:?}"
+    );
+    let told = host_volumes(&mut hc, &keys[1]).await.unwrap();
+    assert!(told.replicas.iter().all(|r| r.deleting), "{told:?}");
+    hold(vec![vol.volume_id.clone(), other.volume_id.clone()]).await;
     let left = list(pb::DescribeVolumesRequest::default())
         .await
         .unwrap()

@@ -1,5 +1,7 @@
-//! The `Hosts` service: agents' heartbeats and joins, and the network
-//! daemons' watches of their host's network state.
+//! The `Hosts` service: agents' heartbeats and joins, the network
+//! daemons' watches of their host's network state, and the volume
+//! daemons' watches of their host's replicas and reports of what they
+//! hold.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,12 +15,84 @@ use super::convert::host_report;
 use super::{caller, status};
 use crate::controller::Controller;
 use crate::executor::observation;
-use crate::state::{ClusterState, Command};
+use crate::state::{ClusterState, Command, Output};
 
 /// How often a watch looks for a change of its host's network state.
 pub const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 type NetworkStream = tokio_stream::wrappers::ReceiverStream<Result<pb::HostNetwork, Status>>;
+type VolumesStream = tokio_stream::wrappers::ReceiverStream<Result<pb::HostVolumes, Status>>;
+
+/// A message of a host's watch: carries the revision it is sent at.
+trait Revisioned: Clone + PartialEq + Send + Sync + 'static {
+    fn set_revision(&mut self, revision: u64);
+}
+
+impl Revisioned for pb::HostNetwork {
+    fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
+    }
+}
+
+impl Revisioned for pb::HostVolumes {
+    fn set_revision(&mut self, revision: u64) {
+        self.revision = revision;
+    }
+}
+
+/// Follow what `derive` makes of the state for `host_id`: sent now, then
+/// whenever it changes (looked for every [`WATCH_POLL`]), with a revision
+/// that only grows. Ends when the caller goes or this node stops being
+/// the leader (the caller gets the error naming the leader and follows).
+fn watch_host<R, T, F>(
+    ctl: Arc<Controller<R>>,
+    host_id: String,
+    name: &'static str,
+    derive: F,
+) -> tokio::sync::mpsc::Receiver<Result<T, Status>>
+where
+    R: Replicator<ClusterState>,
+    T: Revisioned,
+    F: Fn(&ClusterState, &str) -> T + Clone + Send + Sync + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let span = tracing::info_span!("watch", name, host_id = %host_id);
+        let mut last: Option<T> = None;
+        let mut revision = 0;
+        loop {
+            let (h, f) = (host_id.clone(), derive.clone());
+            let now = match ctl.read(move |s| f(s, &h)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Not the leader any more: the daemon follows the
+                    // named one.
+                    let _ = tx.send(Err(status(e))).await;
+                    break;
+                }
+            };
+            if last.as_ref() != Some(&now) {
+                let mut out = now.clone();
+                // The log index it was read at (and at least one more
+                // than the last one sent, also over a replicator without
+                // a log).
+                let applied = ctl.replicator().stats().last_applied.unwrap_or(0);
+                revision = applied.max(revision + 1);
+                out.set_revision(revision);
+                span.in_scope(|| tracing::debug!(revision, "changed"));
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+                last = Some(now);
+            }
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = tokio::time::sleep(WATCH_POLL) => {}
+            }
+        }
+    });
+    rx
+}
 
 /// The `ferro.compute.v1.Hosts` service.
 pub struct HostsService<R> {
@@ -74,49 +148,58 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
             }
             Some(_) => {}
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let ctl = self.ctl.clone();
-        tokio::spawn(async move {
-            let span = tracing::info_span!("watch_host_network", host_id = %host_id);
-            let mut last: Option<pb::HostNetwork> = None;
-            let mut revision = 0;
-            loop {
-                let h = host_id.clone();
-                let net = ctl
-                    .read(move |s| super::hostnet::host_network(s, &h, 0))
-                    .await;
-                let net = match net {
-                    Ok(n) => n,
-                    Err(e) => {
-                        // Not the leader any more: the daemon follows the
-                        // named one.
-                        let _ = tx.send(Err(status(e))).await;
-                        break;
-                    }
-                };
-                if last.as_ref() != Some(&net) {
-                    let mut out = net.clone();
-                    // The log index it was read at (and at least one more
-                    // than the last one sent, also over a replicator
-                    // without a log).
-                    let applied = ctl.replicator().stats().last_applied.unwrap_or(0);
-                    revision = applied.max(revision + 1);
-                    out.revision = revision;
-                    span.in_scope(|| {
-                        tracing::debug!(revision = out.revision, "host network changed")
-                    });
-                    if tx.send(Ok(out)).await.is_err() {
-                        break;
-                    }
-                    last = Some(net);
-                }
-                tokio::select! {
-                    _ = tx.closed() => break,
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
-                }
-            }
+        let rx = watch_host(self.ctl.clone(), host_id, "watch_host_network", |s, h| {
+            super::hostnet::host_network(s, h, 0)
         });
         Ok(Response::new(NetworkStream::new(rx)))
+    }
+
+    type WatchHostVolumesStream = VolumesStream;
+
+    async fn watch_host_volumes(
+        &self,
+        req: Request<pb::WatchHostVolumesRequest>,
+    ) -> Result<Response<VolumesStream>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let rx = watch_host(
+            self.ctl.clone(),
+            key.host_id,
+            "watch_host_volumes",
+            |s, h| super::hostvol::host_volumes(s, h),
+        );
+        Ok(Response::new(VolumesStream::new(rx)))
+    }
+
+    async fn report_volume_replicas(
+        &self,
+        req: Request<pb::ReportVolumeReplicasRequest>,
+    ) -> Result<Response<pb::ReportVolumeReplicasResponse>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let host_id = key.host_id;
+        let held = super::hostvol::held(&req.into_inner()).map_err(Status::invalid_argument)?;
+        let (h, check) = (host_id.clone(), held.clone());
+        let changes = self
+            .ctl
+            .read(move |s| s.replicas_report_changes(&h, &check))
+            .await
+            .map_err(status)?;
+        if !changes {
+            return Ok(Response::new(pb::ReportVolumeReplicasResponse {
+                changed: 0,
+            }));
+        }
+        let out = self
+            .ctl
+            .write(Command::ReportReplicas { host_id, held })
+            .await
+            .map_err(status)?;
+        let changed = match out {
+            Output::Count(n) => n,
+            _ => 0,
+        };
+        Ok(Response::new(pb::ReportVolumeReplicasResponse { changed }))
     }
 
     async fn heartbeat(

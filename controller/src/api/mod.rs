@@ -11,6 +11,7 @@ pub mod compute;
 pub mod convert;
 pub mod hostnet;
 pub mod hosts;
+pub mod hostvol;
 
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Status};

@@ -3,6 +3,8 @@
 //! command is `#[serde(default)]`, so entries an older controller wrote
 //! still read.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{CaMaterial, StateError};
@@ -381,6 +383,14 @@ pub enum Command {
         #[serde(default)]
         force: bool,
     },
+    /// A host's blockd reports the replicas it holds (the whole set):
+    /// volume id → the epoch it has caught up to.
+    ReportReplicas {
+        /// The host.
+        host_id: String,
+        /// What it holds.
+        held: BTreeMap<String, u64>,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -414,6 +424,8 @@ pub enum Output {
     },
     /// Intent changes.
     Changes(Vec<StateChange>),
+    /// How many records changed.
+    Count(u32),
     /// An image.
     Image(Image),
     /// A key pair.

@@ -295,6 +295,9 @@ impl ferro_raft::StateMachine for ClusterState {
                 now_ms,
             } => self.create_volume(spec, volume_id, now_ms),
             Command::DeleteVolume { id } => self.delete_volume(&id),
+            Command::ReportReplicas { host_id, held } => {
+                Ok(Output::Count(self.report_replicas(&host_id, &held)))
+            }
             Command::AttachVolume {
                 volume_id,
                 instance_id,

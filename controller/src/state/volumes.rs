@@ -2,10 +2,12 @@
 //! by free disk space), attachments to stopped instances, deletion, and
 //! what terminating an instance does to its volumes.
 //!
-//! Only the records: no blockd reports replicas yet, so a new volume is
-//! `available` as soon as its replicas are chosen. That is a placeholder
-//! until ferro-blockd confirms them (the volume would stay `creating`
-//! until then). Attaching to a running instance (hot-attach) is refused.
+//! A new volume is `creating` until the ferro-blockd of every replica host
+//! reports holding it at its epoch ([`ClusterState::report_replicas`]),
+//! then `available`. DeleteVolume makes it `deleting`: its replica hosts
+//! are told to remove their replicas, and the record (with the disk space
+//! it takes on those hosts) goes once none reports holding it. Attaching
+//! to a running instance (hot-attach) is refused.
 
 use super::network::dependency;
 use super::query::{any_of, check_exist, tags_match, Page, Paging, DEFAULT_PAGE};
@@ -133,6 +135,16 @@ pub fn attachments_of(s: &ClusterState, id: &str) -> Vec<(String, VolumeAttachme
     v
 }
 
+/// Whether a host reporting `held` holds its replica of `v`: at `v`'s
+/// epoch, or at any while `v` is being deleted.
+fn holds(v: &Volume, held: &BTreeMap<String, u64>) -> bool {
+    match held.get(&v.id) {
+        Some(_) if v.state == VolumeState::Deleting => true,
+        Some(&epoch) => epoch >= v.epoch,
+        None => false,
+    }
+}
+
 fn running(i: &Instance) -> bool {
     i.desired == DesiredState::Running
 }
@@ -209,12 +221,13 @@ impl ClusterState {
             volume_type: ty,
             tags: spec.tags,
             created_at_ms: now_ms,
-            // Placeholder: available at once, until blockd confirms replicas.
-            state: VolumeState::Available,
+            // Until every replica host's blockd reports holding it.
+            state: VolumeState::Creating,
             attachment: None,
             replicas,
             epoch: 1,
             client_token: spec.client_token.clone(),
+            held: BTreeSet::new(),
         };
         tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
         self.volumes.insert(id.clone(), v.clone());
@@ -258,8 +271,71 @@ impl ClusterState {
                 a.instance_id
             )));
         }
-        self.remove_volume(id);
+        self.start_deleting(id);
         Ok(Output::Done)
+    }
+
+    /// Volume `id` is to go: `deleting` until no replica host holds it
+    /// (gone at once when none does).
+    fn start_deleting(&mut self, id: &str) {
+        let Some(v) = self.volumes.get_mut(id) else {
+            return;
+        };
+        v.attachment = None;
+        if v.held.is_empty() {
+            self.remove_volume(id);
+        } else {
+            v.state = VolumeState::Deleting;
+            tracing::info!(volume_id = %id, held = ?v.held, "volume deleting");
+        }
+    }
+
+    /// Host `host_id`'s blockd holds `held` (volume → the epoch it has
+    /// caught up to), and nothing else. For every volume with a replica on
+    /// that host: the host counts as holding it when it reports the
+    /// volume's epoch (any epoch while deleting). A `creating` volume that
+    /// every replica host holds becomes `available`; a `deleting` one that
+    /// none holds any more is removed. Returns how many volumes changed.
+    pub(crate) fn report_replicas(&mut self, host_id: &str, held: &BTreeMap<String, u64>) -> u32 {
+        let mut changed = 0;
+        let mut gone = Vec::new();
+        for v in self.volumes.values_mut() {
+            if !v.replicas.iter().any(|r| r == host_id) {
+                continue;
+            }
+            let holds = holds(v, held);
+            let before = (v.state, v.held.contains(host_id));
+            if holds {
+                v.held.insert(host_id.to_string());
+            } else {
+                v.held.remove(host_id);
+            }
+            if v.state == VolumeState::Creating && v.replicas.iter().all(|r| v.held.contains(r)) {
+                v.state = VolumeState::Available;
+                tracing::info!(volume_id = %v.id, "volume available: every replica is held");
+            }
+            if v.state == VolumeState::Deleting && v.held.is_empty() {
+                gone.push(v.id.clone());
+            }
+            if before != (v.state, v.held.contains(host_id)) {
+                changed += 1;
+            }
+        }
+        for id in gone {
+            self.remove_volume(&id);
+        }
+        changed
+    }
+
+    /// Whether [`Self::report_replicas`] would change anything (so that a
+    /// report that changes nothing writes nothing to the log).
+    pub fn replicas_report_changes(&self, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
+        // A volume's state only moves when a host's membership in `held`
+        // does (it moves on as soon as the last one needed arrives).
+        self.volumes
+            .values()
+            .filter(|v| v.replicas.iter().any(|r| r == host_id))
+            .any(|v| holds(v, held) != v.held.contains(host_id))
     }
 
     pub(super) fn attach_volume(
@@ -382,7 +458,7 @@ impl ClusterState {
             .collect();
         for (vol, delete) in mine {
             if delete {
-                self.remove_volume(&vol);
+                self.start_deleting(&vol);
             } else if let Some(v) = self.volumes.get_mut(&vol) {
                 v.attachment = None;
                 v.state = VolumeState::Available;
@@ -428,12 +504,51 @@ mod tests {
         }
     }
 
+    /// Create, then report every replica held (as the replica hosts'
+    /// blockd would): the volume is `available`.
     fn create(s: &mut ClusterState, id: &str, spec: VolumeSpec) -> Response {
+        let out = create_only(s, id, spec)?;
+        let Output::Volume(v) = &out else {
+            return Ok(out);
+        };
+        for h in &v.replicas {
+            let mut held = holding(s, h);
+            held.insert(v.id.clone(), v.epoch);
+            report(s, h, held);
+        }
+        Ok(Output::Volume(s.volumes[&v.id].clone()))
+    }
+
+    fn create_only(s: &mut ClusterState, id: &str, spec: VolumeSpec) -> Response {
         s.apply(Command::CreateVolume {
             spec,
             volume_id: id.into(),
             now_ms: 7,
         })
+    }
+
+    /// What host `h` holds now (every volume it is recorded holding).
+    fn holding(s: &ClusterState, h: &str) -> BTreeMap<String, u64> {
+        s.volumes
+            .values()
+            .filter(|v| v.held.contains(h))
+            .map(|v| (v.id.clone(), v.epoch))
+            .collect()
+    }
+
+    fn report(s: &mut ClusterState, host: &str, held: BTreeMap<String, u64>) -> u32 {
+        let would = s.replicas_report_changes(host, &held);
+        let Output::Count(n) = s
+            .apply(Command::ReportReplicas {
+                host_id: host.into(),
+                held,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(would, n > 0, "the read-only check agrees");
+        n
     }
 
     fn attach(s: &mut ClusterState, vol: &str, inst: &str, dev: &str, dot: bool) -> Response {
@@ -536,8 +651,51 @@ mod tests {
             .unwrap();
         s.apply(Command::DeleteVolume { id: "vol-2".into() })
             .unwrap();
+        // Held until the replica hosts report them gone.
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Deleting);
+        assert_eq!(free(&s), [50, 240, 140, 1000]);
+        for h in ["h1", "h2", "h3"] {
+            report(&mut s, h, BTreeMap::new());
+        }
         assert_eq!(free(&s), [100, 300, 200, 1000]);
         assert!(s.volumes.is_empty());
+    }
+
+    #[test]
+    fn a_volume_is_available_once_every_replica_host_holds_it_at_its_epoch() {
+        let (mut s, _) = cluster(true);
+        create_only(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let v = || s.volumes["vol-1"].clone();
+        assert_eq!(v().state, VolumeState::Creating);
+        let held = |e: u64| BTreeMap::from([("vol-1".to_string(), e)]);
+        // A host without a replica of it, or an older epoch: nothing.
+        assert_eq!(report(&mut s, "h4", held(1)), 0);
+        assert_eq!(report(&mut s, "h1", held(0)), 0);
+        assert_eq!(report(&mut s, "h1", held(1)), 1);
+        assert_eq!(report(&mut s, "h1", held(1)), 0, "the same report again");
+        assert_eq!(report(&mut s, "h2", held(1)), 1);
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Creating);
+        report(&mut s, "h3", held(1));
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Available);
+        // A replica lost later is no longer held (the volume stays usable
+        // on the others: failover is blockd's and the epoch's business).
+        report(&mut s, "h3", BTreeMap::new());
+        let v = &s.volumes["vol-1"];
+        assert_eq!(v.state, VolumeState::Available);
+        assert_eq!(v.held, BTreeSet::from(["h1".into(), "h2".into()]));
+        // Deleting: gone once the last holder reports it gone.
+        s.apply(Command::DeleteVolume { id: "vol-1".into() })
+            .unwrap();
+        report(&mut s, "h1", BTreeMap::new());
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Deleting);
+        report(&mut s, "h2", BTreeMap::new());
+        assert!(!s.volumes.contains_key("vol-1"));
+        // Never held anywhere: gone at once.
+        create_only(&mut s, "vol-2", vspec(10, "")).unwrap();
+        s.apply(Command::DeleteVolume { id: "vol-2".into() })
+            .unwrap();
+        assert!(s.volumes.is_empty());
+        assert_eq!(free(&s), [100, 300, 200, 1000]);
     }
 
     #[test]
@@ -704,12 +862,22 @@ mod tests {
         .unwrap();
         // Never on its host (observed absent): final at once.
         assert!(s.instances[&id].is_final());
-        assert!(!s.volumes.contains_key("vol-1"));
+        let v = &s.volumes["vol-1"];
+        assert_eq!(
+            (v.state, v.attachment.is_none()),
+            (VolumeState::Deleting, true)
+        );
         let v = &s.volumes["vol-2"];
         assert_eq!(
             (v.state, v.attachment.is_none()),
             (VolumeState::Available, true)
         );
+        for h in ["h2", "h3"] {
+            let mut held = holding(&s, h);
+            held.remove("vol-1");
+            report(&mut s, h, held);
+        }
+        assert!(!s.volumes.contains_key("vol-1"));
         assert_eq!(free(&s), [100, 280, 180, 1000]);
     }
 

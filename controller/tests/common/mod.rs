@@ -482,6 +482,41 @@ pub async fn beat(
     c.heartbeat(r).await.map(|_| ())
 }
 
+/// Report, with host key `key`, holding `held` (volume, epoch); how many
+/// volumes changed.
+pub async fn report_replicas(
+    c: &mut HostsClient<Channel>,
+    key: &str,
+    held: &[(&str, u64)],
+) -> Result<u32, Status> {
+    let mut r = Request::new(pb::ReportVolumeReplicasRequest {
+        replicas: held
+            .iter()
+            .map(|(v, e)| pb::HeldReplica {
+                volume_id: v.to_string(),
+                epoch: *e,
+            })
+            .collect(),
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    c.report_volume_replicas(r)
+        .await
+        .map(|r| r.into_inner().changed)
+}
+
+/// The first message of host key `key`'s volume watch.
+pub async fn host_volumes(
+    c: &mut HostsClient<Channel>,
+    key: &str,
+) -> Result<pb::HostVolumes, Status> {
+    let mut r = Request::new(pb::WatchHostVolumesRequest {});
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut s = c.watch_host_volumes(r).await?.into_inner();
+    Ok(s.message().await?.expect("a first message"))
+}
+
 /// Heartbeat `agent` (served at `url`) with its host key every 50 ms,
 /// forever.
 pub fn heartbeat_forever(ctl: SocketAddr, agent: FakeAgent, url: String) {

@@ -1,0 +1,102 @@
+//! What one host's volume daemon is told (`Hosts.WatchHostVolumes`): the
+//! replicas it is to hold, derived from the cluster state on every
+//! change; and reading what it reports holding
+//! (`Hosts.ReportVolumeReplicas`).
+
+use std::collections::BTreeMap;
+
+use ferro_proto::compute::v1 as pb;
+
+use crate::model::VolumeState;
+use crate::state::ClusterState;
+
+/// The most replicas one report may name.
+pub const MAX_REPORTED: usize = 100_000;
+
+/// Host `host_id`'s replicas: every volume placed on it, with its size,
+/// epoch and replica hosts; a volume being deleted is marked so.
+pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
+    let replicas = s
+        .volumes
+        .values()
+        .filter(|v| v.replicas.iter().any(|r| r == host_id))
+        .map(|v| pb::ReplicaOnHost {
+            volume_id: v.id.clone(),
+            size_bytes: v.size_gib << 30,
+            epoch: v.epoch,
+            replica_host_ids: v.replicas.clone(),
+            deleting: v.state == VolumeState::Deleting,
+        })
+        .collect();
+    pb::HostVolumes {
+        host_id: host_id.to_string(),
+        revision: 0,
+        replicas,
+    }
+}
+
+/// `vol-` and 16 lowercase hex digits.
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// A report's replicas as volume → epoch; an error names the bad entry.
+pub fn held(r: &pb::ReportVolumeReplicasRequest) -> Result<BTreeMap<String, u64>, String> {
+    if r.replicas.len() > MAX_REPORTED {
+        return Err(format!(
+            "replicas: {} entries, at most {MAX_REPORTED}",
+            r.replicas.len()
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (i, h) in r.replicas.iter().enumerate() {
+        if !is_volume_id(&h.volume_id) {
+            return Err(format!(
+                "replicas[{i}].volume_id: {:?} is not a volume id (vol- and 16 hex digits)",
+                h.volume_id
+            ));
+        }
+        if out.insert(h.volume_id.clone(), h.epoch).is_some() {
+            return Err(format!(
+                "replicas[{i}].volume_id: {} is named twice",
+                h.volume_id
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(ids: &[&str]) -> pb::ReportVolumeReplicasRequest {
+        pb::ReportVolumeReplicasRequest {
+            replicas: ids
+                .iter()
+                .map(|id| pb::HeldReplica {
+                    volume_id: id.to_string(),
+                    epoch: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn reports_name_their_bad_entry() {
+        let ok = "vol-0123456789abcdef";
+        assert_eq!(held(&req(&[ok])).unwrap().len(), 1);
+        for (ids, want) in [
+            (vec![ok, "vol-0123456789ABCDEF"], "replicas[1].volume_id"),
+            (vec!["../etc"], "replicas[0].volume_id"),
+            (vec![ok, ok], "is named twice"),
+        ] {
+            let e = held(&req(&ids)).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+}
