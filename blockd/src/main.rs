@@ -1,10 +1,14 @@
 //! `ferro-blockd` binary: parse flags, open the volumes, serve each on its
-//! own thread.
+//! own thread; with `--controller`, follow the replicas the controller
+//! places on this host.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use ferro_blockd::config::parse_volume;
+use ferro_blockd::follow::FollowConfig;
+use ferro_blockd::replica_dir::ReplicaDir;
 use ferro_blockd::server::Volume;
 
 /// Ferrocloud block volume daemon: serves volumes over vhost-user-blk.
@@ -12,8 +16,24 @@ use ferro_blockd::server::Volume;
 #[command(version, about)]
 struct Cli {
     /// Volume: id=SERIAL,path=FILE,size=SIZE[K|M|G|T],socket=PATH; repeatable.
-    #[arg(long, value_name = "SPEC", required = true)]
+    #[arg(long, value_name = "SPEC", required_unless_present = "controller")]
     volume: Vec<String>,
+    /// A controller endpoint (http(s)://host:port); repeatable. Follows the
+    /// replicas the controller places on this host.
+    #[arg(long, value_name = "URL", requires_all = ["host_id", "api_key_file", "data_dir"])]
+    controller: Vec<String>,
+    /// This host's id, as the controller knows it.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// The host's API key (the agent's credential, role host).
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// The CA of https:// controllers.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// Where the replicas live (`<dir>/replicas/`).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Print an error and its causes on one line.
@@ -28,6 +48,46 @@ fn report(err: &dyn std::error::Error) {
     eprintln!("ferro-blockd: error: {msg}");
 }
 
+/// The controller follower the flags ask for, with its replica
+/// directory opened.
+fn follower(cli: &Cli) -> Result<Option<(FollowConfig, ReplicaDir)>, ExitCode> {
+    if cli.controller.is_empty() {
+        return Ok(None);
+    }
+    let mut controllers = Vec::new();
+    for c in &cli.controller {
+        match ferro_client::normalize_endpoint(c) {
+            Ok(u) => controllers.push(u),
+            Err(m) => {
+                eprintln!("ferro-blockd: error: --controller {c:?}: {m}");
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    let (Some(host_id), Some(api_key_file), Some(data_dir)) =
+        (&cli.host_id, &cli.api_key_file, &cli.data_dir)
+    else {
+        eprintln!(
+            "ferro-blockd: error: --controller needs --host-id, --api-key-file and --data-dir"
+        );
+        return Err(ExitCode::from(2));
+    };
+    let dir = match ReplicaDir::open(&data_dir.join("replicas")) {
+        Ok(d) => d,
+        Err(e) => {
+            report(&e);
+            return Err(ExitCode::from(1));
+        }
+    };
+    let cfg = FollowConfig {
+        host_id: host_id.clone(),
+        controllers,
+        api_key_file: api_key_file.clone(),
+        ca_file: cli.ca_file.clone(),
+    };
+    Ok(Some((cfg, dir)))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -37,6 +97,10 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    let follower = match follower(&cli) {
+        Ok(f) => f,
+        Err(code) => return code,
+    };
     let mut volumes = Vec::new();
     for spec in &cli.volume {
         match parse_volume(spec).map_err(|e| Box::new(e) as Box<dyn std::error::Error>) {
@@ -58,6 +122,22 @@ fn main() -> ExitCode {
         }
     }
     eprintln!("ferro-blockd: serving {} volume(s)", opened.len());
+    if let Some((cfg, dir)) = follower {
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime");
+            rt.block_on(ferro_blockd::follow::follow(cfg, dir));
+        });
+        if opened.is_empty() {
+            // Nothing else to serve: the follower runs until killed.
+            loop {
+                std::thread::park();
+            }
+        }
+    }
     let threads: Vec<_> = opened
         .into_iter()
         .map(|v| std::thread::spawn(move || v.serve()))

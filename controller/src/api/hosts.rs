@@ -166,7 +166,7 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
             self.ctl.clone(),
             key.host_id,
             "watch_host_volumes",
-            |s, h| super::hostvol::host_volumes(s, h),
+            super::hostvol::host_volumes,
         );
         Ok(Response::new(VolumesStream::new(rx)))
     }

@@ -1,0 +1,159 @@
+//! Following the controller: `Hosts.WatchHostVolumes` gives the replicas
+//! this host is to hold (all of them on connect, again after every
+//! change); after each, and every [`RESYNC`] besides, the replica
+//! directory is converged and what it holds reported with
+//! `Hosts.ReportVolumeReplicas`. The calls go through `ferro-client`
+//! (leader following, TLS, the host's bearer key). When the stream breaks
+//! the loop reconnects with back-off; replicas are never touched while no
+//! state is known.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferro_client::{Client, ClientConfig};
+use ferro_proto::compute::v1::hosts_client::HostsClient;
+use ferro_proto::compute::v1::{HostVolumes, ReportVolumeReplicasRequest, WatchHostVolumesRequest};
+
+use crate::replica_dir::ReplicaDir;
+
+/// How often the directory is converged and reported without a change.
+pub const RESYNC: Duration = Duration::from_secs(5);
+/// Longest pause between attempts to reach the controller.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Where the controller is and who this host is.
+#[derive(Clone, Debug)]
+pub struct FollowConfig {
+    /// This host's id.
+    pub host_id: String,
+    /// Every controller endpoint.
+    pub controllers: Vec<String>,
+    /// The host's API key (role host), read at every connection.
+    pub api_key_file: PathBuf,
+    /// The CA of `https://` controllers, if any.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Why a session with the controller ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The host's key could not be read.
+    #[error("cannot read the host's key {0} (has the host joined?)")]
+    Key(String, #[source] std::io::Error),
+    /// A call failed.
+    #[error(transparent)]
+    Call(#[from] ferro_client::CallError),
+    /// The stream broke.
+    #[error("the volume stream broke: {}", .0.message())]
+    Stream(tonic::Status),
+    /// The controller ended the stream.
+    #[error("the controller ended the volume stream")]
+    Ended,
+    /// The replica directory failed.
+    #[error(transparent)]
+    Replicas(#[from] crate::replica_dir::ReplicaError),
+}
+
+/// Follow the controller forever, converging `dir`.
+pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
+    let mut failures: u32 = 0;
+    loop {
+        let e = session(&cfg, &dir, &mut failures).await;
+        failures += 1;
+        if failures == 1 || failures.is_multiple_of(30) {
+            tracing::warn!(failures, "cannot follow this host's volumes: {}", chain(&e));
+        }
+        let exp = failures.saturating_sub(1).min(6);
+        let pause = Duration::from_millis(250)
+            .saturating_mul(1 << exp)
+            .min(MAX_BACKOFF);
+        tokio::time::sleep(ferro_client::jitter(pause)).await;
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut c = e.source();
+    while let Some(x) = c {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        c = x.source();
+    }
+    s
+}
+
+async fn session(cfg: &FollowConfig, dir: &ReplicaDir, failures: &mut u32) -> FollowError {
+    let key = match std::fs::read_to_string(&cfg.api_key_file) {
+        Ok(k) => k.trim().to_string(),
+        Err(e) => return FollowError::Key(cfg.api_key_file.display().to_string(), e),
+    };
+    let mut ccfg = ClientConfig::new(cfg.controllers.clone(), Some(key));
+    ccfg.ca_pem = cfg
+        .ca_file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok());
+    ccfg.max_retries = cfg.controllers.len();
+    ccfg.call_timeout = Duration::from_secs(10);
+    let mut client = match Client::new(ccfg) {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    let stream = client
+        .call(|ch| async move {
+            HostsClient::new(ch)
+                .watch_host_volumes(WatchHostVolumesRequest {})
+                .await
+        })
+        .await;
+    let mut stream = match stream {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    let mut desired: Option<HostVolumes> = None;
+    loop {
+        tokio::select! {
+            m = stream.message() => match m {
+                Ok(Some(v)) => {
+                    if *failures > 0 {
+                        tracing::info!(failures = *failures, "following this host's volumes again");
+                        *failures = 0;
+                    }
+                    if !v.host_id.is_empty() && v.host_id != cfg.host_id {
+                        tracing::warn!(host_id = %v.host_id, "the controller sent another host's volumes; ignored");
+                        continue;
+                    }
+                    desired = Some(v);
+                }
+                Ok(None) => return FollowError::Ended,
+                Err(s) => return FollowError::Stream(s),
+            },
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+        let Some(want) = &desired else { continue };
+        let (d, w) = (dir.clone(), want.clone());
+        let held = match tokio::task::spawn_blocking(move || d.converge(&w)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => return e.into(),
+            Err(e) => {
+                tracing::error!("converging the replicas panicked: {e}");
+                continue;
+            }
+        };
+        let req = ReportVolumeReplicasRequest { replicas: held };
+        let sent = client
+            .call(|ch| {
+                let req = req.clone();
+                async move { HostsClient::new(ch).report_volume_replicas(req).await }
+            })
+            .await;
+        match sent {
+            Ok(r) if r.changed > 0 => tracing::info!(
+                changed = r.changed,
+                revision = want.revision,
+                "replicas reported"
+            ),
+            Ok(_) => {}
+            Err(e) => return e.into(),
+        }
+    }
+}

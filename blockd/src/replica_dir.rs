@@ -1,0 +1,328 @@
+//! The replicas this host holds, converged to what the controller says
+//! (`Hosts.WatchHostVolumes`): level-triggered, like netd's dataplane.
+//!
+//! Each replica is a sparse file `<dir>/vol-<16 hex>.img` of the volume's
+//! size. [`plan`] (pure) compares the desired replicas with the files
+//! found and says what to do; [`ReplicaDir::converge`] does it and returns
+//! what this host holds, for `Hosts.ReportVolumeReplicas`.
+//!
+//! Nothing is deleted that the controller did not name: a replica file of
+//! a volume the controller no longer lists (a volume deleted while this
+//! host was away, or a controller that lost its state) is moved to
+//! `<dir>/orphans/` and reported in the log, never removed; a file that is
+//! not a replica's is left alone. Only a volume the controller marks
+//! `deleting` has its replica removed. A replica file of the wrong size
+//! is left as it is and not reported held (its volume stays `creating`
+//! and the log says why).
+//!
+//! Epochs: a replica made here is at the volume's epoch when made. Keeping
+//! a replica's epoch across replica-set changes, and catching a replica
+//! up from its peers, come with replication.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use ferro_proto::compute::v1::{HeldReplica, HostVolumes};
+
+/// Errors of the replica directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The directory could not be created or listed.
+    #[error("replica directory {0}")]
+    Dir(PathBuf, #[source] io::Error),
+}
+
+/// One action on the replica directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Make the sparse file of volume `id`, `size` bytes.
+    Create {
+        /// Volume id.
+        id: String,
+        /// Bytes.
+        size: u64,
+    },
+    /// Remove volume `id`'s replica (the controller deletes the volume).
+    Remove {
+        /// Volume id.
+        id: String,
+    },
+    /// Move the replica of volume `id`, unknown to the controller, aside.
+    Orphan {
+        /// Volume id.
+        id: String,
+    },
+    /// Volume `id`'s file has `found` bytes, not `wanted`: left alone.
+    WrongSize {
+        /// Volume id.
+        id: String,
+        /// Its file's size.
+        found: u64,
+        /// The volume's size.
+        wanted: u64,
+    },
+}
+
+/// What to do, given the desired replicas and the files found (volume id
+/// → size), and what is then held (volume id → epoch).
+pub fn plan(
+    desired: &HostVolumes,
+    found: &BTreeMap<String, u64>,
+) -> (Vec<Action>, BTreeMap<String, u64>) {
+    let mut actions = Vec::new();
+    let mut held = BTreeMap::new();
+    let mut listed = std::collections::BTreeSet::new();
+    for r in &desired.replicas {
+        if !is_volume_id(&r.volume_id) {
+            continue;
+        }
+        listed.insert(r.volume_id.as_str());
+        match (found.get(&r.volume_id), r.deleting) {
+            (Some(_), true) => actions.push(Action::Remove {
+                id: r.volume_id.clone(),
+            }),
+            (None, true) => {}
+            (None, false) => {
+                actions.push(Action::Create {
+                    id: r.volume_id.clone(),
+                    size: r.size_bytes,
+                });
+                held.insert(r.volume_id.clone(), r.epoch);
+            }
+            (Some(&size), false) if size == r.size_bytes => {
+                held.insert(r.volume_id.clone(), r.epoch);
+            }
+            (Some(&size), false) => actions.push(Action::WrongSize {
+                id: r.volume_id.clone(),
+                found: size,
+                wanted: r.size_bytes,
+            }),
+        }
+    }
+    for id in found.keys().filter(|id| !listed.contains(id.as_str())) {
+        actions.push(Action::Orphan { id: id.clone() });
+    }
+    (actions, held)
+}
+
+/// `vol-` and 16 lowercase hex digits.
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// The directory of this host's replicas.
+#[derive(Clone, Debug)]
+pub struct ReplicaDir {
+    dir: PathBuf,
+}
+
+impl ReplicaDir {
+    /// `dir`, created if missing.
+    pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::Dir(dir.to_path_buf(), e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Volume `id`'s replica file.
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.img"))
+    }
+
+    /// The replica files present: volume id → size.
+    pub fn found(&self) -> Result<BTreeMap<String, u64>, ReplicaError> {
+        let err = |e| ReplicaError::Dir(self.dir.clone(), e);
+        let mut out = BTreeMap::new();
+        for e in std::fs::read_dir(&self.dir).map_err(err)? {
+            let e = e.map_err(err)?;
+            let name = e.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+                continue;
+            };
+            if !is_volume_id(id) {
+                continue;
+            }
+            let meta = e.metadata().map_err(err)?;
+            if meta.is_file() {
+                out.insert(id.to_string(), meta.len());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Converge to `desired`; what is held afterwards, to report. A step
+    /// that fails is logged and its volume not reported held; the others
+    /// go on.
+    pub fn converge(&self, desired: &HostVolumes) -> Result<Vec<HeldReplica>, ReplicaError> {
+        let found = self.found()?;
+        let (actions, mut held) = plan(desired, &found);
+        for a in actions {
+            if let Err(e) = self.apply(&a) {
+                let id = match &a {
+                    Action::Create { id, .. }
+                    | Action::Remove { id }
+                    | Action::Orphan { id }
+                    | Action::WrongSize { id, .. } => id,
+                };
+                tracing::error!(volume_id = %id, "{a:?} failed: {e}");
+                if matches!(a, Action::Create { .. }) {
+                    held.remove(id);
+                }
+            }
+        }
+        Ok(held
+            .into_iter()
+            .map(|(volume_id, epoch)| HeldReplica { volume_id, epoch })
+            .collect())
+    }
+
+    fn apply(&self, a: &Action) -> io::Result<()> {
+        match a {
+            Action::Create { id, size } => {
+                let path = self.path(id);
+                // A temporary name first: a crash never leaves a replica
+                // file of the wrong size under the real name.
+                let tmp = self.dir.join(format!(".{id}.img.new"));
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)?;
+                f.set_len(*size)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                sync_dir(&self.dir)?;
+                tracing::info!(volume_id = %id, size, "replica created");
+            }
+            Action::Remove { id } => {
+                std::fs::remove_file(self.path(id))?;
+                sync_dir(&self.dir)?;
+                tracing::info!(volume_id = %id, "replica removed: the volume is deleted");
+            }
+            Action::Orphan { id } => {
+                let orphans = self.dir.join("orphans");
+                std::fs::create_dir_all(&orphans)?;
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let to = orphans.join(format!("{id}.img.{stamp}"));
+                std::fs::rename(self.path(id), &to)?;
+                sync_dir(&self.dir)?;
+                tracing::warn!(
+                    volume_id = %id,
+                    moved_to = %to.display(),
+                    "replica of a volume the controller does not list: moved aside, not deleted"
+                );
+            }
+            Action::WrongSize { id, found, wanted } => {
+                tracing::error!(
+                    volume_id = %id,
+                    found,
+                    wanted,
+                    "replica file has the wrong size: left alone, not reported held"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferro_proto::compute::v1::ReplicaOnHost;
+
+    const A: &str = "vol-000000000000000a";
+    const B: &str = "vol-000000000000000b";
+    const C: &str = "vol-000000000000000c";
+
+    fn want(replicas: &[(&str, u64, bool)]) -> HostVolumes {
+        HostVolumes {
+            replicas: replicas
+                .iter()
+                .map(|(id, size, deleting)| ReplicaOnHost {
+                    volume_id: id.to_string(),
+                    size_bytes: *size,
+                    epoch: 3,
+                    deleting: *deleting,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn plan_creates_removes_and_moves_aside_what_is_not_listed() {
+        let found = BTreeMap::from([(B.to_string(), 100), (C.to_string(), 7)]);
+        let (actions, held) = plan(
+            &want(&[(A, 10, false), (B, 100, true), ("../x", 1, false)]),
+            &found,
+        );
+        assert_eq!(
+            actions,
+            [
+                Action::Create {
+                    id: A.into(),
+                    size: 10
+                },
+                Action::Remove { id: B.into() },
+                Action::Orphan { id: C.into() },
+            ]
+        );
+        assert_eq!(held, BTreeMap::from([(A.to_string(), 3)]));
+        // Converged: nothing to do, the same held.
+        let found = BTreeMap::from([(A.to_string(), 10)]);
+        let (actions, held2) = plan(&want(&[(A, 10, false), (B, 100, true)]), &found);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(held2, held);
+    }
+
+    #[test]
+    fn a_file_of_the_wrong_size_is_left_alone_and_not_held() {
+        let found = BTreeMap::from([(A.to_string(), 5)]);
+        let (actions, held) = plan(&want(&[(A, 10, false)]), &found);
+        assert_eq!(
+            actions,
+            [Action::WrongSize {
+                id: A.into(),
+                found: 5,
+                wanted: 10
+            }]
+        );
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn converge_on_disk_never_deletes_what_was_not_named() {
+        let dir = std::env::temp_dir().join(format!("ferro-replicas-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = ReplicaDir::open(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), b"not a replica").unwrap();
+        std::fs::write(d.path(C), b"orphan data").unwrap();
+        let held = d.converge(&want(&[(A, 1 << 20, false)])).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(std::fs::metadata(d.path(A)).unwrap().len(), 1 << 20);
+        assert!(dir.join("notes.txt").exists(), "not ours: left alone");
+        assert!(!d.path(C).exists());
+        let moved: Vec<_> = std::fs::read_dir(dir.join("orphans")).unwrap().collect();
+        assert_eq!(moved.len(), 1, "the orphan is kept aside");
+        // Deleting removes it; the report no longer names it.
+        let held = d.converge(&want(&[(A, 1 << 20, true)])).unwrap();
+        assert!(held.is_empty());
+        assert!(!d.path(A).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
