@@ -517,6 +517,9 @@ pub enum Volumes {
         /// Tag KEY=VALUE; repeatable.
         #[arg(long = "tag", value_name = "KEY=VALUE")]
         tags: Vec<String>,
+        /// With --wait: until it is available (every replica made).
+        #[command(flatten)]
+        wait: Wait,
     },
     /// List volumes.
     List {
@@ -552,6 +555,9 @@ pub enum Volumes {
     Delete {
         /// Volume id.
         volume: String,
+        /// With --wait: until every replica is removed and it is gone.
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 

@@ -219,6 +219,64 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
     .await
     .unwrap();
     wait_state(&mut c, &standard.volume_id, None).await;
+
+    // The CLI: `--wait` returns once the volume is available (every
+    // replica made), and once it is gone.
+    let ferro = |args: &[&str]| {
+        let out = std::process::Command::new(ferro_testkit::workspace_bin("ferro-cli", "ferro"))
+            .args([
+                "--endpoint",
+                &format!("http://{}", t.addr),
+                "--api-key",
+                &t.admin_key,
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ferro {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let made = ferro(&[
+        "-o",
+        "json",
+        "volumes",
+        "create",
+        "--size",
+        "1",
+        "--az",
+        "az-1",
+        "--wait",
+        "--timeout",
+        "20",
+    ]);
+    let made = &made[0];
+    assert_eq!(made["state"], "available", "{made}");
+    let id = made["volume_id"].as_str().unwrap().to_string();
+    let hosts: Vec<&str> = made["replica_host_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+        .unwrap_or_default();
+    for b in blockds.iter().filter(|b| hosts.contains(&b.host.as_str())) {
+        assert!(b.replica(&id).exists(), "{} on {}", id, b.host);
+    }
+    ferro(&[
+        "-o",
+        "json",
+        "volumes",
+        "delete",
+        &id,
+        "--wait",
+        "--timeout",
+        "20",
+    ]);
+    assert!(volume(&mut c, &id).await.is_none());
+    for b in &blockds {
+        assert!(!b.replica(&id).exists());
+    }
     for b in &blockds {
         let left: Vec<_> = std::fs::read_dir(b.data.join("replicas"))
             .unwrap()

@@ -44,6 +44,9 @@ pub enum CommandError {
         /// The state reason its host reported.
         reason: String,
     },
+    /// A volume went to `error` (or away) while being waited for.
+    #[error("volume {0} failed")]
+    VolumeFailed(String),
     /// A bad argument, caught before calling.
     #[error("{0}")]
     Usage(String),

@@ -2,13 +2,19 @@
 
 use ferro_proto::compute::v1 as pb;
 use ferro_proto::compute::v1::compute_client::ComputeClient;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use super::{client_token, done, parse_tags, CommandError};
 use crate::args::{self, Format};
 use crate::client::Client;
 use crate::output::{self, attachment_json, print};
+use crate::spinner::{wait_for, Poll, Spinner};
 use crate::table::Table;
+
+/// How often `--wait` polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Runs a `ferro volumes` subcommand.
 pub async fn run(
@@ -23,6 +29,7 @@ pub async fn run(
             az,
             volume_type,
             tags,
+            wait,
         } => {
             let req = pb::CreateVolumeRequest {
                 size_gib: size,
@@ -32,14 +39,20 @@ pub async fn run(
                 // One token for every retry of this call.
                 client_token: client_token(),
             };
-            vec![
-                client
-                    .call(|ch| {
-                        let req = req.clone();
-                        async move { ComputeClient::new(ch).create_volume(req).await }
-                    })
-                    .await?,
-            ]
+            let v = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).create_volume(req).await }
+                })
+                .await?;
+            if wait.wait {
+                let id = v.volume_id.clone();
+                vec![wait_volume(client, &id, Some("available"), wait)
+                    .await?
+                    .unwrap_or(v)]
+            } else {
+                vec![v]
+            }
         }
         V::List { az, instance } => {
             let req = pb::DescribeVolumesRequest {
@@ -85,7 +98,7 @@ pub async fn run(
             attachment_done(format, a.attachment);
             return Ok(());
         }
-        V::Delete { volume } => {
+        V::Delete { volume, wait } => {
             let req = pb::DeleteVolumeRequest {
                 volume_id: volume.clone(),
             };
@@ -95,6 +108,9 @@ pub async fn run(
                     async move { ComputeClient::new(ch).delete_volume(req).await }
                 })
                 .await?;
+            if wait.wait {
+                wait_volume(client, &volume, None, wait).await?;
+            }
             done(
                 format,
                 &format!("deleted {volume}"),
@@ -191,4 +207,57 @@ mod tests {
         assert_eq!(j[0]["attachments"][0]["device"], "/dev/vdb");
         assert_eq!(j[0]["replica_host_ids"][1], "h2");
     }
+}
+
+/// Polls until volume `id` is in state `target` (`None`: gone), with a
+/// spinner; a volume in `error` ends the wait.
+async fn wait_volume(
+    client: &Client,
+    id: &str,
+    target: Option<&str>,
+    wait: args::Wait,
+) -> Result<Option<pb::Volume>, CommandError> {
+    let what = format!("{id} to be {}", target.unwrap_or("deleted"));
+    let mut spinner = Spinner::stderr();
+    wait_for(
+        &mut spinner,
+        &what,
+        Duration::from_secs(wait.timeout),
+        POLL_INTERVAL,
+        || {
+            let mut c = client.clone();
+            let req = pb::DescribeVolumesRequest {
+                volume_ids: vec![id.to_string()],
+                ..Default::default()
+            };
+            async move {
+                let found = c
+                    .call(|ch| {
+                        let req = req.clone();
+                        async move { ComputeClient::new(ch).describe_volumes(req).await }
+                    })
+                    .await;
+                let v = match found {
+                    Ok(r) => r.volumes.into_iter().next(),
+                    Err(e)
+                        if e.status()
+                            .is_some_and(|s| s.code() == tonic::Code::NotFound) =>
+                    {
+                        None
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let state = v.as_ref().map(|v| v.state.clone());
+                if state.as_deref() == target {
+                    return Ok(Poll::Ready(v));
+                }
+                match state.as_deref() {
+                    Some("error") => Err(CommandError::VolumeFailed(id.to_string())),
+                    Some(s) => Ok(Poll::Pending(format!("{id}: {s}"))),
+                    None => Err(CommandError::VolumeFailed(format!("{id} is gone"))),
+                }
+            }
+        },
+    )
+    .await
 }
