@@ -175,40 +175,6 @@ pub fn volumes(list: &[pb::Volume]) -> (Table, Value) {
     (t, Value::Array(j))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn volume_table_and_json() {
-        let v = pb::Volume {
-            volume_id: "vol-1".into(),
-            size_gib: 8,
-            availability_zone: "az-1".into(),
-            volume_type: "standard".into(),
-            state: "in-use".into(),
-            attachments: vec![pb::VolumeAttachment {
-                volume_id: "vol-1".into(),
-                instance_id: "i-1".into(),
-                device: "/dev/vdb".into(),
-                state: "attached".into(),
-                delete_on_termination: false,
-            }],
-            replica_host_ids: vec!["h1".into(), "h2".into()],
-            epoch: 1,
-            ..Default::default()
-        };
-        let (t, j) = volumes(std::slice::from_ref(&v));
-        assert_eq!(
-            t.render(),
-            "VOLUME  STATE   SIZE   TYPE      AZ    ATTACHED      REPLICAS  CREATED\n\
-             vol-1   in-use  8 GiB  standard  az-1  i-1 /dev/vdb  h1,h2     -\n"
-        );
-        assert_eq!(j[0]["attachments"][0]["device"], "/dev/vdb");
-        assert_eq!(j[0]["replica_host_ids"][1], "h2");
-    }
-}
-
 /// Polls until volume `id` is in state `target` (`None`: gone), with a
 /// spinner; a volume in `error` ends the wait.
 async fn wait_volume(
@@ -260,4 +226,38 @@ async fn wait_volume(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_table_and_json() {
+        let v = pb::Volume {
+            volume_id: "vol-1".into(),
+            size_gib: 8,
+            availability_zone: "az-1".into(),
+            volume_type: "standard".into(),
+            state: "in-use".into(),
+            attachments: vec![pb::VolumeAttachment {
+                volume_id: "vol-1".into(),
+                instance_id: "i-1".into(),
+                device: "/dev/vdb".into(),
+                state: "attached".into(),
+                delete_on_termination: false,
+            }],
+            replica_host_ids: vec!["h1".into(), "h2".into()],
+            epoch: 1,
+            ..Default::default()
+        };
+        let (t, j) = volumes(std::slice::from_ref(&v));
+        assert_eq!(
+            t.render(),
+            "VOLUME  STATE   SIZE   TYPE      AZ    ATTACHED      REPLICAS  CREATED\n\
+             vol-1   in-use  8 GiB  standard  az-1  i-1 /dev/vdb  h1,h2     -\n"
+        );
+        assert_eq!(j[0]["attachments"][0]["device"], "/dev/vdb");
+        assert_eq!(j[0]["replica_host_ids"][1], "h2");
+    }
 }
