@@ -264,3 +264,47 @@ fn a_nack_message_must_be_utf8() {
     reseal(&mut b);
     assert_eq!(decode(&b), Err(WireError::BadMessage));
 }
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Frames encoded by an independent implementation of the layout in the
+/// module docs (a few lines of Python), pinning the format byte for byte.
+#[test]
+fn golden_frames_from_the_documented_layout() {
+    let write = unhex(concat!(
+        "46425250010200050300000000000000020000000000000000100000000000001000",
+        "0000eb08c9d95d52f26a766f6c2d31000102030405060708090a0b0c0d0e0f"
+    ));
+    let expected = Frame {
+        volume: "vol-1".into(),
+        epoch: 3,
+        seq: 2,
+        body: Body::Write {
+            offset: 4096,
+            data: (0..16).collect(),
+        },
+    };
+    assert_eq!(decode(&write), Ok(Some((expected.clone(), write.len()))));
+    assert_eq!(encode(&expected).unwrap(), write);
+    let nack = unhex(concat!(
+        "46425250010701050400000000000000060000000000000003000000000000000b00",
+        "00000a73c0f292fca2e0766f6c2d3166656e6365643a20333c34"
+    ));
+    let expected = Frame {
+        volume: "vol-1".into(),
+        epoch: 4,
+        seq: 6,
+        body: Body::Nack {
+            code: NackCode::Fenced,
+            request_epoch: 3,
+            message: "fenced: 3<4".into(),
+        },
+    };
+    assert_eq!(decode(&nack), Ok(Some((expected.clone(), nack.len()))));
+    assert_eq!(encode(&expected).unwrap(), nack);
+}
