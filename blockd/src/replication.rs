@@ -371,35 +371,51 @@ impl Store for ReplicatedStore {
     }
 }
 
-/// Reads the answer to `request`: its `Ack` or `ReadData` body, or why not.
+/// Reads the answer to `request` and checks it with [`check_answer`].
 fn expect_ack(link: &mut Link, request: &Frame) -> Result<Body, String> {
-    let answer = match link.recv() {
-        Ok(Some(f)) => f,
-        Ok(None) => return Err("connection closed".into()),
-        Err(e) => return Err(chain(&e)),
-    };
-    if let Body::Nack {
-        code, ref message, ..
-    } = answer.body
-    {
+    match link.recv() {
+        Ok(Some(answer)) => check_answer(request, answer),
+        Ok(None) => Err("connection closed".into()),
+        Err(e) => Err(chain(&e)),
+    }
+}
+
+/// The body of `answer` if it is the right answer to `request`: same
+/// volume, sequence and epoch, and the `Ack` echoing the request (or the
+/// `ReadData` of a `Read`, as long as asked); else why not.
+pub fn check_answer(request: &Frame, answer: Frame) -> Result<Body, String> {
+    if let Body::Nack { code, message, .. } = &answer.body {
+        let epoch = answer.epoch;
         return Err(format!(
-            "refused ({code:?}, replica at epoch {}): {message}",
-            answer.epoch
+            "refused ({code:?}, replica at epoch {epoch}): {message}"
         ));
     }
-    let matches = answer.seq == request.seq
+    let same = answer.seq == request.seq
         && answer.epoch == request.epoch
         && answer.volume == request.volume;
-    match answer.body {
-        Body::Ack { .. } | Body::ReadData { .. } if matches => Ok(answer.body),
-        ref other => Err(format!(
-            "unexpected {:?} (seq {}, epoch {}) answering seq {}",
-            other.kind(),
-            answer.seq,
-            answer.epoch,
-            request.seq
-        )),
+    let fits = match (&request.body, &answer.body) {
+        (Body::Hello { .. }, Body::Ack { len: 0, .. }) => true,
+        (Body::Flush, Body::Ack { offset: 0, len: 0 }) => true,
+        (Body::Write { offset, data }, Body::Ack { offset: o, len }) => {
+            o == offset && *len as usize == data.len()
+        }
+        (Body::Read { offset, len }, Body::ReadData { offset: o, data }) => {
+            o == offset && data.len() == *len as usize
+        }
+        _ => false,
+    };
+    if same && fits {
+        return Ok(answer.body);
     }
+    Err(format!(
+        "{:?} (seq {}, epoch {}) does not answer {:?} (seq {}, epoch {})",
+        answer.body.kind(),
+        answer.seq,
+        answer.epoch,
+        request.body.kind(),
+        request.seq,
+        request.epoch
+    ))
 }
 
 fn fenced_error(volume: &str, epoch: u64) -> io::Error {
@@ -419,4 +435,66 @@ fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::NackCode;
+
+    fn frame(body: Body) -> Frame {
+        Frame {
+            volume: "v".into(),
+            epoch: 2,
+            seq: 5,
+            body,
+        }
+    }
+
+    #[test]
+    fn only_the_matching_answer_is_taken() {
+        let write = frame(Body::Write {
+            offset: 512,
+            data: vec![1; 512],
+        });
+        let ack = |offset, len| frame(Body::Ack { offset, len });
+        assert!(check_answer(&write, ack(512, 512)).is_ok());
+        assert!(check_answer(&write, ack(0, 512)).is_err());
+        assert!(check_answer(&write, ack(512, 511)).is_err());
+        let mut late = ack(512, 512);
+        late.seq = 4;
+        assert!(check_answer(&write, late).is_err());
+        let mut other_epoch = ack(512, 512);
+        other_epoch.epoch = 3;
+        assert!(check_answer(&write, other_epoch).is_err());
+        let mut other_volume = ack(512, 512);
+        other_volume.volume = "w".into();
+        assert!(check_answer(&write, other_volume).is_err());
+        assert!(check_answer(&frame(Body::Flush), ack(0, 0)).is_ok());
+        assert!(check_answer(&frame(Body::Flush), ack(512, 512)).is_err());
+        let read = frame(Body::Read { offset: 0, len: 4 });
+        let data = |n| {
+            frame(Body::ReadData {
+                offset: 0,
+                data: vec![0; n],
+            })
+        };
+        assert!(check_answer(&read, data(4)).is_ok());
+        assert!(check_answer(&read, data(3)).is_err());
+        assert!(check_answer(&read, ack(0, 4)).is_err());
+    }
+
+    #[test]
+    fn a_nack_is_a_failure_naming_the_replicas_epoch() {
+        let nack = Frame {
+            epoch: 3,
+            ..frame(Body::Nack {
+                code: NackCode::Fenced,
+                request_epoch: 2,
+                message: "fenced: epoch 2 is older than this replica's 3".into(),
+            })
+        };
+        let why = check_answer(&frame(Body::Flush), nack).unwrap_err();
+        assert!(why.contains("Fenced") && why.contains("epoch 3"), "{why}");
+    }
 }

@@ -1,8 +1,9 @@
 //! Replicated volumes over loopback TCP, each "host" a replica directory and
 //! server in this process: a primary's writes land identically on every
 //! replica; a backup that dies or stalls is removed only through the
-//! authority, which raises the epoch; a fenced old primary writes nothing;
-//! a dead backup at open goes the same way.
+//! authority, which raises the epoch; so is one that stalls or answers
+//! wrong; a fenced old primary writes nothing; a dead backup at open goes
+//! the same way.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -16,7 +17,7 @@ use ferro_blockd::replication::{
     Authority, Backup, Fenced, Options, ReplicatedStore, ReplicationError,
 };
 use ferro_blockd::store::{LocalFile, Store};
-use ferro_blockd::wire::{crc32c, Body, Frame};
+use ferro_blockd::wire::{self, crc32c, Body, Frame, NackCode};
 
 const VOL: &str = "vol-a";
 const SIZE: u64 = 16 << 20;
@@ -273,13 +274,15 @@ fn losing_every_backup_leaves_a_one_copy_volume_that_still_writes() {
     assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![2]);
 }
 
-#[test]
-fn a_stalled_backup_times_out_and_is_removed() {
-    let c = Cluster::new("stalled", 1);
-    // A "replica" that says hello and then never answers again.
+/// How a fake replica answers a frame (the bytes to send back).
+type Reply = fn(&Frame) -> Vec<u8>;
+
+/// A "replica" that says hello properly, then answers the next frame with
+/// `reply(frame)` (nothing if empty) and holds the connection a while.
+fn misbehaving(reply: Reply) -> (SocketAddr, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let staller = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         let mut link = Link::new(s).unwrap();
         let hello = link.recv().unwrap().unwrap();
@@ -291,28 +294,79 @@ fn a_stalled_backup_times_out_and_is_removed() {
             ..hello
         };
         link.send(&ack).unwrap();
-        // Swallow the write, answer nothing, hold the connection.
-        let _ = link.recv();
-        std::thread::sleep(Duration::from_secs(2));
+        if let Ok(Some(next)) = link.recv() {
+            let bytes = reply(&next);
+            if !bytes.is_empty() {
+                link.send_bytes(&bytes).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(800));
     });
-    let mut backups = c.backups();
-    backups.push(Backup {
-        id: "staller".into(),
-        addr,
-    });
-    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
-    let opts = Options {
-        timeout: Duration::from_millis(300),
-        ..Options::default()
+    (addr, thread)
+}
+
+fn answer(to: &Frame, epoch: u64, seq: u64, body: Body) -> Vec<u8> {
+    let f = Frame {
+        volume: to.volume.clone(),
+        epoch,
+        seq,
+        body,
     };
-    let p = ReplicatedStore::open(VOL, 1, Box::new(local), &backups, c.authority.clone(), opts)
-        .unwrap();
-    assert_eq!(p.in_sync().len(), 2);
-    p.write_at(&pattern(5, 4096), 0).unwrap();
-    assert_eq!(c.authority.calls(), vec![(1, "staller".to_string())]);
-    assert_eq!(p.in_sync(), vec!["host-0"]);
-    assert_eq!(&c.hosts[0].data()[..4096], &pattern(5, 4096)[..]);
-    staller.join().unwrap();
+    wire::encode(&f).unwrap()
+}
+
+fn ack_of(f: &Frame) -> Body {
+    match &f.body {
+        Body::Write { offset, data } => Body::Ack {
+            offset: *offset,
+            len: data.len() as u32,
+        },
+        _ => Body::Ack { offset: 0, len: 0 },
+    }
+}
+
+#[test]
+fn a_backup_that_stalls_or_answers_wrong_is_removed() {
+    let replies: [(&str, Reply); 6] = [
+        ("silence", |_| Vec::new()),
+        ("stale seq", |f| answer(f, f.epoch, f.seq - 1, ack_of(f))),
+        ("other epoch", |f| answer(f, f.epoch + 1, f.seq, ack_of(f))),
+        ("wrong echo", |f| {
+            let body = Body::Ack { offset: 0, len: 1 };
+            answer(f, f.epoch, f.seq, body)
+        }),
+        ("nack", |f| {
+            let body = Body::Nack {
+                code: NackCode::Io,
+                request_epoch: f.epoch,
+                message: "disk on fire".into(),
+            };
+            answer(f, f.epoch, f.seq, body)
+        }),
+        ("garbage", |_| b"HTTP/1.1 200 OK\r\n\r\n".to_vec()),
+    ];
+    for (name, reply) in replies {
+        let c = Cluster::new(&format!("wrong-{}", name.replace(' ', "-")), 1);
+        let (addr, fake) = misbehaving(reply);
+        let mut backups = c.backups();
+        backups.push(Backup {
+            id: "fake".into(),
+            addr,
+        });
+        let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+        let opts = Options {
+            timeout: Duration::from_millis(300),
+            ..Options::default()
+        };
+        let p = ReplicatedStore::open(VOL, 1, Box::new(local), &backups, c.authority.clone(), opts)
+            .unwrap();
+        assert_eq!(p.in_sync().len(), 2, "{name}");
+        p.write_at(&pattern(5, 4096), 0).unwrap();
+        assert_eq!(c.authority.calls(), vec![(1, "fake".to_string())], "{name}");
+        assert_eq!(p.in_sync(), vec!["host-0"], "{name}");
+        assert_eq!(&c.hosts[0].data()[..4096], &pattern(5, 4096)[..], "{name}");
+        fake.join().unwrap();
+    }
 }
 
 #[test]
