@@ -443,3 +443,29 @@ fn a_backup_of_another_size_is_not_taken_in_sync() {
     assert!(p.in_sync().is_empty());
     assert_eq!(c.authority.calls(), vec![(1, "host-0".to_string())]);
 }
+
+/// Rough latency of 4 KiB replicated writes over loopback (no fsync), to
+/// catch a pathology such as Nagle's delay; `--ignored` to run, numbers
+/// printed. Not a benchmark: that is `cargo xtask bench blockd`.
+#[test]
+#[ignore]
+fn replicated_4k_write_latency() {
+    for backups in [0, 1, 2] {
+        let c = Cluster::new(&format!("latency{backups}"), backups);
+        let p = c.primary("p", Options::default()).unwrap();
+        let data = pattern(9, 4096);
+        let mut lat: Vec<Duration> = (0..2000u64)
+            .map(|i| {
+                let t = std::time::Instant::now();
+                p.write_at(&data, (i * 4096 * 7) % (SIZE - 4096)).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        lat.sort();
+        println!(
+            "{backups} backup(s): p50 {:?} p99 {:?}",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
+    }
+}
