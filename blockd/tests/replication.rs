@@ -189,12 +189,18 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn fast() -> Options {
+/// Timeouts for tests where a dead backup fails at once (refused or reset):
+/// generous, so a healthy backup on a loaded CI machine never misses one.
+fn patient() -> Options {
     Options {
-        timeout: Duration::from_millis(500),
+        timeout: Duration::from_secs(5),
         ..Options::default()
     }
 }
+
+/// The timeout for tests where a backup stalls: it must fire, yet a healthy
+/// backup beside it must still answer within it.
+const STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[test]
 fn two_and_three_replica_writes_are_identical_on_every_replica() {
@@ -226,7 +232,7 @@ fn two_and_three_replica_writes_are_identical_on_every_replica() {
 #[test]
 fn a_killed_backup_is_removed_through_the_authority_and_writes_go_on() {
     let mut c = Cluster::new("killed", 2);
-    let p = c.primary("p", fast()).unwrap();
+    let p = c.primary("p", patient()).unwrap();
     p.write_at(&pattern(1, 4096), 0).unwrap();
     p.flush().unwrap();
     // Written but not yet flushed when the backup dies: it may have lost
@@ -262,9 +268,25 @@ fn a_killed_backup_is_removed_through_the_authority_and_writes_go_on() {
 }
 
 #[test]
+fn a_backup_lost_at_a_flush_leaves_its_unflushed_regions_dirty() {
+    let mut c = Cluster::new("lost-at-flush", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 4096), 4 * MIB).unwrap();
+    p.write_at(&pattern(2, 4096), 6 * MIB).unwrap();
+    c.hosts[0].kill();
+    p.flush().unwrap();
+    assert_eq!(c.authority.calls(), vec![(1, "host-0".to_string())]);
+    assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![4, 6]);
+    // Flushed everywhere left: nothing new joins the map until written.
+    p.flush().unwrap();
+    assert_eq!(p.dirty().count(), 2);
+    assert_eq!(p.in_sync(), vec!["host-1"]);
+}
+
+#[test]
 fn losing_every_backup_leaves_a_one_copy_volume_that_still_writes() {
     let mut c = Cluster::new("lose-all", 2);
-    let p = c.primary("p", fast()).unwrap();
+    let p = c.primary("p", patient()).unwrap();
     c.hosts[0].kill();
     c.hosts[1].kill();
     p.write_at(&pattern(1, 4096), 2 * MIB).unwrap();
@@ -278,7 +300,7 @@ fn losing_every_backup_leaves_a_one_copy_volume_that_still_writes() {
 type Reply = fn(&Frame) -> Vec<u8>;
 
 /// A "replica" that says hello properly, then answers the next frame with
-/// `reply(frame)` (nothing if empty) and holds the connection a while.
+/// `reply(frame)`, or stays silent (holding the connection) if it is empty.
 fn misbehaving(reply: Reply) -> (SocketAddr, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -296,11 +318,13 @@ fn misbehaving(reply: Reply) -> (SocketAddr, std::thread::JoinHandle<()>) {
         link.send(&ack).unwrap();
         if let Ok(Some(next)) = link.recv() {
             let bytes = reply(&next);
-            if !bytes.is_empty() {
+            if bytes.is_empty() {
+                // Silent, connection held open: only the timeout helps.
+                std::thread::sleep(STALL_TIMEOUT * 3);
+            } else {
                 link.send_bytes(&bytes).unwrap();
             }
         }
-        std::thread::sleep(Duration::from_millis(800));
     });
     (addr, thread)
 }
@@ -355,7 +379,7 @@ fn a_backup_that_stalls_or_answers_wrong_is_removed() {
         });
         let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
         let opts = Options {
-            timeout: Duration::from_millis(300),
+            timeout: STALL_TIMEOUT,
             ..Options::default()
         };
         let p = ReplicatedStore::open(VOL, 1, Box::new(local), &backups, c.authority.clone(), opts)
@@ -372,7 +396,7 @@ fn a_backup_that_stalls_or_answers_wrong_is_removed() {
 #[test]
 fn a_fenced_old_primary_writes_nothing_anywhere() {
     let c = Cluster::new("fenced", 2);
-    let old = c.primary("old", fast()).unwrap();
+    let old = c.primary("old", patient()).unwrap();
     old.write_at(&pattern(1, 4096), 0).unwrap();
     old.flush().unwrap();
     let before: Vec<u32> = c.hosts.iter().map(|h| crc32c(&h.data())).collect();
@@ -393,7 +417,7 @@ fn a_fenced_old_primary_writes_nothing_anywhere() {
     assert_eq!(c.authority.calls().len(), 1);
 
     // The new primary, at epoch 2, writes everywhere.
-    let new = c.primary("new", fast()).unwrap();
+    let new = c.primary("new", patient()).unwrap();
     new.write_at(&pattern(3, 4096), 4096).unwrap();
     for h in &c.hosts {
         assert_eq!(&h.data()[4096..8192], &pattern(3, 4096)[..]);
@@ -404,7 +428,7 @@ fn a_fenced_old_primary_writes_nothing_anywhere() {
 fn an_unreachable_backup_at_open_is_removed_through_the_authority() {
     let mut c = Cluster::new("open-dead", 2);
     c.hosts[1].kill();
-    let p = c.primary("p", fast()).unwrap();
+    let p = c.primary("p", patient()).unwrap();
     assert_eq!(p.in_sync(), vec!["host-0"]);
     assert_eq!(p.epoch(), 2);
     p.write_at(&pattern(1, 512), 0).unwrap();
@@ -422,7 +446,7 @@ fn a_primary_refused_by_the_authority_at_open_does_not_open() {
         Box::new(local),
         &c.backups(),
         c.authority.clone(),
-        fast(),
+        patient(),
     );
     assert!(matches!(stale, Err(ReplicationError::Fenced(_))));
 }
@@ -437,7 +461,7 @@ fn a_backup_of_another_size_is_not_taken_in_sync() {
         Box::new(local),
         &c.backups(),
         c.authority.clone(),
-        fast(),
+        patient(),
     )
     .unwrap();
     assert!(p.in_sync().is_empty());
