@@ -156,6 +156,26 @@ impl Replica {
     /// Opens (creating if missing) the replica of `volume`, `size` bytes,
     /// with the epoch its file holds (0 if it has none). Returns that epoch.
     pub fn open_volume(&self, volume: &str, size: u64) -> Result<u64, ReplicaError> {
+        let held = self.load_epoch(volume)?;
+        let store = LocalFile::open_or_create(&self.data_path(volume), size)
+            .map_err(|e| ReplicaError::Store(volume.to_string(), e))?;
+        Ok(self.insert(volume, Box::new(store), held))
+    }
+
+    /// Like [`Replica::open_volume`] over a store of the caller's (another
+    /// backend, or a test's); the epoch file is still this host's.
+    pub fn open_volume_with(
+        &self,
+        volume: &str,
+        store: Box<dyn Store>,
+    ) -> Result<u64, ReplicaError> {
+        let held = self.load_epoch(volume)?;
+        Ok(self.insert(volume, store, held))
+    }
+
+    /// Checks the id and reads the epoch file (before any data file is
+    /// touched, so a corrupt one stops the open early).
+    fn load_epoch(&self, volume: &str) -> Result<(u64, EpochFile), ReplicaError> {
         if !valid_volume_id(volume) {
             return Err(ReplicaError::BadVolumeId(volume.to_string()));
         }
@@ -164,15 +184,18 @@ impl Replica {
             .load()
             .map_err(|e| ReplicaError::Meta(volume.to_string(), e))?
             .unwrap_or(0);
-        let store = LocalFile::open_or_create(&self.data_path(volume), size)
-            .map_err(|e| ReplicaError::Store(volume.to_string(), e))?;
+        Ok((epoch, meta))
+    }
+
+    fn insert(&self, volume: &str, store: Box<dyn Store>, held: (u64, EpochFile)) -> u64 {
+        let epoch = held.0;
         let replica = VolumeReplica {
-            store: Box::new(store),
-            epoch: RwLock::new((epoch, meta)),
+            store,
+            epoch: RwLock::new(held),
         };
         tracing::info!(volume, epoch, "replica opened");
         write(&self.volumes).insert(volume.to_string(), Arc::new(replica));
-        Ok(epoch)
+        epoch
     }
 
     /// The epoch `volume` holds.

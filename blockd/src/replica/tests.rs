@@ -291,3 +291,66 @@ fn shutdown_cuts_open_connections() {
     assert!(!matches!(link.recv(), Ok(Some(_))));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An in-memory store whose writes take a while, counting those done; its
+/// clones share the data.
+#[derive(Clone, Default)]
+struct SlowStore {
+    data: Arc<Mutex<Vec<u8>>>,
+    writes_done: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Store for SlowStore {
+    fn capacity(&self) -> u64 {
+        CAP / SECTOR_SIZE
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let data = self.data.lock().unwrap();
+        buf.copy_from_slice(&data[offset as usize..][..buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        self.data.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
+        self.writes_done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn set_epoch_waits_for_a_write_of_the_old_epoch_in_flight() {
+    let dir = scratch("race");
+    let r = Arc::new(Replica::new(&dir));
+    let store = SlowStore::default();
+    *store.data.lock().unwrap() = vec![0; CAP as usize];
+    r.open_volume_with("v", Box::new(store.clone())).unwrap();
+    r.set_epoch("v", 1).unwrap();
+    let writer = {
+        let r = r.clone();
+        std::thread::spawn(move || r.handle(&write(1, 0, b"old")))
+    };
+    // Let the write get past the epoch check and into the store.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    r.set_epoch("v", 2).unwrap();
+    assert_eq!(
+        store.writes_done.load(Ordering::SeqCst),
+        1,
+        "set_epoch returned while a write of the old epoch was still going on"
+    );
+    assert!(matches!(writer.join().unwrap().body, Body::Ack { .. }));
+    let late = r.handle(&write(1, 0, b"new"));
+    assert!(matches!(
+        late.body,
+        Body::Nack {
+            code: NackCode::Fenced,
+            ..
+        }
+    ));
+    let mut buf = [0u8; 3];
+    store.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"old");
+    let _ = std::fs::remove_dir_all(&dir);
+}
