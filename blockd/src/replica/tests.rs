@@ -292,11 +292,12 @@ fn shutdown_cuts_open_connections() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An in-memory store whose writes take a while, counting those done; its
-/// clones share the data.
+/// An in-memory store whose writes take a while, counting those started
+/// and done; its clones share everything.
 #[derive(Clone, Default)]
 struct SlowStore {
     data: Arc<Mutex<Vec<u8>>>,
+    writes_started: Arc<std::sync::atomic::AtomicU64>,
     writes_done: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -310,6 +311,7 @@ impl Store for SlowStore {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writes_started.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(200));
         self.data.lock().unwrap()[offset as usize..][..buf.len()].copy_from_slice(buf);
         self.writes_done.fetch_add(1, Ordering::SeqCst);
@@ -332,8 +334,15 @@ fn set_epoch_waits_for_a_write_of_the_old_epoch_in_flight() {
         let r = r.clone();
         std::thread::spawn(move || r.handle(&write(1, 0, b"old")))
     };
-    // Let the write get past the epoch check and into the store.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Wait until the write is past the epoch check and inside the store.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.writes_started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never started"
+        );
+        std::thread::yield_now();
+    }
     r.set_epoch("v", 2).unwrap();
     assert_eq!(
         store.writes_done.load(Ordering::SeqCst),
