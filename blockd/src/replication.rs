@@ -132,8 +132,9 @@ pub struct ReplicatedStore {
 }
 
 impl ReplicatedStore {
-    /// Opens `volume` at `epoch` over `local`, connecting to `backups`; one
-    /// that cannot be reached is removed through the authority.
+    /// Opens `volume` at `epoch` over `local`, connecting to `backups` and
+    /// greeting each (`Hello`: same epoch, same capacity); one that cannot
+    /// be reached or refuses is removed through the authority.
     pub fn open(
         volume: &str,
         epoch: u64,
@@ -271,8 +272,7 @@ impl ReplicatedStore {
     /// Removes each failed backup through the authority.
     fn remove_all(&self, st: &mut State, failed: Failed) -> io::Result<()> {
         for (id, why) in failed {
-            self.remove(st, &id, &why)
-                .map_err(|f| io::Error::other(Box::new(f)))?;
+            self.remove(st, &id, &why).map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -419,10 +419,10 @@ pub fn check_answer(request: &Frame, answer: Frame) -> Result<Body, String> {
 }
 
 fn fenced_error(volume: &str, epoch: u64) -> io::Error {
-    io::Error::other(Box::new(Fenced {
+    io::Error::other(Fenced {
         volume: volume.to_string(),
         epoch,
-    }))
+    })
 }
 
 /// An error and its causes on one line.
