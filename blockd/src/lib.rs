@@ -1,13 +1,19 @@
 //! `ferro-blockd`: Ferrocloud's block volume daemon, one per host.
 //!
-//! Two parts so far. The data path: each configured volume is a sparse
-//! file on this host, served to one ferro-vmm at a time over
-//! vhost-user-blk (rust-vmm's `vhost-user-backend`). And the replicas the
+//! Each configured volume is served to one ferro-vmm at a time over
+//! vhost-user-blk (rust-vmm's `vhost-user-backend`); every request reads and
+//! writes through a [`store::Store`]. Today's daemon serves a sparse file on
+//! this host. With `--controller` it also follows the replicas the
 //! controller places on this host ([`follow`], [`replica_dir`]): made,
 //! reported held (which makes a new volume `available`), and removed when
-//! the volume is deleted. Replication across hosts, epochs and fencing
-//! come in later slices; they plug in behind [`store::Store`], which every
-//! request reads and writes through.
+//! the volume is deleted. Replication across hosts is built as a library
+//! beside it: a primary's [`replication::ReplicatedStore`] is a `Store` that
+//! writes its local copy and every in-sync backup synchronously, backups
+//! answer it through [`replica::Replica`], and every frame between them
+//! carries the volume's epoch so a replaced primary is fenced ([`replica`]
+//! states the rule). The controller's side (the
+//! [`replication::Authority`] that grants epochs), wiring replication into
+//! the daemon, and resync come in later slices.
 //!
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
@@ -20,12 +26,29 @@
 //! - [`replica_dir`]: this host's replica files converged to the controller's
 //!   list (pure plan, then the filesystem).
 //! - [`follow`]: the controller session (watch, converge, report).
+//! - [`wire`]: the sans-IO replication protocol: frames, their layout, and
+//!   the decoder fuzzed by `fuzz/fuzz_targets/blockd_wire.rs`.
+//! - [`link`]: frames over a blocking TCP stream.
+//! - [`replica`]: the backup side: the fencing rules, each volume's replica
+//!   and epoch, and its TCP server.
+//! - [`meta`]: a replica's epoch file (atomic replace; quarantine if
+//!   corrupt).
+//! - [`replication`]: the primary side, [`replication::ReplicatedStore`],
+//!   and the [`replication::Authority`] it asks before dropping a backup.
+//! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
+//!   snapshots) copy from.
 
 pub mod backend;
 pub mod config;
+pub mod dirty;
 pub mod follow;
 pub mod handler;
+pub mod link;
+pub mod meta;
+pub mod replica;
 pub mod replica_dir;
+pub mod replication;
 pub mod request;
 pub mod server;
 pub mod store;
+pub mod wire;

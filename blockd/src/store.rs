@@ -2,10 +2,10 @@
 //! and writes through, and today's only implementation, [`LocalFile`], a
 //! sparse file on this host.
 //!
-//! Replication comes in a later slice: a replicated store will implement the
-//! same trait, acknowledging a write only once every in-sync replica has it
-//! durable and carrying the volume's epoch so a fenced primary cannot write.
-//! The request path (`crate::backend`) will not change.
+//! [`crate::replication::ReplicatedStore`] implements the same trait,
+//! acknowledging a write only once every in-sync replica has it and carrying
+//! the volume's epoch so a fenced primary cannot write. The request path
+//! (`crate::backend`) does not change.
 
 use std::fs::{File, OpenOptions};
 use std::io;

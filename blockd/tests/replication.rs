@@ -1,0 +1,495 @@
+//! Replicated volumes over loopback TCP, each "host" a replica directory and
+//! server in this process: a primary's writes land identically on every
+//! replica; a backup that dies or stalls is removed only through the
+//! authority, which raises the epoch; so is one that stalls or answers
+//! wrong; a fenced old primary writes nothing; a dead backup at open goes
+//! the same way.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferro_blockd::link::Link;
+use ferro_blockd::replica::{Replica, ReplicaServer};
+use ferro_blockd::replication::{
+    Authority, Backup, Fenced, Options, ReplicatedStore, ReplicationError,
+};
+use ferro_blockd::store::{LocalFile, Store};
+use ferro_blockd::wire::{self, crc32c, Body, Frame, NackCode};
+
+const VOL: &str = "vol-a";
+const SIZE: u64 = 16 << 20;
+const MIB: u64 = 1 << 20;
+
+/// The controller's part, faked: it holds the epoch and the replica set,
+/// and raises the epoch on the remaining replicas before granting it.
+struct FakeAuthority {
+    state: Mutex<AuthorityState>,
+}
+
+struct AuthorityState {
+    epoch: u64,
+    members: HashMap<String, Arc<Replica>>,
+    calls: Vec<(u64, String)>,
+}
+
+impl FakeAuthority {
+    fn epoch(&self) -> u64 {
+        self.state.lock().unwrap().epoch
+    }
+
+    fn calls(&self) -> Vec<(u64, String)> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Fails the volume over elsewhere: a new epoch on every member.
+    fn bump(&self) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        st.epoch += 1;
+        for r in st.members.values() {
+            r.set_epoch(VOL, st.epoch).unwrap();
+        }
+        st.epoch
+    }
+}
+
+impl Authority for FakeAuthority {
+    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        let mut st = self.state.lock().unwrap();
+        st.calls.push((epoch, replica.to_string()));
+        if epoch != st.epoch {
+            return Err(Fenced {
+                volume: volume.to_string(),
+                epoch,
+            });
+        }
+        st.members.remove(replica);
+        st.epoch += 1;
+        for r in st.members.values() {
+            r.set_epoch(volume, st.epoch).unwrap();
+        }
+        Ok(st.epoch)
+    }
+}
+
+/// One "host" holding a replica of the volume.
+struct Host {
+    id: String,
+    replica: Arc<Replica>,
+    server: Option<ReplicaServer>,
+}
+
+impl Host {
+    fn data(&self) -> Vec<u8> {
+        std::fs::read(self.replica.data_path(VOL)).unwrap()
+    }
+
+    fn kill(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+/// A primary, its backups and the authority, under a scratch directory.
+struct Cluster {
+    dir: PathBuf,
+    authority: Arc<FakeAuthority>,
+    hosts: Vec<Host>,
+}
+
+impl Cluster {
+    /// `backups` replica hosts at epoch 1.
+    fn new(name: &str, backups: usize) -> Self {
+        let dir = std::env::temp_dir().join(format!("blockd-repl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut hosts = Vec::new();
+        let mut members = HashMap::new();
+        for i in 0..backups {
+            let id = format!("host-{i}");
+            let hdir = dir.join(&id);
+            std::fs::create_dir_all(&hdir).unwrap();
+            let replica = Arc::new(Replica::new(&hdir));
+            replica.open_volume(VOL, SIZE).unwrap();
+            replica.set_epoch(VOL, 1).unwrap();
+            let server = ReplicaServer::start(replica.clone(), "127.0.0.1:0").unwrap();
+            members.insert(id.clone(), replica.clone());
+            hosts.push(Host {
+                id,
+                replica,
+                server: Some(server),
+            });
+        }
+        let authority = Arc::new(FakeAuthority {
+            state: Mutex::new(AuthorityState {
+                epoch: 1,
+                members,
+                calls: Vec::new(),
+            }),
+        });
+        Cluster {
+            dir,
+            authority,
+            hosts,
+        }
+    }
+
+    fn backups(&self) -> Vec<Backup> {
+        self.hosts
+            .iter()
+            .map(|h| Backup {
+                id: h.id.clone(),
+                addr: h
+                    .server
+                    .as_ref()
+                    .map_or_else(dead_addr, ReplicaServer::local_addr),
+            })
+            .collect()
+    }
+
+    fn primary_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.vol"))
+    }
+
+    fn primary(&self, name: &str, options: Options) -> Result<ReplicatedStore, ReplicationError> {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let local = LocalFile::open_or_create(&self.primary_path(name), SIZE).unwrap();
+        ReplicatedStore::open(
+            VOL,
+            self.authority.epoch(),
+            Box::new(local),
+            &self.backups(),
+            self.authority.clone(),
+            options,
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An address nothing listens on.
+fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// `len` bytes of a pattern that differs per `seed` and per offset.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ seed)
+        .collect()
+}
+
+/// Timeouts for tests where a dead backup fails at once (refused or reset):
+/// generous, so a healthy backup on a loaded CI machine never misses one.
+fn patient() -> Options {
+    Options {
+        timeout: Duration::from_secs(5),
+        ..Options::default()
+    }
+}
+
+/// The timeout for tests where a backup stalls: it must fire, yet a healthy
+/// backup beside it must still answer within it.
+const STALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[test]
+fn two_and_three_replica_writes_are_identical_on_every_replica() {
+    for backups in [1, 2] {
+        let c = Cluster::new(&format!("identical{backups}"), backups);
+        let p = c.primary("p", Options::default()).unwrap();
+        assert_eq!(p.in_sync().len(), backups);
+        p.write_at(&pattern(1, 4096), 0).unwrap();
+        p.write_at(&pattern(2, 512), 3 * MIB - 256).unwrap();
+        // Larger than one frame: sent as two.
+        p.write_at(&pattern(3, 5 << 20), 7 * MIB).unwrap();
+        p.write_at(&pattern(4, 64 << 10), SIZE - (64 << 10))
+            .unwrap();
+        p.flush().unwrap();
+        let primary = std::fs::read(c.primary_path("p")).unwrap();
+        assert_eq!(&primary[..4096], &pattern(1, 4096)[..]);
+        for h in &c.hosts {
+            assert_eq!(crc32c(&h.data()), crc32c(&primary), "{} differs", h.id);
+        }
+        let mut back = vec![0; 5 << 20];
+        p.read_at(&mut back, 7 * MIB).unwrap();
+        assert_eq!(back, pattern(3, 5 << 20));
+        assert!(c.authority.calls().is_empty());
+        assert!(p.dirty().is_clean());
+        assert_eq!(p.epoch(), 1);
+    }
+}
+
+#[test]
+fn a_killed_backup_is_removed_through_the_authority_and_writes_go_on() {
+    let mut c = Cluster::new("killed", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    p.flush().unwrap();
+    // Written but not yet flushed when the backup dies: it may have lost
+    // it, so a resync must copy it too.
+    p.write_at(&pattern(2, 4096), MIB).unwrap();
+    c.hosts[1].kill();
+
+    p.write_at(&pattern(3, 8192), 3 * MIB + 4096).unwrap();
+    assert_eq!(c.authority.calls(), vec![(1, "host-1".to_string())]);
+    assert_eq!(p.epoch(), 2);
+    assert_eq!(c.hosts[0].replica.epoch(VOL), Some(2));
+    assert_eq!(c.hosts[1].replica.epoch(VOL), Some(1));
+    assert_eq!(p.in_sync(), vec!["host-0"]);
+    assert_eq!(p.out_of_sync(), vec!["host-1"]);
+
+    p.write_at(&pattern(4, 4096), 9 * MIB).unwrap();
+    p.flush().unwrap();
+    assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![1, 3, 9]);
+
+    let primary = std::fs::read(c.primary_path("p")).unwrap();
+    assert_eq!(crc32c(&c.hosts[0].data()), crc32c(&primary));
+    let dead = c.hosts[1].data();
+    assert_ne!(crc32c(&dead), crc32c(&primary));
+    // Outside the dirty regions the dead backup is identical.
+    let region = p.dirty().region_size() as usize;
+    for (r, (a, b)) in primary.chunks(region).zip(dead.chunks(region)).enumerate() {
+        if !p.dirty().is_dirty(r as u64) {
+            assert_eq!(a, b, "clean region {r} differs");
+        }
+    }
+    // The dead backup took nothing written at the new epoch.
+    assert!(dead[9 * MIB as usize..][..4096].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn a_backup_lost_at_a_flush_leaves_its_unflushed_regions_dirty() {
+    let mut c = Cluster::new("lost-at-flush", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 4096), 4 * MIB).unwrap();
+    p.write_at(&pattern(2, 4096), 6 * MIB).unwrap();
+    c.hosts[0].kill();
+    p.flush().unwrap();
+    assert_eq!(c.authority.calls(), vec![(1, "host-0".to_string())]);
+    assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![4, 6]);
+    // Flushed everywhere left: nothing new joins the map until written.
+    p.flush().unwrap();
+    assert_eq!(p.dirty().count(), 2);
+    assert_eq!(p.in_sync(), vec!["host-1"]);
+}
+
+#[test]
+fn losing_every_backup_leaves_a_one_copy_volume_that_still_writes() {
+    let mut c = Cluster::new("lose-all", 2);
+    let p = c.primary("p", patient()).unwrap();
+    c.hosts[0].kill();
+    c.hosts[1].kill();
+    p.write_at(&pattern(1, 4096), 2 * MIB).unwrap();
+    assert_eq!(c.authority.calls().len(), 2);
+    assert_eq!((p.epoch(), c.authority.epoch()), (3, 3));
+    assert!(p.in_sync().is_empty());
+    assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![2]);
+}
+
+/// How a fake replica answers a frame (the bytes to send back).
+type Reply = fn(&Frame) -> Vec<u8>;
+
+/// A "replica" that says hello properly, then answers the next frame with
+/// `reply(frame)`, or stays silent (holding the connection) if it is empty.
+fn misbehaving(reply: Reply) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut link = Link::new(s).unwrap();
+        let hello = link.recv().unwrap().unwrap();
+        let ack = Frame {
+            body: Body::Ack {
+                offset: SIZE,
+                len: 0,
+            },
+            ..hello
+        };
+        link.send(&ack).unwrap();
+        if let Ok(Some(next)) = link.recv() {
+            let bytes = reply(&next);
+            if bytes.is_empty() {
+                // Silent, connection held open: only the timeout helps.
+                std::thread::sleep(STALL_TIMEOUT * 3);
+            } else {
+                link.send_bytes(&bytes).unwrap();
+            }
+        }
+    });
+    (addr, thread)
+}
+
+fn answer(to: &Frame, epoch: u64, seq: u64, body: Body) -> Vec<u8> {
+    let f = Frame {
+        volume: to.volume.clone(),
+        epoch,
+        seq,
+        body,
+    };
+    wire::encode(&f).unwrap()
+}
+
+fn ack_of(f: &Frame) -> Body {
+    match &f.body {
+        Body::Write { offset, data } => Body::Ack {
+            offset: *offset,
+            len: data.len() as u32,
+        },
+        _ => Body::Ack { offset: 0, len: 0 },
+    }
+}
+
+#[test]
+fn a_backup_that_stalls_or_answers_wrong_is_removed() {
+    let replies: [(&str, Reply); 6] = [
+        ("silence", |_| Vec::new()),
+        ("stale seq", |f| answer(f, f.epoch, f.seq - 1, ack_of(f))),
+        ("other epoch", |f| answer(f, f.epoch + 1, f.seq, ack_of(f))),
+        ("wrong echo", |f| {
+            let body = Body::Ack { offset: 0, len: 1 };
+            answer(f, f.epoch, f.seq, body)
+        }),
+        ("nack", |f| {
+            let body = Body::Nack {
+                code: NackCode::Io,
+                request_epoch: f.epoch,
+                message: "disk on fire".into(),
+            };
+            answer(f, f.epoch, f.seq, body)
+        }),
+        ("garbage", |_| b"HTTP/1.1 200 OK\r\n\r\n".to_vec()),
+    ];
+    for (name, reply) in replies {
+        let c = Cluster::new(&format!("wrong-{}", name.replace(' ', "-")), 1);
+        let (addr, fake) = misbehaving(reply);
+        let mut backups = c.backups();
+        backups.push(Backup {
+            id: "fake".into(),
+            addr,
+        });
+        let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+        let opts = Options {
+            timeout: STALL_TIMEOUT,
+            ..Options::default()
+        };
+        let p = ReplicatedStore::open(VOL, 1, Box::new(local), &backups, c.authority.clone(), opts)
+            .unwrap();
+        assert_eq!(p.in_sync().len(), 2, "{name}");
+        p.write_at(&pattern(5, 4096), 0).unwrap();
+        assert_eq!(c.authority.calls(), vec![(1, "fake".to_string())], "{name}");
+        assert_eq!(p.in_sync(), vec!["host-0"], "{name}");
+        assert_eq!(&c.hosts[0].data()[..4096], &pattern(5, 4096)[..], "{name}");
+        fake.join().unwrap();
+    }
+}
+
+#[test]
+fn a_fenced_old_primary_writes_nothing_anywhere() {
+    let c = Cluster::new("fenced", 2);
+    let old = c.primary("old", patient()).unwrap();
+    old.write_at(&pattern(1, 4096), 0).unwrap();
+    old.flush().unwrap();
+    let before: Vec<u32> = c.hosts.iter().map(|h| crc32c(&h.data())).collect();
+
+    // The volume fails over to a new primary: epoch 2 on every replica.
+    assert_eq!(c.authority.bump(), 2);
+    let err = old.write_at(&pattern(2, 4096), 4096).unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(old.is_fenced());
+    let after: Vec<u32> = c.hosts.iter().map(|h| crc32c(&h.data())).collect();
+    assert_eq!(before, after, "a fenced primary's write landed");
+    assert_eq!(c.authority.calls(), vec![(1, "host-0".to_string())]);
+
+    // Everything after is refused without asking anyone.
+    assert!(old.flush().is_err());
+    assert!(old.read_at(&mut [0; 512], 0).is_err());
+    assert!(old.write_at(&[1; 512], 0).is_err());
+    assert_eq!(c.authority.calls().len(), 1);
+
+    // The new primary, at epoch 2, writes everywhere.
+    let new = c.primary("new", patient()).unwrap();
+    new.write_at(&pattern(3, 4096), 4096).unwrap();
+    for h in &c.hosts {
+        assert_eq!(&h.data()[4096..8192], &pattern(3, 4096)[..]);
+    }
+}
+
+#[test]
+fn an_unreachable_backup_at_open_is_removed_through_the_authority() {
+    let mut c = Cluster::new("open-dead", 2);
+    c.hosts[1].kill();
+    let p = c.primary("p", patient()).unwrap();
+    assert_eq!(p.in_sync(), vec!["host-0"]);
+    assert_eq!(p.epoch(), 2);
+    p.write_at(&pattern(1, 512), 0).unwrap();
+    assert_eq!(&c.hosts[0].data()[..512], &pattern(1, 512)[..]);
+}
+
+#[test]
+fn a_primary_refused_by_the_authority_at_open_does_not_open() {
+    let mut c = Cluster::new("open-fenced", 1);
+    c.hosts[0].kill();
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    let stale = ReplicatedStore::open(
+        VOL,
+        0,
+        Box::new(local),
+        &c.backups(),
+        c.authority.clone(),
+        patient(),
+    );
+    assert!(matches!(stale, Err(ReplicationError::Fenced(_))));
+}
+
+#[test]
+fn a_backup_of_another_size_is_not_taken_in_sync() {
+    let c = Cluster::new("size", 1);
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE / 2).unwrap();
+    let p = ReplicatedStore::open(
+        VOL,
+        1,
+        Box::new(local),
+        &c.backups(),
+        c.authority.clone(),
+        patient(),
+    )
+    .unwrap();
+    assert!(p.in_sync().is_empty());
+    assert_eq!(c.authority.calls(), vec![(1, "host-0".to_string())]);
+}
+
+/// Rough latency of 4 KiB replicated writes over loopback (no fsync), to
+/// catch a pathology such as Nagle's delay; `--ignored` to run, numbers
+/// printed. Not a benchmark: that is `cargo xtask bench blockd`.
+#[test]
+#[ignore]
+fn replicated_4k_write_latency() {
+    for backups in [0, 1, 2] {
+        let c = Cluster::new(&format!("latency{backups}"), backups);
+        let p = c.primary("p", Options::default()).unwrap();
+        let data = pattern(9, 4096);
+        let mut lat: Vec<Duration> = (0..2000u64)
+            .map(|i| {
+                let t = std::time::Instant::now();
+                p.write_at(&data, (i * 4096 * 7) % (SIZE - 4096)).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        lat.sort();
+        println!(
+            "{backups} backup(s): p50 {:?} p99 {:?}",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100]
+        );
+    }
+}
