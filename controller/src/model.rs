@@ -73,6 +73,10 @@ pub struct Host {
     /// Disk space held by the volume replicas placed here, GiB.
     #[serde(default)]
     pub disk_allocated_gib: u64,
+    /// Where its blockd's replica server listens (`ip:port`), as blockd
+    /// reported it; empty until one does.
+    #[serde(default)]
+    pub blockd_addr: String,
 }
 
 impl Host {
@@ -563,6 +567,21 @@ pub struct Volume {
     /// reported replicas.
     #[serde(default)]
     pub held: BTreeSet<String>,
+    /// Replica hosts removed from the in-sync set (a primary reported them
+    /// failed and the epoch was raised without them): they take no writes
+    /// until a resync brings them back.
+    #[serde(default)]
+    pub out_of_sync: BTreeSet<String>,
+}
+
+impl Volume {
+    /// The replica hosts in sync, in placement order (the first is the
+    /// primary).
+    pub fn in_sync(&self) -> impl Iterator<Item = &String> {
+        self.replicas
+            .iter()
+            .filter(|r| !self.out_of_sync.contains(*r))
+    }
 }
 
 /// What a key may do (docs/architecture.md, "Roles").

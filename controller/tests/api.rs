@@ -1226,6 +1226,14 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
             epoch: 1,
             replica_host_ids: vec!["h1".into(), "h2".into()],
             deleting: false,
+            in_sync: true,
+            peers: ["h1", "h2"]
+                .map(|h| pb::ReplicaPeer {
+                    host_id: h.into(),
+                    addr: String::new(),
+                    in_sync: true,
+                })
+                .to_vec(),
         }]
     );
     assert!(host_volumes(&mut hc, &keys[2])

@@ -259,6 +259,7 @@ mod tests {
                     kvm_present: true,
                     tags: Tags::new(),
                     underlay_ip: format!("10.99.0.{}", &h[1..]),
+                    blockd_addr: String::new(),
                     disk_total_gib: 0,
                     disk_allocated_gib: 0,
                 },

@@ -178,7 +178,31 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         let hash = caller(&req)?;
         let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
         let host_id = key.host_id;
-        let held = super::hostvol::held(&req.into_inner()).map_err(Status::invalid_argument)?;
+        let r = req.into_inner();
+        let held = super::hostvol::held(&r).map_err(Status::invalid_argument)?;
+        if !r.replica_addr.is_empty() {
+            if r.replica_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "replica_addr: {:?} is not ip:port",
+                    r.replica_addr
+                )));
+            }
+            let (h, addr) = (host_id.clone(), r.replica_addr.clone());
+            let known = self
+                .ctl
+                .read(move |s| s.hosts.get(&h).map(|h| h.blockd_addr == addr))
+                .await
+                .map_err(status)?;
+            if known == Some(false) {
+                self.ctl
+                    .write(Command::SetBlockdAddr {
+                        host_id: host_id.clone(),
+                        addr: r.replica_addr,
+                    })
+                    .await
+                    .map_err(status)?;
+            }
+        }
         let (h, check) = (host_id.clone(), held.clone());
         let changes = self
             .ctl
@@ -200,6 +224,29 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
             _ => 0,
         };
         Ok(Response::new(pb::ReportVolumeReplicasResponse { changed }))
+    }
+
+    async fn remove_volume_replica(
+        &self,
+        req: Request<pb::RemoveVolumeReplicaRequest>,
+    ) -> Result<Response<pb::RemoveVolumeReplicaResponse>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let r = req.into_inner();
+        let out = self
+            .ctl
+            .write(Command::RemoveReplica {
+                volume_id: r.volume_id,
+                epoch: r.epoch,
+                replica: r.replica_host_id,
+                caller: key.host_id,
+            })
+            .await
+            .map_err(status)?;
+        let Output::Epoch(epoch) = out else {
+            return Err(Status::internal("RemoveReplica returned no epoch"));
+        };
+        Ok(Response::new(pb::RemoveVolumeReplicaResponse { epoch }))
     }
 
     async fn heartbeat(

@@ -26,6 +26,20 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
             epoch: v.epoch,
             replica_host_ids: v.replicas.clone(),
             deleting: v.state == VolumeState::Deleting,
+            in_sync: !v.out_of_sync.contains(host_id),
+            peers: v
+                .replicas
+                .iter()
+                .map(|r| pb::ReplicaPeer {
+                    host_id: r.clone(),
+                    addr: s
+                        .hosts
+                        .get(r)
+                        .map(|h| h.blockd_addr.clone())
+                        .unwrap_or_default(),
+                    in_sync: !v.out_of_sync.contains(r),
+                })
+                .collect(),
         })
         .collect();
     pb::HostVolumes {
@@ -76,6 +90,7 @@ mod tests {
 
     fn req(ids: &[&str]) -> pb::ReportVolumeReplicasRequest {
         pb::ReportVolumeReplicasRequest {
+            replica_addr: String::new(),
             replicas: ids
                 .iter()
                 .map(|id| pb::HeldReplica {

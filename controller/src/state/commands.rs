@@ -391,6 +391,26 @@ pub enum Command {
         /// What it holds.
         held: BTreeMap<String, u64>,
     },
+    /// A volume's primary reports a replica failed: if `epoch` is still
+    /// the volume's, the replica leaves the in-sync set and the epoch is
+    /// raised (else the caller was fenced).
+    RemoveReplica {
+        /// The volume.
+        volume_id: String,
+        /// The epoch the caller holds.
+        epoch: u64,
+        /// The failed replica's host.
+        replica: String,
+        /// The host asking (a replica host of the volume, in sync).
+        caller: String,
+    },
+    /// A host's blockd reports where its replica server listens.
+    SetBlockdAddr {
+        /// The host.
+        host_id: String,
+        /// `ip:port`.
+        addr: String,
+    },
     /// Forget terminated instances (gone from their hosts) and the client
     /// tokens that only named them. Instances not terminated are kept.
     PurgeInstances {
@@ -426,6 +446,8 @@ pub enum Output {
     Changes(Vec<StateChange>),
     /// How many records changed.
     Count(u32),
+    /// A volume's epoch (after RemoveReplica).
+    Epoch(u64),
     /// An image.
     Image(Image),
     /// A key pair.

@@ -35,6 +35,7 @@ impl ClusterState {
             kvm_present: false,
             tags: Tags::new(),
             underlay_ip: String::new(),
+            blockd_addr: String::new(),
             disk_total_gib: 0,
             disk_allocated_gib: 0,
         });

@@ -295,6 +295,22 @@ impl ferro_raft::StateMachine for ClusterState {
                 now_ms,
             } => self.create_volume(spec, volume_id, now_ms),
             Command::DeleteVolume { id } => self.delete_volume(&id),
+            Command::RemoveReplica {
+                volume_id,
+                epoch,
+                replica,
+                caller,
+            } => self.remove_replica(&volume_id, epoch, &replica, &caller),
+            Command::SetBlockdAddr { host_id, addr } => {
+                let Some(h) = self.hosts.get_mut(&host_id) else {
+                    return Err(E::NotFound(format!("host_id: no host {host_id:?}")));
+                };
+                if addr.parse::<std::net::SocketAddr>().is_err() {
+                    return invalid(format!("replica_addr: {addr:?} is not ip:port"));
+                }
+                h.blockd_addr = addr;
+                Ok(Output::Done)
+            }
             Command::ReportReplicas { host_id, held } => {
                 Ok(Output::Count(self.report_replicas(&host_id, &held)))
             }

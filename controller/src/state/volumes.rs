@@ -228,6 +228,7 @@ impl ClusterState {
             epoch: 1,
             client_token: spec.client_token.clone(),
             held: BTreeSet::new(),
+            out_of_sync: BTreeSet::new(),
         };
         tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
         self.volumes.insert(id.clone(), v.clone());
@@ -325,6 +326,51 @@ impl ClusterState {
             self.remove_volume(&id);
         }
         changed
+    }
+
+    /// Volume `volume_id`'s primary `caller`, holding `epoch`, reports
+    /// replica host `replica` failed. When `epoch` is the volume's current
+    /// one, `replica` leaves the in-sync set and the epoch goes up by one
+    /// (returned): every replica still in sync takes the new epoch from its
+    /// watch, so a primary of the old epoch can no longer write anywhere.
+    /// An older epoch is refused (the caller was fenced: someone else
+    /// changed the set first), and so is removing the last replica in sync
+    /// besides the caller's own.
+    pub(super) fn remove_replica(
+        &mut self,
+        volume_id: &str,
+        epoch: u64,
+        replica: &str,
+        caller: &str,
+    ) -> Response {
+        let v = self.volume(volume_id)?;
+        if !v.in_sync().any(|r| r == caller) {
+            return Err(E::PermissionDenied(format!(
+                "host {caller} holds no replica of {volume_id} in sync"
+            )));
+        }
+        if epoch != v.epoch {
+            return Err(E::FailedPrecondition(format!(
+                "epoch: {epoch} is fenced: {volume_id} is at epoch {}",
+                v.epoch
+            )));
+        }
+        if replica == caller || !v.in_sync().any(|r| r == replica) {
+            return invalid(format!(
+                "replica_host_id: {replica} is not another in-sync replica of {volume_id}"
+            ));
+        }
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        v.out_of_sync.insert(replica.to_string());
+        v.held.remove(replica);
+        v.epoch += 1;
+        tracing::warn!(
+            volume_id,
+            replica,
+            epoch = v.epoch,
+            "replica out of sync: epoch raised"
+        );
+        Ok(Output::Epoch(v.epoch))
     }
 
     /// Whether [`Self::report_replicas`] would change anything (so that a
@@ -659,6 +705,48 @@ mod tests {
         }
         assert_eq!(free(&s), [100, 300, 200, 1000]);
         assert!(s.volumes.is_empty());
+    }
+
+    #[test]
+    fn removing_a_failed_replica_raises_the_epoch_and_fences_the_old_one() {
+        let (mut s, _) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        assert_eq!(s.volumes["vol-1"].replicas, ["h2", "h3", "h1"]);
+        let rm = |s: &mut ClusterState, epoch, replica: &str, caller: &str| {
+            s.apply(Command::RemoveReplica {
+                volume_id: "vol-1".into(),
+                epoch,
+                replica: replica.into(),
+                caller: caller.into(),
+            })
+        };
+        let before = s.clone();
+        for (epoch, replica, caller, want) in [
+            (1, "h3", "h4", "host h4 holds no replica"),
+            (0, "h3", "h2", "epoch: 0 is fenced"),
+            (1, "h2", "h2", "replica_host_id"),
+            (1, "h9", "h2", "replica_host_id"),
+        ] {
+            let e = rm(&mut s, epoch, replica, caller).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        assert_eq!(s, before, "nothing changed");
+        assert_eq!(rm(&mut s, 1, "h3", "h2").unwrap(), Output::Epoch(2));
+        let v = &s.volumes["vol-1"];
+        assert_eq!(v.in_sync().collect::<Vec<_>>(), ["h2", "h1"]);
+        assert!(!v.held.contains("h3"));
+        // The replica out of sync can no longer act as a primary, and a
+        // caller still at epoch 1 is fenced.
+        let e = rm(&mut s, 2, "h1", "h3").unwrap_err();
+        assert!(matches!(e, E::PermissionDenied(_)), "{e}");
+        let e = rm(&mut s, 1, "h1", "h2").unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        // A report at the old epoch is not "held"; at the new one it is.
+        let held = |e: u64| BTreeMap::from([("vol-1".to_string(), e)]);
+        report(&mut s, "h3", held(1));
+        assert!(!s.volumes["vol-1"].held.contains("h3"));
+        report(&mut s, "h1", held(2));
+        assert!(s.volumes["vol-1"].held.contains("h1"));
     }
 
     #[test]

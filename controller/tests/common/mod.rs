@@ -490,6 +490,7 @@ pub async fn report_replicas(
     held: &[(&str, u64)],
 ) -> Result<u32, Status> {
     let mut r = Request::new(pb::ReportVolumeReplicasRequest {
+        replica_addr: String::new(),
         replicas: held
             .iter()
             .map(|(v, e)| pb::HeldReplica {
