@@ -32,6 +32,9 @@ pub struct FollowConfig {
     pub api_key_file: PathBuf,
     /// The CA of `https://` controllers, if any.
     pub ca_file: Option<PathBuf>,
+    /// Where this host's replica server listens, reported to the
+    /// controller (peers' primaries connect there); none: not served.
+    pub replica_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why a session with the controller ended.
@@ -51,7 +54,7 @@ pub enum FollowError {
     Ended,
     /// The replica directory failed.
     #[error(transparent)]
-    Replicas(#[from] crate::replica_dir::ReplicaError),
+    Replicas(#[from] crate::replica_dir::ReplicaDirError),
 }
 
 /// Follow the controller forever, converging `dir`.
@@ -139,7 +142,10 @@ async fn session(cfg: &FollowConfig, dir: &ReplicaDir, failures: &mut u32) -> Fo
                 continue;
             }
         };
-        let req = ReportVolumeReplicasRequest { replicas: held };
+        let req = ReportVolumeReplicasRequest {
+            replicas: held,
+            replica_addr: cfg.replica_addr.map(|a| a.to_string()).unwrap_or_default(),
+        };
         let sent = client
             .call(|ch| {
                 let req = req.clone();

@@ -11,9 +11,11 @@
 //! writes its local copy and every in-sync backup synchronously, backups
 //! answer it through [`replica::Replica`], and every frame between them
 //! carries the volume's epoch so a replaced primary is fenced ([`replica`]
-//! states the rule). The controller's side (the
-//! [`replication::Authority`] that grants epochs), wiring replication into
-//! the daemon, and resync come in later slices.
+//! states the rule). The controller grants epochs
+//! ([`authority::ControllerAuthority`]); blockd's replica server answers
+//! primaries for the replicas it holds, at the epoch the controller gives
+//! those in sync. Running the primary inside the daemon (serving an
+//! attached volume to the instance's VMM) and resync come in later slices.
 //!
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
@@ -35,9 +37,12 @@
 //!   corrupt).
 //! - [`replication`]: the primary side, [`replication::ReplicatedStore`],
 //!   and the [`replication::Authority`] it asks before dropping a backup.
+//! - [`authority`]: the controller as the [`replication::Authority`]
+//!   (`Hosts.RemoveVolumeReplica`).
 //! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
 //!   snapshots) copy from.
 
+pub mod authority;
 pub mod backend;
 pub mod config;
 pub mod dirty;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ferro_blockd::config::parse_volume;
 use ferro_blockd::follow::FollowConfig;
+use ferro_blockd::replica::ReplicaServer;
 use ferro_blockd::replica_dir::ReplicaDir;
 use ferro_blockd::server::Volume;
 
@@ -34,6 +35,11 @@ struct Cli {
     /// Where the replicas live (`<dir>/replicas/`).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve this host's replicas to their primaries on IP:PORT (port 0:
+    /// any free one); reported to the controller. An address the other
+    /// hosts reach (the underlay's), not 0.0.0.0.
+    #[arg(long, value_name = "IP:PORT", requires = "controller")]
+    replica_listen: Option<std::net::SocketAddr>,
 }
 
 /// Print an error and its causes on one line.
@@ -79,11 +85,35 @@ fn follower(cli: &Cli) -> Result<Option<(FollowConfig, ReplicaDir)>, ExitCode> {
             return Err(ExitCode::from(1));
         }
     };
+    let mut replica_addr = None;
+    if let Some(addr) = cli.replica_listen {
+        if addr.ip().is_unspecified() {
+            eprintln!(
+                "ferro-blockd: error: --replica-listen {addr}: give the address other hosts reach, not {}",
+                addr.ip()
+            );
+            return Err(ExitCode::from(2));
+        }
+        match ReplicaServer::start(dir.replica(), addr) {
+            Ok(server) => {
+                let bound = server.local_addr();
+                eprintln!("ferro-blockd: replica server on {bound}");
+                replica_addr = Some(bound);
+                // Serves for the life of the process.
+                std::mem::forget(server);
+            }
+            Err(e) => {
+                eprintln!("ferro-blockd: error: --replica-listen {addr}: {e}");
+                return Err(ExitCode::from(1));
+            }
+        }
+    }
     let cfg = FollowConfig {
         host_id: host_id.clone(),
         controllers,
         api_key_file: api_key_file.clone(),
         ca_file: cli.ca_file.clone(),
+        replica_addr,
     };
     Ok(Some((cfg, dir)))
 }

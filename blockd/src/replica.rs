@@ -198,6 +198,18 @@ impl Replica {
         epoch
     }
 
+    /// Stops serving `volume` (its files stay); whether it was open. Waits
+    /// for I/O in flight on it.
+    pub fn close_volume(&self, volume: &str) -> bool {
+        let v = write(&self.volumes).remove(volume);
+        if let Some(v) = &v {
+            // Frames in flight hold the epoch lock while they do their I/O.
+            drop(write(&v.epoch));
+            tracing::info!(volume, "replica closed");
+        }
+        v.is_some()
+    }
+
     /// The epoch `volume` holds.
     pub fn epoch(&self, volume: &str) -> Option<u64> {
         let v = self.volume(volume)?;

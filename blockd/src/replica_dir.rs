@@ -1,10 +1,15 @@
 //! The replicas this host holds, converged to what the controller says
 //! (`Hosts.WatchHostVolumes`): level-triggered, like netd's dataplane.
 //!
-//! Each replica is a sparse file `<dir>/vol-<16 hex>.img` of the volume's
-//! size. [`plan`] (pure) compares the desired replicas with the files
-//! found and says what to do; [`ReplicaDir::converge`] does it and returns
-//! what this host holds, for `Hosts.ReportVolumeReplicas`.
+//! Each replica is a sparse file `<dir>/vol-<16 hex>.vol` of the volume's
+//! size with its epoch in `<id>.epoch` beside it, opened in this host's
+//! [`Replica`] (which answers primaries over the wire). [`plan`] (pure)
+//! compares the desired replicas with the files found and says what to do;
+//! [`ReplicaDir::converge`] does it, raises the epoch of every replica the
+//! controller says is in sync to the volume's (never of one out of sync:
+//! it missed writes, and must keep refusing the primary until a resync),
+//! and returns what this host holds with each replica's own epoch, for
+//! `Hosts.ReportVolumeReplicas`.
 //!
 //! Nothing is deleted that the controller did not name: a replica file of
 //! a volume the controller no longer lists (a volume deleted while this
@@ -15,20 +20,23 @@
 //! is left as it is and not reported held (its volume stays `creating`
 //! and the log says why).
 //!
-//! Epochs: a replica made here is at the volume's epoch when made. Keeping
-//! a replica's epoch across replica-set changes, and catching a replica
-//! up from its peers, come with replication.
+//! Catching a replica that fell out of sync up from its peers (resync)
+//! comes in a later slice.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use ferro_proto::compute::v1::{HeldReplica, HostVolumes};
+
+use crate::replica::Replica;
 
 /// Errors of the replica directory.
 #[derive(Debug, thiserror::Error)]
-pub enum ReplicaError {
+pub enum ReplicaDirError {
     /// The directory could not be created or listed.
     #[error("replica directory {0}")]
     Dir(PathBuf, #[source] io::Error),
@@ -66,11 +74,12 @@ pub enum Action {
 }
 
 /// What to do, given the desired replicas and the files found (volume id
-/// → size), and what is then held (volume id → epoch).
+/// → size), and the replicas then to keep open (volume id → the epoch to
+/// raise it to, `None` for one out of sync).
 pub fn plan(
     desired: &HostVolumes,
     found: &BTreeMap<String, u64>,
-) -> (Vec<Action>, BTreeMap<String, u64>) {
+) -> (Vec<Action>, BTreeMap<String, Option<u64>>) {
     let mut actions = Vec::new();
     let mut held = BTreeMap::new();
     let mut listed = std::collections::BTreeSet::new();
@@ -89,10 +98,10 @@ pub fn plan(
                     id: r.volume_id.clone(),
                     size: r.size_bytes,
                 });
-                held.insert(r.volume_id.clone(), r.epoch);
+                held.insert(r.volume_id.clone(), r.in_sync.then_some(r.epoch));
             }
             (Some(&size), false) if size == r.size_bytes => {
-                held.insert(r.volume_id.clone(), r.epoch);
+                held.insert(r.volume_id.clone(), r.in_sync.then_some(r.epoch));
             }
             (Some(&size), false) => actions.push(Action::WrongSize {
                 id: r.volume_id.clone(),
@@ -117,33 +126,40 @@ pub fn is_volume_id(id: &str) -> bool {
 }
 
 /// The directory of this host's replicas.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ReplicaDir {
     dir: PathBuf,
+    replica: Arc<Replica>,
 }
 
 impl ReplicaDir {
-    /// `dir`, created if missing.
-    pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
-        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::Dir(dir.to_path_buf(), e))?;
+    /// `dir`, created if missing, with no replica open yet.
+    pub fn open(dir: &Path) -> Result<Self, ReplicaDirError> {
+        std::fs::create_dir_all(dir).map_err(|e| ReplicaDirError::Dir(dir.to_path_buf(), e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            replica: Arc::new(Replica::new(dir)),
         })
+    }
+
+    /// The replicas, as the replica server answers for them.
+    pub fn replica(&self) -> Arc<Replica> {
+        self.replica.clone()
     }
 
     /// Volume `id`'s replica file.
     pub fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.img"))
+        self.replica.data_path(id)
     }
 
     /// The replica files present: volume id → size.
-    pub fn found(&self) -> Result<BTreeMap<String, u64>, ReplicaError> {
-        let err = |e| ReplicaError::Dir(self.dir.clone(), e);
+    pub fn found(&self) -> Result<BTreeMap<String, u64>, ReplicaDirError> {
+        let err = |e| ReplicaDirError::Dir(self.dir.clone(), e);
         let mut out = BTreeMap::new();
         for e in std::fs::read_dir(&self.dir).map_err(err)? {
             let e = e.map_err(err)?;
             let name = e.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else {
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".vol")) else {
                 continue;
             };
             if !is_volume_id(id) {
@@ -157,12 +173,13 @@ impl ReplicaDir {
         Ok(out)
     }
 
-    /// Converge to `desired`; what is held afterwards, to report. A step
-    /// that fails is logged and its volume not reported held; the others
-    /// go on.
-    pub fn converge(&self, desired: &HostVolumes) -> Result<Vec<HeldReplica>, ReplicaError> {
+    /// Converge to `desired`; what is held afterwards (each replica with
+    /// its own epoch), to report. A step that fails is logged and its
+    /// volume not reported held; the others go on.
+    pub fn converge(&self, desired: &HostVolumes) -> Result<Vec<HeldReplica>, ReplicaDirError> {
         let found = self.found()?;
-        let (actions, mut held) = plan(desired, &found);
+        let (actions, keep) = plan(desired, &found);
+        let mut failed = std::collections::BTreeSet::new();
         for a in actions {
             if let Err(e) = self.apply(&a) {
                 let id = match &a {
@@ -172,15 +189,35 @@ impl ReplicaDir {
                     | Action::WrongSize { id, .. } => id,
                 };
                 tracing::error!(volume_id = %id, "{a:?} failed: {e}");
-                if matches!(a, Action::Create { .. }) {
-                    held.remove(id);
-                }
+                failed.insert(id.clone());
             }
         }
-        Ok(held
-            .into_iter()
-            .map(|(volume_id, epoch)| HeldReplica { volume_id, epoch })
-            .collect())
+        let mut held = Vec::new();
+        for (id, epoch) in keep.into_iter().filter(|(id, _)| !failed.contains(id)) {
+            let size = desired
+                .replicas
+                .iter()
+                .find(|r| r.volume_id == id)
+                .map_or(0, |r| r.size_bytes);
+            if self.replica.epoch(&id).is_none() {
+                if let Err(e) = self.replica.open_volume(&id, size) {
+                    tracing::error!(volume_id = %id, "cannot open the replica: {e}");
+                    continue;
+                }
+            }
+            if let Some(epoch) = epoch {
+                if let Err(e) = self.replica.set_epoch(&id, epoch) {
+                    tracing::error!(volume_id = %id, epoch, "cannot take the volume's epoch: {e}");
+                }
+            }
+            if let Some(epoch) = self.replica.epoch(&id) {
+                held.push(HeldReplica {
+                    volume_id: id,
+                    epoch,
+                });
+            }
+        }
+        Ok(held)
     }
 
     fn apply(&self, a: &Action) -> io::Result<()> {
@@ -189,7 +226,7 @@ impl ReplicaDir {
                 let path = self.path(id);
                 // A temporary name first: a crash never leaves a replica
                 // file of the wrong size under the real name.
-                let tmp = self.dir.join(format!(".{id}.img.new"));
+                let tmp = self.dir.join(format!(".{id}.vol.new"));
                 let f = OpenOptions::new()
                     .write(true)
                     .create(true)
@@ -202,7 +239,12 @@ impl ReplicaDir {
                 tracing::info!(volume_id = %id, size, "replica created");
             }
             Action::Remove { id } => {
+                self.replica.close_volume(id);
                 std::fs::remove_file(self.path(id))?;
+                match std::fs::remove_file(self.replica.epoch_path(id)) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
                 sync_dir(&self.dir)?;
                 tracing::info!(volume_id = %id, "replica removed: the volume is deleted");
             }
@@ -213,8 +255,13 @@ impl ReplicaDir {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                let to = orphans.join(format!("{id}.img.{stamp}"));
+                self.replica.close_volume(id);
+                let to = orphans.join(format!("{id}.vol.{stamp}"));
                 std::fs::rename(self.path(id), &to)?;
+                let epoch = self.replica.epoch_path(id);
+                if epoch.exists() {
+                    std::fs::rename(&epoch, orphans.join(format!("{id}.epoch.{stamp}")))?;
+                }
                 sync_dir(&self.dir)?;
                 tracing::warn!(
                     volume_id = %id,
@@ -257,6 +304,7 @@ mod tests {
                     size_bytes: *size,
                     epoch: 3,
                     deleting: *deleting,
+                    in_sync: true,
                     ..Default::default()
                 })
                 .collect(),
@@ -282,7 +330,7 @@ mod tests {
                 Action::Orphan { id: C.into() },
             ]
         );
-        assert_eq!(held, BTreeMap::from([(A.to_string(), 3)]));
+        assert_eq!(held, BTreeMap::from([(A.to_string(), Some(3))]));
         // Converged: nothing to do, the same held.
         let found = BTreeMap::from([(A.to_string(), 10)]);
         let (actions, held2) = plan(&want(&[(A, 10, false), (B, 100, true)]), &found);
@@ -313,7 +361,23 @@ mod tests {
         std::fs::write(dir.join("notes.txt"), b"not a replica").unwrap();
         std::fs::write(d.path(C), b"orphan data").unwrap();
         let held = d.converge(&want(&[(A, 1 << 20, false)])).unwrap();
-        assert_eq!(held.len(), 1);
+        assert_eq!(
+            held,
+            [HeldReplica {
+                volume_id: A.into(),
+                epoch: 3
+            }]
+        );
+        assert_eq!(d.replica().epoch(A), Some(3), "open, at the epoch");
+        // Out of sync: the epoch is not raised any more.
+        let mut behind = want(&[(A, 1 << 20, false)]);
+        behind.replicas[0].epoch = 4;
+        behind.replicas[0].in_sync = false;
+        let held = d.converge(&behind).unwrap();
+        assert_eq!(held[0].epoch, 3);
+        // A restarted blockd opens what it finds, at its own epoch.
+        let again = ReplicaDir::open(&dir).unwrap();
+        assert_eq!(again.converge(&behind).unwrap()[0].epoch, 3);
         assert_eq!(std::fs::metadata(d.path(A)).unwrap().len(), 1 << 20);
         assert!(dir.join("notes.txt").exists(), "not ours: left alone");
         assert!(!d.path(C).exists());

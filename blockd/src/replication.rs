@@ -43,6 +43,12 @@ use crate::request::SECTOR_SIZE;
 use crate::store::Store;
 use crate::wire::{self, valid_volume_id, Body, Frame, MAX_PAYLOAD};
 
+/// How long a primary waits before asking a backup that is behind its
+/// epoch again.
+const EPOCH_CATCH_UP_PAUSE: Duration = Duration::from_millis(50);
+/// How [`check_answer`] names a backup behind the primary's epoch.
+const EPOCH_AHEAD: &str = "EpochAhead";
+
 /// The authority refused: this primary's epoch is no longer current.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("volume {volume}: epoch {epoch} was fenced")]
@@ -126,6 +132,7 @@ struct State {
 /// A volume's primary: the local store plus its in-sync backups.
 pub struct ReplicatedStore {
     volume: String,
+    timeout: Duration,
     local: Box<dyn Store>,
     authority: Arc<dyn Authority>,
     state: Mutex<State>,
@@ -150,6 +157,7 @@ impl ReplicatedStore {
         let map = DirtyMap::new(size, options.region_size);
         let store = ReplicatedStore {
             volume: volume.to_string(),
+            timeout: options.timeout,
             local,
             authority,
             state: Mutex::new(State {
@@ -262,7 +270,22 @@ impl ReplicatedStore {
         let local = local();
         let mut failed = Vec::new();
         for (peer, sent) in st.in_sync.iter_mut().zip(sent) {
-            if let Err(why) = sent.and_then(|()| expect_ack(&mut peer.link, frame).map(drop)) {
+            let mut answer = sent.and_then(|()| expect_ack(&mut peer.link, frame).map(drop));
+            // A backup still behind the epoch the authority just raised
+            // (it takes it from its own watch of the controller, a moment
+            // later) is asked again until it has it, within the timeout.
+            let deadline = std::time::Instant::now() + self.timeout;
+            while answer.as_ref().is_err_and(|why| why.contains(EPOCH_AHEAD))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
+                answer = peer
+                    .link
+                    .send_bytes(&bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| expect_ack(&mut peer.link, frame).map(drop));
+            }
+            if let Err(why) = answer {
                 failed.push((peer.id.clone(), why));
             }
         }

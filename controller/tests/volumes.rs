@@ -19,6 +19,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// One host's blockd, started again on demand.
 struct Blockd {
     host: String,
+    key: String,
     args: Vec<String>,
     data: PathBuf,
     log: PathBuf,
@@ -49,7 +50,7 @@ impl Blockd {
     }
 
     fn replica(&self, vol: &str) -> PathBuf {
-        self.data.join("replicas").join(format!("{vol}.img"))
+        self.data.join("replicas").join(format!("{vol}.vol"))
     }
 }
 
@@ -95,13 +96,14 @@ fn wait_file(path: &Path, exists: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
-    let t = controller(false, 10_000).await;
+/// Joins fake hosts `hosts` of az-1 (100 GiB for volumes each), heartbeats
+/// them, and starts a blockd for each (with a replica server on loopback
+/// when `serve`); returns once the controller has them all.
+async fn start_hosts(t: &TestController, dir: &Path, hosts: &[&str], serve: bool) -> Vec<Blockd> {
     let mut c = client(t.addr, &t.admin_key).await;
-    let dir = ferro_testkit::scratch("volumes-blockd");
     let mut blockds = Vec::new();
-    for h in ["h1", "h2", "h3"] {
+    for h in hosts {
+        let h = *h;
         let mut agent = FakeAgent::new(h, "az-1", 8, 8192);
         agent.disk_gib = 100;
         let key = agent.join(&[t.addr.to_string()], &t.admin_key).await;
@@ -110,7 +112,7 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
         std::fs::create_dir_all(&data).unwrap();
         let key_file = data.join("api-key");
         std::fs::write(&key_file, &key).unwrap();
-        let args = [
+        let mut args = [
             "--controller",
             &format!("http://{}", t.addr),
             "--host-id",
@@ -122,8 +124,12 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
         ]
         .map(String::from)
         .to_vec();
+        if serve {
+            args.extend(["--replica-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         let mut b = Blockd {
             host: h.into(),
+            key,
             args,
             log: dir.join(format!("{h}.log")),
             data,
@@ -132,22 +138,29 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
         b.start();
         blockds.push(b);
     }
-    // The hosts are registered by their first heartbeat.
     let deadline = Instant::now() + WAIT;
     loop {
-        let hosts = c
+        let known = c
             .describe_hosts(pb::DescribeHostsRequest::default())
             .await
             .unwrap()
             .into_inner()
             .hosts;
-        if hosts.len() == 3 && hosts.iter().all(|h| h.disk_total_gib == 100) {
+        if known.len() == hosts.len() && known.iter().all(|h| h.disk_total_gib == 100) {
             break;
         }
         assert!(Instant::now() < deadline, "hosts never registered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    blockds
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    let dir = ferro_testkit::scratch("volumes-blockd");
+    let mut blockds = start_hosts(&t, &dir, &["h1", "h2", "h3"], false).await;
     // A replica file of a volume nobody knows: moved aside, kept.
     let stray = blockds[0].replica("vol-00000000000000ff");
     std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
@@ -295,6 +308,177 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
         hosts.iter().all(|h| h.disk_allocated_gib == 0),
         "the space is freed: {hosts:?}"
     );
+    drop(blockds);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An FNV-64 of `len` bytes of `path` at `offset`.
+fn sum(path: &Path, offset: u64, len: usize) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    ferro_testkit::fnv64(&buf)
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A durable volume's writes go to all three replica hosts' blockd through
+/// the wire protocol. A backup's blockd killed mid-stream: the primary asks
+/// the controller, which raises the epoch; the surviving backup takes it
+/// from its watch and the writes go on, acknowledged by both survivors
+/// (byte-identical); the dead one stays out of sync at its old epoch after
+/// it is back. A primary still at the old epoch is fenced: it cannot even
+/// open the volume, and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch() {
+    use ferro_blockd::authority::ControllerAuthority;
+    use ferro_blockd::replication::{Backup, Options, ReplicatedStore};
+    use ferro_blockd::store::{LocalFile, Store};
+
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    let dir = ferro_testkit::scratch("volumes-replication");
+    let mut blockds = start_hosts(&t, &dir, &["h1", "h2", "h3"], true).await;
+    let vol = c
+        .create_volume(pb::CreateVolumeRequest {
+            size_gib: 1,
+            availability_zone: "az-1".into(),
+            volume_type: "durable".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let vol = wait_state(&mut c, &vol.volume_id, Some("available"))
+        .await
+        .unwrap();
+    let id = vol.volume_id.clone();
+    let by_host = |h: &str| blockds.iter().position(|b| b.host == h).unwrap();
+    let order: Vec<usize> = vol.replica_host_ids.iter().map(|h| by_host(h)).collect();
+    let (p, b1, b2) = (order[0], order[1], order[2]);
+    // The primary's view: its peers' replica servers.
+    let mut hc = hosts_client(t.addr).await;
+    let deadline = Instant::now() + WAIT;
+    let peers = loop {
+        let mine = host_volumes(&mut hc, &blockds[p].key).await.unwrap();
+        let peers = mine.replicas[0].peers.clone();
+        if peers.iter().all(|x| !x.addr.is_empty()) {
+            break peers;
+        }
+        assert!(Instant::now() < deadline, "replica servers never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let backups: Vec<Backup> = peers
+        .iter()
+        .filter(|x| x.host_id != blockds[p].host)
+        .map(|x| Backup {
+            id: x.host_id.clone(),
+            addr: x.addr.parse().unwrap(),
+        })
+        .collect();
+    assert_eq!(backups.len(), 2);
+
+    // The test plays the primary host's blockd: its local copy is that
+    // host's replica file, its authority the controller with its key.
+    let (p_key, p_replica) = (blockds[p].key.clone(), blockds[p].replica(&id));
+    let open = |epoch: u64| {
+        let cfg = ferro_client::ClientConfig::new(
+            vec![format!("http://{}", t.addr)],
+            Some(p_key.clone()),
+        );
+        let authority = ControllerAuthority::new(
+            ferro_client::Client::new(cfg).unwrap(),
+            tokio::runtime::Handle::current(),
+        );
+        let local = LocalFile::open_or_create(&p_replica, 1 << 30).unwrap();
+        let (id, backups) = (id.clone(), backups.clone());
+        tokio::task::spawn_blocking(move || {
+            ReplicatedStore::open(
+                &id,
+                epoch,
+                Box::new(local),
+                &backups,
+                std::sync::Arc::new(authority),
+                Options {
+                    timeout: Duration::from_secs(5),
+                    ..Options::default()
+                },
+            )
+        })
+    };
+    let store = std::sync::Arc::new(open(1).await.unwrap().unwrap());
+    let io = |f: Box<dyn FnOnce(&ReplicatedStore) + Send>| {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || f(&s))
+    };
+    const MIB: usize = 1 << 20;
+    io(Box::new(|s| {
+        s.write_at(&pattern(1, 4 * MIB), 0).unwrap();
+        s.write_at(&pattern(2, 4096), 512 * MIB as u64).unwrap();
+        s.flush().unwrap();
+    }))
+    .await
+    .unwrap();
+    for r in [p, b1, b2] {
+        let path = blockds[r].replica(&id);
+        assert_eq!(
+            sum(&path, 0, 4 * MIB),
+            ferro_testkit::fnv64(&pattern(1, 4 * MIB)),
+            "{}",
+            blockds[r].host
+        );
+        assert_eq!(
+            sum(&path, 512 * MIB as u64, 4096),
+            ferro_testkit::fnv64(&pattern(2, 4096))
+        );
+    }
+
+    // A backup's blockd dies: the next write fails over through the
+    // controller and is acknowledged by the two survivors.
+    blockds[b1].kill();
+    io(Box::new(|s| {
+        s.write_at(&pattern(3, MIB), 8 * MIB as u64).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.epoch(), 2);
+    }))
+    .await
+    .unwrap();
+    assert_eq!(store.out_of_sync(), [blockds[b1].host.clone()]);
+    let want = ferro_testkit::fnv64(&pattern(3, MIB));
+    for r in [p, b2] {
+        assert_eq!(sum(&blockds[r].replica(&id), 8 * MIB as u64, MIB), want);
+    }
+    assert_ne!(sum(&blockds[b1].replica(&id), 8 * MIB as u64, MIB), want);
+    let v = volume(&mut c, &id).await.unwrap();
+    assert_eq!((v.epoch, v.state.as_str()), (2, "available"));
+
+    // The dead one comes back out of sync: its replica keeps epoch 1.
+    blockds[b1].start();
+    let told = host_volumes(&mut hc, &blockds[b1].key).await.unwrap();
+    assert!(!told.replicas[0].in_sync);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let epoch_file = blockds[b1]
+        .data
+        .join("replicas")
+        .join(format!("{id}.epoch"));
+    let text = std::fs::read_to_string(&epoch_file).unwrap();
+    assert!(text.contains("\nepoch=1\n"), "{text}");
+
+    // A primary still at epoch 1 is fenced: the survivors refuse its
+    // hello, and the controller refuses it a new epoch.
+    let before = sum(&blockds[b2].replica(&id), 0, 4 * MIB);
+    let stale = open(1).await.unwrap();
+    assert!(stale.is_err(), "a fenced primary opened the volume");
+    assert_eq!(sum(&blockds[b2].replica(&id), 0, 4 * MIB), before);
+    let v = volume(&mut c, &id).await.unwrap();
+    assert_eq!(v.epoch, 2, "nothing changed for it");
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }

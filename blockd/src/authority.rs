@@ -1,0 +1,84 @@
+//! The controller as a volume's configuration [`Authority`]: a primary's
+//! request to drop a failed backup becomes `Hosts.RemoveVolumeReplica`,
+//! made with this host's credential.
+//!
+//! The primary's I/O path is synchronous (vhost-user worker threads), the
+//! controller client async: each call is run on a tokio runtime's handle
+//! from the calling thread, which must not be one of that runtime's own
+//! worker threads.
+//!
+//! A controller that cannot be reached is asked again (with back-off) for
+//! up to [`ControllerAuthority::patience`]: the guest's I/O stalls
+//! meanwhile rather than going on without the authority's word. Only an
+//! answer that the caller's epoch is stale (`FAILED_PRECONDITION`), a
+//! refusal, or running out of patience count as fenced.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferro_client::Client;
+use ferro_proto::compute::v1::hosts_client::HostsClient;
+use ferro_proto::compute::v1::RemoveVolumeReplicaRequest;
+
+use crate::replication::{Authority, Fenced};
+
+/// The controller, reached through a [`Client`] holding the host's key.
+pub struct ControllerAuthority {
+    client: Mutex<Client>,
+    handle: tokio::runtime::Handle,
+    /// How long an unreachable controller is retried before the primary
+    /// gives up (and fails the I/O).
+    pub patience: Duration,
+}
+
+impl ControllerAuthority {
+    /// Calls through `client` on `handle`'s runtime.
+    pub fn new(client: Client, handle: tokio::runtime::Handle) -> Self {
+        Self {
+            client: Mutex::new(client),
+            handle,
+            patience: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Authority for ControllerAuthority {
+    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        let fenced = || Fenced {
+            volume: volume.to_string(),
+            epoch,
+        };
+        let req = RemoveVolumeReplicaRequest {
+            volume_id: volume.to_string(),
+            epoch,
+            replica_host_id: replica.to_string(),
+        };
+        let deadline = Instant::now() + self.patience;
+        let mut pause = Duration::from_millis(100);
+        let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let answer = self.handle.block_on(client.call(|ch| {
+                let req = req.clone();
+                async move { HostsClient::new(ch).remove_volume_replica(req).await }
+            }));
+            match answer {
+                Ok(r) => return Ok(r.epoch),
+                Err(e) => {
+                    let transport = e.status().is_none_or(ferro_client::is_transport);
+                    if !transport || Instant::now() >= deadline {
+                        tracing::error!(volume, epoch, replica, "the controller refused: {e}");
+                        return Err(fenced());
+                    }
+                    tracing::warn!(
+                        volume,
+                        epoch,
+                        replica,
+                        "cannot reach the controller, asking again: {e}"
+                    );
+                    std::thread::sleep(ferro_client::jitter(pause));
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
