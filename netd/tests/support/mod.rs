@@ -238,6 +238,14 @@ struct FakeHosts {
     connects: Arc<Mutex<HashMap<String, usize>>>,
 }
 
+type VolumesStream = Pin<
+    Box<
+        dyn tokio_stream::Stream<
+                Item = Result<ferro_proto::compute::v1::HostVolumes, tonic::Status>,
+            > + Send,
+    >,
+>;
+
 type StateStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<HostNetwork, tonic::Status>> + Send>>;
 
@@ -275,6 +283,33 @@ impl Hosts for FakeHosts {
         *self.connects.lock().unwrap().entry(key).or_default() += 1;
         let s = tokio_stream::wrappers::WatchStream::new(rx).map(Ok);
         Ok(tonic::Response::new(Box::pin(s)))
+    }
+
+    type WatchHostVolumesStream = VolumesStream;
+
+    async fn watch_host_volumes(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::WatchHostVolumesRequest>,
+    ) -> Result<tonic::Response<VolumesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake controller"))
+    }
+
+    async fn report_volume_replicas(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::ReportVolumeReplicasRequest>,
+    ) -> Result<
+        tonic::Response<ferro_proto::compute::v1::ReportVolumeReplicasResponse>,
+        tonic::Status,
+    > {
+        Err(tonic::Status::unimplemented("fake controller"))
+    }
+
+    async fn remove_volume_replica(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::RemoveVolumeReplicaRequest>,
+    ) -> Result<tonic::Response<ferro_proto::compute::v1::RemoveVolumeReplicaResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("fake controller"))
     }
 }
 
