@@ -42,15 +42,18 @@
 //! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
 //!   snapshots) copy from.
 
+#[cfg(feature = "daemon")]
 pub mod authority;
 pub mod backend;
 pub mod config;
 pub mod dirty;
+#[cfg(feature = "daemon")]
 pub mod follow;
 pub mod handler;
 pub mod link;
 pub mod meta;
 pub mod replica;
+#[cfg(feature = "daemon")]
 pub mod replica_dir;
 pub mod replication;
 pub mod request;
