@@ -14,7 +14,11 @@ use ferro_client::{Client, ClientConfig};
 use ferro_proto::compute::v1::hosts_client::HostsClient;
 use ferro_proto::compute::v1::{HostVolumes, ReportVolumeReplicasRequest, WatchHostVolumesRequest};
 
+use std::sync::{Arc, Mutex};
+
+use crate::authority::ControllerAuthority;
 use crate::replica_dir::ReplicaDir;
+use crate::serve::Serving;
 
 /// How often the directory is converged and reported without a change.
 pub const RESYNC: Duration = Duration::from_secs(5);
@@ -35,6 +39,8 @@ pub struct FollowConfig {
     /// Where this host's replica server listens, reported to the
     /// controller (peers' primaries connect there); none: not served.
     pub replica_addr: Option<std::net::SocketAddr>,
+    /// Where the vhost-user sockets of the served volumes go.
+    pub serve_dir: PathBuf,
 }
 
 /// Why a session with the controller ended.
@@ -57,11 +63,15 @@ pub enum FollowError {
     Replicas(#[from] crate::replica_dir::ReplicaDirError),
 }
 
+/// The served volumes, kept across sessions (made at the first state).
+type SharedServing = Arc<Mutex<Option<Serving>>>;
+
 /// Follow the controller forever, converging `dir`.
 pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
     let mut failures: u32 = 0;
+    let serving: SharedServing = Arc::default();
     loop {
-        let e = session(&cfg, &dir, &mut failures).await;
+        let e = session(&cfg, &dir, &serving, &mut failures).await;
         failures += 1;
         if failures == 1 || failures.is_multiple_of(30) {
             tracing::warn!(failures, "cannot follow this host's volumes: {}", chain(&e));
@@ -85,19 +95,31 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn session(cfg: &FollowConfig, dir: &ReplicaDir, failures: &mut u32) -> FollowError {
-    let key = match std::fs::read_to_string(&cfg.api_key_file) {
-        Ok(k) => k.trim().to_string(),
-        Err(e) => return FollowError::Key(cfg.api_key_file.display().to_string(), e),
-    };
-    let mut ccfg = ClientConfig::new(cfg.controllers.clone(), Some(key));
+/// A controller client with the host's key.
+fn client_config(cfg: &FollowConfig) -> Result<ClientConfig, FollowError> {
+    let key = std::fs::read_to_string(&cfg.api_key_file)
+        .map_err(|e| FollowError::Key(cfg.api_key_file.display().to_string(), e))?;
+    let mut ccfg = ClientConfig::new(cfg.controllers.clone(), Some(key.trim().to_string()));
     ccfg.ca_pem = cfg
         .ca_file
         .as_ref()
         .and_then(|f| std::fs::read_to_string(f).ok());
     ccfg.max_retries = cfg.controllers.len();
     ccfg.call_timeout = Duration::from_secs(10);
-    let mut client = match Client::new(ccfg) {
+    Ok(ccfg)
+}
+
+async fn session(
+    cfg: &FollowConfig,
+    dir: &ReplicaDir,
+    serving: &SharedServing,
+    failures: &mut u32,
+) -> FollowError {
+    let ccfg = match client_config(cfg) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    let mut client = match Client::new(ccfg.clone()) {
         Ok(c) => c,
         Err(e) => return e.into(),
     };
@@ -134,7 +156,41 @@ async fn session(cfg: &FollowConfig, dir: &ReplicaDir, failures: &mut u32) -> Fo
         }
         let Some(want) = &desired else { continue };
         let (d, w) = (dir.clone(), want.clone());
-        let held = match tokio::task::spawn_blocking(move || d.converge(&w)).await {
+        let (sv, handle, host) = (
+            serving.clone(),
+            tokio::runtime::Handle::current(),
+            cfg.host_id.clone(),
+        );
+        let (serve_dir, ccfg) = (cfg.serve_dir.clone(), ccfg.clone());
+        let converged = tokio::task::spawn_blocking(move || {
+            let held = d.converge(&w)?;
+            let mut sv = sv.lock().unwrap_or_else(|e| e.into_inner());
+            if sv.is_none() && !w.serve.is_empty() {
+                match Client::new(ccfg) {
+                    Ok(c) => {
+                        let authority = Arc::new(ControllerAuthority::new(c, handle));
+                        let paths = d.clone();
+                        let made = Serving::new(
+                            &serve_dir,
+                            &host,
+                            Box::new(move |id: &str| paths.path(id)),
+                            authority,
+                        );
+                        match made {
+                            Ok(s) => *sv = Some(s),
+                            Err(e) => tracing::error!(dir = %serve_dir.display(), "cannot serve volumes: {e}"),
+                        }
+                    }
+                    Err(e) => tracing::error!("cannot serve volumes: {e}"),
+                }
+            }
+            if let Some(s) = sv.as_mut() {
+                s.converge(&w.serve);
+            }
+            Ok::<_, crate::replica_dir::ReplicaDirError>(held)
+        })
+        .await;
+        let held = match converged {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => return e.into(),
             Err(e) => {

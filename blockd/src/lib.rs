@@ -14,8 +14,9 @@
 //! states the rule). The controller grants epochs
 //! ([`authority::ControllerAuthority`]); blockd's replica server answers
 //! primaries for the replicas it holds, at the epoch the controller gives
-//! those in sync. Running the primary inside the daemon (serving an
-//! attached volume to the instance's VMM) and resync come in later slices.
+//! those in sync. The volumes attached to this host's instances are
+//! served by their primary here ([`serve`]); the agent handing their
+//! sockets to the VMM, and resync, come in later slices.
 //!
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
@@ -27,7 +28,9 @@
 //! - [`config`]: parsing `--volume` specs.
 //! - [`replica_dir`]: this host's replica files converged to the controller's
 //!   list (pure plan, then the filesystem).
-//! - [`follow`]: the controller session (watch, converge, report).
+//! - [`follow`]: the controller session (watch, converge, report, serve).
+//! - [`serve`]: the volumes attached to this host's instances, served as
+//!   their primary over vhost-user.
 //! - [`wire`]: the sans-IO replication protocol: frames, their layout, and
 //!   the decoder fuzzed by `fuzz/fuzz_targets/blockd_wire.rs`.
 //! - [`link`]: frames over a blocking TCP stream.
@@ -57,6 +60,8 @@ pub mod replica;
 pub mod replica_dir;
 pub mod replication;
 pub mod request;
+#[cfg(feature = "daemon")]
+pub mod serve;
 pub mod server;
 pub mod store;
 pub mod wire;

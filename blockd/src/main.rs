@@ -114,6 +114,7 @@ fn follower(cli: &Cli) -> Result<Option<(FollowConfig, ReplicaDir)>, ExitCode> {
         api_key_file: api_key_file.clone(),
         ca_file: cli.ca_file.clone(),
         replica_addr,
+        serve_dir: data_dir.join("vhost"),
     };
     Ok(Some((cfg, dir)))
 }

@@ -101,6 +101,9 @@ pub enum ReplicationError {
     /// The volume id is not one the wire accepts.
     #[error("bad volume id {0:?}")]
     BadVolumeId(String),
+    /// A primary without a copy of its own was given no backup.
+    #[error("volume {0}: no replica to write to")]
+    NoReplica(String),
     /// A backup was unreachable and the authority refused to remove it.
     #[error("cannot open the replicated volume")]
     Fenced(#[from] Fenced),
@@ -133,7 +136,11 @@ struct State {
 pub struct ReplicatedStore {
     volume: String,
     timeout: Duration,
-    local: Box<dyn Store>,
+    /// The primary's own copy; none when the serving host holds no replica
+    /// (reads then come from the first in-sync backup).
+    local: Option<Box<dyn Store>>,
+    /// Capacity in sectors.
+    sectors: u64,
     authority: Arc<dyn Authority>,
     state: Mutex<State>,
 }
@@ -150,15 +157,53 @@ impl ReplicatedStore {
         authority: Arc<dyn Authority>,
         options: Options,
     ) -> Result<Self, ReplicationError> {
+        let size = local.capacity() * SECTOR_SIZE;
+        Self::open_with(
+            volume,
+            epoch,
+            Some(local),
+            size,
+            backups,
+            authority,
+            options,
+        )
+    }
+
+    /// Like [`ReplicatedStore::open`] for a primary without a copy of its
+    /// own (the instance's host holds no replica): `size` bytes, every
+    /// write to each of `backups`, reads from the first in sync.
+    pub fn open_remote(
+        volume: &str,
+        epoch: u64,
+        size: u64,
+        backups: &[Backup],
+        authority: Arc<dyn Authority>,
+        options: Options,
+    ) -> Result<Self, ReplicationError> {
+        if backups.is_empty() {
+            return Err(ReplicationError::NoReplica(volume.to_string()));
+        }
+        Self::open_with(volume, epoch, None, size, backups, authority, options)
+    }
+
+    fn open_with(
+        volume: &str,
+        epoch: u64,
+        local: Option<Box<dyn Store>>,
+        size: u64,
+        backups: &[Backup],
+        authority: Arc<dyn Authority>,
+        options: Options,
+    ) -> Result<Self, ReplicationError> {
         if !valid_volume_id(volume) {
             return Err(ReplicationError::BadVolumeId(volume.to_string()));
         }
-        let size = local.capacity() * SECTOR_SIZE;
         let map = DirtyMap::new(size, options.region_size);
         let store = ReplicatedStore {
             volume: volume.to_string(),
             timeout: options.timeout,
             local,
+            sectors: size / SECTOR_SIZE,
             authority,
             state: Mutex::new(State {
                 epoch,
@@ -199,7 +244,7 @@ impl ReplicatedStore {
         setup(&stream).map_err(|e| e.to_string())?;
         let mut link = Link::new(stream).map_err(|e| e.to_string())?;
         st.seq += 1;
-        let capacity = self.local.capacity() * SECTOR_SIZE;
+        let capacity = self.sectors * SECTOR_SIZE;
         let hello = self.frame(st, Body::Hello { capacity });
         link.send(&hello).map_err(|e| chain(&e))?;
         match expect_ack(&mut link, &hello)? {
@@ -336,6 +381,46 @@ impl ReplicatedStore {
         }
     }
 
+    /// Reads `buf` at `offset` from the first in-sync backup that answers;
+    /// one that fails is removed through the authority and the next asked.
+    fn read_remote(&self, st: &mut State, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        loop {
+            let Some(peer) = st.in_sync.first_mut() else {
+                return Err(io::Error::other(format!(
+                    "volume {}: no replica in sync to read from",
+                    self.volume
+                )));
+            };
+            let frame = Frame {
+                volume: self.volume.clone(),
+                epoch: st.epoch,
+                seq: st.seq + 1,
+                body: Body::Read {
+                    offset,
+                    len: buf.len() as u32,
+                },
+            };
+            let answer = peer
+                .link
+                .send(&frame)
+                .map_err(|e| chain(&e))
+                .and_then(|()| expect_ack(&mut peer.link, &frame));
+            let id = peer.id.clone();
+            st.seq += 1;
+            match answer {
+                Ok(Body::ReadData { data, .. }) => {
+                    buf.copy_from_slice(&data);
+                    return Ok(());
+                }
+                Ok(other) => {
+                    let why = format!("{:?} is not read data", other.kind());
+                    self.remove(st, &id, &why).map_err(io::Error::other)?;
+                }
+                Err(why) => self.remove(st, &id, &why).map_err(io::Error::other)?,
+            }
+        }
+    }
+
     fn write_chunk(&self, st: &mut State, data: &[u8], offset: u64) -> io::Result<()> {
         st.seq += 1;
         let frame = self.frame(
@@ -345,7 +430,10 @@ impl ReplicatedStore {
                 data: data.to_vec(),
             },
         );
-        let (local, failed) = self.replicate(st, &frame, || self.local.write_at(data, offset))?;
+        let (local, failed) = self.replicate(st, &frame, || match &self.local {
+            Some(l) => l.write_at(data, offset),
+            None => Ok(()),
+        })?;
         st.since_flush.mark(offset, data.len() as u64);
         if !st.out.is_empty() {
             st.dirty.mark(offset, data.len() as u64);
@@ -357,12 +445,21 @@ impl ReplicatedStore {
 
 impl Store for ReplicatedStore {
     fn capacity(&self) -> u64 {
-        self.local.capacity()
+        self.sectors
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check_fenced(&self.lock())?;
-        self.local.read_at(buf, offset)
+        let mut st = self.lock();
+        self.check_fenced(&st)?;
+        if let Some(l) = &self.local {
+            return l.read_at(buf, offset);
+        }
+        let mut at = offset;
+        for chunk in buf.chunks_mut(MAX_PAYLOAD as usize) {
+            self.read_remote(&mut st, chunk, at)?;
+            at += chunk.len() as u64;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -385,7 +482,10 @@ impl Store for ReplicatedStore {
         self.check_fenced(&st)?;
         st.seq += 1;
         let frame = self.frame(&st, Body::Flush);
-        let (local, failed) = self.replicate(&mut st, &frame, || self.local.flush())?;
+        let (local, failed) = self.replicate(&mut st, &frame, || match &self.local {
+            Some(l) => l.flush(),
+            None => Ok(()),
+        })?;
         self.remove_all(&mut st, failed)?;
         local?;
         // Every replica still in the set has made the writes durable.

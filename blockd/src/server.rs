@@ -67,6 +67,33 @@ impl Volume {
         })
     }
 
+    /// Serves `store` as volume `id` on `socket` (bound now, replacing a
+    /// stale socket file).
+    pub fn with_store(id: &str, socket: &Path, store: Arc<dyn Store>) -> Result<Self, ServeError> {
+        let listener =
+            Listener::new(socket, true).map_err(|e| ServeError::Listen(display(socket), e))?;
+        Ok(Volume {
+            config: VolumeConfig {
+                id: id.to_string(),
+                path: PathBuf::new(),
+                size: store.capacity() * crate::request::SECTOR_SIZE,
+                socket: socket.to_path_buf(),
+            },
+            store,
+            listener,
+        })
+    }
+
+    /// Serves frontends one after another until `stop` is set (looked at
+    /// between connections); returns early only when a connection cannot
+    /// be set up at all.
+    pub fn serve_until(mut self, stop: &std::sync::atomic::AtomicBool) -> Result<(), ServeError> {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            self.serve_one()?;
+        }
+        Ok(())
+    }
+
     /// Serves frontends one after another, forever; returns only when a
     /// connection cannot be set up at all.
     pub fn serve(mut self) -> Result<(), ServeError> {

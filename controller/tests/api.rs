@@ -7,26 +7,6 @@ use common::*;
 use ferro_proto::compute::v1 as pb;
 use tonic::Code;
 
-fn run_req(count: u32) -> pb::RunInstancesRequest {
-    pb::RunInstancesRequest {
-        count,
-        instance_type: "f1.nano".into(),
-        image_id: "guest".into(),
-        ..Default::default()
-    }
-}
-
-async fn register(c: &mut Client) -> pb::Image {
-    c.register_image(pb::RegisterImageRequest {
-        name: "guest".into(),
-        kernel_path: "/boot/vmlinux".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 /// Waits until a host has registered.
 async fn wait_for_a_host(c: &Client) {
     eventually("the host to register", || {

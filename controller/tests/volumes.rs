@@ -482,3 +482,139 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A durable volume attached to an instance is served by its instance's
+/// host's blockd (the primary) over vhost-user, and ferro-vmm running the
+/// test guest on that socket writes through it: the guest's pattern, once
+/// its write and flush complete, is on all three replica hosts. Needs KVM
+/// and root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
+    ferro_testkit::require_kvm_root();
+    let t = controller(false, 10_000).await;
+    let mut c = client(t.addr, &t.admin_key).await;
+    let dir = ferro_testkit::scratch("volumes-serve");
+    let blockds = start_hosts(&t, &dir, &["h1", "h2", "h3"], true).await;
+    register(&mut c).await;
+    let inst = c
+        .run_instances(pb::RunInstancesRequest {
+            availability_zone: "az-1".into(),
+            ..run_req(1)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    c.stop_instances(pb::StopInstancesRequest {
+        instance_ids: vec![inst.instance_id.clone()],
+        force: false,
+    })
+    .await
+    .unwrap();
+    let vol = c
+        .create_volume(pb::CreateVolumeRequest {
+            size_gib: 1,
+            availability_zone: "az-1".into(),
+            volume_type: "durable".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let vol = wait_state(&mut c, &vol.volume_id, Some("available"))
+        .await
+        .unwrap();
+    let id = vol.volume_id.clone();
+    // Every replica server known before the attachment is served.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let hosts = c
+            .describe_hosts(pb::DescribeHostsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        if hosts.len() == 3 {
+            let mut hc = hosts_client(t.addr).await;
+            let told = host_volumes(&mut hc, &blockds[0].key).await.unwrap();
+            if told.replicas[0].peers.iter().all(|p| !p.addr.is_empty()) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "replica servers never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.attach_volume(pb::AttachVolumeRequest {
+        volume_id: id.clone(),
+        instance_id: inst.instance_id.clone(),
+        device: "/dev/vdb".into(),
+        delete_on_termination: false,
+    })
+    .await
+    .unwrap();
+    let host = c
+        .describe_instances(pb::DescribeInstancesRequest {
+            instance_ids: vec![inst.instance_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0)
+        .host_id;
+    let server = blockds.iter().find(|b| b.host == host).unwrap();
+    let socket = server.data.join("vhost").join(format!("{id}.sock"));
+    wait_file(&socket, true);
+
+    // The VMM as the agent would start it, with the volume as its disk.
+    let vmm_bin = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
+    let console_log = dir.join("console.log");
+    let vmm = std::process::Command::new(vmm_bin)
+        .args([
+            "--kernel",
+            ferro_testkit::guest_elf().to_str().unwrap(),
+            "--memory",
+            "128",
+        ])
+        .args(["--cmdline", &format!("console=ttyS0 ferro.write={id}")])
+        .arg("--vhost-user-blk")
+        .arg(format!("socket={},id={id}", socket.display()))
+        .arg("--serial")
+        .arg(format!("file:{}", console_log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _vmm = Proc(vmm);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let text = std::fs::read_to_string(&console_log).unwrap_or_default();
+        if let Some(l) = text
+            .lines()
+            .find(|l| l.contains(&format!("blk serial={id} write")))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never wrote; console:\n{text}\nblockd {host}:\n{}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(line.contains("write status=0 flush status=0"), "{line}");
+    let want = ferro_testkit::fnv64(&ferro_testkit::guest_write_pattern());
+    for b in &blockds {
+        assert_eq!(
+            sum(&b.replica(&id), 0, 4096),
+            want,
+            "the guest's write is not on {}",
+            b.host
+        );
+    }
+    drop(blockds);
+    let _ = std::fs::remove_dir_all(&dir);
+}

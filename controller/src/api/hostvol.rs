@@ -1,13 +1,14 @@
 //! What one host's volume daemon is told (`Hosts.WatchHostVolumes`): the
-//! replicas it is to hold, derived from the cluster state on every
-//! change; and reading what it reports holding
+//! replicas it is to hold and the volumes it serves to its instances (as
+//! their primary), derived from the cluster state on every change; and
+//! reading what it reports holding
 //! (`Hosts.ReportVolumeReplicas`).
 
 use std::collections::BTreeMap;
 
 use ferro_proto::compute::v1 as pb;
 
-use crate::model::VolumeState;
+use crate::model::{Volume, VolumeState};
 use crate::state::ClusterState;
 
 /// The most replicas one report may name.
@@ -27,26 +28,46 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
             replica_host_ids: v.replicas.clone(),
             deleting: v.state == VolumeState::Deleting,
             in_sync: !v.out_of_sync.contains(host_id),
-            peers: v
-                .replicas
-                .iter()
-                .map(|r| pb::ReplicaPeer {
-                    host_id: r.clone(),
-                    addr: s
-                        .hosts
-                        .get(r)
-                        .map(|h| h.blockd_addr.clone())
-                        .unwrap_or_default(),
-                    in_sync: !v.out_of_sync.contains(r),
-                })
-                .collect(),
+            peers: peers(s, v),
+        })
+        .collect();
+    let serve = s
+        .volumes
+        .values()
+        .filter_map(|v| {
+            let a = v.attachment.as_ref()?;
+            let i = s.instances.get(&a.instance_id)?;
+            (i.host_id == host_id && !i.is_final()).then(|| pb::ServedVolume {
+                volume_id: v.id.clone(),
+                instance_id: i.id.clone(),
+                size_bytes: v.size_gib << 30,
+                epoch: v.epoch,
+                peers: peers(s, v),
+            })
         })
         .collect();
     pb::HostVolumes {
         host_id: host_id.to_string(),
         revision: 0,
         replicas,
+        serve,
     }
+}
+
+/// Every replica of `v`, in placement order, with its replica server.
+fn peers(s: &ClusterState, v: &Volume) -> Vec<pb::ReplicaPeer> {
+    v.replicas
+        .iter()
+        .map(|r| pb::ReplicaPeer {
+            host_id: r.clone(),
+            addr: s
+                .hosts
+                .get(r)
+                .map(|h| h.blockd_addr.clone())
+                .unwrap_or_default(),
+            in_sync: !v.out_of_sync.contains(r),
+        })
+        .collect()
 }
 
 /// `vol-` and 16 lowercase hex digits.

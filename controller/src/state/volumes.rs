@@ -344,9 +344,16 @@ impl ClusterState {
         caller: &str,
     ) -> Response {
         let v = self.volume(volume_id)?;
-        if !v.in_sync().any(|r| r == caller) {
+        // The primary: the host serving the volume to its instance, or a
+        // replica host in sync.
+        let serving = v
+            .attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == caller);
+        if !serving && !v.in_sync().any(|r| r == caller) {
             return Err(E::PermissionDenied(format!(
-                "host {caller} holds no replica of {volume_id} in sync"
+                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
             )));
         }
         if epoch != v.epoch {
@@ -359,6 +366,11 @@ impl ClusterState {
             return invalid(format!(
                 "replica_host_id: {replica} is not another in-sync replica of {volume_id}"
             ));
+        }
+        if v.in_sync().count() < 2 {
+            return Err(E::FailedPrecondition(format!(
+                "replica_host_id: {replica} is the last replica of {volume_id} in sync"
+            )));
         }
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         v.out_of_sync.insert(replica.to_string());
@@ -722,7 +734,7 @@ mod tests {
         };
         let before = s.clone();
         for (epoch, replica, caller, want) in [
-            (1, "h3", "h4", "host h4 holds no replica"),
+            (1, "h3", "h4", "host h4 neither serves"),
             (0, "h3", "h2", "epoch: 0 is fenced"),
             (1, "h2", "h2", "replica_host_id"),
             (1, "h9", "h2", "replica_host_id"),

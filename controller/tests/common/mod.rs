@@ -545,3 +545,25 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// RunInstances of `count` f1.nano instances of image `guest`.
+pub fn run_req(count: u32) -> pb::RunInstancesRequest {
+    pb::RunInstancesRequest {
+        count,
+        instance_type: "f1.nano".into(),
+        image_id: "guest".into(),
+        ..Default::default()
+    }
+}
+
+/// Registers image `guest`.
+pub async fn register(c: &mut Client) -> pb::Image {
+    c.register_image(pb::RegisterImageRequest {
+        name: "guest".into(),
+        kernel_path: "/boot/vmlinux".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}

@@ -1,0 +1,182 @@
+//! The volumes this host serves to its instances' VMMs, as their primary:
+//! the controller's watch lists each volume attached to an instance of
+//! this host (`HostVolumes.serve`); blockd opens a
+//! [`ReplicatedStore`] over its in-sync replicas (with this host's own
+//! replica as the local copy when it holds one in sync) and serves it over
+//! vhost-user at `<dir>/<volume>.sock`, where the agent points the VMM.
+//! A volume no longer listed stops being served (between frontends).
+//!
+//! A store that cannot be opened (a replica unreachable and the
+//! controller's answer not yet in, or this primary fenced) is logged and
+//! tried again at the next round.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ferro_proto::compute::v1::ServedVolume;
+
+use crate::replication::{Authority, Backup, Options, ReplicatedStore};
+use crate::server::Volume;
+use crate::store::{LocalFile, Store};
+
+/// One volume being served.
+struct Served {
+    epoch: u64,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+/// The served volumes of this host.
+pub struct Serving {
+    dir: PathBuf,
+    host_id: String,
+    /// This host's replica files (its local copies).
+    replica_path: Box<dyn Fn(&str) -> PathBuf + Send + Sync>,
+    authority: Arc<dyn Authority>,
+    served: HashMap<String, Served>,
+}
+
+impl Serving {
+    /// Sockets under `dir`; `replica_path` names this host's replica file
+    /// of a volume.
+    pub fn new(
+        dir: &Path,
+        host_id: &str,
+        replica_path: Box<dyn Fn(&str) -> PathBuf + Send + Sync>,
+        authority: Arc<dyn Authority>,
+    ) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            host_id: host_id.to_string(),
+            replica_path,
+            authority,
+            served: HashMap::new(),
+        })
+    }
+
+    /// Volume `id`'s socket.
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.sock"))
+    }
+
+    /// Serve exactly `want`. Blocking (opens connections, may wait on the
+    /// controller): run it off the async runtime's workers.
+    pub fn converge(&mut self, want: &[ServedVolume]) {
+        let listed: std::collections::BTreeSet<&str> =
+            want.iter().map(|w| w.volume_id.as_str()).collect();
+        let gone: Vec<String> = self
+            .served
+            .keys()
+            .filter(|k| !listed.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(s) = self.served.remove(&id) {
+                stop(&id, s);
+            }
+        }
+        for w in want {
+            if self.served.contains_key(&w.volume_id) {
+                continue;
+            }
+            match self.open(w) {
+                Ok(s) => {
+                    self.served.insert(w.volume_id.clone(), s);
+                }
+                Err(e) => tracing::warn!(
+                    volume_id = %w.volume_id,
+                    instance_id = %w.instance_id,
+                    "cannot serve the volume yet: {e}"
+                ),
+            }
+        }
+    }
+
+    fn open(&self, w: &ServedVolume) -> Result<Served, String> {
+        let id = &w.volume_id;
+        let mine = w
+            .peers
+            .iter()
+            .any(|p| p.host_id == self.host_id && p.in_sync);
+        let local_path = (self.replica_path)(id);
+        let backups: Vec<Backup> = w
+            .peers
+            .iter()
+            .filter(|p| p.in_sync && p.host_id != self.host_id)
+            .map(|p| {
+                let addr = p
+                    .addr
+                    .parse()
+                    .map_err(|_| format!("replica {} has no server address yet", p.host_id))?;
+                Ok(Backup {
+                    id: p.host_id.clone(),
+                    addr,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let options = Options::default();
+        let store = if mine && local_path.exists() {
+            let local =
+                LocalFile::open_or_create(&local_path, w.size_bytes).map_err(|e| e.to_string())?;
+            ReplicatedStore::open(
+                id,
+                w.epoch,
+                Box::new(local),
+                &backups,
+                self.authority.clone(),
+                options,
+            )
+        } else {
+            ReplicatedStore::open_remote(
+                id,
+                w.epoch,
+                w.size_bytes,
+                &backups,
+                self.authority.clone(),
+                options,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let socket = self.socket(id);
+        let volume = Volume::with_store(id, &socket, store).map_err(|e| e.to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let vid = id.clone();
+        std::thread::Builder::new()
+            .name(format!("serve-{id}"))
+            .spawn(move || {
+                if let Err(e) = volume.serve_until(&flag) {
+                    tracing::error!(volume_id = %vid, "serving ended: {e}");
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            volume_id = %id,
+            instance_id = %w.instance_id,
+            epoch = w.epoch,
+            local = mine,
+            backups = backups.len(),
+            socket = %socket.display(),
+            "serving the volume"
+        );
+        Ok(Served {
+            epoch: w.epoch,
+            socket,
+            stop,
+        })
+    }
+}
+
+/// Stops serving: the flag, the socket file gone, and a connection that
+/// wakes the listener so that it sees the flag.
+fn stop(id: &str, s: Served) {
+    s.stop.store(true, Ordering::Release);
+    let _ = UnixStream::connect(&s.socket);
+    let _ = std::fs::remove_file(&s.socket);
+    tracing::info!(volume_id = %id, epoch = s.epoch, "no longer serving the volume");
+}
