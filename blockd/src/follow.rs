@@ -74,7 +74,11 @@ pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
         let e = session(&cfg, &dir, &serving, &mut failures).await;
         failures += 1;
         if failures == 1 || failures.is_multiple_of(30) {
-            tracing::warn!(failures, "cannot follow this host's volumes: {}", chain(&e));
+            tracing::warn!(
+                failures,
+                "cannot follow this host's volumes: {}",
+                crate::error_chain(&e)
+            );
         }
         let exp = failures.saturating_sub(1).min(6);
         let pause = Duration::from_millis(250)
@@ -82,17 +86,6 @@ pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
             .min(MAX_BACKOFF);
         tokio::time::sleep(ferro_client::jitter(pause)).await;
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        c = x.source();
-    }
-    s
 }
 
 /// A controller client with the host's key.

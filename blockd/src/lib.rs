@@ -45,6 +45,18 @@
 //! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
 //!   snapshots) copy from.
 
+/// An error and its causes on one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
 #[cfg(feature = "daemon")]
 pub mod authority;
 pub mod backend;

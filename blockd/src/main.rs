@@ -44,14 +44,7 @@ struct Cli {
 
 /// Print an error and its causes on one line.
 fn report(err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        msg.push_str(": ");
-        msg.push_str(&c.to_string());
-        cause = c.source();
-    }
-    eprintln!("ferro-blockd: error: {msg}");
+    eprintln!("ferro-blockd: error: {}", ferro_blockd::error_chain(err));
 }
 
 /// The controller follower the flags ask for, with its replica

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferro_proto::compute::v1::{HeldReplica, HostVolumes};
+use ferro_proto::is_volume_id;
 
 use crate::replica::Replica;
 
@@ -114,15 +115,6 @@ pub fn plan(
         actions.push(Action::Orphan { id: id.clone() });
     }
     (actions, held)
-}
-
-/// `vol-` and 16 lowercase hex digits.
-pub fn is_volume_id(id: &str) -> bool {
-    id.strip_prefix("vol-").is_some_and(|h| {
-        h.len() == 16
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
 }
 
 /// The directory of this host's replicas.

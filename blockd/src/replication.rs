@@ -246,7 +246,7 @@ impl ReplicatedStore {
         st.seq += 1;
         let capacity = self.sectors * SECTOR_SIZE;
         let hello = self.frame(st, Body::Hello { capacity });
-        link.send(&hello).map_err(|e| chain(&e))?;
+        link.send(&hello).map_err(|e| crate::error_chain(&e))?;
         match expect_ack(&mut link, &hello)? {
             Body::Ack { offset, .. } if offset == capacity => Ok(link),
             _ => Err(format!("replica's capacity differs from {capacity}")),
@@ -403,7 +403,7 @@ impl ReplicatedStore {
             let answer = peer
                 .link
                 .send(&frame)
-                .map_err(|e| chain(&e))
+                .map_err(|e| crate::error_chain(&e))
                 .and_then(|()| expect_ack(&mut peer.link, &frame));
             let id = peer.id.clone();
             st.seq += 1;
@@ -449,11 +449,13 @@ impl Store for ReplicatedStore {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut st = self.lock();
-        self.check_fenced(&st)?;
         if let Some(l) = &self.local {
+            // Reads of the local copy do not wait for writes in flight.
+            self.check_fenced(&self.lock())?;
             return l.read_at(buf, offset);
         }
+        let mut st = self.lock();
+        self.check_fenced(&st)?;
         let mut at = offset;
         for chunk in buf.chunks_mut(MAX_PAYLOAD as usize) {
             self.read_remote(&mut st, chunk, at)?;
@@ -499,7 +501,7 @@ fn expect_ack(link: &mut Link, request: &Frame) -> Result<Body, String> {
     match link.recv() {
         Ok(Some(answer)) => check_answer(request, answer),
         Ok(None) => Err("connection closed".into()),
-        Err(e) => Err(chain(&e)),
+        Err(e) => Err(crate::error_chain(&e)),
     }
 }
 
@@ -546,18 +548,6 @@ fn fenced_error(volume: &str, epoch: u64) -> io::Error {
         volume: volume.to_string(),
         epoch,
     })
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -312,6 +312,39 @@ async fn blockd_makes_replicas_available_and_deleting_removes_every_one() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A 1 GiB durable volume of az-1, once `available`.
+async fn durable_volume(c: &mut Client) -> pb::Volume {
+    let vol = c
+        .create_volume(pb::CreateVolumeRequest {
+            size_gib: 1,
+            availability_zone: "az-1".into(),
+            volume_type: "durable".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_state(c, &vol.volume_id, Some("available"))
+        .await
+        .unwrap()
+}
+
+/// The peers of the first replica the host with `key` holds, once every
+/// one has reported its replica server.
+async fn replica_servers(t: &TestController, key: &str) -> Vec<pb::ReplicaPeer> {
+    let mut hc = hosts_client(t.addr).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mine = host_volumes(&mut hc, key).await.unwrap();
+        let peers = mine.replicas[0].peers.clone();
+        if peers.iter().all(|x| !x.addr.is_empty()) {
+            return peers;
+        }
+        assert!(Instant::now() < deadline, "replica servers never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// An FNV-64 of `len` bytes of `path` at `offset`.
 fn sum(path: &Path, offset: u64, len: usize) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -346,35 +379,14 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     let mut c = client(t.addr, &t.admin_key).await;
     let dir = ferro_testkit::scratch("volumes-replication");
     let mut blockds = start_hosts(&t, &dir, &["h1", "h2", "h3"], true).await;
-    let vol = c
-        .create_volume(pb::CreateVolumeRequest {
-            size_gib: 1,
-            availability_zone: "az-1".into(),
-            volume_type: "durable".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let vol = wait_state(&mut c, &vol.volume_id, Some("available"))
-        .await
-        .unwrap();
+    let vol = durable_volume(&mut c).await;
     let id = vol.volume_id.clone();
     let by_host = |h: &str| blockds.iter().position(|b| b.host == h).unwrap();
     let order: Vec<usize> = vol.replica_host_ids.iter().map(|h| by_host(h)).collect();
     let (p, b1, b2) = (order[0], order[1], order[2]);
     // The primary's view: its peers' replica servers.
     let mut hc = hosts_client(t.addr).await;
-    let deadline = Instant::now() + WAIT;
-    let peers = loop {
-        let mine = host_volumes(&mut hc, &blockds[p].key).await.unwrap();
-        let peers = mine.replicas[0].peers.clone();
-        if peers.iter().all(|x| !x.addr.is_empty()) {
-            break peers;
-        }
-        assert!(Instant::now() < deadline, "replica servers never reported");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let peers = replica_servers(&t, &blockds[p].key).await;
     let backups: Vec<Backup> = peers
         .iter()
         .filter(|x| x.host_id != blockds[p].host)
@@ -512,39 +524,10 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     })
     .await
     .unwrap();
-    let vol = c
-        .create_volume(pb::CreateVolumeRequest {
-            size_gib: 1,
-            availability_zone: "az-1".into(),
-            volume_type: "durable".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let vol = wait_state(&mut c, &vol.volume_id, Some("available"))
-        .await
-        .unwrap();
+    let vol = durable_volume(&mut c).await;
     let id = vol.volume_id.clone();
     // Every replica server known before the attachment is served.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let hosts = c
-            .describe_hosts(pb::DescribeHostsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .hosts;
-        if hosts.len() == 3 {
-            let mut hc = hosts_client(t.addr).await;
-            let told = host_volumes(&mut hc, &blockds[0].key).await.unwrap();
-            if told.replicas[0].peers.iter().all(|p| !p.addr.is_empty()) {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "replica servers never reported");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    replica_servers(&t, &blockds[0].key).await;
     c.attach_volume(pb::AttachVolumeRequest {
         volume_id: id.clone(),
         instance_id: inst.instance_id.clone(),

@@ -24,6 +24,17 @@ pub mod compute {
     }
 }
 
+/// Whether `id` is a volume id as the controller makes them: `vol-` and
+/// 16 lowercase hex digits (shared by the controller, which checks what
+/// blockd reports, and blockd, which names its replica files so).
+pub fn is_volume_id(id: &str) -> bool {
+    id.strip_prefix("vol-").is_some_and(|h| {
+        h.len() == 16
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Replication traffic between controller nodes (`ferro.raft.v1`), used by
 /// `ferro-raft`.
 pub mod raft {

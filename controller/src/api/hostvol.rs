@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use ferro_proto::compute::v1 as pb;
+use ferro_proto::is_volume_id;
 
 use crate::model::{Volume, VolumeState};
 use crate::state::ClusterState;
@@ -68,15 +69,6 @@ fn peers(s: &ClusterState, v: &Volume) -> Vec<pb::ReplicaPeer> {
             in_sync: !v.out_of_sync.contains(r),
         })
         .collect()
-}
-
-/// `vol-` and 16 lowercase hex digits.
-pub fn is_volume_id(id: &str) -> bool {
-    id.strip_prefix("vol-").is_some_and(|h| {
-        h.len() == 16
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
 }
 
 /// A report's replicas as volume → epoch; an error names the bad entry.
