@@ -67,6 +67,11 @@ pub struct AgentConfig {
     /// on this host.
     #[serde(default)]
     pub volume_capacity_gib: u64,
+    /// Where this host's ferro-blockd serves the volumes attached to its
+    /// instances, one vhost-user socket per volume (`<dir>/<volume>.sock`):
+    /// its `--data-dir` and `vhost`.
+    #[serde(default = "default_blockd_socket_dir")]
+    pub blockd_socket_dir: PathBuf,
     /// The `ferro-vmm` binary.
     pub vmm_path: PathBuf,
     /// Host bridge the TAPs are attached to (until netd exists); none when
@@ -183,6 +188,9 @@ impl RestartConfig {
     }
 }
 
+fn default_blockd_socket_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferro-blockd/vhost")
+}
 fn default_reserved() -> u64 {
     1024
 }

@@ -3,7 +3,7 @@
 use ferro_proto::agent::v1 as pb;
 
 use crate::machine::{ExitInfo, Observed, Phase, RestartPolicy};
-use crate::spec::{DiskSpec, InstanceSpec, NicSpec};
+use crate::spec::{AttachedVolume, DiskSpec, InstanceSpec, NicSpec};
 
 /// A phase as its protobuf enum.
 pub fn phase(p: Phase) -> pb::InstanceState {
@@ -96,6 +96,27 @@ pub fn spec_to_pb(s: &InstanceSpec) -> pb::InstanceSpec {
     }
 }
 
+/// Attached volumes from protobuf (checked separately,
+/// [`crate::spec::check_volumes`]).
+pub fn volumes_from_pb(v: Vec<pb::AttachedVolume>) -> Vec<AttachedVolume> {
+    v.into_iter()
+        .map(|v| AttachedVolume {
+            volume_id: v.volume_id,
+            device: v.device,
+        })
+        .collect()
+}
+
+/// Attached volumes as protobuf.
+pub fn volumes_to_pb(v: &[AttachedVolume]) -> Vec<pb::AttachedVolume> {
+    v.iter()
+        .map(|v| pb::AttachedVolume {
+            volume_id: v.volume_id.clone(),
+            device: v.device.clone(),
+        })
+        .collect()
+}
+
 /// An instance as protobuf.
 pub fn instance(spec: &InstanceSpec, obs: &Observed, taps: Vec<String>) -> pb::Instance {
     pb::Instance {
@@ -111,5 +132,6 @@ pub fn instance(spec: &InstanceSpec, obs: &Observed, taps: Vec<String>) -> pb::I
         effective_restart_policy: policy(spec.restart_policy) as i32,
         stopped_by_guest: obs.stopped_by_guest,
         seq: obs.seq,
+        volumes: volumes_to_pb(&obs.volumes),
     }
 }

@@ -7,6 +7,7 @@
 //! touches a process, a file or a clock: time comes in with the inputs, so
 //! every transition is unit-tested below without a VMM.
 
+use crate::spec::AttachedVolume;
 use serde::{Deserialize, Serialize};
 
 /// What the agent observes about an instance.
@@ -120,8 +121,12 @@ impl ExitInfo {
 /// What happened or what is asked.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
-    /// Operator: start.
-    Start,
+    /// Operator: start, with these volumes attached (`None`: those of the
+    /// last start). Only a stopped instance takes a different set.
+    Start {
+        /// The volumes, checked ([`crate::spec::check_volumes`]).
+        volumes: Option<Vec<AttachedVolume>>,
+    },
     /// Operator: graceful stop with this timeout, then hard.
     Stop { timeout_ms: u32 },
     /// Operator: graceful stop, then start again.
@@ -225,6 +230,9 @@ pub struct Observed {
     pub stopped_by_guest: bool,
     /// The [`order`](crate::order) stamp of the last change.
     pub seq: u64,
+    /// The volumes the VMM is (or will next be) started with, set by a
+    /// start.
+    pub volumes: Vec<AttachedVolume>,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -252,6 +260,7 @@ impl Machine {
             next_restart_unix_ms: 0,
             stopped_by_guest: false,
             seq: 0,
+            volumes: Vec::new(),
             version: crate::persist::FORMAT_VERSION,
             extra: Default::default(),
         };
@@ -289,8 +298,11 @@ impl Machine {
         let phase = self.obs.phase;
         let wrong = |op| Err(WrongState { op, phase });
         Ok(match input {
-            Input::Start => match phase {
+            Input::Start { volumes } => match phase {
                 Created | Stopped | Failed => {
+                    if let Some(v) = volumes {
+                        self.obs.volumes = v;
+                    }
                     self.obs.intent = Intent::Running;
                     self.obs.stopped_by_guest = false;
                     self.obs.restart_count = 0;
@@ -587,14 +599,14 @@ mod tests {
         assert_eq!(m.observed().phase, Phase::Stopped);
         assert_eq!(m.observed().intent, Intent::Stopped);
         assert!(m.observed().stopped_by_guest);
-        m.handle(Input::Start, 0).unwrap();
+        m.handle(Input::Start { volumes: None }, 0).unwrap();
         assert!(!m.observed().stopped_by_guest, "cleared by a start");
     }
 
     /// Start and bring to Running with VMM `pid`.
     fn running(m: &mut Machine, pid: u32) {
         assert_eq!(
-            m.handle(Input::Start, 0).unwrap(),
+            m.handle(Input::Start { volumes: None }, 0).unwrap(),
             vec![Action::CancelRestart, Action::Spawn]
         );
         assert_eq!(
@@ -638,8 +650,38 @@ mod tests {
         assert_eq!(err.phase, Phase::Created);
         assert!(m.handle(Input::Reboot { timeout_ms: 0 }, 0).is_err());
         running(&mut m, 1);
-        assert!(m.handle(Input::Start, 0).is_err());
+        assert!(m.handle(Input::Start { volumes: None }, 0).is_err());
         assert_eq!(m.observed().phase, Phase::Running);
+    }
+
+    #[test]
+    fn a_start_sets_the_volumes_only_while_stopped() {
+        let vol = |id: &str| AttachedVolume {
+            volume_id: id.into(),
+            device: "/dev/vdb".into(),
+        };
+        let mut m = machine(RestartPolicy::Never);
+        let start = |v: Option<Vec<AttachedVolume>>| Input::Start { volumes: v };
+        m.handle(start(Some(vec![vol("vol-a")])), 0).unwrap();
+        assert_eq!(m.observed().volumes, vec![vol("vol-a")]);
+        m.handle(Input::Spawned { pid: 1 }, 0).unwrap();
+        m.handle(Input::Answered { pid: 1 }, 0).unwrap();
+        // Running: a start (with any set) is refused and changes nothing.
+        assert!(m.handle(start(Some(vec![])), 0).is_err());
+        assert_eq!(m.observed().volumes, vec![vol("vol-a")]);
+        m.handle(Input::Stop { timeout_ms: 0 }, 0).unwrap();
+        m.handle(exited(1, exit_code(0)), 0).unwrap();
+        // No set: the last one's.
+        m.handle(start(None), 0).unwrap();
+        assert_eq!(m.observed().volumes, vec![vol("vol-a")]);
+        let mut m = machine(RestartPolicy::Never);
+        m.handle(start(Some(vec![vol("vol-a")])), 0).unwrap();
+        m.handle(Input::SpawnFailed { error: "x".into() }, 0)
+            .unwrap();
+        assert_eq!(m.observed().phase, Phase::Failed);
+        // Failed: the next start takes the new set (here: none).
+        m.handle(start(Some(vec![])), 0).unwrap();
+        assert!(m.observed().volumes.is_empty());
     }
 
     #[test]
@@ -709,7 +751,7 @@ mod tests {
         assert_eq!(m.observed().intent, Intent::Stopped);
         assert!(m.handle(Input::RestartDue, 0).unwrap().is_empty());
         // A failed instance can be started again.
-        assert!(m.handle(Input::Start, 0).is_ok());
+        assert!(m.handle(Input::Start { volumes: None }, 0).is_ok());
     }
 
     #[test]
@@ -768,7 +810,7 @@ mod tests {
     #[test]
     fn spawn_failure_is_a_failure() {
         let mut m = machine(RestartPolicy::Never);
-        m.handle(Input::Start, 0).unwrap();
+        m.handle(Input::Start { volumes: None }, 0).unwrap();
         m.handle(
             Input::SpawnFailed {
                 error: "no such file".into(),
@@ -783,7 +825,7 @@ mod tests {
     #[test]
     fn probe_timeout_kills() {
         let mut m = machine(RestartPolicy::Never);
-        m.handle(Input::Start, 0).unwrap();
+        m.handle(Input::Start { volumes: None }, 0).unwrap();
         m.handle(Input::Spawned { pid: 3 }, 0).unwrap();
         let a = m.handle(Input::ProbeTimedOut { pid: 3 }, 0).unwrap();
         assert_eq!(a, vec![Action::Kill]);

@@ -15,7 +15,7 @@ use ferro_hostops::tap::{self, TapError};
 use crate::config::AgentConfig;
 use crate::persist::InstancePaths;
 use crate::process::VmmCommand;
-use crate::spec::InstanceSpec;
+use crate::spec::{AttachedVolume, InstanceSpec};
 
 /// Errors preparing or removing an instance's resources.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,32 @@ pub enum ResourceError {
     /// A TAP with the derived name exists already (another instance).
     #[error("TAP {0} already exists")]
     TapTaken(String),
+    /// An attached volume is not served by this host's ferro-blockd.
+    #[error("volume {volume} is not served by this host's ferro-blockd (no socket at {socket})")]
+    VolumeNotServed {
+        /// The volume.
+        volume: String,
+        /// Where its socket should be.
+        socket: std::path::PathBuf,
+    },
+}
+
+/// Where this host's ferro-blockd serves `volume_id` over vhost-user.
+pub fn volume_socket(cfg: &AgentConfig, volume_id: &str) -> std::path::PathBuf {
+    cfg.blockd_socket_dir.join(format!("{volume_id}.sock"))
+}
+
+/// The first of `volumes` whose socket is not there, as an error.
+pub fn unserved_volume(cfg: &AgentConfig, volumes: &[AttachedVolume]) -> Option<ResourceError> {
+    volumes.iter().find_map(|v| {
+        let socket = volume_socket(cfg, &v.volume_id);
+        let served = std::fs::symlink_metadata(&socket)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        (!served).then(|| ResourceError::VolumeNotServed {
+            volume: v.volume_id.clone(),
+            socket,
+        })
+    })
 }
 
 /// The host-side pieces the agent needs for resources.
@@ -162,12 +188,18 @@ impl Host<'_> {
         }
     }
 
-    /// The ferro-vmm command of `spec`.
+    /// The ferro-vmm command of `spec` with `volumes` attached (each
+    /// must be served by this host's ferro-blockd already: the VMM connects
+    /// to its socket at start).
     pub fn vmm_command(
         &self,
         spec: &InstanceSpec,
+        volumes: &[AttachedVolume],
         paths: &InstancePaths,
     ) -> Result<VmmCommand, ResourceError> {
+        if let Some(e) = unserved_volume(self.cfg, volumes) {
+            return Err(e);
+        }
         let image = self.images.get(&spec.image_id)?;
         let mut args: Vec<OsString> = Vec::new();
         let mut arg = |k: &str, v: OsString| {
@@ -199,6 +231,12 @@ impl Host<'_> {
         }
         if !spec.user_data.is_empty() {
             arg("--disk", disk("user-data", true));
+        }
+        for v in volumes {
+            let mut s = OsString::from("socket=");
+            s.push(volume_socket(self.cfg, &v.volume_id));
+            s.push(format!(",id={}", v.volume_id));
+            arg("--vhost-user-blk", s);
         }
         for (i, name) in taps(self.cfg, spec).iter().enumerate() {
             arg("--net", format!("tap={name},mac={}", spec.mac(i)).into());

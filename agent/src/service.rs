@@ -12,11 +12,14 @@ use tonic::{Request, Response, Status};
 
 use crate::machine::{Input, Phase};
 use crate::manager::{Manager, ManagerError};
+use crate::spec::{check_volumes, AttachedVolume};
 use crate::supervisor::{InstanceHandle, OpError};
 use crate::{chain, console, convert, host, resources};
 
 /// Extra time an RPC waits beyond the VMM's own timeouts.
 const SLACK: Duration = Duration::from_secs(15);
+/// How long a start waits for ferro-blockd to serve its volumes.
+const VOLUME_WAIT: Duration = Duration::from_secs(20);
 /// Default console tail.
 const DEFAULT_TAIL: u32 = 64 * 1024;
 
@@ -54,6 +57,23 @@ impl AgentService {
             )));
         }
         Ok(Response::new(self.instance(&h)))
+    }
+
+    /// Wait (at most [`VOLUME_WAIT`]) until this host's ferro-blockd serves
+    /// every one of `volumes`: it starts serving a volume once the
+    /// controller lists it as attached to an instance here.
+    async fn wait_served(&self, volumes: &[AttachedVolume]) -> Result<(), Status> {
+        let cfg = &self.manager.inner().cfg;
+        let deadline = tokio::time::Instant::now() + VOLUME_WAIT;
+        loop {
+            let Some(e) = resources::unserved_volume(cfg, volumes) else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(chain(&e)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn stop_timeout(&self, ms: u32) -> u32 {
@@ -126,8 +146,23 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::StartInstanceRequest>,
     ) -> Result<Response<pb::Instance>, Status> {
-        let id = req.into_inner().id;
-        self.drive(&id, Input::Start, &[Phase::Starting], SLACK)
+        let r = req.into_inner();
+        let h = self.manager.get(&r.id).map_err(status)?;
+        let volumes = match r.volumes {
+            None => None,
+            Some(set) => Some(
+                check_volumes(&h.spec, convert::volumes_from_pb(set.volumes))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        if matches!(
+            h.observed().phase,
+            Phase::Created | Phase::Stopped | Phase::Failed
+        ) {
+            let want = volumes.clone().unwrap_or_else(|| h.observed().volumes);
+            self.wait_served(&want).await?;
+        }
+        self.drive(&r.id, Input::Start { volumes }, &[Phase::Starting], SLACK)
             .await
     }
 

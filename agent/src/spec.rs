@@ -47,11 +47,19 @@ pub enum SpecError {
         mac: String,
     },
     /// Too many devices.
-    #[error("at most {MAX_DEVICES} disks and NICs in total")]
+    #[error("at most {MAX_DEVICES} disks, volumes and NICs in total")]
     TooManyDevices,
     /// User data too large.
     #[error("user_data is {0} bytes, more than {MAX_USER_DATA}")]
     UserData(usize),
+    /// Bad attached volume.
+    #[error("volume {index}: {problem}")]
+    Volume {
+        /// Position in the request.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
     /// Command line extras that would break the VMM's command line.
     #[error("cmdline_extra must be printable ASCII without newlines")]
     Cmdline,
@@ -64,6 +72,45 @@ pub struct DiskSpec {
     pub id: String,
     /// Size in bytes.
     pub size_bytes: u64,
+}
+
+/// A volume attached for a start: served by this host's ferro-blockd on
+/// its vhost-user socket, given to the VMM as a vhost-user-blk disk whose
+/// serial is the volume id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedVolume {
+    /// The volume (`vol-` and 16 hex digits).
+    pub volume_id: String,
+    /// Its device name, `/dev/vdb` to `/dev/vdz`.
+    pub device: String,
+}
+
+/// Check the volumes of a start of `spec`, the first problem wins; the
+/// checked list comes back in device order (the order the guest sees).
+pub fn check_volumes(
+    spec: &InstanceSpec,
+    mut volumes: Vec<AttachedVolume>,
+) -> Result<Vec<AttachedVolume>, SpecError> {
+    for (index, v) in volumes.iter().enumerate() {
+        let letter = v.device.strip_prefix("/dev/vd").map(str::as_bytes);
+        let problem = if !ferro_proto::is_volume_id(&v.volume_id) {
+            format!("volume_id {:?} is not vol- and 16 hex digits", v.volume_id)
+        } else if !matches!(letter, Some([b'b'..=b'z'])) {
+            format!("device {:?} is not one of /dev/vdb to /dev/vdz", v.device)
+        } else if volumes[..index].iter().any(|o| o.volume_id == v.volume_id) {
+            format!("volume {} is given twice", v.volume_id)
+        } else if volumes[..index].iter().any(|o| o.device == v.device) {
+            format!("device {} is given twice", v.device)
+        } else {
+            continue;
+        };
+        return Err(SpecError::Volume { index, problem });
+    }
+    if spec.disks.len() + spec.nics.len() + volumes.len() + 2 > MAX_DEVICES {
+        return Err(SpecError::TooManyDevices);
+    }
+    volumes.sort_by(|a, b| a.device.cmp(&b.device));
+    Ok(volumes)
 }
 
 /// A NIC.
@@ -284,6 +331,40 @@ mod tests {
         let mut s = spec();
         s.cmdline_extra = "a\nb".into();
         assert_eq!(s.validate(), Err(SpecError::Cmdline));
+    }
+
+    #[test]
+    fn attached_volumes_are_checked_and_ordered_by_device() {
+        let v = |id: &str, dev: &str| AttachedVolume {
+            volume_id: id.into(),
+            device: dev.into(),
+        };
+        let (a, b) = ("vol-0123456789abcdef", "vol-00000000000000ff");
+        let got = check_volumes(&spec(), vec![v(a, "/dev/vdc"), v(b, "/dev/vdb")]).unwrap();
+        assert_eq!(got, vec![v(b, "/dev/vdb"), v(a, "/dev/vdc")]);
+        for (bad, what) in [
+            (vec![v("vol-1", "/dev/vdb")], "volume_id"),
+            (vec![v("../etc/x", "/dev/vdb")], "volume_id"),
+            (vec![v(a, "/dev/vda")], "device"),
+            (vec![v(a, "/dev/sdf")], "device"),
+            (vec![v(a, "/dev/vdb"), v(a, "/dev/vdc")], "twice"),
+            (vec![v(a, "/dev/vdb"), v(b, "/dev/vdb")], "twice"),
+        ] {
+            let e = check_volumes(&spec(), bad).unwrap_err();
+            assert!(matches!(e, SpecError::Volume { .. }), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let many: Vec<AttachedVolume> = (0..25u8)
+            .map(|i| {
+                v(
+                    &format!("vol-{i:016x}"),
+                    &format!("/dev/vd{}", (b'b' + i) as char),
+                )
+            })
+            .collect();
+        let mut s = spec();
+        s.nics = vec![NicSpec { mac: String::new() }; 4];
+        assert_eq!(check_volumes(&s, many), Err(SpecError::TooManyDevices));
     }
 
     #[test]

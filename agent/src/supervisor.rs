@@ -280,7 +280,7 @@ impl Actor {
     fn spawn(&mut self) {
         let host = self.ctx.host();
         let spawned = host
-            .vmm_command(&self.spec, &self.paths)
+            .vmm_command(&self.spec, &self.machine.observed().volumes, &self.paths)
             .map_err(|e| chain(&e))
             .and_then(|cmd| blocking(|| process::spawn(&cmd)).map_err(|e| chain(&e)));
         match spawned {

@@ -88,11 +88,36 @@ async fn bad_input_gets_clear_status_codes() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    c.start_instance(pb::StartInstanceRequest { id: "dup".into() })
-        .await
-        .unwrap();
+    // Bad attached volumes are named and change nothing.
+    let vol = |id: &str, dev: &str| pb::AttachedVolume {
+        volume_id: id.into(),
+        device: dev.into(),
+    };
+    for (bad, what) in [
+        (vol("vol-1", "/dev/vdb"), "volume 0: volume_id"),
+        (vol("vol-0123456789abcdef", "/dev/vda"), "volume 0: device"),
+    ] {
+        let e = c
+            .start_instance(pb::StartInstanceRequest {
+                id: "dup".into(),
+                volumes: Some(pb::VolumeSet { volumes: vec![bad] }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+    c.start_instance(pb::StartInstanceRequest {
+        id: "dup".into(),
+        volumes: None,
+    })
+    .await
+    .unwrap();
     let e = c
-        .start_instance(pb::StartInstanceRequest { id: "dup".into() })
+        .start_instance(pb::StartInstanceRequest {
+            id: "dup".into(),
+            volumes: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);

@@ -38,7 +38,10 @@ async fn lifecycle_round_trip_with_events_in_order() {
     assert!(agent.vmm_pids().is_empty());
 
     let i = c
-        .start_instance(pb::StartInstanceRequest { id: "vm1".into() })
+        .start_instance(pb::StartInstanceRequest {
+            id: "vm1".into(),
+            volumes: None,
+        })
         .await
         .unwrap()
         .into_inner();

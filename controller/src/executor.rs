@@ -217,6 +217,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 instance,
                 cmdline_extra,
                 start,
+                volumes,
             } => {
                 let span = tracing::info_span!("create", instance_id = %instance.id, host_id = %instance.host_id);
                 let mut c = self.client(&instance.host_id, &address)?;
@@ -245,6 +246,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     let r = c
                         .start_instance(pb::StartInstanceRequest {
                             id: instance.id.clone(),
+                            volumes: Some(volume_set(volumes)),
                         })
                         .instrument(span)
                         .await;
@@ -257,11 +259,15 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 address,
                 host_id,
                 id,
+                volumes,
             } => {
                 let span = tracing::info_span!("start", instance_id = %id, %host_id);
                 let r = self
                     .client(&host_id, &address)?
-                    .start_instance(pb::StartInstanceRequest { id })
+                    .start_instance(pb::StartInstanceRequest {
+                        id,
+                        volumes: Some(volume_set(volumes)),
+                    })
                     .instrument(span)
                     .await;
                 if let Some(i) = benign(r, &[Code::FailedPrecondition])? {
@@ -346,5 +352,15 @@ fn benign<T>(
             s.code(),
             s.message()
         ))),
+    }
+}
+
+/// The volumes of a start, as the agent takes them.
+fn volume_set(volumes: Vec<(String, String)>) -> pb::VolumeSet {
+    pb::VolumeSet {
+        volumes: volumes
+            .into_iter()
+            .map(|(volume_id, device)| pb::AttachedVolume { volume_id, device })
+            .collect(),
     }
 }

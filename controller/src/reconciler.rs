@@ -39,6 +39,8 @@ pub enum Action {
         cmdline_extra: String,
         /// Start it once created.
         start: bool,
+        /// The volumes attached to it (volume id, device), in device order.
+        volumes: Vec<(String, String)>,
     },
     /// Start it.
     Start {
@@ -48,6 +50,9 @@ pub enum Action {
         host_id: String,
         /// Instance id.
         id: String,
+        /// The volumes attached to it (volume id, device), in device order:
+        /// an attachment made while it was stopped takes effect here.
+        volumes: Vec<(String, String)>,
     },
     /// Stop it.
     Stop {
@@ -222,6 +227,12 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
     let address = h.address.clone();
     let host_id = h.id.clone();
     let id = i.id.clone();
+    let volumes = || {
+        crate::state::attachments_of(s, &i.id)
+            .into_iter()
+            .map(|(v, a)| (v, a.device))
+            .collect()
+    };
     match (i.desired, i.observed) {
         (_, O::Unknown) => None,
         (D::Terminated, O::Absent | O::Deleting) => None,
@@ -241,12 +252,14 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
                 instance: Box::new(i.clone()),
                 cmdline_extra: image.cmdline_extra.clone(),
                 start: true,
+                volumes: volumes(),
             })
         }
         (D::Running, O::Created | O::Stopped) => Some(Action::Start {
             address,
             host_id,
             id,
+            volumes: volumes(),
         }),
         (D::Running, O::Running) if i.reboots_requested > i.reboots_done => Some(Action::Reboot {
             address,
@@ -332,6 +345,46 @@ mod tests {
         let a = plan(&s, &inputs(&s, 100));
         assert!(
             matches!(&a[..], [Action::Create { instance, start: true, .. }] if instance.id == id)
+        );
+    }
+
+    #[test]
+    fn a_start_carries_the_volumes_attached_meanwhile_in_device_order() {
+        let (mut s, id) = one_instance();
+        observe(&mut s, &id, ObservedState::Stopped);
+        for (vol, dev) in [("vol-2", "/dev/vdc"), ("vol-1", "/dev/vdb"), ("vol-3", "")] {
+            s.volumes.insert(
+                vol.into(),
+                Volume {
+                    id: vol.into(),
+                    size_gib: 1,
+                    az: "az-1".into(),
+                    volume_type: VolumeType::Standard,
+                    tags: Default::default(),
+                    created_at_ms: 0,
+                    state: VolumeState::InUse,
+                    attachment: (!dev.is_empty()).then(|| VolumeAttachment {
+                        instance_id: id.clone(),
+                        device: dev.into(),
+                        state: AttachmentState::Attached,
+                        delete_on_termination: false,
+                    }),
+                    replicas: vec!["h1".into()],
+                    epoch: 1,
+                    client_token: String::new(),
+                    held: Default::default(),
+                    out_of_sync: Default::default(),
+                },
+            );
+        }
+        let a = plan(&s, &inputs(&s, 100));
+        let want = vec![
+            ("vol-1".to_string(), "/dev/vdb".to_string()),
+            ("vol-2".to_string(), "/dev/vdc".to_string()),
+        ];
+        assert!(
+            matches!(&a[..], [Action::Start { volumes, .. }] if *volumes == want),
+            "{a:?}"
         );
     }
 

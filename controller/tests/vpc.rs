@@ -103,6 +103,7 @@ async fn a_vpc_spans_hosts_with_dhcp_metadata_and_isolation() {
             prefix: &prefix,
             controllers: std::slice::from_ref(&ctl_addr),
             admin_key: &key,
+            volumes: false,
         },
         &underlay.hosts,
     )

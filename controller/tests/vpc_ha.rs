@@ -124,6 +124,7 @@ async fn traffic_survives_the_controller_leaders_kill_and_netd_follows_the_new_l
             prefix: &prefix,
             controllers: &procs.addrs,
             admin_key: &key,
+            volumes: false,
         },
         &underlay.hosts,
     )

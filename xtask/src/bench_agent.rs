@@ -160,9 +160,12 @@ async fn launch_id(c: &mut AgentClient<Channel>, console: &Path, id: &str) -> Re
     c.create_instance(pb::CreateInstanceRequest { spec: Some(spec) })
         .await
         .map_err(|e| format!("create {id}: {e}"))?;
-    c.start_instance(pb::StartInstanceRequest { id: id.into() })
-        .await
-        .map_err(|e| format!("start {id}: {e}"))?;
+    c.start_instance(pb::StartInstanceRequest {
+        id: id.into(),
+        volumes: None,
+    })
+    .await
+    .map_err(|e| format!("start {id}: {e}"))?;
     wait_line(console, FIRST_LINE).await?;
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }

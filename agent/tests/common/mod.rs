@@ -318,7 +318,7 @@ pub async fn launch(c: &mut AgentClient<Channel>, spec: pb::InstanceSpec) -> pb:
         .await
         .expect("CreateInstance");
     let i = c
-        .start_instance(pb::StartInstanceRequest { id })
+        .start_instance(pb::StartInstanceRequest { id, volumes: None })
         .await
         .expect("StartInstance")
         .into_inner();

@@ -3,6 +3,7 @@
 //! [`ferro_testkit::Underlay`], instances of the test guest, and their
 //! consoles read through the controller.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use ferro_proto::compute::v1 as pb;
 use pb::compute_client::ComputeClient;
 use tonic::transport::Channel;
 
-pub use ferro_testkit::{spawn_in, Proc};
+pub use ferro_testkit::{spawn_args_in, Proc};
 
 /// Runs `args` in namespace `ns`; its standard output.
 pub fn in_ns(ns: &str, args: &[&str]) -> String {
@@ -34,16 +35,22 @@ pub fn authed<T>(key: &str, msg: T) -> tonic::Request<T> {
 pub struct Daemon {
     pub proc: Proc,
     bin: PathBuf,
-    cfg: PathBuf,
+    args: Vec<OsString>,
     log: PathBuf,
 }
 
 impl Daemon {
+    /// `bin --config cfg` in `ns`.
     fn start(ns: &str, bin: PathBuf, cfg: PathBuf, log: PathBuf) -> Self {
+        Self::start_args(ns, bin, vec!["--config".into(), cfg.into()], log)
+    }
+
+    /// `bin args…` in `ns`.
+    fn start_args(ns: &str, bin: PathBuf, args: Vec<OsString>, log: PathBuf) -> Self {
         Daemon {
-            proc: spawn_in(ns, &bin, &cfg, &log),
+            proc: spawn_args_in(ns, &bin, &args, &log),
             bin,
-            cfg,
+            args,
             log,
         }
     }
@@ -54,11 +61,12 @@ impl Daemon {
         let _ = self.proc.0.kill();
         let _ = self.proc.0.wait();
         let log = self.log.with_extension("restarted.log");
-        self.proc = spawn_in(ns, &self.bin, &self.cfg, &log);
+        self.proc = spawn_args_in(ns, &self.bin, &self.args, &log);
     }
 }
 
-/// One host: an agent and a netd in its namespace.
+/// One host: an agent and a netd in its namespace (and a blockd when the
+/// hosts offer volumes).
 pub struct HostProcs {
     /// The host's id (`<prefix>-h<n>`).
     pub host_id: String,
@@ -66,6 +74,9 @@ pub struct HostProcs {
     pub ns: String,
     pub netd: Daemon,
     pub agent: Daemon,
+    pub blockd: Option<Daemon>,
+    /// blockd's data directory (`<dir>/b<n>`).
+    pub blockd_dir: PathBuf,
 }
 
 /// What the hosts of a test share.
@@ -81,6 +92,9 @@ pub struct HostsSpec<'a> {
     pub controllers: &'a [String],
     /// The admin key (for the join tokens).
     pub admin_key: &'a str,
+    /// Offer 20 GiB of volume space per host and run a `ferro-blockd`
+    /// (data in `<dir>/b<n>`, replica server on `10.<net>.0.<n>:7430`).
+    pub volumes: bool,
 }
 
 /// A `ferro-agent` and a `ferro-netd` in each namespace of `nss` (host n
@@ -101,6 +115,7 @@ pub async fn start_hosts(spec: &HostsSpec<'_>, nss: &[String]) -> Vec<HostProcs>
         let host_id = format!("{prefix}-h{h}");
         let token = super::join_token(spec.controllers, spec.admin_key, &host_id).await;
         let state = dir.join(format!("a{h}"));
+        let blockd_dir = dir.join(format!("b{h}"));
         let agent_cfg = dir.join(format!("agent-{h}.toml"));
         std::fs::write(
             &agent_cfg,
@@ -111,10 +126,18 @@ pub async fn start_hosts(spec: &HostsSpec<'_>, nss: &[String]) -> Vec<HostProcs>
                  tap_prefix = \"fv{h}\"\ncgroup_parent = \"ferro-{prefix}-{h}\"\n\
                  kernel_cmdline = \"console=ttyS0\"\nstop_timeout_ms = 3000\n\
                  controller = \"{}\"\njoin_token = \"{token}\"\n\
-                 heartbeat_interval_ms = 200\n",
+                 heartbeat_interval_ms = 200\n{}",
                 state.display(),
                 vmm.display(),
-                urls.join(",")
+                urls.join(","),
+                if spec.volumes {
+                    format!(
+                        "volume_capacity_gib = 20\nblockd_socket_dir = \"{}\"\n",
+                        blockd_dir.join("vhost").display()
+                    )
+                } else {
+                    String::new()
+                }
             ),
         )
         .unwrap();
@@ -142,11 +165,43 @@ pub async fn start_hosts(spec: &HostsSpec<'_>, nss: &[String]) -> Vec<HostProcs>
             netd_cfg,
             dir.join(format!("netd-{h}.log")),
         );
+        let blockd = spec.volumes.then(|| {
+            // blockd speaks for the host with the key the agent's join
+            // brought.
+            let key = state.join("credentials").join("host.key");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !key.exists() {
+                assert!(Instant::now() < deadline, "host {h} never joined");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut args: Vec<OsString> = Vec::new();
+            for u in &urls {
+                args.extend(["--controller".into(), u.into()]);
+            }
+            args.extend([
+                "--host-id".into(),
+                host_id.clone().into(),
+                "--api-key-file".into(),
+                key.into(),
+                "--data-dir".into(),
+                blockd_dir.clone().into(),
+                "--replica-listen".into(),
+                format!("10.{net}.0.{h}:7430").into(),
+            ]);
+            Daemon::start_args(
+                ns,
+                ferro_testkit::workspace_bin("ferro-blockd", "ferro-blockd"),
+                args,
+                dir.join(format!("blockd-{h}.log")),
+            )
+        });
         hosts.push(HostProcs {
             host_id,
             ns: ns.clone(),
             netd,
             agent,
+            blockd,
+            blockd_dir,
         });
     }
     hosts

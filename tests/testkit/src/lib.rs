@@ -416,9 +416,14 @@ impl Drop for KillVmms {
 /// Starts daemon `bin --config cfg` in namespace `ns` (see
 /// [`netns_daemon`]), its standard error in `log`.
 pub fn spawn_in(ns: &str, bin: &Path, cfg: &Path, log: &Path) -> Proc {
+    spawn_args_in(ns, bin, &["--config".into(), cfg.into()], log)
+}
+
+/// Starts daemon `bin args…` in namespace `ns` (see [`netns_daemon`]), its
+/// standard error in `log`.
+pub fn spawn_args_in(ns: &str, bin: &Path, args: &[std::ffi::OsString], log: &Path) -> Proc {
     let child = netns_daemon(ns, bin)
-        .arg("--config")
-        .arg(cfg)
+        .args(args)
         .env("FERRO_LOG", "info,ferro_netd=debug")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).expect("cannot create the daemon's log"))

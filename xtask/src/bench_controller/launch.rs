@@ -247,7 +247,10 @@ async fn agent_launch(c: &mut AgentClient<Channel>, id: &str, ty: &pb::InstanceT
     c.create_instance(create)
         .await
         .map_err(rpc("agent CreateInstance"))?;
-    let start = ag::StartInstanceRequest { id: id.into() };
+    let start = ag::StartInstanceRequest {
+        id: id.into(),
+        volumes: None,
+    };
     c.start_instance(start)
         .await
         .map_err(rpc("agent StartInstance"))?;

@@ -1,0 +1,296 @@
+//! A volume across hosts with every real process: one `ferro-controller`
+//! in the root namespace and two "hosts", each a network namespace on a
+//! shared underlay running a `ferro-agent`, a `ferro-netd` and a
+//! `ferro-blockd`. A standard volume (a replica on each host) is attached
+//! to a stopped instance; at its start the agent gives the VMM the
+//! volume's vhost-user socket, which the instance host's blockd serves as
+//! the volume's primary: the test guest's write lands on both replicas.
+//! Detached and attached to an instance on the other host, the guest there
+//! reads the same data. Deleting the volume then removes both replicas.
+//! Needs KVM and root.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::procs::Procs;
+use common::vpc::{authed, guest_image, log_tails, start_hosts, wait_console, HostsSpec};
+use ferro_proto::compute::v1 as pb;
+use ferro_testkit::KillVmms;
+use pb::compute_client::ComputeClient;
+use tonic::transport::Channel;
+
+type Client = ComputeClient<Channel>;
+
+async fn instance(c: &mut Client, key: &str, id: &str) -> pb::Instance {
+    let req = pb::DescribeInstancesRequest {
+        instance_ids: vec![id.into()],
+        ..Default::default()
+    };
+    c.describe_instances(authed(key, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0)
+}
+
+async fn wait_state(c: &mut Client, key: &str, id: &str, want: pb::InstanceState, logs: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let i = instance(c, key, id).await;
+        if i.state == want as i32 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {want:?}: {i:?}\n{}",
+            log_tails(logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn volume(c: &mut Client, key: &str, id: &str) -> Option<pb::Volume> {
+    let req = pb::DescribeVolumesRequest {
+        volume_ids: vec![id.into()],
+        ..Default::default()
+    };
+    match c.describe_volumes(authed(key, req)).await {
+        Ok(r) => r.into_inner().volumes.into_iter().next(),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        Err(s) => panic!("DescribeVolumes: {s}"),
+    }
+}
+
+async fn wait_volume(c: &mut Client, key: &str, id: &str, want: Option<&str>, logs: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = volume(c, key, id).await;
+        if v.as_ref().map(|v| v.state.as_str()) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume {id} never became {want:?}: {v:?}\n{}",
+            log_tails(logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn run(c: &mut Client, key: &str, image: &str) -> pb::Instance {
+    let req = pb::RunInstancesRequest {
+        count: 1,
+        instance_type: "f1.nano".into(),
+        image_id: image.into(),
+        availability_zone: "az-1".into(),
+        strategy: pb::PlacementStrategy::Spread as i32,
+        ..Default::default()
+    };
+    c.run_instances(authed(key, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0)
+}
+
+async fn stop(c: &mut Client, key: &str, id: &str, logs: &[&Path]) {
+    let req = pb::StopInstancesRequest {
+        instance_ids: vec![id.into()],
+        force: true,
+    };
+    c.stop_instances(authed(key, req)).await.unwrap();
+    wait_state(c, key, id, pb::InstanceState::Stopped, logs).await;
+}
+
+async fn start(c: &mut Client, key: &str, id: &str, logs: &[&Path]) {
+    let req = pb::StartInstancesRequest {
+        instance_ids: vec![id.into()],
+    };
+    c.start_instances(authed(key, req)).await.unwrap();
+    wait_state(c, key, id, pb::InstanceState::Running, logs).await;
+}
+
+async fn attach(c: &mut Client, key: &str, vol: &str, id: &str) {
+    let req = pb::AttachVolumeRequest {
+        volume_id: vol.into(),
+        instance_id: id.into(),
+        device: "/dev/vdb".into(),
+        delete_on_termination: false,
+    };
+    c.attach_volume(authed(key, req)).await.unwrap();
+}
+
+/// FNV-1a of the first `len` bytes of `path` at `offset`.
+fn sum(path: &Path, offset: u64, len: usize) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    ferro_testkit::fnv64(&buf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
+    ferro_testkit::require_kvm_root();
+    ferro_testkit::require_tool("ip");
+    let guest = ferro_testkit::guest_elf();
+    let pid = std::process::id();
+    let tag = format!("{:04x}", pid & 0xffff);
+    // Short: an agent's state directory must fit 32 bytes.
+    let dir = std::path::PathBuf::from(format!("/tmp/fc-vh-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _vmms = KillVmms(dir.clone());
+    let net = 150 + (pid % 40) as u8;
+    let underlay = ferro_testkit::Underlay::new(&format!("v{}", &tag[1..]), 2, net);
+
+    let ip = format!("10.{net}.0.254");
+    let mut procs = Procs::new("volumes-hosts", &[ip.as_str()], 1, |_| {
+        "availability_zones = [\"az-1\"]\nheartbeat_interval_ms = 200\n\
+         heartbeat_timeout_ms = 5000\nreconcile_interval_ms = 50\n"
+            .into()
+    });
+    procs.spawn(0);
+    let key = procs.admin_key(30).await;
+    let ctl_dir = procs.dir.clone();
+    let logs = [dir.as_path(), ctl_dir.as_path()];
+    let prefix = format!("vh-{tag}");
+    let hosts = start_hosts(
+        &HostsSpec {
+            dir: &dir,
+            net,
+            prefix: &prefix,
+            controllers: &procs.addrs,
+            admin_key: &key,
+            volumes: true,
+        },
+        &underlay.hosts,
+    )
+    .await;
+    let mut c = ComputeClient::connect(procs.url(0)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let known = c
+            .describe_hosts(authed(&key, pb::DescribeHostsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        if known.len() == 2 && known.iter().all(|h| h.disk_total_gib == 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hosts never offered volume space"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A standard volume: one replica on each host.
+    let req = pb::CreateVolumeRequest {
+        size_gib: 1,
+        availability_zone: "az-1".into(),
+        volume_type: "standard".into(),
+        ..Default::default()
+    };
+    let vol = c
+        .create_volume(authed(&key, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_id;
+    wait_volume(&mut c, &key, &vol, Some("available"), &logs).await;
+
+    // The writer writes its pattern to the disk whose serial is the
+    // volume id; the reader only reads every disk's first sector.
+    for (name, cmdline) in [
+        ("writer", format!("ferro.exit=idle ferro.write={vol}")),
+        ("reader", "ferro.exit=idle".to_string()),
+    ] {
+        c.register_image(authed(&key, guest_image(name, &guest, &cmdline)))
+            .await
+            .unwrap();
+    }
+    let writer = run(&mut c, &key, "writer").await.instance_id;
+    wait_state(&mut c, &key, &writer, pb::InstanceState::Running, &logs).await;
+    let reader = run(&mut c, &key, "reader").await.instance_id;
+    wait_state(&mut c, &key, &reader, pb::InstanceState::Running, &logs).await;
+    let (wh, rh) = (
+        instance(&mut c, &key, &writer).await.host_id,
+        instance(&mut c, &key, &reader).await.host_id,
+    );
+    assert_ne!(wh, rh, "spread put both instances on one host");
+    stop(&mut c, &key, &writer, &logs).await;
+    stop(&mut c, &key, &reader, &logs).await;
+
+    // Attached while stopped: takes effect at the next start.
+    attach(&mut c, &key, &vol, &writer).await;
+    start(&mut c, &key, &writer, &logs).await;
+    let wrote = format!("blk serial={vol} write status=0 flush status=0");
+    wait_console(&mut c, &key, &writer, std::slice::from_ref(&wrote), &logs).await;
+    let pattern = ferro_testkit::guest_write_pattern();
+    for h in &hosts {
+        let replica = h.blockd_dir.join("replicas").join(format!("{vol}.vol"));
+        assert_eq!(
+            sum(&replica, 0, pattern.len()),
+            ferro_testkit::fnv64(&pattern),
+            "the guest's write is not on {}'s replica\n{}",
+            h.host_id,
+            log_tails(&logs)
+        );
+    }
+    let i = instance(&mut c, &key, &writer).await;
+    assert!(
+        i.block_device_mappings
+            .iter()
+            .any(|a| a.volume_id == vol && a.device == "/dev/vdb"),
+        "DescribeInstances shows no attachment: {i:?}"
+    );
+
+    // Stopped, detached, attached to the instance on the other host: its
+    // guest reads what the first one wrote.
+    stop(&mut c, &key, &writer, &logs).await;
+    let req = pb::DetachVolumeRequest {
+        volume_id: vol.clone(),
+        instance_id: writer.clone(),
+        force: false,
+    };
+    c.detach_volume(authed(&key, req)).await.unwrap();
+    attach(&mut c, &key, &vol, &reader).await;
+    start(&mut c, &key, &reader, &logs).await;
+    let read = format!(
+        "blk serial={vol} read sector0 fnv64={:016x}",
+        ferro_testkit::fnv64(&pattern)
+    );
+    wait_console(&mut c, &key, &reader, std::slice::from_ref(&read), &logs).await;
+
+    // Deleting an in-use volume is refused; once detached it goes, with
+    // both replicas.
+    let del = |v: &str| pb::DeleteVolumeRequest {
+        volume_id: v.to_string(),
+    };
+    let e = c.delete_volume(authed(&key, del(&vol))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    stop(&mut c, &key, &reader, &logs).await;
+    let req = pb::DetachVolumeRequest {
+        volume_id: vol.clone(),
+        instance_id: reader.clone(),
+        force: false,
+    };
+    c.detach_volume(authed(&key, req)).await.unwrap();
+    c.delete_volume(authed(&key, del(&vol))).await.unwrap();
+    wait_volume(&mut c, &key, &vol, None, &logs).await;
+    for h in &hosts {
+        let replica = h.blockd_dir.join("replicas").join(format!("{vol}.vol"));
+        assert!(!replica.exists(), "{} is left behind", replica.display());
+    }
+    drop(hosts);
+    common::vpc::remove_cgroups(&prefix, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
