@@ -161,7 +161,7 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     let ctl_dir = procs.dir.clone();
     let logs = [dir.as_path(), ctl_dir.as_path()];
     let prefix = format!("vh-{tag}");
-    let hosts = start_hosts(
+    let mut hosts = start_hosts(
         &HostsSpec {
             dir: &dir,
             net,
@@ -211,7 +211,7 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     // volume id; the reader only reads every disk's first sector.
     for (name, cmdline) in [
         ("writer", format!("ferro.exit=idle ferro.write={vol}")),
-        ("reader", "ferro.exit=idle".to_string()),
+        ("reader", format!("ferro.exit=idle ferro.blkloop={vol}")),
     ] {
         c.register_image(authed(&key, guest_image(name, &guest, &cmdline)))
             .await
@@ -264,11 +264,41 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     c.detach_volume(authed(&key, req)).await.unwrap();
     attach(&mut c, &key, &vol, &reader).await;
     start(&mut c, &key, &reader, &logs).await;
-    let read = format!(
-        "blk serial={vol} read sector0 fnv64={:016x}",
-        ferro_testkit::fnv64(&pattern)
-    );
+    let hash = format!("{:016x}", ferro_testkit::fnv64(&pattern));
+    let read = format!("blk serial={vol} read sector0 fnv64={hash}");
     wait_console(&mut c, &key, &reader, std::slice::from_ref(&read), &logs).await;
+
+    // kill -9 of the reader host's blockd while its guest reads in a loop:
+    // the guest's I/O waits until blockd is back and serves the volume
+    // again, then goes on with the same data; the VMM lives on.
+    let looped = |n: u64| format!("blk serial={vol} loop={n} fnv64={hash}");
+    wait_console(&mut c, &key, &reader, &[looped(3)], &logs).await;
+    let rhost = hosts
+        .iter_mut()
+        .find(|h| h.host_id == rh)
+        .expect("the reader's host");
+    let blockd = rhost.blockd.as_mut().unwrap();
+    let _ = blockd.proc.0.kill();
+    let _ = blockd.proc.0.wait();
+    let out = common::vpc::console(&mut c, &key, &reader).await;
+    let last = out
+        .lines()
+        .filter_map(|l| {
+            l.split(" loop=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ns = rhost.ns.clone();
+    rhost.blockd.as_mut().unwrap().restart(&ns);
+    wait_console(&mut c, &key, &reader, &[looped(last + 15)], &logs).await;
+    let i = instance(&mut c, &key, &reader).await;
+    assert_eq!(i.state, pb::InstanceState::Running as i32, "{i:?}");
 
     // Deleting an in-use volume is refused; once detached it goes, with
     // both replicas.

@@ -215,8 +215,12 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     say!("selftest done");
 
     if let Some(serial) = blk_loop {
-        let blk = disks.iter_mut().flatten().find(|b| b.serial() == serial);
-        blk_loop_forever(blk.expect("ferro.blkloop= names no disk"));
+        // A disk attached only at some starts (a volume): without it, say so
+        // and go on.
+        match disks.iter_mut().flatten().find(|b| b.serial() == serial) {
+            Some(blk) => blk_loop_forever(blk),
+            None => say!("blk loop: no disk serial={serial}"),
+        }
     }
     match exit {
         Exit::Reboot => cpu::reset(),
