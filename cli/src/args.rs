@@ -236,6 +236,11 @@ pub struct Run {
     /// VPC's default group.
     #[arg(long = "security-group", value_name = "SG_ID")]
     pub security_groups: Vec<String>,
+    /// A blank volume made for each instance and attached to it:
+    /// DEVICE=SIZE_GIB[,type=standard|durable][,delete-on-termination=true|false]
+    /// (e.g. /dev/vdb=10,type=durable); repeatable.
+    #[arg(long = "block-device", value_name = "DEVICE=SIZE_GIB[,…]")]
+    pub block_devices: Vec<String>,
     /// What a power-off from inside the guest does (a reboot from inside
     /// always keeps it running).
     #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"], default_value = "stop")]

@@ -290,6 +290,9 @@ impl<R: Replicator<ClusterState>> Controller<R> {
         let n = spec.count.min(100) as usize;
         let cmd = Command::RunInstances {
             instance_ids: (0..n).map(|_| new_id("i-")).collect(),
+            volume_ids: (0..n * spec.block_devices.len().min(25))
+                .map(|_| new_id("vol-"))
+                .collect(),
             reservation_id: new_id("r-"),
             now_ms: crate::now_ms(),
             spec,

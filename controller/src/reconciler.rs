@@ -233,6 +233,12 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
             .map(|(v, a)| (v, a.device))
             .collect()
     };
+    // A launch's volumes are made first: the agent could not start the
+    // instance before its host's blockd serves them.
+    let volumes_ready = !s.volumes.values().any(|v| {
+        v.state == VolumeState::Creating
+            && v.attachment.as_ref().is_some_and(|a| a.instance_id == i.id)
+    });
     match (i.desired, i.observed) {
         (_, O::Unknown) => None,
         (D::Terminated, O::Absent | O::Deleting) => None,
@@ -247,7 +253,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
                 .get(&h.id)
                 .is_some_and(|seen| seen.images.contains(&i.image_id));
             let image = s.images.get(&i.image_id)?;
-            image_ready.then(|| Action::Create {
+            (image_ready && volumes_ready).then(|| Action::Create {
                 address,
                 instance: Box::new(i.clone()),
                 cmdline_extra: image.cmdline_extra.clone(),
@@ -255,7 +261,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
                 volumes: volumes(),
             })
         }
-        (D::Running, O::Created | O::Stopped) => Some(Action::Start {
+        (D::Running, O::Created | O::Stopped) => volumes_ready.then(|| Action::Start {
             address,
             host_id,
             id,

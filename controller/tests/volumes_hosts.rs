@@ -124,6 +124,19 @@ async fn attach(c: &mut Client, key: &str, vol: &str, id: &str) {
     c.attach_volume(authed(key, req)).await.unwrap();
 }
 
+/// Waits (up to 20 s) until `path` is gone.
+fn wait_gone(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} is left behind",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// FNV-1a of the first `len` bytes of `path` at `offset`.
 fn sum(path: &Path, offset: u64, len: usize) -> u64 {
     use std::os::unix::fs::FileExt;
@@ -300,6 +313,52 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     let i = instance(&mut c, &key, &reader).await;
     assert_eq!(i.state, pb::InstanceState::Running as i32, "{i:?}");
 
+    // A launch with a block device mapping: its blank volume is made on
+    // both hosts first, attached from the start, reaches the guest, and
+    // goes with the instance (delete on termination by default).
+    let req = pb::RunInstancesRequest {
+        count: 1,
+        instance_type: "f1.nano".into(),
+        image_id: "reader".into(),
+        block_device_mappings: vec![pb::BlockDeviceMapping {
+            device_name: "/dev/vdc".into(),
+            volume_size_gib: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let launched = c
+        .run_instances(authed(&key, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let third = launched.instance_id;
+    let mapping = launched
+        .block_device_mappings
+        .iter()
+        .find(|a| a.device == "/dev/vdc")
+        .unwrap_or_else(|| panic!("no mapping in {:?}", launched.block_device_mappings))
+        .volume_id
+        .clone();
+    wait_state(&mut c, &key, &third, pb::InstanceState::Running, &logs).await;
+    let seen = format!("virtio-blk serial={mapping} sectors=2097152");
+    wait_console(&mut c, &key, &third, &[seen], &logs).await;
+    assert_eq!(
+        volume(&mut c, &key, &mapping).await.unwrap().state,
+        "in-use"
+    );
+    let req = pb::TerminateInstancesRequest {
+        instance_ids: vec![third.clone()],
+    };
+    c.terminate_instances(authed(&key, req)).await.unwrap();
+    wait_volume(&mut c, &key, &mapping, None, &logs).await;
+    for h in &hosts {
+        let replica = h.blockd_dir.join("replicas").join(format!("{mapping}.vol"));
+        wait_gone(&replica);
+    }
+
     // Deleting an in-use volume is refused; once detached it goes, with
     // both replicas.
     let del = |v: &str| pb::DeleteVolumeRequest {
@@ -317,8 +376,7 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     c.delete_volume(authed(&key, del(&vol))).await.unwrap();
     wait_volume(&mut c, &key, &vol, None, &logs).await;
     for h in &hosts {
-        let replica = h.blockd_dir.join("replicas").join(format!("{vol}.vol"));
-        assert!(!replica.exists(), "{} is left behind", replica.display());
+        wait_gone(&h.blockd_dir.join("replicas").join(format!("{vol}.vol")));
     }
     drop(hosts);
     common::vpc::remove_cgroups(&prefix, 2);

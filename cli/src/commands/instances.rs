@@ -70,6 +70,36 @@ pub async fn run(
     }
 }
 
+/// `--block-device DEVICE=SIZE_GIB[,type=T][,delete-on-termination=B]`.
+fn parse_block_device(spec: &str) -> Result<pb::BlockDeviceMapping, CommandError> {
+    let bad = |why: &str| CommandError::Usage(format!("--block-device {spec:?}: {why}"));
+    let mut parts = spec.split(',');
+    let first = parts.next().unwrap_or_default();
+    let (device, size) = first
+        .split_once('=')
+        .ok_or_else(|| bad("want DEVICE=SIZE_GIB first"))?;
+    let mut m = pb::BlockDeviceMapping {
+        device_name: device.to_string(),
+        volume_size_gib: size
+            .parse()
+            .map_err(|_| bad("the size is not a whole number of GiB"))?,
+        ..Default::default()
+    };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("type", t)) => m.volume_type = t.to_string(),
+            Some(("delete-on-termination", b)) => {
+                m.delete_on_termination = Some(
+                    b.parse()
+                        .map_err(|_| bad("delete-on-termination is true or false"))?,
+                )
+            }
+            _ => return Err(bad(&format!("unknown option {p:?}"))),
+        }
+    }
+    Ok(m)
+}
+
 async fn run_instances(
     client: &mut Client,
     format: Format,
@@ -98,6 +128,11 @@ async fn run_instances(
         subnet_id: r.subnet.unwrap_or_default(),
         private_ip_address: r.private_ip.unwrap_or_default(),
         security_group_ids: r.security_groups.clone(),
+        block_device_mappings: r
+            .block_devices
+            .iter()
+            .map(|b| parse_block_device(b))
+            .collect::<Result<_, _>>()?,
     };
     let resp = client
         .call(|ch| {
@@ -363,6 +398,40 @@ async fn console(client: &mut Client, id: &str) -> Result<(), CommandError> {
     let _ = stdout.write_all(&out);
     let _ = stdout.flush();
     Ok(())
+}
+
+#[cfg(test)]
+mod block_device_tests {
+    use super::parse_block_device;
+
+    #[test]
+    fn block_devices_parse_or_name_the_problem() {
+        let m = parse_block_device("/dev/vdb=10,type=durable,delete-on-termination=false").unwrap();
+        assert_eq!(
+            (
+                m.device_name.as_str(),
+                m.volume_size_gib,
+                m.volume_type.as_str()
+            ),
+            ("/dev/vdb", 10, "durable")
+        );
+        assert_eq!(m.delete_on_termination, Some(false));
+        assert_eq!(
+            parse_block_device("/dev/vdc=1")
+                .unwrap()
+                .delete_on_termination,
+            None
+        );
+        for bad in [
+            "/dev/vdb",
+            "/dev/vdb=x",
+            "/dev/vdb=1,size=2",
+            "/dev/vdb=1,delete-on-termination=maybe",
+        ] {
+            let e = parse_block_device(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--block-device {bad:?}")), "{e}");
+        }
+    }
 }
 
 #[cfg(test)]

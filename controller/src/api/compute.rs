@@ -51,6 +51,22 @@ impl<R: Replicator<ClusterState>> ComputeService<R> {
             .map_err(status)?
             .map_err(|e| status(e.into()))
     }
+
+    /// The volume attachments of each of `instances` (volume id,
+    /// attachment), in device order.
+    async fn attachments(
+        &self,
+        instances: &[crate::model::Instance],
+    ) -> Result<Vec<Vec<(String, crate::model::VolumeAttachment)>>, Status> {
+        let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
+        self.read(move |s| {
+            Ok(ids
+                .iter()
+                .map(|id| crate::state::attachments_of(s, id))
+                .collect())
+        })
+        .await
+    }
 }
 
 impl<R: Replicator<ClusterState>> ComputeService<R> {
@@ -129,9 +145,19 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         self.auth(&req, false).await?;
         let spec = run_spec(req.into_inner()).map_err(bad)?;
         let (reservation_id, instances) = self.ctl.run_instances(spec).await.map_err(status)?;
+        let attached = self.attachments(&instances).await?;
         Ok(Response::new(pb::RunInstancesResponse {
             reservation_id,
-            instances: instances.iter().map(instance_out).collect(),
+            instances: instances
+                .iter()
+                .zip(attached)
+                .map(|(i, a)| {
+                    let mut out = instance_out(i);
+                    out.block_device_mappings =
+                        a.iter().map(|(v, a)| attachment_out(v, a)).collect();
+                    out
+                })
+                .collect(),
         }))
     }
 
@@ -157,16 +183,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             next_token: r.next_token,
         };
         let (list, next_token) = self.ctl.describe_instances(f).await.map_err(status)?;
-        let ids: Vec<String> = list.iter().map(|i| i.id.clone()).collect();
-        let mut attached = self
-            .read(move |s| {
-                Ok(ids
-                    .iter()
-                    .map(|id| crate::state::attachments_of(s, id))
-                    .collect::<Vec<_>>())
-            })
-            .await?
-            .into_iter();
+        let mut attached = self.attachments(&list).await?.into_iter();
         let instances = list
             .iter()
             .map(|i| {

@@ -4,8 +4,8 @@ use ferro_proto::compute::v1 as pb;
 
 use crate::model::*;
 use crate::state::{
-    HostReport, InterfaceFilter, Listing, NetworkInterface, RunSpec, StateChange, StateError,
-    VolumeSpec, IN_USE,
+    BlockDeviceSpec, HostReport, InterfaceFilter, Listing, NetworkInterface, RunSpec, StateChange,
+    StateError, VolumeSpec, IN_USE,
 };
 
 /// Tags from the wire; a duplicate key is INVALID_ARGUMENT.
@@ -122,6 +122,16 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
         subnet_id: r.subnet_id,
         private_ip: r.private_ip_address,
         security_group_ids: r.security_group_ids,
+        block_devices: r
+            .block_device_mappings
+            .into_iter()
+            .map(|m| BlockDeviceSpec {
+                device: m.device_name,
+                size_gib: m.volume_size_gib,
+                volume_type: m.volume_type,
+                delete_on_termination: m.delete_on_termination.unwrap_or(true),
+            })
+            .collect(),
         shutdown_behavior: ShutdownBehavior::parse(&r.instance_initiated_shutdown_behavior)
             .ok_or_else(|| {
                 StateError::InvalidArgument(format!(

@@ -48,6 +48,23 @@ pub struct RunSpec {
     /// The primary interface's groups (empty: its VPC's default group).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_group_ids: Vec<String>,
+    /// Blank volumes made for each instance and attached to it (EC2's
+    /// block device mappings). Not serialized when empty, as above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_devices: Vec<BlockDeviceSpec>,
+}
+
+/// A blank volume made for, and attached to, each instance of a launch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDeviceSpec {
+    /// Its device name, `/dev/vdb` to `/dev/vdz`.
+    pub device: String,
+    /// Size, GiB.
+    pub size_gib: u64,
+    /// `standard` or `durable` (empty: standard).
+    pub volume_type: String,
+    /// Terminating the instance deletes the volume.
+    pub delete_on_termination: bool,
 }
 
 /// A host's self-description from its heartbeat.
@@ -139,6 +156,10 @@ pub enum Command {
         reservation_id: String,
         /// Unix ms.
         now_ms: u64,
+        /// Fresh `vol-…` ids for the block devices: instance by instance,
+        /// each instance's in `spec.block_devices` order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        volume_ids: Vec<String>,
     },
     /// Set the intent of instances (start, stop, terminate).
     SetDesired {

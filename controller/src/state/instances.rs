@@ -52,6 +52,7 @@ impl ClusterState {
         ids: Vec<String>,
         reservation_id: String,
         now_ms: u64,
+        volume_ids: Vec<String>,
     ) -> Response {
         let request_sha256 = hex(&Sha256::digest(
             serde_json::to_vec(&spec).unwrap_or_default(),
@@ -110,6 +111,8 @@ impl ClusterState {
             }
             networks.push(got);
         }
+        let volumes =
+            self.plan_launch_volumes(&spec, &ids[..count], &placements, &volume_ids, now_ms)?;
         let mut out = Vec::with_capacity(count);
         for ((id, host_id), network) in ids.into_iter().zip(placements).zip(networks) {
             let az = self.hosts[&host_id].az.clone();
@@ -143,6 +146,7 @@ impl ClusterState {
             self.sync_capacity(&id);
             out.push(self.instances[&id].clone());
         }
+        self.add_launch_volumes(volumes);
         if !spec.client_token.is_empty() {
             self.tokens.insert(
                 spec.client_token.clone(),

@@ -155,6 +155,7 @@ mod tests {
             instance_ids: ids.iter().map(|x| x.to_string()).collect(),
             reservation_id: format!("r-{}", ids[0]),
             now_ms: 5,
+            volume_ids: vec![],
         })
         .unwrap();
     }

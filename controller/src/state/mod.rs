@@ -197,7 +197,8 @@ impl ferro_raft::StateMachine for ClusterState {
                 instance_ids,
                 reservation_id,
                 now_ms,
-            } => self.run_instances(spec, instance_ids, reservation_id, now_ms),
+                volume_ids,
+            } => self.run_instances(spec, instance_ids, reservation_id, now_ms, volume_ids),
             Command::SetDesired { ids, desired } => self.set_desired(&ids, desired),
             Command::Reboot { ids } => self.reboot(&ids),
             Command::SetShutdownBehavior { id, behavior } => {
@@ -478,10 +479,14 @@ pub(crate) mod tests {
                 format!("i-{:016x}", *seq)
             })
             .collect();
+        let volume_ids = (0..n * spec.block_devices.len() as u32)
+            .map(|k| format!("vol-{:016x}", 0xb000_0000 + u64::from(k) + *seq * 64))
+            .collect();
         s.apply(Command::RunInstances {
             spec: RunSpec { count: n, ..spec },
             instance_ids: ids,
             reservation_id: format!("r-{seq}"),
+            volume_ids,
             now_ms: 5,
         })
     }

@@ -244,6 +244,122 @@ impl ClusterState {
         Ok(Output::Volume(v))
     }
 
+    /// The blank volumes of a launch (`spec.block_devices` for each of
+    /// `instances`, placed on `hosts`), checked and placed, each attached
+    /// to its instance; nothing changes here, so a launch that fails later
+    /// leaves nothing behind. Replicas go to hosts of each instance's zone,
+    /// counting the space the volumes placed before take.
+    pub(super) fn plan_launch_volumes(
+        &self,
+        spec: &RunSpec,
+        instances: &[String],
+        hosts: &[String],
+        volume_ids: &[String],
+        now_ms: u64,
+    ) -> Result<Vec<Volume>, StateError> {
+        let devices = &spec.block_devices;
+        for (k, d) in devices.iter().enumerate() {
+            check_device(&d.device)
+                .map_err(|e| E::InvalidArgument(format!("block_device_mappings[{k}]: {e}")))?;
+            if devices[..k].iter().any(|o| o.device == d.device) {
+                return invalid(format!(
+                    "block_device_mappings[{k}]: device {} is given twice",
+                    d.device
+                ));
+            }
+        }
+        let need = instances.len() * devices.len();
+        if volume_ids.len() < need
+            || volume_ids[..need]
+                .iter()
+                .any(|v| !ferro_proto::is_volume_id(v) || self.volumes.contains_key(v))
+        {
+            return invalid("volume ids: too few or not fresh");
+        }
+        let mut planned: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut out = Vec::with_capacity(need);
+        let ids = volume_ids[..need].chunks(devices.len().max(1));
+        for ((instance_id, host_id), vol_ids) in instances.iter().zip(hosts).zip(ids) {
+            let az = &self.hosts[host_id].az;
+            for (k, (d, id)) in devices.iter().zip(vol_ids).enumerate() {
+                let vspec = VolumeSpec {
+                    size_gib: d.size_gib,
+                    az: az.clone(),
+                    volume_type: d.volume_type.clone(),
+                    tags: Tags::default(),
+                    client_token: String::new(),
+                };
+                let ty = self
+                    .check_volume(&vspec)
+                    .map_err(|e| E::InvalidArgument(format!("block_device_mappings[{k}]: {e}")))?;
+                let candidates: Vec<DiskCandidate> = self
+                    .hosts
+                    .values()
+                    .map(|h| DiskCandidate {
+                        id: &h.id,
+                        az: &h.az,
+                        healthy: h.health == HostHealth::Healthy,
+                        total_gib: h.disk_total_gib,
+                        free_gib: h
+                            .free_disk_gib()
+                            .saturating_sub(planned.get(h.id.as_str()).copied().unwrap_or(0)),
+                    })
+                    .collect();
+                let replicas = place_replicas(&candidates, az, d.size_gib, ty.replicas()).map_err(
+                    |e| match e {
+                        E::ResourceExhausted(m) => {
+                            E::ResourceExhausted(format!("block_device_mappings[{k}]: {m}"))
+                        }
+                        e => e,
+                    },
+                )?;
+                for r in &replicas {
+                    let h = self
+                        .hosts
+                        .get_key_value(r)
+                        .expect("placed on a known host")
+                        .0;
+                    *planned.entry(h.as_str()).or_default() += d.size_gib;
+                }
+                out.push(Volume {
+                    id: id.clone(),
+                    size_gib: d.size_gib,
+                    az: az.clone(),
+                    volume_type: ty,
+                    tags: Tags::default(),
+                    created_at_ms: now_ms,
+                    state: VolumeState::Creating,
+                    attachment: Some(VolumeAttachment {
+                        instance_id: instance_id.clone(),
+                        device: d.device.clone(),
+                        state: AttachmentState::Attached,
+                        delete_on_termination: d.delete_on_termination,
+                    }),
+                    replicas,
+                    epoch: 1,
+                    client_token: String::new(),
+                    held: BTreeSet::new(),
+                    out_of_sync: BTreeSet::new(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record volumes [`Self::plan_launch_volumes`] planned and take their
+    /// space on their replica hosts.
+    pub(super) fn add_launch_volumes(&mut self, volumes: Vec<Volume>) {
+        for v in volumes {
+            for r in &v.replicas {
+                if let Some(h) = self.hosts.get_mut(r) {
+                    h.disk_allocated_gib += v.size_gib;
+                }
+            }
+            tracing::info!(volume_id = %v.id, replicas = ?v.replicas, instance_id = ?v.attachment.as_ref().map(|a| &a.instance_id), "launch volume placed");
+            self.volumes.insert(v.id.clone(), v);
+        }
+    }
+
     fn volume(&self, id: &str) -> Result<&Volume, StateError> {
         self.volumes
             .get(id)
@@ -312,8 +428,13 @@ impl ClusterState {
                 v.held.remove(host_id);
             }
             if v.state == VolumeState::Creating && v.replicas.iter().all(|r| v.held.contains(r)) {
-                v.state = VolumeState::Available;
-                tracing::info!(volume_id = %v.id, "volume available: every replica is held");
+                // A launch's volume is attached from the start.
+                v.state = if v.attachment.is_some() {
+                    VolumeState::InUse
+                } else {
+                    VolumeState::Available
+                };
+                tracing::info!(volume_id = %v.id, state = v.state.as_str(), "every replica is held");
             }
             if v.state == VolumeState::Deleting && v.held.is_empty() {
                 gone.push(v.id.clone());
@@ -838,6 +959,84 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, E::ResourceExhausted(_)), "{e}");
         assert_eq!(s, before, "nothing changed");
+    }
+
+    #[test]
+    fn a_launch_makes_its_block_devices_attached_or_changes_nothing() {
+        let (mut s, _) = cluster(false);
+        let free_before: u64 = free(&s).iter().sum();
+        let bd = |dev: &str, size: u64, ty: &str| BlockDeviceSpec {
+            device: dev.into(),
+            size_gib: size,
+            volume_type: ty.into(),
+            delete_on_termination: true,
+        };
+        let sp = |devs: Vec<BlockDeviceSpec>| RunSpec {
+            az: "az-1".into(),
+            block_devices: devs,
+            ..spec()
+        };
+        let mut seq = 100;
+        let before = s.clone();
+        for (devs, want) in [
+            (
+                vec![bd("/dev/vda", 1, "")],
+                "block_device_mappings[0]: device",
+            ),
+            (
+                vec![bd("/dev/vdb", 1, ""), bd("/dev/vdb", 1, "")],
+                "block_device_mappings[1]: device /dev/vdb is given twice",
+            ),
+            (
+                vec![bd("/dev/vdb", 0, "")],
+                "block_device_mappings[0]: size_gib",
+            ),
+            (
+                vec![bd("/dev/vdb", 1, "gold")],
+                "block_device_mappings[0]: volume_type",
+            ),
+            // Durable needs three hosts with 250 GiB free: az-1 has one.
+            (
+                vec![bd("/dev/vdb", 1, ""), bd("/dev/vdc", 250, "durable")],
+                "block_device_mappings[1]",
+            ),
+        ] {
+            let e = run(&mut s, 1, &mut seq, sp(devs)).unwrap_err();
+            assert!(e.to_string().starts_with(want), "{want}: {e}");
+            assert_eq!(s, before, "{want}: the state changed");
+        }
+        // Two instances, each with a standard and a durable volume: the
+        // space of all four counted together (the second instance's
+        // durable 90 GiB fits only because the first one's is counted).
+        let keep = BlockDeviceSpec {
+            delete_on_termination: false,
+            ..bd("/dev/vdc", 45, "durable")
+        };
+        let out = run(&mut s, 2, &mut seq, sp(vec![bd("/dev/vdb", 10, ""), keep])).unwrap();
+        let Output::Launched { instances, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.volumes.len(), 4);
+        for i in &instances {
+            let a = attachments_of(&s, &i.id);
+            let devs: Vec<(&str, bool)> = a
+                .iter()
+                .map(|(_, a)| (a.device.as_str(), a.delete_on_termination))
+                .collect();
+            assert_eq!(devs, [("/dev/vdb", true), ("/dev/vdc", false)]);
+        }
+        let taken = free_before - free(&s).iter().sum::<u64>();
+        assert_eq!(taken, 2 * (10 * 2 + 45 * 3));
+        // Made on every replica host: in use (attached), not available.
+        assert!(s.volumes.values().all(|v| v.state == VolumeState::Creating));
+        for v in s.volumes.clone().values() {
+            for h in &v.replicas {
+                let mut held = holding(&s, h);
+                held.insert(v.id.clone(), v.epoch);
+                report(&mut s, h, held);
+            }
+        }
+        assert!(s.volumes.values().all(|v| v.state == VolumeState::InUse));
     }
 
     #[test]
