@@ -72,6 +72,7 @@ pub mod replica;
 pub mod replica_dir;
 pub mod replication;
 pub mod request;
+pub mod resync;
 #[cfg(feature = "daemon")]
 pub mod serve;
 pub mod server;

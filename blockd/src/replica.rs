@@ -83,7 +83,7 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
     use NackCode::*;
     if matches!(
         frame.body,
-        Body::Ack { .. } | Body::Nack { .. } | Body::ReadData { .. }
+        Body::Ack { .. } | Body::Nack { .. } | Body::ReadData { .. } | Body::Sums { .. }
     ) {
         let kind = frame.body.kind();
         return Err(refuse(BadFrame, format!("{kind:?} is not a request")));
@@ -108,7 +108,9 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
             return Err(refuse(OutOfRange, msg));
         }
         Body::Write { offset, data } => (*offset, data.len() as u64),
-        Body::Read { offset, len } => (*offset, u64::from(*len)),
+        Body::Read { offset, len } | Body::Checksums { offset, len, .. } => {
+            (*offset, u64::from(*len))
+        }
         _ => return Ok(()),
     };
     match offset.checked_add(len) {
@@ -298,6 +300,21 @@ fn execute(store: &dyn Store, frame: &Frame, capacity: u64) -> Result<Body, Refu
             Body::ReadData {
                 offset: *offset,
                 data,
+            }
+        }
+        Body::Checksums {
+            offset,
+            len,
+            region_shift,
+        } => {
+            let region = 1u64 << region_shift;
+            let read = |buf: &mut [u8], at: u64| store.read_at(buf, at);
+            let sums = crate::resync::region_sums(read, *offset, u64::from(*len), region)
+                .map_err(io)?;
+            Body::Sums {
+                offset: *offset,
+                region_shift: *region_shift,
+                sums,
             }
         }
         // decide() refused everything else.

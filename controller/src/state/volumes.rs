@@ -135,12 +135,14 @@ pub fn attachments_of(s: &ClusterState, id: &str) -> Vec<(String, VolumeAttachme
     v
 }
 
-/// Whether a host reporting `held` holds its replica of `v`: at `v`'s
-/// epoch, or at any while `v` is being deleted.
-fn holds(v: &Volume, held: &BTreeMap<String, u64>) -> bool {
+/// Whether host `host_id` reporting `held` holds its replica of `v`: in
+/// sync at `v`'s epoch, or at any while `v` is being deleted. (A replica
+/// out of sync takes the epoch too, to be resynced, but is not held until
+/// it is back in sync.)
+fn holds(v: &Volume, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
     match held.get(&v.id) {
         Some(_) if v.state == VolumeState::Deleting => true,
-        Some(&epoch) => epoch >= v.epoch,
+        Some(&epoch) => epoch >= v.epoch && !v.out_of_sync.contains(host_id),
         None => false,
     }
 }
@@ -304,7 +306,7 @@ impl ClusterState {
             if !v.replicas.iter().any(|r| r == host_id) {
                 continue;
             }
-            let holds = holds(v, held);
+            let holds = holds(v, host_id, held);
             let before = (v.state, v.held.contains(host_id));
             if holds {
                 v.held.insert(host_id.to_string());
@@ -385,6 +387,56 @@ impl ClusterState {
         Ok(Output::Epoch(v.epoch))
     }
 
+    /// Volume `volume_id`'s primary `caller`, holding `epoch`, has resynced
+    /// the out-of-sync replica host `replica` (copied every region it
+    /// missed). When `epoch` is still the volume's, `replica` is back in
+    /// the in-sync set and the epoch goes up by one (returned), so the set
+    /// change is fenced like a removal: a primary that did not make it
+    /// can no longer write. Refused: a caller neither serving the volume
+    /// nor in sync, an older or newer epoch, and a replica that is not one
+    /// of the volume's out of sync.
+    pub(super) fn add_replica(
+        &mut self,
+        volume_id: &str,
+        epoch: u64,
+        replica: &str,
+        caller: &str,
+    ) -> Response {
+        let v = self.volume(volume_id)?;
+        let serving = v
+            .attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == caller);
+        if !serving && !v.in_sync().any(|r| r == caller) {
+            return Err(E::PermissionDenied(format!(
+                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
+            )));
+        }
+        if epoch != v.epoch {
+            return Err(E::FailedPrecondition(format!(
+                "epoch: {epoch} is not {volume_id}'s current epoch {}",
+                v.epoch
+            )));
+        }
+        if !v.out_of_sync.contains(replica) || !v.replicas.iter().any(|r| r == replica) {
+            return invalid(format!(
+                "replica_host_id: {replica} is not a replica of {volume_id} out of sync"
+            ));
+        }
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        v.out_of_sync.remove(replica);
+        v.epoch += 1;
+        tracing::info!(
+            volume_id,
+            replica,
+            caller,
+            epoch = v.epoch,
+            "replica resynced, back in sync: epoch raised"
+        );
+        Ok(Output::Epoch(v.epoch))
+    }
+
     /// Whether [`Self::report_replicas`] would change anything (so that a
     /// report that changes nothing writes nothing to the log).
     pub fn replicas_report_changes(&self, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
@@ -393,7 +445,7 @@ impl ClusterState {
         self.volumes
             .values()
             .filter(|v| v.replicas.iter().any(|r| r == host_id))
-            .any(|v| holds(v, held) != v.held.contains(host_id))
+            .any(|v| holds(v, host_id, held) != v.held.contains(host_id))
     }
 
     pub(super) fn attach_volume(
