@@ -356,6 +356,14 @@ fn sum(path: &Path, offset: u64, len: usize) -> u64 {
     ferro_testkit::fnv64(&buf)
 }
 
+/// The CRC32C of every 1 MiB region of the file at `path`.
+fn file_sums(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    ferro_blockd::resync::region_sums(|b, at| f.read_exact_at(b, at), 0, len, 1 << 20).unwrap()
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -366,9 +374,12 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// the wire protocol. A backup's blockd killed mid-stream: the primary asks
 /// the controller, which raises the epoch; the surviving backup takes it
 /// from its watch and the writes go on, acknowledged by both survivors
-/// (byte-identical); the dead one stays out of sync at its old epoch after
-/// it is back. A primary still at the old epoch is fenced: it cannot even
-/// open the volume, and writes nothing.
+/// (byte-identical); the dead one comes back out of sync. A primary still
+/// at the old epoch is fenced: it cannot even open the volume, and writes
+/// nothing. The primary then resyncs the returning one, copying only the
+/// regions written since it fell behind (counted); the controller puts it
+/// back in sync at a higher epoch, every replica file has the same
+/// checksums, and later writes reach it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch() {
     use ferro_blockd::authority::ControllerAuthority;
@@ -470,18 +481,43 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     assert_ne!(sum(&blockds[b1].replica(&id), 8 * MIB as u64, MIB), want);
     let v = volume(&mut c, &id).await.unwrap();
     assert_eq!((v.epoch, v.state.as_str()), (2, "available"));
+    // More writes while it is out: one region, and three (2 MiB from the
+    // middle of a region on).
+    io(Box::new(|s| {
+        s.write_at(&pattern(4, 4096), 100 * MIB as u64).unwrap();
+        s.write_at(&pattern(5, 2 * MIB), 200 * MIB as u64 + 512 * 1024)
+            .unwrap();
+        s.flush().unwrap();
+    }))
+    .await
+    .unwrap();
+    // The write that failed over (not flushed everywhere when the backup
+    // died) and the three writes since.
+    assert_eq!(store.dirty().count(), 5);
 
-    // The dead one comes back out of sync: its replica keeps epoch 1.
+    // The dead one comes back out of sync: its replica takes epoch 2, to
+    // be resynced at it, but it is not in sync.
+    let old_addr = replica_servers(&t, &blockds[p].key)
+        .await
+        .into_iter()
+        .find(|x| x.host_id == blockds[b1].host)
+        .unwrap()
+        .addr;
     blockds[b1].start();
     let told = host_volumes(&mut hc, &blockds[b1].key).await.unwrap();
     assert!(!told.replicas[0].in_sync);
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let epoch_file = blockds[b1]
         .data
         .join("replicas")
         .join(format!("{id}.epoch"));
-    let text = std::fs::read_to_string(&epoch_file).unwrap();
-    assert!(text.contains("\nepoch=1\n"), "{text}");
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&epoch_file)
+        .unwrap()
+        .contains("\nepoch=2\n")
+    {
+        assert!(Instant::now() < deadline, "the returning replica never took epoch 2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A primary still at epoch 1 is fenced: the survivors refuse its
     // hello, and the controller refuses it a new epoch.
@@ -491,6 +527,58 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     assert_eq!(sum(&blockds[b2].replica(&id), 0, 4 * MIB), before);
     let v = volume(&mut c, &id).await.unwrap();
     assert_eq!(v.epoch, 2, "nothing changed for it");
+
+    // The primary resyncs the returning replica (at its new address).
+    let deadline = Instant::now() + WAIT;
+    let back = loop {
+        let peers = replica_servers(&t, &blockds[p].key).await;
+        let b = peers.into_iter().find(|x| x.host_id == blockds[b1].host).unwrap();
+        if b.addr != old_addr {
+            break Backup {
+                id: b.host_id,
+                addr: b.addr.parse().unwrap(),
+            };
+        }
+        assert!(Instant::now() < deadline, "the returning replica never reported its server");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s = store.clone();
+    let report = tokio::task::spawn_blocking(move || s.resync(&back))
+        .await
+        .unwrap()
+        .unwrap();
+    // Only the regions written since it fell behind, 1 MiB each.
+    assert_eq!((report.regions, report.bytes), (5, 5 * MIB as u64), "{report:?}");
+    assert!(!report.by_checksum);
+    assert_eq!(report.epoch, 3);
+    assert_eq!(store.in_sync().len(), 2);
+    assert!(store.out_of_sync().is_empty());
+    let v = volume(&mut c, &id).await.unwrap();
+    assert_eq!((v.epoch, v.state.as_str()), (3, "available"));
+    let told = host_volumes(&mut hc, &blockds[b1].key).await.unwrap();
+    assert!(told.replicas[0].in_sync);
+    assert_eq!(told.replicas[0].epoch, 3);
+    // Byte-identical: every region's checksum, on every replica.
+    let sums: Vec<Vec<u32>> = [p, b1, b2]
+        .iter()
+        .map(|r| file_sums(&blockds[*r].replica(&id)))
+        .collect();
+    assert_eq!(sums[0].len(), 1024);
+    assert!(sums[1] == sums[0], "the resynced replica differs");
+    assert!(sums[2] == sums[0], "a survivor differs");
+    // Later writes reach it too, at the new epoch.
+    io(Box::new(|s| {
+        s.write_at(&pattern(6, MIB), 300 * MIB as u64).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.epoch(), 3);
+    }))
+    .await
+    .unwrap();
+    assert_eq!(store.in_sync().len(), 2, "nobody dropped");
+    let want = ferro_testkit::fnv64(&pattern(6, MIB));
+    for r in [p, b1, b2] {
+        assert_eq!(sum(&blockds[r].replica(&id), 300 * MIB as u64, MIB), want);
+    }
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -814,6 +814,73 @@ mod tests {
     }
 
     #[test]
+    fn a_resynced_replica_is_put_back_in_sync_only_by_a_primary_at_the_epoch() {
+        let (mut s, _) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let cmd = |remove: bool, epoch, replica: &str, caller: &str| {
+            let (volume_id, replica, caller) = ("vol-1".into(), replica.into(), caller.into());
+            if remove {
+                Command::RemoveReplica {
+                    volume_id,
+                    epoch,
+                    replica,
+                    caller,
+                }
+            } else {
+                Command::AddReplica {
+                    volume_id,
+                    epoch,
+                    replica,
+                    caller,
+                }
+            }
+        };
+        // Nothing is out of sync yet: nothing to put back.
+        let e = s.apply(cmd(false, 1, "h3", "h2")).unwrap_err();
+        assert!(e.to_string().contains("replica_host_id"), "{e}");
+        assert_eq!(s.apply(cmd(true, 1, "h3", "h2")).unwrap(), Output::Epoch(2));
+        // h3 comes back and reports the epoch it was given: not held while
+        // out of sync.
+        let held = |e: u64| BTreeMap::from([("vol-1".to_string(), e)]);
+        report(&mut s, "h3", held(2));
+        assert!(!s.volumes["vol-1"].held.contains("h3"));
+        let before = s.clone();
+        for (epoch, replica, caller, want) in [
+            // The replica itself, out of sync, or a host without a replica.
+            (2, "h3", "h3", "host h3 neither serves"),
+            (2, "h3", "h4", "host h4 neither serves"),
+            // An older epoch (fenced) or one never granted.
+            (1, "h3", "h2", "epoch: 1 is not"),
+            (3, "h3", "h2", "epoch: 3 is not"),
+            // Unknown hosts, or replicas already in sync.
+            (2, "h9", "h2", "replica_host_id"),
+            (2, "h1", "h2", "replica_host_id"),
+            (2, "", "h2", "replica_host_id"),
+        ] {
+            let e = s.apply(cmd(false, epoch, replica, caller)).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let e = s.apply(cmd(false, 1, "h3", "h2")).unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        let e = s.apply(cmd(false, 2, "h3", "h4")).unwrap_err();
+        assert!(matches!(e, E::PermissionDenied(_)), "{e}");
+        assert_eq!(s, before, "nothing changed");
+        // Any in-sync replica host may; the epoch goes up once more.
+        assert_eq!(s.apply(cmd(false, 2, "h3", "h1")).unwrap(), Output::Epoch(3));
+        let v = &s.volumes["vol-1"];
+        assert_eq!(v.in_sync().collect::<Vec<_>>(), ["h2", "h3", "h1"]);
+        assert!(v.out_of_sync.is_empty());
+        // Not twice; and the primary of the epoch before is fenced.
+        let e = s.apply(cmd(false, 3, "h3", "h2")).unwrap_err();
+        assert!(e.to_string().contains("replica_host_id"), "{e}");
+        let e = s.apply(cmd(true, 2, "h3", "h2")).unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        // Held once it reports the new epoch.
+        report(&mut s, "h3", held(3));
+        assert!(s.volumes["vol-1"].held.contains("h3"));
+    }
+
+    #[test]
     fn a_volume_is_available_once_every_replica_host_holds_it_at_its_epoch() {
         let (mut s, _) = cluster(true);
         create_only(&mut s, "vol-1", vspec(10, "durable")).unwrap();
