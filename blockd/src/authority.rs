@@ -47,7 +47,14 @@ impl ControllerAuthority {
     /// Runs `call` until it answers, retrying transport failures with
     /// back-off for up to [`Self::patience`]; any other refusal, or running
     /// out of patience, is `Fenced`.
-    fn ask<T, F, Fut>(&self, what: &str, volume: &str, epoch: u64, replica: &str, call: F) -> Result<T, Fenced>
+    fn ask<T, F, Fut>(
+        &self,
+        what: &str,
+        volume: &str,
+        epoch: u64,
+        replica: &str,
+        call: F,
+    ) -> Result<T, Fenced>
     where
         F: Fn(ferro_client::AuthChannel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -66,7 +73,13 @@ impl ControllerAuthority {
                 Err(e) => {
                     let transport = e.status().is_none_or(ferro_client::is_transport);
                     if !transport || Instant::now() >= deadline {
-                        tracing::error!(volume, epoch, replica, what, "the controller refused: {e}");
+                        tracing::error!(
+                            volume,
+                            epoch,
+                            replica,
+                            what,
+                            "the controller refused: {e}"
+                        );
                         return Err(fenced());
                     }
                     tracing::warn!(

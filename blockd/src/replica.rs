@@ -309,8 +309,8 @@ fn execute(store: &dyn Store, frame: &Frame, capacity: u64) -> Result<Body, Refu
         } => {
             let region = 1u64 << region_shift;
             let read = |buf: &mut [u8], at: u64| store.read_at(buf, at);
-            let sums = crate::resync::region_sums(read, *offset, u64::from(*len), region)
-                .map_err(io)?;
+            let sums =
+                crate::resync::region_sums(read, *offset, u64::from(*len), region).map_err(io)?;
             Body::Sums {
                 offset: *offset,
                 region_shift: *region_shift,

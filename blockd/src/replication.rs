@@ -665,11 +665,7 @@ impl ReplicatedStore {
             let source = st.in_sync.first().map(|p| (p.id.clone(), p.addr));
             (st.epoch, known, source)
         };
-        tracing::info!(
-            epoch,
-            dirty_map = known.is_some(),
-            "resyncing the replica"
-        );
+        tracing::info!(epoch, dirty_map = known.is_some(), "resyncing the replica");
         let result = self.resync_at(backup, epoch, known, source);
         let mut st = self.lock();
         st.catchup.remove(&backup.id);
@@ -707,7 +703,8 @@ impl ReplicatedStore {
             replica: id.to_string(),
             why,
         };
-        let stream = TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| error(e.to_string()))?;
+        let stream =
+            TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| error(e.to_string()))?;
         let setup = |s: &TcpStream| {
             s.set_read_timeout(Some(self.timeout))?;
             s.set_write_timeout(Some(self.timeout))
@@ -798,7 +795,9 @@ impl ReplicatedStore {
             report.passes += 1;
             self.copy(&next, &mut source, &mut target, &mut report)?;
             target.request(Body::Flush)?;
-            let granted = self.authority.add_replica(&self.volume, epoch, &backup.id)?;
+            let granted = self
+                .authority
+                .add_replica(&self.volume, epoch, &backup.id)?;
             if granted <= epoch {
                 return Err(ResyncError::Replica {
                     replica: backup.id.clone(),
@@ -842,10 +841,7 @@ impl ReplicatedStore {
             crate::resync::mark_differing(&mut map, at, &good, &theirs);
             at += u64::from(len);
         }
-        tracing::info!(
-            differing = map.count(),
-            "compared the copies by checksum"
-        );
+        tracing::info!(differing = map.count(), "compared the copies by checksum");
         Ok(map)
     }
 

@@ -26,10 +26,7 @@ pub fn region_sums(
     region: u64,
 ) -> io::Result<Vec<u32>> {
     if region == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "region size 0",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "region size 0"));
     }
     let end = offset
         .checked_add(len)

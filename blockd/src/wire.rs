@@ -383,7 +383,12 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, WireError> {
             offset,
             len,
             region_shift,
-        } => (check_shift(Kind::Checksums, *region_shift)?, *offset, *len, &[]),
+        } => (
+            check_shift(Kind::Checksums, *region_shift)?,
+            *offset,
+            *len,
+            &[],
+        ),
         Body::Sums {
             offset,
             region_shift,
@@ -623,10 +628,8 @@ fn check_fields(h: &Header) -> Result<(), WireError> {
         Kind::Hello if h.len != 0 => Err(nonzero("length")),
         Kind::Flush if h.offset != 0 => Err(nonzero("offset")),
         Kind::Flush if h.len != 0 => Err(nonzero("length")),
-        Kind::Sums if h.len % 4 != 0 => Err(WireError::BadSums(h.len)),
-        Kind::Read | Kind::Ack | Kind::Hello | Kind::Flush | Kind::Checksums
-            if h.data_crc != 0 =>
-        {
+        Kind::Sums if !h.len.is_multiple_of(4) => Err(WireError::BadSums(h.len)),
+        Kind::Read | Kind::Ack | Kind::Hello | Kind::Flush | Kind::Checksums if h.data_crc != 0 => {
             Err(nonzero("data CRC"))
         }
         _ => Ok(()),

@@ -622,15 +622,9 @@ fn a_restarted_primary_resyncs_by_checksum_only_the_regions_that_differ() {
 #[test]
 fn a_primary_without_a_copy_resyncs_from_a_backup_in_sync() {
     let mut c = Cluster::new("resync-remote", 2);
-    let p = ReplicatedStore::open_remote(
-        VOL,
-        1,
-        SIZE,
-        &c.backups(),
-        c.authority.clone(),
-        patient(),
-    )
-    .unwrap();
+    let p =
+        ReplicatedStore::open_remote(VOL, 1, SIZE, &c.backups(), c.authority.clone(), patient())
+            .unwrap();
     p.write_at(&pattern(1, 4096), 0).unwrap();
     p.flush().unwrap();
     c.hosts[1].kill();
@@ -659,7 +653,8 @@ fn writes_during_a_resync_reach_the_returning_backup() {
         std::thread::spawn(move || {
             for i in 0..200u64 {
                 let at = (i * 7 % 16) * MIB + (i % 8) * 4096;
-                p.write_at(&pattern((i as u8).wrapping_add(100), 4096), at).unwrap();
+                p.write_at(&pattern((i as u8).wrapping_add(100), 4096), at)
+                    .unwrap();
             }
         })
     };

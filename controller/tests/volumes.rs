@@ -515,7 +515,10 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
         .unwrap()
         .contains("\nepoch=2\n")
     {
-        assert!(Instant::now() < deadline, "the returning replica never took epoch 2");
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica never took epoch 2"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -532,14 +535,20 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     let deadline = Instant::now() + WAIT;
     let back = loop {
         let peers = replica_servers(&t, &blockds[p].key).await;
-        let b = peers.into_iter().find(|x| x.host_id == blockds[b1].host).unwrap();
+        let b = peers
+            .into_iter()
+            .find(|x| x.host_id == blockds[b1].host)
+            .unwrap();
         if b.addr != old_addr {
             break Backup {
                 id: b.host_id,
                 addr: b.addr.parse().unwrap(),
             };
         }
-        assert!(Instant::now() < deadline, "the returning replica never reported its server");
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica never reported its server"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let s = store.clone();
@@ -548,7 +557,11 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
         .unwrap()
         .unwrap();
     // Only the regions written since it fell behind, 1 MiB each.
-    assert_eq!((report.regions, report.bytes), (5, 5 * MIB as u64), "{report:?}");
+    assert_eq!(
+        (report.regions, report.bytes),
+        (5, 5 * MIB as u64),
+        "{report:?}"
+    );
     assert!(!report.by_checksum);
     assert_eq!(report.epoch, 3);
     assert_eq!(store.in_sync().len(), 2);

@@ -391,7 +391,10 @@ fn checksums_cover_each_region_of_the_range_at_the_current_epoch_only() {
         panic!("no sums");
     };
     assert_eq!((offset, region_shift), (0, 12));
-    assert_eq!(sums, [zeros, wire::crc32c(&one), zeros, wire::crc32c(&[0; 100])]);
+    assert_eq!(
+        sums,
+        [zeros, wire::crc32c(&one), zeros, wire::crc32c(&[0; 100])]
+    );
     // Fenced, ahead, or past the end: refused like a read.
     for (epoch, offset, want) in [
         (1, 0, NackCode::Fenced),
@@ -409,6 +412,9 @@ fn checksums_cover_each_region_of_the_range_at_the_current_epoch_only() {
         region_shift: 12,
         sums: vec![],
     };
-    assert_eq!(code(decide(2, CAP, &frame(2, sums))), Some(NackCode::BadFrame));
+    assert_eq!(
+        code(decide(2, CAP, &frame(2, sums))),
+        Some(NackCode::BadFrame)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

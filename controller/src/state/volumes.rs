@@ -866,7 +866,10 @@ mod tests {
         assert!(matches!(e, E::PermissionDenied(_)), "{e}");
         assert_eq!(s, before, "nothing changed");
         // Any in-sync replica host may; the epoch goes up once more.
-        assert_eq!(s.apply(cmd(false, 2, "h3", "h1")).unwrap(), Output::Epoch(3));
+        assert_eq!(
+            s.apply(cmd(false, 2, "h3", "h1")).unwrap(),
+            Output::Epoch(3)
+        );
         let v = &s.volumes["vol-1"];
         assert_eq!(v.in_sync().collect::<Vec<_>>(), ["h2", "h3", "h1"]);
         assert!(v.out_of_sync.is_empty());
