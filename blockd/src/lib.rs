@@ -15,8 +15,12 @@
 //! ([`authority::ControllerAuthority`]); blockd's replica server answers
 //! primaries for the replicas it holds, at the epoch the controller gives
 //! those in sync. The volumes attached to this host's instances are
-//! served by their primary here ([`serve`]); the agent handing their
-//! sockets to the VMM, and resync, come in later slices.
+//! served by their primary here ([`serve`]), which also resyncs each of
+//! their replicas that fell out of sync and came back
+//! ([`replication::ReplicatedStore::resync`]: the dirty map, or the
+//! regions whose checksums differ, copied while writes go on, then the
+//! controller puts it back in sync at a raised epoch). The agent handing
+//! the sockets to the VMM comes in a later slice.
 //!
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
@@ -41,9 +45,11 @@
 //! - [`replication`]: the primary side, [`replication::ReplicatedStore`],
 //!   and the [`replication::Authority`] it asks before dropping a backup.
 //! - [`authority`]: the controller as the [`replication::Authority`]
-//!   (`Hosts.RemoveVolumeReplica`).
+//!   (`Hosts.RemoveVolumeReplica`, `Hosts.AddVolumeReplica`).
 //! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
 //!   snapshots) copy from.
+//! - [`resync`]: which regions a returning replica is sent (sans-IO: region
+//!   checksums, their comparison, the byte ranges to copy).
 
 /// An error and its causes on one line (`a: b: c`).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
