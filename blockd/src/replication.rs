@@ -184,7 +184,7 @@ pub struct ResyncReport {
 /// Copy passes before the last one is taken under the write lock anyway.
 const MAX_PASSES: u32 = 8;
 /// Regions left few enough to copy under the write lock.
-const FINAL_PASS_REGIONS: u64 = 64;
+const FINAL_PASS_REGIONS: u64 = 16;
 
 /// The backups that failed a request (id, why).
 type Failed = Vec<(String, String)>;

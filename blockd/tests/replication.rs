@@ -667,3 +667,65 @@ fn writes_during_a_resync_reach_the_returning_backup() {
         assert!(h.data() == primary, "{} differs", h.id);
     }
 }
+
+/// The serving blockd's part: a served volume whose controller-listed peer
+/// is out of sync (and reachable) is resynced by the primary on its own,
+/// by checksum (this primary never dropped it), and taken back in sync.
+#[test]
+fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
+    use ferro_blockd::serve::Serving;
+    use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
+
+    let mut c = Cluster::new("resync-serve", 2);
+    // Written on the primary's copy and host-0 while host-1 was out.
+    let data = pattern(7, 4096);
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    local.write_at(&data, 6 * MIB).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.hosts[0].replica.data_path(VOL))
+            .unwrap();
+        f.write_all_at(&data, 6 * MIB).unwrap();
+    }
+    assert_eq!(c.authority.remove_replica(VOL, 1, "host-1"), Ok(2));
+    let server0 = c.backup(0).addr;
+    c.revive(1);
+    let peer = |id: &str, addr: String, in_sync| ReplicaPeer {
+        host_id: id.into(),
+        addr,
+        in_sync,
+    };
+    let want = ServedVolume {
+        volume_id: VOL.into(),
+        instance_id: "i-1".into(),
+        size_bytes: SIZE,
+        epoch: 2,
+        peers: vec![
+            peer("p", String::new(), true),
+            peer("host-0", server0.to_string(), true),
+            peer("host-1", c.backup(1).addr.to_string(), false),
+        ],
+    };
+    let primary = c.primary_path("p");
+    let mut serving = Serving::new(
+        &c.dir.join("vhost"),
+        "p",
+        Box::new(move |_: &str| primary.clone()),
+        c.authority.clone(),
+    )
+    .unwrap();
+    serving.converge(std::slice::from_ref(&want));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.authority.epoch() != 3 {
+        assert!(std::time::Instant::now() < deadline, "never resynced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.authority.calls().last().unwrap(), &(2, "+host-1".into()));
+    let primary = std::fs::read(c.primary_path("p")).unwrap();
+    assert!(c.hosts[1].data() == primary, "the resynced replica differs");
+    assert!(c.hosts[0].data() == primary);
+    // Listed in sync now: nothing more to do.
+    serving.converge(&[]);
+}
