@@ -511,7 +511,19 @@ impl ClusterState {
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         v.attachment = Some(a.clone());
         v.state = VolumeState::InUse;
-        tracing::info!(volume_id, instance_id, device, "volume attached");
+        if !v.out_of_sync.is_empty() {
+            // A replica host may be resyncing the others as no one's
+            // primary: the new epoch fences it (its copying and its
+            // AddReplica), so only the serving host's resync counts.
+            v.epoch += 1;
+        }
+        tracing::info!(
+            volume_id,
+            instance_id,
+            device,
+            epoch = v.epoch,
+            "volume attached"
+        );
         Ok(Output::Attachment {
             volume_id: volume_id.into(),
             attachment: a,
@@ -881,6 +893,46 @@ mod tests {
         // Held once it reports the new epoch.
         report(&mut s, "h3", held(3));
         assert!(s.volumes["vol-1"].held.contains("h3"));
+    }
+
+    #[test]
+    fn the_first_replica_in_sync_resyncs_an_unattached_volume_and_attaching_fences_it() {
+        use crate::api::hostvol::host_volumes;
+        let (mut s, inst) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let told = |s: &ClusterState, h: &str| host_volumes(s, h).replicas[0].resync.clone();
+        let nobody = Vec::<String>::new();
+        for h in ["h1", "h2", "h3"] {
+            assert_eq!(told(&s, h), nobody, "{h}: nothing out of sync");
+        }
+        // h2, the first in placement, drops h3: h2 is told to resync it.
+        s.apply(Command::RemoveReplica {
+            volume_id: "vol-1".into(),
+            epoch: 1,
+            replica: "h3".into(),
+            caller: "h2".into(),
+        })
+        .unwrap();
+        assert_eq!(told(&s, "h2"), ["h3"]);
+        assert_eq!(told(&s, "h1"), nobody);
+        assert_eq!(told(&s, "h3"), nobody);
+        // Attached: its serving host resyncs; the epoch moves on, so a
+        // resync begun at epoch 2 cannot put h3 back.
+        attach(&mut s, "vol-1", &inst, "/dev/vdb", false).unwrap();
+        assert_eq!(s.volumes["vol-1"].epoch, 3);
+        assert_eq!(told(&s, "h2"), nobody);
+        let e = s
+            .apply(Command::AddReplica {
+                volume_id: "vol-1".into(),
+                epoch: 2,
+                replica: "h3".into(),
+                caller: "h2".into(),
+            })
+            .unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        // Detached again: back to the first replica in sync.
+        detach(&mut s, "vol-1", false).unwrap();
+        assert_eq!(told(&s, "h2"), ["h3"]);
     }
 
     #[test]
