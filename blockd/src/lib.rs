@@ -32,7 +32,8 @@
 //! - [`config`]: parsing `--volume` specs.
 //! - [`replica_dir`]: this host's replica files converged to the controller's
 //!   list (pure plan, then the filesystem).
-//! - [`follow`]: the controller session (watch, converge, report, serve).
+//! - [`follow`]: the controller session (watch, converge, report, serve,
+//!   and resync the replicas of volumes nobody serves).
 //! - [`serve`]: the volumes attached to this host's instances, served as
 //!   their primary over vhost-user.
 //! - [`wire`]: the sans-IO replication protocol: frames, their layout, and
