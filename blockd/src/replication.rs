@@ -331,13 +331,22 @@ impl ReplicatedStore {
         };
         setup(&stream).map_err(|e| e.to_string())?;
         let mut link = Link::new(stream).map_err(|e| e.to_string())?;
-        st.seq += 1;
         let capacity = self.sectors * SECTOR_SIZE;
-        let hello = self.frame(st, Body::Hello { capacity });
-        link.send(&hello).map_err(|e| crate::error_chain(&e))?;
-        match expect_ack(&mut link, &hello)? {
-            Body::Ack { offset, .. } if offset == capacity => Ok(link),
-            _ => Err(format!("replica's capacity differs from {capacity}")),
+        let deadline = Instant::now() + timeout;
+        loop {
+            st.seq += 1;
+            let hello = self.frame(st, Body::Hello { capacity });
+            link.send(&hello).map_err(|e| crate::error_chain(&e))?;
+            match expect_ack(&mut link, &hello) {
+                Ok(Body::Ack { offset, .. }) if offset == capacity => return Ok(link),
+                Ok(_) => return Err(format!("replica's capacity differs from {capacity}")),
+                // A replica that has not taken the epoch from its own
+                // watch yet (a moment after this primary's) is not failed.
+                Err(why) if why.contains(EPOCH_AHEAD) && Instant::now() < deadline => {
+                    std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
+                }
+                Err(why) => return Err(why),
+            }
         }
     }
 

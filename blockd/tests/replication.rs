@@ -729,3 +729,32 @@ fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
     // Listed in sync now: nothing more to do.
     serving.converge(&[]);
 }
+
+/// A backup that takes the primary's epoch a moment after the primary
+/// (each from its own watch) is waited for at open, not removed.
+#[test]
+fn a_backup_behind_the_epoch_at_open_is_waited_for() {
+    let c = Cluster::new("behind-at-open", 2);
+    let replicas: Vec<Arc<Replica>> = c.hosts.iter().map(|h| h.replica.clone()).collect();
+    let raise = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for r in replicas {
+            r.set_epoch(VOL, 2).unwrap();
+        }
+    });
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    let p = ReplicatedStore::open(
+        VOL,
+        2,
+        Box::new(local),
+        &c.backups(),
+        c.authority.clone(),
+        patient(),
+    )
+    .unwrap();
+    raise.join().unwrap();
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+    assert!(c.authority.calls().is_empty());
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    assert_eq!(c.hosts[1].data()[..4096], pattern(1, 4096)[..]);
+}
