@@ -19,6 +19,12 @@
 //! - epoch 0 (a volume never configured, or whose epoch file was lost) takes
 //!   no I/O at all.
 //!
+//! A replica out of sync is given the volume's epoch too (by its watch of
+//! the controller): it then takes the frames of the primary resyncing it,
+//! still refuses every older primary, and no primary reads from it or
+//! counts it until the controller puts it back in sync. `Checksums`
+//! (resync's comparison) is a request like `Read`, under the same rules.
+//!
 //! The check and the I/O happen under the volume's epoch lock, and
 //! `set_epoch` takes that lock exclusively, so once `set_epoch` returns no
 //! frame of an older epoch can still land.

@@ -13,7 +13,7 @@
 //! | 0..4 | magic | `FBRP` |
 //! | 4 | version | [`VERSION`] |
 //! | 5 | kind | [`Kind`] |
-//! | 6 | code | a [`NackCode`] in a `Nack`, zero otherwise |
+//! | 6 | code | a [`NackCode`] in a `Nack`, the region shift in `Checksums` and `Sums`, zero otherwise |
 //! | 7 | volume id length | 1..=[`MAX_VOLUME_ID`] |
 //! | 8..16 | epoch | the sender's epoch of the volume |
 //! | 16..24 | sequence | the request's number; a reply carries its request's |
