@@ -648,20 +648,36 @@ fn writes_during_a_resync_reach_the_returning_backup() {
     }
     p.flush().unwrap();
     c.revive(1);
+    // A writer that goes on until the resync is over, started first.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let p = p.clone();
+        let (p, done, written) = (p.clone(), done.clone(), written.clone());
         std::thread::spawn(move || {
-            for i in 0..200u64 {
+            let mut i = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let at = (i * 7 % 16) * MIB + (i % 8) * 4096;
                 p.write_at(&pattern((i as u8).wrapping_add(100), 4096), at)
                     .unwrap();
+                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                i += 1;
             }
         })
     };
+    while written.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+        std::thread::yield_now();
+    }
+    let before = written.load(std::sync::atomic::Ordering::SeqCst);
     let report = p.resync(&c.backup(1)).unwrap();
+    let during = written.load(std::sync::atomic::Ordering::SeqCst) - before;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
     p.flush().unwrap();
-    assert!(report.regions >= 12, "{report:?}");
+    assert!(during > 0, "no write during the resync");
+    // The 12 regions missed, and those written meanwhile at least once.
+    assert!(report.regions > 12, "{report:?}");
+    assert!(report.passes >= 2, "{report:?}");
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
     let primary = std::fs::read(c.primary_path("p")).unwrap();
     for h in &c.hosts {
         assert!(h.data() == primary, "{} differs", h.id);
