@@ -5,8 +5,9 @@
 //! `Hosts.ReportVolumeReplicas`. A replica the controller tells this host
 //! to resync (`ReplicaOnHost.resync`: a volume no instance serves, this
 //! host its first replica in sync) is resynced from this host's copy on
-//! a thread of its own ([`resync_unserved`]), again every round until it
-//! is back in sync. The calls go through `ferro-client`
+//! a thread of its own ([`resync_unserved`]), again after a failure (after
+//! [`RESYNC_RETRY`], or at once when its replica server moved) until it is
+//! back in sync. The calls go through `ferro-client`
 //! (leader following, TLS, the host's bearer key). When the stream breaks
 //! the loop reconnects with back-off; replicas are never touched while no
 //! state is known.
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::authority::ControllerAuthority;
 use crate::replica_dir::ReplicaDir;
-use crate::replication::{Backup, Options, ReplicatedStore};
+use crate::replication::{Backup, Options, ReplicatedStore, RESYNC_RETRY};
 use crate::serve::Serving;
 use crate::store::LocalFile;
 
@@ -72,8 +73,9 @@ pub enum FollowError {
 /// The served volumes, kept across sessions (made at the first state).
 type SharedServing = Arc<Mutex<Option<Serving>>>;
 
-/// The (volume, replica) resyncs running as no one's primary.
-type Resyncing = Arc<Mutex<std::collections::BTreeSet<(String, String)>>>;
+/// The (volume, replica, replica server) resyncs running as no one's
+/// primary, or lately failed.
+type Resyncing = Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>;
 
 /// Follow the controller forever, converging `dir`.
 pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
@@ -124,15 +126,15 @@ fn resync_unserved(
 ) {
     for r in want.replicas.iter().filter(|r| r.in_sync && !r.deleting) {
         for target in &r.resync {
-            let Some(addr) = r
+            let Some((addr, server)) = r
                 .peers
                 .iter()
                 .find(|p| p.host_id == *target)
-                .and_then(|p| p.addr.parse().ok())
+                .and_then(|p| Some((p.addr.parse().ok()?, p.addr.clone())))
             else {
                 continue;
             };
-            let key = (r.volume_id.clone(), target.clone());
+            let key = (r.volume_id.clone(), target.clone(), server);
             if !resyncing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -146,6 +148,7 @@ fn resync_unserved(
             };
             let (path, size, epoch) = (dir.path(&r.volume_id), r.size_bytes, r.epoch);
             let (ccfg, handle, running) = (ccfg.clone(), handle.clone(), resyncing.clone());
+            let unspawned = key.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("resync-{}", r.volume_id))
                 .spawn(move || {
@@ -164,10 +167,17 @@ fn resync_unserved(
                         )
                         .map_err(|e| crate::error_chain(&e))
                     })();
-                    match store {
+                    let done = match store {
                         // It logs what it copied, or why it failed.
-                        Ok(s) => drop(s.resync(&backup)),
-                        Err(e) => tracing::warn!(volume_id = %volume, replica = %backup.id, "cannot resync: {e}"),
+                        Ok(s) => s.resync(&backup).is_ok(),
+                        Err(e) => {
+                            tracing::warn!(volume_id = %volume, replica = %backup.id, "cannot resync: {e}");
+                            false
+                        }
+                    };
+                    if !done {
+                        // Not again at this address for a while.
+                        std::thread::sleep(RESYNC_RETRY);
                     }
                     running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                 });
@@ -176,7 +186,7 @@ fn resync_unserved(
                 resyncing
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&(r.volume_id.clone(), target.clone()));
+                    .remove(&unspawned);
             }
         }
     }

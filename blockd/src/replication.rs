@@ -140,6 +140,9 @@ pub enum ResyncError {
     /// The backup is already in the in-sync set.
     #[error("{0} is already in sync")]
     InSync(String),
+    /// Another resync of the backup is running.
+    #[error("{0} is being resynced already")]
+    Busy(String),
     /// This primary was fenced.
     #[error("this primary is fenced")]
     Fenced(#[from] Fenced),
@@ -180,6 +183,10 @@ pub struct ResyncReport {
     /// The epoch the authority granted with the backup back in sync.
     pub epoch: u64,
 }
+
+/// How long a daemon waits before it tries a resync that failed again at
+/// the same address (a replica whose blockd is not back yet).
+pub const RESYNC_RETRY: Duration = Duration::from_secs(30);
 
 /// Copy passes before the last one is taken under the write lock anyway.
 const MAX_PASSES: u32 = 8;
@@ -667,6 +674,9 @@ impl ReplicatedStore {
             }
             if st.in_sync.iter().any(|p| p.id == backup.id) {
                 return Err(ResyncError::InSync(backup.id.clone()));
+            }
+            if st.catchup.contains_key(&backup.id) {
+                return Err(ResyncError::Busy(backup.id.clone()));
             }
             let known = st.out.contains(&backup.id).then(|| st.dirty.clone());
             let clean = DirtyMap::new(self.size(), st.dirty.region_size());

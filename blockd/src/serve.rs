@@ -14,7 +14,8 @@
 //! out of sync (a returning or new one, with a replica server) is resynced
 //! by this primary on a thread of its own
 //! ([`ReplicatedStore::resync`]), one at a time per replica; one that
-//! fails (its blockd not back yet) is tried again at the next round.
+//! fails (its blockd not back yet) is tried again after [`RESYNC_RETRY`],
+//! or at once when its replica server moved (a blockd restarted).
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ferro_proto::compute::v1::ServedVolume;
 
-use crate::replication::{Authority, Backup, Options, ReplicatedStore};
+use crate::replication::{Authority, Backup, Options, ReplicatedStore, RESYNC_RETRY};
 use crate::server::Volume;
 use crate::store::{LocalFile, Store};
 
@@ -34,8 +35,9 @@ struct Served {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     store: Arc<ReplicatedStore>,
-    /// The replicas being resynced now.
-    resyncing: Arc<Mutex<BTreeSet<String>>>,
+    /// The replicas being resynced now (or lately failed), by host and
+    /// replica server.
+    resyncing: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 /// The served volumes of this host.
@@ -210,27 +212,31 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
             .resyncing
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(backup.id.clone());
+            .insert((backup.id.clone(), p.addr.clone()));
         if !fresh {
             continue;
         }
+        let key = (backup.id.clone(), p.addr.clone());
         let (store, resyncing) = (s.store.clone(), s.resyncing.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("resync-{}", w.volume_id))
             .spawn(move || {
-                // It logs what it copied, or why it failed.
-                let _ = store.resync(&backup);
+                // It logs what it copied, or why it failed; a failure at
+                // this address is not tried again for a while.
+                if store.resync(&backup).is_err() {
+                    std::thread::sleep(RESYNC_RETRY);
+                }
                 resyncing
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&backup.id);
+                    .remove(&key);
             });
         if let Err(e) = spawned {
             tracing::warn!(volume_id = %w.volume_id, "cannot start a resync: {e}");
             s.resyncing
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .remove(&p.host_id);
+                .remove(&(p.host_id.clone(), p.addr.clone()));
         }
     }
 }
