@@ -26,11 +26,13 @@
 //! reached every replica (a backup that crashed may have lost them): a
 //! resync copies exactly those regions.
 //!
-//! A write that failed may have reached some replicas and not others
-//! (including this primary's own copy when it was fenced). Such regions are
-//! not acknowledged to the guest; a dropped backup has them in the dirty
-//! map, and a resync by a primary without that map compares checksums, so
-//! the copies agree again once the backup is back.
+//! A write that failed may have reached some replicas and not others.
+//! Such regions are not acknowledged to the guest; a dropped backup has
+//! them in the dirty map, and a resync by a primary without that map
+//! compares checksums, so the backup agrees with the good copy once it is
+//! back. Not handled yet: a region a fenced primary wrote to its own copy
+//! (its backups refused it) stays different there if that copy is a
+//! replica still in sync.
 //!
 //! # Resync
 //!
@@ -47,13 +49,11 @@
 //! removal), and only with that epoch does the primary take it into its
 //! in-sync set.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
-
-use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::dirty::{DirtyMap, DEFAULT_REGION};
 use crate::link::Link;
@@ -143,8 +143,9 @@ pub enum ResyncError {
     /// Another resync of the backup is running.
     #[error("{0} is being resynced already")]
     Busy(String),
-    /// This primary was fenced.
-    #[error("this primary is fenced")]
+    /// This primary was fenced, or the authority refused to take the
+    /// backup back.
+    #[error("fenced, or refused by the authority")]
     Fenced(#[from] Fenced),
     /// The volume's epoch changed during the resync (another set change).
     #[error("the epoch moved from {from} to {to} during the resync")]

@@ -564,11 +564,23 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log = strip_ansi(&std::fs::read_to_string(&blockds[p].log).unwrap());
-    let line = log
-        .lines()
-        .find(|l| l.contains("replica resynced and back in sync"))
-        .unwrap_or_else(|| panic!("no resync logged by the primary's host:\n{log}"));
+    // Logged once the controller's answer is in (a moment after the
+    // controller shows it).
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let log = strip_ansi(&std::fs::read_to_string(&blockds[p].log).unwrap());
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("replica resynced and back in sync"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resync logged by the primary's host:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let regions = store.dirty().count();
     assert!(
         line.contains(&format!("regions={regions} "))
