@@ -933,6 +933,11 @@ mod tests {
         // Detached again: back to the first replica in sync.
         detach(&mut s, "vol-1", false).unwrap();
         assert_eq!(told(&s, "h2"), ["h3"]);
+        // Being deleted: nothing to resync.
+        s.apply(Command::DeleteVolume { id: "vol-1".into() })
+            .unwrap();
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Deleting);
+        assert_eq!(told(&s, "h2"), nobody);
     }
 
     #[test]
