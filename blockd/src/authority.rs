@@ -1,6 +1,7 @@
 //! The controller as a volume's configuration [`Authority`]: a primary's
 //! request to drop a failed backup becomes `Hosts.RemoveVolumeReplica`,
-//! made with this host's credential.
+//! and to take a resynced one back `Hosts.AddVolumeReplica`, made with
+//! this host's credential.
 //!
 //! The primary's I/O path is synchronous (vhost-user worker threads), the
 //! controller client async: each call is run on a tokio runtime's handle
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use ferro_client::Client;
 use ferro_proto::compute::v1::hosts_client::HostsClient;
-use ferro_proto::compute::v1::RemoveVolumeReplicaRequest;
+use ferro_proto::compute::v1::{AddVolumeReplicaRequest, RemoveVolumeReplicaRequest};
 
 use crate::replication::{Authority, Fenced};
 
@@ -42,37 +43,50 @@ impl ControllerAuthority {
     }
 }
 
-impl Authority for ControllerAuthority {
-    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+impl ControllerAuthority {
+    /// Runs `call` until it answers, retrying transport failures with
+    /// back-off for up to [`Self::patience`]; any other refusal, or running
+    /// out of patience, is `Fenced`.
+    fn ask<T, F, Fut>(
+        &self,
+        what: &str,
+        volume: &str,
+        epoch: u64,
+        replica: &str,
+        call: F,
+    ) -> Result<T, Fenced>
+    where
+        F: Fn(ferro_client::AuthChannel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let fenced = || Fenced {
             volume: volume.to_string(),
             epoch,
-        };
-        let req = RemoveVolumeReplicaRequest {
-            volume_id: volume.to_string(),
-            epoch,
-            replica_host_id: replica.to_string(),
         };
         let deadline = Instant::now() + self.patience;
         let mut pause = Duration::from_millis(100);
         let mut client = self.client.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let answer = self.handle.block_on(client.call(|ch| {
-                let req = req.clone();
-                async move { HostsClient::new(ch).remove_volume_replica(req).await }
-            }));
+            let answer = self.handle.block_on(client.call(&call));
             match answer {
-                Ok(r) => return Ok(r.epoch),
+                Ok(r) => return Ok(r),
                 Err(e) => {
                     let transport = e.status().is_none_or(ferro_client::is_transport);
                     if !transport || Instant::now() >= deadline {
-                        tracing::error!(volume, epoch, replica, "the controller refused: {e}");
+                        tracing::error!(
+                            volume,
+                            epoch,
+                            replica,
+                            what,
+                            "the controller refused: {e}"
+                        );
                         return Err(fenced());
                     }
                     tracing::warn!(
                         volume,
                         epoch,
                         replica,
+                        what,
                         "cannot reach the controller, asking again: {e}"
                     );
                     std::thread::sleep(ferro_client::jitter(pause));
@@ -80,5 +94,33 @@ impl Authority for ControllerAuthority {
                 }
             }
         }
+    }
+}
+
+impl Authority for ControllerAuthority {
+    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        let req = RemoveVolumeReplicaRequest {
+            volume_id: volume.to_string(),
+            epoch,
+            replica_host_id: replica.to_string(),
+        };
+        let r = self.ask("remove", volume, epoch, replica, |ch| {
+            let req = req.clone();
+            async move { HostsClient::new(ch).remove_volume_replica(req).await }
+        })?;
+        Ok(r.epoch)
+    }
+
+    fn add_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        let req = AddVolumeReplicaRequest {
+            volume_id: volume.to_string(),
+            epoch,
+            replica_host_id: replica.to_string(),
+        };
+        let r = self.ask("add", volume, epoch, replica, |ch| {
+            let req = req.clone();
+            async move { HostsClient::new(ch).add_volume_replica(req).await }
+        })?;
+        Ok(r.epoch)
     }
 }

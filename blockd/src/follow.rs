@@ -2,7 +2,12 @@
 //! this host is to hold (all of them on connect, again after every
 //! change); after each, and every [`RESYNC`] besides, the replica
 //! directory is converged and what it holds reported with
-//! `Hosts.ReportVolumeReplicas`. The calls go through `ferro-client`
+//! `Hosts.ReportVolumeReplicas`. A replica the controller tells this host
+//! to resync (`ReplicaOnHost.resync`: a volume no instance serves, this
+//! host its first replica in sync) is resynced from this host's copy on
+//! a thread of its own ([`resync_unserved`]), again after a failure (after
+//! [`RESYNC_RETRY`], or at once when its replica server moved) until it is
+//! back in sync. The calls go through `ferro-client`
 //! (leader following, TLS, the host's bearer key). When the stream breaks
 //! the loop reconnects with back-off; replicas are never touched while no
 //! state is known.
@@ -18,7 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::authority::ControllerAuthority;
 use crate::replica_dir::ReplicaDir;
+use crate::replication::{Backup, Options, ReplicatedStore, RESYNC_RETRY};
 use crate::serve::Serving;
+use crate::store::LocalFile;
 
 /// How often the directory is converged and reported without a change.
 pub const RESYNC: Duration = Duration::from_secs(5);
@@ -66,12 +73,17 @@ pub enum FollowError {
 /// The served volumes, kept across sessions (made at the first state).
 type SharedServing = Arc<Mutex<Option<Serving>>>;
 
+/// The (volume, replica, replica server) resyncs running as no one's
+/// primary, or lately failed.
+type Resyncing = Arc<Mutex<std::collections::BTreeSet<(String, String, String)>>>;
+
 /// Follow the controller forever, converging `dir`.
 pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
     let mut failures: u32 = 0;
     let serving: SharedServing = Arc::default();
+    let resyncing: Resyncing = Arc::default();
     loop {
-        let e = session(&cfg, &dir, &serving, &mut failures).await;
+        let e = session(&cfg, &dir, &serving, &resyncing, &mut failures).await;
         failures += 1;
         if failures == 1 || failures.is_multiple_of(30) {
             tracing::warn!(
@@ -102,10 +114,89 @@ fn client_config(cfg: &FollowConfig) -> Result<ClientConfig, FollowError> {
     Ok(ccfg)
 }
 
+/// Starts a resync of each replica the controller tells this host to
+/// resync (as no one's primary: a [`ReplicatedStore`] over this host's own
+/// copy alone, comparing checksums), unless one is running already.
+fn resync_unserved(
+    dir: &ReplicaDir,
+    want: &HostVolumes,
+    ccfg: &ClientConfig,
+    handle: &tokio::runtime::Handle,
+    resyncing: &Resyncing,
+) {
+    for r in want.replicas.iter().filter(|r| r.in_sync && !r.deleting) {
+        for target in &r.resync {
+            let Some((addr, server)) = r
+                .peers
+                .iter()
+                .find(|p| p.host_id == *target)
+                .and_then(|p| Some((p.addr.parse().ok()?, p.addr.clone())))
+            else {
+                continue;
+            };
+            let key = (r.volume_id.clone(), target.clone(), server);
+            if !resyncing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.clone())
+            {
+                continue;
+            }
+            let backup = Backup {
+                id: target.clone(),
+                addr,
+            };
+            let (path, size, epoch) = (dir.path(&r.volume_id), r.size_bytes, r.epoch);
+            let (ccfg, handle, running) = (ccfg.clone(), handle.clone(), resyncing.clone());
+            let unspawned = key.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("resync-{}", r.volume_id))
+                .spawn(move || {
+                    let volume = key.0.clone();
+                    let store = (|| {
+                        let local = LocalFile::open_or_create(&path, size).map_err(|e| e.to_string())?;
+                        let client = Client::new(ccfg).map_err(|e| e.to_string())?;
+                        let authority = Arc::new(ControllerAuthority::new(client, handle));
+                        ReplicatedStore::open(
+                            &volume,
+                            epoch,
+                            Box::new(local),
+                            &[],
+                            authority,
+                            Options::default(),
+                        )
+                        .map_err(|e| crate::error_chain(&e))
+                    })();
+                    let done = match store {
+                        // It logs what it copied, or why it failed.
+                        Ok(s) => s.resync(&backup).is_ok(),
+                        Err(e) => {
+                            tracing::warn!(volume_id = %volume, replica = %backup.id, "cannot resync: {e}");
+                            false
+                        }
+                    };
+                    if !done {
+                        // Not again at this address for a while.
+                        std::thread::sleep(RESYNC_RETRY);
+                    }
+                    running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(volume_id = %r.volume_id, "cannot start a resync: {e}");
+                resyncing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&unspawned);
+            }
+        }
+    }
+}
+
 async fn session(
     cfg: &FollowConfig,
     dir: &ReplicaDir,
     serving: &SharedServing,
+    resyncing: &Resyncing,
     failures: &mut u32,
 ) -> FollowError {
     let ccfg = match client_config(cfg) {
@@ -155,8 +246,10 @@ async fn session(
             cfg.host_id.clone(),
         );
         let (serve_dir, ccfg) = (cfg.serve_dir.clone(), ccfg.clone());
+        let resyncing = resyncing.clone();
         let converged = tokio::task::spawn_blocking(move || {
             let held = d.converge(&w)?;
+            resync_unserved(&d, &w, &ccfg, &handle, &resyncing);
             let mut sv = sv.lock().unwrap_or_else(|e| e.into_inner());
             if sv.is_none() && !w.serve.is_empty() {
                 match Client::new(ccfg) {

@@ -15,8 +15,13 @@
 //! ([`authority::ControllerAuthority`]); blockd's replica server answers
 //! primaries for the replicas it holds, at the epoch the controller gives
 //! those in sync. The volumes attached to this host's instances are
-//! served by their primary here ([`serve`]); the agent handing their
-//! sockets to the VMM, and resync, come in later slices.
+//! served by their primary here ([`serve`]), which also resyncs each of
+//! their replicas that fell out of sync and came back
+//! ([`replication::ReplicatedStore::resync`]: the dirty map, or the
+//! regions whose checksums differ, copied while writes go on, then the
+//! controller puts it back in sync at a raised epoch). The agent hands
+//! each socket to the VMM at the instance's start (its
+//! `blockd_socket_dir` is this daemon's `<data-dir>/vhost`).
 //!
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
@@ -28,7 +33,8 @@
 //! - [`config`]: parsing `--volume` specs.
 //! - [`replica_dir`]: this host's replica files converged to the controller's
 //!   list (pure plan, then the filesystem).
-//! - [`follow`]: the controller session (watch, converge, report, serve).
+//! - [`follow`]: the controller session (watch, converge, report, serve,
+//!   and resync the replicas of volumes nobody serves).
 //! - [`serve`]: the volumes attached to this host's instances, served as
 //!   their primary over vhost-user.
 //! - [`wire`]: the sans-IO replication protocol: frames, their layout, and
@@ -41,9 +47,11 @@
 //! - [`replication`]: the primary side, [`replication::ReplicatedStore`],
 //!   and the [`replication::Authority`] it asks before dropping a backup.
 //! - [`authority`]: the controller as the [`replication::Authority`]
-//!   (`Hosts.RemoveVolumeReplica`).
+//!   (`Hosts.RemoveVolumeReplica`, `Hosts.AddVolumeReplica`).
 //! - [`dirty`]: the dirty-region bitmap that resync (and later incremental
 //!   snapshots) copy from.
+//! - [`resync`]: which regions a returning replica is sent (sans-IO: region
+//!   checksums, their comparison, the byte ranges to copy).
 
 /// An error and its causes on one line (`a: b: c`).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -72,6 +80,7 @@ pub mod replica;
 pub mod replica_dir;
 pub mod replication;
 pub mod request;
+pub mod resync;
 #[cfg(feature = "daemon")]
 pub mod serve;
 pub mod server;

@@ -19,6 +19,12 @@
 //! - epoch 0 (a volume never configured, or whose epoch file was lost) takes
 //!   no I/O at all.
 //!
+//! A replica out of sync is given the volume's epoch too (by its watch of
+//! the controller): it then takes the frames of the primary resyncing it,
+//! still refuses every older primary, and no primary reads from it or
+//! counts it until the controller puts it back in sync. `Checksums`
+//! (resync's comparison) is a request like `Read`, under the same rules.
+//!
 //! The check and the I/O happen under the volume's epoch lock, and
 //! `set_epoch` takes that lock exclusively, so once `set_epoch` returns no
 //! frame of an older epoch can still land.
@@ -83,7 +89,7 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
     use NackCode::*;
     if matches!(
         frame.body,
-        Body::Ack { .. } | Body::Nack { .. } | Body::ReadData { .. }
+        Body::Ack { .. } | Body::Nack { .. } | Body::ReadData { .. } | Body::Sums { .. }
     ) {
         let kind = frame.body.kind();
         return Err(refuse(BadFrame, format!("{kind:?} is not a request")));
@@ -108,7 +114,9 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
             return Err(refuse(OutOfRange, msg));
         }
         Body::Write { offset, data } => (*offset, data.len() as u64),
-        Body::Read { offset, len } => (*offset, u64::from(*len)),
+        Body::Read { offset, len } | Body::Checksums { offset, len, .. } => {
+            (*offset, u64::from(*len))
+        }
         _ => return Ok(()),
     };
     match offset.checked_add(len) {
@@ -298,6 +306,21 @@ fn execute(store: &dyn Store, frame: &Frame, capacity: u64) -> Result<Body, Refu
             Body::ReadData {
                 offset: *offset,
                 data,
+            }
+        }
+        Body::Checksums {
+            offset,
+            len,
+            region_shift,
+        } => {
+            let region = 1u64 << region_shift;
+            let read = |buf: &mut [u8], at: u64| store.read_at(buf, at);
+            let sums =
+                crate::resync::region_sums(read, *offset, u64::from(*len), region).map_err(io)?;
+            Body::Sums {
+                offset: *offset,
+                region_shift: *region_shift,
+                sums,
             }
         }
         // decide() refused everything else.

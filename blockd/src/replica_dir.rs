@@ -5,11 +5,12 @@
 //! size with its epoch in `<id>.epoch` beside it, opened in this host's
 //! [`Replica`] (which answers primaries over the wire). [`plan`] (pure)
 //! compares the desired replicas with the files found and says what to do;
-//! [`ReplicaDir::converge`] does it, raises the epoch of every replica the
-//! controller says is in sync to the volume's (never of one out of sync:
-//! it missed writes, and must keep refusing the primary until a resync),
-//! and returns what this host holds with each replica's own epoch, for
-//! `Hosts.ReportVolumeReplicas`.
+//! [`ReplicaDir::converge`] does it, raises the epoch of every replica to
+//! the volume's (also of one out of sync: the primary resyncs it at that
+//! epoch, and every older primary stays fenced by it; the controller does
+//! not count it held, and no primary reads from it, until the resync puts
+//! it back in sync), and returns what this host holds with each replica's
+//! own epoch, for `Hosts.ReportVolumeReplicas`.
 //!
 //! Nothing is deleted that the controller did not name: a replica file of
 //! a volume the controller no longer lists (a volume deleted while this
@@ -20,8 +21,9 @@
 //! is left as it is and not reported held (its volume stays `creating`
 //! and the log says why).
 //!
-//! Catching a replica that fell out of sync up from its peers (resync)
-//! comes in a later slice.
+//! Catching a replica that fell out of sync up from its peers (resync) is
+//! the serving primary's ([`crate::replication::ReplicatedStore::resync`],
+//! started by [`crate::serve`]).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -76,7 +78,9 @@ pub enum Action {
 
 /// What to do, given the desired replicas and the files found (volume id
 /// → size), and the replicas then to keep open (volume id → the epoch to
-/// raise it to, `None` for one out of sync).
+/// raise it to; one out of sync takes it too, to be resynced at it).
+/// The `Option` is kept for a replica whose epoch is not to be raised;
+/// every listed replica takes the volume's epoch today.
 pub fn plan(
     desired: &HostVolumes,
     found: &BTreeMap<String, u64>,
@@ -99,10 +103,10 @@ pub fn plan(
                     id: r.volume_id.clone(),
                     size: r.size_bytes,
                 });
-                held.insert(r.volume_id.clone(), r.in_sync.then_some(r.epoch));
+                held.insert(r.volume_id.clone(), Some(r.epoch));
             }
             (Some(&size), false) if size == r.size_bytes => {
-                held.insert(r.volume_id.clone(), r.in_sync.then_some(r.epoch));
+                held.insert(r.volume_id.clone(), Some(r.epoch));
             }
             (Some(&size), false) => actions.push(Action::WrongSize {
                 id: r.volume_id.clone(),
@@ -361,15 +365,17 @@ mod tests {
             }]
         );
         assert_eq!(d.replica().epoch(A), Some(3), "open, at the epoch");
-        // Out of sync: the epoch is not raised any more.
+        // Out of sync: the epoch is raised too (a resync runs at it).
         let mut behind = want(&[(A, 1 << 20, false)]);
         behind.replicas[0].epoch = 4;
         behind.replicas[0].in_sync = false;
         let held = d.converge(&behind).unwrap();
-        assert_eq!(held[0].epoch, 3);
-        // A restarted blockd opens what it finds, at its own epoch.
+        assert_eq!(held[0].epoch, 4);
+        // A restarted blockd opens what it finds, at its own epoch, and
+        // never goes back to an older one.
         let again = ReplicaDir::open(&dir).unwrap();
-        assert_eq!(again.converge(&behind).unwrap()[0].epoch, 3);
+        behind.replicas[0].epoch = 2;
+        assert_eq!(again.converge(&behind).unwrap()[0].epoch, 4);
         assert_eq!(std::fs::metadata(d.path(A)).unwrap().len(), 1 << 20);
         assert!(dir.join("notes.txt").exists(), "not ours: left alone");
         assert!(!d.path(C).exists());

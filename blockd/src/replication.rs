@@ -26,16 +26,34 @@
 //! reached every replica (a backup that crashed may have lost them): a
 //! resync copies exactly those regions.
 //!
-//! Not yet handled here: a write that failed may have reached some replicas
-//! and not others (including this primary's own copy when it was fenced).
-//! Such regions are not acknowledged to the guest, but the replicas differ
-//! there until a resync; reconciling them at failover belongs to the resync
-//! slice.
+//! A write that failed may have reached some replicas and not others.
+//! Such regions are not acknowledged to the guest; a dropped backup has
+//! them in the dirty map, and a resync by a primary without that map
+//! compares checksums, so the backup agrees with the good copy once it is
+//! back. Not handled yet: a region a fenced primary wrote to its own copy
+//! (its backups refused it) stays different there if that copy is a
+//! replica still in sync.
+//!
+//! # Resync
+//!
+//! [`ReplicatedStore::resync`] brings a backup that is out of the set (a
+//! returning one, or a new one) back: it connects at the current epoch
+//! (the controller gives an out-of-sync replica the epoch too, so it takes
+//! this primary's frames and still refuses every older one), copies the
+//! regions it missed (the dirty map when this primary dropped it itself,
+//! else the regions whose checksums differ: [`crate::resync`]) while the
+//! volume keeps taking writes, marking those in a map of its own and
+//! copying them again, pass after pass, until few are left. The last pass
+//! runs under the write lock; the backup flushes; then the [`Authority`]
+//! puts it back in sync and raises the epoch (a set change is fenced like a
+//! removal), and only with that epoch does the primary take it into its
+//! in-sync set.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::dirty::{DirtyMap, DEFAULT_REGION};
 use crate::link::Link;
@@ -66,6 +84,12 @@ pub trait Authority: Send + Sync {
     /// the volume's current epoch. The authority raises the epoch on the
     /// remaining replicas before it answers, and returns the new epoch.
     fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced>;
+
+    /// Puts `replica`, just resynced by this primary at `epoch`, back in
+    /// `volume`'s in-sync set, if `epoch` is still current. The authority
+    /// raises the epoch (on every replica in sync, `replica` included)
+    /// before it answers, and returns the new epoch.
+    fn add_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced>;
 }
 
 /// A backup replica to connect to.
@@ -109,12 +133,74 @@ pub enum ReplicationError {
     Fenced(#[from] Fenced),
 }
 
+/// Why a resync did not bring a backup back (the backup stays out; it can
+/// be tried again).
+#[derive(Debug, thiserror::Error)]
+pub enum ResyncError {
+    /// The backup is already in the in-sync set.
+    #[error("{0} is already in sync")]
+    InSync(String),
+    /// Another resync of the backup is running.
+    #[error("{0} is being resynced already")]
+    Busy(String),
+    /// This primary was fenced, or the authority refused to take the
+    /// backup back.
+    #[error("fenced, or refused by the authority")]
+    Fenced(#[from] Fenced),
+    /// The volume's epoch changed during the resync (another set change).
+    #[error("the epoch moved from {from} to {to} during the resync")]
+    EpochMoved {
+        /// The epoch the resync started at.
+        from: u64,
+        /// The epoch now.
+        to: u64,
+    },
+    /// A replica could not be reached, refused, or answered wrong.
+    #[error("replica {replica}: {why}")]
+    Replica {
+        /// Its id.
+        replica: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// The primary's own copy failed.
+    #[error("the local copy")]
+    Local(#[source] io::Error),
+}
+
+/// What a resync copied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResyncReport {
+    /// Regions copied (a region written again during the resync and copied
+    /// again counts twice).
+    pub regions: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Copy passes, the last one under the write lock.
+    pub passes: u32,
+    /// Whether the first pass compared checksums (no dirty map of this
+    /// primary covered the backup).
+    pub by_checksum: bool,
+    /// The epoch the authority granted with the backup back in sync.
+    pub epoch: u64,
+}
+
+/// How long a daemon waits before it tries a resync that failed again at
+/// the same address (a replica whose blockd is not back yet).
+pub const RESYNC_RETRY: Duration = Duration::from_secs(30);
+
+/// Copy passes before the last one is taken under the write lock anyway.
+const MAX_PASSES: u32 = 8;
+/// Regions left few enough to copy under the write lock.
+const FINAL_PASS_REGIONS: u64 = 16;
+
 /// The backups that failed a request (id, why).
 type Failed = Vec<(String, String)>;
 
 /// A connected, in-sync backup.
 struct Peer {
     id: String,
+    addr: SocketAddr,
     link: Link,
 }
 
@@ -129,6 +215,11 @@ struct State {
     since_flush: DirtyMap,
     /// Regions a resync of the removed backups must copy.
     dirty: DirtyMap,
+    /// Per backup being resynced: the regions written since its last copy
+    /// pass began.
+    catchup: HashMap<String, DirtyMap>,
+    /// Regions copied by each completed resync, by backup.
+    resynced: HashMap<String, ResyncReport>,
     fenced: bool,
 }
 
@@ -198,7 +289,9 @@ impl ReplicatedStore {
         if !valid_volume_id(volume) {
             return Err(ReplicationError::BadVolumeId(volume.to_string()));
         }
-        let map = DirtyMap::new(size, options.region_size);
+        // A region is copied in one frame.
+        let region = options.region_size.min(u64::from(MAX_PAYLOAD));
+        let map = DirtyMap::new(size, region);
         let store = ReplicatedStore {
             volume: volume.to_string(),
             timeout: options.timeout,
@@ -212,6 +305,8 @@ impl ReplicatedStore {
                 out: Vec::new(),
                 since_flush: map.clone(),
                 dirty: map,
+                catchup: HashMap::new(),
+                resynced: HashMap::new(),
                 fenced: false,
             }),
         };
@@ -222,6 +317,7 @@ impl ReplicatedStore {
                 match store.connect(b, &mut st, options.timeout) {
                     Ok(link) => st.in_sync.push(Peer {
                         id: b.id.clone(),
+                        addr: b.addr,
                         link,
                     }),
                     Err(why) => failed.push((b.id.clone(), why)),
@@ -243,13 +339,22 @@ impl ReplicatedStore {
         };
         setup(&stream).map_err(|e| e.to_string())?;
         let mut link = Link::new(stream).map_err(|e| e.to_string())?;
-        st.seq += 1;
         let capacity = self.sectors * SECTOR_SIZE;
-        let hello = self.frame(st, Body::Hello { capacity });
-        link.send(&hello).map_err(|e| crate::error_chain(&e))?;
-        match expect_ack(&mut link, &hello)? {
-            Body::Ack { offset, .. } if offset == capacity => Ok(link),
-            _ => Err(format!("replica's capacity differs from {capacity}")),
+        let deadline = Instant::now() + timeout;
+        loop {
+            st.seq += 1;
+            let hello = self.frame(st, Body::Hello { capacity });
+            link.send(&hello).map_err(|e| crate::error_chain(&e))?;
+            match expect_ack(&mut link, &hello) {
+                Ok(Body::Ack { offset, .. }) if offset == capacity => return Ok(link),
+                Ok(_) => return Err(format!("replica's capacity differs from {capacity}")),
+                // A replica that has not taken the epoch from its own
+                // watch yet (a moment after this primary's) is not failed.
+                Err(why) if why.contains(EPOCH_AHEAD) && Instant::now() < deadline => {
+                    std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
+                }
+                Err(why) => return Err(why),
+            }
         }
     }
 
@@ -271,6 +376,11 @@ impl ReplicatedStore {
     /// The regions a resync of the removed backups must copy.
     pub fn dirty(&self) -> DirtyMap {
         self.lock().dirty.clone()
+    }
+
+    /// What the last completed resync of each backup copied.
+    pub fn resynced(&self) -> HashMap<String, ResyncReport> {
+        self.lock().resynced.clone()
     }
 
     /// True once the authority refused this primary.
@@ -438,8 +548,340 @@ impl ReplicatedStore {
         if !st.out.is_empty() {
             st.dirty.mark(offset, data.len() as u64);
         }
+        for m in st.catchup.values_mut() {
+            m.mark(offset, data.len() as u64);
+        }
         self.remove_all(st, failed)?;
         local
+    }
+}
+
+/// A connection of a resync to one replica, at the epoch the resync runs
+/// at.
+struct ResyncLink {
+    id: String,
+    volume: String,
+    epoch: u64,
+    seq: u64,
+    link: Link,
+}
+
+impl ResyncLink {
+    fn error(&self, why: String) -> ResyncError {
+        ResyncError::Replica {
+            replica: self.id.clone(),
+            why,
+        }
+    }
+
+    /// Sends `body` and returns the checked answer.
+    fn request(&mut self, body: Body) -> Result<Body, ResyncError> {
+        self.seq += 1;
+        let frame = Frame {
+            volume: self.volume.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+            body,
+        };
+        self.link
+            .send(&frame)
+            .map_err(|e| crate::error_chain(&e))
+            .and_then(|()| expect_ack(&mut self.link, &frame))
+            .map_err(|why| self.error(why))
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ResyncError> {
+        self.request(Body::Write {
+            offset,
+            data: data.to_vec(),
+        })
+        .map(drop)
+    }
+
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ResyncError> {
+        let len = buf.len() as u32;
+        match self.request(Body::Read { offset, len })? {
+            Body::ReadData { data, .. } => {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            other => Err(self.error(format!("{:?} is not read data", other.kind()))),
+        }
+    }
+
+    fn sums(&mut self, offset: u64, len: u32, region_shift: u8) -> Result<Vec<u32>, ResyncError> {
+        let body = Body::Checksums {
+            offset,
+            len,
+            region_shift,
+        };
+        match self.request(body)? {
+            Body::Sums { sums, .. } => Ok(sums),
+            other => Err(self.error(format!("{:?} is not sums", other.kind()))),
+        }
+    }
+}
+
+/// Where a resync copies from: the primary's own copy, or an in-sync
+/// backup's.
+enum Source<'a> {
+    Local(&'a dyn Store),
+    Remote(ResyncLink),
+}
+
+impl Source<'_> {
+    fn read(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ResyncError> {
+        match self {
+            Source::Local(s) => s.read_at(buf, offset).map_err(ResyncError::Local),
+            Source::Remote(l) => l.read(buf, offset),
+        }
+    }
+
+    fn sums(&mut self, offset: u64, len: u32, region_shift: u8) -> Result<Vec<u32>, ResyncError> {
+        match self {
+            Source::Local(s) => crate::resync::region_sums(
+                |b, at| s.read_at(b, at),
+                offset,
+                u64::from(len),
+                1 << region_shift,
+            )
+            .map_err(ResyncError::Local),
+            Source::Remote(l) => l.sums(offset, len, region_shift),
+        }
+    }
+}
+
+impl ReplicatedStore {
+    /// Brings `backup`, out of the in-sync set, back into it: see the
+    /// module docs. Blocking; writes go on meanwhile (they wait only
+    /// during the last pass). On error the backup stays out and can be
+    /// tried again.
+    pub fn resync(&self, backup: &Backup) -> Result<ResyncReport, ResyncError> {
+        let span = tracing::info_span!(
+            "resync",
+            volume_id = %self.volume,
+            replica = %backup.id
+        );
+        let _enter = span.enter();
+        let started = Instant::now();
+        let (epoch, known, source) = {
+            let mut st = self.lock();
+            if st.fenced {
+                return Err(Fenced {
+                    volume: self.volume.clone(),
+                    epoch: st.epoch,
+                }
+                .into());
+            }
+            if st.in_sync.iter().any(|p| p.id == backup.id) {
+                return Err(ResyncError::InSync(backup.id.clone()));
+            }
+            if st.catchup.contains_key(&backup.id) {
+                return Err(ResyncError::Busy(backup.id.clone()));
+            }
+            let known = st.out.contains(&backup.id).then(|| st.dirty.clone());
+            let clean = DirtyMap::new(self.size(), st.dirty.region_size());
+            st.catchup.insert(backup.id.clone(), clean);
+            let source = st.in_sync.first().map(|p| (p.id.clone(), p.addr));
+            (st.epoch, known, source)
+        };
+        tracing::info!(epoch, dirty_map = known.is_some(), "resyncing the replica");
+        let result = self.resync_at(backup, epoch, known, source);
+        let mut st = self.lock();
+        st.catchup.remove(&backup.id);
+        match &result {
+            Ok(r) => {
+                tracing::info!(
+                    regions = r.regions,
+                    bytes = r.bytes,
+                    passes = r.passes,
+                    by_checksum = r.by_checksum,
+                    new_epoch = r.epoch,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "replica resynced and back in sync"
+                );
+                st.resynced.insert(backup.id.clone(), r.clone());
+            }
+            Err(e) => tracing::warn!("resync failed: {}", crate::error_chain(e)),
+        }
+        result
+    }
+
+    fn size(&self) -> u64 {
+        self.sectors * SECTOR_SIZE
+    }
+
+    /// Connects to a replica for a resync at `epoch` (asking again while
+    /// it has not taken that epoch yet, within the timeout).
+    fn resync_link(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        epoch: u64,
+    ) -> Result<ResyncLink, ResyncError> {
+        let error = |why: String| ResyncError::Replica {
+            replica: id.to_string(),
+            why,
+        };
+        let stream =
+            TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| error(e.to_string()))?;
+        let setup = |s: &TcpStream| {
+            s.set_read_timeout(Some(self.timeout))?;
+            s.set_write_timeout(Some(self.timeout))
+        };
+        setup(&stream).map_err(|e| error(e.to_string()))?;
+        let mut link = ResyncLink {
+            id: id.to_string(),
+            volume: self.volume.clone(),
+            epoch,
+            seq: 0,
+            link: Link::new(stream).map_err(|e| error(e.to_string()))?,
+        };
+        let capacity = self.size();
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match link.request(Body::Hello { capacity }) {
+                Ok(Body::Ack { offset, .. }) if offset == capacity => return Ok(link),
+                Ok(_) => return Err(error(format!("replica's capacity differs from {capacity}"))),
+                Err(ResyncError::Replica { why, .. })
+                    if why.contains(EPOCH_AHEAD) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn resync_at(
+        &self,
+        backup: &Backup,
+        epoch: u64,
+        known: Option<DirtyMap>,
+        source: Option<(String, SocketAddr)>,
+    ) -> Result<ResyncReport, ResyncError> {
+        let mut target = self.resync_link(&backup.id, backup.addr, epoch)?;
+        let mut source = match &self.local {
+            Some(l) => Source::Local(&**l),
+            None => {
+                let (id, addr) = source.ok_or_else(|| ResyncError::Replica {
+                    replica: backup.id.clone(),
+                    why: "no replica in sync to copy from".into(),
+                })?;
+                Source::Remote(self.resync_link(&id, addr, epoch)?)
+            }
+        };
+        let mut report = ResyncReport::default();
+        let mut plan = match known {
+            Some(map) => map,
+            None => {
+                report.by_checksum = true;
+                self.differing(&mut source, &mut target)?
+            }
+        };
+        loop {
+            report.passes += 1;
+            self.copy(&plan, &mut source, &mut target, &mut report)?;
+            let mut st = self.lock();
+            if st.fenced {
+                return Err(Fenced {
+                    volume: self.volume.clone(),
+                    epoch: st.epoch,
+                }
+                .into());
+            }
+            if st.epoch != epoch {
+                return Err(ResyncError::EpochMoved {
+                    from: epoch,
+                    to: st.epoch,
+                });
+            }
+            let clean = DirtyMap::new(self.size(), plan.region_size());
+            let next = st
+                .catchup
+                .insert(backup.id.clone(), clean)
+                .unwrap_or_else(|| plan.clone());
+            if next.count() > FINAL_PASS_REGIONS && report.passes < MAX_PASSES {
+                drop(st);
+                tracing::debug!(
+                    pass = report.passes,
+                    left = next.count(),
+                    "written meanwhile; copying again"
+                );
+                plan = next;
+                continue;
+            }
+            // The last pass: no write can land meanwhile.
+            report.passes += 1;
+            self.copy(&next, &mut source, &mut target, &mut report)?;
+            target.request(Body::Flush)?;
+            let granted = self
+                .authority
+                .add_replica(&self.volume, epoch, &backup.id)?;
+            if granted <= epoch {
+                return Err(ResyncError::Replica {
+                    replica: backup.id.clone(),
+                    why: format!("the authority granted epoch {granted}, not above {epoch}"),
+                });
+            }
+            st.epoch = granted;
+            st.out.retain(|o| *o != backup.id);
+            if st.out.is_empty() {
+                st.dirty.clear();
+            }
+            st.in_sync.push(Peer {
+                id: backup.id.clone(),
+                addr: backup.addr,
+                link: target.link,
+            });
+            report.epoch = granted;
+            return Ok(report);
+        }
+    }
+
+    /// The regions where `target`'s copy differs from `source`'s, by
+    /// checksums, a batch of regions at a time.
+    fn differing(
+        &self,
+        source: &mut Source<'_>,
+        target: &mut ResyncLink,
+    ) -> Result<DirtyMap, ResyncError> {
+        let size = self.size();
+        let mut map = DirtyMap::new(size, self.lock().dirty.region_size());
+        let region = map.region_size();
+        let shift = region.trailing_zeros() as u8;
+        // MAX_PAYLOAD is a multiple of every region size (both powers of
+        // two, the region no larger), so each batch starts a region.
+        let batch = u64::from(MAX_PAYLOAD);
+        let mut at = 0;
+        while at < size {
+            let len = (size - at).min(batch) as u32;
+            let good = source.sums(at, len, shift)?;
+            let theirs = target.sums(at, len, shift)?;
+            crate::resync::mark_differing(&mut map, at, &good, &theirs);
+            at += u64::from(len);
+        }
+        tracing::info!(differing = map.count(), "compared the copies by checksum");
+        Ok(map)
+    }
+
+    /// Copies `plan`'s regions from `source` to `target`.
+    fn copy(
+        &self,
+        plan: &DirtyMap,
+        source: &mut Source<'_>,
+        target: &mut ResyncLink,
+        report: &mut ResyncReport,
+    ) -> Result<(), ResyncError> {
+        let mut buf = Vec::new();
+        for (offset, len) in crate::resync::copy_extents(plan, self.size()) {
+            buf.resize(len as usize, 0);
+            source.read(&mut buf, offset)?;
+            target.write(offset, &buf)?;
+            report.regions += 1;
+            report.bytes += len;
+        }
+        Ok(())
     }
 }
 
@@ -526,6 +968,23 @@ pub fn check_answer(request: &Frame, answer: Frame) -> Result<Body, String> {
         }
         (Body::Read { offset, len }, Body::ReadData { offset: o, data }) => {
             o == offset && data.len() == *len as usize
+        }
+        (
+            Body::Checksums {
+                offset,
+                len,
+                region_shift,
+            },
+            Body::Sums {
+                offset: o,
+                region_shift: s,
+                sums,
+            },
+        ) => {
+            o == offset
+                && s == region_shift
+                && sums.len() as u64
+                    == crate::resync::regions_in(u64::from(*len), 1 << region_shift)
         }
         _ => false,
     };

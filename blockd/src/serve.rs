@@ -9,16 +9,23 @@
 //! A store that cannot be opened (a replica unreachable and the
 //! controller's answer not yet in, or this primary fenced) is logged and
 //! tried again at the next round.
+//!
+//! Every round, each replica of a served volume that the controller lists
+//! out of sync (a returning or new one, with a replica server) is resynced
+//! by this primary on a thread of its own
+//! ([`ReplicatedStore::resync`]), one at a time per replica; one that
+//! fails (its blockd not back yet) is tried again after [`RESYNC_RETRY`],
+//! or at once when its replica server moved (a blockd restarted).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ferro_proto::compute::v1::ServedVolume;
 
-use crate::replication::{Authority, Backup, Options, ReplicatedStore};
+use crate::replication::{Authority, Backup, Options, ReplicatedStore, RESYNC_RETRY};
 use crate::server::Volume;
 use crate::store::{LocalFile, Store};
 
@@ -27,6 +34,10 @@ struct Served {
     epoch: u64,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
+    store: Arc<ReplicatedStore>,
+    /// The replicas being resynced now (or lately failed), by host and
+    /// replica server.
+    resyncing: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
 /// The served volumes of this host.
@@ -80,7 +91,8 @@ impl Serving {
             }
         }
         for w in want {
-            if self.served.contains_key(&w.volume_id) {
+            if let Some(s) = self.served.get(&w.volume_id) {
+                resync_behind(s, w);
                 continue;
             }
             match self.open(w) {
@@ -141,9 +153,10 @@ impl Serving {
             )
         }
         .map_err(|e| e.to_string())?;
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store = Arc::new(store);
         let socket = self.socket(id);
-        let volume = Volume::with_store(id, &socket, store).map_err(|e| e.to_string())?;
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let volume = Volume::with_store(id, &socket, dyn_store).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let vid = id.clone();
@@ -164,11 +177,67 @@ impl Serving {
             socket = %socket.display(),
             "serving the volume"
         );
-        Ok(Served {
+        let served = Served {
             epoch: w.epoch,
             socket,
             stop,
-        })
+            store,
+            resyncing: Arc::default(),
+        };
+        resync_behind(&served, w);
+        Ok(served)
+    }
+}
+
+/// Starts a resync of each replica of `w` out of sync that is not being
+/// resynced already.
+fn resync_behind(s: &Served, w: &ServedVolume) {
+    if s.store.is_fenced() {
+        return;
+    }
+    let in_sync = s.store.in_sync();
+    for p in w.peers.iter().filter(|p| !p.in_sync) {
+        if in_sync.contains(&p.host_id) {
+            // Back in sync; the controller's word is on its way.
+            continue;
+        }
+        let Ok(addr) = p.addr.parse() else {
+            continue;
+        };
+        let backup = Backup {
+            id: p.host_id.clone(),
+            addr,
+        };
+        let fresh = s
+            .resyncing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((backup.id.clone(), p.addr.clone()));
+        if !fresh {
+            continue;
+        }
+        let key = (backup.id.clone(), p.addr.clone());
+        let (store, resyncing) = (s.store.clone(), s.resyncing.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("resync-{}", w.volume_id))
+            .spawn(move || {
+                // It logs what it copied, or why it failed; a failure at
+                // this address is not tried again for a while.
+                if store.resync(&backup).is_err() {
+                    std::thread::sleep(RESYNC_RETRY);
+                }
+                resyncing
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(volume_id = %w.volume_id, "cannot start a resync: {e}");
+            s.resyncing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&(p.host_id.clone(), p.addr.clone()));
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //! | 0..4 | magic | `FBRP` |
 //! | 4 | version | [`VERSION`] |
 //! | 5 | kind | [`Kind`] |
-//! | 6 | code | a [`NackCode`] in a `Nack`, zero otherwise |
+//! | 6 | code | a [`NackCode`] in a `Nack`, the region shift in `Checksums` and `Sums`, zero otherwise |
 //! | 7 | volume id length | 1..=[`MAX_VOLUME_ID`] |
 //! | 8..16 | epoch | the sender's epoch of the volume |
 //! | 16..24 | sequence | the request's number; a reply carries its request's |
@@ -35,6 +35,13 @@
 //! - `Nack`: code = why, offset = the epoch the refused request carried,
 //!   payload = a UTF-8 message of at most [`MAX_MESSAGE`] bytes. The frame's
 //!   epoch is the replica's own.
+//! - `Checksums`: code = log2 of the region size ([`MIN_REGION_SHIFT`]..=
+//!   [`MAX_REGION_SHIFT`]), length = bytes to checksum at offset; no
+//!   payload. Asks for the CRC32C of each region of the range (the last
+//!   one cut at the range's end), as resync compares copies.
+//! - `Sums`: the answer to `Checksums`: code = its region shift, offset =
+//!   its offset, payload = one little-endian CRC32C per region (length a
+//!   multiple of 4).
 //!
 //! The header CRC covers the epoch, offset and length, so a flipped bit
 //! cannot redirect a write; the data CRC covers the payload end to end.
@@ -53,6 +60,11 @@ pub const MAX_VOLUME_ID: usize = 64;
 pub const MAX_PAYLOAD: u32 = 4 << 20;
 /// Longest `Nack` message.
 pub const MAX_MESSAGE: usize = 1024;
+/// Smallest `Checksums` region: one sector.
+pub const MIN_REGION_SHIFT: u8 = 9;
+/// Largest `Checksums` region: [`MAX_PAYLOAD`], so a region is copied in
+/// one `Write`.
+pub const MAX_REGION_SHIFT: u8 = 22;
 
 /// CRC32C (Castagnoli), hardware-accelerated where the CPU has it.
 pub fn crc32c(data: &[u8]) -> u32 {
@@ -88,6 +100,10 @@ pub enum Kind {
     Ack = 6,
     /// Refused.
     Nack = 7,
+    /// Region checksums asked for.
+    Checksums = 8,
+    /// Region checksums answered.
+    Sums = 9,
 }
 
 impl Kind {
@@ -100,6 +116,8 @@ impl Kind {
             5 => Kind::ReadData,
             6 => Kind::Ack,
             7 => Kind::Nack,
+            8 => Kind::Checksums,
+            9 => Kind::Sums,
             _ => return None,
         })
     }
@@ -189,6 +207,25 @@ pub enum Body {
         /// Details for the log.
         message: String,
     },
+    /// The CRC32C of each `1 << region_shift`-byte region of `len` bytes
+    /// at `offset`.
+    Checksums {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to checksum.
+        len: u32,
+        /// log2 of the region size.
+        region_shift: u8,
+    },
+    /// The answer to `Checksums`.
+    Sums {
+        /// The request's offset.
+        offset: u64,
+        /// The request's region shift.
+        region_shift: u8,
+        /// One CRC32C per region, in order.
+        sums: Vec<u32>,
+    },
 }
 
 impl Body {
@@ -202,6 +239,8 @@ impl Body {
             Body::ReadData { .. } => Kind::ReadData,
             Body::Ack { .. } => Kind::Ack,
             Body::Nack { .. } => Kind::Nack,
+            Body::Checksums { .. } => Kind::Checksums,
+            Body::Sums { .. } => Kind::Sums,
         }
     }
 }
@@ -286,6 +325,9 @@ pub enum WireError {
     /// A `Nack` message is not UTF-8.
     #[error("nack message is not UTF-8")]
     BadMessage,
+    /// A `Sums` payload is not a whole number of checksums.
+    #[error("sums payload of {0} bytes is not a multiple of 4")]
+    BadSums(u32),
 }
 
 /// The header fields, once checked.
@@ -304,7 +346,7 @@ impl Header {
     /// Payload bytes that follow the header.
     fn payload_len(&self) -> usize {
         match self.kind {
-            Kind::Write | Kind::ReadData | Kind::Nack => self.len as usize,
+            Kind::Write | Kind::ReadData | Kind::Nack | Kind::Sums => self.len as usize,
             _ => 0,
         }
     }
@@ -320,6 +362,7 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, WireError> {
     if !valid_volume_id(&frame.volume) {
         return Err(WireError::BadVolumeId);
     }
+    let sums_bytes: Vec<u8>;
     let (code, offset, len, payload): (u8, u64, u32, &[u8]) = match &frame.body {
         Body::Hello { capacity } => (0, *capacity, 0, &[]),
         Body::Write { offset, data } | Body::ReadData { offset, data } => {
@@ -335,6 +378,26 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, WireError> {
         } => {
             let len = payload_len(message.len(), MAX_MESSAGE as u32)?;
             (*code as u8, *request_epoch, len, message.as_bytes())
+        }
+        Body::Checksums {
+            offset,
+            len,
+            region_shift,
+        } => (
+            check_shift(Kind::Checksums, *region_shift)?,
+            *offset,
+            *len,
+            &[],
+        ),
+        Body::Sums {
+            offset,
+            region_shift,
+            sums,
+        } => {
+            let code = check_shift(Kind::Sums, *region_shift)?;
+            sums_bytes = sums.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let len = payload_len(sums_bytes.len(), MAX_PAYLOAD)?;
+            (code, *offset, len, &sums_bytes)
         }
     };
     check_len(frame.body.kind(), offset, len)?;
@@ -369,6 +432,15 @@ fn payload_len(len: usize, max: u32) -> Result<u32, WireError> {
         })
 }
 
+/// A region shift within [`MIN_REGION_SHIFT`]..=[`MAX_REGION_SHIFT`].
+fn check_shift(kind: Kind, shift: u8) -> Result<u8, WireError> {
+    if (MIN_REGION_SHIFT..=MAX_REGION_SHIFT).contains(&shift) {
+        Ok(shift)
+    } else {
+        Err(WireError::BadCode { kind, code: shift })
+    }
+}
+
 /// The header CRC: the first 40 header bytes, then the volume id.
 fn header_crc(first40: &[u8], volume: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c(first40), volume)
@@ -387,7 +459,10 @@ fn check_len(kind: Kind, offset: u64, len: u32) -> Result<(), WireError> {
             max: u64::from(max),
         });
     }
-    let uses_range = matches!(kind, Kind::Write | Kind::Read | Kind::ReadData | Kind::Ack);
+    let uses_range = matches!(
+        kind,
+        Kind::Write | Kind::Read | Kind::ReadData | Kind::Ack | Kind::Checksums
+    );
     if uses_range && offset.checked_add(u64::from(len)).is_none() {
         return Err(WireError::Overflow { offset, len });
     }
@@ -463,6 +538,19 @@ fn body(h: &Header, payload: &[u8]) -> Result<Body, WireError> {
             request_epoch: h.offset,
             message: String::from_utf8(payload.to_vec()).map_err(|_| WireError::BadMessage)?,
         },
+        Kind::Checksums => Body::Checksums {
+            offset: h.offset,
+            len: h.len,
+            region_shift: h.code,
+        },
+        Kind::Sums => Body::Sums {
+            offset: h.offset,
+            region_shift: h.code,
+            sums: payload
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        },
     })
 }
 
@@ -527,6 +615,7 @@ fn check_fields(h: &Header) -> Result<(), WireError> {
     };
     let code_ok = match h.kind {
         Kind::Nack => NackCode::from_byte(h.code).is_some(),
+        Kind::Checksums | Kind::Sums => check_shift(h.kind, h.code).is_ok(),
         _ => h.code == 0,
     };
     if !code_ok {
@@ -539,7 +628,8 @@ fn check_fields(h: &Header) -> Result<(), WireError> {
         Kind::Hello if h.len != 0 => Err(nonzero("length")),
         Kind::Flush if h.offset != 0 => Err(nonzero("offset")),
         Kind::Flush if h.len != 0 => Err(nonzero("length")),
-        Kind::Read | Kind::Ack | Kind::Hello | Kind::Flush if h.data_crc != 0 => {
+        Kind::Sums if !h.len.is_multiple_of(4) => Err(WireError::BadSums(h.len)),
+        Kind::Read | Kind::Ack | Kind::Hello | Kind::Flush | Kind::Checksums if h.data_crc != 0 => {
             Err(nonzero("data CRC"))
         }
         _ => Ok(()),

@@ -3,7 +3,9 @@
 //! replica; a backup that dies or stalls is removed only through the
 //! authority, which raises the epoch; so is one that stalls or answers
 //! wrong; a fenced old primary writes nothing; a dead backup at open goes
-//! the same way.
+//! the same way. A backup that comes back is resynced (only the regions it
+//! missed, counted) and is then identical to the others, also while writes
+//! go on, and after a primary restart (by checksums).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -32,6 +34,8 @@ struct FakeAuthority {
 struct AuthorityState {
     epoch: u64,
     members: HashMap<String, Arc<Replica>>,
+    /// Every replica host, in sync or not.
+    all: HashMap<String, Arc<Replica>>,
     calls: Vec<(u64, String)>,
 }
 
@@ -66,6 +70,25 @@ impl Authority for FakeAuthority {
             });
         }
         st.members.remove(replica);
+        st.epoch += 1;
+        for r in st.members.values() {
+            r.set_epoch(volume, st.epoch).unwrap();
+        }
+        Ok(st.epoch)
+    }
+
+    fn add_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        let mut st = self.state.lock().unwrap();
+        st.calls.push((epoch, format!("+{replica}")));
+        let fenced = Fenced {
+            volume: volume.to_string(),
+            epoch,
+        };
+        if epoch != st.epoch || st.members.contains_key(replica) {
+            return Err(fenced);
+        }
+        let r = st.all.get(replica).cloned().ok_or(fenced)?;
+        st.members.insert(replica.to_string(), r);
         st.epoch += 1;
         for r in st.members.values() {
             r.set_epoch(volume, st.epoch).unwrap();
@@ -125,6 +148,7 @@ impl Cluster {
         let authority = Arc::new(FakeAuthority {
             state: Mutex::new(AuthorityState {
                 epoch: 1,
+                all: members.clone(),
                 members,
                 calls: Vec::new(),
             }),
@@ -147,6 +171,19 @@ impl Cluster {
                     .map_or_else(dead_addr, ReplicaServer::local_addr),
             })
             .collect()
+    }
+
+    /// Host `i` comes back: its replica server again (a new port), and
+    /// the volume's current epoch, as the controller's watch gives a
+    /// replica out of sync.
+    fn revive(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        h.server = Some(ReplicaServer::start(h.replica.clone(), "127.0.0.1:0").unwrap());
+        h.replica.set_epoch(VOL, self.authority.epoch()).unwrap();
+    }
+
+    fn backup(&self, i: usize) -> Backup {
+        self.backups().swap_remove(i)
     }
 
     fn primary_path(&self, name: &str) -> PathBuf {
@@ -492,4 +529,248 @@ fn replicated_4k_write_latency() {
             lat[lat.len() * 99 / 100]
         );
     }
+}
+
+#[test]
+fn a_returning_backup_is_resynced_from_the_dirty_map_and_is_then_identical() {
+    let mut c = Cluster::new("resync-map", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    p.flush().unwrap();
+    // Not yet flushed when the backup dies: copied too.
+    p.write_at(&pattern(2, 4096), MIB).unwrap();
+    c.hosts[1].kill();
+    p.write_at(&pattern(3, 8192), 3 * MIB + 4096).unwrap();
+    p.write_at(&pattern(4, 4096), 9 * MIB).unwrap();
+    p.flush().unwrap();
+    assert_eq!(p.dirty().regions().collect::<Vec<_>>(), vec![1, 3, 9]);
+
+    // A resync of a backup still down fails and changes nothing.
+    assert!(p.resync(&c.backup(1)).is_err());
+    assert_eq!(p.out_of_sync(), vec!["host-1"]);
+    assert_eq!(p.epoch(), 2);
+
+    c.revive(1);
+    let report = p.resync(&c.backup(1)).unwrap();
+    assert_eq!((report.regions, report.bytes), (3, 3 * MIB));
+    assert!(!report.by_checksum);
+    assert_eq!(report.epoch, 3);
+    assert_eq!(p.resynced()["host-1"], report);
+    assert_eq!(c.authority.calls().last().unwrap(), &(2, "+host-1".into()));
+    assert_eq!(p.epoch(), 3);
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+    assert!(p.out_of_sync().is_empty());
+    assert!(p.dirty().is_clean());
+    let primary = crc32c(&std::fs::read(c.primary_path("p")).unwrap());
+    for h in &c.hosts {
+        assert_eq!(crc32c(&h.data()), primary, "{}", h.id);
+    }
+    // Later writes reach it too; it is in sync, so not resynced again.
+    p.write_at(&pattern(5, 4096), 12 * MIB).unwrap();
+    p.flush().unwrap();
+    assert_eq!(c.hosts[1].replica.epoch(VOL), Some(3));
+    let primary = std::fs::read(c.primary_path("p")).unwrap();
+    assert_eq!(c.hosts[1].data(), primary);
+    assert!(matches!(
+        p.resync(&c.backup(1)),
+        Err(ferro_blockd::replication::ResyncError::InSync(_))
+    ));
+}
+
+#[test]
+fn a_restarted_primary_resyncs_by_checksum_only_the_regions_that_differ() {
+    let mut c = Cluster::new("resync-sums", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 2 * MIB as usize), 0).unwrap();
+    p.flush().unwrap();
+    c.hosts[1].kill();
+    p.write_at(&pattern(2, 4096), 5 * MIB).unwrap();
+    p.write_at(&pattern(3, 4096), 7 * MIB + 512).unwrap();
+    p.flush().unwrap();
+    drop(p);
+    // A write that reached the dead backup alone (never acknowledged).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.hosts[1].replica.data_path(VOL))
+            .unwrap();
+        f.write_all_at(&pattern(9, 512), 11 * MIB).unwrap();
+    }
+    // The primary starts again (no dirty map) over the backup in sync.
+    c.revive(1);
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    let p = ReplicatedStore::open(
+        VOL,
+        c.authority.epoch(),
+        Box::new(local),
+        &[c.backup(0)],
+        c.authority.clone(),
+        patient(),
+    )
+    .unwrap();
+    let report = p.resync(&c.backup(1)).unwrap();
+    assert!(report.by_checksum);
+    assert_eq!((report.regions, report.bytes), (3, 3 * MIB), "{report:?}");
+    let primary = crc32c(&std::fs::read(c.primary_path("p")).unwrap());
+    for h in &c.hosts {
+        assert_eq!(crc32c(&h.data()), primary, "{}", h.id);
+    }
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+}
+
+#[test]
+fn a_primary_without_a_copy_resyncs_from_a_backup_in_sync() {
+    let mut c = Cluster::new("resync-remote", 2);
+    let p =
+        ReplicatedStore::open_remote(VOL, 1, SIZE, &c.backups(), c.authority.clone(), patient())
+            .unwrap();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    p.flush().unwrap();
+    c.hosts[1].kill();
+    p.write_at(&pattern(2, 4096), 2 * MIB).unwrap();
+    p.flush().unwrap();
+    c.revive(1);
+    let report = p.resync(&c.backup(1)).unwrap();
+    assert_eq!(report.regions, 1);
+    assert_eq!(c.hosts[0].data(), c.hosts[1].data());
+    p.write_at(&pattern(3, 4096), 4 * MIB).unwrap();
+    assert_eq!(c.hosts[0].data(), c.hosts[1].data());
+}
+
+#[test]
+fn writes_during_a_resync_reach_the_returning_backup() {
+    let mut c = Cluster::new("resync-live", 2);
+    let p = Arc::new(c.primary("p", patient()).unwrap());
+    c.hosts[1].kill();
+    for r in 0..12u64 {
+        p.write_at(&pattern(r as u8, 64 << 10), r * MIB).unwrap();
+    }
+    p.flush().unwrap();
+    c.revive(1);
+    // A writer that goes on until the resync is over, started first.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (p, done, written) = (p.clone(), done.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = (i * 7 % 16) * MIB + (i % 8) * 4096;
+                p.write_at(&pattern((i as u8).wrapping_add(100), 4096), at)
+                    .unwrap();
+                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                i += 1;
+            }
+        })
+    };
+    while written.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+        std::thread::yield_now();
+    }
+    let before = written.load(std::sync::atomic::Ordering::SeqCst);
+    let report = p.resync(&c.backup(1)).unwrap();
+    let during = written.load(std::sync::atomic::Ordering::SeqCst) - before;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    p.flush().unwrap();
+    assert!(during > 0, "no write during the resync");
+    // The 12 regions missed, and those written meanwhile at least once.
+    assert!(report.regions > 12, "{report:?}");
+    assert!(report.passes >= 2, "{report:?}");
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+    let primary = std::fs::read(c.primary_path("p")).unwrap();
+    for h in &c.hosts {
+        assert!(h.data() == primary, "{} differs", h.id);
+    }
+}
+
+/// The serving blockd's part: a served volume whose controller-listed peer
+/// is out of sync (and reachable) is resynced by the primary on its own,
+/// by checksum (this primary never dropped it), and taken back in sync.
+#[test]
+fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
+    use ferro_blockd::serve::Serving;
+    use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
+
+    let mut c = Cluster::new("resync-serve", 2);
+    // Written on the primary's copy and host-0 while host-1 was out.
+    let data = pattern(7, 4096);
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    local.write_at(&data, 6 * MIB).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.hosts[0].replica.data_path(VOL))
+            .unwrap();
+        f.write_all_at(&data, 6 * MIB).unwrap();
+    }
+    assert_eq!(c.authority.remove_replica(VOL, 1, "host-1"), Ok(2));
+    let server0 = c.backup(0).addr;
+    c.revive(1);
+    let peer = |id: &str, addr: String, in_sync| ReplicaPeer {
+        host_id: id.into(),
+        addr,
+        in_sync,
+    };
+    let want = ServedVolume {
+        volume_id: VOL.into(),
+        instance_id: "i-1".into(),
+        size_bytes: SIZE,
+        epoch: 2,
+        peers: vec![
+            peer("p", String::new(), true),
+            peer("host-0", server0.to_string(), true),
+            peer("host-1", c.backup(1).addr.to_string(), false),
+        ],
+    };
+    let primary = c.primary_path("p");
+    let mut serving = Serving::new(
+        &c.dir.join("vhost"),
+        "p",
+        Box::new(move |_: &str| primary.clone()),
+        c.authority.clone(),
+    )
+    .unwrap();
+    serving.converge(std::slice::from_ref(&want));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.authority.epoch() != 3 {
+        assert!(std::time::Instant::now() < deadline, "never resynced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.authority.calls().last().unwrap(), &(2, "+host-1".into()));
+    let primary = std::fs::read(c.primary_path("p")).unwrap();
+    assert!(c.hosts[1].data() == primary, "the resynced replica differs");
+    assert!(c.hosts[0].data() == primary);
+    // Listed in sync now: nothing more to do.
+    serving.converge(&[]);
+}
+
+/// A backup that takes the primary's epoch a moment after the primary
+/// (each from its own watch) is waited for at open, not removed.
+#[test]
+fn a_backup_behind_the_epoch_at_open_is_waited_for() {
+    let c = Cluster::new("behind-at-open", 2);
+    let replicas: Vec<Arc<Replica>> = c.hosts.iter().map(|h| h.replica.clone()).collect();
+    let raise = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        for r in replicas {
+            r.set_epoch(VOL, 2).unwrap();
+        }
+    });
+    let local = LocalFile::open_or_create(&c.primary_path("p"), SIZE).unwrap();
+    let p = ReplicatedStore::open(
+        VOL,
+        2,
+        Box::new(local),
+        &c.backups(),
+        c.authority.clone(),
+        patient(),
+    )
+    .unwrap();
+    raise.join().unwrap();
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+    assert!(c.authority.calls().is_empty());
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    assert_eq!(c.hosts[1].data()[..4096], pattern(1, 4096)[..]);
 }

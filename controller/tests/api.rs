@@ -1207,6 +1207,7 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
             replica_host_ids: vec!["h1".into(), "h2".into()],
             deleting: false,
             in_sync: true,
+            resync: vec![],
             peers: ["h1", "h2"]
                 .map(|h| pb::ReplicaPeer {
                     host_id: h.into(),
@@ -1233,6 +1234,25 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("replicas[0].volume_id"));
+    // Only a primary (a replica host in sync) may put a resynced replica
+    // back, and only one that is out of sync.
+    let add = |key: &str, replica: &str| {
+        let mut hc = hc.clone();
+        let mut r = tonic::Request::new(pb::AddVolumeReplicaRequest {
+            volume_id: vol.volume_id.clone(),
+            epoch: 1,
+            replica_host_id: replica.into(),
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        async move { hc.add_volume_replica(r).await }
+    };
+    let e = add(&t.admin_key, "h2").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let e = add(&keys[2], "h2").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let e = add(&keys[0], "h2").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     // Creating until both replica hosts hold it.
     assert_eq!(
         report_replicas(&mut hc, &keys[0], &[(&vol.volume_id, 1)])

@@ -356,6 +356,32 @@ fn sum(path: &Path, offset: u64, len: usize) -> u64 {
     ferro_testkit::fnv64(&buf)
 }
 
+/// `s` without its terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The CRC32C of every 1 MiB region of the file at `path`.
+fn file_sums(path: &Path) -> Vec<u32> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    ferro_blockd::resync::region_sums(|b, at| f.read_exact_at(b, at), 0, len, 1 << 20).unwrap()
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -366,9 +392,14 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// the wire protocol. A backup's blockd killed mid-stream: the primary asks
 /// the controller, which raises the epoch; the surviving backup takes it
 /// from its watch and the writes go on, acknowledged by both survivors
-/// (byte-identical); the dead one stays out of sync at its old epoch after
-/// it is back. A primary still at the old epoch is fenced: it cannot even
-/// open the volume, and writes nothing.
+/// (byte-identical); the dead one comes back out of sync. A primary still
+/// at the old epoch is fenced: it cannot even open the volume, and writes
+/// nothing. The first replica host in sync (the volume is attached to no
+/// instance) then resyncs the returning one, copying only the regions
+/// written since it fell behind (counted, by checksum); the controller
+/// puts it back in sync at a higher epoch (fencing the old primary),
+/// every replica file has the same checksums, and a primary at the new
+/// epoch writes to it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch() {
     use ferro_blockd::authority::ControllerAuthority;
@@ -400,7 +431,7 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     // The test plays the primary host's blockd: its local copy is that
     // host's replica file, its authority the controller with its key.
     let (p_key, p_replica) = (blockds[p].key.clone(), blockds[p].replica(&id));
-    let open = |epoch: u64| {
+    let open = |epoch: u64, backups: Vec<Backup>| {
         let cfg = ferro_client::ClientConfig::new(
             vec![format!("http://{}", t.addr)],
             Some(p_key.clone()),
@@ -410,7 +441,7 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
             tokio::runtime::Handle::current(),
         );
         let local = LocalFile::open_or_create(&p_replica, 1 << 30).unwrap();
-        let (id, backups) = (id.clone(), backups.clone());
+        let id = id.clone();
         tokio::task::spawn_blocking(move || {
             ReplicatedStore::open(
                 &id,
@@ -425,7 +456,7 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
             )
         })
     };
-    let store = std::sync::Arc::new(open(1).await.unwrap().unwrap());
+    let store = std::sync::Arc::new(open(1, backups.clone()).await.unwrap().unwrap());
     let io = |f: Box<dyn FnOnce(&ReplicatedStore) + Send>| {
         let s = store.clone();
         tokio::task::spawn_blocking(move || f(&s))
@@ -470,27 +501,139 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     assert_ne!(sum(&blockds[b1].replica(&id), 8 * MIB as u64, MIB), want);
     let v = volume(&mut c, &id).await.unwrap();
     assert_eq!((v.epoch, v.state.as_str()), (2, "available"));
+    // More writes while it is out: one region, and three (2 MiB from the
+    // middle of a region on).
+    io(Box::new(|s| {
+        s.write_at(&pattern(4, 4096), 100 * MIB as u64).unwrap();
+        s.write_at(&pattern(5, 2 * MIB), 200 * MIB as u64 + 512 * 1024)
+            .unwrap();
+        s.flush().unwrap();
+    }))
+    .await
+    .unwrap();
+    // The write that failed over (not flushed everywhere when the backup
+    // died) and the three writes since.
+    assert_eq!(store.dirty().count(), 5);
 
-    // The dead one comes back out of sync: its replica keeps epoch 1.
+    // The dead one comes back out of sync: its replica takes epoch 2, to
+    // be resynced at it, but it is not in sync (yet: the primary's host,
+    // the first replica in sync, resyncs it as soon as it can reach it).
     blockds[b1].start();
     let told = host_volumes(&mut hc, &blockds[b1].key).await.unwrap();
     assert!(!told.replicas[0].in_sync);
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let epoch_file = blockds[b1]
         .data
         .join("replicas")
         .join(format!("{id}.epoch"));
-    let text = std::fs::read_to_string(&epoch_file).unwrap();
-    assert!(text.contains("\nepoch=1\n"), "{text}");
+    let deadline = Instant::now() + WAIT;
+    while !["\nepoch=2\n", "\nepoch=3\n"]
+        .iter()
+        .any(|e| std::fs::read_to_string(&epoch_file).unwrap().contains(e))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica never took epoch 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A primary still at epoch 1 is fenced: the survivors refuse its
     // hello, and the controller refuses it a new epoch.
     let before = sum(&blockds[b2].replica(&id), 0, 4 * MIB);
-    let stale = open(1).await.unwrap();
+    let stale = open(1, backups.clone()).await.unwrap();
     assert!(stale.is_err(), "a fenced primary opened the volume");
     assert_eq!(sum(&blockds[b2].replica(&id), 0, 4 * MIB), before);
     let v = volume(&mut c, &id).await.unwrap();
-    assert_eq!(v.epoch, 2, "nothing changed for it");
+    assert!(v.epoch >= 2, "nothing went back for it");
+
+    // The volume is attached to no instance, so the first replica host in
+    // sync (the primary's) resyncs the returning one from its own copy,
+    // by checksum: only the regions written since it fell behind. The
+    // controller then has it in sync at epoch 3.
+    // (Comparing 1 GiB by checksum takes a debug build some seconds.)
+    let deadline = Instant::now() + 3 * WAIT;
+    loop {
+        let told = host_volumes(&mut hc, &blockds[b1].key).await.unwrap();
+        if told.replicas[0].in_sync {
+            assert_eq!(told.replicas[0].epoch, 3);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica was never resynced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Logged once the controller's answer is in (a moment after the
+    // controller shows it).
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let log = strip_ansi(&std::fs::read_to_string(&blockds[p].log).unwrap());
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("replica resynced and back in sync"))
+        {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no resync logged by the primary's host:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let regions = store.dirty().count();
+    assert!(
+        line.contains(&format!("regions={regions} "))
+            && line.contains(&format!("bytes={} ", regions * MIB as u64))
+            && line.contains("by_checksum=true")
+            && line.contains(&blockds[b1].host),
+        "{regions} regions: {line}"
+    );
+    let v = volume(&mut c, &id).await.unwrap();
+    assert_eq!((v.epoch, v.state.as_str()), (3, "available"));
+    // Byte-identical: every region's checksum, on every replica.
+    let sums: Vec<Vec<u32>> = [p, b1, b2]
+        .iter()
+        .map(|r| file_sums(&blockds[*r].replica(&id)))
+        .collect();
+    assert_eq!(sums[0].len(), 1024);
+    assert!(sums[1] == sums[0], "the resynced replica differs");
+    assert!(sums[2] == sums[0], "a survivor differs");
+
+    // The primary at epoch 2 is fenced by the set change; one at epoch 3
+    // writes to all three, the resynced one included.
+    io(Box::new(|s| {
+        // (A flush: a write would land on its own copy before the others
+        // refuse it.)
+        s.flush().unwrap_err();
+    }))
+    .await
+    .unwrap();
+    assert!(store.is_fenced());
+    let peers = replica_servers(&t, &blockds[p].key).await;
+    let backups: Vec<Backup> = peers
+        .iter()
+        .filter(|x| x.host_id != blockds[p].host)
+        .map(|x| Backup {
+            id: x.host_id.clone(),
+            addr: x.addr.parse().unwrap(),
+        })
+        .collect();
+    let store = std::sync::Arc::new(open(3, backups).await.unwrap().unwrap());
+    assert_eq!(store.in_sync().len(), 2);
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || {
+        s.write_at(&pattern(6, MIB), 300 * MIB as u64).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.epoch(), 3);
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.in_sync().len(), 2, "nobody dropped");
+    let want = ferro_testkit::fnv64(&pattern(6, MIB));
+    for r in [p, b1, b2] {
+        assert_eq!(sum(&blockds[r].replica(&id), 300 * MIB as u64, MIB), want);
+    }
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }

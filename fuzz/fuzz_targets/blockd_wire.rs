@@ -5,7 +5,8 @@
 //! The first input byte picks a mode. Even: the rest goes in as it is, as a
 //! hostile peer would send it. Odd: the rest has its CRCs fixed up first, so
 //! the checks behind them (lengths, kinds, fields, messages) are explored
-//! too instead of stopping at a CRC mismatch.
+//! too instead of stopping at a CRC mismatch. Every kind is reached this
+//! way, `Checksums` and `Sums` (resync) included.
 
 #![no_main]
 
@@ -51,8 +52,8 @@ fn reseal(b: &mut [u8]) {
     }
     let vend = (HEADER_LEN + usize::from(b[7])).min(b.len());
     let len = u32::from_le_bytes([b[32], b[33], b[34], b[35]]) as usize;
-    // Write, ReadData and Nack carry a payload.
-    let plen = if matches!(b[5], 2 | 5 | 7) { len } else { 0 };
+    // Write, ReadData, Nack and Sums carry a payload.
+    let plen = if matches!(b[5], 2 | 5 | 7 | 9) { len } else { 0 };
     let pend = vend.saturating_add(plen).min(b.len());
     let data_crc = crc32c(&b[vend..pend]);
     b[36..40].copy_from_slice(&data_crc.to_le_bytes());

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release --quiet
-echo "$(pwd)/target/x86_64-unknown-linux-gnu/release/ferro-test-guest"
+echo "${CARGO_TARGET_DIR:-$(pwd)/target}/x86_64-unknown-linux-gnu/release/ferro-test-guest"

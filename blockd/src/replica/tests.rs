@@ -363,3 +363,58 @@ fn set_epoch_waits_for_a_write_of_the_old_epoch_in_flight() {
     assert_eq!(&buf, b"old");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn checksums_cover_each_region_of_the_range_at_the_current_epoch_only() {
+    let (dir, r) = replica("sums", 2);
+    r.handle(&write(2, 4096, b"changed"));
+    let ask = |epoch, offset, len| {
+        r.handle(&frame(
+            epoch,
+            Body::Checksums {
+                offset,
+                len,
+                region_shift: 12,
+            },
+        ))
+        .body
+    };
+    let zeros = wire::crc32c(&[0; 4096]);
+    let mut one = vec![0u8; 4096];
+    one[..7].copy_from_slice(b"changed");
+    let Body::Sums {
+        offset,
+        region_shift,
+        sums,
+    } = ask(2, 0, 3 * 4096 + 100)
+    else {
+        panic!("no sums");
+    };
+    assert_eq!((offset, region_shift), (0, 12));
+    assert_eq!(
+        sums,
+        [zeros, wire::crc32c(&one), zeros, wire::crc32c(&[0; 100])]
+    );
+    // Fenced, ahead, or past the end: refused like a read.
+    for (epoch, offset, want) in [
+        (1, 0, NackCode::Fenced),
+        (3, 0, NackCode::EpochAhead),
+        (2, CAP - 4096, NackCode::OutOfRange),
+    ] {
+        match ask(epoch, offset, 8192) {
+            Body::Nack { code, .. } => assert_eq!(code, want),
+            other => panic!("{other:?}"),
+        }
+    }
+    // An answer is not a request.
+    let sums = Body::Sums {
+        offset: 0,
+        region_shift: 12,
+        sums: vec![],
+    };
+    assert_eq!(
+        code(decide(2, CAP, &frame(2, sums))),
+        Some(NackCode::BadFrame)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,6 +34,16 @@ fn every_kind() -> Vec<Frame> {
             request_epoch: 6,
             message: "epoch 6 is older than 7".into(),
         }),
+        frame(Body::Checksums {
+            offset: 1 << 20,
+            len: 4 << 20,
+            region_shift: 20,
+        }),
+        frame(Body::Sums {
+            offset: 1 << 20,
+            region_shift: 20,
+            sums: vec![0xdead_beef, 0, 7, u32::MAX],
+        }),
     ]
 }
 
@@ -102,8 +112,8 @@ fn bad_magic_version_and_kind_fail_early() {
     let mut b = bytes.clone();
     b[5] = 0;
     assert_eq!(decode(&b[..6]), Err(WireError::BadKind(0)));
-    b[5] = 8;
-    assert_eq!(decode(&b), Err(WireError::BadKind(8)));
+    b[5] = 10;
+    assert_eq!(decode(&b), Err(WireError::BadKind(10)));
 }
 
 #[test]
@@ -215,6 +225,59 @@ fn volume_ids_are_bounded_and_safe_as_file_names() {
     b[HEADER_LEN] = b'/';
     reseal(&mut b);
     assert_eq!(decode(&b), Err(WireError::BadVolumeId));
+}
+
+#[test]
+fn checksum_frames_need_a_region_shift_in_range_and_whole_sums() {
+    for shift in [0, 8, 23, 255] {
+        let body = Body::Checksums {
+            offset: 0,
+            len: 512,
+            region_shift: shift,
+        };
+        assert!(matches!(
+            encode(&frame(body)),
+            Err(WireError::BadCode { code, .. }) if code == shift
+        ));
+    }
+    let ok = Body::Checksums {
+        offset: 0,
+        len: 4096,
+        region_shift: 9,
+    };
+    let good = encode(&frame(ok)).unwrap();
+    // A shift out of range on the wire.
+    let mut b = good.clone();
+    b[6] = 30;
+    reseal(&mut b);
+    assert!(matches!(
+        decode(&b),
+        Err(WireError::BadCode { code: 30, .. })
+    ));
+    // More than a payload's worth, or a range that overflows.
+    let mut b = good.clone();
+    b[32..36].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(decode(&b), Err(WireError::TooLong { .. })));
+    let mut b = good.clone();
+    b[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
+    reseal(&mut b);
+    assert!(matches!(decode(&b), Err(WireError::Overflow { .. })));
+    // Sums must be whole u32s.
+    let sums = Body::Sums {
+        offset: 0,
+        region_shift: 9,
+        sums: vec![1, 2],
+    };
+    let mut b = encode(&frame(sums)).unwrap();
+    b[32..36].copy_from_slice(&7u32.to_le_bytes());
+    reseal(&mut b);
+    assert_eq!(decode(&b), Err(WireError::BadSums(7)));
+    // Checksums carries no payload, so no data CRC.
+    let mut b = good;
+    b[36] = 1;
+    reseal(&mut b);
+    assert!(matches!(decode(&b), Err(WireError::NonZero { .. })));
 }
 
 #[test]

@@ -249,6 +249,29 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         Ok(Response::new(pb::RemoveVolumeReplicaResponse { epoch }))
     }
 
+    async fn add_volume_replica(
+        &self,
+        req: Request<pb::AddVolumeReplicaRequest>,
+    ) -> Result<Response<pb::AddVolumeReplicaResponse>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let r = req.into_inner();
+        let out = self
+            .ctl
+            .write(Command::AddReplica {
+                volume_id: r.volume_id,
+                epoch: r.epoch,
+                replica: r.replica_host_id,
+                caller: key.host_id,
+            })
+            .await
+            .map_err(status)?;
+        let Output::Epoch(epoch) = out else {
+            return Err(Status::internal("AddReplica returned no epoch"));
+        };
+        Ok(Response::new(pb::AddVolumeReplicaResponse { epoch }))
+    }
+
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,

@@ -30,6 +30,7 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
             deleting: v.state == VolumeState::Deleting,
             in_sync: !v.out_of_sync.contains(host_id),
             peers: peers(s, v),
+            resync: to_resync(s, v, host_id),
         })
         .collect();
     let serve = s
@@ -53,6 +54,29 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
         replicas,
         serve,
     }
+}
+
+/// The replicas of `v` out of sync that `host_id` is to resync: all of
+/// them when no live instance has `v` attached (its serving host resyncs
+/// them otherwise), `v` is not being deleted, and `host_id` is its first
+/// replica in sync; else none.
+pub fn to_resync(s: &ClusterState, v: &Volume, host_id: &str) -> Vec<String> {
+    let served = v
+        .attachment
+        .as_ref()
+        .and_then(|a| s.instances.get(&a.instance_id))
+        .is_some_and(|i| !i.is_final());
+    if served
+        || v.state == VolumeState::Deleting
+        || v.in_sync().next().map(String::as_str) != Some(host_id)
+    {
+        return Vec::new();
+    }
+    v.replicas
+        .iter()
+        .filter(|r| v.out_of_sync.contains(*r))
+        .cloned()
+        .collect()
 }
 
 /// Every replica of `v`, in placement order, with its replica server.

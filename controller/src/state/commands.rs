@@ -425,6 +425,19 @@ pub enum Command {
         /// The host asking (a replica host of the volume, in sync).
         caller: String,
     },
+    /// A volume's primary has resynced an out-of-sync replica at `epoch`:
+    /// if that is still the volume's epoch, the replica is back in sync
+    /// and the epoch is raised (else the caller was fenced).
+    AddReplica {
+        /// The volume.
+        volume_id: String,
+        /// The epoch the caller holds (and resynced at).
+        epoch: u64,
+        /// The resynced replica's host.
+        replica: String,
+        /// The host asking (serving the volume, or in sync).
+        caller: String,
+    },
     /// A host's blockd reports where its replica server listens.
     SetBlockdAddr {
         /// The host.
@@ -467,7 +480,7 @@ pub enum Output {
     Changes(Vec<StateChange>),
     /// How many records changed.
     Count(u32),
-    /// A volume's epoch (after RemoveReplica).
+    /// A volume's epoch (after RemoveReplica or AddReplica).
     Epoch(u64),
     /// An image.
     Image(Image),

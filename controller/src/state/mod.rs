@@ -302,6 +302,12 @@ impl ferro_raft::StateMachine for ClusterState {
                 replica,
                 caller,
             } => self.remove_replica(&volume_id, epoch, &replica, &caller),
+            Command::AddReplica {
+                volume_id,
+                epoch,
+                replica,
+                caller,
+            } => self.add_replica(&volume_id, epoch, &replica, &caller),
             Command::SetBlockdAddr { host_id, addr } => {
                 let Some(h) = self.hosts.get_mut(&host_id) else {
                     return Err(E::NotFound(format!("host_id: no host {host_id:?}")));

@@ -135,12 +135,14 @@ pub fn attachments_of(s: &ClusterState, id: &str) -> Vec<(String, VolumeAttachme
     v
 }
 
-/// Whether a host reporting `held` holds its replica of `v`: at `v`'s
-/// epoch, or at any while `v` is being deleted.
-fn holds(v: &Volume, held: &BTreeMap<String, u64>) -> bool {
+/// Whether host `host_id` reporting `held` holds its replica of `v`: in
+/// sync at `v`'s epoch, or at any while `v` is being deleted. (A replica
+/// out of sync takes the epoch too, to be resynced, but is not held until
+/// it is back in sync.)
+fn holds(v: &Volume, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
     match held.get(&v.id) {
         Some(_) if v.state == VolumeState::Deleting => true,
-        Some(&epoch) => epoch >= v.epoch,
+        Some(&epoch) => epoch >= v.epoch && !v.out_of_sync.contains(host_id),
         None => false,
     }
 }
@@ -420,7 +422,7 @@ impl ClusterState {
             if !v.replicas.iter().any(|r| r == host_id) {
                 continue;
             }
-            let holds = holds(v, held);
+            let holds = holds(v, host_id, held);
             let before = (v.state, v.held.contains(host_id));
             if holds {
                 v.held.insert(host_id.to_string());
@@ -506,6 +508,56 @@ impl ClusterState {
         Ok(Output::Epoch(v.epoch))
     }
 
+    /// Volume `volume_id`'s primary `caller`, holding `epoch`, has resynced
+    /// the out-of-sync replica host `replica` (copied every region it
+    /// missed). When `epoch` is still the volume's, `replica` is back in
+    /// the in-sync set and the epoch goes up by one (returned), so the set
+    /// change is fenced like a removal: a primary that did not make it
+    /// can no longer write. Refused: a caller neither serving the volume
+    /// nor in sync, an older or newer epoch, and a replica that is not one
+    /// of the volume's out of sync.
+    pub(super) fn add_replica(
+        &mut self,
+        volume_id: &str,
+        epoch: u64,
+        replica: &str,
+        caller: &str,
+    ) -> Response {
+        let v = self.volume(volume_id)?;
+        let serving = v
+            .attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == caller);
+        if !serving && !v.in_sync().any(|r| r == caller) {
+            return Err(E::PermissionDenied(format!(
+                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
+            )));
+        }
+        if epoch != v.epoch {
+            return Err(E::FailedPrecondition(format!(
+                "epoch: {epoch} is not {volume_id}'s current epoch {}",
+                v.epoch
+            )));
+        }
+        if !v.out_of_sync.contains(replica) || !v.replicas.iter().any(|r| r == replica) {
+            return invalid(format!(
+                "replica_host_id: {replica} is not a replica of {volume_id} out of sync"
+            ));
+        }
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        v.out_of_sync.remove(replica);
+        v.epoch += 1;
+        tracing::info!(
+            volume_id,
+            replica,
+            caller,
+            epoch = v.epoch,
+            "replica resynced, back in sync: epoch raised"
+        );
+        Ok(Output::Epoch(v.epoch))
+    }
+
     /// Whether [`Self::report_replicas`] would change anything (so that a
     /// report that changes nothing writes nothing to the log).
     pub fn replicas_report_changes(&self, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
@@ -514,7 +566,7 @@ impl ClusterState {
         self.volumes
             .values()
             .filter(|v| v.replicas.iter().any(|r| r == host_id))
-            .any(|v| holds(v, held) != v.held.contains(host_id))
+            .any(|v| holds(v, host_id, held) != v.held.contains(host_id))
     }
 
     pub(super) fn attach_volume(
@@ -580,7 +632,19 @@ impl ClusterState {
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         v.attachment = Some(a.clone());
         v.state = VolumeState::InUse;
-        tracing::info!(volume_id, instance_id, device, "volume attached");
+        if !v.out_of_sync.is_empty() {
+            // A replica host may be resyncing the others as no one's
+            // primary: the new epoch fences it (its copying and its
+            // AddReplica), so only the serving host's resync counts.
+            v.epoch += 1;
+        }
+        tracing::info!(
+            volume_id,
+            instance_id,
+            device,
+            epoch = v.epoch,
+            "volume attached"
+        );
         Ok(Output::Attachment {
             volume_id: volume_id.into(),
             attachment: a,
@@ -880,6 +944,121 @@ mod tests {
         assert!(!s.volumes["vol-1"].held.contains("h3"));
         report(&mut s, "h1", held(2));
         assert!(s.volumes["vol-1"].held.contains("h1"));
+    }
+
+    #[test]
+    fn a_resynced_replica_is_put_back_in_sync_only_by_a_primary_at_the_epoch() {
+        let (mut s, _) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let cmd = |remove: bool, epoch, replica: &str, caller: &str| {
+            let (volume_id, replica, caller) = ("vol-1".into(), replica.into(), caller.into());
+            if remove {
+                Command::RemoveReplica {
+                    volume_id,
+                    epoch,
+                    replica,
+                    caller,
+                }
+            } else {
+                Command::AddReplica {
+                    volume_id,
+                    epoch,
+                    replica,
+                    caller,
+                }
+            }
+        };
+        // Nothing is out of sync yet: nothing to put back.
+        let e = s.apply(cmd(false, 1, "h3", "h2")).unwrap_err();
+        assert!(e.to_string().contains("replica_host_id"), "{e}");
+        assert_eq!(s.apply(cmd(true, 1, "h3", "h2")).unwrap(), Output::Epoch(2));
+        // h3 comes back and reports the epoch it was given: not held while
+        // out of sync.
+        let held = |e: u64| BTreeMap::from([("vol-1".to_string(), e)]);
+        report(&mut s, "h3", held(2));
+        assert!(!s.volumes["vol-1"].held.contains("h3"));
+        let before = s.clone();
+        for (epoch, replica, caller, want) in [
+            // The replica itself, out of sync, or a host without a replica.
+            (2, "h3", "h3", "host h3 neither serves"),
+            (2, "h3", "h4", "host h4 neither serves"),
+            // An older epoch (fenced) or one never granted.
+            (1, "h3", "h2", "epoch: 1 is not"),
+            (3, "h3", "h2", "epoch: 3 is not"),
+            // Unknown hosts, or replicas already in sync.
+            (2, "h9", "h2", "replica_host_id"),
+            (2, "h1", "h2", "replica_host_id"),
+            (2, "", "h2", "replica_host_id"),
+        ] {
+            let e = s.apply(cmd(false, epoch, replica, caller)).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        let e = s.apply(cmd(false, 1, "h3", "h2")).unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        let e = s.apply(cmd(false, 2, "h3", "h4")).unwrap_err();
+        assert!(matches!(e, E::PermissionDenied(_)), "{e}");
+        assert_eq!(s, before, "nothing changed");
+        // Any in-sync replica host may; the epoch goes up once more.
+        assert_eq!(
+            s.apply(cmd(false, 2, "h3", "h1")).unwrap(),
+            Output::Epoch(3)
+        );
+        let v = &s.volumes["vol-1"];
+        assert_eq!(v.in_sync().collect::<Vec<_>>(), ["h2", "h3", "h1"]);
+        assert!(v.out_of_sync.is_empty());
+        // Not twice; and the primary of the epoch before is fenced.
+        let e = s.apply(cmd(false, 3, "h3", "h2")).unwrap_err();
+        assert!(e.to_string().contains("replica_host_id"), "{e}");
+        let e = s.apply(cmd(true, 2, "h3", "h2")).unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        // Held once it reports the new epoch.
+        report(&mut s, "h3", held(3));
+        assert!(s.volumes["vol-1"].held.contains("h3"));
+    }
+
+    #[test]
+    fn the_first_replica_in_sync_resyncs_an_unattached_volume_and_attaching_fences_it() {
+        use crate::api::hostvol::host_volumes;
+        let (mut s, inst) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let told = |s: &ClusterState, h: &str| host_volumes(s, h).replicas[0].resync.clone();
+        let nobody = Vec::<String>::new();
+        for h in ["h1", "h2", "h3"] {
+            assert_eq!(told(&s, h), nobody, "{h}: nothing out of sync");
+        }
+        // h2, the first in placement, drops h3: h2 is told to resync it.
+        s.apply(Command::RemoveReplica {
+            volume_id: "vol-1".into(),
+            epoch: 1,
+            replica: "h3".into(),
+            caller: "h2".into(),
+        })
+        .unwrap();
+        assert_eq!(told(&s, "h2"), ["h3"]);
+        assert_eq!(told(&s, "h1"), nobody);
+        assert_eq!(told(&s, "h3"), nobody);
+        // Attached: its serving host resyncs; the epoch moves on, so a
+        // resync begun at epoch 2 cannot put h3 back.
+        attach(&mut s, "vol-1", &inst, "/dev/vdb", false).unwrap();
+        assert_eq!(s.volumes["vol-1"].epoch, 3);
+        assert_eq!(told(&s, "h2"), nobody);
+        let e = s
+            .apply(Command::AddReplica {
+                volume_id: "vol-1".into(),
+                epoch: 2,
+                replica: "h3".into(),
+                caller: "h2".into(),
+            })
+            .unwrap_err();
+        assert!(matches!(e, E::FailedPrecondition(_)), "{e}");
+        // Detached again: back to the first replica in sync.
+        detach(&mut s, "vol-1", false).unwrap();
+        assert_eq!(told(&s, "h2"), ["h3"]);
+        // Being deleted: nothing to resync.
+        s.apply(Command::DeleteVolume { id: "vol-1".into() })
+            .unwrap();
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Deleting);
+        assert_eq!(told(&s, "h2"), nobody);
     }
 
     #[test]

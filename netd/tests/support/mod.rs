@@ -311,6 +311,14 @@ impl Hosts for FakeHosts {
     {
         Err(tonic::Status::unimplemented("fake controller"))
     }
+
+    async fn add_volume_replica(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::AddVolumeReplicaRequest>,
+    ) -> Result<tonic::Response<ferro_proto::compute::v1::AddVolumeReplicaResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("fake controller"))
+    }
 }
 
 /// One host: a namespace running netd.
