@@ -104,6 +104,29 @@ impl<R: Replicator<ClusterState>> HostsService<R> {
     pub fn new(ctl: Arc<Controller<R>>) -> Self {
         Self { ctl }
     }
+
+    /// A change of a volume's in-sync set asked by the host whose key hash
+    /// is `key_hash` (the state machine checks it may, at `epoch`): the
+    /// volume's new epoch.
+    async fn replica_set_change(
+        &self,
+        key_hash: String,
+        volume_id: String,
+        epoch: u64,
+        replica: String,
+        change: impl FnOnce(String, u64, String, String) -> Command,
+    ) -> Result<u64, Status> {
+        let key = self.ctl.authenticate_host(key_hash).await.map_err(status)?;
+        let out = self
+            .ctl
+            .write(change(volume_id, epoch, replica, key.host_id))
+            .await
+            .map_err(status)?;
+        match out {
+            Output::Epoch(epoch) => Ok(epoch),
+            _ => Err(Status::internal("a replica set change returned no epoch")),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -230,22 +253,17 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         &self,
         req: Request<pb::RemoveVolumeReplicaRequest>,
     ) -> Result<Response<pb::RemoveVolumeReplicaResponse>, Status> {
-        let hash = caller(&req)?;
-        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let host = caller(&req)?;
         let r = req.into_inner();
-        let out = self
-            .ctl
-            .write(Command::RemoveReplica {
-                volume_id: r.volume_id,
-                epoch: r.epoch,
-                replica: r.replica_host_id,
-                caller: key.host_id,
-            })
-            .await
-            .map_err(status)?;
-        let Output::Epoch(epoch) = out else {
-            return Err(Status::internal("RemoveReplica returned no epoch"));
+        let change = |volume_id, epoch, replica, caller| Command::RemoveReplica {
+            volume_id,
+            epoch,
+            replica,
+            caller,
         };
+        let epoch = self
+            .replica_set_change(host, r.volume_id, r.epoch, r.replica_host_id, change)
+            .await?;
         Ok(Response::new(pb::RemoveVolumeReplicaResponse { epoch }))
     }
 
@@ -253,22 +271,17 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         &self,
         req: Request<pb::AddVolumeReplicaRequest>,
     ) -> Result<Response<pb::AddVolumeReplicaResponse>, Status> {
-        let hash = caller(&req)?;
-        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let host = caller(&req)?;
         let r = req.into_inner();
-        let out = self
-            .ctl
-            .write(Command::AddReplica {
-                volume_id: r.volume_id,
-                epoch: r.epoch,
-                replica: r.replica_host_id,
-                caller: key.host_id,
-            })
-            .await
-            .map_err(status)?;
-        let Output::Epoch(epoch) = out else {
-            return Err(Status::internal("AddReplica returned no epoch"));
+        let change = |volume_id, epoch, replica, caller| Command::AddReplica {
+            volume_id,
+            epoch,
+            replica,
+            caller,
         };
+        let epoch = self
+            .replica_set_change(host, r.volume_id, r.epoch, r.replica_host_id, change)
+            .await?;
         Ok(Response::new(pb::AddVolumeReplicaResponse { epoch }))
     }
 

@@ -451,6 +451,31 @@ impl ClusterState {
         changed
     }
 
+    /// Volume `volume_id`, when `caller` may act as its primary (the host
+    /// serving it to its instance, or a replica host in sync) at `epoch`,
+    /// its current one; else PermissionDenied, or FailedPrecondition for
+    /// an older (fenced) or never granted epoch.
+    fn primary_at(&self, volume_id: &str, epoch: u64, caller: &str) -> Result<&Volume, StateError> {
+        let v = self.volume(volume_id)?;
+        let serving = v
+            .attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == caller);
+        if !serving && !v.in_sync().any(|r| r == caller) {
+            return Err(E::PermissionDenied(format!(
+                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
+            )));
+        }
+        if epoch != v.epoch {
+            return Err(E::FailedPrecondition(format!(
+                "epoch: {epoch} is not {volume_id}'s current epoch {} (fenced)",
+                v.epoch
+            )));
+        }
+        Ok(v)
+    }
+
     /// Volume `volume_id`'s primary `caller`, holding `epoch`, reports
     /// replica host `replica` failed. When `epoch` is the volume's current
     /// one, `replica` leaves the in-sync set and the epoch goes up by one
@@ -466,25 +491,7 @@ impl ClusterState {
         replica: &str,
         caller: &str,
     ) -> Response {
-        let v = self.volume(volume_id)?;
-        // The primary: the host serving the volume to its instance, or a
-        // replica host in sync.
-        let serving = v
-            .attachment
-            .as_ref()
-            .and_then(|a| self.instances.get(&a.instance_id))
-            .is_some_and(|i| i.host_id == caller);
-        if !serving && !v.in_sync().any(|r| r == caller) {
-            return Err(E::PermissionDenied(format!(
-                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
-            )));
-        }
-        if epoch != v.epoch {
-            return Err(E::FailedPrecondition(format!(
-                "epoch: {epoch} is fenced: {volume_id} is at epoch {}",
-                v.epoch
-            )));
-        }
+        let v = self.primary_at(volume_id, epoch, caller)?;
         if replica == caller || !v.in_sync().any(|r| r == replica) {
             return invalid(format!(
                 "replica_host_id: {replica} is not another in-sync replica of {volume_id}"
@@ -523,23 +530,7 @@ impl ClusterState {
         replica: &str,
         caller: &str,
     ) -> Response {
-        let v = self.volume(volume_id)?;
-        let serving = v
-            .attachment
-            .as_ref()
-            .and_then(|a| self.instances.get(&a.instance_id))
-            .is_some_and(|i| i.host_id == caller);
-        if !serving && !v.in_sync().any(|r| r == caller) {
-            return Err(E::PermissionDenied(format!(
-                "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
-            )));
-        }
-        if epoch != v.epoch {
-            return Err(E::FailedPrecondition(format!(
-                "epoch: {epoch} is not {volume_id}'s current epoch {}",
-                v.epoch
-            )));
-        }
+        let v = self.primary_at(volume_id, epoch, caller)?;
         if !v.out_of_sync.contains(replica) || !v.replicas.iter().any(|r| r == replica) {
             return invalid(format!(
                 "replica_host_id: {replica} is not a replica of {volume_id} out of sync"
@@ -920,7 +911,7 @@ mod tests {
         let before = s.clone();
         for (epoch, replica, caller, want) in [
             (1, "h3", "h4", "host h4 neither serves"),
-            (0, "h3", "h2", "epoch: 0 is fenced"),
+            (0, "h3", "h2", "epoch: 0 is not"),
             (1, "h2", "h2", "replica_host_id"),
             (1, "h9", "h2", "replica_host_id"),
         ] {
