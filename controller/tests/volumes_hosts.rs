@@ -124,6 +124,29 @@ async fn attach(c: &mut Client, key: &str, vol: &str, id: &str) {
     c.attach_volume(authed(key, req)).await.unwrap();
 }
 
+/// The highest round of a writing `ferro.blkloop=` in `console` whose
+/// write and flush were acknowledged.
+fn last_round(console: &str) -> u64 {
+    console
+        .lines()
+        .filter(|l| l.contains(" write=0 flush=0 "))
+        .filter_map(|l| l.split(" loop=").nth(1)?.split(' ').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The round number a writing `ferro.blkloop=` left in a replica file
+/// (bytes 16..24 of its first block).
+fn round_in(path: &Path) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .read_exact_at(&mut b, 16)
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
 /// Waits (up to 20 s) until `path` is gone.
 fn wait_gone(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -224,7 +247,10 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     // volume id; the reader only reads every disk's first sector.
     for (name, cmdline) in [
         ("writer", format!("ferro.exit=idle ferro.write={vol}")),
-        ("reader", format!("ferro.exit=idle ferro.blkloop={vol}")),
+        (
+            "reader",
+            format!("ferro.exit=idle ferro.blkloop={vol} ferro.blkwrite=1"),
+        ),
     ] {
         c.register_image(authed(&key, guest_image(name, &guest, &cmdline)))
             .await
@@ -284,7 +310,7 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     // kill -9 of the reader host's blockd while its guest reads in a loop:
     // the guest's I/O waits until blockd is back and serves the volume
     // again, then goes on with the same data; the VMM lives on.
-    let looped = |n: u64| format!("blk serial={vol} loop={n} fnv64={hash}");
+    let looped = |n: u64| format!("blk serial={vol} loop={n} write=0 flush=0 fnv64=");
     wait_console(&mut c, &key, &reader, &[looped(3)], &logs).await;
     let rhost = hosts
         .iter_mut()
@@ -294,18 +320,7 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     let _ = blockd.proc.0.kill();
     let _ = blockd.proc.0.wait();
     let out = common::vpc::console(&mut c, &key, &reader).await;
-    let last = out
-        .lines()
-        .filter_map(|l| {
-            l.split(" loop=")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
+    let last = last_round(&out);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ns = rhost.ns.clone();
     rhost.blockd.as_mut().unwrap().restart(&ns);
@@ -358,6 +373,68 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
         let replica = h.blockd_dir.join("replicas").join(format!("{mapping}.vol"));
         wait_gone(&replica);
     }
+
+    // The other host dies whole (agent, netd and blockd killed) while the
+    // reader's guest writes in a loop: the primary on the reader's host
+    // cannot reach that backup, the controller drops it from the in-sync
+    // set at a new epoch, and the guest's writes go on. Every round the
+    // guest saw acknowledged is on the surviving replica.
+    let w = hosts.iter().position(|h| h.host_id != rh).unwrap();
+    let r = 1 - w;
+    let before = last_round(&common::vpc::console(&mut c, &key, &reader).await);
+    {
+        let h = &mut hosts[w];
+        for d in [&mut h.agent, &mut h.netd, h.blockd.as_mut().unwrap()] {
+            let _ = d.proc.0.kill();
+            let _ = d.proc.0.wait();
+        }
+    }
+    wait_console(&mut c, &key, &reader, &[looped(before + 10)], &logs).await;
+    stop(&mut c, &key, &reader, &logs).await;
+    let acked = last_round(&common::vpc::console(&mut c, &key, &reader).await);
+    let files: Vec<std::path::PathBuf> = hosts
+        .iter()
+        .map(|h| h.blockd_dir.join("replicas").join(format!("{vol}.vol")))
+        .collect();
+    let replica = |h: usize| files[h].clone();
+    let on_survivor = round_in(&replica(r));
+    assert!(
+        on_survivor >= acked,
+        "round {acked} was acknowledged, the surviving replica has {on_survivor}"
+    );
+    // The host comes back: the primary resyncs its replica (only what it
+    // missed), which then has the same data as the survivor's.
+    {
+        let h = &mut hosts[w];
+        let ns = h.ns.clone();
+        h.agent.restart(&ns);
+        h.netd.restart(&ns);
+        h.blockd.as_mut().unwrap().restart(&ns);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sum(&replica(w), 0, 1 << 20) != sum(&replica(r), 0, 1 << 20) {
+        assert!(
+            Instant::now() < deadline,
+            "the returning replica was never resynced\n{}",
+            log_tails(&logs)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(round_in(&replica(w)), on_survivor);
+    // (Restarted above: its log since then.)
+    let blockd_log =
+        std::fs::read_to_string(dir.join(format!("blockd-{}.restarted.log", r + 1))).unwrap();
+    assert!(
+        blockd_log.contains("replica resynced and back in sync"),
+        "the primary logged no resync:\n{blockd_log}"
+    );
+    for l in blockd_log
+        .lines()
+        .filter(|l| l.contains("replica resynced"))
+    {
+        eprintln!("volumes_hosts: {l}");
+    }
+    eprintln!("volumes_hosts: rounds acknowledged {acked}, on the survivor {on_survivor}");
 
     // Deleting an in-use volume is refused; once detached it goes, with
     // both replicas.

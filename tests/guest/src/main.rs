@@ -109,6 +109,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     };
     let write_list = cmdline_value(cmdline, "ferro.write").unwrap_or("");
     let blk_loop = cmdline_value(cmdline, "ferro.blkloop");
+    let blk_write = cmdline_value(cmdline, "ferro.blkwrite") == Some("1");
 
     // Interrupts: legacy PICs off, local APIC on, 100 Hz timer, IF=1 from
     // here on.
@@ -218,7 +219,7 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
         // A disk attached only at some starts (a volume): without it, say so
         // and go on.
         match disks.iter_mut().flatten().find(|b| b.serial() == serial) {
-            Some(blk) => blk_loop_forever(blk),
+            Some(blk) => blk_loop_forever(blk, blk_write),
             None => say!("blk loop: no disk serial={serial}"),
         }
     }
@@ -230,11 +231,20 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
 }
 
 /// `ferro.blkloop=`: read sector 0 every 200 ms forever, each read waiting
-/// up to 60 s, and print its hash.
-fn blk_loop_forever(blk: &mut Blk) -> ! {
+/// up to 60 s, and print its hash. With `ferro.blkwrite=1` each round
+/// first writes [`loop_pattern`] of its number and flushes it (each
+/// waiting up to 60 s), and prints both statuses: a line is printed only
+/// once the write is acknowledged.
+fn blk_loop_forever(blk: &mut Blk, write: bool) -> ! {
     for n in 1u64.. {
-        let hash = fnv1a64(check(blk.read_start_within(60_000)));
-        say!("blk serial={} loop={n} fnv64={hash:016x}", blk.serial());
+        if write {
+            let (w, f) = check(blk.write_flush_within(&loop_pattern(n), 60_000));
+            let hash = fnv1a64(check(blk.read_start_within(60_000)));
+            say!("blk serial={} loop={n} write={w} flush={f} fnv64={hash:016x}", blk.serial());
+        } else {
+            let hash = fnv1a64(check(blk.read_start_within(60_000)));
+            say!("blk serial={} loop={n} fnv64={hash:016x}", blk.serial());
+        }
         let pause = virtio::Deadline::after_ms(200);
         while !pause.passed() {
             core::hint::spin_loop();
@@ -308,6 +318,14 @@ impl CtrlAltDel {
 
 /// The 4096 bytes written by `ferro.write=`: byte `i` is `i as u8 ^ 0x5a`,
 /// then the first 16 bytes are `FERRO-GUEST-WROTE`[..16].
+/// The block round `n` of a writing `ferro.blkloop=` writes: the
+/// `ferro.write=` pattern with bytes 16..24 holding `n` (little endian).
+fn loop_pattern(n: u64) -> [u8; IO_LEN] {
+    let mut p = write_pattern();
+    p[16..24].copy_from_slice(&n.to_le_bytes());
+    p
+}
+
 fn write_pattern() -> [u8; IO_LEN] {
     let mut p = [0u8; IO_LEN];
     for (i, b) in p.iter_mut().enumerate() {

@@ -130,6 +130,19 @@ impl Blk {
         self.request(T_OUT, 0, IO_LEN as u32, false)
     }
 
+    /// Like [`Blk::write_start`] then [`Blk::flush`], each waiting up to
+    /// `timeout_ms` (for a backend that restarts or fails over under the
+    /// loop of `ferro.blkloop=` with `ferro.blkwrite=1`); both statuses.
+    pub fn write_flush_within(&mut self, pattern: &[u8; IO_LEN], timeout_ms: u64) -> Result<(u8, u8)> {
+        // SAFETY: our 4 KiB DMA buffer; no request is in flight.
+        unsafe { core::ptr::copy_nonoverlapping(pattern.as_ptr(), self.data as *mut u8, IO_LEN) };
+        let write = self.request_within(T_OUT, 0, IO_LEN as u32, false, timeout_ms)?;
+        if self.dev.features & F_FLUSH == 0 {
+            return Ok((write, S_UNSUPP));
+        }
+        Ok((write, self.request_within(T_FLUSH, 0, 0, false, timeout_ms)?))
+    }
+
     /// Flushes the write cache; `S_UNSUPP` without sending when the device
     /// did not offer `VIRTIO_BLK_F_FLUSH`.
     pub fn flush(&mut self) -> Result<u8> {
