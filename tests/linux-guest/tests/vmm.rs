@@ -20,6 +20,17 @@ fn kernel() -> GuestKernel {
 /// Build the L2 image (`l2_script` as its /init body) and the L1 image
 /// (`l1_script`, with the L2 kernels and image under /l2), then boot L1.
 fn run(name: &str, l2_script: &str, l1_script: &str, qemu: impl Fn(Qemu) -> Qemu) -> Console {
+    run_with(name, l2_script, l1_script, qemu, |_| {})
+}
+
+/// [`run`], with `extra` adding to L1's userland.
+fn run_with(
+    name: &str,
+    l2_script: &str,
+    l1_script: &str,
+    qemu: impl Fn(Qemu) -> Qemu,
+    extra: impl FnOnce(&mut L1),
+) -> Console {
     let k = kernel();
     let dir = work_dir(&ferro_testkit::workspace_root(), name);
     let l2_img = l2(&k, VIRTIO_MODULES, l2_script)
@@ -33,6 +44,7 @@ fn run(name: &str, l2_script: &str, l1_script: &str, qemu: impl Fn(Qemu) -> Qemu
         .file(&k.vmlinux, "l2/vmlinux")
         .file(&k.bzimage, "l2/bzImage")
         .file(&l2_img, "l2/initrd");
+    extra(&mut l1);
     l1.script(l1_script);
     let img = l1.write(&dir.join("l1.cpio")).unwrap();
     let q = qemu(Qemu::new(&k.bzimage, &img).timeout(Duration::from_secs(400)));
@@ -235,4 +247,85 @@ check vmm_exit_0 [ "$VMM_RC" = 0 ]
         "cad_reached_linux",
         "vmm_exit_0",
     ]);
+}
+
+/// A volume served by `ferro-blockd` over vhost-user-blk (guest memory in
+/// memfds shared with it): Linux's own virtio_blk driver writes and reads
+/// back a pattern in thousands of O_DIRECT requests and makes a
+/// filesystem; after its VM powers off (the volume "detached"), a second
+/// VM on the same volume ("attached" again) mounts that filesystem and
+/// reads the file and the pattern back.
+#[test]
+fn linux_on_a_vhost_user_volume_keeps_its_filesystem_across_attachments() {
+    let l2_script = r#"
+check vda_serial [ "$(cat /sys/block/vda/serial)" = vol0 ]
+check vda_flush grep -q "write back" /sys/block/vda/queue/write_cache
+mkdir -p /mnt
+if grep -q ferro.phase=1 /proc/cmdline; then
+  dd if=/dev/urandom of=/pat bs=1M count=8 2>/dev/null
+  P=$(md5sum < /pat | cut -d' ' -f1); value pat_md5 "$P"
+  # At 32 MiB, past the filesystem: 4 KiB and 64 KiB requests, flushed.
+  dd if=/pat of=/dev/vda bs=4096 seek=8192 count=1024 oflag=direct 2>/dev/null
+  dd if=/pat of=/dev/vda bs=65536 skip=64 seek=576 count=64 oflag=direct conv=fsync 2>/dev/null
+  check pattern_read_back [ "$(dd if=/dev/vda bs=131072 skip=256 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)" = "$P" ]
+  check mkfs mke2fs /dev/vda 16384
+  check mount_new mount -t ext2 /dev/vda /mnt
+  echo hello-volume > /mnt/hello; cp /pat /mnt/pat; umount /mnt; sync
+else
+  check mount_again mount -t ext2 /dev/vda /mnt
+  check file_survives [ "$(cat /mnt/hello)" = hello-volume ]
+  value fs_pat_md5 "$(md5sum < /mnt/pat | cut -d' ' -f1)"
+  value raw_pat_md5 "$(dd if=/dev/vda bs=131072 skip=256 count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+  umount /mnt
+fi
+poweroff -f
+"#;
+    let l1_script = format!(
+        r#"
+truncate -s 64M /vol.img
+/bin/ferro-blockd --volume id=vol0,path=/vol.img,size=64M,socket=/vol.sock > /blockd.log 2>&1 &
+n=0; until [ -S /vol.sock ] || [ $n -gt 300 ]; do sleep 0.1; n=$((n + 1)); done
+check blockd_serves [ -S /vol.sock ]
+for phase in 1 2; do
+  vmm_start --kernel /l2/vmlinux --initrd /l2/initrd --memory 256 --vcpus 1 --serial stdout \
+    --vhost-user-blk socket=/vol.sock,id=vol0 --cmdline "{L2_CMDLINE} ferro.phase=$phase"
+  vmm_wait 300
+  check vmm${{phase}}_exit_0 [ "$VMM_RC" = 0 ]
+done
+value file_pat_md5 "$(dd if=/vol.img bs=131072 skip=256 count=64 2>/dev/null | md5sum | cut -d' ' -f1)"
+cat /blockd.log
+"#
+    );
+    let blockd = ferro_testkit::workspace_bin("ferro-blockd", "ferro-blockd");
+    let c = run_with(
+        "volume",
+        l2_script,
+        &l1_script,
+        |q| q.memory_mib(1536),
+        |l1| {
+            l1.userland()
+                .binary(&blockd, "bin/ferro-blockd")
+                .unwrap_or_else(|e| panic!("{e}"));
+        },
+    );
+    c.assert_checks(&[
+        "blockd_serves",
+        "vda_serial",
+        "vda_flush",
+        "pattern_read_back",
+        "mkfs",
+        "mount_new",
+        "vmm1_exit_0",
+        "mount_again",
+        "file_survives",
+        "vmm2_exit_0",
+    ]);
+    let v = |k: &str| c.value(k).unwrap_or_else(|| panic!("no VALUE {k}"));
+    assert_eq!(v("fs_pat_md5"), v("pat_md5"), "the file's pattern");
+    assert_eq!(v("raw_pat_md5"), v("pat_md5"), "the raw pattern");
+    assert_eq!(
+        v("file_pat_md5"),
+        v("pat_md5"),
+        "the pattern in blockd's file"
+    );
 }
