@@ -464,14 +464,20 @@ fn measure(targets: &mut [(&str, &mut dyn Target)], secs: f64) -> Result<Value> 
         let mut busy = vec![Duration::ZERO; targets.len()];
         let mut count = vec![0usize; targets.len()];
         let (start, n) = (Instant::now(), batch(w));
+        let mut round = 0;
         while start.elapsed().as_secs_f64() < secs {
-            for (i, (_, t)) in targets.iter_mut().enumerate() {
+            // Each round starts with the next target, so none always runs
+            // right after the same other one (whose writeback, say, it
+            // would pay for).
+            for k in 0..targets.len() {
+                let i = (round + k) % targets.len();
                 let slice = Instant::now();
                 while slice.elapsed() < SLICE {
-                    busy[i] += t.run(w, n, &mut lat[i])?;
+                    busy[i] += targets[i].1.run(w, n, &mut lat[i])?;
                     count[i] += n;
                 }
             }
+            round += 1;
         }
         let mut per = json!({});
         for (i, (name, _)) in targets.iter().enumerate() {
@@ -506,7 +512,7 @@ const TARGETS: [&str; 5] = [
 /// QD32 (4 KiB), MiB/s for 1 MiB.
 fn key(w: &Workload) -> (&'static str, &'static str) {
     if w.depth == 1 {
-        ("p50_us", "µs p50")
+        ("p50_us", "µs p50, lower is better")
     } else if w.size >= 1 << 20 {
         ("mibps", "MiB/s")
     } else {
