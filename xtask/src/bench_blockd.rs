@@ -531,9 +531,11 @@ fn report(r: &mut Value) -> Value {
         for t in TARGETS {
             let v = f(r, w.name, t, k);
             let extra = if w.depth == 1 {
-                format!(" p99 {:.1} µs", f(r, w.name, t, "p99_us"))
+                format!(" (p99 {:.1})", f(r, w.name, t, "p99_us"))
+            } else if w.size >= 1 << 20 {
+                format!(" ({:.0} req/s)", f(r, w.name, t, "iops"))
             } else {
-                format!(" ({:.0} IOPS)", f(r, w.name, t, "iops"))
+                String::new()
             };
             println!(
                 "  {t:<17} {v:>10.1}{extra}; vs host {:.2}, vs 1-replica {:.2}",
