@@ -456,6 +456,15 @@ fn wait_socket(socket: &Path, proc: &mut Proc, log: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The 1-minute load average (other work on the machine skews the
+/// figures; recorded beside them).
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Per workload, per target: the measures.
 fn measure(targets: &mut [(&str, &mut dyn Target)], secs: f64) -> Result<Value> {
     let mut out = json!({});
@@ -704,8 +713,10 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64) -> Result<Value> {
             .map_err(|e| format!("{}: {e}", blockd.display()))?,
     );
     wait_socket(&r1_sock, &mut r1, &r1_log)?;
+    let load_before = loadavg();
     println!(
-        "blockd bench: 5 targets ready in {:.1} s (files of {} MiB, {secs} s per workload)",
+        "blockd bench: 5 targets ready in {:.1} s (files of {} MiB, {secs} s per workload; \
+         load average {load_before:.2}: the vhost-user targets' wake-ups suffer most from other work)",
         t0.elapsed().as_secs_f64(),
         FILE_SIZE >> 20
     );
@@ -751,6 +762,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64) -> Result<Value> {
     ];
     let workloads = measure(&mut targets, secs)?;
     Ok(json!({
+        "load_average_1m": {"before": load_before, "after": loadavg()},
         "file_mib": FILE_SIZE >> 20,
         "secs_per_workload": secs,
         "slice_ms": SLICE.as_millis() as u64,
