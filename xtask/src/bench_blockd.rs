@@ -564,7 +564,7 @@ fn report(r: &mut Value) -> Value {
             _ => String::new(),
         };
         println!(
-            "target: {name} = {ratio:.2} (target {bound}: {})",
+            "target: {name} = {ratio:.3} (target {bound}: {})",
             if met { "met" } else { "MISSED" }
         );
         targets.push(json!({"name": name, "ratio": ratio, "target": bound, "met": met}));
