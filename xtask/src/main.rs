@@ -2,12 +2,14 @@
 //! `cargo xtask bench agent [--runs N]`
 //! `cargo xtask bench controller [--runs N] [--only raft|launch|scheduler|rss]`
 //! `cargo xtask bench netd`
+//! `cargo xtask bench blockd [--secs N]`
 //!
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
 
 mod agent_tls;
 mod bench_agent;
+mod bench_blockd;
 mod bench_controller;
 mod bench_linux;
 mod bench_netd;
@@ -19,6 +21,15 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        // The bench's replica hosts, run by `bench blockd` inside their
+        // network namespaces.
+        Some("__blockd-role") => match bench_blockd::role(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xtask: blockd role: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("agent") => match bench_agent::run(&args[2..]) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -31,6 +42,13 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("xtask: bench controller: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Some("blockd") => match bench_blockd::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench blockd: {e}");
                     ExitCode::FAILURE
                 }
             },
@@ -50,7 +68,7 @@ fn main() -> ExitCode {
             },
             other => {
                 eprintln!(
-                    "xtask: unknown bench area {other:?} (known: vmm, agent, controller, netd)"
+                    "xtask: unknown bench area {other:?} (known: vmm, agent, controller, netd, blockd)"
                 );
                 ExitCode::from(2)
             }
@@ -58,7 +76,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH] | bench agent [--runs N] \
-                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd"
+                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd | bench blockd [--secs N]"
             );
             ExitCode::from(2)
         }

@@ -29,6 +29,20 @@
 //!   `Arc<Tap>` for benchmarks): `new(backend)`, `push_tx(frame)`,
 //!   `run_tx()`, `post_rx(n)`, `run_rx()`.
 //! - [`CountingInterrupt`]: a `VirtioInterrupt` that counts.
+//! - [`shared_guest_memory(size)`]: guest memory in a memfd, as ferro-vmm
+//!   makes it for vhost-user devices (a backend can map it).
+//! - [`VhostUserBlkHarness`]: a client speaking vhost-user to a block
+//!   backend's socket (such as `ferro-blockd`) through ferro-vmm's own
+//!   frontend, [`VhostUserBlk`](crate::vhost_user_blk::VhostUserBlk),
+//!   activated over memfd guest memory with an in-memory driver queue: the
+//!   harness fills the ring with virtio-blk requests, kicks the ring's
+//!   eventfd and waits for the backend's completions, which reach it as the
+//!   device's queue interrupt (an eventfd):
+//!   - `VhostUserBlkHarness::connect(socket, depth, max_io)`;
+//!   - `push_read(slot, sector, len)` / `push_write(slot, sector, len)`
+//!     queue a request on data slot `slot`, `kick()` tells the backend;
+//!   - `wait(timeout)` blocks until at least one request completed and
+//!     returns the completions as `(slot, used_len, status)`.
 //!
 //! A queue depth of 32 with 4 KiB random I/O:
 //!
@@ -55,6 +69,8 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use crate::block::{BlockHandler, BlockMetrics, Disk};
 use crate::worker::QueueProcessor;
 use crate::{GuestMemoryMmap, InterruptKind, VirtioInterrupt};
+
+pub use vhost_user::{shared_guest_memory, VhostUserBlkHarness};
 
 /// Guest memory of `size` bytes at guest address 0.
 pub fn guest_memory(size: usize) -> GuestMemoryMmap {
@@ -517,6 +533,8 @@ impl<B: crate::net::NetBackend> NetHarness<B> {
         frames
     }
 }
+
+mod vhost_user;
 
 #[cfg(test)]
 mod tests {
