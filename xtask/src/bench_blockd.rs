@@ -792,6 +792,19 @@ impl Authority for NoRemoval {
             epoch,
         })
     }
+
+    /// Never asked: no replica leaves the set, so none is resynced.
+    fn add_replica(
+        &self,
+        volume: &str,
+        epoch: u64,
+        _replica: &str,
+    ) -> std::result::Result<u64, Fenced> {
+        Err(Fenced {
+            volume: volume.to_string(),
+            epoch,
+        })
+    }
 }
 
 /// `xtask __blockd-role backup --dir D --listen ADDR --vol ID:SIZE...`
