@@ -52,7 +52,7 @@ use ferro_blockd::store::{LocalFile, Store};
 use ferro_virtio::testing::{BlockHarness, VhostUserBlkHarness};
 use serde_json::{json, Value};
 
-use crate::measure::{percentile, root, target_dir};
+use crate::measure::{percentile, root, target_dir, Rng};
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -130,16 +130,6 @@ fn batch(w: &Workload) -> usize {
         DEPTH
     } else {
         4 * DEPTH
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
     }
 }
 

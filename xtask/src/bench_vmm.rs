@@ -1,7 +1,7 @@
 //! VMM benchmarks: boot time, memory overhead, virtio-blk device model
 //! throughput against the host doing the same I/O on the same file.
 
-use crate::measure::{percentile, root};
+use crate::measure::{percentile, root, Rng};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
@@ -214,16 +214,6 @@ fn bench_memory(vmm: &Path, guest: &Path) -> Result<Value> {
     Ok(
         json!({"rss_mib": total_kb as f64 / 1024.0, "guest_touched_mib": guest_kb as f64 / 1024.0, "overhead_mib": overhead}),
     )
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 const DEPTH: usize = 32;

@@ -40,6 +40,20 @@ pub fn stats(mut v: Vec<f64>) -> Value {
     json!({"p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99), "min": v[0], "max": v[v.len() - 1], "runs": v.len()})
 }
 
+/// A xorshift64 generator for benchmark offsets: cheap and reproducible
+/// (the seed must not be 0).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

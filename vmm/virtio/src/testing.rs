@@ -206,6 +206,44 @@ impl DriverQueue {
         q
     }
 
+    /// Makes a virtio-blk request available: its 16-byte header at `header`
+    /// (and status byte right after, set to 0xff until the device answers),
+    /// `len` data bytes at `data`. Returns the head index.
+    pub fn add_blk_request(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        header: GuestAddress,
+        data: GuestAddress,
+        kind: u32,
+        sector: u64,
+        len: u32,
+    ) -> u16 {
+        let status = header.unchecked_add(16);
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&kind.to_le_bytes());
+        raw[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&raw, header).unwrap();
+        mem.write_obj(0xffu8, status).unwrap();
+        let bufs = [
+            Buf {
+                addr: header,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: data,
+                len,
+                writable: kind == VIRTIO_BLK_T_IN,
+            },
+            Buf {
+                addr: status,
+                len: 1,
+                writable: true,
+            },
+        ];
+        self.add_chain(mem, &bufs)
+    }
+
     /// Writes `bufs` as one chain (descriptor slots are reused round robin)
     /// and makes it available. Returns the head index.
     pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[Buf]) -> u16 {
@@ -314,31 +352,10 @@ impl BlockHarness {
             "slot or len out of range"
         );
         let header = HEADERS.unchecked_add(32 * slot as u64);
-        let status = header.unchecked_add(16);
-        self.mem.write_obj(kind.to_le(), header).unwrap();
-        self.mem.write_obj(0u32, header.unchecked_add(4)).unwrap();
-        self.mem
-            .write_obj(sector.to_le(), header.unchecked_add(8))
-            .unwrap();
-        self.mem.write_obj(0xffu8, status).unwrap();
-        let bufs = [
-            Buf {
-                addr: header,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: self.slot_addr(slot),
-                len,
-                writable: kind == VIRTIO_BLK_T_IN,
-            },
-            Buf {
-                addr: status,
-                len: 1,
-                writable: true,
-            },
-        ];
-        let head = self.driver.add_chain(&self.mem, &bufs);
+        let data = self.slot_addr(slot);
+        let head = self
+            .driver
+            .add_blk_request(&self.mem, header, data, kind, sector, len);
         self.pending.push((head, slot));
         head
     }

@@ -24,7 +24,7 @@ use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Buf, DriverQueue, DATA, HEADERS};
+use super::{DriverQueue, DATA, HEADERS};
 use crate::vhost_user_blk::{VhostUserBlk, VhostUserBlkConfig, QUEUE_SIZE};
 use crate::{
     ActivatedQueue, GuestMemoryMmap, InterruptKind, VirtioDevice, VirtioInterrupt, WorkerOptions,
@@ -142,30 +142,10 @@ impl VhostUserBlkHarness {
             "slot or len out of range"
         );
         let header = HEADERS.unchecked_add(32 * slot as u64);
-        let status = header.unchecked_add(16);
-        let mut raw = [0u8; 16];
-        raw[0..4].copy_from_slice(&kind.to_le_bytes());
-        raw[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&raw, header).unwrap();
-        self.mem.write_obj(0xffu8, status).unwrap();
-        let bufs = [
-            Buf {
-                addr: header,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: self.slot_addr(slot),
-                len,
-                writable: kind == VIRTIO_BLK_T_IN,
-            },
-            Buf {
-                addr: status,
-                len: 1,
-                writable: true,
-            },
-        ];
-        let head = self.driver.add_chain(&self.mem, &bufs);
+        let data = self.slot_addr(slot);
+        let head = self
+            .driver
+            .add_blk_request(&self.mem, header, data, kind, sector, len);
         self.pending[usize::from(head)] = Some(slot);
     }
 
