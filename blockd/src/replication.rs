@@ -408,6 +408,17 @@ impl ReplicatedStore {
         Ok(())
     }
 
+    /// Like [`Self::check_fenced`], as the [`Fenced`] error itself.
+    fn fenced(&self, st: &State) -> Result<(), Fenced> {
+        if st.fenced {
+            return Err(Fenced {
+                volume: self.volume.clone(),
+                epoch: st.epoch,
+            });
+        }
+        Ok(())
+    }
+
     /// Sends `frame` to every in-sync backup, runs `local`, and collects
     /// the answers: the local result and the backups that failed.
     fn replicate(
@@ -666,13 +677,7 @@ impl ReplicatedStore {
         let started = Instant::now();
         let (epoch, known, source) = {
             let mut st = self.lock();
-            if st.fenced {
-                return Err(Fenced {
-                    volume: self.volume.clone(),
-                    epoch: st.epoch,
-                }
-                .into());
-            }
+            self.fenced(&st)?;
             if st.in_sync.iter().any(|p| p.id == backup.id) {
                 return Err(ResyncError::InSync(backup.id.clone()));
             }
@@ -783,13 +788,7 @@ impl ReplicatedStore {
             report.passes += 1;
             self.copy(&plan, &mut source, &mut target, &mut report)?;
             let mut st = self.lock();
-            if st.fenced {
-                return Err(Fenced {
-                    volume: self.volume.clone(),
-                    epoch: st.epoch,
-                }
-                .into());
-            }
+            self.fenced(&st)?;
             if st.epoch != epoch {
                 return Err(ResyncError::EpochMoved {
                     from: epoch,

@@ -235,10 +235,14 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
     };
     // A launch's volumes are made first: the agent could not start the
     // instance before its host's blockd serves them.
-    let volumes_ready = !s.volumes.values().any(|v| {
-        v.state == VolumeState::Creating
-            && v.attachment.as_ref().is_some_and(|a| a.instance_id == i.id)
-    });
+    // (Only looked at for a create or a start, not on every pass over a
+    // running instance.)
+    let volumes_ready = || {
+        !s.volumes.values().any(|v| {
+            v.state == VolumeState::Creating
+                && v.attachment.as_ref().is_some_and(|a| a.instance_id == i.id)
+        })
+    };
     match (i.desired, i.observed) {
         (_, O::Unknown) => None,
         (D::Terminated, O::Absent | O::Deleting) => None,
@@ -253,7 +257,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
                 .get(&h.id)
                 .is_some_and(|seen| seen.images.contains(&i.image_id));
             let image = s.images.get(&i.image_id)?;
-            (image_ready && volumes_ready).then(|| Action::Create {
+            (image_ready && volumes_ready()).then(|| Action::Create {
                 address,
                 instance: Box::new(i.clone()),
                 cmdline_extra: image.cmdline_extra.clone(),
@@ -261,7 +265,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
                 volumes: volumes(),
             })
         }
-        (D::Running, O::Created | O::Stopped) => volumes_ready.then(|| Action::Start {
+        (D::Running, O::Created | O::Stopped) => volumes_ready().then(|| Action::Start {
             address,
             host_id,
             id,
