@@ -357,13 +357,29 @@ impl<S: StateMachine> RaftReplicator<S> {
         self.control.set_partitioned(partitioned);
     }
 
-    /// Builds a snapshot now (and compacts the log behind it).
+    /// Builds a snapshot of everything applied so far (and compacts the log
+    /// behind it), and returns once that snapshot is on disk. Openraft's
+    /// trigger only queues the build; waiting for the snapshot metric to
+    /// cover the applied index is what makes "now" true.
     pub async fn snapshot_now(&self) -> Result<(), ReplicationError> {
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
         self.raft
             .trigger()
             .snapshot()
             .await
-            .map_err(|e| ReplicationError::Unavailable(e.to_string()))
+            .map_err(|e| ReplicationError::Unavailable(e.to_string()))?;
+        let Some(applied) = applied else {
+            return Ok(());
+        };
+        self.raft
+            .wait(Some(Duration::from_secs(30)))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                "snapshot covers the applied log",
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| ReplicationError::Unavailable(format!("snapshot not built: {e}")))
     }
 
     /// Stops Raft on this node. The store closes when the last handle drops.
