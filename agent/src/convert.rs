@@ -67,6 +67,7 @@ pub fn spec_from_pb(s: pb::InstanceSpec, default: RestartPolicy) -> InstanceSpec
         user_data: s.user_data,
         cmdline_extra: s.cmdline_extra,
         restart_policy,
+        root_volume_id: s.root_volume_id,
         version: crate::persist::FORMAT_VERSION,
         extra: Default::default(),
     }
@@ -93,6 +94,7 @@ pub fn spec_to_pb(s: &InstanceSpec) -> pb::InstanceSpec {
         user_data: s.user_data.clone(),
         cmdline_extra: s.cmdline_extra.clone(),
         restart_policy: policy(s.restart_policy) as i32,
+        root_volume_id: s.root_volume_id.clone(),
     }
 }
 

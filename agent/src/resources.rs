@@ -118,7 +118,8 @@ impl Host<'_> {
         mkdir(&paths.dir)?;
         mkdir(paths.socket.parent().unwrap_or(Path::new("/")))?;
         let image = self.images.get(&spec.image_id)?;
-        if image.rootdisk.is_some() {
+        // Booted from a volume: its root disk lives in ferro-blockd.
+        if image.rootdisk.is_some() && spec.root_volume_id.is_empty() {
             self.images
                 .clone_disk(&spec.image_id, &paths.disk("root"))?;
         }
@@ -223,7 +224,7 @@ impl Host<'_> {
             s.push(format!(",id={serial}{}", if ro { ",ro=on" } else { "" }));
             s
         };
-        if image.rootdisk.is_some() {
+        if image.rootdisk.is_some() && spec.root_volume_id.is_empty() {
             arg("--disk", disk("root", false));
         }
         for d in &spec.disks {
@@ -236,6 +237,9 @@ impl Host<'_> {
             let mut s = OsString::from("socket=");
             s.push(volume_socket(self.cfg, &v.volume_id));
             s.push(format!(",id={}", v.volume_id));
+            if v.volume_id == spec.root_volume_id {
+                s.push(",boot=on");
+            }
             arg("--vhost-user-blk", s);
         }
         for (i, name) in taps(self.cfg, spec).iter().enumerate() {

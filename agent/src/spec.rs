@@ -60,6 +60,9 @@ pub enum SpecError {
         /// What is wrong.
         problem: String,
     },
+    /// Bad root volume id.
+    #[error("root_volume_id {0:?} is not vol- and 16 hex digits")]
+    RootVolume(String),
     /// Command line extras that would break the VMM's command line.
     #[error("cmdline_extra must be printable ASCII without newlines")]
     Cmdline,
@@ -81,9 +84,13 @@ pub struct DiskSpec {
 pub struct AttachedVolume {
     /// The volume (`vol-` and 16 hex digits).
     pub volume_id: String,
-    /// Its device name, `/dev/vdb` to `/dev/vdz`.
+    /// Its device name, `/dev/vdb` to `/dev/vdz`; `/dev/vda` for the
+    /// instance's root volume.
     pub device: String,
 }
+
+/// The device name of a root volume.
+pub const ROOT_DEVICE: &str = "/dev/vda";
 
 /// Check the volumes of a start of `spec`, the first problem wins; the
 /// checked list comes back in device order (the order the guest sees).
@@ -91,11 +98,18 @@ pub fn check_volumes(
     spec: &InstanceSpec,
     mut volumes: Vec<AttachedVolume>,
 ) -> Result<Vec<AttachedVolume>, SpecError> {
+    let root = spec.root_volume_id.as_str();
     for (index, v) in volumes.iter().enumerate() {
         let letter = v.device.strip_prefix("/dev/vd").map(str::as_bytes);
+        let is_root = !root.is_empty() && v.volume_id == root;
         let problem = if !ferro_proto::is_volume_id(&v.volume_id) {
             format!("volume_id {:?} is not vol- and 16 hex digits", v.volume_id)
-        } else if !matches!(letter, Some([b'b'..=b'z'])) {
+        } else if is_root && v.device != ROOT_DEVICE {
+            format!(
+                "the root volume {} must be {ROOT_DEVICE}, not {:?}",
+                v.volume_id, v.device
+            )
+        } else if !is_root && !matches!(letter, Some([b'b'..=b'z'])) {
             format!("device {:?} is not one of /dev/vdb to /dev/vdz", v.device)
         } else if volumes[..index].iter().any(|o| o.volume_id == v.volume_id) {
             format!("volume {} is given twice", v.volume_id)
@@ -105,6 +119,12 @@ pub fn check_volumes(
             continue;
         };
         return Err(SpecError::Volume { index, problem });
+    }
+    if !root.is_empty() && !volumes.iter().any(|v| v.volume_id == root) {
+        return Err(SpecError::Volume {
+            index: volumes.len(),
+            problem: format!("the root volume {root} is missing: the instance boots from it"),
+        });
     }
     if spec.disks.len() + spec.nics.len() + volumes.len() + 2 > MAX_DEVICES {
         return Err(SpecError::TooManyDevices);
@@ -152,6 +172,11 @@ pub struct InstanceSpec {
     /// Restart policy (defaults already applied).
     #[serde(default = "default_restart_policy")]
     pub restart_policy: RestartPolicy,
+    /// Boot from this volume: the root disk is the volume (served by
+    /// ferro-blockd, first on the PCI bus), not a copy of the image's.
+    /// Empty: the image's root disk is copied.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub root_volume_id: String,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten, default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -204,6 +229,9 @@ impl InstanceSpec {
         }
         if self.image_id.is_empty() {
             return Err(SpecError::NoImage);
+        }
+        if !self.root_volume_id.is_empty() && !ferro_proto::is_volume_id(&self.root_volume_id) {
+            return Err(SpecError::RootVolume(self.root_volume_id.clone()));
         }
         self.validate_disks()?;
         for (index, nic) in self.nics.iter().enumerate() {
@@ -300,6 +328,7 @@ mod tests {
             version: crate::persist::FORMAT_VERSION,
             extra: Default::default(),
             restart_policy: RestartPolicy::Never,
+            root_volume_id: String::new(),
         }
     }
 
@@ -365,6 +394,36 @@ mod tests {
         let mut s = spec();
         s.nics = vec![NicSpec { mac: String::new() }; 4];
         assert_eq!(check_volumes(&s, many), Err(SpecError::TooManyDevices));
+    }
+
+    #[test]
+    fn a_root_volume_is_vda_first_and_required() {
+        let v = |id: &str, dev: &str| AttachedVolume {
+            volume_id: id.into(),
+            device: dev.into(),
+        };
+        let (root, b) = ("vol-0123456789abcdef", "vol-00000000000000ff");
+        let mut s = spec();
+        s.root_volume_id = root.into();
+        s.validate().unwrap();
+        let got = check_volumes(&s, vec![v(b, "/dev/vdb"), v(root, "/dev/vda")]).unwrap();
+        assert_eq!(got, vec![v(root, "/dev/vda"), v(b, "/dev/vdb")]);
+        for (bad, what) in [
+            (
+                vec![v(b, "/dev/vdb")],
+                "root volume vol-0123456789abcdef is missing",
+            ),
+            (vec![v(root, "/dev/vdb")], "must be /dev/vda"),
+            (
+                vec![v(root, "/dev/vda"), v(b, "/dev/vda")],
+                "/dev/vdb to /dev/vdz",
+            ),
+        ] {
+            let e = check_volumes(&s, bad).unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        s.root_volume_id = "vol-x".into();
+        assert_eq!(s.validate(), Err(SpecError::RootVolume("vol-x".into())));
     }
 
     #[test]

@@ -48,12 +48,15 @@ pub enum ReplicaDirError {
 /// One action on the replica directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Make the sparse file of volume `id`, `size` bytes.
+    /// Make the sparse file of volume `id`, `size` bytes, filled from
+    /// `source` when given (a root volume made from an image).
     Create {
         /// Volume id.
         id: String,
         /// Bytes.
         size: u64,
+        /// A raw image file on this host to copy in.
+        source: Option<PathBuf>,
     },
     /// Remove volume `id`'s replica (the controller deletes the volume).
     Remove {
@@ -102,6 +105,7 @@ pub fn plan(
                 actions.push(Action::Create {
                     id: r.volume_id.clone(),
                     size: r.size_bytes,
+                    source: (!r.source_path.is_empty()).then(|| PathBuf::from(&r.source_path)),
                 });
                 held.insert(r.volume_id.clone(), Some(r.epoch));
             }
@@ -218,21 +222,29 @@ impl ReplicaDir {
 
     fn apply(&self, a: &Action) -> io::Result<()> {
         match a {
-            Action::Create { id, size } => {
+            Action::Create { id, size, source } => {
                 let path = self.path(id);
-                // A temporary name first: a crash never leaves a replica
-                // file of the wrong size under the real name.
+                // A temporary name first: a crash (or a bad source) never
+                // leaves a replica file of the wrong size or half filled
+                // under the real name.
                 let tmp = self.dir.join(format!(".{id}.vol.new"));
-                let f = OpenOptions::new()
+                let mut f = OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .open(&tmp)?;
+                if let Some(src) = source {
+                    if let Err(e) = fill_from(&mut f, src, *size) {
+                        drop(f);
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                }
                 f.set_len(*size)?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &path)?;
                 sync_dir(&self.dir)?;
-                tracing::info!(volume_id = %id, size, "replica created");
+                tracing::info!(volume_id = %id, size, source = ?source, "replica created");
             }
             Action::Remove { id } => {
                 self.replica.close_volume(id);
@@ -278,6 +290,45 @@ impl ReplicaDir {
     }
 }
 
+/// Copy the raw image `src` into the start of `f` (a new, empty file),
+/// leaving holes where the image has zeros. Refused when the image does
+/// not fit in `size` bytes.
+fn fill_from(f: &mut std::fs::File, src: &Path, size: u64) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("image {}: {e}", src.display()));
+    let mut image = std::fs::File::open(src).map_err(named)?;
+    let len = image.metadata().map_err(named)?.len();
+    if len > size {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "image {} is {len} bytes, more than the volume's {size}",
+                src.display()
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match image.read(&mut buf[n..]).map_err(named)? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            f.seek(SeekFrom::Start(at))?;
+            f.write_all(&buf[..n])?;
+        }
+        at += n as u64;
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -320,7 +371,8 @@ mod tests {
             [
                 Action::Create {
                     id: A.into(),
-                    size: 10
+                    size: 10,
+                    source: None,
                 },
                 Action::Remove { id: B.into() },
                 Action::Orphan { id: C.into() },
@@ -385,6 +437,36 @@ mod tests {
         let held = d.converge(&want(&[(A, 1 << 20, true)])).unwrap();
         assert!(held.is_empty());
         assert!(!d.path(A).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_replica_made_from_an_image_holds_its_bytes_and_a_too_big_image_is_refused() {
+        let dir = std::env::temp_dir().join(format!("ferro-replicas-src-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = ReplicaDir::open(&dir).unwrap();
+        let image = dir.join("image.raw");
+        let mut bytes = vec![0u8; (3 << 20) + 512];
+        bytes[..4].copy_from_slice(b"boot");
+        bytes[(2 << 20) + 7] = 0x5a;
+        std::fs::write(&image, &bytes).unwrap();
+        let mut w = want(&[(A, 4 << 20, false), (B, 1 << 20, false)]);
+        for r in &mut w.replicas {
+            r.source_path = image.display().to_string();
+        }
+        let held = d.converge(&w).unwrap();
+        assert_eq!(held.len(), 1, "only A fits the image: {held:?}");
+        assert_eq!(held[0].volume_id, A);
+        let got = std::fs::read(d.path(A)).unwrap();
+        assert_eq!(got.len(), 4 << 20);
+        assert_eq!(&got[..bytes.len()], &bytes[..]);
+        assert!(got[bytes.len()..].iter().all(|&b| b == 0));
+        assert!(!d.path(B).exists(), "nothing half made under the real name");
+        assert!(!dir.join(format!(".{B}.vol.new")).exists());
+        // A missing image is an error too, not a blank volume.
+        let mut w = want(&[(C, 4 << 20, false)]);
+        w.replicas[0].source_path = dir.join("missing.raw").display().to_string();
+        assert!(d.converge(&w).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -241,6 +241,11 @@ pub struct Run {
     /// (e.g. /dev/vdb=10,type=durable); repeatable.
     #[arg(long = "block-device", value_name = "DEVICE=SIZE_GIB[,…]")]
     pub block_devices: Vec<String>,
+    /// Boot from a volume made from the image's root disk (/dev/vda), so
+    /// a stopped instance can start on another host of its zone:
+    /// SIZE_GIB[,type=standard|durable][,delete-on-termination=true|false].
+    #[arg(long = "root-volume", value_name = "SIZE_GIB[,…]")]
+    pub root_volume: Option<String>,
     /// What a power-off from inside the guest does (a reboot from inside
     /// always keeps it running).
     #[arg(long, value_name = "BEHAVIOR", value_parser = ["stop", "terminate"], default_value = "stop")]

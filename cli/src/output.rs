@@ -159,6 +159,8 @@ pub fn instance_json(i: &pb::Instance) -> Value {
         "mac_address": i.mac_address,
         "security_group_ids": i.security_group_ids,
         "block_device_mappings": i.block_device_mappings.iter().map(attachment_json).collect::<Vec<_>>(),
+        "root_device_type": i.root_device_type,
+        "root_volume_id": i.root_volume_id,
         "tags": tags_json(&i.tags),
     })
 }
@@ -233,6 +235,7 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
             dash(&i.instance_initiated_shutdown_behavior),
         ),
         ("placement group", dash(&i.placement_group)),
+        ("root device", root_device(i)),
         ("launched", time(i.launch_time_ms)),
         ("reservation", dash(&i.reservation_id)),
         ("tags", dash(&tags_text(&i.tags))),
@@ -244,6 +247,14 @@ pub fn instance_detail(i: &pb::Instance) -> Table {
         t.row(["volume".to_string(), attachment_text(a)]);
     }
     t
+}
+
+/// "ebs (vol-…)" or "instance-store".
+fn root_device(i: &pb::Instance) -> String {
+    match i.root_device_type.as_str() {
+        "ebs" => format!("ebs ({})", i.root_volume_id),
+        t => dash(t),
+    }
 }
 
 /// Network interfaces as a table and as JSON.

@@ -50,6 +50,8 @@ pub struct Seen {
     pub last_ms: u64,
     /// Images in the agent's store.
     pub images: BTreeSet<String>,
+    /// Instances the agent lists (any state).
+    pub instances: BTreeSet<String>,
 }
 
 /// Host liveness as this node saw it.
@@ -290,7 +292,8 @@ impl<R: Replicator<ClusterState>> Controller<R> {
         let n = spec.count.min(100) as usize;
         let cmd = Command::RunInstances {
             instance_ids: (0..n).map(|_| new_id("i-")).collect(),
-            volume_ids: (0..n * spec.block_devices.len().min(25))
+            volume_ids: (0..n
+                * (spec.block_devices.len().min(25) + spec.root_volume.is_some() as usize))
                 .map(|_| new_id("vol-"))
                 .collect(),
             reservation_id: new_id("r-"),
@@ -340,6 +343,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
                 Seen {
                     last_ms: now,
                     images,
+                    instances: observed.iter().map(|o| o.instance_id.clone()).collect(),
                 },
             );
         }

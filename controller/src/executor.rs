@@ -233,6 +233,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                         .iter()
                         .map(|n| pb::NicSpec { mac: n.mac.clone() })
                         .collect(),
+                    root_volume_id: instance.root_volume.clone().unwrap_or_default(),
                     ..Default::default()
                 };
                 let r = c
@@ -308,6 +309,19 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 self.ctl
                     .write(Command::AckReboot { id, generation })
                     .await?;
+            }
+            Action::DeleteStale {
+                address,
+                host_id,
+                id,
+            } => {
+                let span = tracing::info_span!("delete_stale", instance_id = %id, %host_id);
+                let r = self
+                    .client(&host_id, &address)?
+                    .delete_instance(pb::DeleteInstanceRequest { id })
+                    .instrument(span)
+                    .await;
+                benign(r, &[Code::NotFound])?;
             }
             Action::Delete {
                 address,

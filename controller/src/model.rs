@@ -227,7 +227,9 @@ pub struct Instance {
     pub image_id: String,
     /// Zone.
     pub az: String,
-    /// Host it is bound to, for life: never rescheduled.
+    /// Host it is bound to. Never rescheduled, except an instance booted
+    /// from a volume that is stopped on a host that went away: its next
+    /// start places it on another host of its zone.
     pub host_id: String,
     /// Key pair name, empty for none.
     pub key_name: String,
@@ -265,6 +267,10 @@ pub struct Instance {
     /// What a power-off from inside the guest does.
     #[serde(default)]
     pub shutdown_behavior: ShutdownBehavior,
+    /// Booted from this volume (its root disk, `/dev/vda`); none: its root
+    /// disk is its host's copy of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<String>,
 }
 
 impl Instance {
@@ -572,6 +578,10 @@ pub struct Volume {
     /// until a resync brings them back.
     #[serde(default)]
     pub out_of_sync: BTreeSet<String>,
+    /// The image its replicas were filled from (a root volume); none: made
+    /// blank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_image: Option<String>,
 }
 
 impl Volume {
@@ -682,6 +692,7 @@ mod tests {
             holds_capacity: true,
             launched_at_ms: 0,
             shutdown_behavior: ShutdownBehavior::Stop,
+            root_volume: None,
         }
     }
 

@@ -8,8 +8,12 @@
 //! idempotent or refused harmlessly). The [`executor`](crate::executor)
 //! carries the actions out.
 //!
-//! An instance never moves: it is bound to its host for life. While its
-//! host is unreachable nothing is done to it, so it cannot run twice.
+//! An instance is bound to its host. While its host is unreachable nothing
+//! is done to it, so it cannot run twice. The one exception is made by the
+//! state, not here: an instance booted from a volume and stopped on a host
+//! that went away is bound to another host when it is started, and when
+//! the old host comes back its stale copy there is deleted
+//! ([`Action::DeleteStale`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -83,6 +87,17 @@ pub enum Action {
         /// Instance id.
         id: String,
     },
+    /// Delete the copy of an instance that a host lists but that is bound
+    /// to another host now (it moved while this host was away). Its
+    /// answer is not an observation of the instance.
+    DeleteStale {
+        /// Agent endpoint.
+        address: String,
+        /// The host holding the stale copy.
+        host_id: String,
+        /// Instance id.
+        id: String,
+    },
     /// These hosts missed their heartbeats.
     MarkUnreachable(Vec<String>),
     /// Forget these terminated instances (kept visible for the retention
@@ -102,6 +117,9 @@ impl Action {
             Action::Stop { host_id, .. } => format!("stopping on host {host_id}"),
             Action::Reboot { host_id, .. } => format!("rebooting on host {host_id}"),
             Action::Delete { host_id, .. } => format!("deleting on host {host_id}"),
+            Action::DeleteStale { host_id, .. } => {
+                format!("deleting a stale copy on host {host_id}")
+            }
             Action::MarkUnreachable(_) => "marking hosts unreachable".into(),
             Action::Purge(_) => "purging terminated instances".into(),
         }
@@ -117,6 +135,7 @@ impl Action {
             | Action::Stop { id, .. }
             | Action::Reboot { id, .. }
             | Action::Delete { id, .. } => id.clone(),
+            Action::DeleteStale { host_id, id, .. } => format!("{host_id}/{id}"),
             Action::MarkUnreachable(_) => "unreachable".into(),
             Action::Purge(_) => "purge".into(),
         }
@@ -185,6 +204,24 @@ pub fn plan(s: &ClusterState, inp: &Inputs) -> Vec<Action> {
                 host_id: h.id.clone(),
                 address: h.address.clone(),
                 image: img.clone(),
+            };
+            if !inp.busy.contains(&a.key()) {
+                out.push(a);
+            }
+        }
+        // Copies of instances bound elsewhere now (moved while this host
+        // was away). An id the state does not know is left alone.
+        for id in &seen.instances {
+            let Some(i) = s.instances.get(id) else {
+                continue;
+            };
+            if i.host_id == h.id {
+                continue;
+            }
+            let a = Action::DeleteStale {
+                address: h.address.clone(),
+                host_id: h.id.clone(),
+                id: id.clone(),
             };
             if !inp.busy.contains(&a.key()) {
                 out.push(a);
@@ -306,6 +343,7 @@ mod tests {
                         Seen {
                             last_ms: now,
                             images: images.clone(),
+                            instances: Default::default(),
                         },
                     )
                 })
@@ -359,6 +397,41 @@ mod tests {
     }
 
     #[test]
+    fn a_host_listing_an_instance_bound_elsewhere_deletes_its_stale_copy() {
+        let (mut s, id) = one_instance();
+        add_host(&mut s, "h2", "az-1", 8, 8192);
+        let mut inp = inputs(&s, 100);
+        // h2 lists the instance (bound to h1), and an id the state does
+        // not know, which is left alone.
+        inp.liveness.get_mut("h2").unwrap().instances =
+            [id.clone(), "i-00000000000000ff".to_string()].into();
+        let stale: Vec<Action> = plan(&s, &inp)
+            .into_iter()
+            .filter(|a| matches!(a, Action::DeleteStale { .. }))
+            .collect();
+        assert_eq!(
+            stale,
+            [Action::DeleteStale {
+                address: "http://h2:7420".into(),
+                host_id: "h2".into(),
+                id: id.clone(),
+            }]
+        );
+        // Its own host listing it is no reason.
+        inp.liveness.get_mut("h2").unwrap().instances.clear();
+        inp.liveness.get_mut("h1").unwrap().instances = [id.clone()].into();
+        assert!(!plan(&s, &inp)
+            .iter()
+            .any(|a| matches!(a, Action::DeleteStale { .. })));
+        // While one runs, it is not planned again.
+        inp.liveness.get_mut("h2").unwrap().instances = [id.clone()].into();
+        inp.busy.insert(format!("h2/{id}"));
+        assert!(!plan(&s, &inp)
+            .iter()
+            .any(|a| matches!(a, Action::DeleteStale { .. })));
+    }
+
+    #[test]
     fn a_start_carries_the_volumes_attached_meanwhile_in_device_order() {
         let (mut s, id) = one_instance();
         observe(&mut s, &id, ObservedState::Stopped);
@@ -384,6 +457,7 @@ mod tests {
                     client_token: String::new(),
                     held: Default::default(),
                     out_of_sync: Default::default(),
+                    source_image: None,
                 },
             );
         }

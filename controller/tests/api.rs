@@ -1208,6 +1208,7 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
             deleting: false,
             in_sync: true,
             resync: vec![],
+            source_path: String::new(),
             peers: ["h1", "h2"]
                 .map(|h| pb::ReplicaPeer {
                     host_id: h.into(),

@@ -56,6 +56,9 @@ pub enum ConfigError {
     /// Two disks share an id.
     #[error("disk id `{0}` is used twice")]
     DuplicateDiskId(String),
+    /// More than one vhost-user-blk disk says boot=on.
+    #[error("at most one --vhost-user-blk may say boot=on")]
+    TwoBootDisks,
     /// A disk id is too long for virtio-blk GET_ID.
     #[error("disk id `{0}` is longer than 20 bytes")]
     DiskIdTooLong(String),
@@ -93,6 +96,10 @@ pub struct VhostUserBlkConfig {
     /// Device id for logs (at most 20 bytes, unique among disks); the
     /// guest sees the serial the backend answers to GET_ID.
     pub id: String,
+    /// The boot disk: first on the PCI bus, before the file disks (so a
+    /// Linux guest names it `/dev/vda`). At most one.
+    #[serde(default)]
+    pub boot: bool,
 }
 
 /// One NIC.
@@ -262,13 +269,14 @@ pub fn parse_disk(spec: &str) -> Result<DiskConfig, ConfigError> {
     Ok(disk)
 }
 
-/// Parse `--vhost-user-blk socket=PATH,id=ID`.
+/// Parse `--vhost-user-blk socket=PATH,id=ID[,boot=on]`.
 pub fn parse_vhost_user_blk(spec: &str) -> Result<VhostUserBlkConfig, ConfigError> {
     const WHAT: &str = "--vhost-user-blk";
-    let (mut socket, mut id) = (None, None);
-    for (k, v) in split_spec(WHAT, spec, &["socket", "id"])? {
+    let (mut socket, mut id, mut boot) = (None, None, false);
+    for (k, v) in split_spec(WHAT, spec, &["socket", "id", "boot"])? {
         match k {
             "socket" => socket = Some(PathBuf::from(v)),
+            "boot" => boot = parse_bool(WHAT, spec, v)?,
             _ => id = Some(v.to_string()),
         }
     }
@@ -282,6 +290,7 @@ pub fn parse_vhost_user_blk(spec: &str) -> Result<VhostUserBlkConfig, ConfigErro
             .filter(|s| !s.as_os_str().is_empty())
             .ok_or_else(|| missing("socket"))?,
         id: id.filter(|i| !i.is_empty()).ok_or_else(|| missing("id"))?,
+        boot,
     })
 }
 
@@ -389,6 +398,9 @@ impl VmConfig {
             if !seen.insert(id.clone()) {
                 return Err(ConfigError::DuplicateDiskId(id));
             }
+        }
+        if vhost_user_blks.iter().filter(|v| v.boot).count() > 1 {
+            return Err(ConfigError::TwoBootDisks);
         }
         for v in &vhost_user_blks {
             if v.id.len() > 20 {
@@ -543,6 +555,17 @@ mod tests {
         assert!(err("socket=/s").contains("missing id="));
         assert!(err("socket=/s,id=").contains("missing id="));
         assert!(err("socket=/s,id=v,ro=on").contains("unknown key `ro`"));
+        assert!(err("socket=/s,id=v,boot=maybe").contains("`maybe` is not on/off"));
+        assert!(parse_vhost_user_blk("socket=/s,id=v,boot=on").unwrap().boot);
+        let mut f = flags();
+        f.vhost_user_blks = vec![
+            parse_vhost_user_blk("socket=/s,id=a,boot=on").unwrap(),
+            parse_vhost_user_blk("socket=/t,id=b,boot=on").unwrap(),
+        ];
+        assert_eq!(
+            VmConfig::build(FileConfig::default(), f).unwrap_err(),
+            ConfigError::TwoBootDisks
+        );
         let mut f = flags();
         f.disks = vec![parse_disk("path=/a,id=x").unwrap()];
         f.vhost_user_blks = vec![parse_vhost_user_blk("socket=/s,id=x").unwrap()];

@@ -33,7 +33,8 @@ struct Cli {
     /// Disk: path=FILE[,ro=on][,id=SERIAL]; repeatable.
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// vhost-user-blk disk: socket=PATH,id=ID; repeatable.
+    /// vhost-user-blk disk: socket=PATH,id=ID[,boot=on]; repeatable; the
+    /// one with boot=on comes first on the PCI bus.
     #[arg(long, value_name = "SPEC")]
     vhost_user_blk: Vec<String>,
     /// NIC: tap=NAME[,mac=AA:BB:CC:DD:EE:FF]; repeatable.

@@ -118,6 +118,22 @@ fn virtio_devices(
 ) -> Result<Vec<Box<dyn VirtioDevice>>, PciSetupError> {
     let opts = worker_options(filters, ThreadKind::Device);
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // Started before any filter is installed (this runs in Vm::build), so
+    // each connection thread holds only its own filter.
+    let vhost_opts = worker_options(filters, ThreadKind::VhostUser);
+    let vhost_user_blk = |v: &crate::config::VhostUserBlkConfig| {
+        let config = VhostUserBlkConfig {
+            id: v.id.clone(),
+            socket: v.socket.clone(),
+        };
+        VhostUserBlk::new(config, vhost_opts.clone())
+            .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+            .map_err(|e| PciSetupError::VhostUserBlk(v.id.clone(), e))
+    };
+    // The boot disk first: a guest names disks in PCI order.
+    for v in cfg.vhost_user_blks.iter().filter(|v| v.boot) {
+        devices.push(vhost_user_blk(v)?);
+    }
     for disk in &cfg.disks {
         let block = Block::new(
             BlockConfig {
@@ -133,17 +149,8 @@ fn virtio_devices(
         })?;
         devices.push(Box::new(block));
     }
-    // Started before any filter is installed (this runs in Vm::build), so
-    // each connection thread holds only its own filter.
-    let vhost_opts = worker_options(filters, ThreadKind::VhostUser);
-    for v in &cfg.vhost_user_blks {
-        let config = VhostUserBlkConfig {
-            id: v.id.clone(),
-            socket: v.socket.clone(),
-        };
-        let blk = VhostUserBlk::new(config, vhost_opts.clone())
-            .map_err(|e| PciSetupError::VhostUserBlk(v.id.clone(), e))?;
-        devices.push(Box::new(blk));
+    for v in cfg.vhost_user_blks.iter().filter(|v| !v.boot) {
+        devices.push(vhost_user_blk(v)?);
     }
     for (i, (tap, mac)) in cfg.nets.iter().enumerate() {
         // The agent owns TAP lifetimes: the VMM attaches to an existing TAP

@@ -73,13 +73,30 @@ pub async fn run(
 /// `--block-device DEVICE=SIZE_GIB[,type=T][,delete-on-termination=B]`.
 fn parse_block_device(spec: &str) -> Result<pb::BlockDeviceMapping, CommandError> {
     let bad = |why: &str| CommandError::Usage(format!("--block-device {spec:?}: {why}"));
-    let mut parts = spec.split(',');
-    let first = parts.next().unwrap_or_default();
-    let (device, size) = first
+    let (device, rest) = spec
         .split_once('=')
         .ok_or_else(|| bad("want DEVICE=SIZE_GIB first"))?;
+    let mut m = volume_options("--block-device", rest)?;
+    m.device_name = device.to_string();
+    Ok(m)
+}
+
+/// `--root-volume SIZE_GIB[,type=T][,delete-on-termination=B]`.
+fn parse_root_volume(spec: &str) -> Result<pb::RootVolume, CommandError> {
+    let m = volume_options("--root-volume", spec)?;
+    Ok(pb::RootVolume {
+        volume_size_gib: m.volume_size_gib,
+        volume_type: m.volume_type,
+        delete_on_termination: m.delete_on_termination,
+    })
+}
+
+/// `SIZE_GIB[,type=T][,delete-on-termination=B]` of option `flag`.
+fn volume_options(flag: &str, spec: &str) -> Result<pb::BlockDeviceMapping, CommandError> {
+    let bad = |why: &str| CommandError::Usage(format!("{flag} {spec:?}: {why}"));
+    let mut parts = spec.split(',');
+    let size = parts.next().unwrap_or_default();
     let mut m = pb::BlockDeviceMapping {
-        device_name: device.to_string(),
         volume_size_gib: size
             .parse()
             .map_err(|_| bad("the size is not a whole number of GiB"))?,
@@ -133,6 +150,11 @@ async fn run_instances(
             .iter()
             .map(|b| parse_block_device(b))
             .collect::<Result<_, _>>()?,
+        root_volume: r
+            .root_volume
+            .as_deref()
+            .map(parse_root_volume)
+            .transpose()?,
     };
     let resp = client
         .call(|ch| {
@@ -429,8 +451,13 @@ mod block_device_tests {
             "/dev/vdb=1,delete-on-termination=maybe",
         ] {
             let e = parse_block_device(bad).unwrap_err().to_string();
-            assert!(e.starts_with(&format!("--block-device {bad:?}")), "{e}");
+            assert!(e.starts_with("--block-device "), "{e}");
         }
+        let r = super::parse_root_volume("8,type=durable").unwrap();
+        assert_eq!((r.volume_size_gib, r.volume_type.as_str()), (8, "durable"));
+        assert_eq!(r.delete_on_termination, None);
+        let e = super::parse_root_volume("big").unwrap_err().to_string();
+        assert!(e.starts_with("--root-volume \"big\""), "{e}");
     }
 }
 

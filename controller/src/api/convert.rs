@@ -132,6 +132,12 @@ pub fn run_spec(r: pb::RunInstancesRequest) -> Result<RunSpec, StateError> {
                 delete_on_termination: m.delete_on_termination.unwrap_or(true),
             })
             .collect(),
+        root_volume: r.root_volume.map(|m| BlockDeviceSpec {
+            device: String::new(),
+            size_gib: m.volume_size_gib,
+            volume_type: m.volume_type,
+            delete_on_termination: m.delete_on_termination.unwrap_or(true),
+        }),
         shutdown_behavior: ShutdownBehavior::parse(&r.instance_initiated_shutdown_behavior)
             .ok_or_else(|| {
                 StateError::InvalidArgument(format!(
@@ -216,6 +222,13 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
             .map(|n| n.security_groups.clone())
             .unwrap_or_default(),
         block_device_mappings: Vec::new(),
+        root_device_type: if i.root_volume.is_some() {
+            "ebs"
+        } else {
+            "instance-store"
+        }
+        .into(),
+        root_volume_id: i.root_volume.clone().unwrap_or_default(),
     }
 }
 

@@ -181,6 +181,7 @@ mod tests {
             holds_capacity: true,
             launched_at_ms: 1,
             shutdown_behavior: ShutdownBehavior::Stop,
+            root_volume: None,
         }
     }
 

@@ -16,7 +16,9 @@ use crate::state::ClusterState;
 pub const MAX_REPORTED: usize = 100_000;
 
 /// Host `host_id`'s replicas: every volume placed on it, with its size,
-/// epoch and replica hosts; a volume being deleted is marked so.
+/// epoch and replica hosts; a volume being deleted is marked so. A root
+/// volume still being made names its image's root disk to fill a new
+/// replica from (every replica host reads its own copy of the image).
 pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
     let replicas = s
         .volumes
@@ -31,6 +33,7 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
             in_sync: !v.out_of_sync.contains(host_id),
             peers: peers(s, v),
             resync: to_resync(s, v, host_id),
+            source_path: source_path(s, v),
         })
         .collect();
     let serve = s
@@ -53,6 +56,19 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
         revision: 0,
         replicas,
         serve,
+    }
+}
+
+/// The image file a new replica of `v` is filled from: its image's root
+/// disk while `v` is being made; later replicas are resynced from a peer.
+fn source_path(s: &ClusterState, v: &Volume) -> String {
+    match (&v.source_image, v.state) {
+        (Some(img), VolumeState::Creating) => s
+            .images
+            .get(img)
+            .map(|i| i.rootdisk_path.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
     }
 }
 

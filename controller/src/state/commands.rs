@@ -52,6 +52,10 @@ pub struct RunSpec {
     /// block device mappings). Not serialized when empty, as above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub block_devices: Vec<BlockDeviceSpec>,
+    /// Boot from a volume made from the image's root disk (its `device` is
+    /// ignored: always `/dev/vda`). Not serialized when absent, as above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_volume: Option<BlockDeviceSpec>,
 }
 
 /// A blank volume made for, and attached to, each instance of a launch.

@@ -141,10 +141,18 @@ impl ClusterState {
         h.health = HostHealth::Unreachable;
         tracing::warn!(host_id, "host unreachable");
         for i in self.instances.values_mut() {
-            if i.host_id == host_id && !i.is_final() {
-                i.observed = ObservedState::Unknown;
-                i.observed_reason = "host unreachable".into();
+            if i.host_id != host_id || i.is_final() {
+                continue;
             }
+            // Booted from a volume and stopped, as wanted: it stays stopped
+            // (its host never starts it on its own), and a start moves it.
+            let stays_stopped = i.root_volume.is_some()
+                && i.desired == DesiredState::Stopped
+                && i.observed == ObservedState::Stopped;
+            if !stays_stopped {
+                i.observed = ObservedState::Unknown;
+            }
+            i.observed_reason = "host unreachable".into();
         }
     }
 }

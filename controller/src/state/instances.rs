@@ -111,8 +111,14 @@ impl ClusterState {
             }
             networks.push(got);
         }
-        let volumes =
-            self.plan_launch_volumes(&spec, &ids[..count], &placements, &volume_ids, now_ms)?;
+        let volumes = self.plan_launch_volumes(
+            &spec,
+            &image,
+            &ids[..count],
+            &placements,
+            &volume_ids,
+            now_ms,
+        )?;
         let mut out = Vec::with_capacity(count);
         for ((id, host_id), network) in ids.into_iter().zip(placements).zip(networks) {
             let az = self.hosts[&host_id].az.clone();
@@ -140,6 +146,13 @@ impl ClusterState {
                 holds_capacity: false,
                 launched_at_ms: now_ms,
                 shutdown_behavior: spec.shutdown_behavior,
+                root_volume: volumes
+                    .iter()
+                    .find(|v| {
+                        v.source_image.is_some()
+                            && v.attachment.as_ref().is_some_and(|a| a.instance_id == id)
+                    })
+                    .map(|v| v.id.clone()),
             };
             tracing::info!(instance_id = %id, host_id = %inst.host_id, "placed");
             self.instances.insert(id.clone(), inst);
@@ -273,6 +286,21 @@ impl ClusterState {
                 )));
             }
         }
+        // An instance booted from a volume, stopped on a host that went
+        // away, starts on another host of its zone: its disks are volumes.
+        // Every new host is found before anything changes.
+        let mut moves = Vec::new();
+        if desired == DesiredState::Running {
+            for id in ids {
+                if self.movable(&self.instances[id]) {
+                    let to = self.replace(id, &moves)?;
+                    moves.push((id.clone(), to));
+                }
+            }
+        }
+        for (id, to) in moves {
+            self.move_instance(&id, to);
+        }
         let mut changes = Vec::with_capacity(ids.len());
         for id in ids {
             let i = self.instances.get_mut(id).expect("checked above");
@@ -288,6 +316,95 @@ impl ClusterState {
             });
         }
         Ok(Output::Changes(changes))
+    }
+
+    /// Whether `i` starts on another host: booted from a volume, stopped
+    /// (wanted and seen so: its host never runs it again on its own), and
+    /// its host is not healthy.
+    fn movable(&self, i: &Instance) -> bool {
+        i.root_volume.is_some()
+            && i.desired == DesiredState::Stopped
+            && i.observed == ObservedState::Stopped
+            && self
+                .hosts
+                .get(&i.host_id)
+                .is_none_or(|h| h.health != HostHealth::Healthy)
+    }
+
+    /// A healthy host of `id`'s zone with room for it, counting the
+    /// `planned` moves before it.
+    fn replace(&self, id: &str, planned: &[(String, String)]) -> Result<String, StateError> {
+        let i = &self.instances[id];
+        let Some(ty) = self.instance_types.get(&i.instance_type) else {
+            return Err(E::FailedPrecondition(format!(
+                "instance_ids: {id}'s type {} no longer exists",
+                i.instance_type
+            )));
+        };
+        let mut sim = self.clone_hosts_for(planned);
+        let fits = |h: &Host| {
+            h.az == i.az
+                && h.health == HostHealth::Healthy
+                && h.free_vcpus() >= ty.vcpus
+                && h.free_memory_mib() >= ty.memory_mib
+        };
+        // The emptiest host that fits, ties by id.
+        let best = sim
+            .values_mut()
+            .filter(|h| fits(h))
+            .max_by(|a, b| {
+                (a.free_memory_mib(), std::cmp::Reverse(&a.id))
+                    .cmp(&(b.free_memory_mib(), std::cmp::Reverse(&b.id)))
+            })
+            .map(|h| h.id.clone());
+        best.ok_or_else(|| {
+            E::ResourceExhausted(format!(
+                "InsufficientInstanceCapacity: {id}'s host {} is unreachable and no other \
+                 host of {} has room for it",
+                i.host_id, i.az
+            ))
+        })
+    }
+
+    /// The hosts with the `planned` moves' capacity taken.
+    fn clone_hosts_for(&self, planned: &[(String, String)]) -> BTreeMap<String, Host> {
+        let mut hosts = self.hosts.clone();
+        for (id, to) in planned {
+            let i = &self.instances[id];
+            if let Some(h) = hosts.get_mut(to) {
+                h.vcpus_allocated += i.vcpus;
+                h.memory_allocated_mib += i.memory_mib;
+            }
+        }
+        hosts
+    }
+
+    /// Bind instance `id` to host `to`: its capacity moves there, and it is
+    /// absent there until created.
+    fn move_instance(&mut self, id: &str, to: String) {
+        let i = self.instances.get_mut(id).expect("a known instance");
+        let from = std::mem::replace(&mut i.host_id, to.clone());
+        i.observed = ObservedState::Absent;
+        i.observed_seq = 0;
+        i.observed_reason = format!("moved from unreachable host {from}");
+        if let Some(n) = i.network.as_mut() {
+            n.tap.clear();
+        }
+        let (vcpus, memory, held) = (i.vcpus, i.memory_mib, i.holds_capacity);
+        tracing::info!(instance_id = %id, from = %from, to = %to, "stopped instance moved to another host of its zone");
+        if !held {
+            return;
+        }
+        if let Some(h) = self.hosts.get_mut(&from) {
+            h.vcpus_allocated = h.vcpus_allocated.saturating_sub(vcpus);
+            h.memory_allocated_mib = h.memory_allocated_mib.saturating_sub(memory);
+            h.instances = h.instances.saturating_sub(1);
+        }
+        if let Some(h) = self.hosts.get_mut(&to) {
+            h.vcpus_allocated += vcpus;
+            h.memory_allocated_mib += memory;
+            h.instances += 1;
+        }
     }
 
     pub(super) fn reboot(&mut self, ids: &[String]) -> Response {

@@ -485,7 +485,8 @@ pub(crate) mod tests {
                 format!("i-{:016x}", *seq)
             })
             .collect();
-        let volume_ids = (0..n * spec.block_devices.len() as u32)
+        let per = spec.block_devices.len() as u32 + spec.root_volume.is_some() as u32;
+        let volume_ids = (0..n * per)
             .map(|k| format!("vol-{:016x}", 0xb000_0000 + u64::from(k) + *seq * 64))
             .collect();
         s.apply(Command::RunInstances {

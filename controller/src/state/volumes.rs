@@ -63,6 +63,9 @@ pub fn place_replicas(
     Ok(fit.iter().take(n).map(|h| h.id.to_string()).collect())
 }
 
+/// The device name of an instance's root volume.
+pub const ROOT_DEVICE: &str = "/dev/vda";
+
 /// Check a device name: `/dev/vdb` to `/dev/vdz` (`vda` is the root disk).
 pub fn check_device(device: &str) -> Result<(), StateError> {
     match device.strip_prefix("/dev/vd").map(str::as_bytes) {
@@ -231,6 +234,7 @@ impl ClusterState {
             client_token: spec.client_token.clone(),
             held: BTreeSet::new(),
             out_of_sync: BTreeSet::new(),
+            source_image: None,
         };
         tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
         self.volumes.insert(id.clone(), v.clone());
@@ -246,29 +250,48 @@ impl ClusterState {
         Ok(Output::Volume(v))
     }
 
-    /// The blank volumes of a launch (`spec.block_devices` for each of
-    /// `instances`, placed on `hosts`), checked and placed, each attached
-    /// to its instance; nothing changes here, so a launch that fails later
-    /// leaves nothing behind. Replicas go to hosts of each instance's zone,
-    /// counting the space the volumes placed before take.
+    /// The volumes of a launch (for each of `instances`, placed on
+    /// `hosts`: its root volume made from `image` when `spec.root_volume`
+    /// asks for one, then `spec.block_devices` blank), checked and placed,
+    /// each attached to its instance; nothing changes here, so a launch
+    /// that fails later leaves nothing behind. Replicas go to hosts of each
+    /// instance's zone, counting the space the volumes placed before take.
     pub(super) fn plan_launch_volumes(
         &self,
         spec: &RunSpec,
+        image: &Image,
         instances: &[String],
         hosts: &[String],
         volume_ids: &[String],
         now_ms: u64,
     ) -> Result<Vec<Volume>, StateError> {
-        let devices = &spec.block_devices;
-        for (k, d) in devices.iter().enumerate() {
+        for (k, d) in spec.block_devices.iter().enumerate() {
             check_device(&d.device)
                 .map_err(|e| E::InvalidArgument(format!("block_device_mappings[{k}]: {e}")))?;
-            if devices[..k].iter().any(|o| o.device == d.device) {
+            if spec.block_devices[..k].iter().any(|o| o.device == d.device) {
                 return invalid(format!(
                     "block_device_mappings[{k}]: device {} is given twice",
                     d.device
                 ));
             }
+        }
+        // (the field errors name, the spec, the image it is made from)
+        let mut devices: Vec<(String, BlockDeviceSpec, Option<String>)> = Vec::new();
+        if let Some(r) = &spec.root_volume {
+            if image.rootdisk_path.is_empty() {
+                return invalid(format!(
+                    "root_volume: image {} has no root disk to make a volume from",
+                    image.id
+                ));
+            }
+            let root = BlockDeviceSpec {
+                device: ROOT_DEVICE.into(),
+                ..r.clone()
+            };
+            devices.push(("root_volume".into(), root, Some(image.id.clone())));
+        }
+        for (k, d) in spec.block_devices.iter().enumerate() {
+            devices.push((format!("block_device_mappings[{k}]"), d.clone(), None));
         }
         let need = instances.len() * devices.len();
         if volume_ids.len() < need
@@ -283,7 +306,7 @@ impl ClusterState {
         let ids = volume_ids[..need].chunks(devices.len().max(1));
         for ((instance_id, host_id), vol_ids) in instances.iter().zip(hosts).zip(ids) {
             let az = &self.hosts[host_id].az;
-            for (k, (d, id)) in devices.iter().zip(vol_ids).enumerate() {
+            for ((field, d, source_image), id) in devices.iter().zip(vol_ids) {
                 let vspec = VolumeSpec {
                     size_gib: d.size_gib,
                     az: az.clone(),
@@ -293,7 +316,7 @@ impl ClusterState {
                 };
                 let ty = self
                     .check_volume(&vspec)
-                    .map_err(|e| E::InvalidArgument(format!("block_device_mappings[{k}]: {e}")))?;
+                    .map_err(|e| E::InvalidArgument(format!("{field}: {e}")))?;
                 let candidates: Vec<DiskCandidate> = self
                     .hosts
                     .values()
@@ -309,9 +332,7 @@ impl ClusterState {
                     .collect();
                 let replicas = place_replicas(&candidates, az, d.size_gib, ty.replicas()).map_err(
                     |e| match e {
-                        E::ResourceExhausted(m) => {
-                            E::ResourceExhausted(format!("block_device_mappings[{k}]: {m}"))
-                        }
+                        E::ResourceExhausted(m) => E::ResourceExhausted(format!("{field}: {m}")),
                         e => e,
                     },
                 )?;
@@ -342,6 +363,7 @@ impl ClusterState {
                     client_token: String::new(),
                     held: BTreeSet::new(),
                     out_of_sync: BTreeSet::new(),
+                    source_image: source_image.clone(),
                 });
             }
         }
@@ -660,7 +682,15 @@ impl ClusterState {
                 a.instance_id
             ));
         }
-        let on_running = self.instances.get(&a.instance_id).is_some_and(running);
+        let inst = self.instances.get(&a.instance_id);
+        if inst.is_some_and(|i| !i.is_final() && i.root_volume.as_deref() == Some(volume_id)) {
+            return Err(E::FailedPrecondition(format!(
+                "volume_id: {volume_id} is the root volume of {}: it boots from it \
+                 (terminate the instance to free it)",
+                a.instance_id
+            )));
+        }
+        let on_running = inst.is_some_and(running);
         if on_running && !force {
             return Err(E::FailedPrecondition(format!(
                 "IncorrectInstanceState: {} is running; hot-detach comes later: \
@@ -1368,5 +1398,195 @@ mod tests {
         assert_eq!(old.format, STATE_FORMAT);
         assert!(old.volumes.is_empty() && old.volume_tokens.is_empty());
         assert!(old.hosts.values().all(|h| h.disk_total_gib == 0));
+    }
+
+    #[test]
+    fn boot_from_volume_makes_a_root_volume_and_a_stopped_instance_moves_when_its_host_is_gone() {
+        let mut s = bootstrapped();
+        disk_host(&mut s, "h1", "az-1", 100);
+        disk_host(&mut s, "h2", "az-1", 100);
+        add_image(&mut s);
+        let mut seq = 0;
+        let boot = RunSpec {
+            az: "az-1".into(),
+            root_volume: Some(BlockDeviceSpec {
+                size_gib: 2,
+                delete_on_termination: true,
+                ..BlockDeviceSpec::default()
+            }),
+            ..spec()
+        };
+        // The image has no root disk: named, nothing changes.
+        let before = s.clone();
+        let e = run(&mut s, 1, &mut seq, boot.clone()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("root_volume: image img-1 has no root disk"),
+            "{e}"
+        );
+        assert_eq!(s, before);
+        s.images.get_mut("img-1").unwrap().rootdisk_path = "/images/root.raw".into();
+        run(&mut s, 1, &mut seq, boot).unwrap();
+        let i = s.instances.values().next().unwrap().clone();
+        let root = i.root_volume.clone().expect("booted from a volume");
+        let v = &s.volumes[&root];
+        assert_eq!(v.source_image.as_deref(), Some("img-1"));
+        assert_eq!(v.attachment.as_ref().unwrap().device, ROOT_DEVICE);
+        assert_eq!(v.state, VolumeState::Creating);
+        // Its replica hosts fill it from the image while it is made.
+        let on = crate::api::hostvol::host_volumes(&s, &v.replicas[0]);
+        assert_eq!(on.replicas[0].source_path, "/images/root.raw");
+        for h in v.replicas.clone() {
+            let mut held = holding(&s, &h);
+            held.insert(root.clone(), 1);
+            report(&mut s, &h, held);
+        }
+        assert_eq!(s.volumes[&root].state, VolumeState::InUse);
+        let on = crate::api::hostvol::host_volumes(&s, "h1");
+        assert_eq!(
+            on.replicas[0].source_path, "",
+            "made: resyncs come from peers"
+        );
+        // The root volume cannot be detached, even forced.
+        let e = detach(&mut s, &root, true).unwrap_err();
+        assert!(e.to_string().contains("is the root volume of"), "{e}");
+        // Stopped on its host, which then goes away.
+        let from = i.host_id.clone();
+        let to = if from == "h1" { "h2" } else { "h1" };
+        let see = |s: &mut ClusterState, state| {
+            s.apply(Command::Observe {
+                host_id: from.clone(),
+                observed: vec![Observation {
+                    instance_id: i.id.clone(),
+                    state,
+                    reason: String::new(),
+                    stopped_by_guest: false,
+                    seq: 0,
+                    tap: String::new(),
+                }],
+            })
+            .unwrap();
+        };
+        see(&mut s, ObservedState::Running);
+        let set = |s: &mut ClusterState, desired| {
+            s.apply(Command::SetDesired {
+                ids: vec![i.id.clone()],
+                desired,
+            })
+        };
+        set(&mut s, DesiredState::Stopped).unwrap();
+        see(&mut s, ObservedState::Stopped);
+        s.apply(Command::MarkUnreachable {
+            host_ids: vec![from.clone()],
+        })
+        .unwrap();
+        let lost = &s.instances[&i.id];
+        assert_eq!(lost.observed, ObservedState::Stopped, "known stopped");
+        // Started: bound to the other host, absent there, capacity moved.
+        let (vcpus_from, vcpus_to) = (s.hosts[&from].vcpus_allocated, s.hosts[to].vcpus_allocated);
+        set(&mut s, DesiredState::Running).unwrap();
+        let moved = &s.instances[&i.id];
+        assert_eq!(
+            (moved.host_id.as_str(), moved.observed),
+            (to, ObservedState::Absent)
+        );
+        assert_eq!(s.hosts[&from].vcpus_allocated, vcpus_from - i.vcpus);
+        assert_eq!(s.hosts[to].vcpus_allocated, vcpus_to + i.vcpus);
+        // The old host's late report of it is not an observation of it.
+        see(&mut s, ObservedState::Stopped);
+        assert_eq!(s.instances[&i.id].observed, ObservedState::Absent);
+        // Its volume is served by the new host now.
+        let served = crate::api::hostvol::host_volumes(&s, to);
+        assert_eq!(served.serve.len(), 1);
+        assert!(crate::api::hostvol::host_volumes(&s, &from)
+            .serve
+            .is_empty());
+    }
+
+    #[test]
+    fn a_start_that_cannot_move_changes_nothing_and_an_instance_store_instance_never_moves() {
+        let mut s = bootstrapped();
+        disk_host(&mut s, "h1", "az-1", 100);
+        add_image(&mut s);
+        s.images.get_mut("img-1").unwrap().rootdisk_path = "/images/root.raw".into();
+        let mut seq = 0;
+        let boot = RunSpec {
+            az: "az-1".into(),
+            root_volume: Some(BlockDeviceSpec {
+                size_gib: 1,
+                volume_type: "".into(),
+                ..BlockDeviceSpec::default()
+            }),
+            ..spec()
+        };
+        // Two replicas need two hosts.
+        let e = run(&mut s, 1, &mut seq, boot.clone()).unwrap_err();
+        assert!(e.to_string().starts_with("root_volume: "), "{e}");
+        disk_host(&mut s, "h2", "az-1", 100);
+        run(&mut s, 1, &mut seq, boot).unwrap();
+        run(
+            &mut s,
+            1,
+            &mut seq,
+            RunSpec {
+                az: "az-1".into(),
+                ..spec()
+            },
+        )
+        .unwrap();
+        let ids: Vec<String> = s.instances.keys().cloned().collect();
+        for id in &ids {
+            let host = s.instances[id].host_id.clone();
+            s.apply(Command::SetDesired {
+                ids: vec![id.clone()],
+                desired: DesiredState::Stopped,
+            })
+            .unwrap();
+            s.apply(Command::Observe {
+                host_id: host,
+                observed: vec![Observation {
+                    instance_id: id.clone(),
+                    state: ObservedState::Stopped,
+                    reason: String::new(),
+                    stopped_by_guest: false,
+                    seq: 0,
+                    tap: String::new(),
+                }],
+            })
+            .unwrap();
+        }
+        s.apply(Command::MarkUnreachable {
+            host_ids: vec!["h1".into(), "h2".into()],
+        })
+        .unwrap();
+        let before = s.clone();
+        let e = s
+            .apply(Command::SetDesired {
+                ids: ids.clone(),
+                desired: DesiredState::Running,
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("InsufficientInstanceCapacity"),
+            "{e}"
+        );
+        assert_eq!(s, before, "nothing changed");
+        // A host comes back: the volume-backed one moves there (or stays,
+        // if that was its host); the instance-store one never moves.
+        disk_host(&mut s, "h1", "az-1", 100);
+        let homes: Vec<String> = ids.iter().map(|i| s.instances[i].host_id.clone()).collect();
+        s.apply(Command::SetDesired {
+            ids: ids.clone(),
+            desired: DesiredState::Running,
+        })
+        .unwrap();
+        for (id, home) in ids.iter().zip(homes) {
+            let i = &s.instances[id];
+            if i.root_volume.is_some() {
+                assert_eq!(i.host_id, "h1");
+            } else {
+                assert_eq!(i.host_id, home, "instance-store: bound for life");
+            }
+        }
     }
 }

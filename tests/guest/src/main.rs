@@ -189,7 +189,10 @@ extern "C" fn ferro_main(boot_params: u64) -> ! {
     for blk in disks.iter_mut().flatten() {
         let hash = fnv1a64(check(blk.read_start()));
         say!("blk serial={} read sector0 fnv64={hash:016x}", blk.serial());
-        if write_list.split(',').any(|s| !s.is_empty() && s == blk.serial()) {
+        // `*` names every writable disk (a volume's serial is its id, not
+        // known when the command line is written).
+        let listed = write_list.split(',').any(|s| !s.is_empty() && (s == blk.serial() || (s == "*" && !blk.read_only())));
+        if listed {
             let write = check(blk.write_start(&pattern));
             let flush = check(blk.flush());
             say!("blk serial={} write status={write} flush status={flush}", blk.serial());
