@@ -171,6 +171,149 @@ fn sum(path: &Path, offset: u64, len: usize) -> u64 {
     ferro_testkit::fnv64(&buf)
 }
 
+/// Boot from a volume: an instance whose root disk is a volume made from
+/// the image's root disk sees the image's bytes on `/dev/vda` (the first
+/// disk) and writes over them. Stopped, its host then dying whole, it is
+/// started and lands on the other host, where its guest reads what it
+/// wrote. The dead host comes back and its stale copy of the instance is
+/// deleted; terminating the instance deletes the root volume everywhere.
+async fn boot_from_volume_moves_a_stopped_instance(
+    c: &mut Client,
+    key: &str,
+    hosts: &mut [common::vpc::HostProcs],
+    dir: &Path,
+    guest: &Path,
+    logs: &[&Path],
+) {
+    // A 1 MiB root disk whose first sectors are not zero.
+    let image_disk = dir.join("boot-root.raw");
+    let mut bytes = vec![0u8; 1 << 20];
+    for (k, b) in bytes.iter_mut().take(8192).enumerate() {
+        *b = (k % 251) as u8 ^ 0x5a;
+    }
+    std::fs::write(&image_disk, &bytes).unwrap();
+    let mut image = guest_image("boot", guest, "ferro.exit=idle ferro.write=*");
+    image.rootdisk_path = image_disk.display().to_string();
+    c.register_image(authed(key, image)).await.unwrap();
+    let req = pb::RunInstancesRequest {
+        count: 1,
+        instance_type: "f1.nano".into(),
+        image_id: "boot".into(),
+        availability_zone: "az-1".into(),
+        root_volume: Some(pb::RootVolume {
+            volume_size_gib: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let launched = c
+        .run_instances(authed(key, req))
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+        .remove(0);
+    let id = launched.instance_id.clone();
+    let root = launched.root_volume_id.clone();
+    assert_eq!(launched.root_device_type, "ebs", "{launched:?}");
+    assert!(
+        launched
+            .block_device_mappings
+            .iter()
+            .any(|a| a.volume_id == root && a.device == "/dev/vda"),
+        "{launched:?}"
+    );
+    wait_state(c, key, &id, pb::InstanceState::Running, logs).await;
+    let first_disk = |serial: &str| format!("virtio-blk serial={serial} sectors=2097152");
+    // (The guest hashes the first 4 KiB, the size of its pattern.)
+    let pattern = ferro_testkit::guest_write_pattern();
+    let image_sum = format!("{:016x}", ferro_testkit::fnv64(&bytes[..pattern.len()]));
+    let pattern_sum = format!("{:016x}", ferro_testkit::fnv64(&pattern));
+    wait_console(
+        c,
+        key,
+        &id,
+        &[
+            first_disk(&root),
+            format!("blk serial={root} read sector0 fnv64={image_sum}"),
+            format!("blk serial={root} write status=0 flush status=0"),
+        ],
+        logs,
+    )
+    .await;
+    let out = common::vpc::console(c, key, &id).await;
+    let first = out
+        .lines()
+        .find(|l| l.contains("virtio-blk serial="))
+        .unwrap_or("");
+    assert!(
+        first.contains(&root),
+        "the root volume is not the first disk: {first}"
+    );
+
+    // Stopped; then its host dies whole and is declared unreachable.
+    stop(c, key, &id, logs).await;
+    let from = instance(c, key, &id).await.host_id;
+    let at = hosts.iter().position(|h| h.host_id == from).unwrap();
+    {
+        let h = &mut hosts[at];
+        for d in [&mut h.agent, &mut h.netd, h.blockd.as_mut().unwrap()] {
+            let _ = d.proc.0.kill();
+            let _ = d.proc.0.wait();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hs = c
+            .describe_hosts(authed(key, pb::DescribeHostsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts;
+        if hs
+            .iter()
+            .any(|h| h.host_id == from && h.health == pb::HostHealth::Unreachable as i32)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{from} never became unreachable");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let i = instance(c, key, &id).await;
+    assert_eq!(i.state, pb::InstanceState::Stopped as i32, "{i:?}");
+
+    // Started: on the other host (a fresh console there), from the same
+    // volume.
+    start(c, key, &id, logs).await;
+    let to = instance(c, key, &id).await.host_id;
+    assert_ne!(to, from, "the instance did not move");
+    let read_back = format!("blk serial={root} read sector0 fnv64={pattern_sum}");
+    wait_console(c, key, &id, std::slice::from_ref(&read_back), logs).await;
+    eprintln!("volumes_hosts: boot from volume {root}: {id} stopped on {from}, started on {to}");
+
+    // The dead host comes back: its stale copy of the instance goes.
+    let stale = dir.join(format!("a{}", at + 1)).join("instances").join(&id);
+    assert!(stale.exists(), "{} was never there", stale.display());
+    {
+        let h = &mut hosts[at];
+        let ns = h.ns.clone();
+        h.agent.restart(&ns);
+        h.netd.restart(&ns);
+        h.blockd.as_mut().unwrap().restart(&ns);
+    }
+    wait_gone(&stale);
+
+    // Terminated: the root volume goes with it, from both hosts.
+    let req = pb::TerminateInstancesRequest {
+        instance_ids: vec![id.clone()],
+    };
+    c.terminate_instances(authed(key, req)).await.unwrap();
+    wait_volume(c, key, &root, None, logs).await;
+    for h in hosts.iter() {
+        wait_gone(&h.blockd_dir.join("replicas").join(format!("{root}.vol")));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     ferro_testkit::require_kvm_root();
@@ -455,6 +598,9 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
     for h in &hosts {
         wait_gone(&h.blockd_dir.join("replicas").join(format!("{vol}.vol")));
     }
+
+    boot_from_volume_moves_a_stopped_instance(&mut c, &key, &mut hosts, &dir, &guest, &logs).await;
+
     drop(hosts);
     common::vpc::remove_cgroups(&prefix, 2);
     let _ = std::fs::remove_dir_all(&dir);
