@@ -1,13 +1,16 @@
 //! `ferro-blockd` binary: parse flags, open the volumes, serve each on its
 //! own thread; with `--controller`, follow the replicas the controller
-//! places on this host.
+//! places on this host. Without a controller, `--replica` replicas are
+//! held for primaries elsewhere (`--volume …,backups=`) on
+//! `--replica-listen`: a fixed replica set, for tests and benchmarks.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferro_blockd::config::parse_volume;
+use ferro_blockd::config::{parse_replica, parse_volume};
 use ferro_blockd::follow::FollowConfig;
+use ferro_blockd::replica::Replica;
 use ferro_blockd::replica::ReplicaServer;
 use ferro_blockd::replica_dir::ReplicaDir;
 use ferro_blockd::server::Volume;
@@ -16,9 +19,20 @@ use ferro_blockd::server::Volume;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
-    /// Volume: id=SERIAL,path=FILE,size=SIZE[K|M|G|T],socket=PATH; repeatable.
-    #[arg(long, value_name = "SPEC", required_unless_present = "controller")]
+    /// Volume: id=SERIAL,path=FILE,size=SIZE[K|M|G|T],socket=PATH
+    /// [,backups=NAME@IP:PORT[+…],epoch=N] (with backups, every write also
+    /// goes to those replica servers; one failing fails the I/O);
+    /// repeatable.
+    #[arg(long, value_name = "SPEC", required_unless_present_any = ["controller", "replica"])]
     volume: Vec<String>,
+    /// Without a controller: hold a replica for a primary elsewhere,
+    /// id=ID,size=SIZE[,epoch=N], in `--replica-dir`, served on
+    /// `--replica-listen`; repeatable.
+    #[arg(long, value_name = "SPEC", requires_all = ["replica_dir", "replica_listen"], conflicts_with = "controller")]
+    replica: Vec<String>,
+    /// Where `--replica` replicas live.
+    #[arg(long, value_name = "DIR")]
+    replica_dir: Option<PathBuf>,
     /// A controller endpoint (http(s)://host:port); repeatable. Follows the
     /// replicas the controller places on this host.
     #[arg(long, value_name = "URL", requires_all = ["host_id", "api_key_file", "data_dir"])]
@@ -38,7 +52,7 @@ struct Cli {
     /// Serve this host's replicas to their primaries on IP:PORT (port 0:
     /// any free one); reported to the controller. An address the other
     /// hosts reach (the underlay's), not 0.0.0.0.
-    #[arg(long, value_name = "IP:PORT", requires = "controller")]
+    #[arg(long, value_name = "IP:PORT")]
     replica_listen: Option<std::net::SocketAddr>,
 }
 
@@ -112,6 +126,62 @@ fn follower(cli: &Cli) -> Result<Option<(FollowConfig, ReplicaDir)>, ExitCode> {
     Ok(Some((cfg, dir)))
 }
 
+/// Opens the `--replica` replicas and serves them on `--replica-listen`
+/// (for the process's life); nothing to do without `--replica`.
+fn standalone_replicas(cli: &Cli) -> Result<(), ExitCode> {
+    if cli.replica.is_empty() {
+        if cli.replica_listen.is_some() && cli.controller.is_empty() {
+            eprintln!("ferro-blockd: error: --replica-listen needs --controller or --replica");
+            return Err(ExitCode::from(2));
+        }
+        return Ok(());
+    }
+    let (Some(dir), Some(addr)) = (&cli.replica_dir, cli.replica_listen) else {
+        eprintln!("ferro-blockd: error: --replica needs --replica-dir and --replica-listen");
+        return Err(ExitCode::from(2));
+    };
+    let mut specs = Vec::new();
+    for spec in &cli.replica {
+        match parse_replica(spec) {
+            Ok(r) => specs.push(r),
+            Err(e) => {
+                report(&e);
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("ferro-blockd: error: --replica-dir {}: {e}", dir.display());
+        return Err(ExitCode::from(1));
+    }
+    let replica = std::sync::Arc::new(Replica::new(dir));
+    for r in &specs {
+        let opened = replica
+            .open_volume(&r.id, r.size)
+            .and_then(|_| replica.set_epoch(&r.id, r.epoch));
+        if let Err(e) = opened {
+            report(&e);
+            return Err(ExitCode::from(1));
+        }
+    }
+    match ReplicaServer::start(replica, addr) {
+        Ok(server) => {
+            eprintln!(
+                "ferro-blockd: holding {} replica(s), replica server on {}",
+                specs.len(),
+                server.local_addr()
+            );
+            // Serves for the life of the process.
+            std::mem::forget(server);
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("ferro-blockd: error: --replica-listen {addr}: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -121,6 +191,9 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if let Err(code) = standalone_replicas(&cli) {
+        return code;
+    }
     let follower = match follower(&cli) {
         Ok(f) => f,
         Err(code) => return code,
@@ -146,6 +219,12 @@ fn main() -> ExitCode {
         }
     }
     eprintln!("ferro-blockd: serving {} volume(s)", opened.len());
+    if opened.is_empty() && !cli.replica.is_empty() && follower.is_none() {
+        // Only replicas: the replica server runs until killed.
+        loop {
+            std::thread::park();
+        }
+    }
     if let Some((cfg, dir)) = follower {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()

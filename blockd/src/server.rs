@@ -13,8 +13,10 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
+use crate::authority::StaticReplicas;
 use crate::backend::BlockBackend;
 use crate::handler::{GuestMemoryMmap, RequestHandler};
+use crate::replication::{Backup, Options, ReplicatedStore, ReplicationError};
 use crate::store::{LocalFile, Store, StoreError};
 
 /// One volume to serve.
@@ -28,6 +30,11 @@ pub struct VolumeConfig {
     pub size: u64,
     /// The vhost-user socket to listen on.
     pub socket: PathBuf,
+    /// Without a controller: backup replicas every write goes to as well
+    /// (this file is the primary's copy); none: a local volume.
+    pub backups: Vec<Backup>,
+    /// The replica set's epoch the backups were opened at (with backups).
+    pub epoch: u64,
 }
 
 /// Errors serving a volume; each names the volume.
@@ -36,6 +43,12 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error("volume {0}")]
     Store(String, #[source] StoreError),
+    /// Its backups could not be reached or are not in sync.
+    #[error("volume {0}: replication")]
+    Replication(String, #[source] ReplicationError),
+    /// A backup did not join the replica set.
+    #[error("volume {0}: backup {1} is not in sync (is its replica open at epoch {2}?)")]
+    BackupBehind(String, String, u64),
     /// The socket could not be bound.
     #[error("cannot listen on {0}")]
     Listen(String, #[source] vhost::vhost_user::Error),
@@ -55,14 +68,38 @@ pub struct Volume {
 impl Volume {
     /// Opens (or creates) the store and binds the socket, replacing a stale
     /// socket file left by a previous run.
+    /// With backups (and no controller), every write goes to them too,
+    /// and a backup that fails fails the I/O ([`StaticReplicas`]).
     pub fn open(config: VolumeConfig) -> Result<Self, ServeError> {
-        let store = LocalFile::open_or_create(&config.path, config.size)
+        let local = LocalFile::open_or_create(&config.path, config.size)
             .map_err(|e| ServeError::Store(config.id.clone(), e))?;
+        let store: Arc<dyn Store> = if config.backups.is_empty() {
+            Arc::new(local)
+        } else {
+            let r = ReplicatedStore::open(
+                &config.id,
+                config.epoch,
+                Box::new(local),
+                &config.backups,
+                Arc::new(StaticReplicas),
+                Options::default(),
+            )
+            .map_err(|e| ServeError::Replication(config.id.clone(), e))?;
+            let in_sync = r.in_sync();
+            if let Some(b) = config.backups.iter().find(|b| !in_sync.contains(&b.id)) {
+                return Err(ServeError::BackupBehind(
+                    config.id.clone(),
+                    b.id.clone(),
+                    config.epoch,
+                ));
+            }
+            Arc::new(r)
+        };
         let listener = Listener::new(&config.socket, true)
             .map_err(|e| ServeError::Listen(display(&config.socket), e))?;
         Ok(Volume {
             config,
-            store: Arc::new(store),
+            store,
             listener,
         })
     }
@@ -78,6 +115,8 @@ impl Volume {
                 path: PathBuf::new(),
                 size: store.capacity() * crate::request::SECTOR_SIZE,
                 socket: socket.to_path_buf(),
+                backups: Vec::new(),
+                epoch: 0,
             },
             store,
             listener,

@@ -66,3 +66,116 @@ fn requests_at_depth_reach_the_file_and_read_back() {
     server.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A child process killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn blockd(args: &[String], log: &Path) -> Child {
+    Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferro-blockd"))
+            .args(args)
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits (10 s) for `what` to hold, naming the log on failure.
+fn wait_for(what: &str, log: &Path, ok: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The daemon without a controller: two `--replica` daemons hold backups
+/// and a primary names them in `backups=`; every acknowledged write is in
+/// all three files, and a backup that dies fails the next write (a fixed
+/// replica set cannot shrink) instead of it going on with fewer copies.
+#[test]
+fn a_fixed_three_replica_set_from_flags_writes_everywhere_and_fails_closed() {
+    let dir = scratch("blockd-fixed-set");
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mut backups = Vec::new();
+    let mut names = Vec::new();
+    for b in ["b", "c"] {
+        let port = free_port();
+        let log = dir.join(format!("{b}.log"));
+        let child = blockd(
+            &[
+                "--replica".into(),
+                "id=vol0,size=1M,epoch=2".into(),
+                "--replica-dir".into(),
+                dir.join(b).display().to_string(),
+                "--replica-listen".into(),
+                format!("127.0.0.1:{port}"),
+            ],
+            &log,
+        );
+        wait_for("backup listening", &log, || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("replica server on"))
+        });
+        names.push(format!("{b}@127.0.0.1:{port}"));
+        backups.push(child);
+    }
+    let socket = dir.join("vol0.sock");
+    let plog = dir.join("primary.log");
+    let _primary = blockd(
+        &[
+            "--volume".into(),
+            format!(
+                "id=vol0,path={},size=1M,socket={},backups={},epoch=2",
+                dir.join("a.vol").display(),
+                socket.display(),
+                names.join("+")
+            ),
+        ],
+        &plog,
+    );
+    wait_for("primary serving", &plog, || socket.exists());
+    let mut h = VhostUserBlkHarness::connect(&socket, 16, 4096).unwrap();
+    for slot in 0..8 {
+        h.set_data(slot, &[slot as u8 + 0x10; 4096]);
+        h.push_write(slot, slot as u64 * 8, 4096);
+    }
+    h.kick().unwrap();
+    complete(&mut h, 8);
+    let primary = std::fs::read(dir.join("a.vol")).unwrap();
+    assert_eq!(primary[4096 * 7], 0x17);
+    for b in ["b", "c"] {
+        assert!(
+            std::fs::read(dir.join(b).join("vol0.vol")).unwrap() == primary,
+            "backup {b} differs from the primary"
+        );
+    }
+    // Backup c dies: the next write fails, it is not acknowledged.
+    drop(backups.pop());
+    h.set_data(0, &[0xee; 4096]);
+    h.push_write(0, 0, 4096);
+    h.kick().unwrap();
+    let mut done = Vec::new();
+    while done.is_empty() {
+        done.extend(h.wait(Duration::from_secs(60)).expect("an answer"));
+    }
+    assert_ne!(done[0].2, 0, "a write with a dead backup was acknowledged");
+    let log = std::fs::read_to_string(&plog).unwrap();
+    assert!(log.contains("the replica set cannot change"), "{log}");
+}

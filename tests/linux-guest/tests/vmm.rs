@@ -249,6 +249,112 @@ check vmm_exit_0 [ "$VMM_RC" = 0 ]
     ]);
 }
 
+/// Linux booted from a replicated volume: `ferro-blockd` primaries with
+/// a fixed replica set (no controller) serve a 3-replica volume as the
+/// boot disk (`boot=on`: first on the PCI bus although given last, so
+/// Linux names it vda) and a 2-replica data volume, the backups being two
+/// more ferro-blockd processes over TCP in L1. The first boot makes the
+/// "image" — a root filesystem with busybox and an init on vda — and
+/// writes a pattern to vdb with O_DIRECT; the second boot's initramfs only
+/// loads virtio_blk and switches root to vda, whose own init reads the
+/// pattern back. Every replica file is then byte-identical to its
+/// primary's.
+#[test]
+fn linux_boots_from_a_replicated_volume() {
+    let l2_script = r#"
+check vda_is_the_boot_volume [ "$(cat /sys/block/vda/serial)" = vol0 ]
+check vdb_is_the_data_volume [ "$(cat /sys/block/vdb/serial)" = vol1 ]
+mkdir -p /mnt /newroot
+if grep -q ferro.phase=1 /proc/cmdline; then
+  check mkfs_root mke2fs /dev/vda 16384
+  check mount_root mount -t ext2 /dev/vda /mnt
+  mkdir -p /mnt/bin /mnt/proc /mnt/sys /mnt/dev
+  cp /bin/busybox /mnt/bin/busybox
+  cat > /mnt/init <<'EOF_INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+echo "volume init: pid $$"
+if $B grep -q '^/dev/vda / ' /proc/mounts; then echo "CHECK root_is_vda ok"; else echo "CHECK root_is_vda FAIL $($B cat /proc/mounts)"; fi
+[ "$$" = 1 ] && echo "CHECK volume_init_is_pid1 ok" || echo "CHECK volume_init_is_pid1 FAIL"
+echo "VALUE saved_md5=$($B cat /pat_md5)"
+echo "VALUE read_md5=$($B dd if=/dev/vdb bs=65536 count=64 iflag=direct 2>/dev/null | $B md5sum | $B cut -d' ' -f1)"
+$B poweroff -f
+EOF_INIT
+  chmod 755 /mnt/init
+  dd if=/dev/urandom of=/pat bs=65536 count=64 2>/dev/null
+  P=$(md5sum < /pat | cut -d' ' -f1); value pat_md5 "$P"
+  echo "$P" > /mnt/pat_md5
+  check pattern_written dd if=/pat of=/dev/vdb bs=65536 oflag=direct conv=fsync
+  umount /mnt; sync
+else
+  check mount_new_root mount -t ext2 /dev/vda /newroot
+  exec switch_root /newroot /init
+fi
+poweroff -f
+"#;
+    let l1_script = format!(
+        r#"
+mkdir -p /rb /rc
+/bin/ferro-blockd --replica id=vol0,size=32M --replica id=vol1,size=32M --replica-dir /rb --replica-listen 127.0.0.1:7431 > /b.log 2>&1 &
+/bin/ferro-blockd --replica id=vol0,size=32M --replica-dir /rc --replica-listen 127.0.0.1:7432 > /c.log 2>&1 &
+n=0; until grep -q "replica server on" /b.log && grep -q "replica server on" /c.log || [ $n -gt 300 ]; do sleep 0.1; n=$((n + 1)); done
+/bin/ferro-blockd   --volume id=vol0,path=/a0.img,size=32M,socket=/vol0.sock,backups=b@127.0.0.1:7431+c@127.0.0.1:7432   --volume id=vol1,path=/a1.img,size=32M,socket=/vol1.sock,backups=b@127.0.0.1:7431 > /a.log 2>&1 &
+n=0; until [ -S /vol0.sock ] && [ -S /vol1.sock ] || [ $n -gt 300 ]; do sleep 0.1; n=$((n + 1)); done
+check blockd_serves [ -S /vol0.sock ]
+for phase in 1 2; do
+  vmm_start --kernel /l2/vmlinux --initrd /l2/initrd --memory 256 --vcpus 1 --serial stdout     --vhost-user-blk socket=/vol1.sock,id=vol1 --vhost-user-blk socket=/vol0.sock,id=vol0,boot=on     --cmdline "{L2_CMDLINE} ferro.phase=$phase"
+  vmm_wait 300
+  check vmm${{phase}}_exit_0 [ "$VMM_RC" = 0 ]
+done
+sum() {{ md5sum < "$1" | cut -d' ' -f1; }}
+check vol0_replica_b_identical [ "$(sum /rb/vol0.vol)" = "$(sum /a0.img)" ]
+check vol0_replica_c_identical [ "$(sum /rc/vol0.vol)" = "$(sum /a0.img)" ]
+check vol1_replica_b_identical [ "$(sum /rb/vol1.vol)" = "$(sum /a1.img)" ]
+cat /a.log
+"#
+    );
+    let blockd = ferro_testkit::workspace_bin("ferro-blockd", "ferro-blockd");
+    let c = run_with(
+        "boot-volume",
+        l2_script,
+        &l1_script,
+        |q| q.memory_mib(1536),
+        |l1| {
+            l1.userland()
+                .binary(&blockd, "bin/ferro-blockd")
+                .unwrap_or_else(|e| panic!("{e}"));
+        },
+    );
+    c.assert_checks(&[
+        "blockd_serves",
+        "vda_is_the_boot_volume",
+        "vdb_is_the_data_volume",
+        "mkfs_root",
+        "mount_root",
+        "pattern_written",
+        "vmm1_exit_0",
+        "mount_new_root",
+        "root_is_vda",
+        "volume_init_is_pid1",
+        "vmm2_exit_0",
+        "vol0_replica_b_identical",
+        "vol0_replica_c_identical",
+        "vol1_replica_b_identical",
+    ]);
+    let v = |k: &str| c.value(k).unwrap_or_else(|| panic!("no VALUE {k}"));
+    assert_eq!(
+        v("saved_md5"),
+        v("pat_md5"),
+        "the md5 saved on the root volume"
+    );
+    assert_eq!(
+        v("read_md5"),
+        v("pat_md5"),
+        "the pattern read back from vdb"
+    );
+}
+
 /// A volume served by `ferro-blockd` over vhost-user-blk (guest memory in
 /// memfds shared with it): Linux's own virtio_blk driver writes and reads
 /// back a pattern in thousands of O_DIRECT requests and makes a
