@@ -637,6 +637,10 @@ pub struct Up {
     /// The controller's address (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7400", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
+    /// The controller's EC2 Query endpoint, for the aws CLI and boto3
+    /// (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8788", value_name = "ADDR")]
+    pub ec2_listen: std::net::SocketAddr,
     /// vCPUs the host offers to instances (default: its CPUs); more than
     /// the host has overcommits them.
     #[arg(long, value_name = "N")]

@@ -201,15 +201,12 @@ impl Up {
     fn start(data: &Path, extra: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferro"))
-            .args([
-                "up",
-                "--timeout",
-                "120",
-                "--listen",
-                "127.0.0.1:0",
-                "--vcpus",
-                "8",
-            ])
+            .args(["up", "--timeout", "120", "--listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--vcpus") {
+                &[][..]
+            } else {
+                &["--vcpus", "8"][..]
+            })
             .args(extra)
             .arg("--data-dir")
             .arg(data)
@@ -345,5 +342,78 @@ fn ctrl_c_cleans_up_everything_or_keep_resumes() {
         .into_iter()
         .map(std::fs::remove_dir)
         .count();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The EC2 Query endpoint of `ferro up`, driven by the real AWS clients
+/// (boto3 and the aws CLI from PyPI, in a virtual environment made by
+/// `tests/ec2/venv.sh`) running `tests/ec2/clients.py`: the catalog, key
+/// pairs, a VPC with a subnet and a security group, RunInstances with a
+/// client token twice, the `instance_running` waiter, filters and tags,
+/// console output, stop/start/terminate state codes, paging through 250
+/// instances, the errors the clients raise (unknown and malformed ids, a
+/// bad parameter, a wrong secret, an expired signature, an unknown
+/// action) and the aws CLI's `--output table` and `--query`.
+#[test]
+fn the_aws_clients_drive_the_ec2_endpoint() {
+    ferro_testkit::require_kvm_root();
+    ferro_testkit::require_tool("python3");
+    ferro_testkit::require_tool("ssh-keygen");
+    build_daemons();
+    let root = ferro_testkit::workspace_root();
+    let venv = Command::new("bash")
+        .arg(root.join("tests/ec2/venv.sh"))
+        .output()
+        .expect("bash tests/ec2/venv.sh");
+    assert!(
+        venv.status.success(),
+        "tests/ec2/venv.sh failed (it needs python3-venv and PyPI):\n{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let venv = PathBuf::from(String::from_utf8_lossy(&venv.stdout).trim().to_string());
+    let data = PathBuf::from(format!("/tmp/fec2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    // Room for 100 f1.nano instances at once (the paging check).
+    let mut up = Up::start(
+        &data,
+        &[
+            "--ec2-listen",
+            "127.0.0.1:0",
+            "--vcpus",
+            "128",
+            "--memory",
+            "16384",
+        ],
+    );
+    up.wait_for("The cloud is up");
+    let env_file = std::fs::read_to_string(data.join("ec2.env")).expect("ferro up wrote ec2.env");
+    let mut py = Command::new(venv.join("bin/python"));
+    py.arg(root.join("tests/ec2/clients.py"))
+        .env("FERRO_AWS_CLI", venv.join("bin/aws"))
+        // No ~/.aws of the machine's.
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    for l in env_file.lines() {
+        if let Some((k, v)) = l.split_once('=') {
+            py.env(k, v);
+        }
+    }
+    let out = py.output().expect("the venv's python");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for l in stdout.lines().filter(|l| l.starts_with("ok ")) {
+        eprintln!("ec2 clients: {l}");
+    }
+    let said = up.interrupt();
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "tests/ec2/clients.py failed:\n{stdout}\n{}\nferro up:\n{said}\ncontroller log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(data.join("logs/controller.log")).unwrap_or_default()
+    );
+    assert_eq!(
+        processes("ferro-vmm", &data),
+        Vec::<String>::new(),
+        "VMMs left:\n{said}"
+    );
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -188,6 +188,7 @@ impl<R: Replicator<ClusterState>> Controller<R> {
             created_at_ms: now_ms,
             role: Some(Role::Host),
             host_id: host_id.into(),
+            ec2_secret: String::new(),
         };
         let out = self
             .write(Command::JoinHost {
@@ -323,6 +324,7 @@ mod tests {
             created_at_ms: 0,
             role,
             host_id: host.into(),
+            ec2_secret: String::new(),
         }
     }
 

@@ -85,6 +85,10 @@ pub struct ControllerConfig {
     /// nodes.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
+    /// Serve the EC2 Query API (plain HTTP, SigV4-signed requests) here;
+    /// none: not served.
+    #[serde(default)]
+    pub ec2_listen: Option<SocketAddr>,
 }
 
 fn default_region() -> String {

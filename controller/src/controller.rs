@@ -66,6 +66,8 @@ pub struct InstanceFilter {
     pub states: Vec<PublicState>,
     /// Only these zones.
     pub azs: Vec<String>,
+    /// Only these instance types.
+    pub types: Vec<String>,
     /// Only these hosts.
     pub hosts: Vec<String>,
     /// On the primary interface: VPC, subnet, address, groups.
@@ -129,6 +131,7 @@ pub fn new_api_key(name: &str, role: Role, now_ms: u64) -> (String, ApiKey) {
         created_at_ms: now_ms,
         role: Some(role),
         host_id: String::new(),
+        ec2_secret: crate::state::hex(&random_bytes::<20>()),
     };
     (secret, key)
 }
@@ -454,6 +457,7 @@ pub fn describe_instances(
         any_of(&f.ids, &i.id)
             && (f.states.is_empty() || f.states.contains(&i.public_state()))
             && any_of(&f.azs, &i.az)
+            && any_of(&f.types, &i.instance_type)
             && any_of(&f.hosts, &i.host_id)
             && tags_match(&i.tags, &f.tags)
             && f.net.matches(s, i.network.as_ref())

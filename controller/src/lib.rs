@@ -19,6 +19,7 @@ pub mod access;
 pub mod api;
 pub mod config;
 pub mod controller;
+pub mod ec2;
 pub mod executor;
 pub mod lifecycle;
 pub mod model;

@@ -638,6 +638,13 @@ pub struct ApiKey {
     /// For a host key: the host it speaks for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host_id: String,
+    /// The secret that signs EC2 Query requests (AWS Signature Version 4)
+    /// made with this key's id as the access key id. SigV4 needs the
+    /// secret itself on the verifying side, so it is kept in the state
+    /// (beside the cluster CA's key) and shown once, at creation; empty for
+    /// keys made before the EC2 endpoint and for host keys.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ec2_secret: String,
 }
 
 impl ApiKey {

@@ -118,6 +118,17 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
         },
     );
     let (compute, cluster, hosts) = services(&ctl);
+    let ec2 = match cfg.ec2_listen {
+        Some(a) => {
+            let (bound, task) = crate::ec2::start(ctl.clone(), a)
+                .await
+                .map_err(|e| ServerError::Listen(a, e))?;
+            tracing::info!(%bound, "serving the EC2 Query API");
+            println!("ferro-controller: EC2 endpoint on http://{bound}");
+            Some(task)
+        }
+        None => None,
+    };
     let incoming = TcpListenerStream::new(listener);
     let shutdown = async move {
         tokio::select! {
@@ -162,6 +173,9 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
     let exec = Executor::new(ctl.clone());
     let reconciler = tokio::spawn(exec.run(Duration::from_millis(cfg.reconcile_interval_ms)));
     let r = server.await;
+    if let Some(t) = ec2 {
+        t.abort();
+    }
     reconciler.abort();
     bootstrap.abort();
     ctl.replicator().shutdown().await;

@@ -534,6 +534,8 @@ pub async fn api_keys(
                 Format::Json => {
                     let mut j = key_json(&k);
                     j["secret"] = json!(r.secret);
+                    j["ec2_access_key_id"] = json!(k.id);
+                    j["ec2_secret_access_key"] = json!(r.ec2_secret_access_key);
                     println!("{j}");
                 }
                 Format::Table => {
@@ -542,6 +544,13 @@ pub async fn api_keys(
                         "ferro: API key {} ({}, role {}); the secret above is shown only now",
                         k.id, k.name, k.role
                     );
+                    if !r.ec2_secret_access_key.is_empty() {
+                        eprintln!(
+                            "ferro: for the EC2 endpoint (aws configure): access key id {}, \
+                             secret access key {}",
+                            k.id, r.ec2_secret_access_key
+                        );
+                    }
                 }
             }
         }

@@ -49,6 +49,8 @@ pub struct Layout {
     pub controller_addr: SocketAddr,
     /// Agent gRPC address.
     pub agent_addr: SocketAddr,
+    /// The controller's EC2 Query endpoint.
+    pub ec2_addr: SocketAddr,
     /// TAP name prefix (at most 6 characters).
     pub tap_prefix: String,
     /// cgroup parent of the instances.
@@ -82,6 +84,7 @@ impl Layout {
         let layout = Self {
             controller_addr,
             agent_addr: free_port()?,
+            ec2_addr: free_port_on(listen.ip())?,
             tap_prefix,
             cgroup_parent,
             netd_prefix,
@@ -134,6 +137,17 @@ impl Layout {
     /// The controller's endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.controller_addr)
+    }
+
+    /// The EC2 endpoint's URL.
+    pub fn ec2_endpoint(&self) -> String {
+        format!("http://{}", self.ec2_addr)
+    }
+
+    /// The EC2 credentials `ferro up` made (shell `KEY=value` lines for
+    /// the AWS clients).
+    pub fn ec2_env(&self) -> PathBuf {
+        self.root.join("ec2.env")
     }
 
     /// Creates the directories.
@@ -248,8 +262,10 @@ pub fn controller_toml(l: &Layout) -> String {
          listen = \"{addr}\"\n\
          data_dir = {dir}\n\
          region = \"local\"\n\
-         availability_zones = [\"az-1\"]\n",
+         availability_zones = [\"az-1\"]\n\
+         ec2_listen = \"{ec2}\"\n",
         addr = l.controller_addr,
+        ec2 = l.ec2_addr,
         dir = toml_str(&l.controller_dir().display().to_string()),
     )
 }

@@ -128,6 +128,64 @@ impl Daemons {
     }
 }
 
+/// An API key for the EC2 endpoint, made once per data directory and kept
+/// in [`Layout::ec2_env`]; printed for `aws configure`.
+async fn ec2_credentials(client: &mut Client, layout: &Layout) -> Result<(), UpError> {
+    let path = layout.ec2_env();
+    let endpoint = layout.ec2_endpoint();
+    let kept = std::fs::read_to_string(&path)
+        .ok()
+        .filter(|t| t.contains("AWS_SECRET_ACCESS_KEY="));
+    let text = match kept {
+        Some(t) => {
+            t.lines()
+                .map(|l| match l.split_once('=') {
+                    Some(("FERRO_EC2_ENDPOINT", _)) => format!("FERRO_EC2_ENDPOINT={endpoint}"),
+                    _ => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        }
+        None => {
+            let req = pb::CreateApiKeyRequest {
+                name: format!("ec2-{}", files::AIO_HOST_ID),
+                role: "user".into(),
+                ..Default::default()
+            };
+            let r = client
+                .call(|ch| {
+                    let req = req.clone();
+                    async move { ComputeClient::new(ch).create_api_key(req).await }
+                })
+                .await
+                .map_err(CommandError::from)?;
+            let id = r.key.map(|k| k.id).unwrap_or_default();
+            format!(
+                "AWS_ACCESS_KEY_ID={id}\nAWS_SECRET_ACCESS_KEY={}\nAWS_DEFAULT_REGION=local\n\
+                 FERRO_EC2_ENDPOINT={endpoint}\n",
+                r.ec2_secret_access_key
+            )
+        }
+    };
+    files::write_private(&path, &text)?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .unwrap_or_default()
+            .to_string()
+    };
+    note(&format!(
+        "EC2 endpoint {endpoint} (region local): access key id {}, secret access key {} \
+         (in {}; e.g. `set -a; . {}; aws ec2 describe-instances --endpoint-url {endpoint}`)",
+        field("AWS_ACCESS_KEY_ID"),
+        field("AWS_SECRET_ACCESS_KEY"),
+        path.display(),
+        path.display()
+    ));
+    Ok(())
+}
+
 /// Progress for people, on stderr.
 fn note(msg: &str) {
     eprintln!("== {msg}");
@@ -138,7 +196,10 @@ pub async fn run(up: Up) -> Result<(), UpError> {
     preflight()?;
     let bins = Binaries::find()?;
     let kernel = guest_kernel(up.image_kernel.as_deref())?;
-    let layout = Layout::with_listen(&up.data_dir, up.listen)?;
+    let mut layout = Layout::with_listen(&up.data_dir, up.listen)?;
+    if up.ec2_listen.port() != 0 {
+        layout.ec2_addr = up.ec2_listen;
+    }
     if let Err(e) = std::net::TcpListener::bind(layout.controller_addr) {
         return Err(UpError::Listen(layout.controller_addr, e));
     }
@@ -318,6 +379,7 @@ async fn bring_up(
         &layout.log("netd"),
     )?);
 
+    ec2_credentials(&mut client, layout).await?;
     let image = ensure_image(&mut client, kernel).await?;
     note(&format!(
         "image {} ({}) registered: {}",

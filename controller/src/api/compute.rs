@@ -176,6 +176,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 .collect::<Result<_, _>>()
                 .map_err(bad)?,
             azs: r.availability_zones,
+            types: r.instance_types,
             hosts: r.host_ids,
             net: net_filter_in!(r),
             tags: tag_filters_in(r.tags),
@@ -689,6 +690,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             Output::ApiKey(k) => Ok(Response::new(pb::CreateApiKeyResponse {
                 key: Some(api_key_out(&k)),
                 secret,
+                ec2_secret_access_key: k.ec2_secret.clone(),
             })),
             _ => Err(Status::internal("unexpected output")),
         }

@@ -175,6 +175,7 @@ mod tests {
             created_at_ms: 5,
             role: Some(Role::Host),
             host_id: host.into(),
+            ec2_secret: String::new(),
         }
     }
 

@@ -60,7 +60,8 @@ impl ClusterState {
         if let Some(rec) = self.tokens.get(&spec.client_token) {
             if rec.request_sha256 != request_sha256 {
                 return invalid(format!(
-                    "client_token: {:?} was used with different parameters",
+                    "client_token: {:?} was used with different parameters \
+                     (IdempotentParameterMismatch)",
                     spec.client_token
                 ));
             }

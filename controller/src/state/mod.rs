@@ -434,6 +434,7 @@ pub(crate) mod tests {
                 created_at_ms: 1,
                 role: Some(Role::Admin),
                 host_id: String::new(),
+                ec2_secret: String::new(),
             },
             ca: None,
         })

@@ -69,8 +69,15 @@ impl Paging {
 /// Whether `tags` has every wanted (key, value); an empty value matches
 /// any value.
 pub fn tags_match(tags: &Tags, want: &[(String, String)]) -> bool {
-    want.iter()
-        .all(|(k, v)| tags.get(k).is_some_and(|have| v.is_empty() || have == v))
+    // Entries of one key are alternatives (EC2's `tag:KEY` with several
+    // values); different keys must all match.
+    want.iter().all(|(k, _)| {
+        tags.get(k).is_some_and(|have| {
+            want.iter()
+                .filter(|(k2, _)| k2 == k)
+                .any(|(_, v)| v.is_empty() || have == v)
+        })
+    })
 }
 
 /// NOT_FOUND naming `field` unless every id in `ids` is a key of `map`.
@@ -380,5 +387,11 @@ mod tests {
         assert!(tags_match(&tags, &w("env", "ci")));
         assert!(!tags_match(&tags, &w("env", "prod")));
         assert!(!tags_match(&tags, &w("team", "")));
+        // Several values of one key: any of them.
+        let mut either = w("env", "prod");
+        either.extend(w("env", "ci"));
+        assert!(tags_match(&tags, &either));
+        either.extend(w("team", "x"));
+        assert!(!tags_match(&tags, &either));
     }
 }

@@ -102,25 +102,33 @@ impl Blk {
         Ok(unsafe { ((self.req + 16) as *const u8).read_volatile() })
     }
 
-    /// Reads the first 4096 bytes of the disk.
+    /// Bytes [`Blk::read_start`] reads: 4096, or the whole of a smaller
+    /// disk (a one-sector user-data disk).
+    fn start_len(&self) -> usize {
+        core::cmp::min(IO_LEN as u64, self.sectors.saturating_mul(512)) as usize
+    }
+
+    /// Reads the first 4096 bytes of the disk (all of a smaller one).
     pub fn read_start(&mut self) -> Result<&[u8]> {
-        let status = self.request(T_IN, 0, IO_LEN as u32, true)?;
+        let len = self.start_len();
+        let status = self.request(T_IN, 0, len as u32, true)?;
         if status != S_OK {
             return Err("virtio-blk: read failed");
         }
         // SAFETY: the device filled the buffer; it stays ours until the next request.
-        Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, IO_LEN) })
+        Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, len) })
     }
 
     /// Reads the first 4096 bytes, waiting up to `timeout_ms` (for a backend
     /// that restarts under the loop of `ferro.blkloop=`).
     pub fn read_start_within(&mut self, timeout_ms: u64) -> Result<&[u8]> {
-        let status = self.request_within(T_IN, 0, IO_LEN as u32, true, timeout_ms)?;
+        let len = self.start_len();
+        let status = self.request_within(T_IN, 0, len as u32, true, timeout_ms)?;
         if status != S_OK {
             return Err("virtio-blk: read failed");
         }
         // SAFETY: the device filled the buffer; it stays ours until the next request.
-        Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, IO_LEN) })
+        Ok(unsafe { core::slice::from_raw_parts(self.data as *const u8, len) })
     }
 
     /// Writes `pattern` to sectors 0..8; returns the status.

@@ -1,0 +1,220 @@
+//! The EC2 Query API: an HTTP endpoint speaking EC2's own protocol, so
+//! the aws CLI and boto3 drive Ferrocloud unchanged.
+//!
+//! A request is `Action=…&Version=…&…`, form-encoded in a POST body (or a
+//! GET query), signed with AWS Signature Version 4 ([`sigv4`]) by an API
+//! key: its id is the access key id, its `ec2_secret` the secret access
+//! key. The signature's scope must be this cluster's region and service
+//! `ec2`, and the request at most 15 minutes old. Each action
+//! ([`actions`]) reads EC2's parameters ([`query`]), calls the very gRPC
+//! method of `ferro.compute.v1` that does the same (in process, as the
+//! key's caller: every rule, check and role is the gRPC API's own) and
+//! writes its answer as EC2's XML ([`xml`]); a failure becomes EC2's
+//! error document and code ([`error`]). An action that does not exist is
+//! `InvalidAction` naming it.
+
+pub mod actions;
+pub mod error;
+pub mod network;
+pub mod query;
+pub mod sigv4;
+pub mod xml;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ferro_raft::Replicator;
+
+use crate::api::{CallerKey, ComputeService};
+use crate::controller::{new_id, Controller};
+use crate::state::ClusterState;
+
+pub use error::Ec2Error;
+use query::Params;
+
+/// The largest request body taken (EC2's own limit is about this).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// What every action gets: the gRPC service to call, as whom, and the
+/// request's id.
+pub struct Ctx<R: Replicator<ClusterState>> {
+    /// The compute service.
+    pub svc: ComputeService<R>,
+    /// The caller's key hash, as the gRPC interceptor would attach it.
+    key: CallerKey,
+    /// This answer's `requestId`.
+    pub request_id: String,
+    /// The cluster's region.
+    pub region: String,
+}
+
+impl<R: Replicator<ClusterState>> Ctx<R> {
+    /// A gRPC request carrying the caller's credential.
+    pub fn req<T>(&self, m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.extensions_mut().insert(self.key.clone());
+        r
+    }
+}
+
+/// Serve the EC2 endpoint on `listener` until the task is dropped.
+pub async fn serve<R: Replicator<ClusterState>>(
+    ctl: Arc<Controller<R>>,
+    listener: tokio::net::TcpListener,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let ctl = ctl.clone();
+            async move { handle(&ctl, method, uri, headers, body).await }
+        },
+    );
+    axum::serve(listener, app).await
+}
+
+/// Bind `addr` and serve on it in the background; the bound address.
+pub async fn start<R: Replicator<ClusterState>>(
+    ctl: Arc<Controller<R>>,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve(ctl, listener).await {
+            tracing::error!("the EC2 endpoint stopped: {e}");
+        }
+    });
+    Ok((bound, task))
+}
+
+fn xml_response(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [("content-type", "text/xml;charset=UTF-8")], body).into_response()
+}
+
+async fn handle<R: Replicator<ClusterState>>(
+    ctl: &Arc<Controller<R>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let request_id = new_id("req-");
+    let action_span = tracing::info_span!("ec2", request_id = %request_id);
+    let _g = action_span.enter();
+    match answer(ctl, &method, &uri, &headers, &body, &request_id).await {
+        Ok(xml) => xml_response(200, xml),
+        Err(e) => {
+            tracing::info!(code = %e.code, status = e.status, "{}", e.message);
+            xml_response(e.status, e.to_xml(&request_id))
+        }
+    }
+}
+
+async fn answer<R: Replicator<ClusterState>>(
+    ctl: &Arc<Controller<R>>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    request_id: &str,
+) -> Result<String, Ec2Error> {
+    if method != Method::GET && method != Method::POST {
+        return Err(Ec2Error::new(
+            405,
+            "InvalidHttpRequest",
+            format!("method {method} is not GET or POST"),
+        ));
+    }
+    if body.len() > MAX_BODY {
+        return Err(Ec2Error::new(
+            400,
+            "RequestLimitExceeded",
+            "the request body is too large",
+        ));
+    }
+    let query = uri.query().unwrap_or_default();
+    let params = Params::parse(&[query.as_bytes(), body]);
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let (key, region) = authenticate(ctl, method, uri, &pairs, body).await?;
+    let action = params.required("Action")?.to_string();
+    let ctx = Ctx {
+        svc: ComputeService::new(ctl.clone()),
+        key: CallerKey(key),
+        request_id: request_id.to_string(),
+        region,
+    };
+    tracing::info!(action = %action, "EC2 call");
+    actions::dispatch(&ctx, &action, &params).await
+}
+
+/// Check the request's signature; the caller's key hash and the region.
+async fn authenticate<R: Replicator<ClusterState>>(
+    ctl: &Arc<Controller<R>>,
+    method: &Method,
+    uri: &Uri,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<(String, String), Ec2Error> {
+    use sigv4::SigError as S;
+    let header = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.as_str());
+    let auth = match header.map(sigv4::parse_authorization) {
+        None => return Err(Ec2Error::new(401, "AuthFailure", S::Missing.to_string())),
+        Some(Err(e)) => return Err(Ec2Error::new(401, "AuthFailure", e.to_string())),
+        Some(Ok(a)) => a,
+    };
+    let id = auth.access_key.clone();
+    let (key, region) = ctl
+        .read(move |s| (s.api_keys.get(&id).cloned(), s.region.clone()))
+        .await
+        .map_err(|e| error::from_status(&crate::api::status(e), "AuthFailure"))?;
+    let Some(key) = key.filter(|k| !k.ec2_secret.is_empty()) else {
+        return Err(Ec2Error::new(
+            401,
+            "AuthFailure",
+            format!(
+                "access key id {:?} is not an API key with an EC2 secret \
+                 (create one with `ferro api-keys create`)",
+                auth.access_key
+            ),
+        ));
+    };
+    if auth.region != region || auth.service != "ec2" {
+        return Err(Ec2Error::new(
+            403,
+            "SignatureDoesNotMatch",
+            S::Scope(
+                format!("{}/{}", auth.region, auth.service),
+                format!("this endpoint is region {region:?}, service \"ec2\""),
+            )
+            .to_string(),
+        ));
+    }
+    let received = sigv4::Received {
+        method: method.as_str(),
+        path: uri.path(),
+        query: uri.query().unwrap_or_default(),
+        headers,
+        body,
+    };
+    let now = (crate::now_ms() / 1000) as i64;
+    match sigv4::verify(&received, &auth, &key.ec2_secret, now) {
+        Ok(()) => {}
+        Err(e @ S::Expired(..)) => return Err(Ec2Error::new(400, "RequestExpired", e.to_string())),
+        Err(e @ (S::Mismatch | S::SignedHeaderMissing(_) | S::Scope(..))) => {
+            return Err(Ec2Error::new(403, "SignatureDoesNotMatch", e.to_string()))
+        }
+        Err(e) => return Err(Ec2Error::new(401, "AuthFailure", e.to_string())),
+    }
+    crate::access::check_role(&key, false)
+        .map_err(|e| error::from_status(&crate::api::status(e), "AuthFailure"))?;
+    Ok((key.secret_sha256, region))
+}
