@@ -187,6 +187,18 @@ def main():
     assert ids(Filters=[{"Name": "tag:team", "Values": ["blue"]}]) == []
     ok("describe with filters and tags")
 
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceType")
+    assert attr["InstanceType"]["Value"] == "f1.nano", attr
+    ec2.modify_instance_attribute(InstanceId=iid, InstanceInitiatedShutdownBehavior={"Value": "terminate"})
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")
+    assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate", attr
+    ec2.create_placement_group(GroupName="ec2-spread", Strategy="spread")
+    pg = ec2.describe_placement_groups(GroupNames=["ec2-spread"])["PlacementGroups"]
+    assert pg[0]["Strategy"] == "spread", pg
+    ec2.delete_placement_group(GroupName="ec2-spread")
+    expect_error("InvalidPlacementGroup.Unknown", ec2.describe_placement_groups, GroupNames=["ec2-spread"])
+    ok("instance attributes, placement groups")
+
     status = ec2.describe_instance_status(InstanceIds=[iid])["InstanceStatuses"]
     assert status[0]["InstanceState"]["Name"] == "running", status
     nic = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [iid]}])

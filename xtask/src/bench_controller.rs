@@ -39,7 +39,7 @@
 
 pub(crate) mod daemons;
 mod launch;
-mod rss;
+pub(crate) mod rss;
 
 use crate::measure::{root, stats};
 use std::path::{Path, PathBuf};

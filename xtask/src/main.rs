@@ -11,6 +11,7 @@ mod agent_tls;
 mod bench_agent;
 mod bench_blockd;
 mod bench_controller;
+mod bench_ec2api;
 mod bench_linux;
 mod bench_netd;
 mod bench_vmm;
@@ -52,6 +53,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Some("ec2api") => match bench_ec2api::run(&args[2..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("xtask: bench ec2api: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Some("netd") => match bench_netd::run(&args[2..]) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -68,7 +76,7 @@ fn main() -> ExitCode {
             },
             other => {
                 eprintln!(
-                    "xtask: unknown bench area {other:?} (known: vmm, agent, controller, netd, blockd)"
+                    "xtask: unknown bench area {other:?} (known: vmm, agent, controller, netd, blockd, ec2api)"
                 );
                 ExitCode::from(2)
             }
@@ -76,7 +84,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH] | bench agent [--runs N] \
-                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd | bench blockd [--secs N]"
+                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd | bench blockd [--secs N] | bench ec2api"
             );
             ExitCode::from(2)
         }

@@ -37,6 +37,11 @@ pub const ACTIONS: &[&str] = &[
     "DeleteKeyPair",
     "CreateTags",
     "DeleteTags",
+    "CreatePlacementGroup",
+    "DescribePlacementGroups",
+    "DeletePlacementGroup",
+    "DescribeInstanceAttribute",
+    "ModifyInstanceAttribute",
 ];
 
 pub(super) type Res = Result<String, Ec2Error>;
@@ -62,6 +67,20 @@ pub async fn dispatch<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p
         "DescribeKeyPairs" => describe_key_pairs(ctx, p).await,
         "DeleteKeyPair" => delete_key_pair(ctx, p).await,
         "CreateTags" | "DeleteTags" => tags(ctx, action, p).await,
+        "CreatePlacementGroup" => create_group(ctx, p).await,
+        "DescribePlacementGroups" => describe_groups(ctx, p).await,
+        "DeletePlacementGroup" => {
+            let req = pb::DeletePlacementGroupRequest {
+                name: p.required("GroupName")?.to_string(),
+            };
+            ok(
+                ctx.svc.delete_placement_group(ctx.req(req)).await,
+                "InvalidPlacementGroup.Unknown",
+            )?;
+            returned(ctx, action)
+        }
+        "DescribeInstanceAttribute" => describe_attribute(ctx, p).await,
+        "ModifyInstanceAttribute" => modify_attribute(ctx, p).await,
         other => match super::network::dispatch(ctx, other, p).await {
             Some(r) => r,
             None => Err(Ec2Error::new(
@@ -758,6 +777,172 @@ async fn tags<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p: &Param
         )?;
     }
     returned(ctx, action)
+}
+
+async fn create_group<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
+    let req = pb::CreatePlacementGroupRequest {
+        name: p.required("GroupName")?.to_string(),
+        strategy: p.get("Strategy").unwrap_or("cluster").to_string(),
+        tags: tags_in(p.tag_specifications("placement-group")?),
+    };
+    let g = ok(
+        ctx.svc.create_placement_group(ctx.req(req)).await,
+        "InvalidPlacementGroup.Unknown",
+    )?;
+    done(ctx, "CreatePlacementGroup", |x| {
+        x.wrap("placementGroup", |x| group_xml(x, &g));
+    })
+}
+
+fn group_xml(x: &mut Xml, g: &pb::PlacementGroup) {
+    x.leaf("groupName", &g.name)
+        .leaf("groupId", &g.group_id)
+        .leaf("strategy", &g.strategy)
+        .leaf("state", "available")
+        .tag_set(tag_pairs(&g.tags));
+}
+
+async fn describe_groups<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
+    let r = ok(
+        ctx.svc
+            .describe_placement_groups(ctx.req(pb::DescribePlacementGroupsRequest {
+                names: p.list("GroupName"),
+            }))
+            .await,
+        "InvalidPlacementGroup.Unknown",
+    )?;
+    let ids = p.list("GroupId");
+    done(ctx, "DescribePlacementGroups", |x| {
+        let groups = r
+            .placement_groups
+            .iter()
+            .filter(|g| ids.is_empty() || ids.contains(&g.group_id));
+        x.items("placementGroupSet", groups, group_xml);
+    })
+}
+
+/// One instance as DescribeInstances shows it.
+async fn one_instance<R: Replicator<ClusterState>>(
+    ctx: &Ctx<R>,
+    id: &str,
+) -> Result<pb::Instance, Ec2Error> {
+    let req = pb::DescribeInstancesRequest {
+        instance_ids: vec![id.to_string()],
+        ..Default::default()
+    };
+    let mut r = ok(
+        ctx.svc.describe_instances(ctx.req(req)).await,
+        "InvalidInstanceID.NotFound",
+    )?;
+    r.instances.pop().ok_or_else(|| {
+        Ec2Error::new(
+            400,
+            "InvalidInstanceID.NotFound",
+            format!("no instance {id}"),
+        )
+    })
+}
+
+fn checked_instance_id(p: &Params) -> Result<String, Ec2Error> {
+    let id = p.required("InstanceId")?.to_string();
+    let hex = id.strip_prefix("i-").unwrap_or_default();
+    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Ec2Error::malformed_instance(&id));
+    }
+    Ok(id)
+}
+
+async fn describe_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
+    let id = checked_instance_id(p)?;
+    let attr = p.required("Attribute")?.to_string();
+    let i = one_instance(ctx, &id).await?;
+    let value = |x: &mut Xml, tag: &str, v: &str| {
+        x.wrap(tag, |x| {
+            x.leaf("value", v);
+        });
+    };
+    done(ctx, "DescribeInstanceAttribute", |x| {
+        x.leaf("instanceId", &i.instance_id);
+        match attr.as_str() {
+            "instanceType" => value(x, "instanceType", &i.instance_type),
+            "instanceInitiatedShutdownBehavior" => value(
+                x,
+                "instanceInitiatedShutdownBehavior",
+                &i.instance_initiated_shutdown_behavior,
+            ),
+            "rootDeviceName" => value(x, "rootDeviceName", "/dev/vda"),
+            "groupSet" => {
+                x.items("groupSet", &i.security_group_ids, |x, g| {
+                    x.leaf("groupId", g);
+                });
+            }
+            "blockDeviceMapping" => {
+                x.items("blockDeviceMapping", &i.block_device_mappings, |x, a| {
+                    x.leaf("deviceName", &a.device).wrap("ebs", |x| {
+                        x.leaf("volumeId", &a.volume_id)
+                            .leaf("status", &a.state)
+                            .leaf("deleteOnTermination", &a.delete_on_termination.to_string());
+                    });
+                });
+            }
+            // userData and the rest are answered as an error below.
+            _ => {}
+        }
+    })
+    .and_then(|xml| match attr.as_str() {
+        "instanceType"
+        | "instanceInitiatedShutdownBehavior"
+        | "rootDeviceName"
+        | "groupSet"
+        | "blockDeviceMapping" => Ok(xml),
+        other => Err(Ec2Error::invalid(format!(
+            "Attribute: {other:?} is not supported (instanceType, \
+             instanceInitiatedShutdownBehavior, rootDeviceName, groupSet, blockDeviceMapping); \
+             user data is not given back, as DescribeInstances does not"
+        ))),
+    })
+}
+
+async fn modify_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
+    let id = checked_instance_id(p)?;
+    let behavior = p
+        .get("InstanceInitiatedShutdownBehavior.Value")
+        .or(p
+            .get("Value")
+            .filter(|_| p.get("Attribute") == Some("instanceInitiatedShutdownBehavior")))
+        .unwrap_or_default()
+        .to_string();
+    let groups = p.list("GroupId");
+    if [
+        "InstanceType.Value",
+        "UserData.Value",
+        "SourceDestCheck.Value",
+        "DisableApiTermination.Value",
+    ]
+    .iter()
+    .any(|k| p.get(k).is_some())
+        || p.get("Attribute")
+            .is_some_and(|a| a != "instanceInitiatedShutdownBehavior")
+    {
+        return Err(Ec2Error::invalid(
+            "only InstanceInitiatedShutdownBehavior and GroupId.N can be modified here",
+        ));
+    }
+    if behavior.is_empty() && groups.is_empty() {
+        return Err(Ec2Error::missing(
+            "InstanceInitiatedShutdownBehavior.Value or GroupId.1",
+        ));
+    }
+    let req = pb::ModifyInstanceAttributeRequest {
+        instance_id: id,
+        instance_initiated_shutdown_behavior: behavior,
+        security_group_ids: groups,
+    };
+    ok(
+        ctx.svc.modify_instance_attribute(ctx.req(req)).await,
+        "InvalidInstanceID.NotFound",
+    )?;
+    returned(ctx, "ModifyInstanceAttribute")
 }
 
 #[cfg(test)]

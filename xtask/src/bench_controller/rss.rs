@@ -19,16 +19,16 @@ const TARGET_RSS_MIB: f64 = 300.0;
 const FAKE_HOSTS: usize = 1_000;
 const RSS_BATCHES: usize = 100;
 const RSS_BATCH: u32 = 100;
-/// Registers `FAKE_HOSTS` hosts of 16 vCPUs / 16 GiB, 8 heartbeaters in
+/// Registers `n` hosts of 16 vCPUs / 16 GiB, 8 heartbeaters in
 /// parallel; the address is unreachable, nothing answers there.
-async fn heartbeat_fake_hosts(addr: SocketAddr, key: &str) -> Result<()> {
+pub(crate) async fn heartbeat_fake_hosts(addr: SocketAddr, key: &str, n: usize) -> Result<()> {
     let mut tasks = Vec::new();
     for chunk in 0..8 {
         let ch = channel(addr).await?;
         let mut admin = ComputeClient::with_interceptor(ch.clone(), bearer(key)?);
         let mut join = HostsClient::new(ch.clone());
         tasks.push(tokio::spawn(async move {
-            for i in (chunk..FAKE_HOSTS).step_by(8) {
+            for i in (chunk..n).step_by(8) {
                 // Each fake host joins and heartbeats with its own key.
                 let host_id = format!("fake-{i:04}");
                 let token = admin
@@ -88,7 +88,7 @@ pub(super) async fn bench(bins: &Binaries) -> Result<Value> {
     let mut c = compute(&mut p, addr, &key).await?;
     let ty = smallest_type(&mut c).await?;
     let image_id = register_image(&mut c, "guest", &bins.guest).await?;
-    heartbeat_fake_hosts(addr, &key).await?;
+    heartbeat_fake_hosts(addr, &key, FAKE_HOSTS).await?;
     let hosts = c
         .describe_hosts(pb::DescribeHostsRequest {
             max_results: FAKE_HOSTS as u32,
