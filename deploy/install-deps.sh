@@ -26,6 +26,7 @@ pkgs=(
   iperf3           # cargo xtask bench netd: TCP throughput over the overlay and the raw underlay
   debootstrap      # the Debian cloud-init guest image of the Linux-guest cloud-host test
   e2fsprogs        # mkfs.ext4: that image's root disk and the cloud host's disks
+  python3-venv     # tests/ec2/venv.sh: the AWS clients (boto3, awscli from PyPI) for the EC2 endpoint's test
 )
 missing=()
 for p in "${pkgs[@]}"; do

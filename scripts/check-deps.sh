@@ -46,6 +46,13 @@ need mkfs.ext4 "apt package e2fsprogs"            "the Debian guest's root disk 
 need kmod    "apt package kmod"                   "modprobe inside the Linux-guest cloud host"
 need ssh     "apt package openssh-client"         "the Debian guest test logs in with the key pair"
 
+# python3's venv module: the EC2 endpoint's test installs boto3 and the aws
+# CLI from PyPI into a virtual environment (tests/ec2/venv.sh).
+if ! python3 -c "import venv, ensurepip" 2>/dev/null; then
+  echo "check-deps: python3 cannot make virtual environments: install apt package python3-venv" >&2
+  missing=1
+fi
+
 # busybox must be the static one: it is copied into the guests' initramfs.
 if [ -x /bin/busybox ]; then
   if file_out=$(LC_ALL=C ldd /bin/busybox 2>&1) && ! grep -q "not a dynamic executable" <<<"$file_out"; then
