@@ -12,6 +12,12 @@
 //! writes its answer as EC2's XML ([`xml`]); a failure becomes EC2's
 //! error document and code ([`error`]). An action that does not exist is
 //! `InvalidAction` naming it.
+//!
+//! A node that is not the leader forwards the request as it came (the
+//! signature stays valid) to the leader's EC2 endpoint — the leader's host,
+//! this node's EC2 port: every node serves EC2 on the same port — and
+//! relays the answer; once only (`x-ferro-forwarded`), and a leader that
+//! cannot be reached is 503 Unavailable naming it.
 
 pub mod actions;
 pub mod error;
@@ -65,13 +71,164 @@ pub async fn serve<R: Replicator<ClusterState>>(
     ctl: Arc<Controller<R>>,
     listener: tokio::net::TcpListener,
 ) -> std::io::Result<()> {
+    let port = listener.local_addr()?.port();
     let app = axum::Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let ctl = ctl.clone();
-            async move { handle(&ctl, method, uri, headers, body).await }
+            async move {
+                if !ctl.is_leader() {
+                    return forward(&ctl, port, &method, &uri, &headers, &body).await;
+                }
+                handle(&ctl, method, uri, headers, body).await
+            }
         },
     );
     axum::serve(listener, app).await
+}
+
+/// The header a forwarded request carries.
+const FORWARDED: &str = "x-ferro-forwarded";
+
+/// Relay a request to the leader's EC2 endpoint (its host, `port`).
+async fn forward<R: Replicator<ClusterState>>(
+    ctl: &Arc<Controller<R>>,
+    port: u16,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let request_id = new_id("req-");
+    let unavailable = |m: String| {
+        let e = Ec2Error::new(503, "Unavailable", m);
+        xml_response(e.status, e.to_xml(&request_id))
+    };
+    let (_, _, leader) = ctl.cluster_status();
+    let Some(leader) = leader else {
+        return unavailable("no leader is elected; try again".into());
+    };
+    if headers.contains_key(FORWARDED) {
+        return unavailable(format!(
+            "forwarded to a node that is not the leader either (the leader is node {} at {})",
+            leader.id, leader.addr
+        ));
+    }
+    let host = leader
+        .addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .map_or(leader.addr.as_str(), |(h, _)| h)
+        .to_string();
+    let target = format!("{host}:{port}");
+    match relay(&target, method, uri, headers, body, true).await {
+        Ok((status, content_type, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, [("content-type", content_type)], body).into_response()
+        }
+        Err(e) => unavailable(format!(
+            "this node is not the leader and cannot reach the leader's EC2 endpoint {target} \
+             (node {}): {e}",
+            leader.id
+        )),
+    }
+}
+
+/// A signed form POST to the EC2 endpoint at `target` (for tests and
+/// tools without an AWS SDK): the status and the body.
+pub async fn post_signed(
+    target: &str,
+    form: &str,
+    access_key: &str,
+    secret: &str,
+    region: &str,
+) -> std::io::Result<(u16, String)> {
+    let now = (crate::now_ms() / 1000) as i64;
+    let mut headers = HeaderMap::new();
+    for (k, v) in sigv4::sign_post(target, form.as_bytes(), access_key, secret, region, now) {
+        let name =
+            axum::http::HeaderName::from_bytes(k.as_bytes()).map_err(std::io::Error::other)?;
+        let value = axum::http::HeaderValue::from_str(&v).map_err(std::io::Error::other)?;
+        headers.insert(name, value);
+    }
+    let uri: Uri = "/".parse().map_err(std::io::Error::other)?;
+    let (status, _, body) = relay(
+        target,
+        &Method::POST,
+        &uri,
+        &headers,
+        form.as_bytes(),
+        false,
+    )
+    .await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// One HTTP/1.1 exchange with `target` (connection closed after it): the
+/// status, content type and body.
+async fn relay(
+    target: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    forwarded: bool,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("connect timed out"))??;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in headers {
+        if matches!(
+            k.as_str(),
+            "connection" | "content-length" | "transfer-encoding"
+        ) {
+            continue;
+        }
+        if let Ok(v) = v.to_str() {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    req.push_str(&format!(
+        "{}connection: close\r\ncontent-length: {}\r\n\r\n",
+        if forwarded {
+            format!("{FORWARDED}: 1\r\n")
+        } else {
+            String::new()
+        },
+        body.len()
+    ));
+    conn.write_all(req.as_bytes()).await?;
+    conn.write_all(body).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        conn.read_to_end(&mut raw),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("the leader did not answer in time"))??;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header in the leader's answer"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(|| std::io::Error::other("bad status line from the leader"))?;
+    let content_type = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map_or("text/xml;charset=UTF-8".to_string(), |(_, v)| {
+            v.trim().to_string()
+        });
+    Ok((status, content_type, raw[split + 4..].to_vec()))
 }
 
 /// Bind `addr` and serve on it in the background; the bound address.

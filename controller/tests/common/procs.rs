@@ -58,11 +58,14 @@ impl Procs {
             }
             let data = dir.join(format!("n{}", i + 1));
             std::fs::create_dir_all(&data).unwrap();
+            // `{ip}` in the extra lines is each node's own address.
+            let ip = addr.rsplit_once(':').map_or("", |(h, _)| h);
             let cfg = format!(
                 "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\npeers = [{members}]\n{extra}",
                 id = i + 1,
                 data = data.display(),
                 members = members.join(", "),
+                extra = extra.replace("{ip}", ip),
             );
             std::fs::write(dir.join(format!("n{}.toml", i + 1)), cfg).unwrap();
         }
