@@ -183,6 +183,8 @@ def main():
     assert ids(Filters=[{"Name": "private-ip-address", "Values": [inst["PrivateIpAddress"]]}]) == [iid]
     ec2.create_tags(Resources=[iid], Tags=[{"Key": "team", "Value": "blue"}])
     assert iid in ids(Filters=[{"Name": "tag:team", "Values": ["blue"]}])
+    described = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [iid]}])["Tags"]
+    assert {"ResourceId": iid, "ResourceType": "instance", "Key": "team", "Value": "blue"} in described, described
     ec2.delete_tags(Resources=[iid], Tags=[{"Key": "team"}])
     assert ids(Filters=[{"Name": "tag:team", "Values": ["blue"]}]) == []
     ok("describe with filters and tags")

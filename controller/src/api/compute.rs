@@ -644,6 +644,37 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         Ok(Response::new(pb::CreateTagsResponse {}))
     }
 
+    async fn describe_tags(
+        &self,
+        req: Request<pb::DescribeTagsRequest>,
+    ) -> Res<pb::DescribeTagsResponse> {
+        self.auth(&req, false).await?;
+        let r = req.into_inner();
+        let q = crate::state::TagQuery {
+            resource_ids: r.resource_ids,
+            resource_types: r.resource_types,
+            keys: r.keys,
+            values: r.values,
+            max_results: r.max_results,
+            next_token: r.next_token,
+        };
+        let (rows, next_token) = self
+            .read(move |s| crate::state::describe_tags(s, &q))
+            .await?;
+        Ok(Response::new(pb::DescribeTagsResponse {
+            tags: rows
+                .into_iter()
+                .map(|t| pb::TagDescription {
+                    resource_id: t.resource_id,
+                    resource_type: t.resource_type.into(),
+                    key: t.key,
+                    value: t.value,
+                })
+                .collect(),
+            next_token,
+        }))
+    }
+
     async fn delete_tags(
         &self,
         req: Request<pb::DeleteTagsRequest>,

@@ -37,6 +37,7 @@ pub const ACTIONS: &[&str] = &[
     "DeleteKeyPair",
     "CreateTags",
     "DeleteTags",
+    "DescribeTags",
     "CreatePlacementGroup",
     "DescribePlacementGroups",
     "DeletePlacementGroup",
@@ -67,6 +68,7 @@ pub async fn dispatch<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p
         "DescribeKeyPairs" => describe_key_pairs(ctx, p).await,
         "DeleteKeyPair" => delete_key_pair(ctx, p).await,
         "CreateTags" | "DeleteTags" => tags(ctx, action, p).await,
+        "DescribeTags" => describe_tags(ctx, p).await,
         "CreatePlacementGroup" => create_group(ctx, p).await,
         "DescribePlacementGroups" => describe_groups(ctx, p).await,
         "DeletePlacementGroup" => {
@@ -777,6 +779,33 @@ async fn tags<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p: &Param
         )?;
     }
     returned(ctx, action)
+}
+
+async fn describe_tags<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
+    let mut req = pb::DescribeTagsRequest {
+        max_results: page_size(p)?,
+        next_token: p.get("NextToken").unwrap_or_default().to_string(),
+        ..Default::default()
+    };
+    for (name, values) in p.filters()? {
+        match name.as_str() {
+            "resource-id" => req.resource_ids.extend(values),
+            "resource-type" => req.resource_types.extend(values),
+            "key" => req.keys.extend(values),
+            "value" => req.values.extend(values),
+            n => return Err(unknown_filter(n)),
+        }
+    }
+    let r = ok(ctx.svc.describe_tags(ctx.req(req)).await, "InvalidID")?;
+    done(ctx, "DescribeTags", |x| {
+        x.items("tagSet", &r.tags, |x, t| {
+            x.leaf("resourceId", &t.resource_id)
+                .leaf("resourceType", &t.resource_type)
+                .leaf("key", &t.key)
+                .leaf("value", &t.value);
+        });
+        x.opt("nextToken", &r.next_token);
+    })
 }
 
 async fn create_group<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {

@@ -50,7 +50,8 @@ pub use network::{
     DEFAULT_VPC_CIDR,
 };
 pub use query::{
-    any_of, check_exist, tags_match, Listing, NetFilter, Page, Paging, DEFAULT_PAGE, MAX_PAGE,
+    any_of, check_exist, describe_tags, tags_match, Listing, NetFilter, Page, Paging, TagQuery,
+    TagRow, DEFAULT_PAGE, MAX_PAGE,
 };
 pub use security::{default_group_id, describe_security_groups, GroupFilter};
 pub use volumes::{
