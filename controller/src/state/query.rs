@@ -493,8 +493,8 @@ mod tests {
         let mut s = super::super::tests::bootstrapped();
         super::super::tests::add_host(&mut s, "h1", "az-1", 4, 4096);
         super::super::tests::add_image(&mut s);
-        let tag = |k: &str, v: &str| Tags::from([(k.to_string(), v.to_string())]);
-        s.images.get_mut("img-1").unwrap().tags = tag("env", "ci");
+        s.images.get_mut("img-1").unwrap().tags =
+            Tags::from([("env".to_string(), "ci".to_string())]);
         s.hosts.get_mut("h1").unwrap().tags = [
             ("env".to_string(), "prod".to_string()),
             ("rack".to_string(), "r1".to_string()),
