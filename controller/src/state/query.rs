@@ -533,8 +533,10 @@ mod tests {
             q.next_token = "h1 rack".into();
         });
         assert_eq!((rest.len(), next.as_str()), (1, ""));
-        let mut bad = TagQuery::default();
-        bad.resource_types = vec!["bucket".into()];
+        let bad = TagQuery {
+            resource_types: vec!["bucket".into()],
+            ..TagQuery::default()
+        };
         assert!(describe_tags(&s, &bad).is_err());
     }
 
