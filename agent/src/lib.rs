@@ -43,6 +43,7 @@ pub mod supervisor;
 use ferro_proto::agent::v1::agent_server::AgentServer;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 pub use config::AgentConfig;
 
@@ -125,7 +126,16 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let served = tonic::transport::Server::builder()
         .tls_config(tls)?
         .add_service(AgentServer::new(service::AgentService::new(manager)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Small answers must not wait for Nagle's algorithm (the
+            // builder's tcp_nodelay does not reach an incoming stream).
+            TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|c| {
+                    let _ = c.set_nodelay(true);
+                })
+            }),
+            shutdown,
+        )
         .await;
     if let Some(h) = heartbeats {
         h.abort();

@@ -10,6 +10,7 @@ use ferro_proto::compute::v1::hosts_server::HostsServer;
 use ferro_raft::{RaftConfig, RaftReplicator, Replicator};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{authenticate, ClusterService, ComputeService, HostsService};
@@ -129,7 +130,15 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
         }
         None => None,
     };
-    let incoming = TcpListenerStream::new(listener);
+    // Small answers must not wait for Nagle's algorithm: the builder's
+    // `tcp_nodelay` applies only to sockets tonic accepts itself, not to
+    // an incoming stream (a unary answer's last frame otherwise waits for
+    // the client's delayed ACK, ~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|c| {
+            let _ = c.set_nodelay(true);
+        })
+    });
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}

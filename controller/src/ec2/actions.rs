@@ -356,9 +356,7 @@ fn instance_xml(x: &mut Xml, i: &pb::Instance, index: usize) {
     x.leaf("instanceId", &i.instance_id)
         .leaf("imageId", &i.image_id);
     state_xml(x, "instanceState", i.state);
-    x.leaf("privateDnsName", "")
-        .leaf("dnsName", "")
-        .leaf("reason", &i.state_reason)
+    x.opt("reason", &i.state_reason)
         .opt("keyName", &i.key_name)
         .leaf("amiLaunchIndex", &index.to_string())
         .leaf("instanceType", &i.instance_type)

@@ -11,6 +11,14 @@ pub struct Xml {
 }
 
 fn escape(s: &str, out: &mut String) {
+    // Most text (ids, names, states) needs no escaping: copy it whole.
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\'') || b < 0x20)
+    {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '&' => out.push_str("&amp;"),
@@ -30,8 +38,10 @@ impl Xml {
     /// [`Xml::finish`].
     pub fn response(action: &str, request_id: &str) -> Self {
         let mut x = Xml {
-            out: String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"),
+            out: String::with_capacity(4096),
         };
+        x.out
+            .push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         x.out
             .push_str(&format!("<{action}Response xmlns=\"{NAMESPACE}\">"));
         x.leaf("requestId", request_id);
