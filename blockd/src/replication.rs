@@ -9,6 +9,14 @@
 //! write and every in-sync backup succeeded. A flush goes the same way: the
 //! local `fdatasync` and every backup's, before it returns.
 //!
+//! The writes of one pass over the virtio queue come as one batch
+//! ([`Store::write_batch`]) and are pipelined: every frame of a window (at
+//! most 64 frames) goes to every backup before any answer is
+//! read; a backup answers a connection's frames in order, so its answers
+//! are then read in order and matched by sequence number. Each write's
+//! result is still that of a lone write. A barrier such as a flush is the
+//! caller's: it calls [`Store::flush`] after the batch returns.
+//!
 //! # When a backup fails
 //!
 //! A backup that fails (connection error, timeout, `Nack`) is never just
