@@ -11,11 +11,11 @@
 //!
 //! The writes of one pass over the virtio queue come as one batch
 //! ([`Store::write_batch`]) and are pipelined: every frame of a window (at
-//! most 64 frames) goes to every backup before any answer is
-//! read; a backup answers a connection's frames in order, so its answers
-//! are then read in order and matched by sequence number. Each write's
-//! result is still that of a lone write. A barrier such as a flush is the
-//! caller's: it calls [`Store::flush`] after the batch returns.
+//! most 64 frames) goes to every backup before any answer is read; a
+//! backup answers a connection's frames in order, so its answers are then
+//! read in order and matched by sequence number. Each write's result is
+//! still that of a lone write. A barrier such as a flush is the caller's:
+//! it calls [`Store::flush`] after the batch returns.
 //!
 //! # When a backup fails
 //!
@@ -638,7 +638,9 @@ impl ReplicatedStore {
         let acked = failed.iter().map(|f| f.unacked).min();
         if let Err(e) = self.remove_all(st, failed) {
             let acked = acked.unwrap_or(writes.len());
-            return (local.into_iter().enumerate())
+            return local
+                .into_iter()
+                .enumerate()
                 .map(|(i, r)| if i < acked { r } else { Err(copy_error(&e)) })
                 .collect();
         }
@@ -1039,7 +1041,9 @@ impl Store for ReplicatedStore {
         }
         // Frames of at most MAX_PAYLOAD bytes, each with its write's index.
         let step = MAX_PAYLOAD as usize;
-        let chunks: Vec<(usize, u64, &[u8])> = (writes.iter().enumerate())
+        let chunks: Vec<(usize, u64, &[u8])> = writes
+            .iter()
+            .enumerate()
             .flat_map(|(i, &(offset, data))| {
                 let at = (offset..).step_by(step);
                 data.chunks(step).zip(at).map(move |(c, at)| (i, at, c))
