@@ -440,7 +440,7 @@ impl ReplicatedStore {
         Ok(())
     }
 
-    /// Sends `frames` to every in-sync backup, one after another without
+    /// Sends `frames` to every in-sync backup, all in one write without
     /// waiting for answers, runs `local` meanwhile, then collects each
     /// backup's answers (a replica answers a connection's frames in order):
     /// the local result and the backups that failed.
@@ -450,22 +450,19 @@ impl ReplicatedStore {
         frames: &[Frame],
         local: impl FnOnce() -> T,
     ) -> io::Result<(T, Vec<PeerFailure>)> {
-        let bytes = frames
-            .iter()
-            .map(|f| wire::encode(f).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e)))
-            .collect::<io::Result<Vec<_>>>()?;
-        let mut sent: Vec<Result<(), String>> = vec![Ok(()); st.in_sync.len()];
-        for b in &bytes {
-            for (peer, sent) in st.in_sync.iter_mut().zip(&mut sent) {
-                if sent.is_ok() {
-                    *sent = peer.link.send_bytes(b).map_err(|e| e.to_string());
-                }
-            }
+        let encoded = Encoded::new(frames)?;
+        let mut sent = Vec::with_capacity(st.in_sync.len());
+        for peer in &mut st.in_sync {
+            sent.push(
+                peer.link
+                    .send_bytes(&encoded.bytes)
+                    .map_err(|e| e.to_string()),
+            );
         }
         let local = local();
         let mut failed = Vec::new();
         for (peer, sent) in st.in_sync.iter_mut().zip(sent) {
-            if let Err((unacked, why)) = self.collect(peer, frames, &bytes, sent) {
+            if let Err((unacked, why)) = self.collect(peer, frames, &encoded, sent) {
                 let id = peer.id.clone();
                 failed.push(PeerFailure { id, why, unacked });
             }
@@ -473,8 +470,8 @@ impl ReplicatedStore {
         Ok((local, failed))
     }
 
-    /// Reads `peer`'s answers to `frames` (encoded as `bytes`, `sent` the
-    /// outcome of sending them), in order. A backup still behind the epoch
+    /// Reads `peer`'s answers to `frames` (`encoded`, `sent` the outcome of
+    /// sending them), in order. A backup still behind the epoch
     /// the authority just raised (it takes it from its own watch of the
     /// controller, a moment later) is sent the frames again from the first
     /// it refused, in order so that overlapping writes land as on the
@@ -484,7 +481,7 @@ impl ReplicatedStore {
         &self,
         peer: &mut Peer,
         frames: &[Frame],
-        bytes: &[Vec<u8>],
+        encoded: &Encoded,
         mut sent: Result<(), String>,
     ) -> Result<(), (usize, String)> {
         let deadline = Instant::now() + self.timeout;
@@ -509,10 +506,8 @@ impl ReplicatedStore {
             }
             std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
             from = first;
-            sent = bytes[from..]
-                .iter()
-                .try_for_each(|b| peer.link.send_bytes(b))
-                .map_err(|e| e.to_string());
+            let resent = peer.link.send_bytes(encoded.from(from));
+            sent = resent.map_err(|e| e.to_string());
         }
     }
 
@@ -645,6 +640,33 @@ impl ReplicatedStore {
                 .collect();
         }
         local
+    }
+}
+
+/// Frames encoded back to back, so a window goes to a backup in one write.
+struct Encoded {
+    bytes: Vec<u8>,
+    /// Where each frame starts in `bytes`.
+    starts: Vec<usize>,
+}
+
+impl Encoded {
+    fn new(frames: &[Frame]) -> io::Result<Self> {
+        let mut e = Encoded {
+            bytes: Vec::new(),
+            starts: Vec::with_capacity(frames.len()),
+        };
+        for f in frames {
+            let b = wire::encode(f).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            e.starts.push(e.bytes.len());
+            e.bytes.extend_from_slice(&b);
+        }
+        Ok(e)
+    }
+
+    /// The bytes of frame `i` and every frame after it.
+    fn from(&self, i: usize) -> &[u8] {
+        &self.bytes[self.starts[i]..]
     }
 }
 
