@@ -1,7 +1,8 @@
 //! The vhost-user-blk device as `vhost-user-backend` sees it: features,
 //! the config space the frontend reads with `GET_CONFIG`, and the queue
-//! loop run when the frontend kicks. Requests go to
-//! [`RequestHandler`](crate::handler::RequestHandler).
+//! loop run when the frontend kicks. The requests of one pass over the
+//! queue go to [`RequestHandler`](crate::handler::RequestHandler) as one
+//! batch and are completed, in order, with one signal.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,30 +55,35 @@ impl BlockBackend {
         }
     }
 
-    /// Pops and executes every available request; true if any completed.
-    fn drain(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// One pass over the queue: pops every available request, executes
+    /// them as one batch (their writes' replication overlaps) and puts them
+    /// on the used ring in the order they came; false if there were none.
+    fn pass(&self, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner()).memory();
-        let mut used = false;
-        loop {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = chain else {
-                return Ok(used);
-            };
-            let head = chain.head_index();
-            let descs = collect(chain);
-            let len = self.handler.handle(&mem, &descs);
+        let (mut heads, mut chains) = (Vec::new(), Vec::new());
+        {
+            let mut vring = vring.get_mut();
+            let queue = vring.get_queue_mut();
+            while let Some(chain) = queue.pop_descriptor_chain(mem.clone()) {
+                heads.push(chain.head_index());
+                chains.push(collect(chain));
+            }
+        }
+        if chains.is_empty() {
+            return Ok(false);
+        }
+        let lens = self.handler.handle_batch(&mem, &chains);
+        for (head, len) in heads.into_iter().zip(lens) {
             vring
                 .add_used(head, len)
                 .map_err(|e| io::Error::other(format!("cannot add used entry: {e}")))?;
-            used = true;
         }
+        Ok(true)
     }
 
-    /// The queue loop: drain, signal, and with `EVENT_IDX` re-check for
-    /// requests that raced the re-enabled notifications.
+    /// The queue loop: a pass and one signal for it, until a pass finds
+    /// nothing; with `EVENT_IDX`, again for requests that raced the
+    /// re-enabled notifications.
     fn process(&self, vring: &VringRwLock) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let queue_err = |e| io::Error::other(format!("virtqueue: {e}"));
@@ -85,8 +91,10 @@ impl BlockBackend {
             if event_idx {
                 vring.disable_notification().map_err(queue_err)?;
             }
-            if self.drain(vring)? && vring.needs_notification().map_err(queue_err)? {
-                vring.signal_used_queue()?;
+            while self.pass(vring)? {
+                if vring.needs_notification().map_err(queue_err)? {
+                    vring.signal_used_queue()?;
+                }
             }
             if !event_idx || !vring.enable_notification().map_err(queue_err)? {
                 return Ok(());

@@ -1,10 +1,13 @@
-//! Executing one descriptor chain against a [`Store`]: copy the chain's
+//! Executing descriptor chains against a [`Store`]: copy each chain's
 //! shape out of guest memory, [`decode`] it, check every buffer against
-//! guest RAM, do the I/O and write the status byte.
+//! guest RAM, do the I/O and write the status byte. The chains of one pass
+//! over the queue are one batch: their writes reach the store together
+//! ([`RequestHandler::handle_batch`]).
 //!
 //! Nothing here knows vhost-user or epoll (that is `crate::backend`), so it
 //! is tested by laying out chains in a `GuestMemoryMmap`.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
@@ -71,29 +74,97 @@ impl RequestHandler {
     /// Executes the request in `descs` and returns the used length (0 when
     /// the status byte could not be written).
     pub fn handle(&self, mem: &GuestMemoryMmap, descs: &[Desc]) -> u32 {
-        let segs: Vec<Segment> = descs.iter().map(|d| d.seg).collect();
-        let (status, written) = match self.execute(mem, descs, &segs) {
-            Ok(written) => (S_OK, written),
-            Err(status) => (status, 0),
-        };
-        let Some(last) = descs.last().filter(|_| status_fits(&segs)) else {
-            return 0;
-        };
-        if mem.write_slice(&[status], last.addr).is_err() {
-            return 0;
-        }
-        written.saturating_add(1)
+        let mut used = self.handle_batch(mem, &[descs.to_vec()]);
+        used.pop().unwrap_or(0)
     }
 
-    /// Runs the request; the bytes written into the chain, or the status.
-    fn execute(&self, mem: &GuestMemoryMmap, descs: &[Desc], segs: &[Segment]) -> Result<u32, u8> {
-        let header = read_header(mem, descs, segs);
-        let request = decode(segs, header, self.capacity()).map_err(|e| trace(e).status())?;
-        let data = &descs[request.data];
+    /// Executes the requests of one pass over the queue, `chains` in the
+    /// order the driver made them available, and returns each one's used
+    /// length. Writes are gathered and handed to the store together
+    /// ([`Store::write_batch`]: a replicated store overlaps their round
+    /// trips); each write's status is written only once the store says it
+    /// is done. The gathered writes go to the store first, as a barrier,
+    /// before a `FLUSH` (which then covers them) and before a read that
+    /// overlaps one of them (which then sees it); other reads and `GET_ID`
+    /// run at once. Every status is written before this returns.
+    pub fn handle_batch(&self, mem: &GuestMemoryMmap, chains: &[Vec<Desc>]) -> Vec<u32> {
+        let mut used = vec![0; chains.len()];
+        let mut writes = Vec::new();
+        for (i, descs) in chains.iter().enumerate() {
+            let result = match self.prepare(mem, descs) {
+                Ok(Prepared::Write { offset, data }) => {
+                    if pending_bytes(&writes) + data.len() > MAX_BATCH_BYTES {
+                        self.submit(mem, chains, &mut writes, &mut used);
+                    }
+                    writes.push(PendingWrite {
+                        index: i,
+                        offset,
+                        data,
+                    });
+                    continue;
+                }
+                Ok(Prepared::Now { op, data }) => {
+                    if waits_for(op, &writes) {
+                        self.submit(mem, chains, &mut writes, &mut used);
+                    }
+                    self.run(mem, &descs[data], op)
+                }
+                Err(status) => Err(status),
+            };
+            used[i] = complete(mem, descs, result);
+        }
+        self.submit(mem, chains, &mut writes, &mut used);
+        used
+    }
+
+    /// Hands the gathered `writes` to the store and completes each.
+    fn submit(
+        &self,
+        mem: &GuestMemoryMmap,
+        chains: &[Vec<Desc>],
+        writes: &mut Vec<PendingWrite>,
+        used: &mut [u32],
+    ) {
+        if writes.is_empty() {
+            return;
+        }
+        let batch: Vec<(u64, &[u8])> = writes.iter().map(|w| (w.offset, &w.data[..])).collect();
+        let mut results = self.store.write_batch(&batch).into_iter();
+        for w in writes.drain(..) {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(std::io::Error::other("the store left a write unanswered")));
+            let result = result.map(|()| 0).map_err(io_error);
+            used[w.index] = complete(mem, &chains[w.index], result);
+        }
+    }
+
+    /// Decodes the request in `descs`, checks its buffers against guest
+    /// memory, and copies a write's data out; the status if it is refused.
+    fn prepare(&self, mem: &GuestMemoryMmap, descs: &[Desc]) -> Result<Prepared, u8> {
+        let segs: Vec<Segment> = descs.iter().map(|d| d.seg).collect();
+        let header = read_header(mem, descs, &segs);
+        let request = decode(&segs, header, self.capacity()).map_err(|e| trace(e).status())?;
+        let data = &descs[request.data.clone()];
         if !data.iter().all(|d| in_memory(mem, d)) {
             return Err(S_IOERR);
         }
-        match request.op {
+        Ok(match request.op {
+            Op::Write { offset, len } => Prepared::Write {
+                offset,
+                data: gather(mem, data, len as usize)?,
+            },
+            op => Prepared::Now {
+                op,
+                data: request.data,
+            },
+        })
+    }
+
+    /// Runs `op` over its `data` descriptors now; the bytes written into
+    /// the chain, or the status.
+    fn run(&self, mem: &GuestMemoryMmap, data: &[Desc], op: Op) -> Result<u32, u8> {
+        match op {
             Op::Read { offset, len } => {
                 let mut buf = vec![0u8; len as usize];
                 self.store.read_at(&mut buf, offset).map_err(io_error)?;
@@ -111,6 +182,64 @@ impl RequestHandler {
             }
         }
     }
+}
+
+/// Bytes of write data one batch gathers out of guest memory before it
+/// hands them to the store (a queue pass can hold up to 1 GiB of writes).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// A request decoded and checked, not yet carried out.
+enum Prepared {
+    /// A write, its data copied out of guest memory.
+    Write { offset: u64, data: Vec<u8> },
+    /// Any other request (not a write), and the indices of its data
+    /// descriptors.
+    Now { op: Op, data: Range<usize> },
+}
+
+/// True if `op` must wait for the gathered `writes` to be done: a flush
+/// (it makes them durable), or a read of a sector one of them writes.
+fn waits_for(op: Op, writes: &[PendingWrite]) -> bool {
+    match op {
+        Op::Flush => true,
+        Op::Read { offset, len } => writes.iter().any(|w| w.overlaps(offset, len)),
+        Op::Write { .. } | Op::GetId { .. } => false,
+    }
+}
+
+/// A write gathered into the batch, not handed to the store yet.
+struct PendingWrite {
+    /// Its chain's index in the batch.
+    index: usize,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+impl PendingWrite {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        offset < self.offset + self.data.len() as u64 && self.offset < offset + len
+    }
+}
+
+fn pending_bytes(writes: &[PendingWrite]) -> usize {
+    writes.iter().map(|w| w.data.len()).sum()
+}
+
+/// Writes the status byte for `result` into the chain's last descriptor;
+/// the used length (0 when the status could not be written).
+fn complete(mem: &GuestMemoryMmap, descs: &[Desc], result: Result<u32, u8>) -> u32 {
+    let (status, written) = match result {
+        Ok(written) => (S_OK, written),
+        Err(status) => (status, 0),
+    };
+    let fits = status_fits(&descs.iter().map(|d| d.seg).collect::<Vec<_>>());
+    let Some(last) = descs.last().filter(|_| fits) else {
+        return 0;
+    };
+    if mem.write_slice(&[status], last.addr).is_err() {
+        return 0;
+    }
+    written.saturating_add(1)
 }
 
 fn trace(e: DecodeError) -> DecodeError {

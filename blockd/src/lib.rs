@@ -8,7 +8,8 @@
 //! reported held (which makes a new volume `available`), and removed when
 //! the volume is deleted. Replication across hosts is built as a library
 //! beside it: a primary's [`replication::ReplicatedStore`] is a `Store` that
-//! writes its local copy and every in-sync backup synchronously, backups
+//! writes its local copy and every in-sync backup synchronously (the writes
+//! of one pass over the queue pipelined: all sent, then all acks), backups
 //! answer it through [`replica::Replica`], and every frame between them
 //! carries the volume's epoch so a replaced primary is fenced ([`replica`]
 //! states the rule). The controller grants epochs
@@ -26,7 +27,8 @@
 //! Modules:
 //! - [`request`]: the sans-IO request decoder (and its fuzzing entry point,
 //!   [`request::decode_bytes`]).
-//! - [`handler`]: executing one descriptor chain against a store.
+//! - [`handler`]: executing the descriptor chains of one pass over the
+//!   queue against a store, their writes as one batch.
 //! - [`store`]: the [`store::Store`] trait and the local sparse file.
 //! - [`backend`]: the vhost-user-blk device (features, config, queue loop).
 //! - [`server`]: a volume's socket, serving one frontend after another.

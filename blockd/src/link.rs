@@ -27,6 +27,8 @@ pub struct Link {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     buf: Vec<u8>,
+    /// Frames queued to send.
+    out: Vec<u8>,
 }
 
 impl Link {
@@ -39,6 +41,7 @@ impl Link {
             reader: BufReader::with_capacity(256 << 10, stream),
             writer,
             buf: Vec::new(),
+            out: Vec::new(),
         })
     }
 
@@ -56,6 +59,26 @@ impl Link {
     pub fn send(&mut self, frame: &Frame) -> Result<(), LinkError> {
         let bytes = wire::encode(frame)?;
         Ok(self.send_bytes(&bytes)?)
+    }
+
+    /// Encodes `frame` for the next [`Link::send_queued`].
+    pub fn queue(&mut self, frame: &Frame) -> Result<(), LinkError> {
+        self.out.extend_from_slice(&wire::encode(frame)?);
+        Ok(())
+    }
+
+    /// Sends the frames queued, in one write.
+    pub fn send_queued(&mut self) -> io::Result<()> {
+        let sent = self.writer.write_all(&self.out);
+        self.out.clear();
+        sent
+    }
+
+    /// True when a whole frame is already read in, so [`Link::recv`] will
+    /// not block (a peer that sent several frames without waiting).
+    pub fn frame_buffered(&self) -> bool {
+        let buf = self.reader.buffer();
+        matches!(wire::frame_len(buf), Ok(Some(n)) if n <= buf.len())
     }
 
     /// Reads the next frame; `Ok(None)` when the peer closed cleanly between

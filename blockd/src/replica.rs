@@ -468,6 +468,9 @@ fn accept_loop(
 }
 
 /// Answers one primary until it goes away or sends something undecodable.
+/// Answers wait while the next frame is already read in (a primary that
+/// pipelines its writes), and go out together before the next read that
+/// could block.
 fn serve(stream: TcpStream, replica: &Replica) {
     let peer = stream.peer_addr().ok();
     let span = tracing::info_span!("replica_conn", peer = ?peer);
@@ -483,6 +486,7 @@ fn serve(stream: TcpStream, replica: &Replica) {
             Err(LinkError::Wire(e)) => {
                 // The stream cannot be resynchronised: say why, then close.
                 tracing::warn!(error = %e, "bad frame; closing");
+                let _ = link.send_queued();
                 let answer = Frame {
                     volume: "-".into(),
                     epoch: 0,
@@ -498,7 +502,13 @@ fn serve(stream: TcpStream, replica: &Replica) {
             }
             Err(e) => return tracing::debug!(error = %e, "connection ended"),
         };
-        if let Err(e) = link.send(&replica.handle(&frame)) {
+        if let Err(e) = link.queue(&replica.handle(&frame)) {
+            return tracing::debug!(error = %e, "cannot answer; closing");
+        }
+        if link.frame_buffered() {
+            continue;
+        }
+        if let Err(e) = link.send_queued() {
             return tracing::debug!(error = %e, "cannot answer; closing");
         }
     }

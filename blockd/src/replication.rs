@@ -9,6 +9,14 @@
 //! write and every in-sync backup succeeded. A flush goes the same way: the
 //! local `fdatasync` and every backup's, before it returns.
 //!
+//! The writes of one pass over the virtio queue come as one batch
+//! ([`Store::write_batch`]) and are pipelined: every frame of a window (at
+//! most 64 frames) goes to every backup before any answer is read; a
+//! backup answers a connection's frames in order, so its answers are then
+//! read in order and matched by sequence number. Each write's result is
+//! still that of a lone write. A barrier such as a flush is the caller's:
+//! it calls [`Store::flush`] after the batch returns.
+//!
 //! # When a backup fails
 //!
 //! A backup that fails (connection error, timeout, `Nack`) is never just
@@ -194,8 +202,21 @@ const MAX_PASSES: u32 = 8;
 /// Regions left few enough to copy under the write lock.
 const FINAL_PASS_REGIONS: u64 = 16;
 
-/// The backups that failed a request (id, why).
-type Failed = Vec<(String, String)>;
+/// Write frames sent to a backup before its answers are read: their
+/// answers (about a hundred bytes each) wait in the socket buffers
+/// meanwhile, far from filling them, so a backup never blocks answering
+/// while the primary still sends. A queue of depth 32 fits in one window.
+const MAX_IN_FLIGHT: usize = 64;
+/// Payload bytes of one window, bounding the frames held in memory.
+const MAX_WINDOW_BYTES: usize = 16 << 20;
+
+/// A backup that failed a request.
+struct PeerFailure {
+    id: String,
+    why: String,
+    /// The first of the frames sent that it did not acknowledge.
+    unacked: usize,
+}
 
 /// A connected, in-sync backup.
 struct Peer {
@@ -419,49 +440,81 @@ impl ReplicatedStore {
         Ok(())
     }
 
-    /// Sends `frame` to every in-sync backup, runs `local`, and collects
-    /// the answers: the local result and the backups that failed.
-    fn replicate(
+    /// Sends `frames` to every in-sync backup, all in one write without
+    /// waiting for answers, runs `local` meanwhile, then collects each
+    /// backup's answers (a replica answers a connection's frames in order):
+    /// the local result and the backups that failed.
+    fn replicate<T>(
         &self,
         st: &mut State,
-        frame: &Frame,
-        local: impl FnOnce() -> io::Result<()>,
-    ) -> io::Result<(io::Result<()>, Failed)> {
-        let bytes =
-            wire::encode(frame).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        frames: &[Frame],
+        local: impl FnOnce() -> T,
+    ) -> io::Result<(T, Vec<PeerFailure>)> {
+        let encoded = Encoded::new(frames)?;
         let mut sent = Vec::with_capacity(st.in_sync.len());
         for peer in &mut st.in_sync {
-            sent.push(peer.link.send_bytes(&bytes).map_err(|e| e.to_string()));
+            sent.push(
+                peer.link
+                    .send_bytes(&encoded.bytes)
+                    .map_err(|e| e.to_string()),
+            );
         }
         let local = local();
         let mut failed = Vec::new();
         for (peer, sent) in st.in_sync.iter_mut().zip(sent) {
-            let mut answer = sent.and_then(|()| expect_ack(&mut peer.link, frame).map(drop));
-            // A backup still behind the epoch the authority just raised
-            // (it takes it from its own watch of the controller, a moment
-            // later) is asked again until it has it, within the timeout.
-            let deadline = std::time::Instant::now() + self.timeout;
-            while answer.as_ref().is_err_and(|why| why.contains(EPOCH_AHEAD))
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
-                answer = peer
-                    .link
-                    .send_bytes(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| expect_ack(&mut peer.link, frame).map(drop));
-            }
-            if let Err(why) = answer {
-                failed.push((peer.id.clone(), why));
+            if let Err((unacked, why)) = self.collect(peer, frames, &encoded, sent) {
+                let id = peer.id.clone();
+                failed.push(PeerFailure { id, why, unacked });
             }
         }
         Ok((local, failed))
     }
 
+    /// Reads `peer`'s answers to `frames` (`encoded`, `sent` the outcome of
+    /// sending them), in order. A backup still behind the epoch
+    /// the authority just raised (it takes it from its own watch of the
+    /// controller, a moment later) is sent the frames again from the first
+    /// it refused, in order so that overlapping writes land as on the
+    /// primary, until it has the epoch, within the timeout. On failure, the
+    /// index of the first frame not acknowledged, and why.
+    fn collect(
+        &self,
+        peer: &mut Peer,
+        frames: &[Frame],
+        encoded: &Encoded,
+        mut sent: Result<(), String>,
+    ) -> Result<(), (usize, String)> {
+        let deadline = Instant::now() + self.timeout;
+        let mut from = 0;
+        loop {
+            sent.map_err(|why| (from, why))?;
+            let mut behind: Option<(usize, String)> = None;
+            for (i, frame) in frames.iter().enumerate().skip(from) {
+                match expect_ack(&mut peer.link, frame) {
+                    Ok(_) => {}
+                    Err(why) if why.contains(EPOCH_AHEAD) => {
+                        behind.get_or_insert((i, why));
+                    }
+                    Err(why) => return Err((behind.map_or(i, |(first, _)| first), why)),
+                }
+            }
+            let Some((first, why)) = behind else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err((first, why));
+            }
+            std::thread::sleep(EPOCH_CATCH_UP_PAUSE);
+            from = first;
+            let resent = peer.link.send_bytes(encoded.from(from));
+            sent = resent.map_err(|e| e.to_string());
+        }
+    }
+
     /// Removes each failed backup through the authority.
-    fn remove_all(&self, st: &mut State, failed: Failed) -> io::Result<()> {
-        for (id, why) in failed {
-            self.remove(st, &id, &why).map_err(io::Error::other)?;
+    fn remove_all(&self, st: &mut State, failed: Vec<PeerFailure>) -> io::Result<()> {
+        for f in failed {
+            self.remove(st, &f.id, &f.why).map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -542,29 +595,115 @@ impl ReplicatedStore {
         }
     }
 
-    fn write_chunk(&self, st: &mut State, data: &[u8], offset: u64) -> io::Result<()> {
-        st.seq += 1;
-        let frame = self.frame(
-            st,
-            Body::Write {
-                offset,
-                data: data.to_vec(),
-            },
-        );
-        let (local, failed) = self.replicate(st, &frame, || match &self.local {
-            Some(l) => l.write_at(data, offset),
-            None => Ok(()),
-        })?;
-        st.since_flush.mark(offset, data.len() as u64);
-        if !st.out.is_empty() {
-            st.dirty.mark(offset, data.len() as u64);
+    /// Writes `writes` (each at most [`MAX_PAYLOAD`] bytes) to the local
+    /// copy and every in-sync backup, every frame sent before any answer is
+    /// awaited; one result per write. A write is `Ok` only once every
+    /// backup still in the set acknowledged it.
+    fn write_window(&self, st: &mut State, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        let fail_all = |e: &io::Error| writes.iter().map(|_| Err(copy_error(e))).collect();
+        if let Err(e) = self.check_fenced(st) {
+            return fail_all(&e);
         }
-        for m in st.catchup.values_mut() {
-            m.mark(offset, data.len() as u64);
+        let frames: Vec<Frame> = writes
+            .iter()
+            .map(|&(offset, data)| {
+                st.seq += 1;
+                let data = data.to_vec();
+                self.frame(st, Body::Write { offset, data })
+            })
+            .collect();
+        let local_writes = || -> Vec<io::Result<()>> {
+            let Some(l) = &self.local else {
+                return writes.iter().map(|_| Ok(())).collect();
+            };
+            writes
+                .iter()
+                .map(|&(at, data)| l.write_at(data, at))
+                .collect()
+        };
+        let (local, failed) = match self.replicate(st, &frames, local_writes) {
+            Ok(r) => r,
+            Err(e) => return fail_all(&e),
+        };
+        for &(offset, data) in writes {
+            mark_written(st, offset, data.len() as u64);
         }
-        self.remove_all(st, failed)?;
+        // A backup answers in order: every backup still in the set
+        // acknowledged the writes before the first a failed one did not.
+        let acked = failed.iter().map(|f| f.unacked).min();
+        if let Err(e) = self.remove_all(st, failed) {
+            let acked = acked.unwrap_or(writes.len());
+            return local
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| if i < acked { r } else { Err(copy_error(&e)) })
+                .collect();
+        }
         local
     }
+}
+
+/// Frames encoded back to back, so a window goes to a backup in one write.
+struct Encoded {
+    bytes: Vec<u8>,
+    /// Where each frame starts in `bytes`.
+    starts: Vec<usize>,
+}
+
+impl Encoded {
+    fn new(frames: &[Frame]) -> io::Result<Self> {
+        let mut e = Encoded {
+            bytes: Vec::new(),
+            starts: Vec::with_capacity(frames.len()),
+        };
+        for f in frames {
+            let b = wire::encode(f).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            e.starts.push(e.bytes.len());
+            e.bytes.extend_from_slice(&b);
+        }
+        Ok(e)
+    }
+
+    /// The bytes of frame `i` and every frame after it.
+    fn from(&self, i: usize) -> &[u8] {
+        &self.bytes[self.starts[i]..]
+    }
+}
+
+/// Marks a write in the maps that record where the replicas may differ.
+fn mark_written(st: &mut State, offset: u64, len: u64) {
+    st.since_flush.mark(offset, len);
+    if !st.out.is_empty() {
+        st.dirty.mark(offset, len);
+    }
+    for m in st.catchup.values_mut() {
+        m.mark(offset, len);
+    }
+}
+
+/// An error for each of several requests that one failure failed.
+fn copy_error(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), crate::error_chain(e))
+}
+
+/// Splits `chunks` (each `len` bytes) into windows of at most
+/// [`MAX_IN_FLIGHT`] frames and [`MAX_WINDOW_BYTES`] bytes, at least one
+/// frame each.
+fn windows<T>(chunks: &[T], len: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, c) in chunks.iter().enumerate() {
+        let full = i - start == MAX_IN_FLIGHT || bytes + len(c) > MAX_WINDOW_BYTES;
+        if i > start && full {
+            out.push(&chunks[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len(c);
+    }
+    if start < chunks.len() {
+        out.push(&chunks[start..]);
+    }
+    out
 }
 
 /// A connection of a resync to one replica, at the epoch the resync runs
@@ -906,16 +1045,42 @@ impl Store for ReplicatedStore {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let span = tracing::debug_span!("replicated_write", volume = %self.volume, offset, len = buf.len());
+        let mut results = self.write_batch(&[(offset, buf)]);
+        results.pop().unwrap_or(Ok(()))
+    }
+
+    /// Every write's frames go to the backups before any answer is awaited
+    /// (a window at a time), so the batch waits about one round trip, not
+    /// one per write. Each write succeeds only once every backup still in
+    /// the set acknowledged it, as [`Store::write_at`].
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        let span =
+            tracing::debug_span!("replicated_writes", volume = %self.volume, writes = writes.len());
         let _enter = span.enter();
         let mut st = self.lock();
-        self.check_fenced(&st)?;
-        let mut at = offset;
-        for chunk in buf.chunks(MAX_PAYLOAD as usize) {
-            self.write_chunk(&mut st, chunk, at)?;
-            at += chunk.len() as u64;
+        if let Err(e) = self.check_fenced(&st) {
+            return writes.iter().map(|_| Err(copy_error(&e))).collect();
         }
-        Ok(())
+        // Frames of at most MAX_PAYLOAD bytes, each with its write's index.
+        let step = MAX_PAYLOAD as usize;
+        let chunks: Vec<(usize, u64, &[u8])> = writes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &(offset, data))| {
+                let at = (offset..).step_by(step);
+                data.chunks(step).zip(at).map(move |(c, at)| (i, at, c))
+            })
+            .collect();
+        let mut results: Vec<io::Result<()>> = writes.iter().map(|_| Ok(())).collect();
+        for window in windows(&chunks, |c| c.2.len()) {
+            let pieces: Vec<(u64, &[u8])> = window.iter().map(|&(_, at, c)| (at, c)).collect();
+            for (&(i, ..), r) in window.iter().zip(self.write_window(&mut st, &pieces)) {
+                if results[i].is_ok() {
+                    results[i] = r;
+                }
+            }
+        }
+        results
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -925,7 +1090,8 @@ impl Store for ReplicatedStore {
         self.check_fenced(&st)?;
         st.seq += 1;
         let frame = self.frame(&st, Body::Flush);
-        let (local, failed) = self.replicate(&mut st, &frame, || match &self.local {
+        let frames = std::slice::from_ref(&frame);
+        let (local, failed) = self.replicate(&mut st, frames, || match &self.local {
             Some(l) => l.flush(),
             None => Ok(()),
         })?;
@@ -1053,6 +1219,19 @@ mod tests {
         assert!(check_answer(&read, data(4)).is_ok());
         assert!(check_answer(&read, data(3)).is_err());
         assert!(check_answer(&read, ack(0, 4)).is_err());
+    }
+
+    #[test]
+    fn windows_are_bounded_by_frames_and_bytes() {
+        let sizes = |ws: Vec<&[usize]>| ws.iter().map(|w| w.len()).collect::<Vec<_>>();
+        let small = vec![4096; 150];
+        assert_eq!(sizes(windows(&small, |&n| n)), vec![64, 64, 22]);
+        let large = vec![4 << 20; 9];
+        assert_eq!(sizes(windows(&large, |&n| n)), vec![4, 4, 1]);
+        // A frame larger than a window still goes, alone.
+        let huge = vec![1, 32 << 20, 1];
+        assert_eq!(sizes(windows(&huge, |&n| n)), vec![1, 1, 1]);
+        assert!(windows(&[] as &[usize], |&n| n).is_empty());
     }
 
     #[test]

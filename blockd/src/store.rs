@@ -4,8 +4,9 @@
 //!
 //! [`crate::replication::ReplicatedStore`] implements the same trait,
 //! acknowledging a write only once every in-sync replica has it and carrying
-//! the volume's epoch so a fenced primary cannot write. The request path
-//! (`crate::backend`) does not change.
+//! the volume's epoch so a fenced primary cannot write; it also overrides
+//! [`Store::write_batch`], which the request path uses for the writes of
+//! one pass over the queue, so their replication round trips overlap.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -44,6 +45,16 @@ pub trait Store: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Write `buf` at byte `offset`; durable only after [`Store::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Write each `(offset, data)` of `writes` as [`Store::write_at`] does,
+    /// and return one result per write, in order. Writes that overlap land
+    /// in order. A store whose writes wait on the network (replication)
+    /// overlaps their round trips; the default writes them one by one.
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        writes
+            .iter()
+            .map(|&(offset, data)| self.write_at(data, offset))
+            .collect()
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
 }

@@ -28,11 +28,12 @@
 //! so no target reads holes.
 //!
 //! Fairness: targets take turns in short slices, round after round, so
-//! drift (CPU frequency, other load) hits all alike. blockd executes a
-//! queue's requests one after another on one thread, and so does the
-//! device model; the host baseline at QD32 therefore issues its 32 requests
-//! one after another too: a threaded baseline would measure parallelism
-//! none of the targets has. The device-model target runs in this process
+//! drift (CPU frequency, other load) hits all alike. blockd does a queue
+//! pass's local I/O one after another on one thread (only the replication
+//! round trips of its writes overlap), and so does the device model; the
+//! host baseline at QD32 therefore issues its 32 requests one after another
+//! too: a threaded baseline would measure parallelism none of the targets
+//! has. The device-model target runs in this process
 //! and is timed around push, `process` and collecting completions: it has
 //! no eventfd hops, where the vhost-user targets include the kick and call
 //! eventfds and ferro-vmm's connection thread, as a guest would see them.

@@ -3,10 +3,21 @@ use std::sync::Mutex;
 use super::*;
 use crate::request::{SECTOR_SIZE, S_UNSUPP};
 
-/// A volume in a Vec, counting flushes.
+/// A volume in a Vec, counting flushes and logging what it was asked.
 struct MemStore {
     data: Mutex<Vec<u8>>,
     flushes: Mutex<u32>,
+    calls: Mutex<Vec<Call>>,
+    /// A write at this offset fails.
+    fail_at: Option<u64>,
+}
+
+/// A store call, with the byte offsets it touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Call {
+    Read(u64),
+    Batch(Vec<u64>),
+    Flush,
 }
 
 impl Store for MemStore {
@@ -14,16 +25,26 @@ impl Store for MemStore {
         self.data.lock().unwrap().len() as u64 / SECTOR_SIZE
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push(Call::Read(offset));
         let o = offset as usize;
         buf.copy_from_slice(&self.data.lock().unwrap()[o..o + buf.len()]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.fail_at == Some(offset) {
+            return Err(std::io::Error::other("disk on fire"));
+        }
         let o = offset as usize;
         self.data.lock().unwrap()[o..o + buf.len()].copy_from_slice(buf);
         Ok(())
     }
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<std::io::Result<()>> {
+        let offsets = writes.iter().map(|w| w.0).collect();
+        self.calls.lock().unwrap().push(Call::Batch(offsets));
+        writes.iter().map(|&(o, d)| self.write_at(d, o)).collect()
+    }
     fn flush(&self) -> std::io::Result<()> {
+        self.calls.lock().unwrap().push(Call::Flush);
         *self.flushes.lock().unwrap() += 1;
         Ok(())
     }
@@ -35,9 +56,15 @@ const DATA: u64 = 0x2000;
 const STATUS: u64 = 0x8000;
 
 fn setup() -> (RequestHandler, Arc<MemStore>, GuestMemoryMmap) {
+    setup_failing(None)
+}
+
+fn setup_failing(fail_at: Option<u64>) -> (RequestHandler, Arc<MemStore>, GuestMemoryMmap) {
     let store = Arc::new(MemStore {
         data: Mutex::new((0..64 * 1024).map(|i| (i % 251) as u8).collect()),
         flushes: Mutex::new(0),
+        calls: Mutex::new(Vec::new()),
+        fail_at,
     });
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     (RequestHandler::new(store.clone(), "vol-1"), store, mem)
@@ -138,4 +165,92 @@ fn status_outside_memory_or_missing_is_length_zero() {
     descs[0].addr = GuestAddress(u64::MAX - 8);
     assert_eq!(h.handle(&mem, &descs), 1);
     assert_eq!(status(&mem), S_IOERR);
+}
+
+/// Request `slot` of a batch, laid out at its own addresses: header, data
+/// (`len` bytes, device-writable for a read), status.
+fn slot_request(mem: &GuestMemoryMmap, slot: u64, kind: u32, sector: u64, len: u32) -> Vec<Desc> {
+    let base = 0x1_0000 + slot * 0x2000;
+    mem.write_obj(kind, GuestAddress(base)).unwrap();
+    mem.write_obj(sector, GuestAddress(base + 8)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(base + 0x10)).unwrap();
+    let mut descs = vec![desc(base, 16, false)];
+    if len > 0 {
+        descs.push(desc(base + 0x1000, len, kind != 1));
+    }
+    descs.push(desc(base + 0x10, 1, true));
+    descs
+}
+
+fn slot_data(slot: u64) -> GuestAddress {
+    GuestAddress(0x1_0000 + slot * 0x2000 + 0x1000)
+}
+
+fn slot_status(mem: &GuestMemoryMmap, slot: u64) -> u8 {
+    mem.read_obj(GuestAddress(0x1_0000 + slot * 0x2000 + 0x10))
+        .unwrap()
+}
+
+#[test]
+fn a_pass_hands_its_writes_to_the_store_together_and_a_flush_is_a_barrier() {
+    let (h, store, mem) = setup();
+    let (read, write, flush, get_id) = (0, 1, 4, 8);
+    let chains = vec![
+        slot_request(&mem, 0, write, 0, 4096),
+        slot_request(&mem, 1, write, 8, 4096),
+        // Touches no pending write: runs at once.
+        slot_request(&mem, 2, read, 64, 512),
+        slot_request(&mem, 3, get_id, 0, 20),
+        slot_request(&mem, 4, write, 16, 4096),
+        // Every write before it is done first.
+        slot_request(&mem, 5, flush, 0, 0),
+        slot_request(&mem, 6, write, 24, 4096),
+    ];
+    let used = h.handle_batch(&mem, &chains);
+    assert_eq!(used, vec![1, 1, 513, 21, 1, 1, 1]);
+    assert!((0..7).all(|slot| slot_status(&mem, slot) == S_OK));
+    assert_eq!(
+        *store.calls.lock().unwrap(),
+        vec![
+            Call::Read(64 * 512),
+            Call::Batch(vec![0, 4096, 8192]),
+            Call::Flush,
+            Call::Batch(vec![12288]),
+        ]
+    );
+}
+
+#[test]
+fn a_read_of_a_sector_written_earlier_in_the_pass_sees_the_write() {
+    let (h, store, mem) = setup();
+    mem.write_slice(&[0xaa; 4096], slot_data(0)).unwrap();
+    let chains = vec![
+        slot_request(&mem, 0, 1, 0, 4096),
+        // Sectors 4..5 lie inside the write of sectors 0..7.
+        slot_request(&mem, 1, 0, 4, 1024),
+        slot_request(&mem, 2, 1, 8, 512),
+    ];
+    assert_eq!(h.handle_batch(&mem, &chains), vec![1, 1025, 1]);
+    let mut got = vec![0u8; 1024];
+    mem.read_slice(&mut got, slot_data(1)).unwrap();
+    assert_eq!(got, vec![0xaa; 1024]);
+    assert_eq!(
+        *store.calls.lock().unwrap(),
+        vec![
+            Call::Batch(vec![0]),
+            Call::Read(2048),
+            Call::Batch(vec![4096])
+        ]
+    );
+}
+
+#[test]
+fn a_write_that_fails_in_a_batch_fails_alone() {
+    let (h, _, mem) = setup_failing(Some(4096));
+    let chains: Vec<Vec<Desc>> = (0..3)
+        .map(|slot| slot_request(&mem, slot, 1, slot * 8, 4096))
+        .collect();
+    assert_eq!(h.handle_batch(&mem, &chains), vec![1, 1, 1]);
+    let statuses: Vec<u8> = (0..3).map(|slot| slot_status(&mem, slot)).collect();
+    assert_eq!(statuses, vec![S_OK, S_IOERR, S_OK]);
 }
