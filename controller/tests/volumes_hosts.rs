@@ -564,13 +564,21 @@ async fn an_attached_volume_reaches_the_guest_and_follows_it_to_another_host() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(round_in(&replica(w)), on_survivor);
-    // (Restarted above: its log since then.)
-    let blockd_log =
-        std::fs::read_to_string(dir.join(format!("blockd-{}.restarted.log", r + 1))).unwrap();
-    assert!(
-        blockd_log.contains("replica resynced and back in sync"),
-        "the primary logged no resync:\n{blockd_log}"
-    );
+    // (Restarted above: its log since then.) The resync logs once the
+    // controller took the replica back, just after the bytes match.
+    let log_path = dir.join(format!("blockd-{}.restarted.log", r + 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let blockd_log = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("replica resynced and back in sync") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary logged no resync:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     for l in blockd_log
         .lines()
         .filter(|l| l.contains("replica resynced"))
