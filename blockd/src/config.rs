@@ -46,6 +46,18 @@ fn parse_backups(v: &str) -> Result<Vec<Backup>, String> {
     Ok(out)
 }
 
+/// A `size=` value: bytes (or K/M/G/T), a non-zero multiple of 512.
+fn size_value(v: &str) -> Result<u64, String> {
+    parse_size(v)
+        .filter(|n| *n > 0 && n.is_multiple_of(SECTOR_SIZE))
+        .ok_or_else(|| format!("size `{v}` is not a non-zero multiple of 512 bytes"))
+}
+
+/// An `epoch=` value: a positive number.
+fn epoch_value(v: &str) -> Result<u64, String> {
+    parse_epoch(v).ok_or_else(|| format!("epoch `{v}` is not a positive number"))
+}
+
 /// Parses one `--replica` spec.
 pub fn parse_replica(spec: &str) -> Result<ReplicaConfig, SpecError> {
     let bad = |why: String| SpecError {
@@ -60,21 +72,8 @@ pub fn parse_replica(spec: &str) -> Result<ReplicaConfig, SpecError> {
             .ok_or_else(|| bad(format!("`{kv}` is not key=value")))?;
         match k {
             "id" => id = Some(v.to_string()),
-            "size" => {
-                size = Some(
-                    parse_size(v)
-                        .filter(|n| *n > 0 && n.is_multiple_of(SECTOR_SIZE))
-                        .ok_or_else(|| {
-                            bad(format!(
-                                "size `{v}` is not a non-zero multiple of 512 bytes"
-                            ))
-                        })?,
-                )
-            }
-            "epoch" => {
-                epoch = parse_epoch(v)
-                    .ok_or_else(|| bad(format!("epoch `{v}` is not a positive number")))?
-            }
+            "size" => size = Some(size_value(v).map_err(bad)?),
+            "epoch" => epoch = epoch_value(v).map_err(bad)?,
             _ => return Err(bad(format!("unknown key `{k}` (known: id, size, epoch)"))),
         }
     }
@@ -137,20 +136,8 @@ pub fn parse_volume(spec: &str) -> Result<VolumeConfig, SpecError> {
             "path" => path = Some(PathBuf::from(v)),
             "socket" => socket = Some(PathBuf::from(v)),
             "backups" => backups = parse_backups(v).map_err(bad)?,
-            "epoch" => {
-                epoch = parse_epoch(v)
-                    .ok_or_else(|| bad(format!("epoch `{v}` is not a positive number")))?
-            }
-            "size" => {
-                let n = parse_size(v)
-                    .filter(|n| *n > 0 && n.is_multiple_of(SECTOR_SIZE))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "size `{v}` is not a non-zero multiple of 512 bytes"
-                        ))
-                    })?;
-                size = Some(n);
-            }
+            "epoch" => epoch = epoch_value(v).map_err(bad)?,
+            "size" => size = Some(size_value(v).map_err(bad)?),
             _ => {
                 return Err(bad(format!(
                     "unknown key `{k}` (known: id, path, size, socket, backups, epoch)"
