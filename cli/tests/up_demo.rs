@@ -77,6 +77,8 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
             "120",
             "--listen",
             "127.0.0.1:0",
+            "--ec2-listen",
+            "127.0.0.1:0",
         ])
         .arg("--data-dir")
         .arg(&data)
@@ -206,6 +208,12 @@ impl Up {
                 &[][..]
             } else {
                 &["--vcpus", "8"][..]
+            })
+            // Tests run side by side: never the fixed default port.
+            .args(if extra.contains(&"--ec2-listen") {
+                &[][..]
+            } else {
+                &["--ec2-listen", "127.0.0.1:0"][..]
             })
             .args(extra)
             .arg("--data-dir")

@@ -85,6 +85,11 @@ pub enum UpError {
         "--listen {0}: {1} (another `ferro up`? pass another address, or port 0 for any free one)"
     )]
     Listen(std::net::SocketAddr, #[source] std::io::Error),
+    /// The EC2 endpoint's address is taken.
+    #[error(
+        "--ec2-listen {0}: {1} (another `ferro up`? pass another address, or port 0 for any free one)"
+    )]
+    Ec2Listen(std::net::SocketAddr, #[source] std::io::Error),
     /// The guest never finished its self-test.
     #[error("the guest's console never showed `{SELFTEST_DONE}`; it was:\n{0}")]
     Selftest(String),
@@ -199,6 +204,9 @@ pub async fn run(up: Up) -> Result<(), UpError> {
     let mut layout = Layout::with_listen(&up.data_dir, up.listen)?;
     if up.ec2_listen.port() != 0 {
         layout.ec2_addr = up.ec2_listen;
+    }
+    if let Err(e) = std::net::TcpListener::bind(layout.ec2_addr) {
+        return Err(UpError::Ec2Listen(layout.ec2_addr, e));
     }
     if let Err(e) = std::net::TcpListener::bind(layout.controller_addr) {
         return Err(UpError::Listen(layout.controller_addr, e));

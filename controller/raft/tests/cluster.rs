@@ -1,4 +1,4 @@
-//! In-process clusters on 127.0.0.1: replication, failover, catch-up by
+//! In-process clusters on loopback (one address per cluster): replication, failover, catch-up by
 //! snapshot, partitions, leader redirection, membership, and the
 //! committed-writes benchmark.
 
@@ -61,18 +61,21 @@ impl Cluster {
     async fn new(n: usize, tweak: impl Fn(&mut RaftConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut configs = Vec::new();
+        // Each cluster on a loopback address of its own: a node restarted
+        // on its port cannot find it taken by another test's ephemeral
+        // bind (they all bind 127.0.0.1 or their own address).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ip = format!("127.0.{}.{}", 100 + (k / 250) % 100, 1 + k % 250);
         for id in 1..=n as u64 {
             // Reserve an ephemeral port, then release it for the node.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
+            let port = std::net::TcpListener::bind((ip.as_str(), 0))
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let mut c = RaftConfig::new(
-                id,
-                format!("127.0.0.1:{port}"),
-                dir.path().join(id.to_string()),
-            );
+            let mut c =
+                RaftConfig::new(id, format!("{ip}:{port}"), dir.path().join(id.to_string()));
             tweak(&mut c);
             configs.push(c);
         }
