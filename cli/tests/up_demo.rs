@@ -390,7 +390,7 @@ fn the_aws_clients_drive_the_ec2_endpoint() {
             "--vcpus",
             "128",
             "--memory",
-            "16384",
+            "20480",
         ],
     );
     up.wait_for("The cloud is up");

@@ -247,6 +247,10 @@ def main():
         )
         batch = [i["InstanceId"] for i in r["Instances"]]
         ec2.terminate_instances(InstanceIds=batch)
+        # Those the host started meanwhile free their room once deleted.
+        ec2.get_waiter("instance_terminated").wait(
+            InstanceIds=batch, WaiterConfig={"Delay": 1, "MaxAttempts": 120}
+        )
         paged += batch
     seen, pages = [], 0
     for page in ec2.get_paginator("describe_instances").paginate(
