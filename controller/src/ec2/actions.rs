@@ -121,14 +121,17 @@ pub(super) fn returned<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str) 
     })
 }
 
+/// Whether `id` looks like an instance id: `i-` and hex digits.
+fn well_formed(id: &str) -> bool {
+    id.strip_prefix("i-")
+        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Instance ids of `InstanceId.N`, each `i-` and hex digits.
 fn instance_ids(p: &Params) -> Result<Vec<String>, Ec2Error> {
     let ids = p.list("InstanceId");
-    for id in &ids {
-        let hex = id.strip_prefix("i-").unwrap_or_default();
-        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Ec2Error::malformed_instance(id));
-        }
+    if let Some(bad) = ids.iter().find(|id| !well_formed(id)) {
+        return Err(Ec2Error::malformed_instance(bad));
     }
     Ok(ids)
 }
@@ -632,10 +635,7 @@ async fn change_state<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p
 }
 
 async fn console_output<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
-    let id = p.required("InstanceId")?.to_string();
-    if instance_ids(&Params::parse(&[format!("InstanceId.1={id}").as_bytes()])).is_err() {
-        return Err(Ec2Error::malformed_instance(&id));
-    }
+    let id = checked_instance_id(p)?;
     let r = ok(
         ctx.svc
             .get_console_output(ctx.req(pb::GetConsoleOutputRequest {
@@ -872,8 +872,7 @@ async fn one_instance<R: Replicator<ClusterState>>(
 
 fn checked_instance_id(p: &Params) -> Result<String, Ec2Error> {
     let id = p.required("InstanceId")?.to_string();
-    let hex = id.strip_prefix("i-").unwrap_or_default();
-    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !well_formed(&id) {
         return Err(Ec2Error::malformed_instance(&id));
     }
     Ok(id)
