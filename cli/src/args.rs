@@ -237,13 +237,13 @@ pub struct Run {
     #[arg(long = "security-group", value_name = "SG_ID")]
     pub security_groups: Vec<String>,
     /// A blank volume made for each instance and attached to it:
-    /// DEVICE=SIZE_GIB[,type=standard|durable][,delete-on-termination=true|false]
+    /// DEVICE=SIZE_GIB[,type=single|standard|durable][,delete-on-termination=true|false]
     /// (e.g. /dev/vdb=10,type=durable); repeatable.
     #[arg(long = "block-device", value_name = "DEVICE=SIZE_GIB[,…]")]
     pub block_devices: Vec<String>,
     /// Boot from a volume made from the image's root disk (/dev/vda), so
     /// a stopped instance can start on another host of its zone:
-    /// SIZE_GIB[,type=standard|durable][,delete-on-termination=true|false].
+    /// SIZE_GIB[,type=single|standard|durable][,delete-on-termination=true|false].
     #[arg(long = "root-volume", value_name = "SIZE_GIB[,…]")]
     pub root_volume: Option<String>,
     /// What a power-off from inside the guest does (a reboot from inside
@@ -521,8 +521,9 @@ pub enum Volumes {
         /// Its availability zone.
         #[arg(long)]
         az: String,
-        /// standard (2 replicas) or durable (3 replicas).
-        #[arg(long = "type", default_value = "standard", value_parser = ["standard", "durable"])]
+        /// single (1 replica: lost with its host), standard (2 replicas) or
+        /// durable (3 replicas).
+        #[arg(long = "type", default_value = "standard", value_parser = ["single", "standard", "durable"])]
         volume_type: String,
         /// Tag KEY=VALUE; repeatable.
         #[arg(long = "tag", value_name = "KEY=VALUE")]
@@ -649,4 +650,9 @@ pub struct Up {
     /// minus 256 MiB).
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub memory: u64,
+    /// Disk space the host offers volumes, GiB (their replica files are
+    /// sparse, under the data directory; one host holds one replica, so
+    /// volumes are of type `single`); 0: no volumes and no ferro-blockd.
+    #[arg(long, default_value_t = 20, value_name = "GIB")]
+    pub volume_gib: u64,
 }

@@ -20,6 +20,7 @@ fn build_daemons() {
         ("ferro-agent", "ferro-agent"),
         ("ferro-vmm", "ferro-vmm"),
         ("ferro-netd", "ferro-netd"),
+        ("ferro-blockd", "ferro-blockd"),
     ] {
         let path = ferro_testkit::workspace_bin(package, bin);
         assert_eq!(
@@ -153,6 +154,11 @@ fn up_demo_boots_the_guest_and_leaves_nothing() {
         processes("ferro-netd", &data),
         Vec::<String>::new(),
         "netd left"
+    );
+    assert_eq!(
+        processes("ferro-blockd", &data),
+        Vec::<String>::new(),
+        "blockd left"
     );
     let tables = String::from_utf8_lossy(
         &ferro_testkit::tool("nft")

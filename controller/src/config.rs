@@ -85,10 +85,19 @@ pub struct ControllerConfig {
     /// nodes.
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
-    /// Serve the EC2 Query API (plain HTTP, SigV4-signed requests) here;
-    /// none: not served.
+    /// Serve the EC2 Query API (SigV4-signed requests) here: HTTPS with
+    /// this node's `tls_cert_file`, else plain HTTP; none: not served.
     #[serde(default)]
     pub ec2_listen: Option<SocketAddr>,
+    /// The type of a volume asked for without one (CreateVolume, a launch's
+    /// block devices and root volume): `single`, `standard` or `durable`.
+    /// A cloud of one host (`ferro up`) can only hold `single` volumes.
+    #[serde(default = "default_volume_type")]
+    pub default_volume_type: String,
+}
+
+fn default_volume_type() -> String {
+    "standard".into()
 }
 
 fn default_region() -> String {
@@ -159,6 +168,12 @@ impl ControllerConfig {
             return Err(ConfigError::Invalid(
                 "tls_ca_file is required with TLS and several peers (to verify them)".into(),
             ));
+        }
+        if crate::model::VolumeType::parse(&self.default_volume_type).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "default_volume_type: {:?} is not \"single\", \"standard\" or \"durable\"",
+                self.default_volume_type
+            )));
         }
         if self.snapshot_every == 0 {
             return Err(ConfigError::Invalid(

@@ -93,6 +93,8 @@ pub struct Settings {
     pub replicated: bool,
     /// How long terminated instances stay visible before they are purged.
     pub terminated_retention_ms: u64,
+    /// The type of a volume asked for without one.
+    pub default_volume_type: String,
 }
 
 impl Default for Settings {
@@ -102,6 +104,7 @@ impl Default for Settings {
             heartbeat_interval_ms: 1_000,
             replicated: false,
             terminated_retention_ms: 3_600_000,
+            default_volume_type: "standard".into(),
         }
     }
 }

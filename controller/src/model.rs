@@ -427,6 +427,9 @@ pub struct SecurityGroup {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeType {
+    /// One replica: nothing survives the loss of its host. For a cloud
+    /// of one host (`ferro up`) and scratch data.
+    Single,
     /// Two replicas.
     Standard,
     /// Three replicas.
@@ -434,9 +437,10 @@ pub enum VolumeType {
 }
 
 impl VolumeType {
-    /// Parse `standard` or `durable`.
+    /// Parse `single`, `standard` or `durable`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
+            "single" => Some(Self::Single),
             "standard" => Some(Self::Standard),
             "durable" => Some(Self::Durable),
             _ => None,
@@ -445,6 +449,7 @@ impl VolumeType {
     /// The lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Single => "single",
             Self::Standard => "standard",
             Self::Durable => "durable",
         }
@@ -452,6 +457,7 @@ impl VolumeType {
     /// Replicas kept, on distinct hosts of the volume's zone.
     pub fn replicas(self) -> usize {
         match self {
+            Self::Single => 1,
             Self::Standard => 2,
             Self::Durable => 3,
         }

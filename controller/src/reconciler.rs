@@ -210,12 +210,15 @@ pub fn plan(s: &ClusterState, inp: &Inputs) -> Vec<Action> {
             }
         }
         // Copies of instances bound elsewhere now (moved while this host
-        // was away). An id the state does not know is left alone.
+        // was away), and of terminated ones (a create that was in flight
+        // when the instance was terminated ends after it was found gone:
+        // terminated is final, its copy is just deleted). An id the state
+        // does not know is left alone.
         for id in &seen.instances {
             let Some(i) = s.instances.get(id) else {
                 continue;
             };
-            if i.host_id == h.id {
+            if i.host_id == h.id && !i.is_final() {
                 continue;
             }
             let a = Action::DeleteStale {
@@ -423,6 +426,17 @@ mod tests {
         assert!(!plan(&s, &inp)
             .iter()
             .any(|a| matches!(a, Action::DeleteStale { .. })));
+        // Unless it is terminated (a create that ended after it was gone).
+        let mut s2 = s.clone();
+        s2.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        assert!(s2.instances[&id].is_final(), "never seen on its host");
+        assert!(plan(&s2, &inp)
+            .iter()
+            .any(|a| matches!(a, Action::DeleteStale { host_id, .. } if host_id == "h1")));
         // While one runs, it is not planned again.
         inp.liveness.get_mut("h2").unwrap().instances = [id.clone()].into();
         inp.busy.insert(format!("h2/{id}"));

@@ -37,6 +37,9 @@ pub enum ServerError {
     /// A TLS file could not be read.
     #[error("cannot read {0}")]
     TlsFile(std::path::PathBuf, #[source] std::io::Error),
+    /// The TLS files cannot serve the EC2 endpoint.
+    #[error("the EC2 endpoint's TLS")]
+    Ec2Tls(#[source] crate::ec2::tls::TlsError),
     /// The admin key file could not be written.
     #[error("cannot write {0}")]
     KeyFile(std::path::PathBuf, #[source] std::io::Error),
@@ -93,9 +96,29 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
     let read = |p: &std::path::PathBuf| {
         std::fs::read_to_string(p).map_err(|e| ServerError::TlsFile(p.clone(), e))
     };
-    let identity = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
-        (Some(c), Some(k)) => Some(tonic::transport::Identity::from_pem(read(c)?, read(k)?)),
-        _ => None,
+    let (identity, ec2_tls) = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(c), Some(k)) => {
+            let (cert, key) = (read(c)?, read(k)?);
+            let ca = cfg.tls_ca_file.as_ref().map(read).transpose()?;
+            // The EC2 endpoint serves the same certificate (only when it
+            // is served: a key rustls cannot use must not stop the rest).
+            let ec2_tls = match cfg.ec2_listen {
+                Some(_) => Some(
+                    crate::ec2::tls::Ec2Tls::from_pem(
+                        cert.as_bytes(),
+                        key.as_bytes(),
+                        ca.as_deref().map(str::as_bytes),
+                    )
+                    .map_err(ServerError::Ec2Tls)?,
+                ),
+                None => None,
+            };
+            (
+                Some(tonic::transport::Identity::from_pem(cert, key)),
+                ec2_tls,
+            )
+        }
+        _ => (None, None),
     };
     raft_cfg.peer_tls_ca_pem = cfg.tls_ca_file.as_ref().map(read).transpose()?;
     // Keep fewer entries than one snapshot interval behind it, so a node
@@ -116,16 +139,18 @@ pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
             heartbeat_interval_ms: cfg.heartbeat_interval_ms,
             replicated: true,
             terminated_retention_ms: cfg.terminated_retention_ms,
+            default_volume_type: cfg.default_volume_type.clone(),
         },
     );
     let (compute, cluster, hosts) = services(&ctl);
     let ec2 = match cfg.ec2_listen {
         Some(a) => {
-            let (bound, task) = crate::ec2::start(ctl.clone(), a)
+            let scheme = if ec2_tls.is_some() { "https" } else { "http" };
+            let (bound, task) = crate::ec2::start(ctl.clone(), a, ec2_tls)
                 .await
                 .map_err(|e| ServerError::Listen(a, e))?;
-            tracing::info!(%bound, "serving the EC2 Query API");
-            println!("ferro-controller: EC2 endpoint on http://{bound}");
+            tracing::info!(%bound, scheme, "serving the EC2 Query API");
+            println!("ferro-controller: EC2 endpoint on {scheme}://{bound}");
             Some(task)
         }
         None => None,

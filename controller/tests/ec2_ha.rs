@@ -51,7 +51,7 @@ async fn a_follower_forwards_ec2_calls_to_the_leader() {
         let target = format!("{}:{port}", IPS[node]);
         let id = id.clone();
         async move {
-            ferro_controller::ec2::post_signed(&target, form, &id, &secret, "local")
+            ferro_controller::ec2::post_signed(&target, None, form, &id, &secret, "local")
                 .await
                 .unwrap_or_else(|e| panic!("EC2 endpoint of node {}: {e}", node + 1))
         }
@@ -69,7 +69,7 @@ async fn a_follower_forwards_ec2_calls_to_the_leader() {
     let form_vpc = "Action=CreateVpc&Version=2016-11-15&CidrBlock=10.9.0.0%2F16";
     let target = format!("{}:{port}", IPS[follower]);
     let (status, xml) =
-        ferro_controller::ec2::post_signed(&target, form_vpc, &id, &secret, "local")
+        ferro_controller::ec2::post_signed(&target, None, form_vpc, &id, &secret, "local")
             .await
             .unwrap();
     assert_eq!(status, 200, "{xml}");

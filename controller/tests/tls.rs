@@ -2,7 +2,9 @@
 //! TLS (certificates made here with `openssl`, signed by a test CA). The
 //! cluster elects a leader and commits writes (so Raft between the nodes
 //! speaks TLS); the CLI's client with the CA works; a plaintext client and
-//! a client trusting another CA are refused.
+//! a client trusting another CA are refused. The EC2 endpoint serves HTTPS
+//! with the same certificate, and a follower forwards to the leader's over
+//! TLS.
 //!
 //! Needs the `openssl` tool; it never skips: a missing precondition fails
 //! the test with a message naming it.
@@ -132,11 +134,12 @@ fn client(endpoints: &[String], key: &str, ca: Option<PathBuf>) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_and_raft_over_tls() {
+    let ec2_port = common::procs::free_port(IPS[0]);
     let mut nodes = Procs::new("controller-tls", &IPS, 3, |dir| {
         let d = dir.display();
         format!(
             "tls_cert_file = \"{d}/node.pem\"\ntls_key_file = \"{d}/node.key\"\n\
-             tls_ca_file = \"{d}/ca.pem\"\n"
+             tls_ca_file = \"{d}/ca.pem\"\nec2_listen = \"{{ip}}:{ec2_port}\"\n"
         )
     });
     let dir = nodes.dir.clone();
@@ -202,6 +205,42 @@ async fn api_and_raft_over_tls() {
         .await
         .unwrap_or_else(|e| panic!("a write through a follower over TLS: {e}"));
     assert!(via_follower.endpoint().starts_with("https://"));
+
+    // The EC2 endpoint serves HTTPS with the same certificate, on every
+    // node; a follower forwards to the leader over TLS.
+    let made = good
+        .call(|ch| async move {
+            ComputeClient::new(ch)
+                .create_api_key(pb::CreateApiKeyRequest {
+                    name: "ec2-tls".into(),
+                    role: "user".into(),
+                    ..Default::default()
+                })
+                .await
+        })
+        .await
+        .unwrap();
+    let id = made.key.unwrap().id;
+    let secret = made.ec2_secret_access_key;
+    let ca_pem = std::fs::read(dir.join("ca.pem")).unwrap();
+    let form = "Action=DescribeImages&Version=2016-11-15";
+    for ip in IPS {
+        let target = format!("{ip}:{ec2_port}");
+        let (status, xml) =
+            ferro_controller::ec2::post_signed(&target, Some(&ca_pem), form, &id, &secret, "local")
+                .await
+                .unwrap_or_else(|e| panic!("EC2 over HTTPS at {target}: {e}\n{}", nodes.logs()));
+        assert_eq!(status, 200, "{target}: {xml}");
+        assert!(xml.contains("<name>via-follower</name>"), "{target}: {xml}");
+    }
+    let target = format!("{}:{ec2_port}", IPS[0]);
+    ferro_controller::ec2::post_signed(&target, None, form, &id, &secret, "local")
+        .await
+        .expect_err("plain HTTP reached the HTTPS EC2 endpoint");
+    let other_ca = std::fs::read(dir.join("other-ca.pem")).unwrap();
+    ferro_controller::ec2::post_signed(&target, Some(&other_ca), form, &id, &secret, "local")
+        .await
+        .expect_err("the EC2 endpoint's certificate passed for another CA's");
 
     // Plaintext to a TLS port, and TLS trusting another CA: refused.
     let plain = format!("http://{}", nodes.addrs[0]);

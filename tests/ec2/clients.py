@@ -214,26 +214,61 @@ def main():
     out = wait("the guest's self-test on the console", console)
     ok("console output", f"{len(out)} bytes")
 
-    # Stop, start, terminate: EC2's state codes.
+    # A volume (the all-in-one's type `single`: one host, one replica).
+    assert ec2.describe_volumes()["Volumes"] == []
+    expect_error("InvalidParameterValue", ec2.create_volume, Size=0, AvailabilityZone="az-1")
+    expect_error("InvalidParameterValue", ec2.create_volume, Size=1, AvailabilityZone="az-1", VolumeType="gp9")
+    v = ec2.create_volume(
+        Size=1,
+        AvailabilityZone="az-1",
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": "data"}]}],
+    )
+    vol = v["VolumeId"]
+    assert v["Size"] == 1 and v["VolumeType"] == "single" and v["State"] == "creating", v
+    ec2.get_waiter("volume_available").wait(VolumeIds=[vol], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    # Attached while the instance runs: refused (no hot-attach).
+    expect_error("IncorrectInstanceState", ec2.attach_volume, VolumeId=vol, InstanceId=iid, Device="/dev/vdb")
+    ok("volume create, describe", vol)
+
+    # Stop, start, terminate: EC2's state codes; the volume is attached
+    # while stopped and reaches the guest at its start.
     s = ec2.stop_instances(InstanceIds=[iid])["StoppingInstances"][0]
     assert s["PreviousState"] == {"Code": 16, "Name": "running"}, s
     assert s["CurrentState"]["Code"] in (64, 80), s
     ec2.get_waiter("instance_stopped").wait(InstanceIds=[iid], WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    a = ec2.attach_volume(VolumeId=vol, InstanceId=iid, Device="/dev/vdb")
+    assert a["VolumeId"] == vol and a["InstanceId"] == iid and a["Device"] == "/dev/vdb", a
+    v = ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [iid]}])["Volumes"]
+    assert [x["VolumeId"] for x in v] == [vol] and v[0]["State"] == "in-use", v
+    assert v[0]["Attachments"][0]["Device"] == "/dev/vdb", v
+    assert v[0]["Attachments"][0]["DeleteOnTermination"] is False, v
+    assert {"Key": "Name", "Value": "data"} in v[0]["Tags"], v
     s = ec2.start_instances(InstanceIds=[iid])["StartingInstances"][0]
     assert s["PreviousState"] == {"Code": 80, "Name": "stopped"}, s
     assert s["CurrentState"] == {"Code": 0, "Name": "pending"}, s
     ec2.get_waiter("instance_running").wait(InstanceIds=[iid], WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    seen = f"virtio-blk serial={vol} sectors=2097152"
+    wait(
+        "the volume on the guest's console",
+        lambda: seen in ec2.get_console_output(InstanceId=iid).get("Output", ""),
+    )
+    inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    mapped = {m["DeviceName"]: m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", [])}
+    assert mapped.get("/dev/vdb") == vol, inst.get("BlockDeviceMappings")
+    ok("volume attach: the guest sees it", seen)
     ec2.reboot_instances(InstanceIds=[iid])
     s = ec2.terminate_instances(InstanceIds=[iid])["TerminatingInstances"][0]
     assert s["CurrentState"] == {"Code": 32, "Name": "shutting-down"}, s
     ec2.get_waiter("instance_terminated").wait(InstanceIds=[iid], WaiterConfig={"Delay": 1, "MaxAttempts": 120})
     ok("stop/start/reboot/terminate with state codes")
 
-    # Volumes: this all-in-one has one host and offers no volume space, so
-    # a volume cannot be made here; the error says so.
-    assert ec2.describe_volumes()["Volumes"] == []
-    expect_error("InsufficientVolumeCapacity", ec2.create_volume, Size=1, AvailabilityZone="az-1")
-    ok("volumes (none offered on one host)")
+    # Terminating left the volume (DeleteOnTermination false): available
+    # again, then deleted.
+    ec2.get_waiter("volume_available").wait(VolumeIds=[vol], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    ec2.delete_volume(VolumeId=vol)
+    ec2.get_waiter("volume_deleted").wait(VolumeIds=[vol], WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    expect_error("InvalidVolume.NotFound", ec2.delete_volume, VolumeId=vol)
+    ok("volume detached by terminate, deleted")
 
     # Paging through 250 instances (terminated at once: they stay listed).
     paged = []

@@ -106,6 +106,16 @@ impl Layout {
     pub fn agent_state_dir(&self) -> PathBuf {
         self.root.join("agent")
     }
+    /// ferro-blockd's data directory (replicas, and the vhost-user
+    /// sockets in `vhost/`).
+    pub fn blockd_dir(&self) -> PathBuf {
+        self.root.join("blockd")
+    }
+    /// The key the agent's join brought, which blockd speaks for the host
+    /// with.
+    pub fn host_key(&self) -> PathBuf {
+        self.agent_state_dir().join("credentials").join("host.key")
+    }
     /// The admin API key the controller writes when it bootstraps.
     pub fn admin_key(&self) -> PathBuf {
         self.controller_dir().join("admin.key")
@@ -156,6 +166,7 @@ impl Layout {
             self.root.clone(),
             self.controller_dir(),
             self.agent_state_dir(),
+            self.blockd_dir(),
             self.root.join("logs"),
         ] {
             std::fs::create_dir_all(&d).map_err(|e| FilesError::Create(d.clone(), e))?;
@@ -205,7 +216,22 @@ pub const AIO_HOST_ID: &str = "aio-host-1";
 /// controller with `join_token` (then heartbeats with its own credential),
 /// has no bridge (the TAPs stay unattached) and host resource names tied
 /// to the data directory.
-pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, join_token: &str) -> String {
+pub fn agent_toml(
+    l: &Layout,
+    vmm: &Path,
+    vcpus: u32,
+    memory_mib: u64,
+    volume_gib: u64,
+    join_token: &str,
+) -> String {
+    let volumes = if volume_gib == 0 {
+        String::new()
+    } else {
+        format!(
+            "volume_capacity_gib = {volume_gib}\nblockd_socket_dir = {}\n",
+            toml_str(&l.blockd_dir().join("vhost").display().to_string())
+        )
+    };
     format!(
         "# Written by `ferro up`.\n\
          host_id = \"{AIO_HOST_ID}\"\n\
@@ -219,7 +245,8 @@ pub fn agent_toml(l: &Layout, vmm: &Path, vcpus: u32, memory_mib: u64, join_toke
          tap_prefix = \"{tap}\"\n\
          cgroup_parent = \"{cg}\"\n\
          controller = \"{controller}\"\n\
-         join_token = {key}\n",
+         join_token = {key}\n\
+         {volumes}",
         agent = l.agent_addr,
         state = toml_str(&l.agent_state_dir().display().to_string()),
         vmm = toml_str(&vmm.display().to_string()),
@@ -263,7 +290,9 @@ pub fn controller_toml(l: &Layout) -> String {
          data_dir = {dir}\n\
          region = \"local\"\n\
          availability_zones = [\"az-1\"]\n\
-         ec2_listen = \"{ec2}\"\n",
+         ec2_listen = \"{ec2}\"\n\
+         # One host: a volume's one replica is all it can hold.\n\
+         default_volume_type = \"single\"\n",
         addr = l.controller_addr,
         ec2 = l.ec2_addr,
         dir = toml_str(&l.controller_dir().display().to_string()),
@@ -335,7 +364,8 @@ mod tests {
     fn files_are_valid_toml() {
         let l = Layout::new(Path::new("/tmp/ferro \"q\"")).unwrap();
         for text in [
-            agent_toml(&l, Path::new("/x/ferro-vmm"), 2, 1024, "fk_1"),
+            agent_toml(&l, Path::new("/x/ferro-vmm"), 2, 1024, 0, "fk_1"),
+            agent_toml(&l, Path::new("/x/ferro-vmm"), 2, 1024, 20, "fk_1"),
             controller_toml(&l),
             client_toml(&l, "fk_1"),
         ] {

@@ -37,6 +37,8 @@ pub struct Binaries {
     pub vmm: PathBuf,
     /// `ferro-netd`.
     pub netd: PathBuf,
+    /// `ferro-blockd`.
+    pub blockd: PathBuf,
 }
 
 impl Binaries {
@@ -58,6 +60,7 @@ impl Binaries {
             agent: get("ferro-agent", "ferro-agent")?,
             vmm: get("ferro-vmm", "ferro-vmm")?,
             netd: get("ferro-netd", "ferro-netd")?,
+            blockd: get("ferro-blockd", "ferro-blockd")?,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! `ferro up`: the all-in-one cloud on this machine.
 //!
 //! Starts a single-node `ferro-controller`, one `ferro-agent` and its
-//! host's `ferro-netd` as child processes (binaries next to `ferro`), with
+//! host's `ferro-netd` and `ferro-blockd` (volumes of type `single`, one
+//! replica: there is one host) as child processes (binaries next to `ferro`), with
 //! the configs it writes under the data directory ([`files`]); waits until
 //! they are healthy; registers the test guest as an image whose command
 //! line has `ferro.exit=idle`; launches an instance with a key pair into
@@ -10,7 +11,7 @@
 //! metadata service (its instance id, its key). Then it stays in the foreground until Ctrl-C (or SIGTERM),
 //! terminates every instance of the cloud (unless `--keep`, which leaves
 //! them for the next `ferro up` on the data directory to resume) and stops
-//! both daemons. With `--demo` it does not wait for Ctrl-C.
+//! the daemons. With `--demo` it does not wait for Ctrl-C.
 
 pub mod files;
 pub mod host;
@@ -101,19 +102,26 @@ impl From<ClientError> for UpError {
     }
 }
 
-/// The running daemons, stopped in order (agent, netd, then controller).
+/// The running daemons, stopped in order (agent, blockd, netd, then
+/// controller).
 #[derive(Debug, Default)]
 struct Daemons {
     controller: Option<Daemon>,
     agent: Option<Daemon>,
     netd: Option<Daemon>,
+    blockd: Option<Daemon>,
 }
 
 impl Daemons {
     fn check(&mut self) -> Result<(), SuperviseError> {
-        for d in [&mut self.controller, &mut self.agent, &mut self.netd]
-            .into_iter()
-            .flatten()
+        for d in [
+            &mut self.controller,
+            &mut self.agent,
+            &mut self.netd,
+            &mut self.blockd,
+        ]
+        .into_iter()
+        .flatten()
         {
             d.check()?;
         }
@@ -121,9 +129,14 @@ impl Daemons {
     }
 
     fn stop(&mut self) -> Result<(), SuperviseError> {
-        for d in [self.agent.take(), self.netd.take(), self.controller.take()]
-            .into_iter()
-            .flatten()
+        for d in [
+            self.agent.take(),
+            self.blockd.take(),
+            self.netd.take(),
+            self.controller.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut d = d;
             note(&format!("stopping {}", d.name()));
@@ -343,7 +356,7 @@ async fn bring_up(
         .await
         .map_err(CommandError::from)?
         .token;
-    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, up.memory, &token);
+    let agent_cfg = files::agent_toml(layout, &bins.vmm, vcpus, up.memory, up.volume_gib, &token);
     files::write_private(&layout.agent_config(), &agent_cfg)?;
     note(&format!(
         "starting ferro-agent on {} (log {})",
@@ -386,6 +399,10 @@ async fn bring_up(
         &layout.netd_config(),
         &layout.log("netd"),
     )?);
+
+    if up.volume_gib > 0 {
+        start_blockd(bins, layout, daemons, timeout).await?;
+    }
 
     ec2_credentials(&mut client, layout).await?;
     let image = ensure_image(&mut client, kernel).await?;
@@ -636,7 +653,7 @@ async fn wait_console(client: &mut Client, id: &str, timeout: Duration) -> Resul
         let out = commands::console_bytes(client, id).await?;
         let text = String::from_utf8_lossy(&out).into_owned();
         if text.contains(SELFTEST_DONE) {
-            if METADATA_DONE.iter().any(|m| text.contains(m)) {
+            if has_whole_line(&text, &METADATA_DONE) {
                 return Ok(text);
             }
             let until = *network_deadline.get_or_insert_with(|| Instant::now() + NETWORK_WAIT);
@@ -653,6 +670,13 @@ async fn wait_console(client: &mut Client, id: &str, timeout: Duration) -> Resul
         spinner.tick(&format!("waiting for the guest's self-test on {id}"));
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Whether a line of `text` starts with one of `prefixes` and is whole
+/// (the serial console may be read in the middle of a line).
+fn has_whole_line(text: &str, prefixes: &[&str]) -> bool {
+    text.split_inclusive('\n')
+        .any(|l| l.ends_with('\n') && prefixes.iter().any(|p| l.starts_with(p)))
 }
 
 async fn terminate(up: &Up, launched: &mut Launched) -> Result<(), UpError> {
@@ -754,7 +778,86 @@ async fn smallest_type(client: &mut Client) -> Result<String, UpError> {
 }
 
 fn spawn(name: &str, bin: &Path, config: &Path, log: &Path) -> Result<Daemon, SuperviseError> {
-    let args = ["--config".to_string(), config.display().to_string()];
+    spawn_args(
+        name,
+        bin,
+        &["--config".to_string(), config.display().to_string()],
+        log,
+    )
+}
+
+fn spawn_args(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+) -> Result<Daemon, SuperviseError> {
     let level = std::env::var("FERRO_LOG").unwrap_or_else(|_| "info".into());
-    Daemon::spawn(name, bin, &args, &[("FERRO_LOG", &level)], log)
+    Daemon::spawn(name, bin, args, &[("FERRO_LOG", &level)], log)
+}
+
+/// Starts ferro-blockd for the host: it speaks for the host with the key
+/// the agent's join brought (so it starts once the host is healthy), keeps
+/// the replicas in `<data>/blockd` and serves its replica server on the
+/// loopback (no other host reaches it).
+async fn start_blockd(
+    bins: &Binaries,
+    layout: &Layout,
+    daemons: &mut Daemons,
+    timeout: Duration,
+) -> Result<(), UpError> {
+    let key = layout.host_key();
+    wait_healthy(daemons, timeout, "the host's key from its join", || {
+        let exists = key.is_file();
+        async move {
+            exists
+                .then_some(())
+                .ok_or_else(|| "no host.key yet".to_string())
+        }
+    })
+    .await?;
+    note(&format!(
+        "starting ferro-blockd (log {})",
+        layout.log("blockd").display()
+    ));
+    let args = [
+        "--controller".to_string(),
+        layout.endpoint(),
+        "--host-id".into(),
+        files::AIO_HOST_ID.into(),
+        "--api-key-file".into(),
+        key.display().to_string(),
+        "--data-dir".into(),
+        layout.blockd_dir().display().to_string(),
+        "--replica-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    daemons.blockd = Some(spawn_args(
+        "ferro-blockd",
+        &bins.blockd,
+        &args,
+        &layout.log("blockd"),
+    )?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metadata_line_counts_once_it_is_whole() {
+        let half = "ferro-guest: selftest done\nferro-guest: imds public-keys/0/openssh-key=ssh-e";
+        assert!(!has_whole_line(half, &METADATA_DONE));
+        let whole = format!("{half}d25519 AAAA\n");
+        assert!(has_whole_line(&whole, &METADATA_DONE));
+        assert!(has_whole_line(
+            "x\nferro-guest: imds failed: timeout\n",
+            &METADATA_DONE
+        ));
+        assert!(!has_whole_line(
+            "ferro-guest: imds instance-id=i-1\n",
+            &METADATA_DONE
+        ));
+    }
 }

@@ -143,7 +143,17 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
         req: Request<pb::RunInstancesRequest>,
     ) -> Res<pb::RunInstancesResponse> {
         self.auth(&req, false).await?;
-        let spec = run_spec(req.into_inner()).map_err(bad)?;
+        let mut spec = run_spec(req.into_inner()).map_err(bad)?;
+        let default_type = &self.ctl.settings().default_volume_type;
+        for d in spec
+            .block_devices
+            .iter_mut()
+            .chain(spec.root_volume.as_mut())
+        {
+            if d.volume_type.is_empty() {
+                d.volume_type.clone_from(default_type);
+            }
+        }
         let (reservation_id, instances) = self.ctl.run_instances(spec).await.map_err(status)?;
         let attached = self.attachments(&instances).await?;
         Ok(Response::new(pb::RunInstancesResponse {
@@ -913,7 +923,11 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
 
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Res<pb::Volume> {
         self.auth(&req, false).await?;
-        let spec = volume_spec(req.into_inner()).map_err(bad)?;
+        let mut spec = volume_spec(req.into_inner()).map_err(bad)?;
+        if spec.volume_type.is_empty() {
+            spec.volume_type
+                .clone_from(&self.ctl.settings().default_volume_type);
+        }
         let c = Command::CreateVolume {
             spec,
             volume_id: new_id("vol-"),

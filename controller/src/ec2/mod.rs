@@ -24,6 +24,7 @@ pub mod error;
 pub mod network;
 pub mod query;
 pub mod sigv4;
+pub mod tls;
 pub mod xml;
 
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use ferro_raft::Replicator;
+use tracing::Instrument;
 
 use crate::api::{CallerKey, ComputeService};
 use crate::controller::{new_id, Controller};
@@ -66,24 +68,50 @@ impl<R: Replicator<ClusterState>> Ctx<R> {
     }
 }
 
-/// Serve the EC2 endpoint on `listener` until the task is dropped.
+/// Serve the EC2 endpoint on `listener` until the task is dropped: HTTPS
+/// with `tls`, else plain HTTP.
 pub async fn serve<R: Replicator<ClusterState>>(
     ctl: Arc<Controller<R>>,
     listener: tokio::net::TcpListener,
+    tls: Option<tls::Ec2Tls>,
 ) -> std::io::Result<()> {
     let port = listener.local_addr()?.port();
+    let to_leader = tls.as_ref().and_then(|t| t.client().cloned());
     let app = axum::Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
             let ctl = ctl.clone();
+            let to_leader = to_leader.clone();
             async move {
                 if !ctl.is_leader() {
-                    return forward(&ctl, port, &method, &uri, &headers, &body).await;
+                    let to = Leader {
+                        port,
+                        tls: to_leader.as_ref(),
+                    };
+                    return forward(&ctl, to, &method, &uri, &headers, &body).await;
                 }
                 handle(&ctl, method, uri, headers, body).await
             }
         },
     );
-    axum::serve(listener, app).await
+    match tls {
+        Some(t) => axum::serve(tls::TlsListener::new(listener, &t)?, app).await,
+        None => {
+            use axum::serve::ListenerExt;
+            // Answers go out at once, not after Nagle's wait.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app).await
+        }
+    }
+}
+
+/// How the leader's endpoint is reached: its host, this node's EC2 port,
+/// over TLS when this node serves TLS.
+#[derive(Clone, Copy)]
+struct Leader<'a> {
+    port: u16,
+    tls: Option<&'a Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 /// The header a forwarded request carries.
@@ -92,7 +120,7 @@ const FORWARDED: &str = "x-ferro-forwarded";
 /// Relay a request to the leader's EC2 endpoint (its host, `port`).
 async fn forward<R: Replicator<ClusterState>>(
     ctl: &Arc<Controller<R>>,
-    port: u16,
+    to: Leader<'_>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
@@ -120,8 +148,8 @@ async fn forward<R: Replicator<ClusterState>>(
         .rsplit_once(':')
         .map_or(leader.addr.as_str(), |(h, _)| h)
         .to_string();
-    let target = format!("{host}:{port}");
-    match relay(&target, method, uri, headers, body, true).await {
+    let target = format!("{host}:{}", to.port);
+    match relay(&target, to.tls, method, uri, headers, body, true).await {
         Ok((status, content_type, body)) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             (status, [("content-type", content_type)], body).into_response()
@@ -135,9 +163,11 @@ async fn forward<R: Replicator<ClusterState>>(
 }
 
 /// A signed form POST to the EC2 endpoint at `target` (for tests and
-/// tools without an AWS SDK): the status and the body.
+/// tools without an AWS SDK), over HTTPS trusting `ca_pem` when given:
+/// the status and the body.
 pub async fn post_signed(
     target: &str,
+    ca_pem: Option<&[u8]>,
     form: &str,
     access_key: &str,
     secret: &str,
@@ -152,8 +182,13 @@ pub async fn post_signed(
         headers.insert(name, value);
     }
     let uri: Uri = "/".parse().map_err(std::io::Error::other)?;
+    let tls = ca_pem
+        .map(tls::client_config)
+        .transpose()
+        .map_err(std::io::Error::other)?;
     let (status, _, body) = relay(
         target,
+        tls.as_ref(),
         &Method::POST,
         &uri,
         &headers,
@@ -164,10 +199,39 @@ pub async fn post_signed(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// One HTTP/1.1 exchange with `target` (connection closed after it): the
-/// status, content type and body.
+/// One HTTP/1.1 exchange with `target` (connection closed after it), over
+/// TLS with `tls`: the status, content type and body.
 async fn relay(
     target: &str,
+    tls: Option<&Arc<tokio_rustls::rustls::ClientConfig>>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    forwarded: bool,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("connect timed out"))??;
+    match tls {
+        Some(cfg) => {
+            let conn = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tls::connect(cfg, target, tcp),
+            )
+            .await
+            .map_err(|_| std::io::Error::other("TLS handshake timed out"))??;
+            exchange(conn, method, uri, headers, body, forwarded).await
+        }
+        None => exchange(tcp, method, uri, headers, body, forwarded).await,
+    }
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut conn: S,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
@@ -175,12 +239,6 @@ async fn relay(
     forwarded: bool,
 ) -> std::io::Result<(u16, String, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(target),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("connect timed out"))??;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut req = format!("{method} {path} HTTP/1.1\r\n");
     for (k, v) in headers {
@@ -205,6 +263,7 @@ async fn relay(
     ));
     conn.write_all(req.as_bytes()).await?;
     conn.write_all(body).await?;
+    conn.flush().await?;
     let mut raw = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(60),
@@ -235,11 +294,12 @@ async fn relay(
 pub async fn start<R: Replicator<ClusterState>>(
     ctl: Arc<Controller<R>>,
     addr: SocketAddr,
+    tls: Option<tls::Ec2Tls>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = serve(ctl, listener).await {
+        if let Err(e) = serve(ctl, listener, tls).await {
             tracing::error!("the EC2 endpoint stopped: {e}");
         }
     });
@@ -259,11 +319,16 @@ async fn handle<R: Replicator<ClusterState>>(
     body: Bytes,
 ) -> Response {
     let request_id = new_id("req-");
-    let action_span = tracing::info_span!("ec2", request_id = %request_id);
-    let _g = action_span.enter();
-    match answer(ctl, &method, &uri, &headers, &body, &request_id).await {
+    let span = tracing::info_span!("ec2", request_id = %request_id);
+    // The span is entered only while the future runs (a guard held
+    // across an await would tag other requests' events on this thread).
+    match answer(ctl, &method, &uri, &headers, &body, &request_id)
+        .instrument(span.clone())
+        .await
+    {
         Ok(xml) => xml_response(200, xml),
         Err(e) => {
+            let _g = span.enter();
             tracing::info!(code = %e.code, status = e.status, "{}", e.message);
             xml_response(e.status, e.to_xml(&request_id))
         }

@@ -90,6 +90,13 @@ impl ClusterState {
                 continue;
             }
             seen.insert(o.instance_id.clone());
+            if i.is_final() {
+                // Terminated is final: a copy that shows up afterwards (a
+                // create answered after the instance was found gone) is
+                // deleted by the reconciler and holds no capacity.
+                tracing::debug!(instance_id = %i.id, state = ?o.state, "observation of a terminated instance ignored");
+                continue;
+            }
             if o.seq != 0 && o.seq < i.observed_seq {
                 // Older than what was applied (a heartbeat read before an
                 // agent's answer that was applied first).

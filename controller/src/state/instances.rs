@@ -540,6 +540,19 @@ mod tests {
         s.apply(obs(vec![])).unwrap();
         assert_eq!(s.instances[&id].public_state(), PublicState::Terminated);
         assert_eq!(s.hosts["h1"].vcpus_allocated, 0);
+        // A copy reported afterwards (a create answered late) does not
+        // bring it back nor take room: the reconciler deletes it.
+        s.apply(obs(vec![Observation {
+            instance_id: id.clone(),
+            state: ObservedState::Created,
+            reason: String::new(),
+            stopped_by_guest: false,
+            seq: 0,
+            tap: String::new(),
+        }]))
+        .unwrap();
+        assert_eq!(s.instances[&id].public_state(), PublicState::Terminated);
+        assert_eq!(s.hosts["h1"].vcpus_allocated, 0);
         let e = s.apply(Command::SetDesired {
             ids: vec![id],
             desired: DesiredState::Running,

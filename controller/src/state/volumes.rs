@@ -169,7 +169,7 @@ impl ClusterState {
             "" => VolumeType::Standard,
             t => VolumeType::parse(t).ok_or_else(|| {
                 E::InvalidArgument(format!(
-                    "volume_type: {t:?} is not \"standard\" or \"durable\""
+                    "volume_type: {t:?} is not \"single\", \"standard\" or \"durable\""
                 ))
             })?,
         };
