@@ -48,6 +48,16 @@ impl ClusterState {
                 user.id
             )));
         }
+        // A root volume still being filled from it needs its file on the
+        // replica hosts (a replica is never made blank in its place).
+        if let Some(v) = self.volumes.values().find(|v| {
+            v.state == VolumeState::Creating && v.source_image.as_deref() == Some(id.as_str())
+        }) {
+            return Err(E::FailedPrecondition(format!(
+                "image_id: {id} is being copied into volume {}; deregister it once that is available",
+                v.id
+            )));
+        }
         self.images.remove(&id);
         Ok(Output::Done)
     }

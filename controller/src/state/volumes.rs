@@ -700,7 +700,11 @@ impl ClusterState {
         }
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         let mut a = v.attachment.take().expect("checked above");
-        v.state = VolumeState::Available;
+        // A launch's volume still being made stays so until its replicas
+        // hold it.
+        if v.state != VolumeState::Creating {
+            v.state = VolumeState::Available;
+        }
         a.state = AttachmentState::Detached;
         tracing::info!(volume_id, instance_id = %a.instance_id, force, "volume detached");
         Ok(Output::Attachment {
@@ -725,7 +729,10 @@ impl ClusterState {
                 self.start_deleting(&vol);
             } else if let Some(v) = self.volumes.get_mut(&vol) {
                 v.attachment = None;
-                v.state = VolumeState::Available;
+                // One still being made stays so until its replicas hold it.
+                if v.state != VolumeState::Creating {
+                    v.state = VolumeState::Available;
+                }
                 tracing::info!(volume_id = %vol, instance_id = id, "detached: instance terminated");
             }
         }
@@ -1398,6 +1405,58 @@ mod tests {
         assert_eq!(old.format, STATE_FORMAT);
         assert!(old.volumes.is_empty() && old.volume_tokens.is_empty());
         assert!(old.hosts.values().all(|h| h.disk_total_gib == 0));
+    }
+
+    #[test]
+    fn an_image_being_copied_into_a_volume_stays_registered() {
+        let mut s = bootstrapped();
+        disk_host(&mut s, "h1", "az-1", 100);
+        disk_host(&mut s, "h2", "az-1", 100);
+        add_image(&mut s);
+        s.images.get_mut("img-1").unwrap().rootdisk_path = "/images/root.raw".into();
+        let mut seq = 0;
+        let boot = RunSpec {
+            az: "az-1".into(),
+            root_volume: Some(BlockDeviceSpec {
+                size_gib: 2,
+                delete_on_termination: false,
+                ..BlockDeviceSpec::default()
+            }),
+            ..spec()
+        };
+        run(&mut s, 1, &mut seq, boot).unwrap();
+        let i = s.instances.values().next().unwrap().clone();
+        let root = i.root_volume.clone().unwrap();
+        // Terminated before its host ever had it: gone at once, its root
+        // volume kept, still being made.
+        s.apply(Command::SetDesired {
+            ids: vec![i.id.clone()],
+            desired: DesiredState::Terminated,
+        })
+        .unwrap();
+        assert!(s.instances[&i.id].is_final());
+        assert_eq!(s.volumes[&root].state, VolumeState::Creating);
+        let before = s.clone();
+        let e = s
+            .apply(Command::DeregisterImage {
+                image: "img-1".into(),
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("is being copied into volume {root}")),
+            "{e}"
+        );
+        assert_eq!(s, before);
+        for h in s.volumes[&root].replicas.clone() {
+            let mut held = holding(&s, &h);
+            held.insert(root.clone(), 1);
+            report(&mut s, &h, held);
+        }
+        assert_eq!(s.volumes[&root].state, VolumeState::Available);
+        s.apply(Command::DeregisterImage {
+            image: "img-1".into(),
+        })
+        .unwrap();
     }
 
     #[test]
