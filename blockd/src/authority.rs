@@ -23,35 +23,6 @@ use ferro_proto::compute::v1::{AddVolumeReplicaRequest, RemoveVolumeReplicaReque
 
 use crate::replication::{Authority, Fenced};
 
-/// The authority of a replica set fixed by flags, with no controller
-/// (`ferro-blockd --volume …,backups=…`): it never drops a failed backup,
-/// so the primary is fenced and the I/O fails, rather than going on with
-/// fewer copies than were asked for.
-pub struct StaticReplicas;
-
-impl Authority for StaticReplicas {
-    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
-        tracing::error!(
-            volume,
-            epoch,
-            replica,
-            "a backup failed; with no controller the replica set cannot change: I/O fails"
-        );
-        Err(Fenced {
-            volume: volume.to_string(),
-            epoch,
-        })
-    }
-
-    /// Never asked: no replica leaves the set, so none comes back.
-    fn add_replica(&self, volume: &str, epoch: u64, _replica: &str) -> Result<u64, Fenced> {
-        Err(Fenced {
-            volume: volume.to_string(),
-            epoch,
-        })
-    }
-}
-
 /// The controller, reached through a [`Client`] holding the host's key.
 pub struct ControllerAuthority {
     client: Mutex<Client>,

@@ -404,9 +404,22 @@ impl ReplicatedStore {
         self.lock().resynced.clone()
     }
 
-    /// True once the authority refused this primary.
+    /// True once the authority refused this primary (or it was revoked).
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced
+    }
+
+    /// This host is no longer to serve the volume (detached, forced while
+    /// its instance runs; or moved): every request from now on fails with
+    /// an I/O error, as the authority's refusal makes it, instead of
+    /// writing to replicas another primary may own. Waits for the I/O in
+    /// progress (it holds the state).
+    pub fn revoke(&self) {
+        let mut st = self.lock();
+        if !st.fenced {
+            st.fenced = true;
+            tracing::info!(volume_id = %self.volume, epoch = st.epoch, "revoked: refusing all I/O");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1172,6 +1185,35 @@ fn fenced_error(volume: &str, epoch: u64) -> io::Error {
         volume: volume.to_string(),
         epoch,
     })
+}
+
+/// The authority of a replica set fixed by flags, with no controller
+/// (`ferro-blockd --volume …,backups=…`): it never drops a failed backup,
+/// so the primary is fenced and the I/O fails, rather than going on with
+/// fewer copies than were asked for.
+pub struct StaticReplicas;
+
+impl Authority for StaticReplicas {
+    fn remove_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced> {
+        tracing::error!(
+            volume,
+            epoch,
+            replica,
+            "a backup failed; with no controller the replica set cannot change: I/O fails"
+        );
+        Err(Fenced {
+            volume: volume.to_string(),
+            epoch,
+        })
+    }
+
+    /// Never asked: no replica leaves the set, so none comes back.
+    fn add_replica(&self, volume: &str, epoch: u64, _replica: &str) -> Result<u64, Fenced> {
+        Err(Fenced {
+            volume: volume.to_string(),
+            epoch,
+        })
+    }
 }
 
 #[cfg(test)]

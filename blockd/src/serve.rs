@@ -4,7 +4,9 @@
 //! [`ReplicatedStore`] over its in-sync replicas (with this host's own
 //! replica as the local copy when it holds one in sync) and serves it over
 //! vhost-user at `<dir>/<volume>.sock`, where the agent points the VMM.
-//! A volume no longer listed stops being served (between frontends).
+//! A volume no longer listed stops being served: its store is revoked, so
+//! a frontend still connected (a force-detach from a running instance)
+//! gets an I/O error for each request, and no new frontend connects.
 //!
 //! A store that cannot be opened (a replica unreachable and the
 //! controller's answer not yet in, or this primary fenced) is logged and
@@ -241,9 +243,13 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
     }
 }
 
-/// Stops serving: the flag, the socket file gone, and a connection that
-/// wakes the listener so that it sees the flag.
+/// Stops serving: the store revoked (a frontend still connected — a
+/// volume force-detached from a running instance — gets an I/O error for
+/// every request from now on, and nothing more is written), the flag, the
+/// socket file gone, and a connection that wakes the listener so that it
+/// sees the flag.
 fn stop(id: &str, s: Served) {
+    s.store.revoke();
     s.stop.store(true, Ordering::Release);
     let _ = UnixStream::connect(&s.socket);
     let _ = std::fs::remove_file(&s.socket);

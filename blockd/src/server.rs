@@ -13,9 +13,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
-use crate::authority::StaticReplicas;
 use crate::backend::BlockBackend;
 use crate::handler::{GuestMemoryMmap, RequestHandler};
+use crate::replication::StaticReplicas;
 use crate::replication::{Backup, Options, ReplicatedStore, ReplicationError};
 use crate::store::{LocalFile, Store, StoreError};
 

@@ -462,6 +462,27 @@ fn a_backup_that_stalls_or_answers_wrong_is_removed() {
 }
 
 #[test]
+fn a_revoked_primary_fails_every_request_and_writes_nothing() {
+    let c = Cluster::new("revoked", 2);
+    let p = c.primary("p", patient()).unwrap();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    p.flush().unwrap();
+    let before: Vec<u32> = c.hosts.iter().map(|h| crc32c(&h.data())).collect();
+    let local = std::fs::read(c.primary_path("p")).unwrap();
+    p.revoke();
+    assert!(p.is_fenced());
+    let err = p.write_at(&pattern(2, 4096), 4096).unwrap_err();
+    assert!(err.to_string().contains("fenced"), "{err}");
+    assert!(p.read_at(&mut [0; 512], 0).is_err());
+    assert!(p.flush().is_err());
+    let after: Vec<u32> = c.hosts.iter().map(|h| crc32c(&h.data())).collect();
+    assert_eq!(before, after, "a revoked primary's write reached a backup");
+    assert_eq!(std::fs::read(c.primary_path("p")).unwrap(), local);
+    // Nobody was asked: revoking is this host's own decision.
+    assert!(c.authority.calls().is_empty());
+}
+
+#[test]
 fn a_fenced_old_primary_writes_nothing_anywhere() {
     let c = Cluster::new("fenced", 2);
     let old = c.primary("old", patient()).unwrap();

@@ -1443,7 +1443,8 @@ mod tests {
             })
             .unwrap_err();
         assert!(
-            e.to_string().contains(&format!("is being copied into volume {root}")),
+            e.to_string()
+                .contains(&format!("is being copied into volume {root}")),
             "{e}"
         );
         assert_eq!(s, before);
