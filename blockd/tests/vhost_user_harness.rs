@@ -67,6 +67,61 @@ fn requests_at_depth_reach_the_file_and_read_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_volume_taken_off_the_serve_list_fails_its_connected_frontends_io() {
+    use ferro_blockd::replication::StaticReplicas;
+    use ferro_blockd::serve::Serving;
+    use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
+
+    let dir = scratch("blockd-revoke");
+    let replica = dir.join("vol1.vol");
+    LocalFile::open_or_create(&replica, SIZE).unwrap();
+    let path = replica.clone();
+    let mut serving = Serving::new(
+        &dir,
+        "h1",
+        Box::new(move |_| path.clone()),
+        Arc::new(StaticReplicas),
+    )
+    .unwrap();
+    let want = ServedVolume {
+        volume_id: "vol1".into(),
+        instance_id: "i-1".into(),
+        size_bytes: SIZE,
+        epoch: 1,
+        peers: vec![ReplicaPeer {
+            host_id: "h1".into(),
+            addr: String::new(),
+            in_sync: true,
+        }],
+    };
+    serving.converge(std::slice::from_ref(&want));
+    let socket = serving.socket("vol1");
+    let mut h = VhostUserBlkHarness::connect(&socket, 4, 4096).unwrap();
+    h.set_data(0, &[7; 4096]);
+    h.push_write(0, 0, 4096);
+    h.kick().unwrap();
+    complete(&mut h, 1);
+    assert_eq!(std::fs::read(&replica).unwrap()[..4096], [7; 4096]);
+
+    // Detached, forced, while the frontend is connected: each request
+    // now fails (VIRTIO_BLK_S_IOERR), and nothing reaches the replica.
+    serving.converge(&[]);
+    h.set_data(1, &[9; 4096]);
+    h.push_write(1, 8, 4096);
+    h.push_read(2, 0, 4096);
+    h.kick().unwrap();
+    let mut done = Vec::new();
+    while done.len() < 2 {
+        done.extend(h.wait(WAIT).expect("the backend answers"));
+    }
+    assert!(done.iter().all(|&(_, _, status)| status == 1), "{done:?}");
+    assert_eq!(std::fs::read(&replica).unwrap()[4096..8192], [0; 4096]);
+    assert!(!socket.exists(), "the socket is gone");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A child process killed when dropped.
 struct Child(std::process::Child);
 
