@@ -3,7 +3,7 @@
 use ferro_proto::agent::v1 as pb;
 
 use crate::machine::{ExitInfo, Observed, Phase, RestartPolicy};
-use crate::spec::{AttachedVolume, DiskSpec, InstanceSpec, NicSpec};
+use crate::spec::{AttachedVolume, DiskSpec, InstanceSpec, NicSpec, Resources};
 
 /// A phase as its protobuf enum.
 pub fn phase(p: Phase) -> pb::InstanceState {
@@ -70,6 +70,15 @@ pub fn spec_from_pb(s: pb::InstanceSpec, default: RestartPolicy) -> InstanceSpec
         root_volume_id: s.root_volume_id,
         version: crate::persist::FORMAT_VERSION,
         extra: Default::default(),
+    }
+}
+
+/// A start's size and user data as the agent's.
+pub fn resources_from_pb(r: pb::Resources) -> Resources {
+    Resources {
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        user_data: r.user_data,
     }
 }
 

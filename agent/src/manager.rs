@@ -3,7 +3,8 @@
 //!
 //! Capacity is reserved when an instance is created and released when it is
 //! deleted, so the vCPUs and memory of all instances — running or not —
-//! never exceed what the host offers, and a start never fails for capacity.
+//! never exceed what the host offers. A start fails for capacity only when
+//! it makes the instance larger ([`Manager::resize`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,8 +18,8 @@ use crate::events::EventBus;
 use crate::machine::{Machine, Observed};
 use crate::persist::{self, InstancePaths, PersistError};
 use crate::resources::{Host, ResourceError};
-use crate::spec::{InstanceSpec, SpecError};
-use crate::supervisor::{self, InstanceHandle};
+use crate::spec::{InstanceSpec, Resources, SpecError};
+use crate::supervisor::{self, InstanceHandle, OpError};
 use crate::{chain, process};
 
 /// Errors of manager operations; the service maps each to a gRPC code.
@@ -54,6 +55,9 @@ pub enum ManagerError {
     /// A state directory error at start-up.
     #[error("cannot use the state directory {0}")]
     StateDir(String, #[source] std::io::Error),
+    /// The instance refused or failed an operation.
+    #[error(transparent)]
+    Op(#[from] OpError),
 }
 
 /// Capacity held by one instance.
@@ -259,20 +263,70 @@ impl Manager {
         Ok(handle)
     }
 
-    /// Reserve the spec's capacity under its id, refusing duplicates and
-    /// what does not fit.
-    fn reserve(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
-        let mut r = self.inner.registry();
-        if r.reserved.contains_key(&spec.id) {
-            return Err(ManagerError::Duplicate(spec.id.clone()));
+    /// Give instance `h` another size or user data (a start of a stopped
+    /// instance carries them): checked as at create, the capacity of the
+    /// difference reserved, then stored by its supervisor, which refuses
+    /// while a VMM runs. Values equal to its spec's change nothing.
+    pub async fn resize(&self, h: &InstanceHandle, r: Resources) -> Result<(), ManagerError> {
+        let old = h.spec();
+        let new = old.with_resources(r)?;
+        if new == *old {
+            return Ok(());
         }
+        let phase = h.observed().phase;
+        if !matches!(
+            phase,
+            crate::machine::Phase::Created
+                | crate::machine::Phase::Stopped
+                | crate::machine::Phase::Failed
+        ) {
+            let op = "change the size or user data of";
+            return Err(OpError::from(crate::machine::WrongState { op, phase }).into());
+        }
+        let id = new.id.clone();
+        let before = self.rereserve(&new)?;
+        tracing::info!(instance_id = %id, from_vcpus = old.vcpus, to_vcpus = new.vcpus,
+            from_memory_mib = old.memory_mib, to_memory_mib = new.memory_mib, "resizing");
+        if let Err(e) = h.resize(Arc::new(new)).await {
+            if let Some(res) = self.inner.registry().reserved.get_mut(&id) {
+                *res = before;
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Reserve `spec`'s capacity in place of what its instance holds;
+    /// return what it held.
+    fn rereserve(&self, spec: &InstanceSpec) -> Result<Reservation, ManagerError> {
+        let mut r = self.inner.registry();
+        let Some(held) = r.reserved.get(&spec.id).copied() else {
+            return Err(ManagerError::NotFound(spec.id.clone()));
+        };
         let (cpus, mem) = r.allocated();
+        let (cpus, mem) = (
+            cpus.saturating_sub(held.vcpus),
+            mem.saturating_sub(held.memory_mib),
+        );
+        self.fits(spec, cpus, mem)?;
+        r.reserved.insert(
+            spec.id.clone(),
+            Reservation {
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+            },
+        );
+        Ok(held)
+    }
+
+    /// Whether `spec` fits beside `cpus` vCPUs and `mem` MiB held by others.
+    fn fits(&self, spec: &InstanceSpec, cpus: u32, mem: u64) -> Result<(), ManagerError> {
         let (cpu_total, mem_total) = (self.inner.cfg.vcpus, self.inner.memory_offered_mib);
         if cpus + spec.vcpus > cpu_total {
             return Err(ManagerError::Capacity(format!(
                 "{} vCPUs requested, {} of {cpu_total} free",
                 spec.vcpus,
-                cpu_total - cpus
+                cpu_total.saturating_sub(cpus)
             )));
         }
         if mem + spec.memory_mib > mem_total {
@@ -282,6 +336,18 @@ impl Manager {
                 mem_total.saturating_sub(mem)
             )));
         }
+        Ok(())
+    }
+
+    /// Reserve the spec's capacity under its id, refusing duplicates and
+    /// what does not fit.
+    fn reserve(&self, spec: &InstanceSpec) -> Result<(), ManagerError> {
+        let mut r = self.inner.registry();
+        if r.reserved.contains_key(&spec.id) {
+            return Err(ManagerError::Duplicate(spec.id.clone()));
+        }
+        let (cpus, mem) = r.allocated();
+        self.fits(spec, cpus, mem)?;
         let res = Reservation {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
@@ -486,7 +552,7 @@ impl Manager {
         let owned: Vec<String> = r
             .instances
             .values()
-            .flat_map(|h| crate::resources::taps(&self.inner.cfg, &h.spec))
+            .flat_map(|h| crate::resources::taps(&self.inner.cfg, &h.spec()))
             .collect();
         // A quarantined instance's VMM may still run: keep its TAPs (named
         // from its id) and its cgroup.

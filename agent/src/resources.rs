@@ -128,10 +128,9 @@ impl Host<'_> {
                 .create_blank_disk(&paths.disk(&d.id), d.size_bytes)?;
         }
         if !spec.user_data.is_empty() {
-            let mut data = spec.user_data.clone();
-            data.resize(data.len().div_ceil(512) * 512, 0);
             let p = paths.disk("user-data");
-            std::fs::write(&p, data).map_err(|source| ResourceError::Io { path: p, source })?;
+            std::fs::write(&p, user_data_disk(&spec.user_data))
+                .map_err(|source| ResourceError::Io { path: p, source })?;
         }
         self.cgroups.create(&spec.id, &self.limits(spec))?;
         for name in taps(self.cfg, spec) {
@@ -144,6 +143,53 @@ impl Host<'_> {
                 tap::attach_to_bridge(&name, bridge)?;
             }
         }
+        Ok(())
+    }
+
+    /// Make the user-data disk hold `spec`'s user data, zero-padded (none:
+    /// no disk). Written only when it differs, atomically (a temporary
+    /// file, fsync, rename), so a crash leaves the old or the new disk.
+    /// Every spawn calls it: a disk left behind by a resize that did not
+    /// finish is brought in line with the stored spec.
+    pub fn sync_user_data(
+        &self,
+        spec: &InstanceSpec,
+        paths: &InstancePaths,
+    ) -> Result<(), ResourceError> {
+        let disk = paths.disk("user-data");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ResourceError::Io { path, source }
+        };
+        if spec.user_data.is_empty() {
+            return match std::fs::remove_file(&disk) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&disk)(e)),
+                _ => Ok(()),
+            };
+        }
+        let want = user_data_disk(&spec.user_data);
+        if std::fs::read(&disk).is_ok_and(|have| have == want) {
+            return Ok(());
+        }
+        let tmp = paths.dir.join(".disk-user-data.img.tmp");
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &want)?;
+            f.sync_all()
+        });
+        written.map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &disk).map_err(io(&disk))
+    }
+
+    /// Make the host side of `spec` match it after its size or user data
+    /// changed (the spec is stored already): the user-data disk and the
+    /// cgroup's limits.
+    pub fn apply_resources(
+        &self,
+        spec: &InstanceSpec,
+        paths: &InstancePaths,
+    ) -> Result<(), ResourceError> {
+        self.sync_user_data(spec, paths)?;
+        self.cgroups.create(&spec.id, &self.limits(spec))?;
         Ok(())
     }
 
@@ -202,6 +248,7 @@ impl Host<'_> {
             return Err(e);
         }
         let image = self.images.get(&spec.image_id)?;
+        self.sync_user_data(spec, paths)?;
         let mut args: Vec<OsString> = Vec::new();
         let mut arg = |k: &str, v: OsString| {
             args.push(k.into());
@@ -263,6 +310,13 @@ impl Host<'_> {
             log_filter: self.cfg.vmm_log.clone(),
         })
     }
+}
+
+/// User data as the guest's read-only disk: zero-padded to 512 bytes.
+fn user_data_disk(data: &[u8]) -> Vec<u8> {
+    let mut disk = data.to_vec();
+    disk.resize(data.len().div_ceil(512) * 512, 0);
+    disk
 }
 
 /// The SMBIOS system UUID (and serial number) of instance `id`: `ec2`

@@ -9,6 +9,7 @@ use ferro_proto::agent::v1 as pb;
 use pb::agent_server::Agent;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::machine::{Input, Phase};
 use crate::manager::{Manager, ManagerError};
@@ -35,8 +36,9 @@ impl AgentService {
     }
 
     fn instance(&self, h: &InstanceHandle) -> pb::Instance {
-        let taps = resources::taps(&self.manager.inner().cfg, &h.spec);
-        convert::instance(&h.spec, &h.observed(), taps)
+        let spec = h.spec();
+        let taps = resources::taps(&self.manager.inner().cfg, &spec);
+        convert::instance(&spec, &h.observed(), taps)
     }
 
     /// Apply `input`, then wait until the instance leaves `busy` phases.
@@ -98,6 +100,7 @@ pub fn status(e: ManagerError) -> Status {
             Status::invalid_argument(msg)
         }
         ManagerError::Image(ImageError::NotFound(_)) => Status::not_found(msg),
+        ManagerError::Op(e) => op_status(e),
         _ => Status::internal(msg),
     }
 }
@@ -106,6 +109,7 @@ fn op_status(e: OpError) -> Status {
     match e {
         OpError::WrongState(w) => Status::failed_precondition(w.to_string()),
         OpError::Gone(g) => Status::not_found(g.to_string()),
+        e @ OpError::Persist(_) => Status::internal(chain(&e)),
     }
 }
 
@@ -151,10 +155,18 @@ impl Agent for AgentService {
         let volumes = match r.volumes {
             None => None,
             Some(set) => Some(
-                check_volumes(&h.spec, convert::volumes_from_pb(set.volumes))
+                check_volumes(&h.spec(), convert::volumes_from_pb(set.volumes))
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             ),
         };
+        if let Some(res) = r.resources {
+            let span = tracing::info_span!("start", instance_id = %r.id);
+            self.manager
+                .resize(&h, convert::resources_from_pb(res))
+                .instrument(span)
+                .await
+                .map_err(status)?;
+        }
         if matches!(
             h.observed().phase,
             Phase::Created | Phase::Stopped | Phase::Failed
@@ -284,7 +296,7 @@ impl Agent for AgentService {
             r.max_bytes
         };
         let paths =
-            crate::persist::InstancePaths::new(&self.manager.inner().cfg.state_dir, &h.spec.id);
+            crate::persist::InstancePaths::new(&self.manager.inner().cfg.state_dir, &h.spec().id);
         let (data, truncated) = console::tail(&paths.console(), max.into())
             .map_err(|e| Status::internal(format!("cannot read the console log: {e}")))?;
         Ok(Response::new(pb::GetConsoleOutputResponse {

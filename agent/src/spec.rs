@@ -133,6 +133,18 @@ pub fn check_volumes(
     Ok(volumes)
 }
 
+/// An instance's size and user data: what a start of a stopped instance
+/// may change (the controller's ModifyInstanceAttribute).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resources {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Data given to the guest as a read-only disk (empty: none).
+    pub user_data: Vec<u8>,
+}
+
 /// A NIC.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
@@ -140,7 +152,8 @@ pub struct NicSpec {
     pub mac: String,
 }
 
-/// An instance's immutable spec (`spec.json`, written once at create).
+/// An instance's spec (`spec.json`, written at create; rewritten, the same
+/// atomic way, only when a start changes its [`Resources`]).
 ///
 /// Fields added after the first version carry serde defaults so older
 /// files load; unknown fields (from a newer agent) are kept in `extra`.
@@ -254,6 +267,28 @@ impl InstanceSpec {
             return Err(SpecError::Cmdline);
         }
         Ok(())
+    }
+
+    /// Its size and user data.
+    pub fn resources(&self) -> Resources {
+        Resources {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            user_data: self.user_data.clone(),
+        }
+    }
+
+    /// This spec with `r` instead of its size and user data, checked as at
+    /// create. Everything else (fields a newer agent wrote included) stays.
+    pub fn with_resources(&self, r: Resources) -> Result<InstanceSpec, SpecError> {
+        let spec = InstanceSpec {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            user_data: r.user_data,
+            ..self.clone()
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 
     fn validate_disks(&self) -> Result<(), SpecError> {
@@ -424,6 +459,30 @@ mod tests {
         }
         s.root_volume_id = "vol-x".into();
         assert_eq!(s.validate(), Err(SpecError::RootVolume("vol-x".into())));
+    }
+
+    #[test]
+    fn new_resources_are_checked_as_at_create_and_keep_the_rest() {
+        let mut s = spec();
+        s.extra.insert("newer".into(), serde_json::json!(1));
+        let r = |vcpus, memory_mib, n| Resources {
+            vcpus,
+            memory_mib,
+            user_data: vec![7; n],
+        };
+        let got = s.with_resources(r(2, 256, 3)).unwrap();
+        assert_eq!(got.resources(), r(2, 256, 3));
+        assert_eq!((&got.id, &got.nics, &got.extra), (&s.id, &s.nics, &s.extra));
+        assert_eq!(s.with_resources(r(0, 256, 0)), Err(SpecError::Vcpus(0)));
+        assert_eq!(
+            s.with_resources(r(MAX_VCPUS + 1, 256, 0)),
+            Err(SpecError::Vcpus(MAX_VCPUS + 1))
+        );
+        assert_eq!(s.with_resources(r(1, 16, 0)), Err(SpecError::Memory(16)));
+        assert_eq!(
+            s.with_resources(r(1, 64, MAX_USER_DATA + 1)),
+            Err(SpecError::UserData(MAX_USER_DATA + 1))
+        );
     }
 
     #[test]

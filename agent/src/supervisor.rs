@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::config::AgentConfig;
 use crate::events::EventBus;
 use crate::machine::{Action, ExitInfo, Input, Machine, Observed, Phase, WrongState};
-use crate::persist::{self, InstancePaths};
+use crate::persist::{self, InstancePaths, PersistError};
 use crate::process::{self, Vmm};
 use crate::resources::Host;
 use crate::spec::InstanceSpec;
@@ -43,23 +43,31 @@ pub enum OpError {
     /// Deleted meanwhile.
     #[error(transparent)]
     Gone(#[from] Gone),
+    /// A new size or user data could not be stored (the old ones stay).
+    #[error("cannot store the instance's new size and user data")]
+    Persist(#[source] PersistError),
 }
 
 enum Msg {
     Op(Input, oneshot::Sender<Result<(), WrongState>>),
+    Resize(Arc<InstanceSpec>, oneshot::Sender<Result<(), OpError>>),
     Fact(Input),
     Exited(u32, ExitInfo),
 }
 
 /// The way to an instance's supervisor.
 pub struct InstanceHandle {
-    /// Its spec.
-    pub spec: Arc<InstanceSpec>,
+    spec: watch::Receiver<Arc<InstanceSpec>>,
     tx: mpsc::UnboundedSender<Msg>,
     state: watch::Receiver<Observed>,
 }
 
 impl InstanceHandle {
+    /// Its spec (its size and user data change with a resize).
+    pub fn spec(&self) -> Arc<InstanceSpec> {
+        self.spec.borrow().clone()
+    }
+
     /// Its current observed state.
     pub fn observed(&self) -> Observed {
         self.state.borrow().clone()
@@ -68,9 +76,20 @@ impl InstanceHandle {
     /// Apply an operator request.
     pub async fn op(&self, input: Input) -> Result<(), OpError> {
         let (reply, rx) = oneshot::channel();
-        let gone = || Gone(self.spec.id.clone());
+        let gone = || Gone(self.spec().id.clone());
         self.tx.send(Msg::Op(input, reply)).map_err(|_| gone())?;
         Ok(rx.await.map_err(|_| gone())??)
+    }
+
+    /// Replace the spec by `spec` (the same instance with another size or
+    /// user data), on disk and on the host, while no VMM runs: only a
+    /// created, stopped or failed instance takes it. The next VMM runs
+    /// with it.
+    pub async fn resize(&self, spec: Arc<InstanceSpec>) -> Result<(), OpError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || Gone(self.spec().id.clone());
+        self.tx.send(Msg::Resize(spec, reply)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Wait until `done` holds for the observed state (at most `timeout`).
@@ -100,6 +119,8 @@ struct LiveVmm {
 
 struct Actor {
     spec: Arc<InstanceSpec>,
+    /// Where the handle reads the spec.
+    spec_tx: watch::Sender<Arc<InstanceSpec>>,
     paths: InstancePaths,
     machine: Machine,
     vmm: Option<LiveVmm>,
@@ -142,10 +163,12 @@ pub fn start(
         crate::order::seen(machine.observed().seq);
     }
     let (state, state_rx) = watch::channel(machine.observed().clone());
+    let (spec_tx, spec_rx) = watch::channel(spec.clone());
     let paths = InstancePaths::new(&ctx.cfg().state_dir, &spec.id);
     let span = tracing::info_span!("instance", instance_id = %spec.id);
     let mut actor = Actor {
         spec: spec.clone(),
+        spec_tx,
         paths,
         machine,
         vmm: None,
@@ -165,7 +188,7 @@ pub fn start(
         .instrument(span),
     );
     Arc::new(InstanceHandle {
-        spec,
+        spec: spec_rx,
         tx,
         state: state_rx,
     })
@@ -192,6 +215,9 @@ impl Actor {
                 msg = rx.recv() => match msg {
                     Some(Msg::Op(input, reply)) => {
                         let _ = reply.send(self.apply(input));
+                    }
+                    Some(Msg::Resize(spec, reply)) => {
+                        let _ = reply.send(self.resize(spec));
                     }
                     Some(Msg::Fact(input)) => self.fact(input),
                     Some(Msg::Exited(pid, exit)) => self.exited(pid, exit),
@@ -221,6 +247,36 @@ impl Actor {
         self.publish();
         for a in actions {
             self.execute(a);
+        }
+        Ok(())
+    }
+
+    /// Take `spec` (another size or user data) while no VMM runs: the spec
+    /// is stored (the commit point), then the user-data disk and the
+    /// cgroup's limits follow it (and every spawn checks the disk again).
+    fn resize(&mut self, spec: Arc<InstanceSpec>) -> Result<(), OpError> {
+        let phase = self.machine.observed().phase;
+        if !matches!(phase, Phase::Created | Phase::Stopped | Phase::Failed) {
+            return Err(WrongState {
+                op: "change the size or user data of",
+                phase,
+            }
+            .into());
+        }
+        blocking(|| persist::write_json(&self.paths.spec(), &*spec)).map_err(OpError::Persist)?;
+        tracing::info!(
+            vcpus = spec.vcpus,
+            memory_mib = spec.memory_mib,
+            user_data_bytes = spec.user_data.len(),
+            "size and user data changed"
+        );
+        self.spec = spec.clone();
+        self.spec_tx.send_replace(spec.clone());
+        // Committed: what fails here the next spawn does again (and fails
+        // the spawn if it still cannot).
+        let host = self.ctx.host();
+        if let Err(e) = blocking(|| host.apply_resources(&spec, &self.paths)) {
+            tracing::warn!(error = %chain(&e), "cannot apply the new size and user data yet; the next spawn tries again");
         }
         Ok(())
     }

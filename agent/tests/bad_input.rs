@@ -101,6 +101,7 @@ async fn bad_input_gets_clear_status_codes() {
             .start_instance(pb::StartInstanceRequest {
                 id: "dup".into(),
                 volumes: Some(pb::VolumeSet { volumes: vec![bad] }),
+                resources: None,
             })
             .await
             .unwrap_err();
@@ -110,6 +111,7 @@ async fn bad_input_gets_clear_status_codes() {
     c.start_instance(pb::StartInstanceRequest {
         id: "dup".into(),
         volumes: None,
+        resources: None,
     })
     .await
     .unwrap();
@@ -117,6 +119,7 @@ async fn bad_input_gets_clear_status_codes() {
         .start_instance(pb::StartInstanceRequest {
             id: "dup".into(),
             volumes: None,
+            resources: None,
         })
         .await
         .unwrap_err();

@@ -41,6 +41,7 @@ async fn lifecycle_round_trip_with_events_in_order() {
         .start_instance(pb::StartInstanceRequest {
             id: "vm1".into(),
             volumes: None,
+            resources: None,
         })
         .await
         .unwrap()

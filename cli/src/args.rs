@@ -184,7 +184,9 @@ pub enum Instances {
         /// Instance id.
         id: String,
     },
-    /// Change what a power-off from inside the guest does from now on.
+    /// Change an instance's attributes: its type and user data (while it is
+    /// stopped; its next start uses them), what a power-off from inside the
+    /// guest does, its security groups. All or nothing.
     Modify {
         /// Instance id.
         id: String,
@@ -195,6 +197,21 @@ pub enum Instances {
         /// VPC); repeatable.
         #[arg(long = "security-group", value_name = "SG_ID")]
         security_groups: Vec<String>,
+        /// The instance type from now on, e.g. f1.micro (stopped only).
+        #[arg(long = "type", visible_alias = "instance-type", value_name = "TYPE")]
+        instance_type: Option<String>,
+        /// File whose contents become the user data (at most 16 KiB;
+        /// stopped only).
+        #[arg(
+            long,
+            visible_alias = "user-data-file",
+            value_name = "FILE",
+            conflicts_with = "no_user_data"
+        )]
+        user_data: Option<PathBuf>,
+        /// Remove the user data (stopped only).
+        #[arg(long)]
+        no_user_data: bool,
     },
 }
 

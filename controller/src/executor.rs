@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::controller::{Controller, ControllerError};
 use crate::model::ObservedState;
-use crate::reconciler::{plan, track_terminated, Action, Inputs};
+use crate::reconciler::{plan, track_terminated, Action, Inputs, StartResources};
 use crate::retry::Log;
 use crate::state::{ClusterState, Command, Observation};
 
@@ -248,6 +248,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                         .start_instance(pb::StartInstanceRequest {
                             id: instance.id.clone(),
                             volumes: Some(volume_set(volumes)),
+                            resources: Some(resources_out(StartResources::of(&instance))),
                         })
                         .instrument(span)
                         .await;
@@ -261,6 +262,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                 host_id,
                 id,
                 volumes,
+                resources,
             } => {
                 let span = tracing::info_span!("start", instance_id = %id, %host_id);
                 let r = self
@@ -268,6 +270,7 @@ impl<R: Replicator<ClusterState>> Executor<R> {
                     .start_instance(pb::StartInstanceRequest {
                         id,
                         volumes: Some(volume_set(volumes)),
+                        resources: Some(resources_out(resources)),
                     })
                     .instrument(span)
                     .await;
@@ -370,6 +373,14 @@ fn benign<T>(
 }
 
 /// The volumes of a start, as the agent takes them.
+fn resources_out(r: StartResources) -> pb::Resources {
+    pb::Resources {
+        vcpus: r.vcpus,
+        memory_mib: r.memory_mib,
+        user_data: r.user_data,
+    }
+}
+
 fn volume_set(volumes: Vec<(String, String)>) -> pb::VolumeSet {
     pb::VolumeSet {
         volumes: volumes

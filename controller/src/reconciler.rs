@@ -57,6 +57,9 @@ pub enum Action {
         /// The volumes attached to it (volume id, device), in device order:
         /// an attachment made while it was stopped takes effect here.
         volumes: Vec<(String, String)>,
+        /// Its size and user data now: a type or user data changed while
+        /// it was stopped takes effect here.
+        resources: StartResources,
     },
     /// Stop it.
     Stop {
@@ -138,6 +141,29 @@ impl Action {
             Action::DeleteStale { host_id, id, .. } => format!("{host_id}/{id}"),
             Action::MarkUnreachable(_) => "unreachable".into(),
             Action::Purge(_) => "purge".into(),
+        }
+    }
+}
+
+/// An instance's size and user data as every start gives them to the
+/// agent (ModifyInstanceAttribute changes them while it is stopped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StartResources {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// User data (empty: none).
+    pub user_data: Vec<u8>,
+}
+
+impl StartResources {
+    /// Those of `i`.
+    pub fn of(i: &Instance) -> Self {
+        Self {
+            vcpus: i.vcpus,
+            memory_mib: i.memory_mib,
+            user_data: i.user_data.clone(),
         }
     }
 }
@@ -310,6 +336,7 @@ fn instance_action(s: &ClusterState, i: &Instance, h: &Host, inp: &Inputs) -> Op
             host_id,
             id,
             volumes: volumes(),
+            resources: StartResources::of(i),
         }),
         (D::Running, O::Running) if i.reboots_requested > i.reboots_done => Some(Action::Reboot {
             address,
@@ -331,7 +358,7 @@ mod tests {
     use super::*;
     use crate::controller::Seen;
     use crate::state::tests::{add_host, add_image, bootstrapped, run};
-    use crate::state::{Command, Observation, RunSpec};
+    use crate::state::{Command, InstanceChange, Observation, RunSpec};
     use ferro_raft::StateMachine;
 
     fn inputs(s: &ClusterState, now: u64) -> Inputs {
@@ -482,6 +509,42 @@ mod tests {
         ];
         assert!(
             matches!(&a[..], [Action::Start { volumes, .. }] if *volumes == want),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_start_carries_the_size_and_user_data_changed_while_stopped() {
+        let (mut s, id) = one_instance();
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Stopped,
+        })
+        .unwrap();
+        observe(&mut s, &id, ObservedState::Stopped);
+        s.apply(Command::ModifyInstance {
+            id: id.clone(),
+            change: InstanceChange {
+                instance_type: Some("f1.medium".into()),
+                user_data: Some(b"resized".to_vec()),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        assert!(plan(&s, &inputs(&s, 100)).is_empty(), "stopped: nothing");
+        s.apply(Command::SetDesired {
+            ids: vec![id.clone()],
+            desired: DesiredState::Running,
+        })
+        .unwrap();
+        let a = plan(&s, &inputs(&s, 100));
+        let want = StartResources {
+            vcpus: 2,
+            memory_mib: 1024,
+            user_data: b"resized".to_vec(),
+        };
+        assert!(
+            matches!(&a[..], [Action::Start { resources, .. }] if *resources == want),
             "{a:?}"
         );
     }

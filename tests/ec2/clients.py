@@ -201,6 +201,55 @@ def main():
     expect_error("InvalidPlacementGroup.Unknown", ec2.describe_placement_groups, GroupNames=["ec2-spread"])
     ok("instance attributes, placement groups")
 
+    # A stopped instance's type and user data (EC2 changes them only while
+    # the instance is stopped); the next start runs the guest with them.
+    expect_error(
+        "IncorrectInstanceState", ec2.modify_instance_attribute, InstanceId=iid, InstanceType={"Value": "f1.micro"}
+    )
+    expect_error(
+        "IncorrectInstanceState", ec2.modify_instance_attribute, InstanceId=iid, UserData={"Value": b"too soon"}
+    )
+    boots = wait("the first boot", lambda: ec2.get_console_output(InstanceId=iid).get("Output", "").count("selftest done"))
+    ec2.stop_instances(InstanceIds=[iid])
+    ec2.get_waiter("instance_stopped").wait(InstanceIds=[iid], WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    expect_error(
+        "InvalidInstanceAttributeValue", ec2.modify_instance_attribute, InstanceId=iid, InstanceType={"Value": "f9.huge"}
+    )
+    ec2.modify_instance_attribute(InstanceId=iid, InstanceType={"Value": "f1.micro"})
+    ec2.modify_instance_attribute(InstanceId=iid, UserData={"Value": b"#!/bin/sh\necho resized\n"})
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="instanceType")
+    assert attr["InstanceType"]["Value"] == "f1.micro", attr
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+    assert base64.b64decode(attr["UserData"]["Value"]) == b"#!/bin/sh\necho resized\n", attr
+    # The aws CLI's Attribute/Value form (user data given base64-encoded).
+    subprocess.run(
+        [AWS, "ec2", "modify-instance-attribute", "--endpoint-url", ENDPOINT, "--instance-id", iid,
+         "--attribute", "userData", "--value", base64.b64encode(b"from the aws cli").decode()],
+        check=True,
+    )
+    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+    assert base64.b64decode(attr["UserData"]["Value"]) == b"from the aws cli", attr
+    inst = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert inst["InstanceType"] == "f1.micro", inst
+    ec2.start_instances(InstanceIds=[iid])
+    ec2.get_waiter("instance_running").wait(InstanceIds=[iid], WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    expect_error(
+        "IncorrectInstanceState", ec2.modify_instance_attribute, InstanceId=iid, InstanceType={"Value": "f1.nano"}
+    )
+
+    # The guest of the second boot saw f1.micro's 256 MiB (f1.nano: 128).
+    def second_boot():
+        out = ec2.get_console_output(InstanceId=iid).get("Output", "")
+        return out.count("selftest done") > boots and out
+
+    out = wait("the guest's second boot on the console", second_boot)
+    last = out[out.rindex("ferro-guest: e820"):]
+    ram = int(last.split("ram_mib=")[1].split()[0])
+    assert 200 < ram <= 256, f"the resized guest saw {ram} MiB:\n{last[:400]}"
+    cpus = int(out[out.rindex("ferro-guest: acpi cpus="):].split("cpus=")[1].split()[0])
+    assert cpus == 1, cpus
+    ok("modify instance type and user data while stopped", f"guest ram_mib={ram}")
+
     status = ec2.describe_instance_status(InstanceIds=[iid])["InstanceStatuses"]
     assert status[0]["InstanceState"]["Name"] == "running", status
     nic = ec2.describe_network_interfaces(Filters=[{"Name": "attachment.instance-id", "Values": [iid]}])

@@ -163,6 +163,7 @@ async fn launch_id(c: &mut AgentClient<Channel>, console: &Path, id: &str) -> Re
     c.start_instance(pb::StartInstanceRequest {
         id: id.into(),
         volumes: None,
+        resources: None,
     })
     .await
     .map_err(|e| format!("start {id}: {e}"))?;

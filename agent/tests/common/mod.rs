@@ -318,7 +318,11 @@ pub async fn launch(c: &mut AgentClient<Channel>, spec: pb::InstanceSpec) -> pb:
         .await
         .expect("CreateInstance");
     let i = c
-        .start_instance(pb::StartInstanceRequest { id, volumes: None })
+        .start_instance(pb::StartInstanceRequest {
+            id,
+            volumes: None,
+            resources: None,
+        })
         .await
         .expect("StartInstance")
         .into_inner();

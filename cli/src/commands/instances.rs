@@ -40,34 +40,77 @@ pub async fn run(
             id,
             shutdown_behavior,
             security_groups,
+            instance_type,
+            user_data,
+            no_user_data,
         } => {
-            let req = pb::ModifyInstanceAttributeRequest {
-                instance_id: id.clone(),
-                instance_initiated_shutdown_behavior: shutdown_behavior.clone().unwrap_or_default(),
-                security_group_ids: security_groups.clone(),
+            let m = Modify {
+                shutdown_behavior,
+                security_groups,
+                instance_type,
+                user_data: match (&user_data, no_user_data) {
+                    (Some(p), _) => {
+                        Some(std::fs::read(p).map_err(|e| CommandError::ReadFile(p.clone(), e))?)
+                    }
+                    (None, true) => Some(Vec::new()),
+                    (None, false) => None,
+                },
             };
-            client
-                .call(|ch| {
-                    let req = req.clone();
-                    async move { ComputeClient::new(ch).modify_instance_attribute(req).await }
-                })
-                .await?;
-            let mut said = Vec::new();
-            if let Some(b) = &shutdown_behavior {
-                said.push(format!("instance-initiated shutdown behavior {b}"));
-            }
-            if !security_groups.is_empty() {
-                said.push(format!("security groups {}", security_groups.join(", ")));
-            }
-            super::done(
-                format,
-                &format!("{id}: {}", said.join("; ")),
-                serde_json::json!({"instance_id": id, "instance_initiated_shutdown_behavior": shutdown_behavior,
-                                   "security_group_ids": security_groups}),
-            );
-            Ok(())
+            modify(client, format, id, m).await
         }
     }
+}
+
+/// What `ferro instances modify` changes.
+struct Modify {
+    shutdown_behavior: Option<String>,
+    security_groups: Vec<String>,
+    instance_type: Option<String>,
+    user_data: Option<Vec<u8>>,
+}
+
+async fn modify(
+    client: &mut Client,
+    format: Format,
+    id: String,
+    m: Modify,
+) -> Result<(), CommandError> {
+    let req = pb::ModifyInstanceAttributeRequest {
+        instance_id: id.clone(),
+        instance_initiated_shutdown_behavior: m.shutdown_behavior.clone().unwrap_or_default(),
+        security_group_ids: m.security_groups.clone(),
+        instance_type: m.instance_type.clone().unwrap_or_default(),
+        user_data: m.user_data.clone(),
+    };
+    client
+        .call(|ch| {
+            let req = req.clone();
+            async move { ComputeClient::new(ch).modify_instance_attribute(req).await }
+        })
+        .await?;
+    let mut said = Vec::new();
+    if let Some(t) = &m.instance_type {
+        said.push(format!("type {t}"));
+    }
+    match m.user_data.as_ref().map(Vec::len) {
+        Some(0) => said.push("user data removed".into()),
+        Some(n) => said.push(format!("user data {n} bytes")),
+        None => {}
+    }
+    if let Some(b) = &m.shutdown_behavior {
+        said.push(format!("instance-initiated shutdown behavior {b}"));
+    }
+    if !m.security_groups.is_empty() {
+        said.push(format!("security groups {}", m.security_groups.join(", ")));
+    }
+    super::done(
+        format,
+        &format!("{id}: {}", said.join("; ")),
+        json!({"instance_id": id, "instance_initiated_shutdown_behavior": m.shutdown_behavior,
+               "security_group_ids": m.security_groups, "instance_type": m.instance_type,
+               "user_data_bytes": m.user_data.as_ref().map(Vec::len)}),
+    );
+    Ok(())
 }
 
 /// `--block-device DEVICE=SIZE_GIB[,type=T][,delete-on-termination=B]`.

@@ -13,8 +13,8 @@ use crate::controller::{new_api_key, new_id, Controller, InstanceFilter};
 use crate::model::*;
 use crate::state::{
     any_of, describe_interfaces, describe_security_groups, describe_subnets, describe_vpcs,
-    sha256_hex, ClusterState, Command, GroupFilter, Output, StateError, SubnetFilter, VolumeFilter,
-    DEFAULT_PAGE,
+    sha256_hex, ClusterState, Command, GroupFilter, InstanceChange, Output, StateError,
+    SubnetFilter, VolumeFilter, DEFAULT_PAGE,
 };
 
 type Res<T> = Result<Response<T>, Status>;
@@ -177,6 +177,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::DescribeInstancesResponse> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
+        let with_user_data = r.include_user_data;
         let f = InstanceFilter {
             ids: r.instance_ids,
             states: r
@@ -199,6 +200,9 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             .iter()
             .map(|i| {
                 let mut out = instance_out(i);
+                if with_user_data {
+                    out.user_data = i.user_data.clone();
+                }
                 // What the reconciler keeps failing at is the reason to
                 // show (this node leads: it answered the read).
                 if let Some(r) = self.ctl.failure_reason(i) {
@@ -280,13 +284,7 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
     ) -> Res<pb::ModifyInstanceAttributeResponse> {
         self.auth(&req, false).await?;
         let r = req.into_inner();
-        let behavior = match r.instance_initiated_shutdown_behavior.as_str() {
-            "" if r.security_group_ids.is_empty() => {
-                return Err(Status::invalid_argument(
-                    "give instance_initiated_shutdown_behavior (stop or terminate) \
-                     or security_group_ids",
-                ))
-            }
+        let shutdown_behavior = match r.instance_initiated_shutdown_behavior.as_str() {
             "" => None,
             s => Some(ShutdownBehavior::parse(s).ok_or_else(|| {
                 Status::invalid_argument(format!(
@@ -294,22 +292,24 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
                 ))
             })?),
         };
-        // Checked first (the groups are the likelier to be refused), so a
-        // refused call changes nothing.
-        if !r.security_group_ids.is_empty() {
-            self.write(Command::SetSecurityGroups {
-                id: r.instance_id.clone(),
-                groups: r.security_group_ids,
-            })
-            .await?;
+        let change = InstanceChange {
+            instance_type: (!r.instance_type.is_empty()).then_some(r.instance_type),
+            user_data: r.user_data,
+            shutdown_behavior,
+            security_groups: r.security_group_ids,
+        };
+        if change == InstanceChange::default() {
+            return Err(Status::invalid_argument(
+                "give instance_type, user_data, instance_initiated_shutdown_behavior \
+                 (stop or terminate) or security_group_ids",
+            ));
         }
-        if let Some(behavior) = behavior {
-            self.write(Command::SetShutdownBehavior {
-                id: r.instance_id,
-                behavior,
-            })
-            .await?;
-        }
+        // One command: every attribute is checked before any changes.
+        self.write(Command::ModifyInstance {
+            id: r.instance_id,
+            change,
+        })
+        .await?;
         Ok(Response::new(pb::ModifyInstanceAttributeResponse {}))
     }
 

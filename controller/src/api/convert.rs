@@ -195,6 +195,8 @@ pub fn instance_out(i: &Instance) -> pb::Instance {
         client_token: i.client_token.clone(),
         reservation_id: i.reservation_id.clone(),
         user_data_bytes: i.user_data.len() as u32,
+        // Only when asked (DescribeInstancesRequest.include_user_data).
+        user_data: Vec::new(),
         instance_initiated_shutdown_behavior: i.shutdown_behavior.as_str().into(),
         subnet_id: i
             .network

@@ -366,4 +366,34 @@ mod tests {
         assert!(h1.vpcs[0].remote.is_empty());
         assert!(host_network(&s, "h9", 8).vpcs.is_empty());
     }
+
+    /// The metadata service follows ModifyInstanceAttribute: the type and
+    /// user data changed while the instance is stopped are in the host's
+    /// next network state (the watch sends it because it differs).
+    #[test]
+    fn a_modified_type_and_user_data_reach_the_metadata_service() {
+        use ferro_raft::StateMachine;
+        let mut s = state();
+        s.region = "local".into();
+        for t in default_instance_types() {
+            s.instance_types.insert(t.name.clone(), t);
+        }
+        let i = s.instances.get_mut("i-1").unwrap();
+        (i.desired, i.observed) = (DesiredState::Stopped, ObservedState::Stopped);
+        let before = host_network(&s, "h1", 1);
+        s.apply(crate::state::Command::ModifyInstance {
+            id: "i-1".into(),
+            change: crate::state::InstanceChange {
+                instance_type: Some("f1.micro".into()),
+                user_data: Some(b"#cloud-config\n".to_vec()),
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        let after = host_network(&s, "h1", 1);
+        assert_ne!(before, after);
+        let l = &after.vpcs[0].local[0];
+        assert_eq!(l.instance_type, "f1.micro");
+        assert_eq!(l.user_data, b"#cloud-config\n");
+    }
 }

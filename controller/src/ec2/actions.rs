@@ -3,6 +3,7 @@
 //! answer → EC2's XML. No rule is checked here that the gRPC API does not
 //! check itself, except the shape of EC2's own parameters.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use ferro_proto::compute::v1 as pb;
 use ferro_proto::compute::v1::compute_server::Compute;
@@ -848,13 +849,16 @@ async fn describe_groups<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) 
     })
 }
 
-/// One instance as DescribeInstances shows it.
+/// One instance as DescribeInstances shows it (with its user data when
+/// `user_data`).
 async fn one_instance<R: Replicator<ClusterState>>(
     ctx: &Ctx<R>,
     id: &str,
+    user_data: bool,
 ) -> Result<pb::Instance, Ec2Error> {
     let req = pb::DescribeInstancesRequest {
         instance_ids: vec![id.to_string()],
+        include_user_data: user_data,
         ..Default::default()
     };
     let mut r = ok(
@@ -881,7 +885,7 @@ fn checked_instance_id(p: &Params) -> Result<String, Ec2Error> {
 async fn describe_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
     let id = checked_instance_id(p)?;
     let attr = p.required("Attribute")?.to_string();
-    let i = one_instance(ctx, &id).await?;
+    let i = one_instance(ctx, &id, attr == "userData").await?;
     let value = |x: &mut Xml, tag: &str, v: &str| {
         x.wrap(tag, |x| {
             x.leaf("value", v);
@@ -897,6 +901,14 @@ async fn describe_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Param
                 &i.instance_initiated_shutdown_behavior,
             ),
             "rootDeviceName" => value(x, "rootDeviceName", "/dev/vda"),
+            // EC2's answer: base64, and no value at all for none.
+            "userData" => {
+                x.wrap("userData", |x| {
+                    if !i.user_data.is_empty() {
+                        x.leaf("value", &BASE64.encode(&i.user_data));
+                    }
+                });
+            }
             "groupSet" => {
                 x.items("groupSet", &i.security_group_ids, |x, g| {
                     x.leaf("groupId", g);
@@ -911,7 +923,7 @@ async fn describe_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Param
                     });
                 });
             }
-            // userData and the rest are answered as an error below.
+            // The rest are answered as an error below.
             _ => {}
         }
     })
@@ -920,55 +932,99 @@ async fn describe_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Param
         | "instanceInitiatedShutdownBehavior"
         | "rootDeviceName"
         | "groupSet"
-        | "blockDeviceMapping" => Ok(xml),
+        | "blockDeviceMapping"
+        | "userData" => Ok(xml),
         other => Err(Ec2Error::invalid(format!(
-            "Attribute: {other:?} is not supported (instanceType, \
-             instanceInitiatedShutdownBehavior, rootDeviceName, groupSet, blockDeviceMapping); \
-             user data is not given back, as DescribeInstances does not"
+            "Attribute: {other:?} is not supported (instanceType, userData, \
+             instanceInitiatedShutdownBehavior, rootDeviceName, groupSet, blockDeviceMapping)"
         ))),
     })
 }
 
 async fn modify_attribute<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) -> Res {
     let id = checked_instance_id(p)?;
-    let behavior = p
-        .get("InstanceInitiatedShutdownBehavior.Value")
-        .or(p
-            .get("Value")
-            .filter(|_| p.get("Attribute") == Some("instanceInitiatedShutdownBehavior")))
-        .unwrap_or_default()
-        .to_string();
-    let groups = p.list("GroupId");
-    if [
-        "InstanceType.Value",
-        "UserData.Value",
-        "SourceDestCheck.Value",
-        "DisableApiTermination.Value",
-    ]
-    .iter()
-    .any(|k| p.get(k).is_some())
-        || p.get("Attribute")
-            .is_some_and(|a| a != "instanceInitiatedShutdownBehavior")
-    {
-        return Err(Ec2Error::invalid(
-            "only InstanceInitiatedShutdownBehavior and GroupId.N can be modified here",
-        ));
-    }
-    if behavior.is_empty() && groups.is_empty() {
-        return Err(Ec2Error::missing(
-            "InstanceInitiatedShutdownBehavior.Value or GroupId.1",
-        ));
-    }
-    let req = pb::ModifyInstanceAttributeRequest {
-        instance_id: id,
-        instance_initiated_shutdown_behavior: behavior,
-        security_group_ids: groups,
-    };
-    ok(
+    let req = modify_request(id, p)?;
+    let asked_type = req.instance_type.clone();
+    let r = ok(
         ctx.svc.modify_instance_attribute(ctx.req(req)).await,
         "InvalidInstanceID.NotFound",
-    )?;
+    );
+    // EC2 answers an unknown type here with InvalidInstanceAttributeValue.
+    r.map_err(|e| match e.code.as_str() {
+        "InvalidInstanceType" => Ec2Error::new(
+            400,
+            "InvalidInstanceAttributeValue",
+            format!(
+                "Value ({asked_type}) for parameter instanceType is invalid: {}",
+                e.message
+            ),
+        ),
+        _ => e,
+    })?;
     returned(ctx, "ModifyInstanceAttribute")
+}
+
+/// The gRPC request of a ModifyInstanceAttribute: each attribute as
+/// `<Attribute>.Value` (groups as `GroupId.N`), or one as
+/// `Attribute=<name>&Value=<value>`. User data is base64 either way.
+fn modify_request(id: String, p: &Params) -> Result<pb::ModifyInstanceAttributeRequest, Ec2Error> {
+    let named = p.get("Attribute");
+    let supported = [
+        "instanceInitiatedShutdownBehavior",
+        "instanceType",
+        "userData",
+    ];
+    if let Some(a) = named.filter(|a| !supported.contains(a)) {
+        return Err(Ec2Error::invalid(format!(
+            "Attribute: {a:?} cannot be modified here (instanceType, userData, \
+             instanceInitiatedShutdownBehavior; groups as GroupId.N)"
+        )));
+    }
+    let value = |dotted: &str, attr: &str| {
+        p.get(dotted)
+            .or(p.get("Value").filter(|_| named == Some(attr)))
+    };
+    if let Some(k) = ["SourceDestCheck.Value", "DisableApiTermination.Value"]
+        .iter()
+        .find(|k| p.get(k).is_some())
+    {
+        return Err(Ec2Error::invalid(format!(
+            "{k}: cannot be modified here (InstanceType, UserData, \
+             InstanceInitiatedShutdownBehavior and GroupId.N can)"
+        )));
+    }
+    let user_data = value("UserData.Value", "userData")
+        .map(|u| {
+            BASE64
+                .decode(u.trim())
+                .map_err(|_| Ec2Error::invalid("UserData: not valid base64"))
+        })
+        .transpose()?;
+    let req = pb::ModifyInstanceAttributeRequest {
+        instance_id: id,
+        instance_initiated_shutdown_behavior: value(
+            "InstanceInitiatedShutdownBehavior.Value",
+            "instanceInitiatedShutdownBehavior",
+        )
+        .unwrap_or_default()
+        .to_string(),
+        security_group_ids: p.list("GroupId"),
+        instance_type: value("InstanceType.Value", "instanceType")
+            .unwrap_or_default()
+            .to_string(),
+        user_data,
+    };
+    if req.instance_initiated_shutdown_behavior.is_empty()
+        && req.security_group_ids.is_empty()
+        && req.instance_type.is_empty()
+        && req.user_data.is_none()
+    {
+        return Err(Ec2Error::missing(
+            "InstanceType.Value, UserData.Value, InstanceInitiatedShutdownBehavior.Value \
+             or GroupId.1",
+        ));
+    }
+    Ok(req)
 }
 
 #[cfg(test)]
@@ -1007,6 +1063,43 @@ mod tests {
                 .message
                 .contains("asleep")
         );
+    }
+
+    #[test]
+    fn modify_takes_each_attribute_in_both_forms() {
+        let req = |q: &str| modify_request("i-1".into(), &Params::parse(&[q.as_bytes()]));
+        // boto3: UserData={"Value": b"hi"} is sent base64-encoded.
+        let r = req("InstanceType.Value=f1.micro&UserData.Value=aGk%3D").unwrap();
+        assert_eq!(r.instance_type, "f1.micro");
+        assert_eq!(r.user_data.as_deref(), Some(&b"hi"[..]));
+        assert!(r.instance_initiated_shutdown_behavior.is_empty());
+        let r = req("Attribute=instanceType&Value=f1.small").unwrap();
+        assert_eq!((r.instance_type.as_str(), r.user_data), ("f1.small", None));
+        let r = req("Attribute=userData&Value=aGk%3D").unwrap();
+        assert_eq!(r.user_data.as_deref(), Some(&b"hi"[..]));
+        assert!(r.instance_type.is_empty());
+        // Present and empty: removed.
+        let r = req("UserData.Value=").unwrap();
+        assert_eq!(r.user_data.as_deref(), Some(&b""[..]));
+        let r = req("Attribute=instanceInitiatedShutdownBehavior&Value=terminate").unwrap();
+        assert_eq!(r.instance_initiated_shutdown_behavior, "terminate");
+        let r = req("GroupId.1=sg-1&GroupId.2=sg-2").unwrap();
+        assert_eq!(r.security_group_ids, ["sg-1", "sg-2"]);
+        // A Value belongs to the named attribute only.
+        let r = req("Attribute=instanceType&Value=f1.micro&UserData.Value=aGk%3D").unwrap();
+        assert_eq!(r.instance_type, "f1.micro");
+        assert_eq!(r.user_data.as_deref(), Some(&b"hi"[..]));
+        let bad = |q: &str| req(q).unwrap_err();
+        assert_eq!(bad("UserData.Value=%%%").code, "InvalidParameterValue");
+        assert_eq!(
+            bad("Attribute=kernel&Value=x").code,
+            "InvalidParameterValue"
+        );
+        assert_eq!(
+            bad("SourceDestCheck.Value=false").code,
+            "InvalidParameterValue"
+        );
+        assert_eq!(bad("").code, "MissingParameter");
     }
 
     #[test]

@@ -207,4 +207,31 @@ mod tests {
         assert!(x.contains("<Code>MissingParameter</Code>"), "{x}");
         assert!(x.contains("<RequestID>r-1</RequestID>"), "{x}");
     }
+
+    /// What ModifyInstanceAttribute's refusals of a type or user data
+    /// change become (the state's own messages).
+    #[test]
+    fn modify_refusals_become_ec2_codes() {
+        let c = |s: tonic::Status| from_status(&s, "InvalidInstanceID.NotFound");
+        let e = c(tonic::Status::failed_precondition(
+            "instance_type: i-1 is running, not stopped: its type and user data change only \
+             while it is stopped; stop the instance first (IncorrectInstanceState)",
+        ));
+        assert_eq!((e.status, e.code.as_str()), (400, "IncorrectInstanceState"));
+        let e = c(tonic::Status::resource_exhausted(
+            "instance_type: InsufficientInstanceCapacity: i-1's host h1 has room for 1 vCPUs \
+             and 512 MiB, f1.medium needs 2 vCPUs and 1024 MiB",
+        ));
+        assert_eq!(
+            (e.status, e.code.as_str()),
+            (500, "InsufficientInstanceCapacity")
+        );
+        let e = c(tonic::Status::not_found(
+            "instance_type: no instance type \"f9.huge\"",
+        ));
+        assert_eq!(
+            e.code, "InvalidInstanceType",
+            "ModifyInstanceAttribute renames it"
+        );
+    }
 }

@@ -23,7 +23,7 @@ pub struct RunSpec {
     pub az: String,
     /// Key pair name, empty for none.
     pub key_name: String,
-    /// User data, at most 16 KiB.
+    /// User data, at most [`MAX_USER_DATA`] bytes.
     pub user_data: Vec<u8>,
     /// Placement group name, empty for none.
     pub placement_group: String,
@@ -455,7 +455,39 @@ pub enum Command {
         /// Instance ids.
         ids: Vec<String>,
     },
+    /// Change attributes of an instance (ModifyInstanceAttribute), all or
+    /// none: every given attribute is checked before any changes.
+    ModifyInstance {
+        /// Instance id.
+        id: String,
+        /// What changes.
+        change: InstanceChange,
+    },
 }
+
+/// What one ModifyInstanceAttribute changes; `None` (or no groups):
+/// unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceChange {
+    /// The instance type (its vCPUs and memory with it, also on its host);
+    /// stopped instances only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// The user data (empty: none), at most [`MAX_USER_DATA`] bytes;
+    /// stopped instances only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<Vec<u8>>,
+    /// What a power-off from inside the guest does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_behavior: Option<ShutdownBehavior>,
+    /// The primary interface's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
+}
+
+/// The most user data an instance carries, in bytes (RunInstances and
+/// ModifyInstanceAttribute; the agent's limit too).
+pub const MAX_USER_DATA: usize = 16 * 1024;
 
 /// A state transition as RunInstances/Start/Stop/... report it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

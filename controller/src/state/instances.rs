@@ -35,9 +35,7 @@ impl ClusterState {
                 spec.placement_group
             )));
         }
-        if spec.user_data.len() > 16 * 1024 {
-            return invalid("user_data: at most 16 KiB");
-        }
+        check_user_data(&spec.user_data)?;
         let t = &spec.client_token;
         if t.len() > 64 || !t.bytes().all(|b| b.is_ascii_graphic()) {
             return invalid("client_token: at most 64 printable ASCII characters");

@@ -12,7 +12,9 @@
 //! One module per resource, each with its validation and tests:
 //! `commands` (the log entries and outputs), `instances` (launch,
 //! placement, intent, capacity), `hosts` (heartbeats, ordered
-//! observations), `catalog` (images, key pairs, groups, tags), `access`
+//! observations), `attributes` (ModifyInstanceAttribute: type, user
+//! data, shutdown behaviour, groups), `catalog` (images, key pairs,
+//! groups, tags), `access`
 //! (API keys, roles, join tokens, the cluster CA) and `network` (VPCs,
 //! subnets), `security` (security groups), `interfaces` (the network
 //! interfaces derived from instances) and `volumes` (block volumes:
@@ -29,6 +31,7 @@ use crate::model::*;
 use crate::scheduler;
 
 mod access;
+mod attributes;
 mod catalog;
 mod commands;
 mod hosts;
@@ -40,6 +43,7 @@ mod security;
 mod volumes;
 
 pub use access::{check_host_id, MAX_JOIN_TOKEN_TTL_MS};
+use attributes::check_user_data;
 pub use commands::*;
 pub use ferro_pki::CaMaterial;
 pub use interfaces::{
@@ -337,6 +341,7 @@ impl ferro_raft::StateMachine for ClusterState {
                 self.purge_instances(&ids);
                 Ok(Output::Done)
             }
+            Command::ModifyInstance { id, change } => self.modify_instance(&id, change),
         }
     }
 }

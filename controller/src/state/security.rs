@@ -296,13 +296,27 @@ impl ClusterState {
     /// Sets the groups of instance `id`'s primary interface.
     pub(super) fn set_instance_groups(&mut self, id: &str, groups: &[String]) -> Response {
         self.check_ids(std::slice::from_ref(&id.to_string()))?;
-        let i = &self.instances[id];
-        if i.desired == DesiredState::Terminated {
+        if self.instances[id].desired == DesiredState::Terminated {
             return Err(E::FailedPrecondition(format!(
                 "instance_id: {id} is terminated"
             )));
         }
-        let Some(n) = &i.network else {
+        let groups = self.check_instance_groups(id, groups)?;
+        let i = self.instances.get_mut(id).expect("checked above");
+        if let Some(n) = i.network.as_mut() {
+            n.security_groups = groups;
+        }
+        Ok(Output::Done)
+    }
+
+    /// The groups instance `id`'s primary interface may take, checked
+    /// (the instance must exist).
+    pub(super) fn check_instance_groups(
+        &self,
+        id: &str,
+        groups: &[String],
+    ) -> Result<Vec<String>, StateError> {
+        let Some(n) = self.instances.get(id).and_then(|i| i.network.as_ref()) else {
             return Err(E::FailedPrecondition(format!(
                 "instance_id: {id} has no network interface"
             )));
@@ -310,12 +324,7 @@ impl ClusterState {
         if groups.is_empty() {
             return invalid("security_group_ids: give at least one group");
         }
-        let groups = self.interface_groups(&n.vpc_id.clone(), groups)?;
-        let i = self.instances.get_mut(id).expect("checked above");
-        if let Some(n) = i.network.as_mut() {
-            n.security_groups = groups;
-        }
-        Ok(Output::Done)
+        self.interface_groups(&n.vpc_id, groups)
     }
 }
 

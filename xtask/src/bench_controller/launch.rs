@@ -250,6 +250,7 @@ async fn agent_launch(c: &mut AgentClient<Channel>, id: &str, ty: &pb::InstanceT
     let start = ag::StartInstanceRequest {
         id: id.into(),
         volumes: None,
+        resources: None,
     };
     c.start_instance(start)
         .await
