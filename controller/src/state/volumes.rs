@@ -699,6 +699,14 @@ impl ClusterState {
             )));
         }
         let v = self.volumes.get_mut(volume_id).expect("checked above");
+        if on_running {
+            // Its host's blockd may still serve it to the running VMM
+            // until its watch says otherwise: the new epoch fences that
+            // primary at every replica, so a primary elsewhere (an attach
+            // and start on another host) never shares the replicas with
+            // it.
+            v.epoch += 1;
+        }
         let mut a = v.attachment.take().expect("checked above");
         // A launch's volume still being made stays so until its replicas
         // hold it.
@@ -1315,11 +1323,14 @@ mod tests {
         );
         let e = detach(&mut s, "vol-1", false).unwrap_err();
         assert!(e.to_string().contains("IncorrectInstanceState"), "{e}");
+        let epoch = s.volumes["vol-1"].epoch;
         let Output::Attachment { attachment, .. } = detach(&mut s, "vol-1", true).unwrap() else {
             panic!()
         };
         assert_eq!(attachment.state, AttachmentState::Detached);
         assert_eq!(s.volumes["vol-1"].state, VolumeState::Available);
+        // Forced off a running instance: the epoch fences its primary.
+        assert_eq!(s.volumes["vol-1"].epoch, epoch + 1);
         let e = detach(&mut s, "vol-1", false).unwrap_err();
         assert!(e.to_string().contains("not attached"), "{e}");
     }
