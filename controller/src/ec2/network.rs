@@ -110,6 +110,27 @@ async fn delete<R: Replicator<ClusterState>>(ctx: &Ctx<R>, action: &str, p: &Par
     r.and_then(|()| returned(ctx, action))
 }
 
+/// Applies `p`'s filters to `req`: `tag:KEY` and `tag-key` to its tag
+/// filters (`tags`), every other name to the list `field` names for it
+/// (none: the filter is unknown).
+fn apply_filters<T>(
+    p: &Params,
+    req: &mut T,
+    tags: impl Fn(&mut T) -> &mut Vec<pb::TagFilter>,
+    field: impl for<'a> Fn(&'a mut T, &str) -> Option<&'a mut Vec<String>>,
+) -> Result<(), Ec2Error> {
+    for f in p.filters()? {
+        if tag_filter(&f, tags(req))? {
+            continue;
+        }
+        match field(req, &f.0) {
+            Some(list) => list.extend(f.1),
+            None => return Err(unknown_filter(&f.0)),
+        }
+    }
+    Ok(())
+}
+
 /// `tag:KEY` and `tag-key` filters as the gRPC API's tag filters; false
 /// for another filter.
 fn tag_filter(f: &Filter, out: &mut Vec<pb::TagFilter>) -> Result<bool, Ec2Error> {
@@ -167,14 +188,17 @@ async fn describe_vpcs<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) ->
         next_token: p.get("NextToken").unwrap_or_default().to_string(),
         ..Default::default()
     };
-    for f in p.filters()? {
-        if !tag_filter(&f, &mut req.tags)? {
-            match f.0.as_str() {
-                "vpc-id" => req.vpc_ids.extend(f.1),
-                n => return Err(unknown_filter(n)),
-            }
-        }
-    }
+    apply_filters(
+        p,
+        &mut req,
+        |r| &mut r.tags,
+        |r, name| {
+            Some(match name {
+                "vpc-id" => &mut r.vpc_ids,
+                _ => return None,
+            })
+        },
+    )?;
     let r = ok(
         ctx.svc.describe_vpcs(ctx.req(req)).await,
         "InvalidVpcID.NotFound",
@@ -223,16 +247,19 @@ async fn describe_subnets<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params)
         next_token: p.get("NextToken").unwrap_or_default().to_string(),
         ..Default::default()
     };
-    for f in p.filters()? {
-        if !tag_filter(&f, &mut req.tags)? {
-            match f.0.as_str() {
-                "subnet-id" => req.subnet_ids.extend(f.1),
-                "vpc-id" => req.vpc_ids.extend(f.1),
-                "availability-zone" => req.availability_zones.extend(f.1),
-                n => return Err(unknown_filter(n)),
-            }
-        }
-    }
+    apply_filters(
+        p,
+        &mut req,
+        |r| &mut r.tags,
+        |r, name| {
+            Some(match name {
+                "subnet-id" => &mut r.subnet_ids,
+                "vpc-id" => &mut r.vpc_ids,
+                "availability-zone" => &mut r.availability_zones,
+                _ => return None,
+            })
+        },
+    )?;
     let r = ok(
         ctx.svc.describe_subnets(ctx.req(req)).await,
         "InvalidSubnetID.NotFound",
@@ -304,16 +331,19 @@ async fn describe_groups<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params) 
         next_token: p.get("NextToken").unwrap_or_default().to_string(),
         ..Default::default()
     };
-    for f in p.filters()? {
-        if !tag_filter(&f, &mut req.tags)? {
-            match f.0.as_str() {
-                "group-id" => req.group_ids.extend(f.1),
-                "group-name" => req.group_names.extend(f.1),
-                "vpc-id" => req.vpc_ids.extend(f.1),
-                n => return Err(unknown_filter(n)),
-            }
-        }
-    }
+    apply_filters(
+        p,
+        &mut req,
+        |r| &mut r.tags,
+        |r, name| {
+            Some(match name {
+                "group-id" => &mut r.group_ids,
+                "group-name" => &mut r.group_names,
+                "vpc-id" => &mut r.vpc_ids,
+                _ => return None,
+            })
+        },
+    )?;
     let r = ok(
         ctx.svc.describe_security_groups(ctx.req(req)).await,
         "InvalidGroup.NotFound",
@@ -406,24 +436,27 @@ async fn describe_interfaces<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Para
         next_token: p.get("NextToken").unwrap_or_default().to_string(),
         ..Default::default()
     };
-    for f in p.filters()? {
-        if !tag_filter(&f, &mut req.tags)? {
-            match f.0.as_str() {
-                "network-interface-id" => req.network_interface_ids.extend(f.1),
-                "vpc-id" => req.vpc_ids.extend(f.1),
-                "subnet-id" => req.subnet_ids.extend(f.1),
-                "availability-zone" => req.availability_zones.extend(f.1),
+    apply_filters(
+        p,
+        &mut req,
+        |r| &mut r.tags,
+        |r, name| {
+            Some(match name {
+                "network-interface-id" => &mut r.network_interface_ids,
+                "vpc-id" => &mut r.vpc_ids,
+                "subnet-id" => &mut r.subnet_ids,
+                "availability-zone" => &mut r.availability_zones,
                 "private-ip-address" | "addresses.private-ip-address" => {
-                    req.private_ip_addresses.extend(f.1)
+                    &mut r.private_ip_addresses
                 }
-                "group-id" => req.security_group_ids.extend(f.1),
-                "group-name" => req.security_group_names.extend(f.1),
-                "attachment.instance-id" => req.instance_ids.extend(f.1),
-                "mac-address" => req.mac_addresses.extend(f.1),
-                n => return Err(unknown_filter(n)),
-            }
-        }
-    }
+                "group-id" => &mut r.security_group_ids,
+                "group-name" => &mut r.security_group_names,
+                "attachment.instance-id" => &mut r.instance_ids,
+                "mac-address" => &mut r.mac_addresses,
+                _ => return None,
+            })
+        },
+    )?;
     let r = ok(
         ctx.svc.describe_network_interfaces(ctx.req(req)).await,
         "InvalidNetworkInterfaceID.NotFound",
@@ -501,17 +534,20 @@ async fn describe_volumes<R: Replicator<ClusterState>>(ctx: &Ctx<R>, p: &Params)
         next_token: p.get("NextToken").unwrap_or_default().to_string(),
         ..Default::default()
     };
-    for f in p.filters()? {
-        if !tag_filter(&f, &mut req.tags)? {
-            match f.0.as_str() {
-                "volume-id" => req.volume_ids.extend(f.1),
-                "status" => req.states.extend(f.1),
-                "availability-zone" => req.availability_zones.extend(f.1),
-                "attachment.instance-id" => req.attachment_instance_ids.extend(f.1),
-                n => return Err(unknown_filter(n)),
-            }
-        }
-    }
+    apply_filters(
+        p,
+        &mut req,
+        |r| &mut r.tags,
+        |r, name| {
+            Some(match name {
+                "volume-id" => &mut r.volume_ids,
+                "status" => &mut r.states,
+                "availability-zone" => &mut r.availability_zones,
+                "attachment.instance-id" => &mut r.attachment_instance_ids,
+                _ => return None,
+            })
+        },
+    )?;
     let r = ok(
         ctx.svc.describe_volumes(ctx.req(req)).await,
         "InvalidVolume.NotFound",
