@@ -314,9 +314,7 @@ fn execute(store: &dyn Store, frame: &Frame, capacity: u64) -> Result<Body, Refu
             region_shift,
         } => {
             let region = 1u64 << region_shift;
-            let read = |buf: &mut [u8], at: u64| store.read_at(buf, at);
-            let sums =
-                crate::resync::region_sums(read, *offset, u64::from(*len), region).map_err(io)?;
+            let sums = store.sums(*offset, u64::from(*len), region).map_err(io)?;
             Body::Sums {
                 offset: *offset,
                 region_shift: *region_shift,

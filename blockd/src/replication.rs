@@ -38,9 +38,20 @@
 //! Such regions are not acknowledged to the guest; a dropped backup has
 //! them in the dirty map, and a resync by a primary without that map
 //! compares checksums, so the backup agrees with the good copy once it is
-//! back. Not handled yet: a region a fenced primary wrote to its own copy
-//! (its backups refused it) stays different there if that copy is a
-//! replica still in sync.
+//! back.
+//!
+//! # Reconcile: the replicas a previous primary left
+//!
+//! A primary that stopped mid-write (its blockd killed, its host dead, or
+//! fenced: its own copy and the backups still at its epoch took a write
+//! the others refused) can leave replicas that are all in sync yet differ
+//! where a write was never acknowledged. So a new primary compares each
+//! in-sync backup with its source (its own copy, else the first backup in
+//! sync) by checksums, region by region, and copies the regions that
+//! differ under the write lock ([`ReplicatedStore::reconcile`]; the serving
+//! daemon runs it on a thread of its own as soon as it serves). Until a
+//! backup is reconciled, a resync of it never trusts the dirty map (which
+//! only knows what this primary wrote): it compares checksums.
 //!
 //! # Resync
 //!
@@ -193,6 +204,20 @@ pub struct ResyncReport {
     pub epoch: u64,
 }
 
+/// What one [`ReplicatedStore::reconcile`] round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Backups compared with the source (and made to agree with it).
+    pub backups: u32,
+    /// Regions that differed and were copied.
+    pub regions: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// In-sync backups still not reconciled (unreachable, or the epoch
+    /// moved): try again.
+    pub left: Vec<String>,
+}
+
 /// How long a daemon waits before it tries a resync that failed again at
 /// the same address (a replica whose blockd is not back yet).
 pub const RESYNC_RETRY: Duration = Duration::from_secs(30);
@@ -241,6 +266,11 @@ struct State {
     catchup: HashMap<String, DirtyMap>,
     /// Regions copied by each completed resync, by backup.
     resynced: HashMap<String, ResyncReport>,
+    /// Backups in the set since open that [`ReplicatedStore::reconcile`]
+    /// has not compared with the source yet: they may differ from it where
+    /// an earlier primary's write was never acknowledged, so a resync of
+    /// one compares checksums rather than trusting the dirty map.
+    unreconciled: std::collections::BTreeSet<String>,
     fenced: bool,
 }
 
@@ -328,6 +358,7 @@ impl ReplicatedStore {
                 dirty: map,
                 catchup: HashMap::new(),
                 resynced: HashMap::new(),
+                unreconciled: backups.iter().map(|b| b.id.clone()).collect(),
                 fenced: false,
             }),
         };
@@ -802,13 +833,9 @@ impl Source<'_> {
 
     fn sums(&mut self, offset: u64, len: u32, region_shift: u8) -> Result<Vec<u32>, ResyncError> {
         match self {
-            Source::Local(s) => crate::resync::region_sums(
-                |b, at| s.read_at(b, at),
-                offset,
-                u64::from(len),
-                1 << region_shift,
-            )
-            .map_err(ResyncError::Local),
+            Source::Local(s) => s
+                .sums(offset, u64::from(len), 1 << region_shift)
+                .map_err(ResyncError::Local),
             Source::Remote(l) => l.sums(offset, len, region_shift),
         }
     }
@@ -836,7 +863,8 @@ impl ReplicatedStore {
             if st.catchup.contains_key(&backup.id) {
                 return Err(ResyncError::Busy(backup.id.clone()));
             }
-            let known = st.out.contains(&backup.id).then(|| st.dirty.clone());
+            let known = (st.out.contains(&backup.id) && !st.unreconciled.contains(&backup.id))
+                .then(|| st.dirty.clone());
             let clean = DirtyMap::new(self.size(), st.dirty.region_size());
             st.catchup.insert(backup.id.clone(), clean);
             let source = st.in_sync.first().map(|p| (p.id.clone(), p.addr));
@@ -866,6 +894,123 @@ impl ReplicatedStore {
 
     fn size(&self) -> u64 {
         self.sectors * SECTOR_SIZE
+    }
+
+    /// The in-sync backups not reconciled yet (see [`Self::reconcile`]).
+    pub fn unreconciled(&self) -> Vec<String> {
+        let st = self.lock();
+        st.in_sync
+            .iter()
+            .filter(|p| st.unreconciled.contains(&p.id))
+            .map(|p| p.id.clone())
+            .collect()
+    }
+
+    /// Makes each in-sync backup not reconciled yet agree with this
+    /// primary's source (its own copy, else the first backup in sync):
+    /// both are compared by checksums ([`crate::resync`]), region by
+    /// region, outside the write lock; each region that differs is then
+    /// copied under it (no write is in flight meanwhile, and every write
+    /// after it reaches both), and the backup flushes. A region that a
+    /// write changed during the comparison may be copied for nothing,
+    /// never missed. A backup that cannot be reached, or one compared at
+    /// an epoch that moved, is left for the next call
+    /// ([`ReconcileReport::left`]); one removed from the set meanwhile is
+    /// left to its resync, which then compares checksums. Blocking: it
+    /// reads the whole volume on the source and on each backup. Fails only
+    /// when this primary is fenced.
+    pub fn reconcile(&self) -> Result<ReconcileReport, ResyncError> {
+        let span = tracing::info_span!("reconcile", volume_id = %self.volume);
+        let _enter = span.enter();
+        let started = Instant::now();
+        let (epoch, todo, remote_source) = {
+            let st = self.lock();
+            self.fenced(&st)?;
+            let remote_source = match self.local {
+                Some(_) => None,
+                None => st.in_sync.first().map(|p| (p.id.clone(), p.addr)),
+            };
+            let todo: Vec<(String, SocketAddr)> = st
+                .in_sync
+                .iter()
+                .filter(|p| st.unreconciled.contains(&p.id))
+                .map(|p| (p.id.clone(), p.addr))
+                .collect();
+            (st.epoch, todo, remote_source)
+        };
+        let mut report = ReconcileReport::default();
+        for (id, addr) in todo {
+            if remote_source.as_ref().is_some_and(|(s, _)| *s == id) {
+                // The source agrees with itself.
+                self.lock().unreconciled.remove(&id);
+                continue;
+            }
+            match self.reconcile_one(&id, addr, epoch, remote_source.clone(), &mut report) {
+                Ok(()) => report.backups += 1,
+                Err(e @ ResyncError::Fenced(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(replica = %id, "not reconciled yet: {}", crate::error_chain(&e));
+                    report.left.push(id);
+                }
+            }
+        }
+        if report.backups > 0 {
+            tracing::info!(
+                backups = report.backups,
+                regions = report.regions,
+                bytes = report.bytes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "replicas compared with the source; the differing regions copied"
+            );
+        }
+        Ok(report)
+    }
+
+    fn reconcile_one(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        epoch: u64,
+        remote_source: Option<(String, SocketAddr)>,
+        report: &mut ReconcileReport,
+    ) -> Result<(), ResyncError> {
+        let mut target = self.resync_link(id, addr, epoch)?;
+        let mut source = match (&self.local, remote_source) {
+            (Some(l), _) => Source::Local(&**l),
+            (None, Some((sid, saddr))) => Source::Remote(self.resync_link(&sid, saddr, epoch)?),
+            (None, None) => {
+                return Err(ResyncError::Replica {
+                    replica: id.to_string(),
+                    why: "no replica in sync to compare with".into(),
+                })
+            }
+        };
+        let plan = self.differing(&mut source, &mut target)?;
+        let mut buf = Vec::new();
+        for (offset, len) in crate::resync::copy_extents(&plan, self.size()) {
+            let st = self.lock();
+            self.fenced(&st)?;
+            if st.epoch != epoch {
+                return Err(ResyncError::EpochMoved {
+                    from: epoch,
+                    to: st.epoch,
+                });
+            }
+            if !st.in_sync.iter().any(|p| p.id == id) {
+                // Removed meanwhile: its resync compares checksums.
+                return Ok(());
+            }
+            buf.resize(len as usize, 0);
+            source.read(&mut buf, offset)?;
+            target.write(offset, &buf)?;
+            report.regions += 1;
+            report.bytes += len;
+        }
+        target.request(Body::Flush)?;
+        // Every region it lacked is copied; every write since reached it
+        // (or, once it is removed, the dirty map).
+        self.lock().unreconciled.remove(id);
+        Ok(())
     }
 
     /// Connects to a replica for a resync at `epoch` (asking again while
@@ -977,6 +1122,9 @@ impl ReplicatedStore {
             }
             st.epoch = granted;
             st.out.retain(|o| *o != backup.id);
+            // Copied by checksum, or from the dirty map of a reconciled
+            // copy: it agrees with the source.
+            st.unreconciled.remove(&backup.id);
             if st.out.is_empty() {
                 st.dirty.clear();
             }

@@ -12,6 +12,12 @@
 //! controller's answer not yet in, or this primary fenced) is logged and
 //! tried again at the next round.
 //!
+//! As soon as a volume is served, its in-sync replicas are reconciled with
+//! this primary's source on a thread of its own
+//! ([`ReplicatedStore::reconcile`]): a previous primary that stopped
+//! mid-write, or was fenced, may have left them different where a write
+//! was never acknowledged.
+//!
 //! Every round, each replica of a served volume that the controller lists
 //! out of sync (a returning or new one, with a replica server) is resynced
 //! by this primary on a thread of its own
@@ -179,6 +185,7 @@ impl Serving {
             socket = %socket.display(),
             "serving the volume"
         );
+        reconcile_in_background(id, store.clone(), stop.clone());
         let served = Served {
             epoch: w.epoch,
             socket,
@@ -190,6 +197,37 @@ impl Serving {
         Ok(served)
     }
 }
+
+/// Reconciles the in-sync replicas a previous primary may have left
+/// different ([`ReplicatedStore::reconcile`]) on a thread of its own while
+/// the volume is served, again after [`RECONCILE_RETRY`] for a backup not
+/// reached or compared at an epoch that moved, until every one is done or
+/// serving stops.
+fn reconcile_in_background(id: &str, store: Arc<ReplicatedStore>, stop: Arc<AtomicBool>) {
+    let vid = id.to_string();
+    let spawned = std::thread::Builder::new()
+        .name(format!("reconcile-{id}"))
+        .spawn(move || loop {
+            if stop.load(Ordering::Acquire) || store.is_fenced() {
+                return;
+            }
+            match store.reconcile() {
+                Ok(r) if r.left.is_empty() => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(volume_id = %vid, "reconcile stopped: {e}");
+                    return;
+                }
+            }
+            std::thread::sleep(RECONCILE_RETRY);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(volume_id = %id, "cannot start reconciling the replicas: {e}");
+    }
+}
+
+/// The pause before reconciling a backup again that could not be.
+pub const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Starts a resync of each replica of `w` out of sync that is not being
 /// resynced already.

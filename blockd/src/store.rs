@@ -57,6 +57,12 @@ pub trait Store: Send + Sync {
     }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// The CRC32C of each `region`-byte region of the `len` bytes at
+    /// `offset`, the last one cut ([`crate::resync::region_sums`]). A
+    /// sparse file's store skips its holes.
+    fn sums(&self, offset: u64, len: u64, region: u64) -> io::Result<Vec<u32>> {
+        crate::resync::region_sums(|b, at| self.read_at(b, at), offset, len, region)
+    }
 }
 
 /// A volume as one sparse file on the local host.
@@ -114,6 +120,54 @@ impl Store for LocalFile {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn sums(&self, offset: u64, len: u64, region: u64) -> io::Result<Vec<u32>> {
+        // Where the next data at or after some offset starts: `None` for
+        // none before the end of the file.
+        let mut next_data: Option<(u64, Option<u64>)> = None;
+        let mut hole = |at: u64, n: u64| -> io::Result<bool> {
+            let known =
+                next_data.filter(|&(from, data)| from <= at && data.is_none_or(|d| d >= at));
+            let data = match known {
+                Some((_, data)) => data,
+                None => {
+                    let data = self.data_from(at)?;
+                    next_data = Some((at, data));
+                    data
+                }
+            };
+            Ok(data.is_none_or(|d| d >= at + n))
+        };
+        crate::resync::sparse_region_sums(
+            |b, at| self.read_at(b, at),
+            &mut hole,
+            offset,
+            len,
+            region,
+        )
+    }
+}
+
+impl LocalFile {
+    /// The first byte of data at or after `at` (`SEEK_DATA`), `None` when
+    /// only a hole follows.
+    fn data_from(&self, at: u64) -> io::Result<Option<u64>> {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(at)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: lseek on a descriptor this store owns; it touches no
+        // memory, and the file position it moves is never used (every
+        // read and write is positional).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(r as u64))
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +202,36 @@ mod tests {
             LocalFile::open_or_create(&path, 1000),
             Err(StoreError::BadSize(1000))
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sums_skip_holes_and_match_reading_everything() {
+        let dir = std::env::temp_dir().join(format!("blockd-sums-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 64 << 20;
+        let store = LocalFile::open_or_create(&dir.join("vol"), size).unwrap();
+        // Data in regions 3 and 40 (one write across two regions' border)
+        // and at the very end; the rest is holes.
+        store.write_at(&[7; 4096], 3 << 20).unwrap();
+        store.write_at(&[9; 8192], (41 << 20) - 4096).unwrap();
+        store.write_at(&[1; 512], size - 512).unwrap();
+        let read_all = crate::resync::region_sums(|b, at| store.read_at(b, at), 0, size, 1 << 20);
+        let sparse = store.sums(0, size, 1 << 20).unwrap();
+        assert_eq!(sparse, read_all.unwrap());
+        let zeros = crate::wire::crc32c(&vec![0; 1 << 20]);
+        let data: Vec<usize> = (0..sparse.len()).filter(|&i| sparse[i] != zeros).collect();
+        assert_eq!(data, [3, 40, 41, 63]);
+        // From the middle of the file, and cut short.
+        let part = store.sums((40 << 20) + 512, 3 << 20, 1 << 20).unwrap();
+        let want = crate::resync::region_sums(
+            |b, at| store.read_at(b, at),
+            (40 << 20) + 512,
+            3 << 20,
+            1 << 20,
+        );
+        assert_eq!(part, want.unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
