@@ -44,6 +44,7 @@ use ferro_proto::agent::v1::agent_server::AgentServer;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
+use tracing::Instrument;
 
 pub use config::AgentConfig;
 
@@ -90,8 +91,13 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 /// returns. Prints `ferro-agent: listening on ADDR` once it serves (after
 /// joining the cluster on a first start with `join_token`).
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    // Entered only while the future runs (a guard held across awaits
+    // would tag other tasks' events on the same thread).
     let span = tracing::info_span!("agent", host_id = %cfg.host_id);
-    let _g = span.enter();
+    serve(cfg).instrument(span).await
+}
+
+async fn serve(cfg: AgentConfig) -> Result<(), AgentError> {
     let listen = cfg.listen;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;

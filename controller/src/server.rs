@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use ferro_proto::compute::v1::cluster_server::ClusterServer;
 use ferro_proto::compute::v1::compute_server::ComputeServer;
@@ -83,8 +84,13 @@ pub fn services<R: Replicator<ClusterState>>(
 /// (`ferro-controller: admin API key: fk_...`, also written to
 /// `<data_dir>/admin.key`, mode 0600).
 pub async fn run(cfg: ControllerConfig) -> Result<(), ServerError> {
+    // The span covers the node's own work; entered only while the future
+    // runs (a guard held across awaits would tag other tasks' events).
     let span = tracing::info_span!("controller", node_id = cfg.node_id);
-    let _g = span.enter();
+    serve(cfg).instrument(span).await
+}
+
+async fn serve(cfg: ControllerConfig) -> Result<(), ServerError> {
     let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
     let members = cfg.members()?;

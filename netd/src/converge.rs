@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use ferro_proto::compute::v1::HostNetwork;
 use tokio::sync::watch;
@@ -117,8 +118,11 @@ impl Converger {
     async fn apply(&mut self, desired: &Desired, op: &Op) {
         let vpc_id = vpc_of(desired, op).unwrap_or("-");
         let span = tracing::info_span!("op", vpc_id);
+        // Entered only around the logging: a guard held across the await
+        // would tag other tasks' events on this thread.
+        let result = self.nl.apply(op).instrument(span.clone()).await;
         let _g = span.enter();
-        match self.nl.apply(op).await {
+        match result {
             Ok(()) => {
                 tracing::info!("{op}");
                 self.failing.remove(&op.to_string());

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use ferro_proto::compute::v1 as pb;
 use ferro_proto::compute::v1::hosts_server::Hosts;
@@ -316,13 +317,13 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
         let span = tracing::info_span!("join", host_id = %r.host_id);
-        let _g = span.enter();
         let joined = self
             .ctl
             .join(&r.host_id, &r.token, &r.public_key)
+            .instrument(span.clone())
             .await
             .map_err(status)?;
-        tracing::info!("host joined");
+        span.in_scope(|| tracing::info!("host joined"));
         Ok(Response::new(pb::JoinResponse {
             host_key: joined.host_key,
             certificate_pem: joined.certificate_pem,
