@@ -966,6 +966,24 @@ impl ReplicatedStore {
         Ok(report)
     }
 
+    /// What a resync or reconcile of replica `target` copies from: this
+    /// primary's own copy, else `remote` (the first backup in sync).
+    fn source(
+        &self,
+        target: &str,
+        remote: Option<(String, SocketAddr)>,
+        epoch: u64,
+    ) -> Result<Source<'_>, ResyncError> {
+        match (&self.local, remote) {
+            (Some(l), _) => Ok(Source::Local(&**l)),
+            (None, Some((id, addr))) => Ok(Source::Remote(self.resync_link(&id, addr, epoch)?)),
+            (None, None) => Err(ResyncError::Replica {
+                replica: target.to_string(),
+                why: "no replica in sync to copy from".into(),
+            }),
+        }
+    }
+
     fn reconcile_one(
         &self,
         id: &str,
@@ -975,16 +993,7 @@ impl ReplicatedStore {
         report: &mut ReconcileReport,
     ) -> Result<(), ResyncError> {
         let mut target = self.resync_link(id, addr, epoch)?;
-        let mut source = match (&self.local, remote_source) {
-            (Some(l), _) => Source::Local(&**l),
-            (None, Some((sid, saddr))) => Source::Remote(self.resync_link(&sid, saddr, epoch)?),
-            (None, None) => {
-                return Err(ResyncError::Replica {
-                    replica: id.to_string(),
-                    why: "no replica in sync to compare with".into(),
-                })
-            }
-        };
+        let mut source = self.source(id, remote_source, epoch)?;
         let plan = self.differing(&mut source, &mut target)?;
         let mut buf = Vec::new();
         for (offset, len) in crate::resync::copy_extents(&plan, self.size()) {
@@ -1063,16 +1072,7 @@ impl ReplicatedStore {
         source: Option<(String, SocketAddr)>,
     ) -> Result<ResyncReport, ResyncError> {
         let mut target = self.resync_link(&backup.id, backup.addr, epoch)?;
-        let mut source = match &self.local {
-            Some(l) => Source::Local(&**l),
-            None => {
-                let (id, addr) = source.ok_or_else(|| ResyncError::Replica {
-                    replica: backup.id.clone(),
-                    why: "no replica in sync to copy from".into(),
-                })?;
-                Source::Remote(self.resync_link(&id, addr, epoch)?)
-            }
-        };
+        let mut source = self.source(&backup.id, source, epoch)?;
         let mut report = ResyncReport::default();
         let mut plan = match known {
             Some(map) => map,
