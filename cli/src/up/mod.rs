@@ -369,8 +369,14 @@ async fn bring_up(
         &layout.agent_config(),
         &layout.log("agent"),
     )?);
-    wait_healthy(daemons, timeout, "the agent's host to be healthy", || {
+    // A data directory of an earlier run keeps its host record healthy
+    // with the earlier agent's address until the new agent's first
+    // heartbeat: wait for that heartbeat (its address), or calls the
+    // controller relays to the agent (console output) go to a dead port.
+    let port = format!(":{}", layout.agent_addr.port());
+    wait_healthy(daemons, timeout, "the agent's first heartbeat", || {
         let mut c = client.clone();
+        let port = port.clone();
         async move {
             let r = c
                 .call(|ch| async move {
@@ -380,9 +386,15 @@ async fn bring_up(
                 })
                 .await;
             let healthy = pb::HostHealth::Healthy as i32;
+            let this_agent = |h: &pb::Host| {
+                h.health == healthy && h.address.trim_end_matches('/').ends_with(&port)
+            };
             match r {
-                Ok(h) if h.hosts.iter().any(|h| h.health == healthy) => Ok(()),
-                Ok(h) => Err(format!("{} hosts, none healthy", h.hosts.len())),
+                Ok(h) if h.hosts.iter().any(this_agent) => Ok(()),
+                Ok(h) => Err(format!(
+                    "{} hosts, none healthy at the agent's address{port}",
+                    h.hosts.len()
+                )),
                 Err(e) => Err(e.to_string()),
             }
         }

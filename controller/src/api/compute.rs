@@ -372,7 +372,18 @@ impl<R: Replicator<ClusterState>> Compute for ComputeService<R> {
             Err(e) if e.code() == tonic::Code::NotFound && !terminated => {
                 return Ok(empty(r.instance_id))
             }
-            Err(e) => return Err(e),
+            // Name the host: a bare "tcp connect error" reads as if the
+            // controller itself were down.
+            Err(e) => {
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "instance {}: its host {host_id} ({address}): {}",
+                        r.instance_id,
+                        e.message()
+                    ),
+                ))
+            }
         };
         Ok(Response::new(pb::GetConsoleOutputResponse {
             instance_id: r.instance_id,
