@@ -457,9 +457,9 @@ fn loadavg() -> f64 {
 }
 
 /// Per workload, per target: the measures.
-fn measure(targets: &mut [(&str, &mut dyn Target)], secs: f64) -> Result<Value> {
+fn measure(targets: &mut [(&str, &mut dyn Target)], secs: f64, only: &[String]) -> Result<Value> {
     let mut out = json!({});
-    for w in &WORKLOADS {
+    for w in WORKLOADS.iter().filter(|w| selected(w, only)) {
         let mut lat: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
         let mut busy = vec![Duration::ZERO; targets.len()];
         let mut count = vec![0usize; targets.len()];
@@ -520,10 +520,18 @@ fn key(w: &Workload) -> (&'static str, &'static str) {
     }
 }
 
+/// Whether `--only` (empty: every workload) names `w`.
+fn selected(w: &Workload, only: &[String]) -> bool {
+    only.is_empty() || only.iter().any(|o| o == w.name)
+}
+
 /// Prints the table and the targets; adds the ratios to `r`.
 fn report(r: &mut Value) -> Value {
     let f = |r: &Value, w: &str, t: &str, k: &str| r[w][t][k].as_f64().unwrap_or(f64::NAN);
     for w in &WORKLOADS {
+        if r.get(w.name).is_none() {
+            continue;
+        }
         let (k, unit) = key(w);
         println!("{} ({unit}):", w.name);
         let host = f(r, w.name, "host", k);
@@ -548,6 +556,9 @@ fn report(r: &mut Value) -> Value {
     }
     let mut targets = Vec::new();
     let mut target = |name: String, ratio: f64, min: Option<f64>, max: Option<f64>| {
+        if ratio.is_nan() {
+            return println!("target: {name}: not measured (--only)");
+        }
         let met = min.is_none_or(|m| ratio >= m) && max.is_none_or(|m| ratio <= m);
         let bound = match (min, max) {
             (Some(m), _) => format!(">= {m:.2}"),
@@ -591,6 +602,7 @@ fn report(r: &mut Value) -> Value {
 /// Entry point for `cargo xtask bench blockd`.
 pub fn run(args: &[String]) -> Result<()> {
     let mut secs = 8.0;
+    let mut only = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -600,6 +612,19 @@ pub fn run(args: &[String]) -> Result<()> {
                     .and_then(|v| v.parse().ok())
                     .filter(|s: &f64| *s > 0.0)
                     .ok_or("--secs needs a positive number")?
+            }
+            "--only" => {
+                let names = it.next().ok_or("--only needs workload names")?;
+                for n in names.split(',') {
+                    if !WORKLOADS.iter().any(|w| w.name == n) {
+                        let all: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                        return Err(format!(
+                            "--only: no workload {n:?} (workloads: {})",
+                            all.join(", ")
+                        ));
+                    }
+                    only.push(n.to_string());
+                }
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -625,7 +650,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let dir = target.join(format!("tmp/bench-blockd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = bench(&dir, &blockd, &me, secs);
+    let result = bench(&dir, &blockd, &me, secs, &only);
     let _ = std::fs::remove_dir_all(&dir);
     let mut report_json = result?;
     let targets = report(&mut report_json["workloads"]);
@@ -639,7 +664,7 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64) -> Result<Value> {
+fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Result<Value> {
     let t0 = Instant::now();
     let files = [
         "host.img",
@@ -751,7 +776,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64) -> Result<Value> {
         (TARGETS[3], &mut v2),
         (TARGETS[4], &mut v3),
     ];
-    let workloads = measure(&mut targets, secs)?;
+    let workloads = measure(&mut targets, secs, only)?;
     Ok(json!({
         "load_average_1m": {"before": load_before, "after": loadavg()},
         "file_mib": FILE_SIZE >> 20,

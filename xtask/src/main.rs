@@ -2,7 +2,7 @@
 //! `cargo xtask bench agent [--runs N]`
 //! `cargo xtask bench controller [--runs N] [--only raft|launch|scheduler|rss]`
 //! `cargo xtask bench netd`
-//! `cargo xtask bench blockd [--secs N]`
+//! `cargo xtask bench blockd [--secs N] [--only W,...]`
 //!
 //! Benchmarks print one line per measure, each next to a baseline measured
 //! in the same run, and write JSON to `target/bench/<area>.json`.
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask bench vmm [--runs N] [--only boot|memory|blk|net|linux] [--peer-firecracker PATH] | bench agent [--runs N] \
-                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd | bench blockd [--secs N] | bench ec2api"
+                 | bench controller [--runs N] [--only raft|launch|scheduler|rss] | bench netd | bench blockd [--secs N] [--only W,...] | bench ec2api"
             );
             ExitCode::from(2)
         }
