@@ -166,9 +166,9 @@ impl RequestHandler {
     fn run(&self, mem: &GuestMemoryMmap, data: &[Desc], op: Op) -> Result<u32, u8> {
         match op {
             Op::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
-                self.store.read_at(&mut buf, offset).map_err(io_error)?;
-                scatter(mem, data, &buf)
+                let bufs = guest_buffers(mem, data)?;
+                self.store.read_into(&bufs, offset).map_err(io_error)?;
+                u32::try_from(len).map_err(|_| S_IOERR)
             }
             Op::Write { offset, len } => {
                 let buf = gather(mem, data, len as usize)?;
@@ -282,6 +282,21 @@ fn scatter(mem: &GuestMemoryMmap, data: &[Desc], buf: &[u8]) -> Result<u32, u8> 
         done += n;
     }
     Ok(done as u32)
+}
+
+/// The guest memory of the data descriptors, in order (a descriptor that
+/// spans two memory regions gives a slice of each).
+fn guest_buffers<'m>(
+    mem: &'m GuestMemoryMmap,
+    data: &[Desc],
+) -> Result<Vec<vm_memory::VolatileSlice<'m>>, u8> {
+    let mut bufs = Vec::with_capacity(data.len());
+    for d in data {
+        for slice in GuestMemoryBackend::get_slices(mem, d.addr, d.seg.len as usize) {
+            bufs.push(slice.map_err(|_| S_IOERR)?);
+        }
+    }
+    Ok(bufs)
 }
 
 /// Reads `len` bytes out of the data descriptors, in order.

@@ -1205,6 +1205,14 @@ impl Store for ReplicatedStore {
         Ok(())
     }
 
+    fn read_into(&self, bufs: &[vm_memory::VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        if let Some(l) = &self.local {
+            self.check_fenced(&self.lock())?;
+            return l.read_into(bufs, offset);
+        }
+        crate::store::read_through_buffer(self, bufs, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut results = self.write_batch(&[(offset, buf)]);
         results.pop().unwrap_or(Ok(()))

@@ -13,6 +13,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use vm_memory::VolatileSlice;
+
 use crate::request::SECTOR_SIZE;
 
 /// Errors opening or creating a volume file.
@@ -43,6 +45,13 @@ pub trait Store: Send + Sync {
     fn capacity(&self) -> u64;
     /// Fill `buf` from byte `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Fill the guest buffers `bufs`, in order, from byte `offset`, as
+    /// [`Store::read_at`] fills one. A store over a file reads straight
+    /// into them; the default reads into a buffer of its own and copies
+    /// ([`read_through_buffer`]).
+    fn read_into(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        read_through_buffer(self, bufs, offset)
+    }
     /// Write `buf` at byte `offset`; durable only after [`Store::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Write each `(offset, data)` of `writes` as [`Store::write_at`] does,
@@ -63,6 +72,22 @@ pub trait Store: Send + Sync {
     fn sums(&self, offset: u64, len: u64, region: u64) -> io::Result<Vec<u32>> {
         crate::resync::region_sums(|b, at| self.read_at(b, at), offset, len, region)
     }
+}
+
+/// [`Store::read_into`] by way of [`Store::read_at`] and a bounce buffer.
+pub fn read_through_buffer<S: Store + ?Sized>(
+    store: &S,
+    bufs: &[VolatileSlice<'_>],
+    offset: u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; bufs.iter().map(|b| b.len()).sum()];
+    store.read_at(&mut buf, offset)?;
+    let mut done = 0;
+    for b in bufs {
+        b.copy_from(&buf[done..done + b.len()]);
+        done += b.len();
+    }
+    Ok(())
 }
 
 /// A volume as one sparse file on the local host.
@@ -115,6 +140,63 @@ impl Store for LocalFile {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    /// `preadv` straight into the guest's buffers: no bounce buffer to
+    /// zero and copy out of (on a page-cache read those were a third of
+    /// the copying).
+    fn read_into(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let guards: Vec<_> = bufs.iter().map(VolatileSlice::ptr_guard_mut).collect();
+        let mut iov: Vec<libc::iovec> = guards
+            .iter()
+            .filter(|g| g.len() > 0)
+            .map(|g| libc::iovec {
+                iov_base: g.as_ptr().cast(),
+                iov_len: g.len(),
+            })
+            .collect();
+        let (mut first, mut at) = (0, offset);
+        while first < iov.len() {
+            let pos = libc::off_t::try_from(at)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            let count = libc::c_int::try_from(iov.len() - first).unwrap_or(libc::c_int::MAX);
+            // SAFETY: every iovec from `first` on points into guest memory
+            // that `guards` keep mapped, for the length of its slice; the
+            // kernel writes those bytes and no Rust reference to them
+            // exists. The descriptor is this store's own.
+            let n =
+                unsafe { libc::preadv(self.file.as_raw_fd(), iov[first..].as_ptr(), count, pos) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("volume file ends before byte {at}"),
+                ));
+            }
+            let mut n = n as usize;
+            at += n as u64;
+            while n > 0 {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: `n` is less than this iovec's length, so the
+                    // pointer stays inside the same guest buffer.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -173,6 +255,46 @@ impl LocalFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file store's `preadv` into scattered buffers (one empty, one of
+    /// odd length) reads what `read_at` reads and what the bounce-buffer
+    /// path reads, and a read past the end of the file is an error.
+    #[test]
+    fn reads_into_scattered_buffers_match_read_at() {
+        let path = std::env::temp_dir().join(format!("blockd-readinto-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let store = LocalFile::open_or_create(&path, 1 << 20).unwrap();
+        let pattern: Vec<u8> = (0..12288u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        store.write_at(&pattern, 4096).unwrap();
+        let mut want = vec![0u8; 9000];
+        store.read_at(&mut want, 5000).unwrap();
+        for via_buffer in [false, true] {
+            let mut mem = vec![0xeeu8; 9100];
+            let (a, rest) = mem.split_at_mut(1000);
+            let (b, rest) = rest.split_at_mut(0);
+            let (c, d) = rest.split_at_mut(4097);
+            // SAFETY: each slice is a live, distinct part of `mem`, which
+            // outlives `bufs`.
+            let bufs: Vec<VolatileSlice<'_>> = [a, b, c, &mut d[..3903]]
+                .into_iter()
+                .map(|s| unsafe { VolatileSlice::new(s.as_mut_ptr(), s.len()) })
+                .collect();
+            if via_buffer {
+                read_through_buffer(&store, &bufs, 5000).unwrap();
+            } else {
+                store.read_into(&bufs, 5000).unwrap();
+            }
+            drop(bufs);
+            assert_eq!(&mem[..9000], &want[..], "via buffer: {via_buffer}");
+            assert_eq!(&mem[9000..], &[0xee; 100][..], "nothing past the buffers");
+        }
+        let mut tail = [0u8; 8];
+        // SAFETY: `tail` outlives the slice.
+        let past = unsafe { VolatileSlice::new(tail.as_mut_ptr(), tail.len()) };
+        let e = store.read_into(&[past], (1 << 20) - 4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn created_sparse_reopened_and_size_checked() {
