@@ -1,7 +1,8 @@
 //! The controller as a volume's configuration [`Authority`]: a primary's
 //! request to drop a failed backup becomes `Hosts.RemoveVolumeReplica`,
-//! and to take a resynced one back `Hosts.AddVolumeReplica`, made with
-//! this host's credential.
+//! to take a resynced one back `Hosts.AddVolumeReplica`, and its serving
+//! session's opening and clean close `Hosts.OpenVolumeSession` and
+//! `Hosts.CloseVolumeSession`, made with this host's credential.
 //!
 //! The primary's I/O path is synchronous (vhost-user worker threads), the
 //! controller client async: each call is run on a tokio runtime's handle
@@ -19,9 +20,12 @@ use std::time::{Duration, Instant};
 
 use ferro_client::Client;
 use ferro_proto::compute::v1::hosts_client::HostsClient;
-use ferro_proto::compute::v1::{AddVolumeReplicaRequest, RemoveVolumeReplicaRequest};
+use ferro_proto::compute::v1::{
+    AddVolumeReplicaRequest, CloseVolumeSessionRequest, OpenVolumeSessionRequest,
+    RemoveVolumeReplicaRequest,
+};
 
-use crate::replication::{Authority, Fenced};
+use crate::replication::{Authority, Fenced, Session};
 
 /// The controller, reached through a [`Client`] holding the host's key.
 pub struct ControllerAuthority {
@@ -122,5 +126,33 @@ impl Authority for ControllerAuthority {
             async move { HostsClient::new(ch).add_volume_replica(req).await }
         })?;
         Ok(r.epoch)
+    }
+
+    fn open_session(&self, volume: &str, epoch: u64) -> Result<Session, Fenced> {
+        let req = OpenVolumeSessionRequest {
+            volume_id: volume.to_string(),
+            epoch,
+        };
+        let r = self.ask("open session", volume, epoch, "", |ch| {
+            let req = req.clone();
+            async move { HostsClient::new(ch).open_volume_session(req).await }
+        })?;
+        Ok(Session {
+            id: r.session,
+            was_clean: r.was_clean,
+        })
+    }
+
+    fn close_session(&self, volume: &str, epoch: u64, session: u64) -> Result<(), Fenced> {
+        let req = CloseVolumeSessionRequest {
+            volume_id: volume.to_string(),
+            epoch,
+            session,
+        };
+        self.ask("close session", volume, epoch, "", |ch| {
+            let req = req.clone();
+            async move { HostsClient::new(ch).close_volume_session(req).await }
+        })?;
+        Ok(())
     }
 }

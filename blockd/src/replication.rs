@@ -109,6 +109,34 @@ pub trait Authority: Send + Sync {
     /// raises the epoch (on every replica in sync, `replica` included)
     /// before it answers, and returns the new epoch.
     fn add_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced>;
+
+    /// This primary is about to serve `volume` at `epoch` (before it
+    /// writes anything): the authority opens a new serving session and
+    /// says whether the previous primary closed the volume clean (its
+    /// in-sync replicas then need no comparing). By default there are no
+    /// sessions: never clean.
+    fn open_session(&self, volume: &str, epoch: u64) -> Result<Session, Fenced> {
+        let _ = (volume, epoch);
+        Ok(Session::default())
+    }
+
+    /// The primary of `session` has stopped writing `volume`, leaving its
+    /// in-sync replicas identical ([`ReplicatedStore::retire`]). Refused
+    /// when another session began since or the epoch moved. By default a
+    /// no-op.
+    fn close_session(&self, volume: &str, epoch: u64, session: u64) -> Result<(), Fenced> {
+        let _ = (volume, epoch, session);
+        Ok(())
+    }
+}
+
+/// A serving session, as [`Authority::open_session`] answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Session {
+    /// Its number (0: the authority keeps no sessions).
+    pub id: u64,
+    /// The previous session was closed clean.
+    pub was_clean: bool,
 }
 
 /// A backup replica to connect to.
@@ -271,6 +299,11 @@ struct State {
     /// an earlier primary's write was never acknowledged, so a resync of
     /// one compares checksums rather than trusting the dirty map.
     unreconciled: std::collections::BTreeSet<String>,
+    /// The serving session [`ReplicatedStore::open_session`] opened.
+    session: Option<Session>,
+    /// A write or flush failed since open: the copies may differ where
+    /// it did not complete.
+    failed: bool,
     fenced: bool,
 }
 
@@ -359,6 +392,8 @@ impl ReplicatedStore {
                 catchup: HashMap::new(),
                 resynced: HashMap::new(),
                 unreconciled: backups.iter().map(|b| b.id.clone()).collect(),
+                session: None,
+                failed: false,
                 fenced: false,
             }),
         };
@@ -451,6 +486,79 @@ impl ReplicatedStore {
             st.fenced = true;
             tracing::info!(volume_id = %self.volume, epoch = st.epoch, "revoked: refusing all I/O");
         }
+    }
+
+    /// Opens a serving session with the authority; call it before the
+    /// first write. When the previous primary closed the volume clean, the
+    /// in-sync replicas are identical: none is left to
+    /// [`Self::reconcile`]. Returns whether it was clean.
+    pub fn open_session(&self) -> Result<bool, Fenced> {
+        let epoch = self.epoch();
+        let session = self.authority.open_session(&self.volume, epoch)?;
+        let mut st = self.lock();
+        self.fenced(&st)?;
+        st.session = Some(session);
+        if session.was_clean {
+            st.unreconciled.clear();
+        }
+        tracing::info!(
+            volume_id = %self.volume,
+            epoch,
+            session = session.id,
+            was_clean = session.was_clean,
+            "serving session opened"
+        );
+        Ok(session.was_clean)
+    }
+
+    /// Stops serving for good, as [`Self::revoke`], and closes the session
+    /// clean with the authority when the in-sync replicas are identical:
+    /// a session was opened, every write since was flushed to every
+    /// in-sync replica, none failed, and every backup was reconciled.
+    /// Nothing is sent to the replicas (a flush here could fail a backup
+    /// under a primary that already took over). Whether it closed clean.
+    pub fn retire(&self) -> bool {
+        let (session, epoch) = {
+            let mut st = self.lock();
+            let clean =
+                !st.fenced && !st.failed && st.since_flush.is_clean() && st.unreconciled.is_empty();
+            st.fenced = true;
+            match st.session {
+                Some(s) if clean => (s.id, st.epoch),
+                _ => {
+                    tracing::info!(volume_id = %self.volume, epoch = st.epoch, "revoked: refusing all I/O; not closed clean");
+                    return false;
+                }
+            }
+        };
+        tracing::info!(volume_id = %self.volume, epoch, session, "revoked: refusing all I/O");
+        match self.authority.close_session(&self.volume, epoch, session) {
+            Ok(()) => {
+                tracing::info!(volume_id = %self.volume, epoch, session, "closed clean");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %self.volume, epoch, session, "not closed clean: {e}");
+                false
+            }
+        }
+    }
+
+    /// The local flush and every in-sync backup's; on success the writes
+    /// before it are durable on every replica still in the set.
+    fn flush_locked(&self, st: &mut State) -> io::Result<()> {
+        st.seq += 1;
+        let frame = self.frame(st, Body::Flush);
+        let frames = std::slice::from_ref(&frame);
+        let (local, failed) = self.replicate(st, frames, || match &self.local {
+            Some(l) => l.flush(),
+            None => Ok(()),
+        })?;
+        self.remove_all(st, failed)?;
+        local?;
+        // Every replica still in the set has made the writes durable.
+        st.since_flush.clear();
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1249,6 +1357,9 @@ impl Store for ReplicatedStore {
                 }
             }
         }
+        if results.iter().any(Result::is_err) {
+            st.failed = true;
+        }
         results
     }
 
@@ -1257,18 +1368,11 @@ impl Store for ReplicatedStore {
         let _enter = span.enter();
         let mut st = self.lock();
         self.check_fenced(&st)?;
-        st.seq += 1;
-        let frame = self.frame(&st, Body::Flush);
-        let frames = std::slice::from_ref(&frame);
-        let (local, failed) = self.replicate(&mut st, frames, || match &self.local {
-            Some(l) => l.flush(),
-            None => Ok(()),
-        })?;
-        self.remove_all(&mut st, failed)?;
-        local?;
-        // Every replica still in the set has made the writes durable.
-        st.since_flush.clear();
-        Ok(())
+        let r = self.flush_locked(&mut st);
+        if r.is_err() {
+            st.failed = true;
+        }
+        r
     }
 }
 

@@ -12,7 +12,13 @@
 //! controller's answer not yet in, or this primary fenced) is logged and
 //! tried again at the next round.
 //!
-//! As soon as a volume is served, its in-sync replicas are reconciled with
+//! Before it serves a volume, blockd opens a serving session with the
+//! controller ([`ReplicatedStore::open_session`]); when it stops, it
+//! closes the session clean if every write was flushed everywhere and none
+//! failed ([`ReplicatedStore::retire`]). A volume its previous primary
+//! closed clean has identical in-sync replicas, and is not compared.
+//! Otherwise,
+//! as soon as a volume is served, its in-sync replicas are reconciled with
 //! this primary's source on a thread of its own
 //! ([`ReplicatedStore::reconcile`]): a previous primary that stopped
 //! mid-write, or was fenced, may have left them different where a write
@@ -161,6 +167,9 @@ impl Serving {
             )
         }
         .map_err(|e| e.to_string())?;
+        // Before anything is written: a session of its own, and whether
+        // the previous primary left the replicas identical.
+        let was_clean = store.open_session().map_err(|e| e.to_string())?;
         let store = Arc::new(store);
         let socket = self.socket(id);
         let dyn_store: Arc<dyn Store> = store.clone();
@@ -183,6 +192,7 @@ impl Serving {
             local = mine,
             backups = backups.len(),
             socket = %socket.display(),
+            was_clean,
             "serving the volume"
         );
         reconcile_in_background(id, store.clone(), stop.clone());
@@ -281,15 +291,16 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
     }
 }
 
-/// Stops serving: the store revoked (a frontend still connected — a
-/// volume force-detached from a running instance — gets an I/O error for
-/// every request from now on, and nothing more is written), the flag, the
+/// Stops serving: the store retired (revoked: a frontend still connected
+/// — a volume force-detached from a running instance — gets an I/O error
+/// for every request from now on, and nothing more is written; and its
+/// session closed clean when the replicas are identical), the flag, the
 /// socket file gone, and a connection that wakes the listener so that it
 /// sees the flag.
 fn stop(id: &str, s: Served) {
-    s.store.revoke();
+    let clean = s.store.retire();
     s.stop.store(true, Ordering::Release);
     let _ = UnixStream::connect(&s.socket);
     let _ = std::fs::remove_file(&s.socket);
-    tracing::info!(volume_id = %id, epoch = s.epoch, "no longer serving the volume");
+    tracing::info!(volume_id = %id, epoch = s.epoch, clean, "no longer serving the volume");
 }

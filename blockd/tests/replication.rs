@@ -7,7 +7,8 @@
 //! missed, counted) and is then identical to the others, also while writes
 //! go on, and after a primary restart (by checksums). A new primary
 //! reconciles replicas in sync that an earlier one left different (a
-//! fenced primary's write one backup took).
+//! fenced primary's write one backup took), unless the one before it
+//! closed its serving session clean.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -18,7 +19,7 @@ use std::time::Duration;
 use ferro_blockd::link::Link;
 use ferro_blockd::replica::{Replica, ReplicaServer};
 use ferro_blockd::replication::{
-    Authority, Backup, Fenced, Options, ReplicatedStore, ReplicationError,
+    Authority, Backup, Fenced, Options, ReplicatedStore, ReplicationError, Session,
 };
 use ferro_blockd::store::{LocalFile, Store};
 use ferro_blockd::wire::{self, crc32c, Body, Frame, NackCode};
@@ -39,6 +40,9 @@ struct AuthorityState {
     /// Every replica host, in sync or not.
     all: HashMap<String, Arc<Replica>>,
     calls: Vec<(u64, String)>,
+    /// The last serving session, and whether it was closed clean.
+    session: u64,
+    clean: bool,
 }
 
 impl FakeAuthority {
@@ -55,6 +59,7 @@ impl FakeAuthority {
     fn bump_on(&self, on: &[&str]) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.epoch += 1;
+        st.clean = false;
         for id in on {
             st.members[*id].set_epoch(VOL, st.epoch).unwrap();
         }
@@ -73,6 +78,7 @@ impl FakeAuthority {
     fn bump(&self) -> u64 {
         let mut st = self.state.lock().unwrap();
         st.epoch += 1;
+        st.clean = false;
         for r in st.members.values() {
             r.set_epoch(VOL, st.epoch).unwrap();
         }
@@ -92,6 +98,7 @@ impl Authority for FakeAuthority {
         }
         st.members.remove(replica);
         st.epoch += 1;
+        st.clean = false;
         for r in st.members.values() {
             r.set_epoch(volume, st.epoch).unwrap();
         }
@@ -111,10 +118,38 @@ impl Authority for FakeAuthority {
         let r = st.all.get(replica).cloned().ok_or(fenced)?;
         st.members.insert(replica.to_string(), r);
         st.epoch += 1;
+        st.clean = false;
         for r in st.members.values() {
             r.set_epoch(volume, st.epoch).unwrap();
         }
         Ok(st.epoch)
+    }
+
+    fn open_session(&self, volume: &str, epoch: u64) -> Result<Session, Fenced> {
+        let mut st = self.state.lock().unwrap();
+        if epoch != st.epoch {
+            return Err(Fenced {
+                volume: volume.to_string(),
+                epoch,
+            });
+        }
+        st.session += 1;
+        Ok(Session {
+            id: st.session,
+            was_clean: std::mem::take(&mut st.clean),
+        })
+    }
+
+    fn close_session(&self, volume: &str, epoch: u64, session: u64) -> Result<(), Fenced> {
+        let mut st = self.state.lock().unwrap();
+        if epoch != st.epoch || session != st.session {
+            return Err(Fenced {
+                volume: volume.to_string(),
+                epoch,
+            });
+        }
+        st.clean = true;
+        Ok(())
     }
 }
 
@@ -172,6 +207,8 @@ impl Cluster {
                 all: members.clone(),
                 members,
                 calls: Vec::new(),
+                session: 0,
+                clean: false,
             }),
         });
         Cluster {
@@ -501,6 +538,56 @@ fn a_revoked_primary_fails_every_request_and_writes_nothing() {
     assert_eq!(std::fs::read(c.primary_path("p")).unwrap(), local);
     // Nobody was asked: revoking is this host's own decision.
     assert!(c.authority.calls().is_empty());
+}
+
+/// A primary that stops with every write flushed everywhere, none failed
+/// and its backups compared closes its session clean; the next primary
+/// then compares nothing. One that stops with a write not flushed, with a
+/// backup not compared, or after another primary opened a session, does
+/// not.
+#[test]
+fn a_session_closed_clean_spares_the_next_primary_the_comparison() {
+    let c = Cluster::new("sessions", 2);
+    let first = c.primary("p", patient()).unwrap();
+    assert!(!first.open_session().unwrap(), "never closed: not clean");
+    assert_eq!(first.unreconciled(), vec!["host-0", "host-1"]);
+    first.reconcile().unwrap();
+    first.write_at(&pattern(1, 4096), 0).unwrap();
+    first.flush().unwrap();
+    // Another session opened since: the first one's close is refused.
+    let second = c.primary("p", patient()).unwrap();
+    assert!(!second.open_session().unwrap());
+    assert!(!first.retire(), "a stale session closed clean");
+    assert!(first.write_at(&[1; 512], 0).is_err(), "retired, yet wrote");
+    // Not compared: not clean, however flushed.
+    second.write_at(&pattern(2, 4096), 4096).unwrap();
+    second.flush().unwrap();
+    assert!(!second.retire(), "closed clean without comparing");
+
+    // Compared, written, flushed: clean.
+    let third = c.primary("p", patient()).unwrap();
+    assert!(!third.open_session().unwrap());
+    third.reconcile().unwrap();
+    assert!(third.unreconciled().is_empty());
+    third.write_at(&pattern(3, 8192), MIB).unwrap();
+    third.flush().unwrap();
+    assert!(third.retire());
+    assert!(third.is_fenced());
+
+    // The next primary compares nothing, and its unflushed write keeps
+    // the one after it from skipping.
+    let next = c.primary("p", patient()).unwrap();
+    assert!(next.open_session().unwrap(), "closed clean, yet not seen");
+    assert!(next.unreconciled().is_empty());
+    next.write_at(&pattern(4, 4096), 2 * MIB).unwrap();
+    assert!(!next.retire(), "closed clean with a write not flushed");
+    let last = c.primary("p", patient()).unwrap();
+    assert!(!last.open_session().unwrap());
+    assert_eq!(last.unreconciled(), vec!["host-0", "host-1"]);
+    // A session at an epoch that moved is refused at once.
+    c.authority.bump();
+    assert!(last.open_session().is_err());
+    assert!(c.hosts[0].data() == c.hosts[1].data());
 }
 
 #[test]

@@ -588,6 +588,19 @@ pub struct Volume {
     /// blank.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_image: Option<String>,
+    /// The last serving session a primary opened (0: none yet).
+    #[serde(default)]
+    pub session: u64,
+    /// The host that opened `session`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_host: String,
+    /// The primary of `session` closed it clean: every write it
+    /// acknowledged was flushed to every in-sync replica, none failed, its
+    /// replicas were compared, and it writes no more. The in-sync replicas
+    /// are then identical, so the next primary need not compare them.
+    /// Cleared when a session opens and whenever the epoch moves.
+    #[serde(default)]
+    pub clean: bool,
 }
 
 impl Volume {

@@ -499,6 +499,9 @@ mod tests {
                     held: Default::default(),
                     out_of_sync: Default::default(),
                     source_image: None,
+                    session: 0,
+                    session_host: String::new(),
+                    clean: false,
                 },
             );
         }

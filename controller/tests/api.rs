@@ -1254,6 +1254,52 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
     let e = add(&keys[0], "h2").await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    // Serving sessions: only a host that may be the primary opens one, and
+    // only the host that opened it closes it.
+    let session = |key: &str, close: Option<u64>| {
+        let mut hc = hc.clone();
+        let (volume_id, key) = (vol.volume_id.clone(), format!("Bearer {key}"));
+        async move {
+            let auth = |r: &mut tonic::metadata::MetadataMap| {
+                r.insert("authorization", key.parse().unwrap());
+            };
+            match close {
+                None => {
+                    let mut r = tonic::Request::new(pb::OpenVolumeSessionRequest {
+                        volume_id,
+                        epoch: 1,
+                    });
+                    auth(r.metadata_mut());
+                    hc.open_volume_session(r)
+                        .await
+                        .map(|r| r.into_inner().session)
+                }
+                Some(session) => {
+                    let mut r = tonic::Request::new(pb::CloseVolumeSessionRequest {
+                        volume_id,
+                        epoch: 1,
+                        session,
+                    });
+                    auth(r.metadata_mut());
+                    hc.close_volume_session(r).await.map(|_| session)
+                }
+            }
+        }
+    };
+    for key in [&t.admin_key, &keys[2]] {
+        let e = session(key, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    let opened = session(&keys[0], None).await.unwrap();
+    for (key, code) in [
+        (&t.admin_key, Code::PermissionDenied),
+        (&keys[2], Code::PermissionDenied),
+        (&keys[1], Code::FailedPrecondition),
+    ] {
+        let e = session(key, Some(opened)).await.unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+    }
+    session(&keys[0], Some(opened)).await.unwrap();
     // Creating until both replica hosts hold it.
     assert_eq!(
         report_replicas(&mut hc, &keys[0], &[(&vol.volume_id, 1)])

@@ -714,7 +714,7 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
         .spawn()
         .unwrap();
-    let _vmm = Proc(vmm);
+    let vmm = Proc(vmm);
     let deadline = Instant::now() + Duration::from_secs(60);
     let line = loop {
         let text = std::fs::read_to_string(&console_log).unwrap_or_default();
@@ -741,6 +741,49 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
             b.host
         );
     }
+
+    // The VMM gone (its writes flushed) and the volume detached, its
+    // primary closes the serving session clean: attached again, the
+    // replicas are not compared.
+    drop(vmm);
+    c.detach_volume(pb::DetachVolumeRequest {
+        volume_id: id.clone(),
+        instance_id: inst.instance_id.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    wait_file(&socket, false);
+    // A line of the serving blockd's log about the volume with all of `what`.
+    let log_has = |what: &[&str]| {
+        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
+        log.lines()
+            .any(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_has(&["no longer serving the volume"]) {
+        assert!(Instant::now() < deadline, "the volume was never let go");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log_has(&["no longer serving the volume", " clean=true"]),
+        "not closed clean; blockd {host}:\n{}",
+        std::fs::read_to_string(&server.log).unwrap_or_default()
+    );
+    c.attach_volume(pb::AttachVolumeRequest {
+        volume_id: id.clone(),
+        instance_id: inst.instance_id.clone(),
+        device: "/dev/vdb".into(),
+        delete_on_termination: false,
+    })
+    .await
+    .unwrap();
+    wait_file(&socket, true);
+    assert!(
+        log_has(&["serving the volume", "was_clean=true"]),
+        "served again, but not as closed clean; blockd {host}:\n{}",
+        std::fs::read_to_string(&server.log).unwrap_or_default()
+    );
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -286,6 +286,52 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         Ok(Response::new(pb::AddVolumeReplicaResponse { epoch }))
     }
 
+    async fn open_volume_session(
+        &self,
+        req: Request<pb::OpenVolumeSessionRequest>,
+    ) -> Result<Response<pb::OpenVolumeSessionResponse>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let r = req.into_inner();
+        let out = self
+            .ctl
+            .write(Command::OpenVolumeSession {
+                volume_id: r.volume_id,
+                epoch: r.epoch,
+                caller: key.host_id,
+            })
+            .await
+            .map_err(status)?;
+        match out {
+            Output::Session { session, was_clean } => {
+                Ok(Response::new(pb::OpenVolumeSessionResponse {
+                    session,
+                    was_clean,
+                }))
+            }
+            _ => Err(Status::internal("opening a session returned no session")),
+        }
+    }
+
+    async fn close_volume_session(
+        &self,
+        req: Request<pb::CloseVolumeSessionRequest>,
+    ) -> Result<Response<pb::CloseVolumeSessionResponse>, Status> {
+        let hash = caller(&req)?;
+        let key = self.ctl.authenticate_host(hash).await.map_err(status)?;
+        let r = req.into_inner();
+        self.ctl
+            .write(Command::CloseVolumeSession {
+                volume_id: r.volume_id,
+                epoch: r.epoch,
+                session: r.session,
+                caller: key.host_id,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CloseVolumeSessionResponse {}))
+    }
+
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,

@@ -442,6 +442,27 @@ pub enum Command {
         /// The host asking (serving the volume, or in sync).
         caller: String,
     },
+    /// A primary opens a serving session of a volume before it writes
+    /// (see [`crate::model::Volume::clean`]).
+    OpenVolumeSession {
+        /// The volume.
+        volume_id: String,
+        /// The epoch the caller holds.
+        epoch: u64,
+        /// The host asking (serving the volume, or in sync).
+        caller: String,
+    },
+    /// The primary of `session` closed the volume clean.
+    CloseVolumeSession {
+        /// The volume.
+        volume_id: String,
+        /// The epoch the caller holds.
+        epoch: u64,
+        /// The session it opened.
+        session: u64,
+        /// The host asking (the one that opened `session`).
+        caller: String,
+    },
     /// A host's blockd reports where its replica server listens.
     SetBlockdAddr {
         /// The host.
@@ -518,6 +539,14 @@ pub enum Output {
     Count(u32),
     /// A volume's epoch (after RemoveReplica or AddReplica).
     Epoch(u64),
+    /// A serving session opened: its number, and whether the volume was
+    /// closed clean before.
+    Session {
+        /// The session.
+        session: u64,
+        /// The previous session closed clean.
+        was_clean: bool,
+    },
     /// An image.
     Image(Image),
     /// A key pair.

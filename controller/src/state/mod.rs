@@ -313,6 +313,17 @@ impl ferro_raft::StateMachine for ClusterState {
                 replica,
                 caller,
             } => self.add_replica(&volume_id, epoch, &replica, &caller),
+            Command::OpenVolumeSession {
+                volume_id,
+                epoch,
+                caller,
+            } => self.open_volume_session(&volume_id, epoch, &caller),
+            Command::CloseVolumeSession {
+                volume_id,
+                epoch,
+                session,
+                caller,
+            } => self.close_volume_session(&volume_id, epoch, session, &caller),
             Command::SetBlockdAddr { host_id, addr } => {
                 let Some(h) = self.hosts.get_mut(&host_id) else {
                     return Err(E::NotFound(format!("host_id: no host {host_id:?}")));

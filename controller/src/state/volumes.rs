@@ -235,6 +235,9 @@ impl ClusterState {
             held: BTreeSet::new(),
             out_of_sync: BTreeSet::new(),
             source_image: None,
+            session: 0,
+            session_host: String::new(),
+            clean: false,
         };
         tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
         self.volumes.insert(id.clone(), v.clone());
@@ -364,6 +367,9 @@ impl ClusterState {
                     held: BTreeSet::new(),
                     out_of_sync: BTreeSet::new(),
                     source_image: source_image.clone(),
+                    session: 0,
+                    session_host: String::new(),
+                    clean: false,
                 });
             }
         }
@@ -528,6 +534,7 @@ impl ClusterState {
         v.out_of_sync.insert(replica.to_string());
         v.held.remove(replica);
         v.epoch += 1;
+        v.clean = false;
         tracing::warn!(
             volume_id,
             replica,
@@ -561,6 +568,7 @@ impl ClusterState {
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         v.out_of_sync.remove(replica);
         v.epoch += 1;
+        v.clean = false;
         tracing::info!(
             volume_id,
             replica,
@@ -569,6 +577,66 @@ impl ClusterState {
             "replica resynced, back in sync: epoch raised"
         );
         Ok(Output::Epoch(v.epoch))
+    }
+
+    /// Volume `volume_id`'s primary `caller`, holding `epoch`, is about to
+    /// serve it: a new session begins (returned) and the volume is no
+    /// longer closed clean; whether it was is returned too. Refused like
+    /// a replica set change ([`Self::primary_at`]).
+    pub(super) fn open_volume_session(
+        &mut self,
+        volume_id: &str,
+        epoch: u64,
+        caller: &str,
+    ) -> Response {
+        self.primary_at(volume_id, epoch, caller)?;
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        let was_clean = std::mem::take(&mut v.clean);
+        v.session += 1;
+        v.session_host = caller.to_string();
+        tracing::info!(
+            volume_id,
+            caller,
+            epoch,
+            session = v.session,
+            was_clean,
+            "volume session opened"
+        );
+        Ok(Output::Session {
+            session: v.session,
+            was_clean,
+        })
+    }
+
+    /// The primary `caller` of session `session` at `epoch` closed volume
+    /// `volume_id` clean. Refused when another session began since (or
+    /// another host opened it), or the epoch moved: the volume then stays
+    /// not clean, and its next primary compares its replicas.
+    pub(super) fn close_volume_session(
+        &mut self,
+        volume_id: &str,
+        epoch: u64,
+        session: u64,
+        caller: &str,
+    ) -> Response {
+        let v = self.primary_at(volume_id, epoch, caller)?;
+        if session != v.session || caller != v.session_host {
+            return Err(E::FailedPrecondition(format!(
+                "session: {session} of host {caller} is not {volume_id}'s current session {} \
+                 of host {:?}",
+                v.session, v.session_host
+            )));
+        }
+        let v = self.volumes.get_mut(volume_id).expect("checked above");
+        v.clean = true;
+        tracing::info!(
+            volume_id,
+            caller,
+            epoch,
+            session,
+            "volume session closed clean"
+        );
+        Ok(Output::Done)
     }
 
     /// Whether [`Self::report_replicas`] would change anything (so that a
@@ -650,6 +718,7 @@ impl ClusterState {
             // primary: the new epoch fences it (its copying and its
             // AddReplica), so only the serving host's resync counts.
             v.epoch += 1;
+            v.clean = false;
         }
         tracing::info!(
             volume_id,
@@ -706,6 +775,7 @@ impl ClusterState {
             // and start on another host) never shares the replicas with
             // it.
             v.epoch += 1;
+            v.clean = false;
         }
         let mut a = v.attachment.take().expect("checked above");
         // A launch's volume still being made stays so until its replicas
@@ -938,6 +1008,62 @@ mod tests {
         }
         assert_eq!(free(&s), [100, 300, 200, 1000]);
         assert!(s.volumes.is_empty());
+    }
+
+    #[test]
+    fn a_session_closed_clean_is_seen_by_the_next_one_only_and_an_epoch_move_clears_it() {
+        let (mut s, _) = cluster(true);
+        create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let open = |s: &mut ClusterState, epoch, caller: &str| {
+            s.apply(Command::OpenVolumeSession {
+                volume_id: "vol-1".into(),
+                epoch,
+                caller: caller.into(),
+            })
+        };
+        let close = |s: &mut ClusterState, epoch, session, caller: &str| {
+            s.apply(Command::CloseVolumeSession {
+                volume_id: "vol-1".into(),
+                epoch,
+                session,
+                caller: caller.into(),
+            })
+        };
+        let session = |session, was_clean| Output::Session { session, was_clean };
+        let before = s.clone();
+        // Only a host that may be the primary, at the current epoch.
+        for (epoch, caller, want) in [(1, "h4", "host h4 neither serves"), (0, "h2", "epoch: 0")] {
+            let e = open(&mut s, epoch, caller).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+        assert_eq!(s, before, "nothing changed");
+        // Never closed: not clean.
+        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(1, false));
+        // A session another host opened since, or a stale one, cannot close.
+        assert_eq!(open(&mut s, 1, "h3").unwrap(), session(2, false));
+        for (session, caller) in [(1, "h2"), (2, "h2"), (3, "h3")] {
+            let e = close(&mut s, 1, session, caller).unwrap_err();
+            assert!(e.to_string().contains("current session 2"), "{e}");
+        }
+        assert!(!s.volumes["vol-1"].clean);
+        close(&mut s, 1, 2, "h3").unwrap();
+        assert!(s.volumes["vol-1"].clean);
+        // The next session sees it, and opening clears it.
+        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(3, true));
+        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(4, false));
+        // A set change clears it, and fences a close at the old epoch.
+        close(&mut s, 1, 4, "h2").unwrap();
+        s.apply(Command::RemoveReplica {
+            volume_id: "vol-1".into(),
+            epoch: 1,
+            replica: "h3".into(),
+            caller: "h2".into(),
+        })
+        .unwrap();
+        assert!(!s.volumes["vol-1"].clean);
+        let e = close(&mut s, 1, 4, "h2").unwrap_err();
+        assert!(e.to_string().contains("epoch: 1 is not"), "{e}");
+        assert_eq!(open(&mut s, 2, "h2").unwrap(), session(5, false));
     }
 
     #[test]

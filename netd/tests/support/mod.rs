@@ -319,6 +319,22 @@ impl Hosts for FakeHosts {
     {
         Err(tonic::Status::unimplemented("fake controller"))
     }
+
+    async fn open_volume_session(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::OpenVolumeSessionRequest>,
+    ) -> Result<tonic::Response<ferro_proto::compute::v1::OpenVolumeSessionResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("fake controller"))
+    }
+
+    async fn close_volume_session(
+        &self,
+        _: tonic::Request<ferro_proto::compute::v1::CloseVolumeSessionRequest>,
+    ) -> Result<tonic::Response<ferro_proto::compute::v1::CloseVolumeSessionResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented("fake controller"))
+    }
 }
 
 /// One host: a namespace running netd.
