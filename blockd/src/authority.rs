@@ -140,6 +140,7 @@ impl Authority for ControllerAuthority {
         Ok(Session {
             id: r.session,
             was_clean: r.was_clean,
+            epoch: r.epoch,
         })
     }
 

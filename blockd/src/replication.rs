@@ -111,13 +111,19 @@ pub trait Authority: Send + Sync {
     fn add_replica(&self, volume: &str, epoch: u64, replica: &str) -> Result<u64, Fenced>;
 
     /// This primary is about to serve `volume` at `epoch` (before it
-    /// writes anything): the authority opens a new serving session and
-    /// says whether the previous primary closed the volume clean (its
-    /// in-sync replicas then need no comparing). By default there are no
-    /// sessions: never clean.
+    /// opens its store): the authority opens a new serving session, says
+    /// whether the previous primary closed the volume clean (its in-sync
+    /// replicas then need no comparing) and gives the epoch to serve at
+    /// (raised when another host's primary did not close its session
+    /// clean: it is fenced). By default there are no sessions: never
+    /// clean, the same epoch.
     fn open_session(&self, volume: &str, epoch: u64) -> Result<Session, Fenced> {
-        let _ = (volume, epoch);
-        Ok(Session::default())
+        let _ = volume;
+        Ok(Session {
+            id: 0,
+            was_clean: false,
+            epoch,
+        })
     }
 
     /// The primary of `session` has stopped writing `volume`, leaving its
@@ -131,12 +137,14 @@ pub trait Authority: Send + Sync {
 }
 
 /// A serving session, as [`Authority::open_session`] answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     /// Its number (0: the authority keeps no sessions).
     pub id: u64,
     /// The previous session was closed clean.
     pub was_clean: bool,
+    /// The epoch to serve at.
+    pub epoch: u64,
 }
 
 /// A backup replica to connect to.
@@ -488,40 +496,40 @@ impl ReplicatedStore {
         }
     }
 
-    /// Opens a serving session with the authority; call it before the
-    /// first write. When the previous primary closed the volume clean, the
-    /// in-sync replicas are identical: none is left to
-    /// [`Self::reconcile`]. Returns whether it was clean.
-    pub fn open_session(&self) -> Result<bool, Fenced> {
-        let epoch = self.epoch();
-        let session = self.authority.open_session(&self.volume, epoch)?;
+    /// Takes `session` (from [`Authority::open_session`], before this
+    /// store was opened at its epoch) as this primary's, before the first
+    /// write. When the previous primary closed the volume clean, the
+    /// in-sync replicas are identical: none is left to [`Self::reconcile`].
+    pub fn begin_session(&self, session: Session) {
         let mut st = self.lock();
-        self.fenced(&st)?;
         st.session = Some(session);
         if session.was_clean {
             st.unreconciled.clear();
         }
         tracing::info!(
             volume_id = %self.volume,
-            epoch,
+            epoch = st.epoch,
             session = session.id,
             was_clean = session.was_clean,
-            "serving session opened"
+            "serving session begun"
         );
-        Ok(session.was_clean)
     }
 
     /// Stops serving for good, as [`Self::revoke`], and closes the session
     /// clean with the authority when the in-sync replicas are identical:
-    /// a session was opened, every write since was flushed to every
-    /// in-sync replica, none failed, and every backup was reconciled.
+    /// a session was begun, every write since was flushed to every
+    /// in-sync replica, none failed, every backup was reconciled, and no
+    /// resync is copying (its copy may still land after this returns).
     /// Nothing is sent to the replicas (a flush here could fail a backup
     /// under a primary that already took over). Whether it closed clean.
     pub fn retire(&self) -> bool {
         let (session, epoch) = {
             let mut st = self.lock();
-            let clean =
-                !st.fenced && !st.failed && st.since_flush.is_clean() && st.unreconciled.is_empty();
+            let clean = !st.fenced
+                && !st.failed
+                && st.since_flush.is_clean()
+                && st.unreconciled.is_empty()
+                && st.catchup.is_empty();
             st.fenced = true;
             match st.session {
                 Some(s) if clean => (s.id, st.epoch),
@@ -1191,7 +1199,7 @@ impl ReplicatedStore {
         };
         loop {
             report.passes += 1;
-            self.copy(&plan, &mut source, &mut target, &mut report)?;
+            self.copy(&plan, &mut source, &mut target, &mut report, true)?;
             let mut st = self.lock();
             self.fenced(&st)?;
             if st.epoch != epoch {
@@ -1217,7 +1225,7 @@ impl ReplicatedStore {
             }
             // The last pass: no write can land meanwhile.
             report.passes += 1;
-            self.copy(&next, &mut source, &mut target, &mut report)?;
+            self.copy(&next, &mut source, &mut target, &mut report, false)?;
             target.request(Body::Flush)?;
             let granted = self
                 .authority
@@ -1272,16 +1280,24 @@ impl ReplicatedStore {
         Ok(map)
     }
 
-    /// Copies `plan`'s regions from `source` to `target`.
+    /// Copies `plan`'s regions from `source` to `target`; `unlocked`: the
+    /// caller does not hold the state, and each region first checks that
+    /// this primary is not fenced.
     fn copy(
         &self,
         plan: &DirtyMap,
         source: &mut Source<'_>,
         target: &mut ResyncLink,
         report: &mut ResyncReport,
+        unlocked: bool,
     ) -> Result<(), ResyncError> {
         let mut buf = Vec::new();
         for (offset, len) in crate::resync::copy_extents(plan, self.size()) {
+            // A retired or fenced primary copies no more (a caller holding
+            // the state looked already).
+            if unlocked {
+                self.fenced(&self.lock())?;
+            }
             buf.resize(len as usize, 0);
             source.read(&mut buf, offset)?;
             target.write(offset, &buf)?;

@@ -145,12 +145,21 @@ impl Serving {
             })
             .collect::<Result<_, String>>()?;
         let options = Options::default();
+        // Before anything is written: a session of its own, whether the
+        // previous primary left the replicas identical, and the epoch to
+        // serve at (raised to fence a primary elsewhere that did not stop
+        // clean).
+        let session = self
+            .authority
+            .open_session(id, w.epoch)
+            .map_err(|e| e.to_string())?;
+        let epoch = session.epoch;
         let store = if mine && local_path.exists() {
             let local =
                 LocalFile::open_or_create(&local_path, w.size_bytes).map_err(|e| e.to_string())?;
             ReplicatedStore::open(
                 id,
-                w.epoch,
+                epoch,
                 Box::new(local),
                 &backups,
                 self.authority.clone(),
@@ -159,7 +168,7 @@ impl Serving {
         } else {
             ReplicatedStore::open_remote(
                 id,
-                w.epoch,
+                epoch,
                 w.size_bytes,
                 &backups,
                 self.authority.clone(),
@@ -167,9 +176,8 @@ impl Serving {
             )
         }
         .map_err(|e| e.to_string())?;
-        // Before anything is written: a session of its own, and whether
-        // the previous primary left the replicas identical.
-        let was_clean = store.open_session().map_err(|e| e.to_string())?;
+        store.begin_session(session);
+        let was_clean = session.was_clean;
         let store = Arc::new(store);
         let socket = self.socket(id);
         let dyn_store: Arc<dyn Store> = store.clone();
@@ -188,7 +196,7 @@ impl Serving {
         tracing::info!(
             volume_id = %id,
             instance_id = %w.instance_id,
-            epoch = w.epoch,
+            epoch,
             local = mine,
             backups = backups.len(),
             socket = %socket.display(),
@@ -197,7 +205,7 @@ impl Serving {
         );
         reconcile_in_background(id, store.clone(), stop.clone());
         let served = Served {
-            epoch: w.epoch,
+            epoch,
             socket,
             stop,
             store,

@@ -303,12 +303,15 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
             .await
             .map_err(status)?;
         match out {
-            Output::Session { session, was_clean } => {
-                Ok(Response::new(pb::OpenVolumeSessionResponse {
-                    session,
-                    was_clean,
-                }))
-            }
+            Output::Session {
+                session,
+                was_clean,
+                epoch,
+            } => Ok(Response::new(pb::OpenVolumeSessionResponse {
+                session,
+                was_clean,
+                epoch,
+            })),
             _ => Err(Status::internal("opening a session returned no session")),
         }
     }

@@ -449,7 +449,7 @@ pub enum Command {
         volume_id: String,
         /// The epoch the caller holds.
         epoch: u64,
-        /// The host asking (serving the volume, or in sync).
+        /// The host asking (the one serving the volume).
         caller: String,
     },
     /// The primary of `session` closed the volume clean.
@@ -546,6 +546,9 @@ pub enum Output {
         session: u64,
         /// The previous session closed clean.
         was_clean: bool,
+        /// The epoch to serve at (raised to fence another host's primary
+        /// that did not close its session clean).
+        epoch: u64,
     },
     /// An image.
     Image(Image),

@@ -579,25 +579,44 @@ impl ClusterState {
         Ok(Output::Epoch(v.epoch))
     }
 
-    /// Volume `volume_id`'s primary `caller`, holding `epoch`, is about to
-    /// serve it: a new session begins (returned) and the volume is no
-    /// longer closed clean; whether it was is returned too. Refused like
-    /// a replica set change ([`Self::primary_at`]).
+    /// Volume `volume_id`'s serving host `caller` (the host of the instance
+    /// it is attached to), holding `epoch`, is about to serve it: a new
+    /// session begins and the volume is no longer closed clean; returned:
+    /// the session, whether it was clean, and the epoch to serve at. When
+    /// the previous session was another host's and was not closed clean,
+    /// that primary may still be writing (its host cut off, or its guest
+    /// still shutting down): the epoch is raised, which fences it at every
+    /// replica before this one writes. Refused: a caller not serving the
+    /// volume (PermissionDenied), an epoch not the volume's.
     pub(super) fn open_volume_session(
         &mut self,
         volume_id: &str,
         epoch: u64,
         caller: &str,
     ) -> Response {
-        self.primary_at(volume_id, epoch, caller)?;
+        let v = self.primary_at(volume_id, epoch, caller)?;
+        let serving = v
+            .attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == caller);
+        if !serving {
+            return Err(E::PermissionDenied(format!(
+                "host {caller} does not serve {volume_id} (the host of the instance it is \
+                 attached to does)"
+            )));
+        }
         let v = self.volumes.get_mut(volume_id).expect("checked above");
         let was_clean = std::mem::take(&mut v.clean);
+        if !was_clean && !v.session_host.is_empty() && v.session_host != caller {
+            v.epoch += 1;
+        }
         v.session += 1;
         v.session_host = caller.to_string();
         tracing::info!(
             volume_id,
             caller,
-            epoch,
+            epoch = v.epoch,
             session = v.session,
             was_clean,
             "volume session opened"
@@ -605,13 +624,15 @@ impl ClusterState {
         Ok(Output::Session {
             session: v.session,
             was_clean,
+            epoch: v.epoch,
         })
     }
 
     /// The primary `caller` of session `session` at `epoch` closed volume
-    /// `volume_id` clean. Refused when another session began since (or
-    /// another host opened it), or the epoch moved: the volume then stays
-    /// not clean, and its next primary compares its replicas.
+    /// `volume_id` clean (it may no longer serve it, nor hold a replica).
+    /// Refused when another session began since, another host opened it,
+    /// or the epoch moved: the volume then stays not clean, and its next
+    /// primary compares its replicas.
     pub(super) fn close_volume_session(
         &mut self,
         volume_id: &str,
@@ -619,12 +640,18 @@ impl ClusterState {
         session: u64,
         caller: &str,
     ) -> Response {
-        let v = self.primary_at(volume_id, epoch, caller)?;
+        let v = self.volume(volume_id)?;
         if session != v.session || caller != v.session_host {
             return Err(E::FailedPrecondition(format!(
                 "session: {session} of host {caller} is not {volume_id}'s current session {} \
                  of host {:?}",
                 v.session, v.session_host
+            )));
+        }
+        if epoch != v.epoch {
+            return Err(E::FailedPrecondition(format!(
+                "epoch: {epoch} is not {volume_id}'s current epoch {} (fenced)",
+                v.epoch
             )));
         }
         let v = self.volumes.get_mut(volume_id).expect("checked above");
@@ -1012,8 +1039,15 @@ mod tests {
 
     #[test]
     fn a_session_closed_clean_is_seen_by_the_next_one_only_and_an_epoch_move_clears_it() {
-        let (mut s, _) = cluster(true);
+        let (mut s, inst) = cluster(true);
         create(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        attach(&mut s, "vol-1", &inst, "/dev/vdb", false).unwrap();
+        let serving = s.instances[&inst].host_id.clone();
+        let other = ["h1", "h2", "h3"]
+            .into_iter()
+            .find(|h| *h != serving)
+            .unwrap()
+            .to_string();
         let open = |s: &mut ClusterState, epoch, caller: &str| {
             s.apply(Command::OpenVolumeSession {
                 volume_id: "vol-1".into(),
@@ -1029,41 +1063,68 @@ mod tests {
                 caller: caller.into(),
             })
         };
-        let session = |session, was_clean| Output::Session { session, was_clean };
+        let session = |session, was_clean, epoch| Output::Session {
+            session,
+            was_clean,
+            epoch,
+        };
         let before = s.clone();
-        // Only a host that may be the primary, at the current epoch.
-        for (epoch, caller, want) in [(1, "h4", "host h4 neither serves"), (0, "h2", "epoch: 0")] {
+        // Only the serving host, at the current epoch: not another replica
+        // host, not a host of another zone.
+        for (epoch, caller, want) in [
+            (1, other.as_str(), "does not serve"),
+            (1, "h4", "host h4 neither serves"),
+            (0, serving.as_str(), "epoch: 0"),
+        ] {
             let e = open(&mut s, epoch, caller).unwrap_err();
             assert!(e.to_string().contains(want), "{want}: {e}");
         }
         assert_eq!(s, before, "nothing changed");
-        // Never closed: not clean.
-        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(1, false));
-        // A session another host opened since, or a stale one, cannot close.
-        assert_eq!(open(&mut s, 1, "h3").unwrap(), session(2, false));
-        for (session, caller) in [(1, "h2"), (2, "h2"), (3, "h3")] {
-            let e = close(&mut s, 1, session, caller).unwrap_err();
-            assert!(e.to_string().contains("current session 2"), "{e}");
+        // Never closed: not clean; the same host again raises nothing.
+        assert_eq!(open(&mut s, 1, &serving).unwrap(), session(1, false, 1));
+        assert_eq!(open(&mut s, 1, &serving).unwrap(), session(2, false, 1));
+        // Only the current session of its own host closes, at its epoch.
+        for (epoch, session, caller, want) in [
+            (1, 1, serving.as_str(), "current session 2"),
+            (1, 2, other.as_str(), "current session 2"),
+            (0, 2, serving.as_str(), "epoch: 0"),
+        ] {
+            let e = close(&mut s, epoch, session, caller).unwrap_err();
+            assert!(e.to_string().contains(want), "{want}: {e}");
         }
         assert!(!s.volumes["vol-1"].clean);
-        close(&mut s, 1, 2, "h3").unwrap();
+        close(&mut s, 1, 2, &serving).unwrap();
         assert!(s.volumes["vol-1"].clean);
         // The next session sees it, and opening clears it.
-        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(3, true));
-        assert_eq!(open(&mut s, 1, "h2").unwrap(), session(4, false));
+        assert_eq!(open(&mut s, 1, &serving).unwrap(), session(3, true, 1));
+        // Moved to another host while not closed clean: the old primary
+        // may still write, so the epoch goes up and fences it.
+        s.instances.get_mut(&inst).unwrap().host_id = other.clone();
+        assert_eq!(open(&mut s, 1, &other).unwrap(), session(4, false, 2));
+        let e = close(&mut s, 1, 3, &serving).unwrap_err();
+        assert!(e.to_string().contains("current session 4"), "{e}");
+        // Closed clean, a move raises nothing.
+        close(&mut s, 2, 4, &other).unwrap();
+        s.instances.get_mut(&inst).unwrap().host_id = serving.clone();
+        assert_eq!(open(&mut s, 2, &serving).unwrap(), session(5, true, 2));
         // A set change clears it, and fences a close at the old epoch.
-        close(&mut s, 1, 4, "h2").unwrap();
+        close(&mut s, 2, 5, &serving).unwrap();
+        let backup = s.volumes["vol-1"]
+            .in_sync()
+            .find(|r| **r != serving)
+            .unwrap()
+            .clone();
         s.apply(Command::RemoveReplica {
             volume_id: "vol-1".into(),
-            epoch: 1,
-            replica: "h3".into(),
-            caller: "h2".into(),
+            epoch: 2,
+            replica: backup,
+            caller: serving.clone(),
         })
         .unwrap();
         assert!(!s.volumes["vol-1"].clean);
-        let e = close(&mut s, 1, 4, "h2").unwrap_err();
-        assert!(e.to_string().contains("epoch: 1 is not"), "{e}");
-        assert_eq!(open(&mut s, 2, "h2").unwrap(), session(5, false));
+        let e = close(&mut s, 2, 5, &serving).unwrap_err();
+        assert!(e.to_string().contains("epoch: 2 is not"), "{e}");
+        assert_eq!(open(&mut s, 3, &serving).unwrap(), session(6, false, 3));
     }
 
     #[test]
