@@ -307,7 +307,7 @@ struct State {
     /// an earlier primary's write was never acknowledged, so a resync of
     /// one compares checksums rather than trusting the dirty map.
     unreconciled: std::collections::BTreeSet<String>,
-    /// The serving session [`ReplicatedStore::open_session`] opened.
+    /// The serving session [`ReplicatedStore::begin_session`] took.
     session: Option<Session>,
     /// A write or flush failed since open: the copies may differ where
     /// it did not complete.

@@ -13,7 +13,8 @@
 //! tried again at the next round.
 //!
 //! Before it serves a volume, blockd opens a serving session with the
-//! controller ([`ReplicatedStore::open_session`]); when it stops, it
+//! controller ([`Authority::open_session`], then
+//! [`ReplicatedStore::begin_session`]); when it stops, it
 //! closes the session clean if every write was flushed everywhere and none
 //! failed ([`ReplicatedStore::retire`]). A volume its previous primary
 //! closed clean has identical in-sync replicas, and is not compared.

@@ -671,14 +671,13 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     let id = vol.volume_id.clone();
     // Every replica server known before the attachment is served.
     replica_servers(&t, &blockds[0].key).await;
-    c.attach_volume(pb::AttachVolumeRequest {
+    let attach = pb::AttachVolumeRequest {
         volume_id: id.clone(),
         instance_id: inst.instance_id.clone(),
         device: "/dev/vdb".into(),
         delete_on_termination: false,
-    })
-    .await
-    .unwrap();
+    };
+    c.attach_volume(attach.clone()).await.unwrap();
     let host = c
         .describe_instances(pb::DescribeInstancesRequest {
             instance_ids: vec![inst.instance_id.clone()],
@@ -770,14 +769,7 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         "not closed clean; blockd {host}:\n{}",
         std::fs::read_to_string(&server.log).unwrap_or_default()
     );
-    c.attach_volume(pb::AttachVolumeRequest {
-        volume_id: id.clone(),
-        instance_id: inst.instance_id.clone(),
-        device: "/dev/vdb".into(),
-        delete_on_termination: false,
-    })
-    .await
-    .unwrap();
+    c.attach_volume(attach).await.unwrap();
     wait_file(&socket, true);
     assert!(
         log_has(&["serving the volume", "was_clean=true"]),

@@ -485,12 +485,7 @@ impl ClusterState {
     /// an older (fenced) or never granted epoch.
     fn primary_at(&self, volume_id: &str, epoch: u64, caller: &str) -> Result<&Volume, StateError> {
         let v = self.volume(volume_id)?;
-        let serving = v
-            .attachment
-            .as_ref()
-            .and_then(|a| self.instances.get(&a.instance_id))
-            .is_some_and(|i| i.host_id == caller);
-        if !serving && !v.in_sync().any(|r| r == caller) {
+        if !self.serves(v, caller) && !v.in_sync().any(|r| r == caller) {
             return Err(E::PermissionDenied(format!(
                 "host {caller} neither serves {volume_id} nor holds a replica of it in sync"
             )));
@@ -502,6 +497,14 @@ impl ClusterState {
             )));
         }
         Ok(v)
+    }
+
+    /// Whether `host` serves `v`: it runs the instance `v` is attached to.
+    fn serves(&self, v: &Volume, host: &str) -> bool {
+        v.attachment
+            .as_ref()
+            .and_then(|a| self.instances.get(&a.instance_id))
+            .is_some_and(|i| i.host_id == host)
     }
 
     /// Volume `volume_id`'s primary `caller`, holding `epoch`, reports
@@ -595,12 +598,7 @@ impl ClusterState {
         caller: &str,
     ) -> Response {
         let v = self.primary_at(volume_id, epoch, caller)?;
-        let serving = v
-            .attachment
-            .as_ref()
-            .and_then(|a| self.instances.get(&a.instance_id))
-            .is_some_and(|i| i.host_id == caller);
-        if !serving {
+        if !self.serves(v, caller) {
             return Err(E::PermissionDenied(format!(
                 "host {caller} does not serve {volume_id} (the host of the instance it is \
                  attached to does)"
