@@ -13,6 +13,7 @@ use std::sync::Arc;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
+use crate::direct::AlignedBuf;
 use crate::request::{
     decode, header_fits, status_fits, DecodeError, Op, Segment, HEADER_LEN, ID_LEN, MAX_SEGMENTS,
     S_IOERR, S_OK,
@@ -82,17 +83,24 @@ impl RequestHandler {
     /// order the driver made them available, and returns each one's used
     /// length. Writes are gathered and handed to the store together
     /// ([`Store::write_batch`]: a replicated store overlaps their round
-    /// trips); each write's status is written only once the store says it
-    /// is done. The gathered writes go to the store first, as a barrier,
-    /// before a `FLUSH` (which then covers them) and before a read that
-    /// overlaps one of them (which then sees it); other reads and `GET_ID`
-    /// run at once. Every status is written before this returns.
+    /// trips), and so are reads ([`Store::read_batch`]: a direct-I/O file
+    /// has them in flight at once); each status is written only once the
+    /// store says the request is done. The gathered writes go to the store
+    /// first, as a barrier, before a `FLUSH` (which then covers them) and
+    /// before a read that overlaps one of them (which then sees it); the
+    /// gathered reads before a `FLUSH` and before a write that overlaps one
+    /// of them (so they see the data from before it). `GET_ID` runs at
+    /// once. Every status is written before this returns.
     pub fn handle_batch(&self, mem: &GuestMemoryMmap, chains: &[Vec<Desc>]) -> Vec<u32> {
         let mut used = vec![0; chains.len()];
         let mut writes = Vec::new();
+        let mut reads: Vec<PendingRead> = Vec::new();
         for (i, descs) in chains.iter().enumerate() {
             let result = match self.prepare(mem, descs) {
                 Ok(Prepared::Write { offset, data }) => {
+                    if reads.iter().any(|r| r.overlaps(offset, data.len() as u64)) {
+                        self.submit_reads(mem, chains, &mut reads, &mut used);
+                    }
                     if pending_bytes(&writes) + data.len() > MAX_BATCH_BYTES {
                         self.submit(mem, chains, &mut writes, &mut used);
                     }
@@ -104,8 +112,20 @@ impl RequestHandler {
                     continue;
                 }
                 Ok(Prepared::Now { op, data }) => {
+                    if op == Op::Flush {
+                        self.submit_reads(mem, chains, &mut reads, &mut used);
+                    }
                     if waits_for(op, &writes) {
                         self.submit(mem, chains, &mut writes, &mut used);
+                    }
+                    if let Op::Read { offset, len } = op {
+                        reads.push(PendingRead {
+                            index: i,
+                            offset,
+                            len,
+                            data,
+                        });
+                        continue;
                     }
                     self.run(mem, &descs[data], op)
                 }
@@ -113,8 +133,46 @@ impl RequestHandler {
             };
             used[i] = complete(mem, descs, result);
         }
+        self.submit_reads(mem, chains, &mut reads, &mut used);
         self.submit(mem, chains, &mut writes, &mut used);
         used
+    }
+
+    /// Hands the gathered `reads` to the store together and completes
+    /// each.
+    fn submit_reads(
+        &self,
+        mem: &GuestMemoryMmap,
+        chains: &[Vec<Desc>],
+        reads: &mut Vec<PendingRead>,
+        used: &mut [u32],
+    ) {
+        if reads.is_empty() {
+            return;
+        }
+        let bufs: Vec<Result<Vec<vm_memory::VolatileSlice<'_>>, u8>> = reads
+            .iter()
+            .map(|r| guest_buffers(mem, &chains[r.index][r.data.clone()]))
+            .collect();
+        let batch: Vec<(u64, &[vm_memory::VolatileSlice<'_>])> = reads
+            .iter()
+            .zip(&bufs)
+            .filter_map(|(r, b)| b.as_ref().ok().map(|b| (r.offset, &b[..])))
+            .collect();
+        let mut results = self.store.read_batch(&batch).into_iter();
+        for (r, b) in reads.drain(..).zip(&bufs) {
+            let result = match b {
+                Err(status) => Err(*status),
+                Ok(_) => results
+                    .next()
+                    .unwrap_or_else(|| {
+                        Err(std::io::Error::other("the store left a read unanswered"))
+                    })
+                    .map_err(io_error)
+                    .and_then(|()| u32::try_from(r.len).map_err(|_| S_IOERR)),
+            };
+            used[r.index] = complete(mem, &chains[r.index], result);
+        }
     }
 
     /// Hands the gathered `writes` to the store and completes each.
@@ -190,8 +248,9 @@ const MAX_BATCH_BYTES: usize = 16 << 20;
 
 /// A request decoded and checked, not yet carried out.
 enum Prepared {
-    /// A write, its data copied out of guest memory.
-    Write { offset: u64, data: Vec<u8> },
+    /// A write, its data copied out of guest memory (into a buffer direct
+    /// I/O can take as it is).
+    Write { offset: u64, data: AlignedBuf },
     /// Any other request (not a write), and the indices of its data
     /// descriptors.
     Now { op: Op, data: Range<usize> },
@@ -207,12 +266,28 @@ fn waits_for(op: Op, writes: &[PendingWrite]) -> bool {
     }
 }
 
+/// A read gathered into the batch, not handed to the store yet.
+struct PendingRead {
+    /// Its chain's index in the batch.
+    index: usize,
+    offset: u64,
+    len: u64,
+    /// Its data descriptors.
+    data: Range<usize>,
+}
+
+impl PendingRead {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        offset < self.offset + self.len && self.offset < offset + len
+    }
+}
+
 /// A write gathered into the batch, not handed to the store yet.
 struct PendingWrite {
     /// Its chain's index in the batch.
     index: usize,
     offset: u64,
-    data: Vec<u8>,
+    data: AlignedBuf,
 }
 
 impl PendingWrite {
@@ -300,8 +375,8 @@ fn guest_buffers<'m>(
 }
 
 /// Reads `len` bytes out of the data descriptors, in order.
-fn gather(mem: &GuestMemoryMmap, data: &[Desc], len: usize) -> Result<Vec<u8>, u8> {
-    let mut buf = vec![0u8; len];
+fn gather(mem: &GuestMemoryMmap, data: &[Desc], len: usize) -> Result<AlignedBuf, u8> {
+    let mut buf = AlignedBuf::zeroed(len);
     let mut done = 0;
     for d in data {
         let n = d.seg.len as usize;

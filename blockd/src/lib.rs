@@ -71,6 +71,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub mod authority;
 pub mod backend;
 pub mod config;
+pub mod direct;
 pub mod dirty;
 #[cfg(feature = "daemon")]
 pub mod follow;

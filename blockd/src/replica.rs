@@ -276,6 +276,87 @@ impl Replica {
         }
     }
 
+    /// Answers `frames`, in order, as [`Replica::handle`] answers each; a
+    /// run of writes to one volume goes to its store together
+    /// ([`Store::write_batch`]: a direct-I/O file has them in flight at
+    /// once).
+    pub fn handle_batch(&self, frames: &[Frame]) -> Vec<Frame> {
+        let mut answers = Vec::with_capacity(frames.len());
+        let mut from = 0;
+        while from < frames.len() {
+            let is_write = |f: &Frame| matches!(f.body, Body::Write { .. });
+            let first = &frames[from];
+            let mut to = from + 1;
+            if is_write(first) {
+                while to < frames.len()
+                    && is_write(&frames[to])
+                    && frames[to].volume == first.volume
+                {
+                    to += 1;
+                }
+            }
+            match self.volume(&first.volume) {
+                Some(v) if to - from > 1 => answers.extend(self.write_run(&v, &frames[from..to])),
+                _ => answers.extend(frames[from..to].iter().map(|f| self.handle(f))),
+            }
+            from = to;
+        }
+        answers
+    }
+
+    /// Writes `run` (write frames of `v`'s volume) as one batch: each is
+    /// [`decide`]d under the epoch lock, the accepted ones written together.
+    fn write_run(&self, v: &VolumeReplica, run: &[Frame]) -> Vec<Frame> {
+        let span =
+            tracing::debug_span!("replica_writes", volume = %run[0].volume, writes = run.len());
+        let _enter = span.enter();
+        let held = read(&v.epoch);
+        let epoch = held.0;
+        let capacity = v.store.capacity() * SECTOR_SIZE;
+        let decided: Vec<Result<(), Refusal>> =
+            run.iter().map(|f| decide(epoch, capacity, f)).collect();
+        let writes: Vec<(u64, &[u8])> = run
+            .iter()
+            .zip(&decided)
+            .filter(|(_, d)| d.is_ok())
+            .filter_map(|(f, _)| match &f.body {
+                Body::Write { offset, data } => Some((*offset, &data[..])),
+                _ => None,
+            })
+            .collect();
+        let mut done = v.store.write_batch(&writes).into_iter();
+        let answers = run
+            .iter()
+            .zip(decided)
+            .map(|(f, d)| {
+                let result = d.and_then(|()| {
+                    done.next()
+                        .unwrap_or_else(|| {
+                            Err(io::Error::other("the store left a write unanswered"))
+                        })
+                        .map_err(|e| refuse(NackCode::Io, e.to_string()))
+                });
+                match (result, &f.body) {
+                    (Ok(()), Body::Write { offset, data }) => reply(
+                        f,
+                        epoch,
+                        Body::Ack {
+                            offset: *offset,
+                            len: data.len() as u32,
+                        },
+                    ),
+                    (Ok(()), _) => unreachable!("a write run holds only writes"),
+                    (Err(r), _) => {
+                        tracing::warn!(code = ?r.code, message = %r.message, "request refused");
+                        nack(f, epoch, r)
+                    }
+                }
+            })
+            .collect();
+        drop(held);
+        answers
+    }
+
     fn volume(&self, volume: &str) -> Option<Arc<VolumeReplica>> {
         read(&self.volumes).get(volume).cloned()
     }
@@ -465,6 +546,9 @@ fn accept_loop(
     }
 }
 
+/// Most frames [`serve`] answers as one batch.
+const MAX_BATCH_FRAMES: usize = 64;
+
 /// Answers one primary until it goes away or sends something undecodable.
 /// Answers wait while the next frame is already read in (a primary that
 /// pipelines its writes), and go out together before the next read that
@@ -478,10 +562,32 @@ fn serve(stream: TcpStream, replica: &Replica) {
         Err(e) => return tracing::warn!(error = %e, "cannot set up connection"),
     };
     loop {
-        let frame = match link.recv() {
-            Ok(Some(f)) => f,
-            Ok(None) => return,
-            Err(LinkError::Wire(e)) => {
+        // The frames already read in, up to a bound, are answered together
+        // (a primary pipelining its writes).
+        let mut frames = Vec::new();
+        let ended = loop {
+            match link.recv() {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => break Some(None),
+                Err(LinkError::Wire(e)) => break Some(Some(e)),
+                Err(e) => return tracing::debug!(error = %e, "connection ended"),
+            }
+            if frames.len() >= MAX_BATCH_FRAMES || !link.frame_buffered() {
+                break None;
+            }
+        };
+        for answer in replica.handle_batch(&frames) {
+            if let Err(e) = link.queue(&answer) {
+                return tracing::debug!(error = %e, "cannot answer; closing");
+            }
+        }
+        match ended {
+            None => {}
+            Some(None) => {
+                let _ = link.send_queued();
+                return;
+            }
+            Some(Some(e)) => {
                 // The stream cannot be resynchronised: say why, then close.
                 tracing::warn!(error = %e, "bad frame; closing");
                 let _ = link.send_queued();
@@ -498,13 +604,6 @@ fn serve(stream: TcpStream, replica: &Replica) {
                 let _ = link.send(&answer);
                 return;
             }
-            Err(e) => return tracing::debug!(error = %e, "connection ended"),
-        };
-        if let Err(e) = link.queue(&replica.handle(&frame)) {
-            return tracing::debug!(error = %e, "cannot answer; closing");
-        }
-        if link.frame_buffered() {
-            continue;
         }
         if let Err(e) = link.send_queued() {
             return tracing::debug!(error = %e, "cannot answer; closing");

@@ -776,10 +776,7 @@ impl ReplicatedStore {
             let Some(l) = &self.local else {
                 return writes.iter().map(|_| Ok(())).collect();
             };
-            writes
-                .iter()
-                .map(|&(at, data)| l.write_at(data, at))
-                .collect()
+            l.write_batch(writes)
         };
         let (local, failed) = match self.replicate(st, &frames, local_writes) {
             Ok(r) => r,
@@ -1335,6 +1332,19 @@ impl Store for ReplicatedStore {
             return l.read_into(bufs, offset);
         }
         crate::store::read_through_buffer(self, bufs, offset)
+    }
+
+    fn read_batch(&self, reads: &[(u64, &[vm_memory::VolatileSlice<'_>])]) -> Vec<io::Result<()>> {
+        if let Some(l) = &self.local {
+            if let Err(e) = self.check_fenced(&self.lock()) {
+                return reads.iter().map(|_| Err(copy_error(&e))).collect();
+            }
+            return l.read_batch(reads);
+        }
+        reads
+            .iter()
+            .map(|&(offset, bufs)| crate::store::read_through_buffer(self, bufs, offset))
+            .collect()
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

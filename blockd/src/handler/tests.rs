@@ -198,7 +198,8 @@ fn a_pass_hands_its_writes_to_the_store_together_and_a_flush_is_a_barrier() {
     let chains = vec![
         slot_request(&mem, 0, write, 0, 4096),
         slot_request(&mem, 1, write, 8, 4096),
-        // Touches no pending write: runs at once.
+        // Touches no pending write: joins the pass's reads, which go to
+        // the store before the flush.
         slot_request(&mem, 2, read, 64, 512),
         slot_request(&mem, 3, get_id, 0, 20),
         slot_request(&mem, 4, write, 16, 4096),
