@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::replication::Backup;
 use crate::request::{ID_LEN, SECTOR_SIZE};
 use crate::server::VolumeConfig;
+use crate::store::IoMode;
 
 /// A replica this daemon holds for a primary elsewhere, without a
 /// controller (`--replica`).
@@ -126,7 +127,7 @@ pub fn parse_volume(spec: &str) -> Result<VolumeConfig, SpecError> {
         why,
     };
     let (mut id, mut path, mut size, mut socket) = (None, None, None, None);
-    let (mut backups, mut epoch) = (Vec::new(), 1);
+    let (mut backups, mut epoch, mut io) = (Vec::new(), 1, IoMode::Direct);
     for kv in spec.split(',') {
         let (k, v) = kv
             .split_once('=')
@@ -138,9 +139,16 @@ pub fn parse_volume(spec: &str) -> Result<VolumeConfig, SpecError> {
             "backups" => backups = parse_backups(v).map_err(bad)?,
             "epoch" => epoch = epoch_value(v).map_err(bad)?,
             "size" => size = Some(size_value(v).map_err(bad)?),
+            "io" => {
+                io = match v {
+                    "direct" => IoMode::Direct,
+                    "buffered" => IoMode::Buffered,
+                    _ => return Err(bad(format!("io `{v}` is neither direct nor buffered"))),
+                }
+            }
             _ => {
                 return Err(bad(format!(
-                    "unknown key `{k}` (known: id, path, size, socket, backups, epoch)"
+                    "unknown key `{k}` (known: id, path, size, socket, backups, epoch, io)"
                 )))
             }
         }
@@ -158,6 +166,7 @@ pub fn parse_volume(spec: &str) -> Result<VolumeConfig, SpecError> {
         socket: socket.ok_or_else(|| bad("missing socket=".into()))?,
         backups,
         epoch,
+        io,
     })
 }
 
@@ -182,6 +191,9 @@ mod tests {
         let why = |s: &str| parse_volume(s).unwrap_err().why;
         assert!(why("path=/a,size=1M,socket=/s").contains("missing id"));
         assert!(why("id=a,size=1M,socket=/s").contains("missing path"));
+        assert!(why("id=a,path=/a,size=1M,socket=/s,io=fast").contains("io `fast`"));
+        let v = parse_volume("id=a,path=/a,size=1M,socket=/s,io=buffered").unwrap();
+        assert_eq!(v.io, IoMode::Buffered);
         assert!(why("id=a,path=/a,socket=/s").contains("missing size"));
         assert!(why("id=a,path=/a,size=1M").contains("missing socket"));
         assert!(why("id=a,path=/a,size=1000,socket=/s").contains("size `1000`"));

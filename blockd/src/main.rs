@@ -20,9 +20,10 @@ use ferro_blockd::server::Volume;
 #[command(version, about)]
 struct Cli {
     /// Volume: id=SERIAL,path=FILE,size=SIZE[K|M|G|T],socket=PATH
-    /// [,backups=NAME@IP:PORT[+…],epoch=N] (with backups, every write also
-    /// goes to those replica servers; one failing fails the I/O);
-    /// repeatable.
+    /// [,backups=NAME@IP:PORT[+…],epoch=N][,io=direct|buffered] (with
+    /// backups, every write also goes to those replica servers; one failing
+    /// fails the I/O; io: O_DIRECT where the filesystem allows, the
+    /// default, or the host page cache); repeatable.
     #[arg(long, value_name = "SPEC", required_unless_present_any = ["controller", "replica"])]
     volume: Vec<String>,
     /// Without a controller: hold a replica for a primary elsewhere,

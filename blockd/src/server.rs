@@ -17,7 +17,7 @@ use crate::backend::BlockBackend;
 use crate::handler::{GuestMemoryMmap, RequestHandler};
 use crate::replication::StaticReplicas;
 use crate::replication::{Backup, Options, ReplicatedStore, ReplicationError};
-use crate::store::{LocalFile, Store, StoreError};
+use crate::store::{IoMode, LocalFile, Store, StoreError};
 
 /// One volume to serve.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub struct VolumeConfig {
     pub backups: Vec<Backup>,
     /// The replica set's epoch the backups were opened at (with backups).
     pub epoch: u64,
+    /// Direct I/O (the default) or the page cache (`io=buffered`).
+    pub io: IoMode,
 }
 
 /// Errors serving a volume; each names the volume.
@@ -71,7 +73,7 @@ impl Volume {
     /// With backups (and no controller), every write goes to them too,
     /// and a backup that fails fails the I/O ([`StaticReplicas`]).
     pub fn open(config: VolumeConfig) -> Result<Self, ServeError> {
-        let local = LocalFile::open_or_create(&config.path, config.size)
+        let local = LocalFile::open_or_create_with(&config.path, config.size, config.io)
             .map_err(|e| ServeError::Store(config.id.clone(), e))?;
         let store: Arc<dyn Store> = if config.backups.is_empty() {
             Arc::new(local)
@@ -117,6 +119,7 @@ impl Volume {
                 socket: socket.to_path_buf(),
                 backups: Vec::new(),
                 epoch: 0,
+                io: IoMode::default(),
             },
             store,
             listener,

@@ -46,12 +46,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferro_blockd::direct::AlignedBuf;
 use ferro_blockd::replica::{Replica, ReplicaServer};
 use ferro_blockd::replication::{Authority, Backup, Fenced, Options, ReplicatedStore};
 use ferro_blockd::server::Volume;
-use ferro_blockd::store::{LocalFile, Store};
+use ferro_blockd::store::{IoMode, LocalFile, Store};
 use ferro_virtio::testing::{BlockHarness, VhostUserBlkHarness};
+use io_uring::{opcode, types, IoUring};
 use serde_json::{json, Value};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::measure::{percentile, root, target_dir, Rng};
 
@@ -169,15 +173,72 @@ trait Target {
     fn run(&mut self, w: &Workload, n: usize, lat: &mut Vec<f64>) -> Result<Duration>;
 }
 
-/// The host doing the same I/O on a file.
+/// The host doing the same I/O on a file: with direct I/O, `O_DIRECT` and
+/// at depth an `io_uring` keeping that many requests in flight (as `fio
+/// --direct=1 --ioengine=io_uring` would); through the page cache, one
+/// request after another (see the module docs).
 struct Host {
     file: File,
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<AlignedBuf>,
     at: Offsets,
+    ring: Option<IoUring>,
+}
+
+impl Host {
+    /// Pushes request `slot` of `w` onto the ring.
+    fn push(&mut self, w: &Workload, slot: usize) -> Result<()> {
+        let ring = self.ring.as_mut().expect("a ring");
+        let off = self.at.next(w);
+        let fd = types::Fd(self.file.as_raw_fd());
+        let buf = self.bufs[slot].as_ptr().cast_mut();
+        let entry = if w.write {
+            opcode::Write::new(fd, buf, w.size).offset(off).build()
+        } else {
+            opcode::Read::new(fd, buf, w.size).offset(off).build()
+        };
+        // SAFETY: slot `slot`'s buffer is this target's, at least `size`
+        // bytes, and not touched again until its completion is reaped.
+        unsafe { ring.submission().push(&entry.user_data(slot as u64)) }
+            .map_err(|_| "host: submission queue full".to_string())
+    }
+
+    /// Sustained depth on the ring: every completion is replaced by a new
+    /// request on its slot until `n` were submitted.
+    fn run_ring(&mut self, w: &Workload, n: usize) -> Result<Duration> {
+        let start = Instant::now();
+        let mut submitted = w.depth.min(n);
+        for slot in 0..submitted {
+            self.push(w, slot)?;
+        }
+        let mut completed = 0;
+        while completed < n {
+            let ring = self.ring.as_mut().expect("a ring");
+            ring.submit_and_wait(1)
+                .map_err(|e| format!("host: io_uring: {e}"))?;
+            let done: Vec<(usize, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data() as usize, c.result()))
+                .collect();
+            for (slot, res) in done {
+                if res != w.size as i32 {
+                    return Err(format!("host: I/O returned {res}, not {}", w.size));
+                }
+                completed += 1;
+                if submitted < n {
+                    self.push(w, slot)?;
+                    submitted += 1;
+                }
+            }
+        }
+        Ok(start.elapsed())
+    }
 }
 
 impl Target for Host {
     fn run(&mut self, w: &Workload, n: usize, lat: &mut Vec<f64>) -> Result<Duration> {
+        if w.depth > 1 && self.ring.is_some() {
+            return self.run_ring(w, n);
+        }
         let size = w.size as usize;
         let start = Instant::now();
         for i in 0..n {
@@ -603,6 +664,7 @@ fn report(r: &mut Value) -> Value {
 pub fn run(args: &[String]) -> Result<()> {
     let mut secs = 8.0;
     let mut only = Vec::new();
+    let mut io = IoMode::Direct;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -626,6 +688,7 @@ pub fn run(args: &[String]) -> Result<()> {
                     only.push(n.to_string());
                 }
             }
+            "--buffered" => io = IoMode::Buffered,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -650,21 +713,35 @@ pub fn run(args: &[String]) -> Result<()> {
     let dir = target.join(format!("tmp/bench-blockd-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = bench(&dir, &blockd, &me, secs, &only);
+    let result = bench(&dir, &blockd, &me, secs, &only, io);
     let _ = std::fs::remove_dir_all(&dir);
     let mut report_json = result?;
     let targets = report(&mut report_json["workloads"]);
     report_json["targets"] = targets;
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-    let file = out.join("blockd.json");
+    let file = out.join(match io {
+        IoMode::Direct => "blockd.json",
+        IoMode::Buffered => "blockd-buffered.json",
+    });
     std::fs::write(&file, serde_json::to_string_pretty(&report_json).unwrap())
         .map_err(|e| e.to_string())?;
     println!("results written to {}", file.display());
     Ok(())
 }
 
-fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Result<Value> {
+fn bench(
+    dir: &Path,
+    blockd: &Path,
+    me: &Path,
+    secs: f64,
+    only: &[String],
+    io: IoMode,
+) -> Result<Value> {
+    let io_arg = match io {
+        IoMode::Direct => "direct",
+        IoMode::Buffered => "buffered",
+    };
     let t0 = Instant::now();
     let files = [
         "host.img",
@@ -686,7 +763,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Re
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns])
             .arg(me)
-            .args(["__blockd-role", "backup", "--dir"])
+            .args(["__blockd-role", "backup", "--io", io_arg, "--dir"])
             .arg(dir.join(host))
             .args(["--listen", addr]);
         for v in vols {
@@ -708,7 +785,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Re
     primary
         .args(["netns", "exec", &ns.0[0]])
         .arg(me)
-        .args(["__blockd-role", "primary"])
+        .args(["__blockd-role", "primary", "--io", io_arg])
         .args(["--vol", &vol("r2", &format!("b@{addr_b}"))])
         .args(["--vol", &vol("r3", &format!("b@{addr_b}+c@{addr_c}"))]);
     let _a = start_ready(primary, &dir.join("primary-a.log"), "primary a")?;
@@ -718,7 +795,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Re
         Command::new(blockd)
             .arg("--volume")
             .arg(format!(
-                "id=r1,path={},size={size},socket={}",
+                "id=r1,path={},size={size},socket={},io={io_arg}",
                 dir.join("r1.vol").display(),
                 r1_sock.display()
             ))
@@ -749,17 +826,25 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Re
             at: Offsets::new(seed),
         })
     };
-    let open = |p: &str| {
-        File::options()
-            .read(true)
-            .write(true)
-            .open(dir.join(p))
-            .map_err(|e| e.to_string())
+    let direct = io == IoMode::Direct;
+    let host_file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(dir.join("host.img"))
+        .map_err(|e| format!("host.img: {e}"))?;
+    let ring = if direct {
+        Some(IoUring::new(DEPTH as u32).map_err(|e| format!("host: io_uring: {e}"))?)
+    } else {
+        None
     };
     let mut host = Host {
-        file: open("host.img")?,
-        bufs: vec![vec![0x5a; MAX_IO]; DEPTH],
+        file: host_file,
+        bufs: (0..DEPTH)
+            .map(|_| AlignedBuf::copy_of(&[0x5a; MAX_IO]))
+            .collect(),
         at: Offsets::new(0x9e37_79b9),
+        ring,
     };
     let mut model = DeviceModel {
         h: BlockHarness::new(&dir.join("local.img"), false, DEPTH, MAX_IO)
@@ -783,6 +868,7 @@ fn bench(dir: &Path, blockd: &Path, me: &Path, secs: f64, only: &[String]) -> Re
         "secs_per_workload": secs,
         "slice_ms": SLICE.as_millis() as u64,
         "network": "primary and backups in network namespaces joined by veth pairs",
+        "io": io_arg,
         "workloads": workloads,
     }))
 }
@@ -832,6 +918,7 @@ pub fn role(args: &[String]) -> Result<()> {
     let mut dir = None;
     let mut listen = None;
     let mut vols = Vec::new();
+    let mut io = IoMode::Direct;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or(format!("{a} needs a value"))?;
@@ -839,6 +926,8 @@ pub fn role(args: &[String]) -> Result<()> {
             "--dir" => dir = Some(PathBuf::from(v)),
             "--listen" => listen = Some(v.clone()),
             "--vol" => vols.push(v.clone()),
+            "--io" if v == "direct" => io = IoMode::Direct,
+            "--io" if v == "buffered" => io = IoMode::Buffered,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -849,8 +938,10 @@ pub fn role(args: &[String]) -> Result<()> {
             for v in &vols {
                 let (id, size) = v.split_once(':').ok_or("--vol ID:SIZE")?;
                 let size: u64 = size.parse().map_err(|_| "--vol ID:SIZE")?;
+                let store = LocalFile::open_or_create_with(&replica.data_path(id), size, io)
+                    .map_err(|e| ferro_blockd::error_chain(&e))?;
                 replica
-                    .open_volume(id, size)
+                    .open_volume_with(id, Box::new(store))
                     .map_err(|e| ferro_blockd::error_chain(&e))?;
                 replica
                     .set_epoch(id, EPOCH)
@@ -882,7 +973,7 @@ pub fn role(args: &[String]) -> Result<()> {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let local = LocalFile::open_or_create(Path::new(path), size)
+                let local = LocalFile::open_or_create_with(Path::new(path), size, io)
                     .map_err(|e| ferro_blockd::error_chain(&e))?;
                 let store = ReplicatedStore::open(
                     id,
