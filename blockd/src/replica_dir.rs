@@ -21,6 +21,16 @@
 //! is left as it is and not reported held (its volume stays `creating`
 //! and the log says why).
 //!
+//! Each replica file has an incarnation: a random number chosen when the
+//! file is made, kept in `<id>.inc` beside it and reported with it. A
+//! file made again (the disk was replaced, or the file vanished) is blank
+//! under the same name; its new incarnation tells the controller, which
+//! takes that replica out of sync instead of counting a blank copy as one
+//! of the volume's good ones. An incarnation file that cannot be read is
+//! moved aside (`<id>.inc.bad.<unix seconds>`), never deleted, and a new
+//! incarnation made: the replica is then resynced, which costs a
+//! comparison and loses nothing.
+//!
 //! Catching a replica that fell out of sync up from its peers (resync) is
 //! the serving primary's ([`crate::replication::ReplicatedStore::resync`],
 //! started by [`crate::serve`]).
@@ -210,20 +220,75 @@ impl ReplicaDir {
                     tracing::error!(volume_id = %id, epoch, "cannot take the volume's epoch: {e}");
                 }
             }
+            let incarnation = match self.incarnation(&id) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(volume_id = %id, "cannot keep the replica's incarnation: {e}");
+                    continue;
+                }
+            };
             if let Some(epoch) = self.replica.epoch(&id) {
                 held.push(HeldReplica {
                     volume_id: id,
                     epoch,
+                    incarnation,
                 });
             }
         }
         Ok(held)
     }
 
+    /// Volume `id`'s incarnation file.
+    pub fn incarnation_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.inc"))
+    }
+
+    /// Volume `id`'s incarnation: read from its file, or made (and the
+    /// file written) when there is none or it cannot be read (moved aside).
+    pub fn incarnation(&self, id: &str) -> io::Result<u64> {
+        let path = self.incarnation_path(id);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match parse_incarnation(&text) {
+                Some(n) => return Ok(n),
+                None => {
+                    let to = self.dir.join(format!("{id}.inc.bad.{}", unix_seconds()));
+                    std::fs::rename(&path, &to)?;
+                    tracing::warn!(volume_id = %id, moved_to = %to.display(),
+                        "unreadable incarnation file moved aside; the replica will be resynced");
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::info!(volume_id = %id, "no incarnation file: making one");
+            }
+            Err(e) => return Err(e),
+        }
+        self.new_incarnation(id)
+    }
+
+    /// Chooses a new incarnation for volume `id` and writes its file
+    /// (through a temporary name, synced).
+    fn new_incarnation(&self, id: &str) -> io::Result<u64> {
+        let n = random_nonzero()?;
+        let tmp = self.dir.join(format!(".{id}.inc.new"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut f, format!("{n}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.incarnation_path(id))?;
+        sync_dir(&self.dir)?;
+        Ok(n)
+    }
+
     fn apply(&self, a: &Action) -> io::Result<()> {
         match a {
             Action::Create { id, size, source } => {
                 let path = self.path(id);
+                // A replica still open on a file that vanished would go on
+                // writing into it: let the new file be the one opened.
+                self.replica.close_volume(id);
                 // A temporary name first: a crash (or a bad source) never
                 // leaves a replica file of the wrong size or half filled
                 // under the real name.
@@ -242,6 +307,9 @@ impl ReplicaDir {
                 }
                 f.set_len(*size)?;
                 f.sync_all()?;
+                // A new file, a new incarnation, before the file takes its
+                // name: a crash in between makes both again next time.
+                self.new_incarnation(id)?;
                 std::fs::rename(&tmp, &path)?;
                 sync_dir(&self.dir)?;
                 tracing::info!(volume_id = %id, size, source = ?source, "replica created");
@@ -249,9 +317,11 @@ impl ReplicaDir {
             Action::Remove { id } => {
                 self.replica.close_volume(id);
                 std::fs::remove_file(self.path(id))?;
-                match std::fs::remove_file(self.replica.epoch_path(id)) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
+                for side in [self.replica.epoch_path(id), self.incarnation_path(id)] {
+                    match std::fs::remove_file(side) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
                 }
                 sync_dir(&self.dir)?;
                 tracing::info!(volume_id = %id, "replica removed: the volume is deleted");
@@ -259,16 +329,17 @@ impl ReplicaDir {
             Action::Orphan { id } => {
                 let orphans = self.dir.join("orphans");
                 std::fs::create_dir_all(&orphans)?;
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
+                let stamp = unix_seconds();
                 self.replica.close_volume(id);
                 let to = orphans.join(format!("{id}.vol.{stamp}"));
                 std::fs::rename(self.path(id), &to)?;
-                let epoch = self.replica.epoch_path(id);
-                if epoch.exists() {
-                    std::fs::rename(&epoch, orphans.join(format!("{id}.epoch.{stamp}")))?;
+                for (side, ext) in [
+                    (self.replica.epoch_path(id), "epoch"),
+                    (self.incarnation_path(id), "inc"),
+                ] {
+                    if side.exists() {
+                        std::fs::rename(&side, orphans.join(format!("{id}.{ext}.{stamp}")))?;
+                    }
                 }
                 sync_dir(&self.dir)?;
                 tracing::warn!(
@@ -287,6 +358,40 @@ impl ReplicaDir {
             }
         }
         Ok(())
+    }
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An incarnation file's number: decimal, non-zero, one line.
+fn parse_incarnation(text: &str) -> Option<u64> {
+    text.trim_end_matches('\n')
+        .parse::<u64>()
+        .ok()
+        .filter(|&n| n != 0)
+}
+
+/// A random non-zero number from the kernel.
+fn random_nonzero() -> io::Result<u64> {
+    loop {
+        let mut b = [0u8; 8];
+        // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n as usize == b.len() && u64::from_ne_bytes(b) != 0 {
+            return Ok(u64::from_ne_bytes(b));
+        }
     }
 }
 
@@ -409,11 +514,14 @@ mod tests {
         std::fs::write(dir.join("notes.txt"), b"not a replica").unwrap();
         std::fs::write(d.path(C), b"orphan data").unwrap();
         let held = d.converge(&want(&[(A, 1 << 20, false)])).unwrap();
+        let born = held[0].incarnation;
+        assert_ne!(born, 0);
         assert_eq!(
             held,
             [HeldReplica {
                 volume_id: A.into(),
-                epoch: 3
+                epoch: 3,
+                incarnation: born,
             }]
         );
         assert_eq!(d.replica().epoch(A), Some(3), "open, at the epoch");
@@ -437,6 +545,37 @@ mod tests {
         let held = d.converge(&want(&[(A, 1 << 20, true)])).unwrap();
         assert!(held.is_empty());
         assert!(!d.path(A).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A replica keeps its incarnation across restarts; a file made again
+    /// (it vanished) gets a new one, and so does one whose incarnation
+    /// file is unreadable (kept aside, not deleted).
+    #[test]
+    fn a_replica_made_again_reports_a_new_incarnation() {
+        let dir = std::env::temp_dir().join(format!("ferro-replicas-inc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = ReplicaDir::open(&dir).unwrap();
+        let w = want(&[(A, 1 << 20, false)]);
+        let first = d.converge(&w).unwrap()[0].incarnation;
+        assert_eq!(d.converge(&w).unwrap()[0].incarnation, first);
+        let restarted = ReplicaDir::open(&dir).unwrap();
+        assert_eq!(restarted.converge(&w).unwrap()[0].incarnation, first);
+        // The disk lost the file: it is made again, blank, and says so.
+        std::fs::remove_file(restarted.path(A)).unwrap();
+        let second = restarted.converge(&w).unwrap()[0].incarnation;
+        assert_ne!(second, first);
+        assert_eq!(std::fs::metadata(restarted.path(A)).unwrap().len(), 1 << 20);
+        // Garbage in the incarnation file: moved aside, a new one made.
+        std::fs::write(restarted.incarnation_path(A), b"not a number").unwrap();
+        let third = restarted.converge(&w).unwrap()[0].incarnation;
+        assert!(third != second && third != 0);
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&format!("{A}.inc.bad.")))
+            .collect();
+        assert_eq!(aside.len(), 1, "the unreadable file is kept: {aside:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

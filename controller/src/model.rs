@@ -601,6 +601,11 @@ pub struct Volume {
     /// Cleared when a session opens and whenever the epoch moves.
     #[serde(default)]
     pub clean: bool,
+    /// Replica host → the incarnation its blockd reported for its replica
+    /// file (chosen when the file is made). A different one later means
+    /// the file was made again, blank: that replica leaves the in-sync set.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub incarnations: BTreeMap<String, u64>,
 }
 
 impl Volume {

@@ -502,6 +502,7 @@ mod tests {
                     session: 0,
                     session_host: String::new(),
                     clean: false,
+                    incarnations: Default::default(),
                 },
             );
         }

@@ -634,6 +634,47 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     for r in [p, b1, b2] {
         assert_eq!(sum(&blockds[r].replica(&id), 300 * MIB as u64, MIB), want);
     }
+    drop(store);
+
+    // A replica file that vanishes (a replaced disk) is made again blank,
+    // with a new incarnation: the controller takes it out of sync (epoch
+    // 4) instead of counting a blank copy as a good one, and the first
+    // replica host in sync resyncs it by checksum (epoch 5).
+    std::fs::remove_file(blockds[b2].replica(&id)).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = volume(&mut c, &id).await.unwrap();
+        if v.epoch >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the remade replica was never taken out of sync"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + 3 * WAIT;
+    loop {
+        let told = host_volumes(&mut hc, &blockds[b2].key).await.unwrap();
+        if told.replicas[0].in_sync && told.replicas[0].epoch == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the remade replica was never resynced (told {:?})",
+            told.replicas[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sums: Vec<Vec<u32>> = [p, b2]
+        .iter()
+        .map(|r| file_sums(&blockds[*r].replica(&id)))
+        .collect();
+    assert!(
+        sums[1] == sums[0],
+        "the remade replica differs after its resync"
+    );
+    assert_eq!(sum(&blockds[b2].replica(&id), 300 * MIB as u64, MIB), want);
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -204,6 +204,7 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         let host_id = key.host_id;
         let r = req.into_inner();
         let held = super::hostvol::held(&r).map_err(Status::invalid_argument)?;
+        let incarnations = super::hostvol::incarnations(&r);
         if !r.replica_addr.is_empty() {
             if r.replica_addr.parse::<std::net::SocketAddr>().is_err() {
                 return Err(Status::invalid_argument(format!(
@@ -227,10 +228,10 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
                     .map_err(status)?;
             }
         }
-        let (h, check) = (host_id.clone(), held.clone());
+        let (h, check, inc) = (host_id.clone(), held.clone(), incarnations.clone());
         let changes = self
             .ctl
-            .read(move |s| s.replicas_report_changes(&h, &check))
+            .read(move |s| s.replicas_report_changes(&h, &check, &inc))
             .await
             .map_err(status)?;
         if !changes {
@@ -240,7 +241,11 @@ impl<R: Replicator<ClusterState>> Hosts for HostsService<R> {
         }
         let out = self
             .ctl
-            .write(Command::ReportReplicas { host_id, held })
+            .write(Command::ReportReplicas {
+                host_id,
+                held,
+                incarnations,
+            })
             .await
             .map_err(status)?;
         let changed = match out {

@@ -111,6 +111,17 @@ fn peers(s: &ClusterState, v: &Volume) -> Vec<pb::ReplicaPeer> {
         .collect()
 }
 
+/// A report's replica incarnations as volume → incarnation, for those that
+/// carry one (a blockd from before incarnations sends 0). Call after
+/// [`held`] accepted the report.
+pub fn incarnations(r: &pb::ReportVolumeReplicasRequest) -> BTreeMap<String, u64> {
+    r.replicas
+        .iter()
+        .filter(|h| h.incarnation != 0)
+        .map(|h| (h.volume_id.clone(), h.incarnation))
+        .collect()
+}
+
 /// A report's replicas as volume → epoch; an error names the bad entry.
 pub fn held(r: &pb::ReportVolumeReplicasRequest) -> Result<BTreeMap<String, u64>, String> {
     if r.replicas.len() > MAX_REPORTED {
@@ -149,6 +160,7 @@ mod tests {
                 .map(|id| pb::HeldReplica {
                     volume_id: id.to_string(),
                     epoch: 1,
+                    incarnation: 0,
                 })
                 .collect(),
         }

@@ -415,6 +415,10 @@ pub enum Command {
         host_id: String,
         /// What it holds.
         held: BTreeMap<String, u64>,
+        /// Volume id → the incarnation of its replica file, for those
+        /// reported with one.
+        #[serde(default)]
+        incarnations: BTreeMap<String, u64>,
     },
     /// A volume's primary reports a replica failed: if `epoch` is still
     /// the volume's, the replica leaves the in-sync set and the epoch is

@@ -334,9 +334,15 @@ impl ferro_raft::StateMachine for ClusterState {
                 h.blockd_addr = addr;
                 Ok(Output::Done)
             }
-            Command::ReportReplicas { host_id, held } => {
-                Ok(Output::Count(self.report_replicas(&host_id, &held)))
-            }
+            Command::ReportReplicas {
+                host_id,
+                held,
+                incarnations,
+            } => Ok(Output::Count(self.report_replicas(
+                &host_id,
+                &held,
+                &incarnations,
+            ))),
             Command::AttachVolume {
                 volume_id,
                 instance_id,

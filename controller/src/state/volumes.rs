@@ -150,6 +150,34 @@ fn holds(v: &Volume, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
     }
 }
 
+/// Records the incarnation `host_id` reports for `v`'s replica, if any;
+/// true if it is new or changed. A change on a volume past `creating`
+/// means the replica file was made again, blank: an in-sync replica then
+/// leaves the set and the epoch goes up, so no primary writes to it or
+/// reads from it until a resync (by checksum) has filled it.
+fn note_incarnation(v: &mut Volume, host_id: &str, incarnations: &BTreeMap<String, u64>) -> bool {
+    v.incarnations.retain(|h, _| v.replicas.contains(h));
+    let Some(&now) = incarnations.get(&v.id) else {
+        return false;
+    };
+    let before = v.incarnations.insert(host_id.to_string(), now);
+    let remade = before.is_some_and(|b| b != now);
+    let counts = !matches!(v.state, VolumeState::Creating | VolumeState::Deleting);
+    if remade && counts && !v.out_of_sync.contains(host_id) {
+        v.out_of_sync.insert(host_id.to_string());
+        v.held.remove(host_id);
+        v.epoch += 1;
+        v.clean = false;
+        tracing::warn!(volume_id = %v.id, host_id, epoch = v.epoch,
+            "replica file made again (blank): out of sync until resynced");
+        if v.in_sync().next().is_none() {
+            tracing::error!(volume_id = %v.id,
+                "no replica of the volume is in sync any more: its data is on no host");
+        }
+    }
+    before != Some(now)
+}
+
 fn running(i: &Instance) -> bool {
     i.desired == DesiredState::Running
 }
@@ -238,6 +266,7 @@ impl ClusterState {
             session: 0,
             session_host: String::new(),
             clean: false,
+            incarnations: BTreeMap::new(),
         };
         tracing::info!(volume_id = %id, replicas = ?v.replicas, "volume placed");
         self.volumes.insert(id.clone(), v.clone());
@@ -370,6 +399,7 @@ impl ClusterState {
                     session: 0,
                     session_host: String::new(),
                     clean: false,
+                    incarnations: BTreeMap::new(),
                 });
             }
         }
@@ -438,18 +468,29 @@ impl ClusterState {
     }
 
     /// Host `host_id`'s blockd holds `held` (volume → the epoch it has
-    /// caught up to), and nothing else. For every volume with a replica on
-    /// that host: the host counts as holding it when it reports the
-    /// volume's epoch (any epoch while deleting). A `creating` volume that
-    /// every replica host holds becomes `available`; a `deleting` one that
-    /// none holds any more is removed. Returns how many volumes changed.
-    pub(crate) fn report_replicas(&mut self, host_id: &str, held: &BTreeMap<String, u64>) -> u32 {
+    /// caught up to), and nothing else; `incarnations` gives the
+    /// incarnation of those replica files it reported one for. For every
+    /// volume with a replica on that host: a replica whose incarnation
+    /// changed was made again, blank, and leaves the in-sync set with the
+    /// epoch raised (unless the volume is still `creating`, when every
+    /// replica is blank or the image alike); the host counts as holding it
+    /// when it reports the volume's epoch and is in sync (any epoch while
+    /// deleting). A `creating` volume that every replica host holds
+    /// becomes `available`; a `deleting` one that none holds any more is
+    /// removed. Returns how many volumes changed.
+    pub(crate) fn report_replicas(
+        &mut self,
+        host_id: &str,
+        held: &BTreeMap<String, u64>,
+        incarnations: &BTreeMap<String, u64>,
+    ) -> u32 {
         let mut changed = 0;
         let mut gone = Vec::new();
         for v in self.volumes.values_mut() {
             if !v.replicas.iter().any(|r| r == host_id) {
                 continue;
             }
+            let replaced = note_incarnation(v, host_id, incarnations);
             let holds = holds(v, host_id, held);
             let before = (v.state, v.held.contains(host_id));
             if holds {
@@ -469,7 +510,7 @@ impl ClusterState {
             if v.state == VolumeState::Deleting && v.held.is_empty() {
                 gone.push(v.id.clone());
             }
-            if before != (v.state, v.held.contains(host_id)) {
+            if replaced || before != (v.state, v.held.contains(host_id)) {
                 changed += 1;
             }
         }
@@ -666,13 +707,23 @@ impl ClusterState {
 
     /// Whether [`Self::report_replicas`] would change anything (so that a
     /// report that changes nothing writes nothing to the log).
-    pub fn replicas_report_changes(&self, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
+    pub fn replicas_report_changes(
+        &self,
+        host_id: &str,
+        held: &BTreeMap<String, u64>,
+        incarnations: &BTreeMap<String, u64>,
+    ) -> bool {
         // A volume's state only moves when a host's membership in `held`
         // does (it moves on as soon as the last one needed arrives).
         self.volumes
             .values()
             .filter(|v| v.replicas.iter().any(|r| r == host_id))
-            .any(|v| holds(v, host_id, held) != v.held.contains(host_id))
+            .any(|v| {
+                holds(v, host_id, held) != v.held.contains(host_id)
+                    || incarnations
+                        .get(&v.id)
+                        .is_some_and(|i| v.incarnations.get(host_id) != Some(i))
+            })
     }
 
     pub(super) fn attach_volume(
@@ -911,11 +962,12 @@ mod tests {
     }
 
     fn report(s: &mut ClusterState, host: &str, held: BTreeMap<String, u64>) -> u32 {
-        let would = s.replicas_report_changes(host, &held);
+        let would = s.replicas_report_changes(host, &held, &BTreeMap::new());
         let Output::Count(n) = s
             .apply(Command::ReportReplicas {
                 host_id: host.into(),
                 held,
+                incarnations: BTreeMap::new(),
             })
             .unwrap()
         else {
@@ -1165,6 +1217,55 @@ mod tests {
         assert!(!s.volumes["vol-1"].held.contains("h3"));
         report(&mut s, "h1", held(2));
         assert!(s.volumes["vol-1"].held.contains("h1"));
+    }
+
+    #[test]
+    fn a_replica_file_made_again_leaves_the_in_sync_set_and_raises_the_epoch() {
+        let (mut s, _) = cluster(true);
+        create_only(&mut s, "vol-1", vspec(10, "durable")).unwrap();
+        let rep = |s: &mut ClusterState, host: &str, epoch: u64, inc: u64| -> u32 {
+            let held = BTreeMap::from([("vol-1".to_string(), epoch)]);
+            let incarnations = BTreeMap::from([("vol-1".to_string(), inc)]);
+            let would = s.replicas_report_changes(host, &held, &incarnations);
+            let Output::Count(n) = s
+                .apply(Command::ReportReplicas {
+                    host_id: host.into(),
+                    held,
+                    incarnations,
+                })
+                .unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!(would, n > 0, "the read-only check agrees");
+            n
+        };
+        // While the volume is being created every copy is blank (or the
+        // image): a file made again loses nothing.
+        rep(&mut s, "h1", 1, 10);
+        assert!(
+            rep(&mut s, "h1", 1, 11) > 0,
+            "a new incarnation is recorded"
+        );
+        assert_eq!(s.volumes["vol-1"].epoch, 1);
+        rep(&mut s, "h2", 1, 20);
+        rep(&mut s, "h3", 1, 30);
+        assert_eq!(s.volumes["vol-1"].state, VolumeState::Available);
+        assert_eq!(rep(&mut s, "h2", 1, 20), 0, "the same report again");
+        // h2's file is made again: its blank copy must not count.
+        assert!(rep(&mut s, "h2", 1, 21) > 0);
+        let v = &s.volumes["vol-1"];
+        assert_eq!(v.epoch, 2, "the primary is fenced and re-learns its set");
+        assert!(v.out_of_sync.contains("h2") && !v.held.contains("h2"));
+        assert!(!v.clean);
+        // Taking the new epoch does not bring it back: only a resync does.
+        rep(&mut s, "h2", 2, 21);
+        assert!(!s.volumes["vol-1"].held.contains("h2"));
+        assert_eq!(s.volumes["vol-1"].epoch, 2);
+        // A blockd from before incarnations (none reported) changes none.
+        report(&mut s, "h3", BTreeMap::from([("vol-1".to_string(), 2)]));
+        assert_eq!(s.volumes["vol-1"].incarnations["h3"], 30);
+        assert!(s.volumes["vol-1"].held.contains("h3"));
     }
 
     #[test]

@@ -496,6 +496,7 @@ pub async fn report_replicas(
             .map(|(v, e)| pb::HeldReplica {
                 volume_id: v.to_string(),
                 epoch: *e,
+                incarnation: 0,
             })
             .collect(),
     });
