@@ -255,11 +255,13 @@ async fn session(
                 match Client::new(ccfg) {
                     Ok(c) => {
                         let authority = Arc::new(ControllerAuthority::new(c, handle));
-                        let paths = d.clone();
+                        let replica = d.replica();
                         let made = Serving::new(
                             &serve_dir,
                             &host,
-                            Box::new(move |id: &str| paths.path(id)),
+                            Box::new(move |id: &str, _size: u64| {
+                                Ok(replica.local(id).map(|l| Box::new(l) as Box<dyn crate::store::Store>))
+                            }),
                             authority,
                         );
                         match made {

@@ -128,6 +128,114 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
     }
 }
 
+/// A primary's own host's copy of a volume: the replica this host's
+/// replica server holds, shared rather than opened a second time, and
+/// written ([`Store::write_batch_at`]) under that replica's epoch lock,
+/// as a backup's frames are. A primary whose epoch is older than the one
+/// this host's watch gave the replica was fenced, and its writes are
+/// refused here too (a backup refuses them as `Fenced`); one whose epoch
+/// is newer is ahead of the watch, which catches up a moment later. Reads,
+/// flushes and checksums go to the replica's store as they are.
+pub struct LocalReplica {
+    replica: Arc<Replica>,
+    volume: String,
+    sectors: u64,
+}
+
+impl Replica {
+    /// Volume `volume`'s replica as its primary's local copy; `None` if
+    /// this host holds no open replica of it.
+    pub fn local(self: &Arc<Self>, volume: &str) -> Option<LocalReplica> {
+        let v = self.volume(volume)?;
+        Some(LocalReplica {
+            replica: self.clone(),
+            volume: volume.to_string(),
+            sectors: v.store.capacity(),
+        })
+    }
+}
+
+impl LocalReplica {
+    fn get(&self) -> io::Result<Arc<VolumeReplica>> {
+        self.replica.volume(&self.volume).ok_or_else(|| {
+            io::Error::other(format!(
+                "volume {}: this host's replica was closed",
+                self.volume
+            ))
+        })
+    }
+}
+
+impl Store for LocalReplica {
+    fn capacity(&self) -> u64 {
+        self.sectors
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.get()?.store.read_at(buf, offset)
+    }
+
+    fn read_into(&self, bufs: &[vm_memory::VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        self.get()?.store.read_into(bufs, offset)
+    }
+
+    fn read_batch(&self, reads: &[(u64, &[vm_memory::VolatileSlice<'_>])]) -> Vec<io::Result<()>> {
+        match self.get() {
+            Ok(v) => v.store.read_batch(reads),
+            Err(e) => reads
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.get()?.store.write_at(buf, offset)
+    }
+
+    /// Unchecked: the epoch comes with [`Store::write_batch_at`].
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        match self.get() {
+            Ok(v) => v.store.write_batch(writes),
+            Err(e) => writes
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect(),
+        }
+    }
+
+    fn write_batch_at(&self, epoch: u64, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        let fail = |e: io::Error| -> Vec<io::Result<()>> {
+            writes
+                .iter()
+                .map(|_| Err(io::Error::new(e.kind(), e.to_string())))
+                .collect()
+        };
+        let v = match self.get() {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        };
+        let held = read(&v.epoch);
+        if held.0 > epoch {
+            return fail(io::Error::other(format!(
+                "volume {}: this host's replica is at epoch {}, past the primary's {epoch} (fenced)",
+                self.volume, held.0
+            )));
+        }
+        let done = v.store.write_batch(writes);
+        drop(held);
+        done
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.get()?.store.flush()
+    }
+
+    fn sums(&self, offset: u64, len: u64, region: u64) -> io::Result<Vec<u32>> {
+        self.get()?.store.sums(offset, len, region)
+    }
+}
+
 /// One volume's replica: its store and its epoch.
 struct VolumeReplica {
     store: Box<dyn Store>,

@@ -772,11 +772,15 @@ impl ReplicatedStore {
                 self.frame(st, Body::Write { offset, data })
             })
             .collect();
+        let epoch = st.epoch;
         let local_writes = || -> Vec<io::Result<()>> {
             let Some(l) = &self.local else {
                 return writes.iter().map(|_| Ok(())).collect();
             };
-            l.write_batch(writes)
+            // Through the local replica's epoch check where it has one:
+            // once this host's watch raised it, a fenced primary's writes
+            // no longer land even here.
+            l.write_batch_at(epoch, writes)
         };
         let (local, failed) = match self.replicate(st, &frames, local_writes) {
             Ok(r) => r,

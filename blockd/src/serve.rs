@@ -42,7 +42,7 @@ use ferro_proto::compute::v1::ServedVolume;
 
 use crate::replication::{Authority, Backup, Options, ReplicatedStore, RESYNC_RETRY};
 use crate::server::Volume;
-use crate::store::{LocalFile, Store};
+use crate::store::Store;
 
 /// One volume being served.
 struct Served {
@@ -55,30 +55,36 @@ struct Served {
     resyncing: Arc<Mutex<BTreeSet<(String, String)>>>,
 }
 
+/// Opens this host's copy of volume `id` (`size` bytes) for its primary:
+/// `None` when the host holds none. The daemon's gives the replica its
+/// replica server holds ([`crate::replica::LocalReplica`]), so that the
+/// primary's own writes pass that replica's epoch check.
+pub type LocalCopy = Box<dyn Fn(&str, u64) -> Result<Option<Box<dyn Store>>, String> + Send + Sync>;
+
 /// The served volumes of this host.
 pub struct Serving {
     dir: PathBuf,
     host_id: String,
-    /// This host's replica files (its local copies).
-    replica_path: Box<dyn Fn(&str) -> PathBuf + Send + Sync>,
+    /// Opens this host's copy of a volume.
+    local_copy: LocalCopy,
     authority: Arc<dyn Authority>,
     served: HashMap<String, Served>,
 }
 
 impl Serving {
-    /// Sockets under `dir`; `replica_path` names this host's replica file
-    /// of a volume.
+    /// Sockets under `dir`; `local_copy` opens this host's copy of a
+    /// volume.
     pub fn new(
         dir: &Path,
         host_id: &str,
-        replica_path: Box<dyn Fn(&str) -> PathBuf + Send + Sync>,
+        local_copy: LocalCopy,
         authority: Arc<dyn Authority>,
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             host_id: host_id.to_string(),
-            replica_path,
+            local_copy,
             authority,
             served: HashMap::new(),
         })
@@ -129,7 +135,6 @@ impl Serving {
             .peers
             .iter()
             .any(|p| p.host_id == self.host_id && p.in_sync);
-        let local_path = (self.replica_path)(id);
         let backups: Vec<Backup> = w
             .peers
             .iter()
@@ -155,17 +160,13 @@ impl Serving {
             .open_session(id, w.epoch)
             .map_err(|e| e.to_string())?;
         let epoch = session.epoch;
-        let store = if mine && local_path.exists() {
-            let local =
-                LocalFile::open_or_create(&local_path, w.size_bytes).map_err(|e| e.to_string())?;
-            ReplicatedStore::open(
-                id,
-                epoch,
-                Box::new(local),
-                &backups,
-                self.authority.clone(),
-                options,
-            )
+        let local = if mine {
+            (self.local_copy)(id, w.size_bytes)?
+        } else {
+            None
+        };
+        let store = if let Some(local) = local {
+            ReplicatedStore::open(id, epoch, local, &backups, self.authority.clone(), options)
         } else {
             ReplicatedStore::open_remote(
                 id,

@@ -75,6 +75,15 @@ pub trait Store: Send + Sync {
             .map(|&(offset, data)| self.write_at(data, offset))
             .collect()
     }
+    /// [`Store::write_batch`] by a primary holding epoch `epoch`. A store
+    /// that is a replica with an epoch of its own (the primary's own
+    /// host's copy, [`crate::replica::LocalReplica`]) refuses every write
+    /// once it has taken a newer epoch: that primary was fenced. Others
+    /// ignore the epoch.
+    fn write_batch_at(&self, epoch: u64, writes: &[(u64, &[u8])]) -> Vec<io::Result<()>> {
+        let _ = epoch;
+        self.write_batch(writes)
+    }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
     /// The CRC32C of each `region`-byte region of the `len` bytes at

@@ -990,7 +990,10 @@ fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
     let mut serving = Serving::new(
         &c.dir.join("vhost"),
         "p",
-        Box::new(move |_: &str| primary.clone()),
+        Box::new(move |_: &str, size: u64| {
+            let f = LocalFile::open_or_create(&primary, size).map_err(|e| e.to_string())?;
+            Ok(Some(Box::new(f) as Box<dyn Store>))
+        }),
         c.authority.clone(),
     )
     .unwrap();

@@ -80,7 +80,10 @@ fn a_volume_taken_off_the_serve_list_fails_its_connected_frontends_io() {
     let mut serving = Serving::new(
         &dir,
         "h1",
-        Box::new(move |_| path.clone()),
+        Box::new(move |_: &str, size: u64| {
+            let f = LocalFile::open_or_create(&path, size).map_err(|e| e.to_string())?;
+            Ok(Some(Box::new(f) as Box<dyn Store>))
+        }),
         Arc::new(StaticReplicas),
     )
     .unwrap();

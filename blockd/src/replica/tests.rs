@@ -418,3 +418,36 @@ fn checksums_cover_each_region_of_the_range_at_the_current_epoch_only() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The primary's own host's copy takes a primary's writes while its
+/// replica's epoch is not past the primary's (behind: the watch has not
+/// caught up yet), and refuses them once it is (the primary was fenced),
+/// as a backup refuses that primary's frames.
+#[test]
+fn a_local_replica_refuses_the_writes_of_a_fenced_primary() {
+    let (dir, r) = replica("local", 3);
+    let r = Arc::new(r);
+    let local = r.local("v").expect("the replica is open");
+    assert_eq!(local.capacity(), CAP / SECTOR_SIZE);
+    assert!(r.local("other").is_none());
+    let ok = |res: Vec<io::Result<()>>| res.iter().all(Result::is_ok);
+    assert!(ok(local.write_batch_at(3, &[(0, &[1; 512])])));
+    // A primary ahead of this host's watch (it raised the epoch itself).
+    assert!(ok(local.write_batch_at(4, &[(512, &[2; 512])])));
+    r.set_epoch("v", 5).unwrap();
+    let refused = local.write_batch_at(4, &[(0, &[9; 512]), (1024, &[9; 512])]);
+    assert_eq!(refused.len(), 2);
+    for e in refused {
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("epoch 5") && e.contains("fenced"), "{e}");
+    }
+    let mut buf = vec![0u8; 1536];
+    local.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..512], &[1; 512][..]);
+    assert_eq!(&buf[512..1024], &[2; 512][..]);
+    assert_eq!(&buf[1024..], &[0; 512][..], "nothing of the fenced primary");
+    // Closed under it: an error, not a write somewhere else.
+    r.close_volume("v");
+    assert!(local.write_batch_at(5, &[(0, &[3; 512])])[0].is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
