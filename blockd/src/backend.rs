@@ -215,12 +215,7 @@ impl VhostUserBackend for BlockBackend {
 /// read once.
 pub fn poll_window() -> std::time::Duration {
     static WINDOW: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *WINDOW.get_or_init(|| {
-        std::env::var("FERRO_BLOCKD_POLL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(POLL_DEFAULT, std::time::Duration::from_micros)
-    })
+    *WINDOW.get_or_init(|| crate::env_micros("FERRO_BLOCKD_POLL_US", POLL_DEFAULT))
 }
 
 /// The default poll after a queue pass.

@@ -307,12 +307,7 @@ pub const SPIN_DEFAULT: std::time::Duration = std::time::Duration::from_micros(5
 /// read once.
 pub fn spin_window() -> std::time::Duration {
     static WINDOW: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
-    *WINDOW.get_or_init(|| {
-        std::env::var("FERRO_BLOCKD_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(SPIN_DEFAULT, std::time::Duration::from_micros)
-    })
+    *WINDOW.get_or_init(|| crate::env_micros("FERRO_BLOCKD_SPIN_US", SPIN_DEFAULT))
 }
 
 /// Submits what `ring` holds and spins, up to [`spin_window`], until a

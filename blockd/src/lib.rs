@@ -67,6 +67,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A duration in microseconds from environment variable `name`, or
+/// `default` when it is unset or not a number (tuning knobs read once).
+pub fn env_micros(name: &str, default: std::time::Duration) -> std::time::Duration {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(default, std::time::Duration::from_micros)
+}
+
 #[cfg(feature = "daemon")]
 pub mod authority;
 pub mod backend;

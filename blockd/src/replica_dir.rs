@@ -380,17 +380,10 @@ fn parse_incarnation(text: &str) -> Option<u64> {
 fn random_nonzero() -> io::Result<u64> {
     loop {
         let mut b = [0u8; 8];
-        // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n as usize == b.len() && u64::from_ne_bytes(b) != 0 {
-            return Ok(u64::from_ne_bytes(b));
+        getrandom::getrandom(&mut b).map_err(|e| io::Error::other(e.to_string()))?;
+        let n = u64::from_ne_bytes(b);
+        if n != 0 {
+            return Ok(n);
         }
     }
 }
