@@ -309,6 +309,9 @@ struct State {
     unreconciled: std::collections::BTreeSet<String>,
     /// The serving session [`ReplicatedStore::begin_session`] took.
     session: Option<Session>,
+    /// That session was closed clean while no frontend was connected
+    /// ([`ReplicatedStore::close_idle`]); the next write opens a new one.
+    closed: bool,
     /// A write or flush failed since open: the copies may differ where
     /// it did not complete.
     failed: bool,
@@ -401,6 +404,7 @@ impl ReplicatedStore {
                 resynced: HashMap::new(),
                 unreconciled: backups.iter().map(|b| b.id.clone()).collect(),
                 session: None,
+                closed: false,
                 failed: false,
                 fenced: false,
             }),
@@ -515,6 +519,72 @@ impl ReplicatedStore {
         );
     }
 
+    /// No frontend is connected (its VMM stopped or went away): makes every
+    /// write durable on every in-sync replica and closes the session clean
+    /// under the same conditions as [`Self::retire`], but goes on serving:
+    /// the next write first opens a new session ([`Self::reopen`]). An
+    /// instance stopped here and started on another host then needs no
+    /// comparison there. Whether it closed.
+    pub fn close_idle(&self) -> bool {
+        let mut st = self.lock();
+        let Some(session) = st.session else {
+            return false;
+        };
+        if st.fenced || st.closed {
+            return false;
+        }
+        if !st.since_flush.is_clean() {
+            if let Err(e) = self.flush_locked(&mut st) {
+                st.failed = true;
+                tracing::warn!(volume_id = %self.volume, epoch = st.epoch, "no frontend; flush failed, session left open: {e}");
+                return false;
+            }
+        }
+        if st.failed || !st.unreconciled.is_empty() || !st.catchup.is_empty() {
+            tracing::info!(volume_id = %self.volume, epoch = st.epoch, "no frontend; session left open (a write failed, or replicas not compared)");
+            return false;
+        }
+        match self
+            .authority
+            .close_session(&self.volume, st.epoch, session.id)
+        {
+            Ok(()) => {
+                st.closed = true;
+                tracing::info!(volume_id = %self.volume, epoch = st.epoch, session = session.id, "no frontend; session closed clean");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %self.volume, epoch = st.epoch, session = session.id, "no frontend; session not closed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Before the first write after [`Self::close_idle`]: a new session at
+    /// this store's epoch. One the authority refuses, or at a moved epoch
+    /// (another primary took over meanwhile), fences this store.
+    fn reopen(&self, st: &mut State) -> io::Result<()> {
+        match self.authority.open_session(&self.volume, st.epoch) {
+            Ok(s) if s.epoch == st.epoch => {
+                st.session = Some(s);
+                st.closed = false;
+                tracing::info!(volume_id = %self.volume, epoch = st.epoch, session = s.id, was_clean = s.was_clean, "serving session reopened");
+                Ok(())
+            }
+            Ok(s) => {
+                st.fenced = true;
+                Err(io::Error::other(format!(
+                    "volume {}: the epoch moved from {} to {} while no frontend was connected (fenced)",
+                    self.volume, st.epoch, s.epoch
+                )))
+            }
+            Err(f) => {
+                st.fenced = true;
+                Err(io::Error::other(f))
+            }
+        }
+    }
+
     /// Stops serving for good, as [`Self::revoke`], and closes the session
     /// clean with the authority when the in-sync replicas are identical:
     /// a session was begun, every write since was flushed to every
@@ -525,6 +595,12 @@ impl ReplicatedStore {
     pub fn retire(&self) -> bool {
         let (session, epoch) = {
             let mut st = self.lock();
+            if st.closed && !st.fenced {
+                // Closed clean while idle, and nothing written since.
+                st.fenced = true;
+                tracing::info!(volume_id = %self.volume, epoch = st.epoch, "revoked: refusing all I/O; closed clean while idle");
+                return true;
+            }
             let clean = !st.fenced
                 && !st.failed
                 && st.since_flush.is_clean()
@@ -1368,6 +1444,11 @@ impl Store for ReplicatedStore {
         if let Err(e) = self.check_fenced(&st) {
             return writes.iter().map(|_| Err(copy_error(&e))).collect();
         }
+        if st.closed {
+            if let Err(e) = self.reopen(&mut st) {
+                return writes.iter().map(|_| Err(copy_error(&e))).collect();
+            }
+        }
         // Frames of at most MAX_PAYLOAD bytes, each with its write's index.
         let step = MAX_PAYLOAD as usize;
         let chunks: Vec<(usize, u64, &[u8])> = writes
@@ -1391,6 +1472,11 @@ impl Store for ReplicatedStore {
             st.failed = true;
         }
         results
+    }
+
+    /// [`ReplicatedStore::close_idle`].
+    fn idle(&self) {
+        self.close_idle();
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -168,6 +168,7 @@ impl Volume {
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
+        self.store.idle();
         Ok(())
     }
 }

@@ -86,6 +86,12 @@ pub trait Store: Send + Sync {
     }
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// No frontend is connected: nothing is asked of the store until one
+    /// is. A replicated store makes its writes durable everywhere and
+    /// closes its serving session clean
+    /// ([`crate::replication::ReplicatedStore::close_idle`]). By default
+    /// nothing.
+    fn idle(&self) {}
     /// The CRC32C of each `region`-byte region of the `len` bytes at
     /// `offset`, the last one cut ([`crate::resync::region_sums`]). A
     /// sparse file's store skips its holes.

@@ -602,6 +602,38 @@ fn a_session_closed_clean_spares_the_next_primary_the_comparison() {
     assert!(c.hosts[0].data() == c.hosts[1].data());
 }
 
+/// A primary whose frontend went away (its VMM stopped) flushes what its
+/// guest did not and closes its session clean, yet goes on serving: its
+/// next write first opens a new session (no longer clean), and after the
+/// next idle close, the next primary (the instance started on another
+/// host, say) compares nothing.
+#[test]
+fn a_primary_with_no_frontend_closes_its_session_clean_and_reopens_it_to_write() {
+    let c = Cluster::new("idle", 2);
+    let clean = || c.authority.state.lock().unwrap().clean;
+    let (p, _) = c.serving_primary("p");
+    // Not compared yet: left open.
+    assert!(!p.close_idle());
+    assert!(!clean());
+    p.reconcile().unwrap();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    assert!(p.close_idle(), "flushed and closed");
+    assert!(clean());
+    let session = c.authority.state.lock().unwrap().session;
+    p.write_at(&pattern(2, 4096), 4096).unwrap();
+    assert!(!clean(), "written in a closed session");
+    assert_eq!(c.authority.state.lock().unwrap().session, session + 1);
+    for h in &c.hosts {
+        assert_eq!(&h.data()[4096..8192], &pattern(2, 4096)[..]);
+    }
+    assert!(p.close_idle());
+    assert!(p.retire(), "closed while idle, nothing written since");
+    assert!(p.write_at(&[1; 512], 0).is_err(), "retired, yet wrote");
+    let (next, was_clean) = c.serving_primary("p");
+    assert!(was_clean && next.unreconciled().is_empty());
+    assert!(c.hosts[0].data() == c.hosts[1].data());
+}
+
 #[test]
 fn a_fenced_old_primary_writes_nothing_anywhere() {
     let c = Cluster::new("fenced", 2);

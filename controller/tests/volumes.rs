@@ -782,10 +782,25 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         );
     }
 
-    // The VMM gone (its writes flushed) and the volume detached, its
-    // primary closes the serving session clean: attached again, the
-    // replicas are not compared.
+    // A line of the serving blockd's log about the volume with all of `what`.
+    let log_has = |what: &[&str]| {
+        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
+        log.lines()
+            .any(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
+    };
+    // The VMM gone (its writes flushed), the primary closes the serving
+    // session clean at once, going on serving; detached and attached
+    // again, the replicas are not compared.
     drop(vmm);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log_has(&["no frontend; session closed clean"]) {
+        assert!(
+            Instant::now() < deadline,
+            "the session was not closed when the VMM went away; blockd {host}:\n{}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.detach_volume(pb::DetachVolumeRequest {
         volume_id: id.clone(),
         instance_id: inst.instance_id.clone(),
@@ -794,12 +809,6 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     .await
     .unwrap();
     wait_file(&socket, false);
-    // A line of the serving blockd's log about the volume with all of `what`.
-    let log_has = |what: &[&str]| {
-        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
-        log.lines()
-            .any(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
-    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !log_has(&["no longer serving the volume"]) {
         assert!(Instant::now() < deadline, "the volume was never let go");
