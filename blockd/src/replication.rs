@@ -1050,6 +1050,12 @@ impl ReplicatedStore {
         let (epoch, known, source) = {
             let mut st = self.lock();
             self.fenced(&st)?;
+            // A resync changes the replica set: like a write, it needs a
+            // serving session (one closed while idle is opened again; a
+            // host that no longer serves the volume is refused it).
+            if st.closed && self.reopen(&mut st).is_err() {
+                self.fenced(&st)?;
+            }
             if st.in_sync.iter().any(|p| p.id == backup.id) {
                 return Err(ResyncError::InSync(backup.id.clone()));
             }

@@ -634,6 +634,31 @@ fn a_primary_with_no_frontend_closes_its_session_clean_and_reopens_it_to_write()
     assert!(c.hosts[0].data() == c.hosts[1].data());
 }
 
+/// A resync changes the replica set, so after an idle close it first
+/// opens a serving session again, as a write does.
+#[test]
+fn a_resync_after_an_idle_close_reopens_the_session() {
+    let mut c = Cluster::new("idle-resync", 2);
+    let (p, _) = c.serving_primary("p");
+    p.reconcile().unwrap();
+    c.hosts[1].kill();
+    p.write_at(&pattern(1, 4096), 0).unwrap();
+    assert_eq!(p.out_of_sync(), vec!["host-1"]);
+    assert!(p.close_idle());
+    let session = c.authority.state.lock().unwrap().session;
+    c.revive(1);
+    p.resync(&c.backup(1)).unwrap();
+    let st = c.authority.state.lock().unwrap();
+    assert_eq!(
+        st.session,
+        session + 1,
+        "no session was opened for the resync"
+    );
+    assert!(!st.clean);
+    drop(st);
+    assert_eq!(p.in_sync(), vec!["host-0", "host-1"]);
+}
+
 #[test]
 fn a_fenced_old_primary_writes_nothing_anywhere() {
     let c = Cluster::new("fenced", 2);
