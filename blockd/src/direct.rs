@@ -154,6 +154,10 @@ impl Direct {
         let Some((mem_align, offset_align)) = dio_align(&file)? else {
             return Ok(None);
         };
+        if mem_align as usize > BUF_ALIGN {
+            // The bounce and write buffers would not do.
+            return Ok(None);
+        }
         let ring = match IoUring::new(RING_ENTRIES) {
             Ok(r) => Some(Mutex::new(r)),
             Err(e) => {

@@ -139,6 +139,9 @@ pub fn decide(epoch: u64, capacity: u64, frame: &Frame) -> Result<(), Refusal> {
 pub struct LocalReplica {
     replica: Arc<Replica>,
     volume: String,
+    /// The replica as it was when the primary took it: one closed and
+    /// opened again since (its file made again, blank) is not this one.
+    opened: Arc<VolumeReplica>,
     sectors: u64,
 }
 
@@ -151,18 +154,25 @@ impl Replica {
             replica: self.clone(),
             volume: volume.to_string(),
             sectors: v.store.capacity(),
+            opened: v,
         })
     }
 }
 
 impl LocalReplica {
+    /// The replica, if it is still the one the primary took.
     fn get(&self) -> io::Result<Arc<VolumeReplica>> {
-        self.replica.volume(&self.volume).ok_or_else(|| {
-            io::Error::other(format!(
+        match self.replica.volume(&self.volume) {
+            Some(v) if Arc::ptr_eq(&v, &self.opened) => Ok(v),
+            Some(_) => Err(io::Error::other(format!(
+                "volume {}: this host's replica was opened again since (its file made again)",
+                self.volume
+            ))),
+            None => Err(io::Error::other(format!(
                 "volume {}: this host's replica was closed",
                 self.volume
-            ))
-        })
+            ))),
+        }
     }
 }
 

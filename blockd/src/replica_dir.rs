@@ -27,9 +27,9 @@
 //! under the same name; its new incarnation tells the controller, which
 //! takes that replica out of sync instead of counting a blank copy as one
 //! of the volume's good ones. An incarnation file that cannot be read is
-//! moved aside (`<id>.inc.bad.<unix seconds>`), never deleted, and a new
-//! incarnation made: the replica is then resynced, which costs a
-//! comparison and loses nothing.
+//! moved aside (`<id>.inc.bad.<unix seconds>`), never deleted, and the
+//! replica reported with none (0): only making a file makes a new
+//! incarnation, so a good replica is never reported as made again.
 //!
 //! Catching a replica that fell out of sync up from its peers (resync) is
 //! the serving primary's ([`crate::replication::ReplicatedStore::resync`],
@@ -243,26 +243,28 @@ impl ReplicaDir {
         self.dir.join(format!("{id}.inc"))
     }
 
-    /// Volume `id`'s incarnation: read from its file, or made (and the
-    /// file written) when there is none or it cannot be read (moved aside).
+    /// Volume `id`'s incarnation, from its file; 0 (not known) when there
+    /// is none (a replica made by a blockd from before incarnations) or it
+    /// cannot be read (moved aside). Only making the replica file makes a
+    /// new one: a data file found without its incarnation was not made
+    /// again by this blockd (the incarnation is written first), so it is
+    /// not reported as new, which would take a good replica out of sync.
     pub fn incarnation(&self, id: &str) -> io::Result<u64> {
         let path = self.incarnation_path(id);
         match std::fs::read_to_string(&path) {
             Ok(text) => match parse_incarnation(&text) {
-                Some(n) => return Ok(n),
+                Some(n) => Ok(n),
                 None => {
                     let to = self.dir.join(format!("{id}.inc.bad.{}", unix_seconds()));
                     std::fs::rename(&path, &to)?;
                     tracing::warn!(volume_id = %id, moved_to = %to.display(),
-                        "unreadable incarnation file moved aside; the replica will be resynced");
+                        "unreadable incarnation file moved aside; incarnation not known");
+                    Ok(0)
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                tracing::info!(volume_id = %id, "no incarnation file: making one");
-            }
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
         }
-        self.new_incarnation(id)
     }
 
     /// Chooses a new incarnation for volume `id` and writes its file
@@ -542,8 +544,8 @@ mod tests {
     }
 
     /// A replica keeps its incarnation across restarts; a file made again
-    /// (it vanished) gets a new one, and so does one whose incarnation
-    /// file is unreadable (kept aside, not deleted).
+    /// (it vanished) gets a new one; one whose incarnation file is
+    /// unreadable (kept aside, not deleted) is reported with none.
     #[test]
     fn a_replica_made_again_reports_a_new_incarnation() {
         let dir = std::env::temp_dir().join(format!("ferro-replicas-inc-{}", std::process::id()));
@@ -559,10 +561,10 @@ mod tests {
         let second = restarted.converge(&w).unwrap()[0].incarnation;
         assert_ne!(second, first);
         assert_eq!(std::fs::metadata(restarted.path(A)).unwrap().len(), 1 << 20);
-        // Garbage in the incarnation file: moved aside, a new one made.
+        // Garbage in the incarnation file: moved aside, and the replica,
+        // whose data is intact, reported with none rather than a new one.
         std::fs::write(restarted.incarnation_path(A), b"not a number").unwrap();
-        let third = restarted.converge(&w).unwrap()[0].incarnation;
-        assert!(third != second && third != 0);
+        assert_eq!(restarted.converge(&w).unwrap()[0].incarnation, 0);
         let aside: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())

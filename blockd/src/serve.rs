@@ -161,7 +161,12 @@ impl Serving {
             .map_err(|e| e.to_string())?;
         let epoch = session.epoch;
         let local = if mine {
-            (self.local_copy)(id, w.size_bytes)?
+            // In sync here: the writes must reach this copy too, so no
+            // serving without it (tried again next round).
+            let copy = (self.local_copy)(id, w.size_bytes)?;
+            Some(copy.ok_or_else(|| {
+                "this host's replica is in sync but not open here (yet)".to_string()
+            })?)
         } else {
             None
         };

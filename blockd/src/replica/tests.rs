@@ -446,8 +446,16 @@ fn a_local_replica_refuses_the_writes_of_a_fenced_primary() {
     assert_eq!(&buf[..512], &[1; 512][..]);
     assert_eq!(&buf[512..1024], &[2; 512][..]);
     assert_eq!(&buf[1024..], &[0; 512][..], "nothing of the fenced primary");
-    // Closed under it: an error, not a write somewhere else.
+    // Closed under it, or closed and opened again (its file made again):
+    // an error, not a write somewhere else.
     r.close_volume("v");
     assert!(local.write_batch_at(5, &[(0, &[3; 512])])[0].is_err());
+    r.open_volume("v", CAP).unwrap();
+    let e = local
+        .write_batch_at(5, &[(0, &[3; 512])])
+        .remove(0)
+        .unwrap_err();
+    assert!(e.to_string().contains("opened again"), "{e}");
+    assert!(local.read_at(&mut [0; 512], 0).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
