@@ -482,6 +482,11 @@ impl ReplicatedStore {
         self.lock().resynced.clone()
     }
 
+    /// True if the primary writes a copy of its own host's.
+    pub fn has_local(&self) -> bool {
+        self.local.is_some()
+    }
+
     /// True once the authority refused this primary (or it was revoked).
     pub fn is_fenced(&self) -> bool {
         self.lock().fenced

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ferro_proto::compute::v1::ServedVolume;
 
-use crate::replication::{Authority, Backup, Options, ReplicatedStore, RESYNC_RETRY};
+use crate::replication::{Authority, Backup, Options, ReplicatedStore, Session, RESYNC_RETRY};
 use crate::server::Volume;
 use crate::store::Store;
 
@@ -49,7 +49,9 @@ struct Served {
     epoch: u64,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
-    store: Arc<ReplicatedStore>,
+    /// The store the connection is served from, replaced when the
+    /// primary re-learns its replica set.
+    switch: Arc<Switch>,
     /// The replicas being resynced now (or lately failed), by host and
     /// replica server.
     resyncing: Arc<Mutex<BTreeSet<(String, String)>>>,
@@ -90,6 +92,11 @@ impl Serving {
         })
     }
 
+    /// The store volume `id` is served from, if it is served.
+    pub fn store(&self, id: &str) -> Option<Arc<Switch>> {
+        self.served.get(id).map(|s| s.switch.clone())
+    }
+
     /// Volume `id`'s socket.
     pub fn socket(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.sock"))
@@ -113,6 +120,11 @@ impl Serving {
         }
         for w in want {
             if let Some(s) = self.served.get(&w.volume_id) {
+                let current = s.switch.current();
+                if current.is_fenced() && w.epoch > current.epoch() {
+                    self.relearn(w);
+                    continue;
+                }
                 resync_behind(s, w);
                 continue;
             }
@@ -129,7 +141,37 @@ impl Serving {
         }
     }
 
-    fn open(&self, w: &ServedVolume) -> Result<Served, String> {
+    /// The store of a volume still served here was fenced by an epoch the
+    /// controller raised without it (a replica's file made again, say):
+    /// a new store at the watch's epoch, with its replica set, takes over
+    /// under the same connection, and the requests waiting on the old one
+    /// ([`Switch`]) go on with it.
+    fn relearn(&mut self, w: &ServedVolume) {
+        let id = &w.volume_id;
+        let opened = self.open_store(w);
+        let Some(s) = self.served.get_mut(id) else {
+            return;
+        };
+        match opened {
+            Ok((store, session)) => {
+                let store = Arc::new(store);
+                let old = s.switch.replace(store.clone());
+                old.retire();
+                s.epoch = session.epoch;
+                tracing::warn!(volume_id = %id, epoch = session.epoch, in_sync = ?store.in_sync(),
+                    "fenced by a newer epoch while serving: re-learnt the replica set");
+                reconcile_in_background(id, store, s.stop.clone());
+                resync_behind(s, w);
+            }
+            Err(e) => {
+                tracing::warn!(volume_id = %id, "fenced, and cannot serve at the new epoch yet: {e}")
+            }
+        }
+    }
+
+    /// A primary's store for `w`: a session of its own, this host's copy
+    /// when it is in sync here, and the backups in sync.
+    fn open_store(&self, w: &ServedVolume) -> Result<(ReplicatedStore, Session), String> {
         let id = &w.volume_id;
         let mine = w
             .peers
@@ -184,10 +226,18 @@ impl Serving {
         }
         .map_err(|e| e.to_string())?;
         store.begin_session(session);
-        let was_clean = session.was_clean;
+        Ok((store, session))
+    }
+
+    fn open(&self, w: &ServedVolume) -> Result<Served, String> {
+        let id = &w.volume_id;
+        let (store, session) = self.open_store(w)?;
+        let (epoch, was_clean) = (session.epoch, session.was_clean);
+        let (local, backups) = (store.has_local(), store.in_sync().len());
         let store = Arc::new(store);
+        let switch = Arc::new(Switch::new(store.clone()));
         let socket = self.socket(id);
-        let dyn_store: Arc<dyn Store> = store.clone();
+        let dyn_store: Arc<dyn Store> = switch.clone();
         let volume = Volume::with_store(id, &socket, dyn_store).map_err(|e| e.to_string())?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -204,8 +254,8 @@ impl Serving {
             volume_id = %id,
             instance_id = %w.instance_id,
             epoch,
-            local = mine,
-            backups = backups.len(),
+            local,
+            backups,
             socket = %socket.display(),
             was_clean,
             "serving the volume"
@@ -215,7 +265,7 @@ impl Serving {
             epoch,
             socket,
             stop,
-            store,
+            switch,
             resyncing: Arc::default(),
         };
         resync_behind(&served, w);
@@ -257,10 +307,11 @@ pub const RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_secs(
 /// Starts a resync of each replica of `w` out of sync that is not being
 /// resynced already.
 fn resync_behind(s: &Served, w: &ServedVolume) {
-    if s.store.is_fenced() {
+    let current = s.switch.current();
+    if current.is_fenced() {
         return;
     }
-    let in_sync = s.store.in_sync();
+    let in_sync = current.in_sync();
     for p in w.peers.iter().filter(|p| !p.in_sync) {
         if in_sync.contains(&p.host_id) {
             // Back in sync; the controller's word is on its way.
@@ -282,7 +333,7 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
             continue;
         }
         let key = (backup.id.clone(), p.addr.clone());
-        let (store, resyncing) = (s.store.clone(), s.resyncing.clone());
+        let (store, resyncing) = (current.clone(), s.resyncing.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("resync-{}", w.volume_id))
             .spawn(move || {
@@ -313,9 +364,166 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
 /// socket file gone, and a connection that wakes the listener so that it
 /// sees the flag.
 fn stop(id: &str, s: Served) {
-    let clean = s.store.retire();
+    let clean = s.switch.retire();
     s.stop.store(true, Ordering::Release);
     let _ = UnixStream::connect(&s.socket);
     let _ = std::fs::remove_file(&s.socket);
     tracing::info!(volume_id = %id, epoch = s.epoch, clean, "no longer serving the volume");
+}
+
+/// The store a connection is served from: a primary's [`ReplicatedStore`],
+/// replaced ([`Switch::replace`]) when the primary re-learns its replica
+/// set at a newer epoch. A request that fails because the store was
+/// fenced waits, up to [`RELEARN_WAIT`], for the replacement and is then
+/// carried out by it (writing the same bytes again is harmless), so the
+/// guest sees a pause, not an error.
+pub struct Switch {
+    current: Mutex<Arc<ReplicatedStore>>,
+    replaced: std::sync::Condvar,
+    /// Set by [`Switch::retire`]: no replacement is coming.
+    retired: AtomicBool,
+}
+
+/// Longest a request waits for a fenced store's replacement.
+pub const RELEARN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Switch {
+    /// Serving from `store`.
+    pub fn new(store: Arc<ReplicatedStore>) -> Self {
+        Switch {
+            current: Mutex::new(store),
+            replaced: std::sync::Condvar::new(),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// The store serving now.
+    pub fn current(&self) -> Arc<ReplicatedStore> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves from `store` from now on; returns the one it replaces.
+    pub fn replace(&self, store: Arc<ReplicatedStore>) -> Arc<ReplicatedStore> {
+        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = std::mem::replace(&mut *cur, store);
+        self.replaced.notify_all();
+        old
+    }
+
+    /// Stops serving for good: the current store retired
+    /// ([`ReplicatedStore::retire`]), nobody waits for another.
+    pub fn retire(&self) -> bool {
+        self.retired.store(true, Ordering::Release);
+        let store = self.current();
+        let clean = store.retire();
+        let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        self.replaced.notify_all();
+        clean
+    }
+
+    /// After `store` failed a request: the store to try it again with,
+    /// when `store` was fenced and a replacement came within
+    /// [`RELEARN_WAIT`].
+    fn replacement(&self, store: &Arc<ReplicatedStore>) -> Option<Arc<ReplicatedStore>> {
+        if !store.is_fenced() {
+            return None;
+        }
+        let deadline = std::time::Instant::now() + RELEARN_WAIT;
+        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if !Arc::ptr_eq(&cur, store) {
+                return Some(cur.clone());
+            }
+            let now = std::time::Instant::now();
+            if self.retired.load(Ordering::Acquire) || now >= deadline {
+                return None;
+            }
+            cur = self
+                .replaced
+                .wait_timeout(cur, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Store for Switch {
+    fn capacity(&self) -> u64 {
+        self.current().capacity()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let mut store = self.current();
+        loop {
+            match store.read_at(buf, offset) {
+                Err(e) => match self.replacement(&store) {
+                    Some(next) => store = next,
+                    None => return Err(e),
+                },
+                ok => return ok,
+            }
+        }
+    }
+
+    fn read_batch(
+        &self,
+        reads: &[(u64, &[vm_memory::VolatileSlice<'_>])],
+    ) -> Vec<std::io::Result<()>> {
+        let mut store = self.current();
+        loop {
+            let done = store.read_batch(reads);
+            if done.iter().all(Result::is_ok) {
+                return done;
+            }
+            match self.replacement(&store) {
+                Some(next) => store = next,
+                None => return done,
+            }
+        }
+    }
+
+    fn write_batch(&self, writes: &[(u64, &[u8])]) -> Vec<std::io::Result<()>> {
+        let mut store = self.current();
+        let mut done = store.write_batch(writes);
+        while done.iter().any(Result::is_err) {
+            let Some(next) = self.replacement(&store) else {
+                break;
+            };
+            store = next;
+            let again: Vec<usize> = (0..writes.len()).filter(|&i| done[i].is_err()).collect();
+            let retry: Vec<(u64, &[u8])> = again.iter().map(|&i| writes[i]).collect();
+            for (i, r) in again.into_iter().zip(store.write_batch(&retry)) {
+                done[i] = r;
+            }
+        }
+        done
+    }
+
+    fn read_into(&self, bufs: &[vm_memory::VolatileSlice<'_>], offset: u64) -> std::io::Result<()> {
+        self.read_batch(&[(offset, bufs)]).pop().unwrap_or(Ok(()))
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_batch(&[(offset, buf)]).pop().unwrap_or(Ok(()))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        let mut store = self.current();
+        loop {
+            match store.flush() {
+                Err(e) => match self.replacement(&store) {
+                    Some(next) => store = next,
+                    None => return Err(e),
+                },
+                ok => return ok,
+            }
+        }
+    }
+
+    fn idle(&self) {
+        self.current().idle();
+    }
 }

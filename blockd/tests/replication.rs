@@ -1100,3 +1100,73 @@ fn a_backup_behind_the_epoch_at_open_is_waited_for() {
     p.write_at(&pattern(1, 4096), 0).unwrap();
     assert_eq!(c.hosts[1].data()[..4096], pattern(1, 4096)[..]);
 }
+
+/// An epoch the controller raises without the serving primary (a
+/// replica's file made again, say) fences it; the next round of the watch
+/// re-learns the replica set at the new epoch under the same connection,
+/// and a write that met the fence waits for the new store and lands,
+/// instead of failing the guest's I/O.
+#[test]
+fn a_serving_primary_fenced_by_a_newer_epoch_relearns_its_set() {
+    use ferro_blockd::serve::Serving;
+    use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
+
+    let c = Cluster::new("relearn", 2);
+    let peers = vec![
+        ReplicaPeer {
+            host_id: "p".into(),
+            addr: String::new(),
+            in_sync: true,
+        },
+        ReplicaPeer {
+            host_id: "host-0".into(),
+            addr: c.backup(0).addr.to_string(),
+            in_sync: true,
+        },
+        ReplicaPeer {
+            host_id: "host-1".into(),
+            addr: c.backup(1).addr.to_string(),
+            in_sync: true,
+        },
+    ];
+    let want = |epoch| ServedVolume {
+        volume_id: VOL.into(),
+        instance_id: "i-1".into(),
+        size_bytes: SIZE,
+        epoch,
+        peers: peers.clone(),
+    };
+    let primary = c.primary_path("p");
+    let mut serving = Serving::new(
+        &c.dir.join("vhost"),
+        "p",
+        Box::new(move |_: &str, size: u64| {
+            let f = LocalFile::open_or_create(&primary, size).map_err(|e| e.to_string())?;
+            Ok(Some(Box::new(f) as Box<dyn Store>))
+        }),
+        c.authority.clone(),
+    )
+    .unwrap();
+    serving.converge(&[want(c.authority.epoch())]);
+    let store = serving.store(VOL).expect("served");
+    store.write_at(&pattern(1, 4096), 0).unwrap();
+    // The controller raises the epoch behind the primary's back.
+    let epoch = c.authority.bump();
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || store.write_at(&pattern(2, 4096), 4096))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !writer.is_finished(),
+        "the write did not wait for the new store"
+    );
+    serving.converge(&[want(epoch)]);
+    writer.join().unwrap().unwrap();
+    assert_eq!(store.current().epoch(), epoch);
+    for h in &c.hosts {
+        assert_eq!(&h.data()[..4096], &pattern(1, 4096)[..], "{}", h.id);
+        assert_eq!(&h.data()[4096..8192], &pattern(2, 4096)[..], "{}", h.id);
+    }
+    serving.converge(&[]);
+}
