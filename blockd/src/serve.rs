@@ -376,12 +376,16 @@ fn stop(id: &str, s: Served) {
 /// set at a newer epoch. A request that fails because the store was
 /// fenced waits, up to [`RELEARN_WAIT`], for the replacement and is then
 /// carried out by it (writing the same bytes again is harmless), so the
-/// guest sees a pause, not an error.
+/// guest sees a pause, not an error. Once a wait for a store ran out, the
+/// requests after it fail at once.
 pub struct Switch {
     current: Mutex<Arc<ReplicatedStore>>,
     replaced: std::sync::Condvar,
     /// Set by [`Switch::retire`]: no replacement is coming.
     retired: AtomicBool,
+    /// The fenced store a request already waited [`RELEARN_WAIT`] for in
+    /// vain (its address): later ones fail at once rather than each wait.
+    gave_up: std::sync::atomic::AtomicUsize,
 }
 
 /// Longest a request waits for a fenced store's replacement.
@@ -394,6 +398,7 @@ impl Switch {
             current: Mutex::new(store),
             replaced: std::sync::Condvar::new(),
             retired: AtomicBool::new(false),
+            gave_up: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -428,7 +433,8 @@ impl Switch {
     /// when `store` was fenced and a replacement came within
     /// [`RELEARN_WAIT`].
     fn replacement(&self, store: &Arc<ReplicatedStore>) -> Option<Arc<ReplicatedStore>> {
-        if !store.is_fenced() {
+        let id = Arc::as_ptr(store) as usize;
+        if !store.is_fenced() || self.gave_up.load(Ordering::Acquire) == id {
             return None;
         }
         let deadline = std::time::Instant::now() + RELEARN_WAIT;
@@ -438,7 +444,11 @@ impl Switch {
                 return Some(cur.clone());
             }
             let now = std::time::Instant::now();
-            if self.retired.load(Ordering::Acquire) || now >= deadline {
+            if self.retired.load(Ordering::Acquire) {
+                return None;
+            }
+            if now >= deadline {
+                self.gave_up.store(id, Ordering::Release);
                 return None;
             }
             cur = self
