@@ -204,11 +204,31 @@ impl ReplicaDir {
         }
         let mut held = Vec::new();
         for (id, epoch) in keep.into_iter().filter(|(id, _)| !failed.contains(id)) {
-            let size = desired
-                .replicas
-                .iter()
-                .find(|r| r.volume_id == id)
-                .map_or(0, |r| r.size_bytes);
+            let listed = desired.replicas.iter().find(|r| r.volume_id == id);
+            let size = listed.map_or(0, |r| r.size_bytes);
+            let known = listed.map_or(0, |r| r.incarnation);
+            let incarnation = match self.incarnation(&id) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(volume_id = %id, "cannot keep the replica's incarnation: {e}");
+                    continue;
+                }
+            };
+            if known != 0 && incarnation != 0 && known != incarnation {
+                // Made again (blank) since the controller last heard: not
+                // opened, so it takes no frame and is no primary's copy,
+                // until the controller has recorded it (and taken it out of
+                // sync); reported at no epoch meanwhile.
+                self.replica.close_volume(&id);
+                tracing::warn!(volume_id = %id, known, incarnation,
+                    "replica file made again: held back until the controller records it");
+                held.push(HeldReplica {
+                    volume_id: id,
+                    epoch: 0,
+                    incarnation,
+                });
+                continue;
+            }
             if self.replica.epoch(&id).is_none() {
                 if let Err(e) = self.replica.open_volume(&id, size) {
                     tracing::error!(volume_id = %id, "cannot open the replica: {e}");
@@ -220,13 +240,6 @@ impl ReplicaDir {
                     tracing::error!(volume_id = %id, epoch, "cannot take the volume's epoch: {e}");
                 }
             }
-            let incarnation = match self.incarnation(&id) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::error!(volume_id = %id, "cannot keep the replica's incarnation: {e}");
-                    continue;
-                }
-            };
             if let Some(epoch) = self.replica.epoch(&id) {
                 held.push(HeldReplica {
                     volume_id: id,
@@ -557,9 +570,25 @@ mod tests {
         let restarted = ReplicaDir::open(&dir).unwrap();
         assert_eq!(restarted.converge(&w).unwrap()[0].incarnation, first);
         // The disk lost the file: it is made again, blank, and says so.
+        // While the controller still knows the first incarnation, the new
+        // file is reported at no epoch and not opened (no frame lands on
+        // it, no primary takes it as its copy); once the controller has
+        // recorded the new one, it is opened as any replica.
         std::fs::remove_file(restarted.path(A)).unwrap();
-        let second = restarted.converge(&w).unwrap()[0].incarnation;
+        let mut told = w.clone();
+        told.replicas[0].incarnation = first;
+        let held = restarted.converge(&told).unwrap();
+        let second = held[0].incarnation;
         assert_ne!(second, first);
+        assert_eq!(held[0].epoch, 0);
+        assert!(
+            restarted.replica().local(A).is_none(),
+            "held back, yet open"
+        );
+        told.replicas[0].incarnation = second;
+        let held = restarted.converge(&told).unwrap();
+        assert_eq!((held[0].epoch, held[0].incarnation), (3, second));
+        assert!(restarted.replica().local(A).is_some());
         assert_eq!(std::fs::metadata(restarted.path(A)).unwrap().len(), 1 << 20);
         // Garbage in the incarnation file: moved aside, and the replica,
         // whose data is intact, reported with none rather than a new one.

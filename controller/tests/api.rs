@@ -1209,6 +1209,7 @@ async fn volumes_attach_to_stopped_instances_of_their_zone() {
             in_sync: true,
             resync: vec![],
             source_path: String::new(),
+            incarnation: 0,
             peers: ["h1", "h2"]
                 .map(|h| pb::ReplicaPeer {
                     host_id: h.into(),

@@ -34,6 +34,7 @@ pub fn host_volumes(s: &ClusterState, host_id: &str) -> pb::HostVolumes {
             peers: peers(s, v),
             resync: to_resync(s, v, host_id),
             source_path: source_path(s, v),
+            incarnation: v.incarnations.get(host_id).copied().unwrap_or(0),
         })
         .collect();
     let serve = s

@@ -153,8 +153,10 @@ fn holds(v: &Volume, host_id: &str, held: &BTreeMap<String, u64>) -> bool {
 /// Records the incarnation `host_id` reports for `v`'s replica, if any;
 /// true if it is new or changed. A change on a volume past `creating`
 /// means the replica file was made again, blank: an in-sync replica then
-/// leaves the set and the epoch goes up, so no primary writes to it or
-/// reads from it until a resync (by checksum) has filled it.
+/// leaves the set, and the epoch goes up (for one already out of sync
+/// too: a primary that dropped it itself would otherwise resync it from
+/// its dirty map, as if its old contents were there), so no primary
+/// writes to it, reads from it or resyncs it but a new one, by checksum.
 fn note_incarnation(v: &mut Volume, host_id: &str, incarnations: &BTreeMap<String, u64>) -> bool {
     v.incarnations.retain(|h, _| v.replicas.contains(h));
     let Some(&now) = incarnations.get(&v.id) else {
@@ -163,7 +165,7 @@ fn note_incarnation(v: &mut Volume, host_id: &str, incarnations: &BTreeMap<Strin
     let before = v.incarnations.insert(host_id.to_string(), now);
     let remade = before.is_some_and(|b| b != now);
     let counts = !matches!(v.state, VolumeState::Creating | VolumeState::Deleting);
-    if remade && counts && !v.out_of_sync.contains(host_id) {
+    if remade && counts {
         v.out_of_sync.insert(host_id.to_string());
         v.held.remove(host_id);
         v.epoch += 1;
@@ -1262,8 +1264,13 @@ mod tests {
         rep(&mut s, "h2", 2, 21);
         assert!(!s.volumes["vol-1"].held.contains("h2"));
         assert_eq!(s.volumes["vol-1"].epoch, 2);
+        // Made again while out of sync: the epoch goes up all the same
+        // (no primary may resync it from what it knew of the old file).
+        rep(&mut s, "h2", 2, 22);
+        assert_eq!(s.volumes["vol-1"].epoch, 3);
+        assert!(s.volumes["vol-1"].out_of_sync.contains("h2"));
         // A blockd from before incarnations (none reported) changes none.
-        report(&mut s, "h3", BTreeMap::from([("vol-1".to_string(), 2)]));
+        report(&mut s, "h3", BTreeMap::from([("vol-1".to_string(), 3)]));
         assert_eq!(s.volumes["vol-1"].incarnations["h3"], 30);
         assert!(s.volumes["vol-1"].held.contains("h3"));
     }
