@@ -266,6 +266,21 @@ impl Cluster {
 impl Cluster {
     /// A primary as `serve` opens one: a session first, then the store at
     /// its epoch, then the session begun; and whether it was clean.
+    /// Host "p" serving volumes, its own copy in [`Cluster::primary_path`].
+    fn serving(&self) -> ferro_blockd::serve::Serving {
+        let primary = self.primary_path("p");
+        ferro_blockd::serve::Serving::new(
+            &self.dir.join("vhost"),
+            "p",
+            Box::new(move |_: &str, size: u64| {
+                let f = LocalFile::open_or_create(&primary, size).map_err(|e| e.to_string())?;
+                Ok(Some(Box::new(f) as Box<dyn Store>))
+            }),
+            self.authority.clone(),
+        )
+        .unwrap()
+    }
+
     fn serving_primary(&self, name: &str) -> (ReplicatedStore, bool) {
         let session = self
             .authority
@@ -998,7 +1013,6 @@ fn writes_during_a_resync_reach_the_returning_backup() {
 /// by checksum (this primary never dropped it), and taken back in sync.
 #[test]
 fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
-    use ferro_blockd::serve::Serving;
     use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
 
     let mut c = Cluster::new("resync-serve", 2);
@@ -1043,17 +1057,7 @@ fn serving_a_volume_resyncs_its_replica_listed_out_of_sync() {
             peer("host-1", c.backup(1).addr.to_string(), false),
         ],
     };
-    let primary = c.primary_path("p");
-    let mut serving = Serving::new(
-        &c.dir.join("vhost"),
-        "p",
-        Box::new(move |_: &str, size: u64| {
-            let f = LocalFile::open_or_create(&primary, size).map_err(|e| e.to_string())?;
-            Ok(Some(Box::new(f) as Box<dyn Store>))
-        }),
-        c.authority.clone(),
-    )
-    .unwrap();
+    let mut serving = c.serving();
     serving.converge(std::slice::from_ref(&want));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while c.authority.epoch() != 3 {
@@ -1108,7 +1112,6 @@ fn a_backup_behind_the_epoch_at_open_is_waited_for() {
 /// instead of failing the guest's I/O.
 #[test]
 fn a_serving_primary_fenced_by_a_newer_epoch_relearns_its_set() {
-    use ferro_blockd::serve::Serving;
     use ferro_proto::compute::v1::{ReplicaPeer, ServedVolume};
 
     let c = Cluster::new("relearn", 2);
@@ -1136,17 +1139,7 @@ fn a_serving_primary_fenced_by_a_newer_epoch_relearns_its_set() {
         epoch,
         peers: peers.clone(),
     };
-    let primary = c.primary_path("p");
-    let mut serving = Serving::new(
-        &c.dir.join("vhost"),
-        "p",
-        Box::new(move |_: &str, size: u64| {
-            let f = LocalFile::open_or_create(&primary, size).map_err(|e| e.to_string())?;
-            Ok(Some(Box::new(f) as Box<dyn Store>))
-        }),
-        c.authority.clone(),
-    )
-    .unwrap();
+    let mut serving = c.serving();
     serving.converge(&[want(c.authority.epoch())]);
     let store = serving.store(VOL).expect("served");
     store.write_at(&pattern(1, 4096), 0).unwrap();
