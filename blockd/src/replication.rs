@@ -312,6 +312,10 @@ struct State {
     /// That session was closed clean while no frontend was connected
     /// ([`ReplicatedStore::close_idle`]); the next write opens a new one.
     closed: bool,
+    /// The frontend went away ([`ReplicatedStore::close_idle`] was asked)
+    /// and nothing was written since: [`ReplicatedStore::settle`] may
+    /// close the session once what kept it open is done.
+    no_frontend: bool,
     /// A write or flush failed since open: the copies may differ where
     /// it did not complete.
     failed: bool,
@@ -405,6 +409,7 @@ impl ReplicatedStore {
                 unreconciled: backups.iter().map(|b| b.id.clone()).collect(),
                 session: None,
                 closed: false,
+                no_frontend: false,
                 failed: false,
                 fenced: false,
             }),
@@ -532,6 +537,7 @@ impl ReplicatedStore {
     /// comparison there. Whether it closed.
     pub fn close_idle(&self) -> bool {
         let mut st = self.lock();
+        st.no_frontend = true;
         let Some(session) = st.session else {
             return false;
         };
@@ -563,6 +569,20 @@ impl ReplicatedStore {
                 false
             }
         }
+    }
+
+    /// After a reconcile or a resync finished: if the frontend went away
+    /// meanwhile (and nothing was written since), closes the session as
+    /// [`Self::close_idle`] would have, had they been done then. Whether
+    /// it closed.
+    pub fn settle(&self) -> bool {
+        {
+            let st = self.lock();
+            if !st.no_frontend || st.closed || st.fenced {
+                return false;
+            }
+        }
+        self.close_idle()
     }
 
     /// Before the first write after [`Self::close_idle`]: a new session at
@@ -1455,6 +1475,7 @@ impl Store for ReplicatedStore {
         if let Err(e) = self.check_fenced(&st) {
             return writes.iter().map(|_| Err(copy_error(&e))).collect();
         }
+        st.no_frontend = false;
         if st.closed {
             if let Err(e) = self.reopen(&mut st) {
                 return writes.iter().map(|_| Err(copy_error(&e))).collect();

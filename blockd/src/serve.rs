@@ -287,7 +287,11 @@ fn reconcile_in_background(id: &str, store: Arc<ReplicatedStore>, stop: Arc<Atom
                 return;
             }
             match store.reconcile() {
-                Ok(r) if r.left.is_empty() => return,
+                Ok(r) if r.left.is_empty() => {
+                    // The frontend may have gone while this ran.
+                    store.settle();
+                    return;
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(volume_id = %vid, "reconcile stopped: {e}");
@@ -341,6 +345,10 @@ fn resync_behind(s: &Served, w: &ServedVolume) {
                 // this address is not tried again for a while.
                 if store.resync(&backup).is_err() {
                     std::thread::sleep(RESYNC_RETRY);
+                } else {
+                    // It opened a session if none was; the frontend may
+                    // be gone.
+                    store.settle();
                 }
                 resyncing
                     .lock()

@@ -627,11 +627,16 @@ fn a_primary_with_no_frontend_closes_its_session_clean_and_reopens_it_to_write()
     let c = Cluster::new("idle", 2);
     let clean = || c.authority.state.lock().unwrap().clean;
     let (p, _) = c.serving_primary("p");
-    // Not compared yet: left open.
+    // Not compared yet: left open, then closed once the comparison is
+    // done (the frontend still gone).
     assert!(!p.close_idle());
     assert!(!clean());
     p.reconcile().unwrap();
+    assert!(p.settle(), "compared, with no frontend: closed");
+    assert!(clean());
     p.write_at(&pattern(1, 4096), 0).unwrap();
+    assert!(!clean(), "written: a session opened again");
+    assert!(!p.settle(), "written since: a frontend is there");
     assert!(p.close_idle(), "flushed and closed");
     assert!(clean());
     let session = c.authority.state.lock().unwrap().session;
