@@ -394,6 +394,9 @@ pub struct Switch {
     /// The fenced store a request already waited [`RELEARN_WAIT`] for in
     /// vain (its address): later ones fail at once rather than each wait.
     gave_up: std::sync::atomic::AtomicUsize,
+    /// The volume's size in sectors (every replacement serves the same
+    /// volume): asked per request, so not looked up through the lock.
+    sectors: u64,
 }
 
 /// Longest a request waits for a fenced store's replacement.
@@ -403,6 +406,7 @@ impl Switch {
     /// Serving from `store`.
     pub fn new(store: Arc<ReplicatedStore>) -> Self {
         Switch {
+            sectors: store.capacity(),
             current: Mutex::new(store),
             replaced: std::sync::Condvar::new(),
             retired: AtomicBool::new(false),
@@ -470,7 +474,7 @@ impl Switch {
 
 impl Store for Switch {
     fn capacity(&self) -> u64 {
-        self.current().capacity()
+        self.sectors
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
