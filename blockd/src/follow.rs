@@ -11,6 +11,13 @@
 //! (leader following, TLS, the host's bearer key). When the stream breaks
 //! the loop reconnects with back-off; replicas are never touched while no
 //! state is known.
+//!
+//! On SIGTERM or SIGINT ([`stop_on_signal`]) the daemon stops cleanly: its
+//! queues stall at the end of the passes running, each served volume is
+//! flushed to every in-sync replica and its session closed clean where it
+//! can be, then the process exits. The VMMs keep their requests on their
+//! rings and reconnect to the next blockd, which serves those volumes
+//! without comparing their replicas.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,6 +38,11 @@ use crate::store::LocalFile;
 pub const RESYNC: Duration = Duration::from_secs(5);
 /// Longest pause between attempts to reach the controller.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Longest a stop on SIGTERM takes before the process exits anyway,
+/// leaving the sessions not yet closed open (the next primary compares
+/// those volumes' replicas).
+pub const STOP_LIMIT: Duration = Duration::from_secs(20);
 
 /// Where the controller is and who this host is.
 #[derive(Clone, Debug)]
@@ -82,6 +94,7 @@ pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
     let mut failures: u32 = 0;
     let serving: SharedServing = Arc::default();
     let resyncing: Resyncing = Arc::default();
+    tokio::spawn(stop_on_signal(serving.clone()));
     loop {
         let e = session(&cfg, &dir, &serving, &resyncing, &mut failures).await;
         failures += 1;
@@ -98,6 +111,49 @@ pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
             .min(MAX_BACKOFF);
         tokio::time::sleep(ferro_client::jitter(pause)).await;
     }
+}
+
+/// Waits for SIGTERM or SIGINT, then stops the daemon: every queue
+/// stalled ([`crate::backend::stall`]), every served volume shut down
+/// ([`Serving::shut_down`]), within [`STOP_LIMIT`]; then exits with status 0.
+async fn stop_on_signal(serving: SharedServing) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            return tracing::warn!(
+                "cannot catch SIGTERM ({e}): a stop will leave the served volumes' sessions open"
+            );
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = name,
+        "stopping: stalling the queues, closing the served volumes"
+    );
+    let stopping = tokio::task::spawn_blocking(move || {
+        crate::backend::stall();
+        if let Some(s) = serving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut()
+        {
+            s.shut_down();
+        }
+    });
+    match tokio::time::timeout(STOP_LIMIT, stopping).await {
+        Ok(_) => tracing::info!("stopped"),
+        Err(_) => tracing::warn!(
+            "stopping took longer than {STOP_LIMIT:?}; exiting with sessions left open"
+        ),
+    }
+    std::process::exit(0);
 }
 
 /// A controller client with the host's key.

@@ -653,6 +653,25 @@ impl ReplicatedStore {
         }
     }
 
+    /// The daemon is stopping, its queues stalled ([`crate::backend::stall`]:
+    /// no request in flight): makes every write durable on every in-sync
+    /// replica, then stops for good as [`Self::retire`] does, closing the
+    /// session clean under its conditions. A blockd restarted on this host
+    /// (an upgrade, `systemctl restart`) then serves the volume without
+    /// comparing its replicas. Whether it closed clean.
+    pub fn shut_down(&self) -> bool {
+        {
+            let mut st = self.lock();
+            if !st.fenced && !st.closed && !st.since_flush.is_clean() {
+                if let Err(e) = self.flush_locked(&mut st) {
+                    st.failed = true;
+                    tracing::warn!(volume_id = %self.volume, epoch = st.epoch, "stopping; flush failed: {e}");
+                }
+            }
+        }
+        self.retire()
+    }
+
     /// The local flush and every in-sync backup's; on success the writes
     /// before it are durable on every replica still in the set.
     fn flush_locked(&self, st: &mut State) -> io::Result<()> {

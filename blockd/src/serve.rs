@@ -92,6 +92,19 @@ impl Serving {
         })
     }
 
+    /// The daemon is stopping, its queues stalled
+    /// ([`crate::backend::stall`]): every served volume's store shut down
+    /// ([`Switch::shut_down`]: flushed everywhere, its session closed clean
+    /// where it can be). The sockets stay: the VMMs reconnect to them when
+    /// the next blockd listens there.
+    pub fn shut_down(&mut self) {
+        for (id, s) in &self.served {
+            let clean = s.switch.shut_down();
+            s.stop.store(true, Ordering::Release);
+            tracing::info!(volume_id = %id, epoch = s.epoch, clean, "stopping: volume let go");
+        }
+    }
+
     /// The store volume `id` is served from, if it is served.
     pub fn store(&self, id: &str) -> Option<Arc<Switch>> {
         self.served.get(id).map(|s| s.switch.clone())
@@ -436,6 +449,16 @@ impl Switch {
         self.retired.store(true, Ordering::Release);
         let store = self.current();
         let clean = store.retire();
+        let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        self.replaced.notify_all();
+        clean
+    }
+
+    /// The daemon is stopping: the current store shut down
+    /// ([`ReplicatedStore::shut_down`]), nobody waits for another.
+    pub fn shut_down(&self) -> bool {
+        self.retired.store(true, Ordering::Release);
+        let clean = self.current().shut_down();
         let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         self.replaced.notify_all();
         clean

@@ -826,6 +826,107 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         "served again, but not as closed clean; blockd {host}:\n{}",
         std::fs::read_to_string(&server.log).unwrap_or_default()
     );
+
+    // A blockd stopped with SIGTERM (an upgrade, `systemctl restart`)
+    // while a VMM is connected stalls its queue, flushes, closes the
+    // session clean and exits 0; the VMM lives on, and the blockd started
+    // again serves the volume without comparing its replicas.
+    let console2 = dir.join("console2.log");
+    let vmm2 = Proc(
+        std::process::Command::new(ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm"))
+            .args([
+                "--kernel",
+                ferro_testkit::guest_elf().to_str().unwrap(),
+                "--memory",
+                "128",
+            ])
+            .args(["--cmdline", &format!("console=ttyS0 ferro.write={id}")])
+            .arg("--vhost-user-blk")
+            .arg(format!("socket={},id={id}", socket.display()))
+            .arg("--serial")
+            .arg(format!("file:{}", console2.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("vmm2.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&console2)
+        .unwrap_or_default()
+        .contains("write status=0 flush status=0")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the second guest never wrote; console:\n{}",
+            std::fs::read_to_string(&console2).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let count = |what: &[&str]| {
+        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
+        log.lines()
+            .filter(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
+            .count()
+    };
+    let served_clean = count(&["serving the volume", "was_clean=true"]);
+    let si = blockds.iter().position(|b| b.host == host).unwrap();
+    let mut blockds = blockds;
+    let pid = blockds[si].proc.as_ref().unwrap().0.id();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = blockds[si].proc.as_mut().unwrap().0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blockd did not stop on SIGTERM; its log:\n{}",
+            std::fs::read_to_string(&blockds[si].log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = strip_ansi(&std::fs::read_to_string(&blockds[si].log).unwrap_or_default());
+    assert!(
+        status.success(),
+        "blockd exited {status} on SIGTERM:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains(&id)
+            && l.contains("stopping: volume let go")
+            && l.contains(" clean=true")),
+        "the volume was not closed clean on SIGTERM:\n{log}"
+    );
+    blockds[si].start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = strip_ansi(&std::fs::read_to_string(&blockds[si].log).unwrap_or_default());
+        let now = log
+            .lines()
+            .filter(|l| {
+                l.contains(&id) && l.contains("serving the volume") && l.contains("was_clean=true")
+            })
+            .count();
+        if now > served_clean {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted blockd did not serve the volume as closed clean:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut vmm2 = vmm2;
+    assert!(
+        vmm2.0.try_wait().unwrap().is_none(),
+        "the VMM died across the blockd restart; its log:\n{}",
+        std::fs::read_to_string(dir.join("vmm2.log")).unwrap_or_default()
+    );
+    drop(vmm2);
     drop(blockds);
     let _ = std::fs::remove_dir_all(&dir);
 }
