@@ -884,14 +884,20 @@ impl ReplicatedStore {
         if let Err(e) = self.check_fenced(st) {
             return fail_all(&e);
         }
-        let frames: Vec<Frame> = writes
-            .iter()
-            .map(|&(offset, data)| {
-                st.seq += 1;
-                let data = data.to_vec();
-                self.frame(st, Body::Write { offset, data })
-            })
-            .collect();
+        // No backup in sync (a single-replica volume, or one degraded to
+        // its local copy): nothing to copy, encode or checksum.
+        let frames: Vec<Frame> = if st.in_sync.is_empty() {
+            Vec::new()
+        } else {
+            writes
+                .iter()
+                .map(|&(offset, data)| {
+                    st.seq += 1;
+                    let data = data.to_vec();
+                    self.frame(st, Body::Write { offset, data })
+                })
+                .collect()
+        };
         let epoch = st.epoch;
         let local_writes = || -> Vec<io::Result<()>> {
             let Some(l) = &self.local else {
