@@ -8,7 +8,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -61,7 +61,6 @@ impl BlockBackend {
     /// them as one batch (their writes' replication overlaps) and puts them
     /// on the used ring in the order they came; false if there were none.
     fn pass(&self, vring: &VringRwLock) -> io::Result<bool> {
-        let _running = PASSES.read().unwrap_or_else(PoisonError::into_inner);
         let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner()).memory();
         let (mut heads, mut chains) = (Vec::new(), Vec::new());
         {
@@ -94,7 +93,17 @@ impl BlockBackend {
             if event_idx {
                 vring.disable_notification().map_err(queue_err)?;
             }
-            while self.pass(vring)? {
+            loop {
+                // Held from popping to signalling: a store stopped for
+                // good (the daemon stopping) waits for the pass, and
+                // none starts after it.
+                let _pass = self
+                    .handler
+                    .passes()
+                    .map(|l| l.read().unwrap_or_else(PoisonError::into_inner));
+                if !self.pass(vring)? {
+                    break;
+                }
                 if vring.needs_notification().map_err(queue_err)? {
                     vring.signal_used_queue()?;
                 }
@@ -209,20 +218,6 @@ impl VhostUserBackend for BlockBackend {
             .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
         self.process(vring)
     }
-}
-
-/// Held, shared, by every queue pass of this process; [`stall`] takes it
-/// exclusively and keeps it.
-static PASSES: RwLock<()> = RwLock::new(());
-
-/// Stops every queue of this process for good once the passes running
-/// now have finished: after it returns no request is taken off a ring, so
-/// none is in flight. For a daemon that is stopping: the requests still on
-/// the rings stay there for its successor, which the frontends reconnect
-/// to. Never returns to normal service.
-pub fn stall() {
-    let all = PASSES.write().unwrap_or_else(PoisonError::into_inner);
-    std::mem::forget(all);
 }
 
 /// How long a queue thread polls its ring after emptying it

@@ -113,9 +113,11 @@ pub async fn follow(cfg: FollowConfig, dir: ReplicaDir) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT, then stops the daemon: every queue
-/// stalled ([`crate::backend::stall`]), every served volume shut down
-/// ([`Serving::shut_down`]), within [`STOP_LIMIT`]; then exits with status 0.
+/// Waits for SIGTERM or SIGINT, then stops the daemon: every served
+/// volume stopped and shut down ([`Serving::shut_down`]), within
+/// [`STOP_LIMIT`]; then exits, with status 0 when all of it was done in
+/// time (1 otherwise). The served volumes stay locked until the exit, so
+/// no converge opens or re-learns one after it was shut down.
 async fn stop_on_signal(serving: SharedServing) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (
@@ -138,22 +140,19 @@ async fn stop_on_signal(serving: SharedServing) {
         "stopping: stalling the queues, closing the served volumes"
     );
     let stopping = tokio::task::spawn_blocking(move || {
-        crate::backend::stall();
-        if let Some(s) = serving
+        let mut served = serving
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_mut()
-        {
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(s) = served.as_mut() {
             s.shut_down();
         }
+        tracing::info!("stopped");
+        std::process::exit(0);
     });
-    match tokio::time::timeout(STOP_LIMIT, stopping).await {
-        Ok(_) => tracing::info!("stopped"),
-        Err(_) => tracing::warn!(
-            "stopping took longer than {STOP_LIMIT:?}; exiting with sessions left open"
-        ),
+    if tokio::time::timeout(STOP_LIMIT, stopping).await.is_err() {
+        tracing::warn!("stopping took longer than {STOP_LIMIT:?}; exiting with sessions left open");
     }
-    std::process::exit(0);
+    std::process::exit(1);
 }
 
 /// A controller client with the host's key.

@@ -58,6 +58,11 @@ pub struct RequestHandler {
 }
 
 impl RequestHandler {
+    /// The store's pass lock ([`Store::passes`]).
+    pub fn passes(&self) -> Option<&std::sync::RwLock<()>> {
+        self.store.passes()
+    }
+
     /// A handler over `store` answering `GET_ID` with `serial` (truncated
     /// to 20 bytes, NUL-padded).
     pub fn new(store: Arc<dyn Store>, serial: &str) -> Self {

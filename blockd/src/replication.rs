@@ -653,8 +653,8 @@ impl ReplicatedStore {
         }
     }
 
-    /// The daemon is stopping, its queues stalled ([`crate::backend::stall`]:
-    /// no request in flight): makes every write durable on every in-sync
+    /// The daemon is stopping, the volume's queue stalled (`Switch::shut_down`
+    /// in the daemon's `serve`: no request in flight): makes every write durable on every in-sync
     /// replica, then stops for good as [`Self::retire`] does, closing the
     /// session clean under its conditions. A blockd restarted on this host
     /// (an upgrade, `systemctl restart`) then serves the volume without

@@ -92,17 +92,23 @@ impl Serving {
         })
     }
 
-    /// The daemon is stopping, its queues stalled
-    /// ([`crate::backend::stall`]): every served volume's store shut down
-    /// ([`Switch::shut_down`]: flushed everywhere, its session closed clean
-    /// where it can be). The sockets stay: the VMMs reconnect to them when
-    /// the next blockd listens there.
+    /// The daemon is stopping: every served volume stopped at the end of
+    /// its queue pass and its store shut down ([`Switch::shut_down`]:
+    /// flushed everywhere, its session closed clean where it can be), all
+    /// at once, so that a volume whose pass is stuck (waiting for a
+    /// replacement store, or for the controller to remove a backup) holds
+    /// up no other. The sockets stay: the VMMs reconnect to them when the
+    /// next blockd listens there.
     pub fn shut_down(&mut self) {
-        for (id, s) in &self.served {
-            let clean = s.switch.shut_down();
-            s.stop.store(true, Ordering::Release);
-            tracing::info!(volume_id = %id, epoch = s.epoch, clean, "stopping: volume let go");
-        }
+        std::thread::scope(|scope| {
+            for (id, s) in &self.served {
+                scope.spawn(move || {
+                    let clean = s.switch.shut_down();
+                    s.stop.store(true, Ordering::Release);
+                    tracing::info!(volume_id = %id, epoch = s.epoch, clean, "stopping: volume let go");
+                });
+            }
+        });
     }
 
     /// The store volume `id` is served from, if it is served.
@@ -410,6 +416,9 @@ pub struct Switch {
     /// The volume's size in sectors (every replacement serves the same
     /// volume): asked per request, so not looked up through the lock.
     sectors: u64,
+    /// Held, shared, by every queue pass ([`Store::passes`]); taken for
+    /// good by [`Switch::shut_down`].
+    passes: std::sync::RwLock<()>,
 }
 
 /// Longest a request waits for a fenced store's replacement.
@@ -424,6 +433,7 @@ impl Switch {
             replaced: std::sync::Condvar::new(),
             retired: AtomicBool::new(false),
             gave_up: std::sync::atomic::AtomicUsize::new(0),
+            passes: std::sync::RwLock::new(()),
         }
     }
 
@@ -454,9 +464,14 @@ impl Switch {
         clean
     }
 
-    /// The daemon is stopping: the current store shut down
-    /// ([`ReplicatedStore::shut_down`]), nobody waits for another.
+    /// The daemon is stopping: once the queue pass running now has
+    /// signalled its completions, no pass starts again (the requests left
+    /// on the ring stay there for the next blockd, which the frontend
+    /// reconnects to), and the current store is shut down
+    /// ([`ReplicatedStore::shut_down`]); nobody waits for another.
     pub fn shut_down(&self) -> bool {
+        let stalled = self.passes.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::forget(stalled);
         self.retired.store(true, Ordering::Release);
         let clean = self.current().shut_down();
         let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -498,6 +513,10 @@ impl Switch {
 impl Store for Switch {
     fn capacity(&self) -> u64 {
         self.sectors
+    }
+
+    fn passes(&self) -> Option<&std::sync::RwLock<()>> {
+        Some(&self.passes)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

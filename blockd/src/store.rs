@@ -92,6 +92,13 @@ pub trait Store: Send + Sync {
     /// ([`crate::replication::ReplicatedStore::close_idle`]). By default
     /// nothing.
     fn idle(&self) {}
+    /// A lock every queue pass over this store holds, shared, from popping
+    /// its requests until their completions are signalled, where the store
+    /// can be stopped for good ([`crate::serve::Switch::shut_down`] takes
+    /// it exclusively and keeps it). By default none.
+    fn passes(&self) -> Option<&std::sync::RwLock<()>> {
+        None
+    }
     /// The CRC32C of each `region`-byte region of the `len` bytes at
     /// `offset`, the last one cut ([`crate::resync::region_sums`]). A
     /// sparse file's store skips its holes.

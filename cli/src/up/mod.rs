@@ -48,8 +48,9 @@ pub const METADATA_DONE: [&str; 2] = [
 pub const KEY_NAME: &str = "ferro-up";
 /// How long to wait for the guest's network lines after its self-test.
 const NETWORK_WAIT: Duration = Duration::from_secs(30);
-/// How long a daemon gets between SIGTERM and SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(15);
+/// How long a daemon gets between SIGTERM and SIGKILL (more than
+/// blockd's own 20 s limit for closing its volumes).
+const STOP_GRACE: Duration = Duration::from_secs(25);
 
 /// Why `ferro up` failed.
 #[derive(Debug, thiserror::Error)]

@@ -197,7 +197,19 @@ impl Connection {
         };
         match self.attach(session) {
             Ok(()) => {
-                tracing::info!(socket = %self.socket.display(), "vhost-user backend reconnected")
+                tracing::info!(socket = %self.socket.display(), "vhost-user backend reconnected");
+                // The lost backend may have put completions on a used ring
+                // and gone before it signalled them: one interrupt per
+                // queue lets the guest see them (a spurious one is
+                // harmless; the driver looks at the ring).
+                if let Some(a) = &self.active {
+                    for q in &a.queues {
+                        if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(q.index)) {
+                            crate::warn_ratelimited!(self.limiter, error = %e,
+                                "cannot signal queue interrupt");
+                        }
+                    }
+                }
             }
             Err(e) => {
                 crate::warn_ratelimited!(self.limiter, error = %e, "cannot restart the rings")
