@@ -684,6 +684,32 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
 /// test guest on that socket writes through it: the guest's pattern, once
 /// its write and flush complete, is on all three replica hosts. Needs KVM
 /// and root.
+/// A ferro-vmm as the agent would start it, the test guest writing (and
+/// flushing) a pattern to volume `id` served at `socket`; its console in
+/// `<dir>/<name>.console`, its log in `<dir>/<name>.log`.
+fn writing_vmm(dir: &Path, socket: &Path, id: &str, name: &str) -> Proc {
+    let console = dir.join(format!("{name}.console"));
+    Proc(
+        std::process::Command::new(ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm"))
+            .args([
+                "--kernel",
+                ferro_testkit::guest_elf().to_str().unwrap(),
+                "--memory",
+                "128",
+            ])
+            .args(["--cmdline", &format!("console=ttyS0 ferro.write={id}")])
+            .arg("--vhost-user-blk")
+            .arg(format!("socket={},id={id}", socket.display()))
+            .arg("--serial")
+            .arg(format!("file:{}", console.display()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     ferro_testkit::require_kvm_root();
@@ -735,26 +761,8 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     wait_file(&socket, true);
 
     // The VMM as the agent would start it, with the volume as its disk.
-    let vmm_bin = ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm");
-    let console_log = dir.join("console.log");
-    let vmm = std::process::Command::new(vmm_bin)
-        .args([
-            "--kernel",
-            ferro_testkit::guest_elf().to_str().unwrap(),
-            "--memory",
-            "128",
-        ])
-        .args(["--cmdline", &format!("console=ttyS0 ferro.write={id}")])
-        .arg("--vhost-user-blk")
-        .arg(format!("socket={},id={id}", socket.display()))
-        .arg("--serial")
-        .arg(format!("file:{}", console_log.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("vmm.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let vmm = Proc(vmm);
+    let console_log = dir.join("vmm.console");
+    let vmm = writing_vmm(&dir, &socket, &id, "vmm");
     let deadline = Instant::now() + Duration::from_secs(60);
     let line = loop {
         let text = std::fs::read_to_string(&console_log).unwrap_or_default();
@@ -831,26 +839,8 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     // while a VMM is connected stalls its queue, flushes, closes the
     // session clean and exits 0; the VMM lives on, and the blockd started
     // again serves the volume without comparing its replicas.
-    let console2 = dir.join("console2.log");
-    let vmm2 = Proc(
-        std::process::Command::new(ferro_testkit::workspace_bin("ferro-vmm", "ferro-vmm"))
-            .args([
-                "--kernel",
-                ferro_testkit::guest_elf().to_str().unwrap(),
-                "--memory",
-                "128",
-            ])
-            .args(["--cmdline", &format!("console=ttyS0 ferro.write={id}")])
-            .arg("--vhost-user-blk")
-            .arg(format!("socket={},id={id}", socket.display()))
-            .arg("--serial")
-            .arg(format!("file:{}", console2.display()))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("vmm2.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let console2 = dir.join("vmm2.console");
+    let vmm2 = writing_vmm(&dir, &socket, &id, "vmm2");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&console2)
         .unwrap_or_default()
