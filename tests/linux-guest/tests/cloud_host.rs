@@ -252,7 +252,6 @@ async fn console(c: &mut ComputeClient<Channel>, key: &str, id: &str) -> String 
     let req = pb::GetConsoleOutputRequest {
         instance_id: id.into(),
         max_bytes: 1 << 20,
-        ..Default::default()
     };
     c.get_console_output(authed(key, req))
         .await
