@@ -456,9 +456,14 @@ impl Switch {
     /// Stops serving for good: the current store retired
     /// ([`ReplicatedStore::retire`]), nobody waits for another.
     pub fn retire(&self) -> bool {
+        self.end_with(ReplicatedStore::retire)
+    }
+
+    /// No replacement is coming: the current store ended by `end`, and
+    /// every request waiting for a replacement woken to give up.
+    fn end_with(&self, end: impl FnOnce(&ReplicatedStore) -> bool) -> bool {
         self.retired.store(true, Ordering::Release);
-        let store = self.current();
-        let clean = store.retire();
+        let clean = end(&self.current());
         let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         self.replaced.notify_all();
         clean
@@ -472,11 +477,7 @@ impl Switch {
     pub fn shut_down(&self) -> bool {
         let stalled = self.passes.write().unwrap_or_else(PoisonError::into_inner);
         std::mem::forget(stalled);
-        self.retired.store(true, Ordering::Release);
-        let clean = self.current().shut_down();
-        let _guard = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        self.replaced.notify_all();
-        clean
+        self.end_with(ReplicatedStore::shut_down)
     }
 
     /// After `store` failed a request: the store to try it again with,

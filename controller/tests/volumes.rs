@@ -679,11 +679,6 @@ async fn writes_replicate_through_blockd_and_fail_over_by_the_controllers_epoch(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A durable volume attached to an instance is served by its instance's
-/// host's blockd (the primary) over vhost-user, and ferro-vmm running the
-/// test guest on that socket writes through it: the guest's pattern, once
-/// its write and flush complete, is on all three replica hosts. Needs KVM
-/// and root.
 /// A ferro-vmm as the agent would start it, the test guest writing (and
 /// flushing) a pattern to volume `id` served at `socket`; its console in
 /// `<dir>/<name>.console`, its log in `<dir>/<name>.log`.
@@ -710,6 +705,19 @@ fn writing_vmm(dir: &Path, socket: &Path, id: &str, name: &str) -> Proc {
     )
 }
 
+/// The lines of blockd log `log` about volume `id` with all of `what`.
+fn log_lines(log: &Path, id: &str, what: &[&str]) -> usize {
+    strip_ansi(&std::fs::read_to_string(log).unwrap_or_default())
+        .lines()
+        .filter(|l| l.contains(id) && what.iter().all(|w| l.contains(w)))
+        .count()
+}
+
+/// A durable volume attached to an instance is served by its instance's
+/// host's blockd (the primary) over vhost-user, and ferro-vmm running the
+/// test guest on that socket writes through it: the guest's pattern, once
+/// its write and flush complete, is on all three replica hosts. Needs KVM
+/// and root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     ferro_testkit::require_kvm_root();
@@ -791,11 +799,7 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
     }
 
     // A line of the serving blockd's log about the volume with all of `what`.
-    let log_has = |what: &[&str]| {
-        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
-        log.lines()
-            .any(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
-    };
+    let log_has = |what: &[&str]| log_lines(&server.log, &id, what) > 0;
     // The VMM gone (its writes flushed), the primary closes the serving
     // session clean at once, going on serving; detached and attached
     // again, the replicas are not compared.
@@ -853,13 +857,8 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let count = |what: &[&str]| {
-        let log = strip_ansi(&std::fs::read_to_string(&server.log).unwrap_or_default());
-        log.lines()
-            .filter(|l| l.contains(&id) && what.iter().all(|w| l.contains(w)))
-            .count()
-    };
-    let served_clean = count(&["serving the volume", "was_clean=true"]);
+    let served_as_clean = ["serving the volume", "was_clean=true"];
+    let served_clean = log_lines(&server.log, &id, &served_as_clean);
     let si = blockds.iter().position(|b| b.host == host).unwrap();
     let mut blockds = blockds;
     let pid = blockds[si].proc.as_ref().unwrap().0.id();
@@ -886,27 +885,20 @@ async fn an_attached_volume_is_served_by_its_instance_host_and_replicated() {
         "blockd exited {status} on SIGTERM:\n{log}"
     );
     assert!(
-        log.lines().any(|l| l.contains(&id)
-            && l.contains("stopping: volume let go")
-            && l.contains(" clean=true")),
+        log_lines(
+            &blockds[si].log,
+            &id,
+            &["stopping: volume let go", " clean=true"]
+        ) > 0,
         "the volume was not closed clean on SIGTERM:\n{log}"
     );
     blockds[si].start();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = strip_ansi(&std::fs::read_to_string(&blockds[si].log).unwrap_or_default());
-        let now = log
-            .lines()
-            .filter(|l| {
-                l.contains(&id) && l.contains("serving the volume") && l.contains("was_clean=true")
-            })
-            .count();
-        if now > served_clean {
-            break;
-        }
+    while log_lines(&blockds[si].log, &id, &served_as_clean) <= served_clean {
         assert!(
             Instant::now() < deadline,
-            "the restarted blockd did not serve the volume as closed clean:\n{log}"
+            "the restarted blockd did not serve the volume as closed clean:\n{}",
+            strip_ansi(&std::fs::read_to_string(&blockds[si].log).unwrap_or_default())
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -202,13 +202,14 @@ impl Connection {
                 // and gone before it signalled them: one interrupt per
                 // queue lets the guest see them (a spurious one is
                 // harmless; the driver looks at the ring).
-                if let Some(a) = &self.active {
-                    for q in &a.queues {
-                        if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(q.index)) {
-                            crate::warn_ratelimited!(self.limiter, error = %e,
-                                "cannot signal queue interrupt");
-                        }
-                    }
+                let queues: Vec<u16> = self
+                    .active
+                    .iter()
+                    .flat_map(|a| &a.queues)
+                    .map(|q| q.index)
+                    .collect();
+                for q in queues {
+                    self.interrupt(q);
                 }
             }
             Err(e) => {
@@ -306,8 +307,13 @@ impl Connection {
             return;
         };
         let _ = call.read();
+        self.interrupt(index as u16);
+    }
+
+    /// Raises queue `index`'s interrupt in the guest (when activated).
+    fn interrupt(&mut self, index: u16) {
         let Some(a) = &self.active else { return };
-        if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+        if let Err(e) = a.interrupt.trigger(InterruptKind::Queue(index)) {
             crate::warn_ratelimited!(self.limiter, error = %e, "cannot signal queue interrupt");
         }
     }
